@@ -1,0 +1,1 @@
+"""Benchmark suites for `tinyaccel bench`."""
