@@ -34,7 +34,7 @@ class ProtocolError(TinyAccelError):
 
 
 class DeviceError(TinyAccelError):
-    """The accelerator reported an error status (``status``: a :class:`~tinyaccel.hw.isa.Status`)."""
+    """The accelerator reported an error status; ``status`` is a ``tinyaccel.hw.isa.Status``."""
 
     def __init__(self, message: str, status=None, pc: int | None = None):
         super().__init__(message)
