@@ -1,0 +1,704 @@
+"""The host byte protocol (``docs/architecture.md`` section 9), shared by every backend.
+
+The golden model, the RTL testbenches and the driver all speak through this module:
+
+* :func:`pack_words` / :func:`unpack_words` convert scratchpad words to and from their wire bytes
+  (section 4) for every :class:`~tinyaccel.hw.isa.Buffer`;
+* :class:`Program` builds a host stream (instruction words, each LOAD followed by its data);
+* :func:`data_length` / :func:`response_length` say how many bytes follow an instruction in each
+  direction, and :func:`parse_responses` splits the accelerator's answer per instruction;
+* :class:`StatusReport` is the SYNC answer (status record and counter record).
+
+Every offset and width comes from the layouts in :mod:`tinyaccel.hw.isa` (through
+:func:`~tinyaccel.hw.isa.field_table`) and from :class:`~tinyaccel.hw.config.AccelConfig`.
+
+Array representation of one word of each buffer (``n`` words -> leading axis ``n``):
+
+========  ==============================================================================
+INP       ``int8 (n, rows)``
+WGT       ``int8 (n, cols)``
+ACC       ``int32 (n, cols)``
+OUT       ``int8 (n, cols)``
+PARAM     ``PARAM_DTYPE (n, cols)`` — a structured dtype with the ChannelParams fields
+          (:func:`pack_words` also takes a dict of integer arrays with those field names)
+MASK      ``bool (n, 64)`` — element ``[w, i]`` is mask bit ``64*(addr+w) + i``
+          (:func:`pack_words` also takes ``uint64 (n,)`` words)
+========  ==============================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from amaranth.lib import data, enum
+
+from ..errors import DTypeError, FieldError, ProtocolError, ShapeError
+from .config import MASK_WORD_BITS, AccelConfig, get_config
+from .isa import (
+    COUNTER_BITS,
+    COUNTER_RECORD_BYTES,
+    INSTR_BITS,
+    INSTR_BYTES,
+    SGQ_MODE_BITS,
+    STATUS_BYTES,
+    STATUS_MAGIC,
+    Buffer,
+    ChannelParams,
+    Counter,
+    Instruction,
+    InstructionLayout,
+    Opcode,
+    SgqMode,
+    SgqStripeHeader,
+    Status,
+    StatusRecord,
+    field_table,
+    operand_fields,
+)
+
+__all__ = [
+    "PARAM_DTYPE", "SGQ_LENGTH_BYTES", "lanes", "lane_dtype",
+    "pack_words", "unpack_words", "channel_params", "channel_params_words",
+    "RawInstruction", "decode_fields", "encode_fields", "as_word",
+    "data_length", "response_length", "sgq_response_length", "sgq_frame",
+    "StatusReport", "pack_counters", "unpack_counters",
+    "Program", "iter_stream", "parse_responses",
+]
+
+#: Bytes of the little-endian payload length that starts an SGQ response (section 8).
+SGQ_LENGTH_BYTES = 4
+
+_OPCODE_FIELD = field_table(InstructionLayout)[0]
+assert _OPCODE_FIELD.name == "opcode"
+
+
+# -- word representations ----------------------------------------------------------------------
+
+def _record_dtype(layout) -> np.dtype:
+    """A NumPy structured dtype with the fields of a byte-aligned ``data.Struct`` layout."""
+    names, formats, offsets = [], [], []
+    size = 0
+    for info in field_table(layout):
+        if info.offset % 8 or info.width not in (8, 16, 32, 64):
+            raise TypeError(f"field {info.name} ({info.width} bits at bit {info.offset}) is not "
+                            f"a byte-aligned integer; no NumPy record view")
+        kind = "i" if getattr(info.shape, "signed", False) else "u"
+        names.append(info.name)
+        formats.append(np.dtype(f"<{kind}{info.width // 8}"))
+        offsets.append(info.offset // 8)
+        size = max(size, (info.offset + info.width) // 8)
+    return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": size})
+
+
+#: One ChannelParams as a NumPy record (field names, offsets and signedness from the layout).
+PARAM_DTYPE = _record_dtype(ChannelParams)
+_PARAM_FIELDS = {info.name: info for info in field_table(ChannelParams)}
+
+
+def lanes(config: AccelConfig, buf: Buffer) -> int:
+    """Values per word of ``buf``: ``rows`` for INP, ``cols`` for WGT/ACC/OUT/PARAM, 64 for MASK."""
+    buf = _buffer(buf)
+    if buf == Buffer.INP:
+        return config.rows
+    if buf == Buffer.MASK:
+        return MASK_WORD_BITS
+    return config.cols
+
+
+def lane_dtype(config: AccelConfig, buf: Buffer) -> np.dtype:
+    """NumPy dtype of one value of ``buf`` (derived from the word width and the lane count)."""
+    buf = _buffer(buf)
+    bits = config.word_bits(buf) // lanes(config, buf)
+    if buf == Buffer.PARAM:
+        if bits != PARAM_DTYPE.itemsize * 8:
+            raise TypeError(f"PARAM lane of {bits} bits does not match ChannelParams")
+        return PARAM_DTYPE
+    if bits == 1:
+        return np.dtype(bool)
+    return np.dtype(f"<i{bits // 8}")
+
+
+def _buffer(buf) -> Buffer:
+    try:
+        return Buffer(buf)
+    except ValueError:
+        raise FieldError(f"buf={buf!r} is not a Buffer "
+                         f"({', '.join(f'{b.name}={b.value}' for b in Buffer)})") from None
+
+
+def channel_params(params: Mapping[str, object], shape: tuple[int, ...]) -> np.ndarray:
+    """Build a ``PARAM_DTYPE`` array of ``shape`` from a dict of integer arrays (broadcast).
+
+    Missing fields are zero.
+
+    Raises
+    ------
+    FieldError
+        For an unknown field name or a value that does not fit its ChannelParams field.
+    """
+    unknown = set(params) - set(_PARAM_FIELDS)
+    if unknown:
+        raise FieldError(f"ChannelParams has no field(s) {', '.join(sorted(unknown))}; "
+                         f"fields: {', '.join(_PARAM_FIELDS)}")
+    out = np.zeros(shape, PARAM_DTYPE)
+    for name, value in params.items():
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "iub":
+            raise DTypeError(f"ChannelParams.{name} has dtype {arr.dtype}, expected integers")
+        lo, hi = np.iinfo(PARAM_DTYPE[name]).min, np.iinfo(PARAM_DTYPE[name]).max
+        if arr.size and (arr.min() < lo or arr.max() > hi):
+            bad = arr[(arr < lo) | (arr > hi)].flat[0]
+            raise FieldError(f"ChannelParams.{name}={bad} does not fit in "
+                             f"{_PARAM_FIELDS[name].width} signed bits ({lo}..{hi})")
+        try:
+            out[name] = arr
+        except ValueError:
+            raise ShapeError(f"ChannelParams.{name} of shape {arr.shape} does not broadcast "
+                             f"to {shape}") from None
+    return out
+
+
+def channel_params_words(params: Mapping[str, object], n_channels: int, padded: int,
+                         cols: int) -> np.ndarray:
+    """PARAM words for ``n_channels`` output channels, zero-padded to ``padded`` channels.
+
+    ``params`` maps ChannelParams field names to arrays of ``n_channels`` values (or scalars).
+    Returns ``PARAM_DTYPE (padded // cols, cols)``: word ``j`` holds channels ``j*cols ..``.
+    """
+    if padded % cols or padded < n_channels:
+        raise ShapeError(f"padded={padded} must be a multiple of cols={cols} and >= "
+                         f"n_channels={n_channels}")
+    words = np.zeros(padded, PARAM_DTYPE)
+    words[:n_channels] = channel_params(params, (n_channels,))
+    return words.reshape(padded // cols, cols)
+
+
+def pack_words(config: AccelConfig, buf: Buffer, array) -> bytes:
+    """Wire bytes of ``n`` words of ``buf`` (section 4), from the array representation.
+
+    Raises
+    ------
+    DTypeError
+        When ``array`` has the wrong dtype for ``buf`` (named with the dtype).
+    ShapeError
+        When ``array`` is not ``(n, lanes)`` for ``buf``.
+    """
+    config = get_config(config)
+    buf = _buffer(buf)
+    width = lanes(config, buf)
+    if buf == Buffer.PARAM and isinstance(array, Mapping):
+        shapes = {np.shape(v) for v in array.values()}
+        shape = max(shapes, key=len) if shapes else (0, width)
+        array = channel_params(array, shape)
+    array = np.asarray(array)
+    if buf == Buffer.MASK and array.dtype == np.uint64:
+        if array.ndim != 1:
+            raise ShapeError(f"MASK words as uint64 must have shape (n,), got {array.shape}")
+        return array.astype("<u8").tobytes()
+    want = lane_dtype(config, buf)
+    if array.dtype != want:
+        name = "PARAM_DTYPE" if buf == Buffer.PARAM else want
+        raise DTypeError(f"{buf.name} words need dtype {name}, got {array.dtype}")
+    if array.ndim != 2 or array.shape[1] != width:
+        raise ShapeError(f"{buf.name} words must have shape (n, {width}), got {array.shape}")
+    if buf == Buffer.MASK:
+        return np.packbits(array, axis=1, bitorder="little").tobytes()
+    return np.ascontiguousarray(array).tobytes()
+
+
+def unpack_words(config: AccelConfig, buf: Buffer, data: bytes) -> np.ndarray:
+    """The array representation of the words of ``buf`` in ``data`` (the inverse of pack_words).
+
+    Raises
+    ------
+    ProtocolError
+        When ``data`` is not a whole number of words.
+    """
+    config = get_config(config)
+    buf = _buffer(buf)
+    size = config.word_bytes(buf)
+    if len(data) % size:
+        raise ProtocolError(f"{len(data)} bytes are not a whole number of {size}-byte "
+                            f"{buf.name} words")
+    n = len(data) // size
+    raw = np.frombuffer(bytes(data), np.uint8).reshape(n, size)
+    if buf == Buffer.MASK:
+        return np.unpackbits(raw, axis=1, bitorder="little").astype(bool)
+    return raw.view(lane_dtype(config, buf)).reshape(n, lanes(config, buf)).copy()
+
+
+# -- raw instruction words ---------------------------------------------------------------------
+
+def _is_enum(shape) -> bool:
+    return isinstance(shape, type) and issubclass(shape, enum.Enum)
+
+
+def decode_fields(word: int) -> tuple[int, dict[str, int]]:
+    """Split a 128-bit word into its opcode code and raw operand values; never rejects codes.
+
+    This is what the hardware decoder sees: an undefined opcode has no operands, and enum fields
+    (``buf``) are returned as plain ints even when the code is undefined.
+    """
+    word = int(word)
+    if not 0 <= word < 1 << INSTR_BITS:
+        raise FieldError(f"instruction word {word:#x} is not a {INSTR_BITS}-bit value")
+    code = (word >> _OPCODE_FIELD.offset) & _OPCODE_FIELD.mask
+    try:
+        opcode = Opcode(code)
+    except ValueError:
+        return code, {}
+    return code, {f.name: (word >> f.offset) & f.mask for f in operand_fields(opcode)}
+
+
+def encode_fields(opcode: int, **fields: int) -> int:
+    """Build a raw word from an opcode code and operand values, checking widths only.
+
+    Unlike :class:`~tinyaccel.hw.isa.Instruction` this accepts undefined opcode and buffer codes
+    (for error tests); an undefined opcode takes no operands.
+    """
+    code = opcode.value if isinstance(opcode, enum.Enum) else int(opcode)
+    if not 0 <= code <= _OPCODE_FIELD.mask:
+        raise FieldError(f"opcode={code} does not fit in {_OPCODE_FIELD.width} bits")
+    try:
+        table = {f.name: f for f in operand_fields(Opcode(code))}
+    except ValueError:
+        table = {}
+    unknown = set(fields) - set(table)
+    if unknown:
+        raise FieldError(f"opcode {code} has no field(s) {', '.join(sorted(unknown))}")
+    word = code << _OPCODE_FIELD.offset
+    for name, value in fields.items():
+        value = value.value if isinstance(value, enum.Enum) else int(value)
+        info = table[name]
+        if not 0 <= value <= info.mask:
+            raise FieldError(f"{name}={value} does not fit in {info.width} unsigned bits "
+                             f"(0..{info.mask})")
+        word |= value << info.offset
+    return word
+
+
+class RawInstruction:
+    """An arbitrary (possibly illegal) 128-bit word in a :class:`Program`.
+
+    ``opcode`` is the :class:`~tinyaccel.hw.isa.Opcode` when the code is defined, else the int
+    code; ``fields`` are the raw operand values.
+    """
+
+    __slots__ = ("word", "opcode", "fields")
+
+    def __init__(self, word: int):
+        code, fields = decode_fields(word)
+        self.word = int(word)
+        try:
+            self.opcode = Opcode(code)
+        except ValueError:
+            self.opcode = code
+        self.fields = fields
+
+    def encode(self) -> int:
+        return self.word
+
+    def to_bytes(self) -> bytes:
+        return self.word.to_bytes(INSTR_BYTES, "little")
+
+    def __eq__(self, other):
+        return isinstance(other, RawInstruction) and self.word == other.word
+
+    def __hash__(self):
+        return hash(self.word)
+
+    def __repr__(self):
+        return f"RawInstruction({self.word:#034x})"
+
+
+def as_word(instr: Instruction | RawInstruction | int) -> int:
+    """The 128-bit word of an instruction, raw instruction or int."""
+    if isinstance(instr, (Instruction, RawInstruction)):
+        return instr.encode()
+    return int(instr)
+
+
+def _defined_buffer(code: int) -> Buffer | None:
+    try:
+        return Buffer(code)
+    except ValueError:
+        return None
+
+
+def data_length(config: AccelConfig, instr) -> int:
+    """Bytes of host data that follow ``instr`` in the host stream.
+
+    ``count * word_bytes(buf)`` for LOAD, else 0. A LOAD with an undefined buffer code has no
+    word size, so it carries no data (contract section 9).
+    """
+    code, fields = decode_fields(as_word(instr))
+    if code != Opcode.LOAD.value:
+        return 0
+    buf = _defined_buffer(fields["buf"])
+    return 0 if buf is None else fields["count"] * config.word_bytes(buf)
+
+
+def sgq_response_length(config: AccelConfig, payload_bytes: int) -> int:
+    """Bytes of an SGQ response: length header + payload, zero-padded to whole host beats."""
+    beat = config.beat_bytes
+    return -(-(SGQ_LENGTH_BYTES + payload_bytes) // beat) * beat
+
+
+def sgq_frame(config: AccelConfig, payload: bytes) -> bytes:
+    """The SGQ response bytes for ``payload``: little-endian length, payload, zero padding."""
+    total = sgq_response_length(config, len(payload))
+    head = len(payload).to_bytes(SGQ_LENGTH_BYTES, "little")
+    return head + payload + bytes(total - SGQ_LENGTH_BYTES - len(payload))
+
+
+def response_length(config: AccelConfig, instr) -> int | None:
+    """Bytes the accelerator sends for ``instr`` (or a whole :class:`Program`).
+
+    STORE: ``count * word_bytes`` (0 for an undefined buffer code); SYNC: the status record and,
+    with ``counters``, the counter record; SGQ: ``None`` (variable — the host reads the length
+    header, see :func:`sgq_response_length`); everything else 0. For a Program, the sum, or
+    ``None`` when it contains an SGQ.
+    """
+    config = get_config(config)
+    if isinstance(instr, Program):
+        total = 0
+        for item, _ in instr:
+            n = response_length(config, item)
+            if n is None:
+                return None
+            total += n
+        return total
+    code, fields = decode_fields(as_word(instr))
+    if code == Opcode.STORE.value:
+        buf = _defined_buffer(fields["buf"])
+        return 0 if buf is None else fields["count"] * config.word_bytes(buf)
+    if code == Opcode.SYNC.value:
+        return STATUS_BYTES + (COUNTER_RECORD_BYTES if fields["counters"] else 0)
+    if code == Opcode.SGQ.value:
+        return None
+    return 0
+
+
+# -- status and counter records ----------------------------------------------------------------
+
+_STATUS_FIELDS = field_table(StatusRecord)
+_COUNTER_BYTES = COUNTER_BITS // 8
+
+
+def pack_counters(counters: Mapping[Counter, int]) -> bytes:
+    """The counter record: every :class:`~tinyaccel.hw.isa.Counter` in order, 64-bit LE."""
+    out = bytearray()
+    for c in Counter:
+        value = int(counters.get(c, 0))
+        if not 0 <= value < 1 << COUNTER_BITS:
+            raise FieldError(f"counter {c.name}={value} does not fit in {COUNTER_BITS} bits")
+        out += value.to_bytes(_COUNTER_BYTES, "little")
+    return bytes(out)
+
+
+def unpack_counters(data: bytes) -> dict[Counter, int]:
+    """Parse a counter record (inverse of :func:`pack_counters`)."""
+    if len(data) != COUNTER_RECORD_BYTES:
+        raise ProtocolError(f"counter record needs {COUNTER_RECORD_BYTES} bytes, got {len(data)}")
+    return {c: int.from_bytes(data[i * _COUNTER_BYTES:(i + 1) * _COUNTER_BYTES], "little")
+            for i, c in enumerate(Counter)}
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """The answer to a SYNC: the status record and, when asked, the counters.
+
+    ``error_pc`` is the index (since the previous SYNC) of the first faulting instruction and
+    ``error_opcode`` its 4-bit opcode code (both 0 when ``status`` is OK); ``instructions`` the
+    number of instructions since the previous SYNC, this SYNC included.
+    """
+
+    status: Status
+    error_pc: int = 0
+    error_opcode: int = 0
+    instructions: int = 0
+    acc_saturated: bool = False
+    counters: dict[Counter, int] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == Status.OK
+
+    @property
+    def error_opcode_name(self) -> str:
+        """The faulting opcode's name, or ``opcode <n>`` for an undefined code."""
+        try:
+            return Opcode(self.error_opcode).name
+        except ValueError:
+            return f"opcode {self.error_opcode}"
+
+    def to_bytes(self) -> bytes:
+        """The status record, followed by the counter record when ``counters`` is set."""
+        values = {"magic": STATUS_MAGIC, "status": Status(self.status).value,
+                  "acc_saturated": int(self.acc_saturated), "error_pc": self.error_pc,
+                  "instructions": self.instructions, "error_opcode": self.error_opcode}
+        word = 0
+        for info in _STATUS_FIELDS:
+            value = int(values.get(info.name, 0))
+            if not 0 <= value <= info.mask:
+                raise FieldError(f"StatusRecord.{info.name}={value} does not fit in "
+                                 f"{info.width} bits")
+            word |= value << info.offset
+        record = word.to_bytes(STATUS_BYTES, "little")
+        return record + (pack_counters(self.counters) if self.counters is not None else b"")
+
+    @classmethod
+    def from_bytes(cls, data: bytes, counters: bool = False) -> StatusReport:
+        """Parse a status record (and the counter record after it when ``counters``).
+
+        Raises
+        ------
+        ProtocolError
+            On a wrong length, a bad magic byte or an undefined status code.
+        """
+        want = STATUS_BYTES + (COUNTER_RECORD_BYTES if counters else 0)
+        if len(data) != want:
+            raise ProtocolError(f"SYNC response needs {want} bytes, got {len(data)}")
+        word = int.from_bytes(data[:STATUS_BYTES], "little")
+        values = {info.name: (word >> info.offset) & info.mask for info in _STATUS_FIELDS}
+        if values["magic"] != STATUS_MAGIC:
+            raise ProtocolError(f"status record magic is {values['magic']:#04x}, expected "
+                                f"{STATUS_MAGIC:#04x}: the response stream is out of sync")
+        try:
+            status = Status(values["status"])
+        except ValueError:
+            raise ProtocolError(f"status record carries undefined status {values['status']}") \
+                from None
+        return cls(status=status, error_pc=values["error_pc"],
+                   error_opcode=values["error_opcode"], instructions=values["instructions"],
+                   acc_saturated=bool(values["acc_saturated"]),
+                   counters=unpack_counters(data[STATUS_BYTES:]) if counters else None)
+
+
+# -- programs ----------------------------------------------------------------------------------
+
+class Program:
+    """An ordered host stream: instructions, each with its LOAD data (empty for the others).
+
+    Builder methods append one instruction and return the program, so calls chain::
+
+        prog = Program("sim").load(Buffer.INP, 0, a).gemm(0, 0, 0, k=64).sync(counters=True)
+
+    Iterating yields ``(instruction, payload)`` pairs.
+    """
+
+    def __init__(self, config: AccelConfig | str = "sim"):
+        self.config = get_config(config)
+        self._items: list[tuple[Instruction | RawInstruction, bytes]] = []
+
+    # -- container
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[tuple[Instruction | RawInstruction, bytes]]:
+        return iter(self._items)
+
+    def __getitem__(self, index):
+        return self._items[index]
+
+    def __repr__(self):
+        return f"Program({self.config.name!r}, {len(self)} instructions)"
+
+    @property
+    def instructions(self) -> list[Instruction | RawInstruction]:
+        return [instr for instr, _ in self._items]
+
+    def listing(self) -> str:
+        """One line per instruction, with its index and data size."""
+        return "\n".join(f"{i:5d}  {instr!r}" + (f"  +{len(d)} B" if d else "")
+                         for i, (instr, d) in enumerate(self._items))
+
+    # -- appending
+    def append(self, instr: Instruction | RawInstruction | int, payload: bytes = b"") -> Program:
+        """Append an instruction (or raw word) with its LOAD data.
+
+        Raises
+        ------
+        ProtocolError
+            When ``payload`` is not exactly the data the instruction announces.
+        """
+        if not isinstance(instr, (Instruction, RawInstruction)):
+            instr = RawInstruction(instr)
+        payload = bytes(payload)
+        want = data_length(self.config, instr)
+        if len(payload) != want:
+            raise ProtocolError(f"{instr!r} announces {want} data bytes, got {len(payload)}")
+        self._items.append((instr, payload))
+        return self
+
+    def extend(self, other: Program) -> Program:
+        """Append every instruction of ``other``."""
+        for instr, payload in other:
+            self.append(instr, payload)
+        return self
+
+    def raw(self, word: int, payload: bytes = b"") -> Program:
+        """Append an arbitrary 128-bit word (possibly illegal), e.g. for error tests."""
+        return self.append(RawInstruction(word), payload)
+
+    def nop(self) -> Program:
+        return self.append(Instruction(Opcode.NOP))
+
+    def load(self, buf: Buffer, addr: int, array) -> Program:
+        """LOAD the words of ``array`` (see :func:`pack_words`) into ``buf`` at ``addr``."""
+        payload = pack_words(self.config, buf, array)
+        count = len(payload) // self.config.word_bytes(buf)
+        return self.append(Instruction(Opcode.LOAD, buf=buf, addr=addr, count=count), payload)
+
+    def store(self, buf: Buffer, addr: int, count: int) -> Program:
+        """STORE ``count`` words of ``buf`` from ``addr``."""
+        return self.append(Instruction(Opcode.STORE, buf=buf, addr=addr, count=count))
+
+    def gemm(self, inp_addr: int, wgt_addr: int, acc_addr: int, k: int, m_blocks: int = 1,
+             n_blocks: int = 1, accumulate: bool = False, gate: bool = False,
+             mask_idx: int = 0) -> Program:
+        """GEMM of ``m_blocks`` x ``n_blocks`` blocks of depth ``k`` (section 5)."""
+        return self.append(Instruction(
+            Opcode.GEMM, inp_addr=inp_addr, wgt_addr=wgt_addr, acc_addr=acc_addr, k=k,
+            m_blocks=m_blocks, n_blocks=n_blocks, accumulate=int(accumulate), gate=int(gate),
+            mask_idx=mask_idx))
+
+    def requant(self, acc_addr: int, out_addr: int, param_addr: int, count: int) -> Program:
+        """REQUANT ``count`` ACC words into OUT with the channel parameters at ``param_addr``."""
+        return self.append(Instruction(Opcode.REQUANT, acc_addr=acc_addr, out_addr=out_addr,
+                                       param_addr=param_addr, count=count))
+
+    def patch(self, new_addr: int, ref_addr: int, k: int, blocks: int, threshold: int,
+              mask_idx: int = 0, merge: bool = False) -> Program:
+        """PATCH (PASS patch-skip) over ``blocks`` INP tiles of ``k`` words (section 7)."""
+        return self.append(Instruction(Opcode.PATCH, new_addr=new_addr, ref_addr=ref_addr, k=k,
+                                       blocks=blocks, threshold=threshold, mask_idx=mask_idx,
+                                       merge=int(merge)))
+
+    def sgq(self, out_addr: int, count: int, stripe_len: int, max_shift: int = 0) -> Program:
+        """SGQ-encode ``count`` OUT words in stripes of ``stripe_len`` words (section 8)."""
+        return self.append(Instruction(Opcode.SGQ, out_addr=out_addr, count=count,
+                                       stripe_len=stripe_len, max_shift=max_shift))
+
+    def sync(self, counters: bool = False, clear: bool = False) -> Program:
+        """SYNC: status record (and counter record with ``counters``; zero them with ``clear``)."""
+        return self.append(Instruction(Opcode.SYNC, counters=int(counters), clear=int(clear)))
+
+    def with_final_sync(self, counters: bool = True) -> Program:
+        """This program if it ends with a SYNC, else a copy with ``SYNC counters=...`` appended."""
+        if self._items and self._items[-1][0].opcode == Opcode.SYNC:
+            return self
+        return Program(self.config).extend(self).sync(counters=counters)
+
+    # -- serialization
+    def to_bytes(self) -> bytes:
+        """The host stream: each instruction word (16 bytes, little-endian) and its data."""
+        return b"".join(instr.to_bytes() + payload for instr, payload in self._items)
+
+    @classmethod
+    def from_bytes(cls, config: AccelConfig | str, stream: bytes) -> Program:
+        """Split a host stream back into a program (raises ProtocolError when truncated)."""
+        prog = cls(config)
+        for word, payload in iter_stream(prog.config, stream):
+            try:
+                instr = Instruction.decode(word)
+            except FieldError:
+                instr = RawInstruction(word)
+            prog.append(instr, payload)
+        return prog
+
+
+def iter_stream(config: AccelConfig, stream: bytes) -> Iterator[tuple[int, bytes]]:
+    """Walk a host stream as the decoder does, yielding ``(word, load_data)`` per instruction.
+
+    Raises
+    ------
+    ProtocolError
+        When the stream ends inside an instruction word or inside LOAD data, naming how many
+        bytes are missing.
+    """
+    view = memoryview(bytes(stream))
+    pos, index = 0, 0
+    while pos < len(view):
+        if len(view) - pos < INSTR_BYTES:
+            have = len(view) - pos
+            raise ProtocolError(f"host stream ends inside instruction {index}: {have} of "
+                                f"{INSTR_BYTES} bytes, {INSTR_BYTES - have} bytes missing")
+        word = int.from_bytes(view[pos:pos + INSTR_BYTES], "little")
+        pos += INSTR_BYTES
+        need = data_length(config, word)
+        if len(view) - pos < need:
+            have = len(view) - pos
+            raise ProtocolError(f"host stream ends inside the data of LOAD instruction {index}: "
+                                f"{have} of {need} bytes, {need - have} bytes missing")
+        yield word, bytes(view[pos:pos + need])
+        pos += need
+        index += 1
+
+
+def parse_responses(config: AccelConfig | str, program: Iterable, data: bytes) -> list:
+    """Split the accelerator's answer to ``program`` into one entry per instruction.
+
+    STORE -> the words as arrays (:func:`unpack_words`); SGQ -> the payload ``bytes``;
+    SYNC -> :class:`StatusReport`; every other instruction -> ``None``.
+
+    Raises
+    ------
+    ProtocolError
+        On missing or extra bytes, a bad status magic or an impossible SGQ length.
+    """
+    config = get_config(config)
+    data = bytes(data)
+    pos = 0
+    out: list = []
+
+    def take(n: int, what: str) -> bytes:
+        nonlocal pos
+        if pos + n > len(data):
+            raise ProtocolError(f"response ends inside {what}: needs {n} bytes at offset {pos}, "
+                                f"{len(data) - pos} left ({pos + n - len(data)} missing)")
+        chunk = data[pos:pos + n]
+        pos += n
+        return chunk
+
+    for index, item in enumerate(program):
+        instr = item[0] if isinstance(item, tuple) else item
+        code, fields = decode_fields(as_word(instr))
+        what = f"the response of instruction {index} ({instr!r})"
+        if code == Opcode.STORE.value:
+            buf = _defined_buffer(fields["buf"])
+            if buf is None:
+                out.append(b"")
+            else:
+                out.append(unpack_words(config, buf, take(response_length(config, instr), what)))
+        elif code == Opcode.SGQ.value:
+            length = int.from_bytes(take(SGQ_LENGTH_BYTES, what), "little")
+            limit = _sgq_max_payload(config, fields["count"], fields["stripe_len"])
+            if length > limit:
+                raise ProtocolError(f"SGQ length header {length} of instruction {index} exceeds "
+                                    f"the largest possible payload {limit}: stream out of sync")
+            payload = take(length, what)
+            take(sgq_response_length(config, length) - SGQ_LENGTH_BYTES - length, what)
+            out.append(payload)
+        elif code == Opcode.SYNC.value:
+            record = take(response_length(config, instr), what)
+            out.append(StatusReport.from_bytes(record, counters=bool(fields["counters"])))
+        else:
+            out.append(None)
+    if pos != len(data):
+        raise ProtocolError(f"{len(data) - pos} extra response bytes after the last instruction "
+                            f"({pos} expected)")
+    return out
+
+
+def _sgq_max_payload(config: AccelConfig, count: int, stripe_len: int) -> int:
+    """Upper bound of an SGQ payload: every stripe coded at the widest mode (detects desync)."""
+    if count == 0:
+        return 0
+    stripes = -(-count // max(stripe_len, 1))
+    value_bits = config.word_bits(Buffer.OUT) // config.cols
+    stripe_bits = (SgqMode.as_shape().width + data.Layout.cast(SgqStripeHeader).size
+                   + max(stripe_len, 1) * config.cols * max(SGQ_MODE_BITS.values()))
+    return -(-(value_bits + stripes * stripe_bits) // 8)
