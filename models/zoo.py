@@ -1,0 +1,182 @@
+"""The model registry: name -> builder, FP32 trainer, cached weights.
+
+::
+
+    from tinyaccel.models import zoo
+    model, metrics = zoo.load_or_train("digits-cnn")       # trains once, then loads the cache
+    model = zoo.MODELS["mobilenet-block"].build(seed=0)    # untrained
+
+Weights live in a cache directory, produced by a command and never committed::
+
+    python -m tinyaccel.models.zoo train digits-cnn mobilenet-block   # or: train --all
+    python -m tinyaccel.models.zoo list
+
+The cache is ``$TINYACCEL_CACHE/models`` (default ``~/.cache/tinyaccel/models``); each file is an
+``.npz`` (no pickles) holding the state dict and a JSON metadata record (model name, seed, epochs,
+metrics, torch version). The file name carries the seed and epoch count, and a file whose tensor
+names or shapes no longer match the model is retrained rather than loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tinyaccel.errors import ShapeError, TinyAccelError
+
+from . import digits, mobilenet_block
+
+__all__ = ["ModelSpec", "MODELS", "get", "build", "train_fp32", "cache_dir", "cache_path", "save",
+           "load", "load_or_train", "main"]
+
+_META_KEY = "__meta__"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One entry of the zoo: how to build and train a model, and what it is."""
+
+    name: str
+    build: Callable[..., nn.Module]  #: ``build(seed=0)`` -> untrained model
+    train_fp32: Callable[..., tuple[nn.Module, dict]]  #: ``(epochs, seed)`` -> (model, metrics)
+    default_epochs: int
+    input_shape: tuple[int, int, int]  #: per-sample C x H x W
+    description: str
+
+
+MODELS: dict[str, ModelSpec] = {
+    digits.NAME: ModelSpec(digits.NAME, digits.build, digits.train_fp32, digits.DEFAULT_EPOCHS,
+                           (1, 8, 8), "3 conv + ReLU, flatten, linear (digits 8x8)"),
+    mobilenet_block.NAME: ModelSpec(
+        mobilenet_block.NAME, mobilenet_block.build, mobilenet_block.train_fp32,
+        mobilenet_block.DEFAULT_EPOCHS, (1, 8, 8),
+        "stem, inverted residual (depthwise, ReLU6, add), avgpool, separable conv, GAP, linear"),
+}
+
+
+def get(name: str) -> ModelSpec:
+    """The :class:`ModelSpec` registered as ``name``."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise TinyAccelError(f"unknown model {name!r}; the zoo has: "
+                             f"{', '.join(sorted(MODELS))}") from None
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    """An untrained model ``name``, initialized from ``seed``."""
+    return get(name).build(seed)
+
+
+def train_fp32(name: str, epochs: int | None = None, seed: int = 0) -> tuple[nn.Module, dict]:
+    """Train model ``name`` in FP32 (``epochs`` defaults to the model's) -> ``(model, metrics)``."""
+    spec = get(name)
+    return spec.train_fp32(spec.default_epochs if epochs is None else epochs, seed)
+
+
+def cache_dir() -> Path:
+    """The weight cache: ``$TINYACCEL_CACHE/models``, default ~/.cache/tinyaccel/models."""
+    root = os.environ.get("TINYACCEL_CACHE") or Path.home() / ".cache" / "tinyaccel"
+    return Path(root) / "models"
+
+
+def cache_path(name: str, seed: int = 0, epochs: int | None = None,
+               directory: str | Path | None = None) -> Path:
+    """The cache file of model ``name`` trained ``epochs`` epochs from ``seed``."""
+    spec = get(name)
+    epochs = spec.default_epochs if epochs is None else epochs
+    return Path(directory or cache_dir()) / f"{name}-seed{seed}-e{epochs}.npz"
+
+
+def save(name: str, model: nn.Module, metrics: dict, path: str | Path) -> Path:
+    """Write ``model``'s state dict and ``metrics`` to ``path`` as an .npz (atomically)."""
+    get(name)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {key: value.detach().cpu().numpy() for key, value in model.state_dict().items()}
+    if _META_KEY in arrays:
+        raise ShapeError(f"model {name!r} has a state-dict entry named {_META_KEY!r}")
+    meta = {"model": name, "metrics": metrics, "torch": torch.__version__}
+    arrays[_META_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+    return path
+
+
+def load(name: str, path: str | Path) -> tuple[nn.Module, dict]:
+    """Load a model saved by :func:`save` -> ``(model, metrics)`` (model in eval mode).
+
+    Raises :class:`~tinyaccel.errors.ShapeError` when the file's tensors do not fit the model.
+    """
+    model = build(name)
+    with np.load(path, allow_pickle=False) as f:
+        meta = json.loads(f[_META_KEY].tobytes().decode())
+        state = {key: torch.from_numpy(f[key].copy()) for key in f.files if key != _META_KEY}
+    if meta.get("model") != name:
+        raise ShapeError(f"{path} holds model {meta.get('model')!r}, not {name!r}")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != found:
+        diff = sorted(set(expected.items()) ^ set(found.items()))
+        raise ShapeError(f"{path} does not fit model {name!r}: differing tensors {diff[:4]}")
+    model.load_state_dict(state)
+    model.eval()
+    return model, meta["metrics"]
+
+
+def load_or_train(name: str, seed: int = 0, epochs: int | None = None,
+                  directory: str | Path | None = None) -> tuple[nn.Module, dict]:
+    """Load model ``name`` from the cache, or train it (deterministically) and cache it."""
+    path = cache_path(name, seed, epochs, directory)
+    if path.exists():
+        try:
+            return load(name, path)
+        except (ShapeError, KeyError, ValueError, OSError):
+            pass  # stale or damaged cache entry: retrain and overwrite it
+    model, metrics = train_fp32(name, epochs, seed)
+    save(name, model, metrics, path)
+    return model, metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tinyaccel.models.zoo {list,train}``: list the zoo, or train and cache models."""
+    parser = argparse.ArgumentParser(prog="python -m tinyaccel.models.zoo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the registered models")
+    train = sub.add_parser("train", help="train models in FP32 and write their weights")
+    train.add_argument("names", nargs="*", help="model names (default: with --all, every model)")
+    train.add_argument("--all", action="store_true", help="train every model in the zoo")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--epochs", type=int, default=None)
+    train.add_argument("--out", type=Path, default=None, help="directory (default: the cache)")
+    train.add_argument("--force", action="store_true", help="retrain even when cached")
+    args = parser.parse_args(argv)
+
+    if args.command == "list":
+        for spec in MODELS.values():
+            print(f"{spec.name:18s} {spec.default_epochs:3d} epochs  {spec.description}")
+        return 0
+    names = list(MODELS) if args.all else args.names
+    if not names:
+        parser.error("name a model or pass --all")
+    for name in names:
+        path = cache_path(name, args.seed, args.epochs, args.out)
+        if args.force and path.exists():
+            path.unlink()
+        _, metrics = load_or_train(name, args.seed, args.epochs, args.out)
+        print(json.dumps({"model": name, "path": str(path), **metrics}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
