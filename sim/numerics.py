@@ -1,0 +1,433 @@
+"""The golden numerics: pure, vectorized NumPy functions, one per arithmetic rule of the contract.
+
+``docs/architecture.md`` sections 6 (GEMM and requantization), 7 (PASS patch-skip) and 8 (SGQ)
+are defined by these functions; the golden machine calls them, and the RTL unit tests compare
+against them bit for bit. Every function is exact: no tolerance anywhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from amaranth.lib import data
+
+from ..errors import DTypeError, FieldError, ProtocolError, ShapeError
+from ..hw.isa import SGQ_MODE_BITS, ChannelParams, SgqMode, SgqStripeHeader, field_table
+
+__all__ = [
+    "exact_gemm", "im2col",
+    "saturating_rounding_doubling_high_mul", "rounding_divide_by_pot", "requantize",
+    "quantize_multiplier",
+    "patch_skip",
+    "sgq_encode", "sgq_decode", "sgq_payload_bytes", "sgq_stripe_modes", "sgq_max_error",
+]
+
+INT32_MIN = int(np.iinfo(np.int32).min)
+INT32_MAX = int(np.iinfo(np.int32).max)
+#: Largest shift magnitude the requantizer applies (``shift`` is clamped to it).
+MAX_SHIFT = 31
+
+# Largest |INT8 x INT8| product: (-128) * (-128) = 2^14.
+_MAX_PRODUCT = 1 << 14
+# Sums of at most this many products are exact in float32 (24-bit significand).
+_F32_MAX_K = (1 << 24) // _MAX_PRODUCT - 1
+_F64_MAX_K = (1 << 53) // _MAX_PRODUCT - 1
+
+_PARAM_FIELDS = {info.name: info for info in field_table(ChannelParams)}
+
+
+def _check_int8(name: str, array) -> np.ndarray:
+    array = np.asarray(array)
+    if array.dtype != np.int8:
+        raise DTypeError(f"{name} has dtype {array.dtype}, expected int8")
+    return array
+
+
+# -- GEMM --------------------------------------------------------------------------------------
+
+def exact_gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Exact ``a @ b`` of INT8 matrices as INT32, through float BLAS.
+
+    float32 sgemm while every partial sum is an integer below 2^24 (``K <= 1023``), float64
+    otherwise (exact below 2^53); never NumPy's slow integer matmul.
+
+    Raises
+    ------
+    DTypeError
+        When ``a`` or ``b`` is not int8.
+    ShapeError
+        When the shapes are not ``(M, K)`` and ``(K, N)``.
+    """
+    a = _check_int8("exact_gemm operand a", a)
+    b = _check_int8("exact_gemm operand b", b)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise ShapeError(f"exact_gemm needs (M, K) @ (K, N), got {a.shape} @ {b.shape}")
+    k = a.shape[1]
+    if k > _F64_MAX_K:
+        raise ShapeError(f"exact_gemm: K={k} exceeds {_F64_MAX_K}, the exact float64 limit")
+    ftype = np.float32 if k <= _F32_MAX_K else np.float64
+    c = np.matmul(a.astype(ftype), b.astype(ftype))
+    if k * _MAX_PRODUCT > INT32_MAX:  # only reachable beyond the 16-bit k field
+        c = np.clip(c, INT32_MIN, INT32_MAX)
+    return c.astype(np.int32)
+
+
+def im2col(x: np.ndarray, kernel_size: int | tuple[int, int], stride: int | tuple = 1,
+           padding: int | tuple = 0, dilation: int | tuple = 1,
+           pad_value: int = 0) -> np.ndarray:
+    """Lower a 2-D convolution input to GEMM rows.
+
+    ``x`` is ``(N, C, H, W)``; the result is ``(N*Ho*Wo, C*kh*kw)`` with rows in ``(n, ho, wo)``
+    order and columns in ``(c, i, j)`` order, so ``im2col(x) @ w.reshape(Cout, -1).T`` is the
+    convolution (PyTorch's weight layout). Padding uses ``pad_value`` (the input zero point).
+    """
+    def pair(v):
+        return (int(v), int(v)) if np.isscalar(v) else (int(v[0]), int(v[1]))
+
+    x = np.asarray(x)
+    if x.ndim != 4:
+        raise ShapeError(f"im2col needs (N, C, H, W), got shape {x.shape}")
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = map(pair, (kernel_size, stride, padding, dilation))
+    n, c, h, w = x.shape
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if ho <= 0 or wo <= 0:
+        raise ShapeError(f"im2col: kernel {kh}x{kw} (dilation {dh},{dw}) does not fit input "
+                         f"{h}x{w} with padding {ph},{pw}")
+    xp = np.full((n, c, h + 2 * ph, w + 2 * pw), pad_value, dtype=x.dtype)
+    xp[:, :, ph:ph + h, pw:pw + w] = x
+    cols = np.empty((n, ho, wo, c, kh, kw), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            r0, c0 = i * dh, j * dw
+            win = xp[:, :, r0:r0 + sh * (ho - 1) + 1:sh, c0:c0 + sw * (wo - 1) + 1:sw]
+            cols[..., i, j] = win.transpose(0, 2, 3, 1)
+    return cols.reshape(n * ho * wo, c * kh * kw)
+
+
+# -- requantization (section 6) ----------------------------------------------------------------
+
+def _as_int64(name: str, value, lo: int, hi: int) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "iub":
+        raise DTypeError(f"{name} has dtype {arr.dtype}, expected integers")
+    arr = arr.astype(np.int64)
+    if arr.size and (arr.min() < lo or arr.max() > hi):
+        bad = arr[(arr < lo) | (arr > hi)].flat[0]
+        raise FieldError(f"{name}={bad} is outside {lo}..{hi}")
+    return arr
+
+
+def _srdhm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """SRDHM on int64 arrays holding int32 values (no checks)."""
+    ab = a * b  # |ab| <= 2^62: fits int64
+    s = ab + np.where(ab >= 0, np.int64(1 << 30), np.int64(1 - (1 << 30)))  # fits int64
+    # C++ division truncates toward zero; >> floors, so negate around it for negative sums.
+    q = np.where(s >= 0, s >> 31, -((-s) >> 31))
+    return np.where((a == INT32_MIN) & (b == INT32_MIN), np.int64(INT32_MAX), q)
+
+
+def _rdbpot(x: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """RoundingDivideByPOT on int64 arrays (no checks)."""
+    mask = (np.int64(1) << e) - 1
+    remainder = x & mask
+    threshold = (mask >> 1) + (x < 0)
+    return (x >> e) + (remainder > threshold)
+
+
+def saturating_rounding_doubling_high_mul(a, b) -> np.ndarray:
+    """gemmlowp's SaturatingRoundingDoublingHighMul of INT32 values, elementwise (broadcast).
+
+    ``trunc((a*b + nudge) / 2^31)`` with ``nudge = 2^30`` for ``a*b >= 0`` else ``1 - 2^30``;
+    ``a = b = -2^31`` saturates to ``2^31 - 1``.
+    """
+    a = _as_int64("a", a, INT32_MIN, INT32_MAX)
+    b = _as_int64("b", b, INT32_MIN, INT32_MAX)
+    return _srdhm(a, b).astype(np.int32)
+
+
+def rounding_divide_by_pot(x, e) -> np.ndarray:
+    """gemmlowp's RoundingDivideByPOT: ``x / 2^e`` rounded half away from zero, ``0 <= e <= 31``.
+
+    Raises
+    ------
+    FieldError
+        When ``x`` is outside INT32 or ``e`` outside [0, 31].
+    """
+    x = _as_int64("x", x, INT32_MIN, INT32_MAX)
+    e = _as_int64("e", e, 0, MAX_SHIFT)
+    return _rdbpot(x, e).astype(np.int32)
+
+
+def _param(name: str, value) -> np.ndarray:
+    info = _PARAM_FIELDS[name]
+    lo, hi = -(1 << (info.width - 1)), (1 << (info.width - 1)) - 1
+    return _as_int64(name, value, lo, hi)
+
+
+def requantize(acc, bias, multiplier, shift, zero_point, clamp_min, clamp_max) -> np.ndarray:
+    """Requantize INT32 accumulators to INT8 exactly as contract section 6 (elementwise).
+
+    ``acc`` is int32 of any shape; the parameters broadcast against it (per output channel along
+    the last axis, or scalars). Parameter values must fit their ChannelParams fields; ``shift``
+    is clamped to [-31, 31] as the hardware does.
+
+    Raises
+    ------
+    DTypeError
+        When ``acc`` is not int32.
+    FieldError
+        When a parameter does not fit its ChannelParams field (named with the value).
+    """
+    acc = np.asarray(acc)
+    if acc.dtype != np.int32:
+        raise DTypeError(f"requantize: acc has dtype {acc.dtype}, expected int32")
+    bias = _param("bias", bias)
+    multiplier = _param("multiplier", multiplier)
+    shift = np.clip(_param("shift", shift), -MAX_SHIFT, MAX_SHIFT)
+    zero_point = _param("zero_point", zero_point)
+    clamp_min = _param("clamp_min", clamp_min)
+    clamp_max = _param("clamp_max", clamp_max)
+    x = np.clip(acc.astype(np.int64) + bias, INT32_MIN, INT32_MAX)
+    x = np.clip(x << np.maximum(shift, 0), INT32_MIN, INT32_MAX)  # |x| * 2^31 fits int64
+    y = _srdhm(x, multiplier)
+    y = _rdbpot(y, np.maximum(-shift, 0))
+    y = np.minimum(np.maximum(y + zero_point, clamp_min), clamp_max)
+    return y.astype(np.int8)
+
+
+def quantize_multiplier(real_scale) -> tuple:
+    """Encode a real scale as ``(multiplier, shift)`` with ``scale ~= multiplier * 2^(shift-31)``.
+
+    TFLite's QuantizeMultiplier: ``frexp`` gives ``m in [0.5, 1)``, ``multiplier =
+    round(m * 2^31)`` (half away from zero), and a multiplier rounded up to ``2^31`` becomes
+    ``2^30`` with ``shift + 1``. Scale 0 gives ``(0, 0)``; scales too small for a shift of -31
+    flush to ``(0, 0)``; scales too large for +31 saturate to ``(2^31 - 1, 31)``. Scalars give
+    ints; arrays give an int32 and an int8 array.
+
+    Raises
+    ------
+    FieldError
+        For a negative or non-finite scale (named with the value).
+    """
+    scale = np.asarray(real_scale, dtype=np.float64)
+    if not np.all(np.isfinite(scale)) or np.any(scale < 0):
+        bad = scale[~np.isfinite(scale) | (scale < 0)].flat[0]
+        raise FieldError(f"real_scale={bad} must be finite and >= 0")
+    m, e = np.frexp(scale)
+    q = np.floor(m * 2.0 ** 31 + 0.5).astype(np.int64)  # m >= 0: floor(x+0.5) rounds half up
+    e = e.astype(np.int64)
+    up = q == 1 << 31
+    q = np.where(up, q >> 1, q)
+    e = np.where(up, e + 1, e)
+    zero = (scale == 0) | (e < -MAX_SHIFT)
+    q = np.where(zero, 0, q)
+    e = np.where(zero, 0, e)
+    big = e > MAX_SHIFT
+    q = np.where(big, INT32_MAX, q)
+    e = np.where(big, MAX_SHIFT, e)
+    if scale.ndim == 0:
+        return int(q), int(e)
+    return q.astype(np.int32), e.astype(np.int8)
+
+
+# -- PASS patch-skip (section 7) ---------------------------------------------------------------
+
+def patch_skip(new: np.ndarray, ref: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray]:
+    """Compare tiles with their references: ``(changed, new_ref)``.
+
+    ``new`` and ``ref`` are int8 ``(blocks, k, rows)``; ``changed[b]`` is ``max |new - ref| >
+    threshold`` over block ``b``; ``new_ref`` is ``ref`` with the changed blocks replaced by
+    ``new``.
+    """
+    new = _check_int8("patch_skip new", new)
+    ref = _check_int8("patch_skip ref", ref)
+    if new.shape != ref.shape or new.ndim != 3:
+        raise ShapeError(f"patch_skip needs two (blocks, k, rows) arrays, got {new.shape} and "
+                         f"{ref.shape}")
+    threshold = int(threshold)
+    if threshold < 0:
+        raise FieldError(f"threshold={threshold} must be >= 0")
+    diff = np.abs(new.astype(np.int16) - ref.astype(np.int16))
+    d = diff.reshape(new.shape[0], -1).max(axis=1, initial=0)
+    changed = d > threshold
+    return changed, np.where(changed[:, None, None], new, ref)
+
+
+# -- SGQ stripe encoder (section 8) ------------------------------------------------------------
+
+_MODE_BITS = SgqMode.as_shape().width
+_HEADER = {info.name: info for info in field_table(SgqStripeHeader)}
+_HEADER_BITS = data.Layout.cast(SgqStripeHeader).size
+_OFFSET_BITS = _HEADER["offset"].width
+_SHIFT_BITS = _HEADER["shift"].width
+_VALUE_BITS = 8  # one INT8 OUT value: the group base
+#: Coded modes from narrowest to widest.
+_CODED = sorted(SGQ_MODE_BITS, key=SGQ_MODE_BITS.get)
+
+
+def _sgq_args(values, stripe_len: int, max_shift: int) -> tuple[np.ndarray, int, int]:
+    values = _check_int8("SGQ values", values)
+    if values.ndim != 2:
+        raise ShapeError(f"SGQ values must be (count, cols), got shape {values.shape}")
+    stripe_len, max_shift = int(stripe_len), int(max_shift)
+    if stripe_len < 1:
+        raise FieldError(f"SGQ: stripe_len={stripe_len} must be >= 1")
+    if values.shape[0] % stripe_len:
+        raise ShapeError(f"SGQ: count={values.shape[0]} is not a multiple of "
+                         f"stripe_len={stripe_len}")
+    if not 0 <= max_shift < 1 << _SHIFT_BITS:
+        raise FieldError(f"SGQ: max_shift={max_shift} is outside 0..{(1 << _SHIFT_BITS) - 1}")
+    return values, stripe_len, max_shift
+
+
+def sgq_stripe_modes(values: np.ndarray, stripe_len: int, max_shift: int):
+    """The encoder's per-stripe decisions: ``(base, mode, lo, shift)``.
+
+    ``base`` is the group minimum (int), ``mode`` an int array of :class:`SgqMode` values,
+    ``lo`` the stripe minima, ``shift`` the chosen shifts (0 for BASE stripes).
+    """
+    values, stripe_len, max_shift = _sgq_args(values, stripe_len, max_shift)
+    stripes = values.reshape(-1, stripe_len * values.shape[1]).astype(np.int32)
+    if stripes.shape[0] == 0:
+        empty = np.zeros(0, np.int32)
+        return 0, empty, empty, empty
+    base = int(stripes.min())
+    lo, hi = stripes.min(axis=1), stripes.max(axis=1)
+    span = (hi - lo)[:, None]
+    s = np.arange(1 << _SHIFT_BITS)
+    half = (1 << s) >> 1
+    mode = np.full(len(lo), SgqMode.BASE.value, np.int32)
+    shift = np.zeros(len(lo), np.int32)
+    todo = hi != base
+    for m in _CODED:  # narrowest first
+        fits = ((span + half) >> s) <= (1 << SGQ_MODE_BITS[m]) - 1  # (stripes, shifts)
+        smallest = np.argmax(fits, axis=1)  # monotone in s: first True is the smallest shift
+        ok = todo & fits.any(axis=1) & (smallest <= max_shift)
+        mode[ok] = m.value
+        shift[ok] = smallest[ok]
+        todo &= ~ok
+    assert not todo.any()  # 8-bit codes with shift 0 always fit
+    return base, mode, lo, shift
+
+
+def _code_bits(mode: np.ndarray) -> np.ndarray:
+    lut = np.zeros(1 << _MODE_BITS, np.int64)
+    for m, bits in SGQ_MODE_BITS.items():
+        lut[m.value] = bits
+    return lut[mode]
+
+
+def sgq_payload_bytes(values: np.ndarray, stripe_len: int, max_shift: int) -> int:
+    """Length of the SGQ payload of ``values`` (section 8 formula; 0 for an empty group)."""
+    values, stripe_len, max_shift = _sgq_args(values, stripe_len, max_shift)
+    if values.shape[0] == 0:
+        return 0
+    _, mode, _, _ = sgq_stripe_modes(values, stripe_len, max_shift)
+    length = stripe_len * values.shape[1]
+    coded = mode != SgqMode.BASE.value
+    bits = _VALUE_BITS + len(mode) * _MODE_BITS + int(
+        (coded * (_HEADER_BITS + length * _code_bits(mode))).sum())
+    return -(-bits // 8)
+
+
+def sgq_encode(values: np.ndarray, stripe_len: int, max_shift: int) -> bytes:
+    """SGQ-encode one channel group ``int8 (count, cols)`` into its wire payload (section 8).
+
+    An empty group (``count = 0``) encodes to an empty payload.
+
+    Raises
+    ------
+    FieldError
+        For ``stripe_len < 1`` or ``max_shift`` outside the 3-bit field.
+    ShapeError
+        When ``count`` is not a multiple of ``stripe_len``.
+    """
+    values, stripe_len, max_shift = _sgq_args(values, stripe_len, max_shift)
+    if values.shape[0] == 0:
+        return b""
+    base, mode, lo, shift = sgq_stripe_modes(values, stripe_len, max_shift)
+    stripes = values.reshape(len(mode), -1).astype(np.int64)
+    length = stripes.shape[1]
+    coded = (mode != SgqMode.BASE.value).astype(np.int64)
+    b = _code_bits(mode) * coded
+    half = (np.int64(1) << shift) >> 1
+    codes = (stripes - lo[:, None] + half[:, None]) >> shift[:, None]
+    # One row of fields per stripe: mode, offset, shift, codes; width 0 drops a field.
+    vals = np.concatenate([mode[:, None], (lo - base)[:, None], shift[:, None], codes], axis=1)
+    widths = np.concatenate([np.full((len(mode), 1), _MODE_BITS), coded[:, None] * _OFFSET_BITS,
+                             coded[:, None] * _SHIFT_BITS,
+                             np.broadcast_to(b[:, None], (len(mode), length))], axis=1)
+    vals = np.concatenate([[base & 0xFF], vals.ravel()]).astype(np.int64)
+    widths = np.concatenate([[_VALUE_BITS], widths.ravel()])
+    bit = np.arange(max(_VALUE_BITS, _OFFSET_BITS, max(SGQ_MODE_BITS.values())))
+    bits = ((vals[:, None] >> bit) & 1)[bit < widths[:, None]]  # LSB first, field order
+    return np.packbits(bits.astype(np.uint8), bitorder="little").tobytes()
+
+
+def sgq_decode(payload: bytes, count: int, cols: int, stripe_len: int) -> np.ndarray:
+    """Decode an SGQ payload back to ``int8 (count, cols)`` (values within half a step).
+
+    Raises
+    ------
+    ProtocolError
+        When the payload is shorter or longer than its stripes say.
+    """
+    count, cols, stripe_len = int(count), int(cols), int(stripe_len)
+    if stripe_len < 1:
+        raise FieldError(f"SGQ: stripe_len={stripe_len} must be >= 1")
+    if count % stripe_len:
+        raise ShapeError(f"SGQ: count={count} is not a multiple of stripe_len={stripe_len}")
+    payload = bytes(payload)
+    if count == 0:
+        if payload:
+            raise ProtocolError(f"SGQ payload of an empty group must be empty, got "
+                                f"{len(payload)} bytes")
+        return np.zeros((0, cols), np.int8)
+    bits = np.unpackbits(np.frombuffer(payload, np.uint8), bitorder="little").astype(np.int64)
+    n_stripes, length = count // stripe_len, stripe_len * cols
+
+    def field(pos: int, width: int) -> int:
+        if pos + width > len(bits):
+            raise ProtocolError(f"SGQ payload of {len(payload)} bytes is truncated: needs bit "
+                                f"{pos + width - 1}")
+        return int(bits[pos:pos + width] @ (1 << np.arange(width)))
+
+    base = field(0, _VALUE_BITS)
+    base -= (base >> (_VALUE_BITS - 1)) << _VALUE_BITS  # two's complement
+    pos = _VALUE_BITS
+    mode = np.zeros(n_stripes, np.int64)
+    offset = np.zeros(n_stripes, np.int64)
+    shift = np.zeros(n_stripes, np.int64)
+    start = np.zeros(n_stripes, np.int64)
+    lut = _code_bits(np.arange(1 << _MODE_BITS))
+    for i in range(n_stripes):  # headers are sequential: each position depends on the last mode
+        mode[i] = field(pos, _MODE_BITS)
+        pos += _MODE_BITS
+        if mode[i] != SgqMode.BASE.value:
+            offset[i] = field(pos, _OFFSET_BITS)
+            shift[i] = field(pos + _OFFSET_BITS, _SHIFT_BITS)
+            start[i] = pos + _HEADER_BITS
+            pos += _HEADER_BITS + length * int(lut[mode[i]])
+    if pos > len(bits):
+        raise ProtocolError(f"SGQ payload of {len(payload)} bytes is truncated: its stripes need "
+                            f"{-(-pos // 8)} bytes")
+    if -(-pos // 8) != len(payload):
+        raise ProtocolError(f"SGQ payload has {len(payload)} bytes, its stripes need "
+                            f"{-(-pos // 8)}")
+    out = np.full((n_stripes, length), base, np.int64)
+    for m in _CODED:
+        sel = np.flatnonzero(mode == m.value)
+        if not len(sel):
+            continue
+        width = SGQ_MODE_BITS[m]
+        idx = start[sel, None, None] + np.arange(length)[:, None] * width + np.arange(width)
+        q = bits[idx] @ (1 << np.arange(width))
+        out[sel] = base + offset[sel, None] + (q << shift[sel, None])
+    i8 = np.iinfo(np.int8)
+    return np.clip(out, i8.min, i8.max).astype(np.int8).reshape(count, cols)
+
+
+def sgq_max_error(max_shift: int) -> int:
+    """Largest ``|decoded - value|`` SGQ allows: ``h(max_shift) = 2^max_shift >> 1``."""
+    return (1 << int(max_shift)) >> 1
+
