@@ -7,6 +7,9 @@ against them bit for bit. Every function is exact: no tolerance anywhere.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import numpy as np
 from amaranth.lib import data
 
@@ -14,7 +17,7 @@ from ..errors import DTypeError, FieldError, ProtocolError, ShapeError
 from ..hw.isa import SGQ_MODE_BITS, ChannelParams, SgqMode, SgqStripeHeader, field_table
 
 __all__ = [
-    "exact_gemm", "im2col",
+    "exact_gemm", "GemmWorkspace", "im2col",
     "saturating_rounding_doubling_high_mul", "rounding_divide_by_pot", "requantize",
     "quantize_multiplier",
     "patch_skip",
@@ -44,11 +47,54 @@ def _check_int8(name: str, array) -> np.ndarray:
 
 # -- GEMM --------------------------------------------------------------------------------------
 
-def exact_gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+# GEMMs up to this many MACs run on one BLAS thread: below it thread hand-off costs more than it
+# saves, and a second thread on a shared (or oversubscribed, pytest -n 2) core stalls the call
+# by 10-40x.
+_SINGLE_THREAD_MACS = 1 << 28
+
+
+@functools.cache
+def _blas_controller():
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return None
+    return ThreadpoolController().select(user_api="blas")
+
+
+def _blas_threads(macs: int):
+    controller = _blas_controller()
+    if controller is None or macs > _SINGLE_THREAD_MACS:
+        return contextlib.nullcontext()
+    return controller.limit(limits=1)
+
+
+class GemmWorkspace:
+    """Reusable float buffers for :func:`exact_gemm`.
+
+    Fresh large arrays cost page faults on every call, and a multi-threaded BLAS suffers most
+    from them; a machine that runs many GEMMs keeps one workspace and passes it in.
+    """
+
+    def __init__(self):
+        self._flat: dict[tuple[str, np.dtype], np.ndarray] = {}
+
+    def array(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """A contiguous (uninitialized) array of ``shape`` backed by the buffer ``name``."""
+        key, size = (name, np.dtype(dtype)), int(np.prod(shape))
+        flat = self._flat.get(key)
+        if flat is None or flat.size < size:
+            flat = self._flat[key] = np.empty(size, dtype)
+        return flat[:size].reshape(shape)
+
+
+def exact_gemm(a: np.ndarray, b: np.ndarray, workspace: GemmWorkspace | None = None
+               ) -> np.ndarray:
     """Exact ``a @ b`` of INT8 matrices as INT32, through float BLAS.
 
     float32 sgemm while every partial sum is an integer below 2^24 (``K <= 1023``), float64
-    otherwise (exact below 2^53); never NumPy's slow integer matmul.
+    otherwise (exact below 2^53); never NumPy's slow integer matmul. ``workspace`` (optional)
+    holds the float operands between calls.
 
     Raises
     ------
@@ -65,7 +111,16 @@ def exact_gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if k > _F64_MAX_K:
         raise ShapeError(f"exact_gemm: K={k} exceeds {_F64_MAX_K}, the exact float64 limit")
     ftype = np.float32 if k <= _F32_MAX_K else np.float64
-    c = np.matmul(a.astype(ftype), b.astype(ftype))
+    if workspace is None:
+        af, bf, out = a.astype(ftype), b.astype(ftype), None
+    else:
+        af = workspace.array("a", a.shape, ftype)
+        bf = workspace.array("b", b.shape, ftype)
+        np.copyto(af, a)
+        np.copyto(bf, b)
+        out = workspace.array("c", (a.shape[0], b.shape[1]), ftype)
+    with _blas_threads(a.shape[0] * k * b.shape[1]):
+        c = np.matmul(af, bf, out=out)
     if k * _MAX_PRODUCT > INT32_MAX:  # only reachable beyond the 16-bit k field
         c = np.clip(c, INT32_MIN, INT32_MAX)
     return c.astype(np.int32)

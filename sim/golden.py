@@ -1,0 +1,387 @@
+"""The golden model: the executable form of ``docs/architecture.md``.
+
+:class:`GoldenMachine` holds the scratchpads as NumPy arrays and executes instructions strictly in
+order with the functions of :mod:`tinyaccel.sim.numerics`. :meth:`GoldenMachine.run` is
+hardware-faithful: it consumes a host byte stream and returns exactly the bytes the accelerator
+must send back, following the error rules of section 5. The RTL is verified against it with zero
+tolerance; timing counters (``CYCLES``, ``BUSY_CYCLES``, ``COMPUTE_CYCLES``) stay 0 here.
+
+>>> m = GoldenMachine("sim")
+>>> m.load_buffer(Buffer.INP, 0, a_words); m.load_buffer(Buffer.WGT, 0, b_words)
+>>> m.execute(Instruction(Opcode.GEMM, k=64, m_blocks=1, n_blocks=1))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import (
+    AddressError,
+    FieldError,
+    OpcodeError,
+    ProtocolError,
+    ShapeError,
+    TinyAccelError,
+)
+from ..hw.config import MASK_WORD_BITS, AccelConfig, get_config
+from ..hw.isa import INSTR_BYTES, Buffer, Counter, Instruction, Opcode, Status
+from ..hw.protocol import (
+    PARAM_DTYPE,
+    RawInstruction,
+    StatusReport,
+    as_word,
+    data_length,
+    decode_fields,
+    iter_stream,
+    lane_dtype,
+    lanes,
+    pack_words,
+    response_length,
+    sgq_frame,
+    unpack_words,
+)
+from .numerics import (
+    INT32_MAX,
+    INT32_MIN,
+    GemmWorkspace,
+    exact_gemm,
+    patch_skip,
+    requantize,
+    sgq_encode,
+)
+
+__all__ = ["GoldenMachine", "Fault", "check_instruction", "STATUS_EXCEPTIONS"]
+
+#: The exception strict execution raises for each error status.
+STATUS_EXCEPTIONS: dict[Status, type[TinyAccelError]] = {
+    Status.ILLEGAL_OPCODE: OpcodeError,
+    Status.BAD_BUFFER: FieldError,
+    Status.ADDR_RANGE: AddressError,
+    Status.BAD_SHAPE: ShapeError,
+    Status.BAD_FIELD: FieldError,
+}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Why an instruction is illegal: the status it sets, its opcode code and a message."""
+
+    status: Status
+    opcode: int
+    message: str
+
+    def exception(self, pc: int | None = None) -> TinyAccelError:
+        """The matching exception (see :data:`STATUS_EXCEPTIONS`)."""
+        where = "" if pc is None else f" (instruction {pc})"
+        return STATUS_EXCEPTIONS[self.status](f"{self.message}{where}")
+
+
+def _over(op: str, base_name: str, base: int, ext_name: str, ext: int, limit: int,
+          what: str) -> str | None:
+    if base + ext <= limit:
+        return None
+    return (f"{op}: {base_name} {base} + {ext_name} {ext} = {base + ext} exceeds "
+            f"{what} {limit}")
+
+
+def check_instruction(config: AccelConfig, instr) -> Fault | None:
+    """The error an instruction raises at decode (section 5), or ``None`` when it is legal.
+
+    When several rules are broken the first in this order is reported: ``ILLEGAL_OPCODE``,
+    ``BAD_BUFFER``, ``BAD_FIELD``, ``BAD_SHAPE``, ``ADDR_RANGE`` (address checks last, in operand
+    order).
+    """
+    config = get_config(config)
+    code, f = decode_fields(as_word(instr))
+    try:
+        op = Opcode(code)
+    except ValueError:
+        return Fault(Status.ILLEGAL_OPCODE, code, f"opcode={code} is not defined")
+    name = op.name
+
+    def fault(status: Status, message: str | None) -> Fault | None:
+        return None if message is None else Fault(status, code, message)
+
+    def ranges(*checks) -> Fault | None:
+        for check in checks:
+            if check is not None:
+                return fault(Status.ADDR_RANGE, check)
+        return None
+
+    depth = config.depth
+    if op in (Opcode.LOAD, Opcode.STORE):
+        try:
+            buf = Buffer(f["buf"])
+        except ValueError:
+            return fault(Status.BAD_BUFFER, f"{name}: buf={f['buf']} is not a Buffer")
+        return ranges(_over(name, "addr", f["addr"], "count", f["count"], depth(buf),
+                            f"{buf.name} depth"))
+    if op == Opcode.GEMM:
+        k, mb, nb = f["k"], f["m_blocks"], f["n_blocks"]
+        if k == 0:
+            return fault(Status.BAD_SHAPE, f"{name}: k=0; a GEMM needs k >= 1")
+        return ranges(
+            _over(name, "inp_addr", f["inp_addr"], "m_blocks*k", mb * k, depth(Buffer.INP),
+                  "INP depth"),
+            _over(name, "wgt_addr", f["wgt_addr"], "n_blocks*k", nb * k, depth(Buffer.WGT),
+                  "WGT depth"),
+            _over(name, "acc_addr", f["acc_addr"], "m_blocks*n_blocks*rows",
+                  mb * nb * config.rows, depth(Buffer.ACC), "ACC depth"),
+            _over(name, "mask_idx", f["mask_idx"], "m_blocks", mb, config.mask_bits,
+                  "mask_bits") if f["gate"] else None)
+    if op == Opcode.REQUANT:
+        return ranges(
+            _over(name, "acc_addr", f["acc_addr"], "count", f["count"], depth(Buffer.ACC),
+                  "ACC depth"),
+            _over(name, "out_addr", f["out_addr"], "count", f["count"], depth(Buffer.OUT),
+                  "OUT depth"),
+            _over(name, "param_addr", f["param_addr"], "1", 1, depth(Buffer.PARAM),
+                  "PARAM depth"))
+    if op == Opcode.PATCH:
+        n = f["blocks"] * f["k"]
+        new, ref = f["new_addr"], f["ref_addr"]
+        if n and new < ref + n and ref < new + n:
+            return fault(Status.BAD_FIELD, f"{name}: new range {new}..{new + n - 1} overlaps "
+                                           f"ref range {ref}..{ref + n - 1}")
+        if f["k"] == 0:
+            return fault(Status.BAD_SHAPE, f"{name}: k=0; a PATCH needs k >= 1")
+        return ranges(
+            _over(name, "new_addr", new, "blocks*k", n, depth(Buffer.INP), "INP depth"),
+            _over(name, "ref_addr", ref, "blocks*k", n, depth(Buffer.INP), "INP depth"),
+            _over(name, "mask_idx", f["mask_idx"], "blocks", f["blocks"], config.mask_bits,
+                  "mask_bits"))
+    if op == Opcode.SGQ:
+        if f["stripe_len"] == 0:
+            return fault(Status.BAD_FIELD, f"{name}: stripe_len=0; stripes need >= 1 word")
+        if f["count"] % f["stripe_len"]:
+            return fault(Status.BAD_SHAPE, f"{name}: count={f['count']} is not a multiple of "
+                                           f"stripe_len={f['stripe_len']}")
+        return ranges(_over(name, "out_addr", f["out_addr"], "count", f["count"],
+                            depth(Buffer.OUT), "OUT depth"))
+    return None  # NOP, SYNC: every operand value is legal
+
+
+class GoldenMachine:
+    """The accelerator's architectural state and its in-order execution.
+
+    Buffers (zero at reset): ``inp`` int8 (depth, rows), ``wgt`` int8 (depth, cols), ``acc``
+    int32 (depth, cols), ``out`` int8 (depth, cols), ``param`` PARAM_DTYPE (depth, cols),
+    ``mask`` bool (mask_bits,). ``counters`` maps each :class:`Counter` to its value.
+    """
+
+    def __init__(self, config: AccelConfig | str = "sim"):
+        self.config = get_config(config)
+        self._workspace = GemmWorkspace()
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero every buffer, counter and the status, as after power-up."""
+        cfg = self.config
+        self.buffers: dict[Buffer, np.ndarray] = {}
+        for buf in Buffer:
+            if buf == Buffer.MASK:
+                self.buffers[buf] = np.zeros(cfg.mask_bits, bool)
+            else:
+                self.buffers[buf] = np.zeros((cfg.depth(buf), lanes(cfg, buf)),
+                                             lane_dtype(cfg, buf))
+        self.counters: dict[Counter, int] = {c: 0 for c in Counter}
+        self._clear_status()
+
+    def _clear_status(self) -> None:
+        self.status = Status.OK
+        self.error_pc = 0
+        self.error_opcode = 0
+        self.pc = 0  # index of the next instruction in the window since the last SYNC
+        self.acc_saturated = False
+
+    # -- buffer views
+    inp = property(lambda self: self.buffers[Buffer.INP])
+    wgt = property(lambda self: self.buffers[Buffer.WGT])
+    acc = property(lambda self: self.buffers[Buffer.ACC])
+    out = property(lambda self: self.buffers[Buffer.OUT])
+    param = property(lambda self: self.buffers[Buffer.PARAM])
+    mask = property(lambda self: self.buffers[Buffer.MASK])
+
+    def _words(self, buf: Buffer) -> np.ndarray:
+        """The buffer as an array of words (MASK as bool (depth, 64))."""
+        arr = self.buffers[buf]
+        return arr.reshape(-1, MASK_WORD_BITS) if buf == Buffer.MASK else arr
+
+    def _check_range(self, buf: Buffer, addr: int, count: int) -> None:
+        depth = self.config.depth(buf)
+        if addr < 0 or count < 0 or addr + count > depth:
+            raise AddressError(f"{buf.name}: addr {addr} + count {count} = {addr + count} "
+                               f"exceeds {buf.name} depth {depth}")
+
+    def load_buffer(self, buf: Buffer, addr: int, array) -> None:
+        """Backdoor write of words (the :func:`~tinyaccel.hw.protocol.pack_words` forms)."""
+        buf = Buffer(buf)
+        words = unpack_words(self.config, buf, pack_words(self.config, buf, array))
+        self._check_range(buf, addr, len(words))
+        self._words(buf)[addr:addr + len(words)] = words
+
+    def read_buffer(self, buf: Buffer, addr: int, count: int) -> np.ndarray:
+        """Backdoor read of ``count`` words (a copy; MASK as bool (count, 64))."""
+        buf = Buffer(buf)
+        self._check_range(buf, addr, count)
+        return self._words(buf)[addr:addr + count].copy()
+
+    def status_report(self, counters: bool = False) -> StatusReport:
+        """The status record a SYNC would send now (without clearing anything)."""
+        return StatusReport(status=self.status, error_pc=self.error_pc,
+                            error_opcode=self.error_opcode, instructions=self.pc,
+                            acc_saturated=self.acc_saturated,
+                            counters=dict(self.counters) if counters else None)
+
+    # -- execution
+    def run(self, stream: bytes, strict: bool = False) -> bytes:
+        """Consume a host byte stream; return every byte the accelerator sends back.
+
+        With ``strict`` the first illegal instruction raises (see :meth:`execute`) instead of
+        setting the status.
+
+        Raises
+        ------
+        ProtocolError
+            When the stream ends inside an instruction word or LOAD data (naming how many bytes
+            are missing); the responses sent before are in its ``responses`` attribute.
+        """
+        out: list[bytes] = []
+        try:
+            for word, payload in iter_stream(self.config, stream):
+                out.append(self.execute(word, payload, strict=strict))
+        except ProtocolError as exc:
+            exc.responses = b"".join(out)
+            raise
+        return b"".join(out)
+
+    def execute(self, instr: Instruction | RawInstruction | int, data: bytes | None = None,
+                strict: bool = True) -> bytes:
+        """Execute one instruction (with its LOAD data); return its response bytes.
+
+        With ``strict`` an illegal instruction raises before changing anything; otherwise it
+        sets the status as the hardware does (section 5).
+
+        Raises
+        ------
+        OpcodeError, FieldError, AddressError, ShapeError
+            In strict mode, for ILLEGAL_OPCODE, BAD_BUFFER / BAD_FIELD, ADDR_RANGE, BAD_SHAPE;
+            the message names the opcode, the field and the value.
+        ProtocolError
+            When ``data`` is not exactly the LOAD data the instruction announces.
+        """
+        word = as_word(instr)
+        code, fields = decode_fields(word)
+        payload = b"" if data is None else bytes(data)
+        want = data_length(self.config, word)
+        if len(payload) != want:
+            raise ProtocolError(f"instruction {self.pc} ({RawInstruction(word)!r}) carries "
+                                f"{want} data bytes, got {len(payload)}")
+        fault = check_instruction(self.config, word) if self.status == Status.OK else None
+        if fault is not None and strict:
+            raise fault.exception(self.pc)
+        pc = self.pc
+        self.pc += 1
+        self.counters[Counter.INSTRUCTIONS] += 1
+        self.counters[Counter.BYTES_IN] += INSTR_BYTES + len(payload)
+        if fault is not None:
+            self.status, self.error_pc, self.error_opcode = fault.status, pc, code
+        if code == Opcode.SYNC.value:
+            return self._sync(fields)
+        if self.status == Status.OK:
+            response = getattr(self, f"_exec_{Opcode(code).name.lower()}")(fields, payload)
+        elif code == Opcode.SGQ.value:
+            response = sgq_frame(self.config, b"")
+        else:  # not executed: a STORE still sends its words, as zeros
+            response = bytes(response_length(self.config, word) or 0)
+        self.counters[Counter.BYTES_OUT] += len(response)
+        return response
+
+    def _sync(self, f: dict) -> bytes:
+        report = self.status_report(counters=bool(f["counters"]))
+        response = report.to_bytes()
+        self.counters[Counter.BYTES_OUT] += len(response)
+        if f["clear"]:
+            self.counters = {c: 0 for c in Counter}
+        self._clear_status()
+        return response
+
+    def _exec_nop(self, f: dict, payload: bytes) -> bytes:
+        return b""
+
+    def _exec_load(self, f: dict, payload: bytes) -> bytes:
+        buf = Buffer(f["buf"])
+        self._words(buf)[f["addr"]:f["addr"] + f["count"]] = unpack_words(self.config, buf,
+                                                                          payload)
+        return b""
+
+    def _exec_store(self, f: dict, payload: bytes) -> bytes:
+        buf = Buffer(f["buf"])
+        return pack_words(self.config, buf, self._words(buf)[f["addr"]:f["addr"] + f["count"]])
+
+    def _exec_gemm(self, f: dict, payload: bytes) -> bytes:
+        rows, cols = self.config.rows, self.config.cols
+        k, mb, nb = f["k"], f["m_blocks"], f["n_blocks"]
+        if mb == 0 or nb == 0:
+            return b""
+        if f["gate"]:
+            active = np.flatnonzero(self.mask[f["mask_idx"]:f["mask_idx"] + mb])
+        else:
+            active = np.arange(mb)
+        block_macs = rows * cols * k
+        self.counters[Counter.MACS_ISSUED] += len(active) * nb * block_macs
+        self.counters[Counter.MACS_SKIPPED] += (mb - len(active)) * nb * block_macs
+        if not len(active):
+            return b""
+        # Gather: A[i*rows + r, t] = INP[inp_addr + i*k + t][r]; B[t, j*cols + c] =
+        # WGT[wgt_addr + j*k + t][c]. One BLAS call for every active block.
+        inp = self.inp[f["inp_addr"]:f["inp_addr"] + mb * k].reshape(mb, k, rows)
+        if len(active) < mb:
+            inp = inp[active]
+        a = inp.transpose(0, 2, 1).reshape(len(active) * rows, k)
+        wgt = self.wgt[f["wgt_addr"]:f["wgt_addr"] + nb * k].reshape(nb, k, cols)
+        b = wgt.transpose(1, 0, 2).reshape(k, nb * cols)
+        c = exact_gemm(a, b, self._workspace)
+        c = c.reshape(len(active), rows, nb, cols).transpose(0, 2, 1, 3)
+        # Scatter: ACC[acc_addr + (i*n_blocks + j)*rows + r][c] = C[i*rows + r, j*cols + c].
+        acc = self.acc[f["acc_addr"]:f["acc_addr"] + mb * nb * rows].reshape(mb, nb, rows, cols)
+        whole = len(active) == mb
+        if f["accumulate"]:
+            total = (acc if whole else acc[active]).astype(np.int64)
+            total += c
+            if total.min() < INT32_MIN or total.max() > INT32_MAX:  # sat32, sticky flag
+                self.acc_saturated = True
+                np.clip(total, INT32_MIN, INT32_MAX, out=total)
+            c = total
+        if whole:
+            acc[...] = c
+        else:
+            acc[active] = c
+        return b""
+
+    def _exec_requant(self, f: dict, payload: bytes) -> bytes:
+        n = f["count"]
+        p = self.param[f["param_addr"]]
+        acc = self.acc[f["acc_addr"]:f["acc_addr"] + n]
+        self.out[f["out_addr"]:f["out_addr"] + n] = requantize(
+            acc, **{name: p[name] for name in PARAM_DTYPE.names})
+        return b""
+
+    def _exec_patch(self, f: dict, payload: bytes) -> bytes:
+        rows, k, blocks = self.config.rows, f["k"], f["blocks"]
+        if blocks == 0:
+            return b""
+        n = blocks * k
+        new = self.inp[f["new_addr"]:f["new_addr"] + n].reshape(blocks, k, rows)
+        ref = self.inp[f["ref_addr"]:f["ref_addr"] + n].reshape(blocks, k, rows)
+        changed, new_ref = patch_skip(new, ref, f["threshold"])
+        ref[...] = new_ref
+        bits = self.mask[f["mask_idx"]:f["mask_idx"] + blocks]
+        bits[...] = changed | (bool(f["merge"]) & bits)
+        return b""
+
+    def _exec_sgq(self, f: dict, payload: bytes) -> bytes:
+        values = self.out[f["out_addr"]:f["out_addr"] + f["count"]]
+        return sgq_frame(self.config, sgq_encode(values, f["stripe_len"], f["max_shift"]))
