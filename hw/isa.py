@@ -280,7 +280,10 @@ class Instruction:
     __slots__ = ("opcode", "fields")
 
     def __init__(self, opcode: Opcode, **fields: int):
-        opcode = Opcode(opcode)
+        try:
+            opcode = Opcode(opcode)
+        except ValueError:
+            raise OpcodeError(f"opcode={opcode!r} is not defined") from None
         table = {f.name: f for f in _OPERAND_FIELDS[opcode]}
         unknown = set(fields) - set(table)
         if unknown:
