@@ -1,0 +1,225 @@
+"""One API over three backends: the golden model, the RTL simulation and an FPGA board.
+
+Glasgow's split: a *backend* is an abstract byte pipe (bytes in, the accelerator's response bytes
+out); :class:`Device` is the host interface on top of it, speaking the protocol of
+``docs/architecture.md`` section 9 identically to every backend, so a board session can be replayed
+in simulation byte for byte.
+
+>>> dev = Device(backend="golden", config="sim")      # or backend="rtl", or "board", port=...
+>>> responses = dev.run(program)                       # raises DeviceError on a bad status
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from ..errors import BackendUnavailable, DeviceError
+from ..hw.config import AccelConfig, get_config
+from ..hw.isa import Counter, Status
+
+__all__ = ["Backend", "GoldenBackend", "RtlBackend", "BoardBackend", "Device", "RunStats",
+           "BACKENDS", "open_backend"]
+
+
+class Backend(ABC):
+    """A byte pipe to an accelerator of configuration ``config``."""
+
+    name = "abstract"
+
+    def __init__(self, config: AccelConfig):
+        self.config = config
+        self.cycles = 0  # accelerator cycles of the last exchange, when the backend knows them
+
+    @abstractmethod
+    def exchange(self, stream: bytes, response_bytes: int | None = None) -> bytes:
+        """Send a whole host stream and return every byte the accelerator sent back.
+
+        ``response_bytes`` is the number of bytes the protocol says will come back when the host
+        knows it (it always does unless the program contains SGQ instructions).
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release simulator processes or ports."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class GoldenBackend(Backend):
+    """The NumPy golden model (``tinyaccel.sim.golden``): exact, fast, no cycle counts."""
+
+    name = "golden"
+
+    def __init__(self, config: AccelConfig):
+        super().__init__(config)
+        from ..sim.golden import GoldenMachine
+        self.machine = GoldenMachine(config)
+
+    def exchange(self, stream: bytes, response_bytes: int | None = None) -> bytes:
+        return self.machine.run(stream)
+
+
+class RtlBackend(Backend):
+    """The Amaranth accelerator converted to Verilog and run in Verilator (``tinyaccel.sim.rtl``).
+
+    The Verilated model persists between exchanges, like a board that stays powered.
+    """
+
+    name = "rtl"
+
+    def __init__(self, config: AccelConfig):
+        super().__init__(config)
+        from ..sim import rtl
+        self._session = rtl.open_session(config)
+
+    def exchange(self, stream: bytes, response_bytes: int | None = None) -> bytes:
+        out = self._session.run(stream, response_bytes)
+        self.cycles = self._session.last_cycles
+        return out
+
+    def close(self) -> None:
+        self._session.close()
+
+
+class BoardBackend(Backend):
+    """An FPGA board running the accelerator behind its UART bridge (``tinyaccel.boards``).
+
+    The bytes are exactly those the RTL backend exchanges. ``port`` is a pyserial port name.
+    """
+
+    name = "board"
+
+    def __init__(self, config: AccelConfig, port: str | None = None, baud: int = 115200,
+                 timeout: float = 5.0):
+        super().__init__(config)
+        if not port:
+            raise BackendUnavailable(
+                "the board backend needs a serial port: pass port='/dev/ttyUSB0' (Python) or "
+                "--port /dev/ttyUSB0 (CLI); build and program the bitstream with "
+                "`tinyaccel build --board ...` first")
+        try:
+            import serial
+        except ImportError:  # pragma: no cover - pyserial is a dependency
+            raise BackendUnavailable(
+                "the board backend needs pyserial: pip install pyserial") from None
+        try:
+            self._port = serial.Serial(port, baudrate=baud, timeout=timeout)
+        except (serial.SerialException, OSError) as exc:
+            raise BackendUnavailable(f"cannot open serial port {port!r}: {exc}") from exc
+        self.port_name = port
+        self.timeout = timeout
+
+    def exchange(self, stream: bytes, response_bytes: int | None = None) -> bytes:
+        if response_bytes is None:
+            raise BackendUnavailable("the board backend needs the response length in advance "
+                                     "(programs with SGQ are read incrementally — not yet)")
+        self._port.reset_input_buffer()
+        self._port.write(stream)
+        self._port.flush()
+        data = self._port.read(response_bytes)
+        if len(data) != response_bytes:
+            raise BackendUnavailable(
+                f"board on {self.port_name!r} did not answer: got {len(data)} of "
+                f"{response_bytes} response bytes within {self.timeout} s (is the bitstream "
+                f"loaded and the baud rate right?)")
+        return data
+
+    def close(self) -> None:
+        self._port.close()
+
+
+BACKENDS = {"golden": GoldenBackend, "rtl": RtlBackend, "board": BoardBackend}
+
+
+def open_backend(backend: str | Backend, config: AccelConfig, **options) -> Backend:
+    """Instantiate the backend named ``backend`` (``golden``, ``rtl`` or ``board``)."""
+    if isinstance(backend, Backend):
+        return backend
+    try:
+        cls = BACKENDS[backend]
+    except KeyError:
+        raise BackendUnavailable(f"unknown backend {backend!r}; choose one of "
+                                 f"{', '.join(BACKENDS)}") from None
+    return cls(config, **options)
+
+
+@dataclass
+class RunStats:
+    """Totals over the programs a :class:`Device` ran (architectural counters and timing)."""
+    programs: int = 0
+    wall_s: float = 0.0
+    counters: dict = field(default_factory=lambda: {c: 0 for c in Counter})
+
+    @property
+    def cycles(self) -> int:
+        return self.counters[Counter.CYCLES]
+
+    @property
+    def macs(self) -> int:
+        return self.counters[Counter.MACS_ISSUED]
+
+
+class Device:
+    """The host interface: runs :class:`~tinyaccel.hw.protocol.Program` objects on a backend.
+
+    Parameters
+    ----------
+    backend:
+        ``"golden"``, ``"rtl"``, ``"board"`` or a :class:`Backend` instance.
+    config:
+        Preset name or :class:`AccelConfig`.
+    options:
+        Passed to the backend (``port=``, ``baud=`` for the board).
+    """
+
+    def __init__(self, backend: str | Backend = "golden", config: str | AccelConfig = "sim",
+                 **options):
+        self.config = get_config(config)
+        self.backend = open_backend(backend, self.config, **options)
+        self.stats = RunStats()
+
+    def run(self, program) -> list:
+        """Run ``program`` (ending with a SYNC, appended if missing) and return its responses.
+
+        Returns one entry per instruction (see ``tinyaccel.hw.protocol.parse_responses``).
+
+        Raises
+        ------
+        DeviceError
+            When a SYNC reports a status other than OK; the message names the status, the
+            index of the faulting instruction and its opcode.
+        """
+        from ..hw.protocol import parse_responses, response_length
+        program = program.with_final_sync()
+        start = time.perf_counter()
+        stream = program.to_bytes()
+        out = self.backend.exchange(stream, response_length(self.config, program))
+        self.stats.wall_s += time.perf_counter() - start
+        self.stats.programs += 1
+        responses = parse_responses(self.config, program, out)
+        for instr, resp in zip(program.instructions, responses, strict=True):
+            if instr.opcode.name != "SYNC":
+                continue
+            if resp.counters:
+                for counter, value in resp.counters.items():
+                    self.stats.counters[counter] += value
+            if resp.status != Status.OK:
+                raise DeviceError(
+                    f"accelerator ({self.backend.name}) reported {resp.status.name} at "
+                    f"instruction {resp.error_pc} (opcode {resp.error_opcode_name})",
+                    status=resp.status, pc=resp.error_pc)
+        return responses
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
