@@ -237,10 +237,11 @@ def plan_gemm(config: AccelConfig, M: int, N: int, K: int, out: str = "int8") ->
     best = None
     for ks in range(1, 65):
         kt = math.ceil(k_limit / ks) if ks > 1 or K <= k_limit else k_limit
-        for mb in _candidates(m_blocks, 255):
-            for nb in _candidates(n_blocks, 255):
-                if _fits(config, mb, nb, kt, out):
-                    continue
+        for nb in _candidates(n_blocks, 255):
+            # Only the three largest m-tiles that fit: smaller ones only add per-tile overhead.
+            fitting = [mb for mb in _candidates(m_blocks, 255)
+                       if not _fits(config, mb, nb, kt, out)]
+            for mb in fitting[-3:]:
                 plan = GemmPlan(M, N, K, mb, nb, kt, out, R, C)
                 cycles = estimate_cycles(plan, config)
                 if best is None or cycles < best.est_cycles:
