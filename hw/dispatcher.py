@@ -1,0 +1,262 @@
+"""Dispatcher: in-order issue to concurrent units, error state, SYNC records.
+
+Instructions arrive checked from the :class:`~.decoder.Decoder`. The dispatcher issues each one to
+its unit when
+
+- the unit can take it (GEMM holds two instructions: one computing, one draining),
+- no instruction in flight conflicts with it (:mod:`.hazards`; the conflict is computed into a
+  register, so an instruction waits at least one cycle after it arrives), and
+- for STORE and SGQ, no earlier response is still being sent: responses leave in order.
+
+Errors (section 5): the first instruction whose status is not OK sets the sticky error with its
+index and opcode; from then on nothing executes until SYNC, but a LOAD still has its data consumed
+(``discard``) and a STORE or SGQ still sends its documented zero bytes.
+
+SYNC waits until every unit is idle, sends the status record and, when asked, the counter record
+(the counters hold still while it is sent, and BYTES_OUT grows by the record's size after it),
+then clears as section 5 says. The SYNC instruction is taken from the decoder only at the end, so
+no byte after it is read before its records are out.
+"""
+
+from functools import reduce
+from operator import or_
+
+from amaranth.hdl import Module, Mux, Signal, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .config import AccelConfig
+from .control import UnitControl
+from .counters import COUNTER_BITS
+from .decoder import DecodedLayout
+from .hazards import UNIT_ACCESSES, AccessLayout, conflict
+from .isa import (
+    COUNTER_RECORD_BYTES,
+    INSTR_BITS,
+    STATUS_MAGIC,
+    Counter,
+    GemmOperands,
+    Opcode,
+    PatchOperands,
+    RequantOperands,
+    Status,
+    StatusRecord,
+)
+from .load_unit import LoadCommand
+from .store_unit import StoreCommand
+
+__all__ = ["SgqCommand", "Dispatcher"]
+
+
+class SgqCommand(data.Struct):
+    """SGQ operands plus ``zero``: send a zero length instead of encoding."""
+    out_addr: unsigned(16)
+    count: unsigned(16)
+    stripe_len: unsigned(8)
+    max_shift: unsigned(3)
+    zero: unsigned(1)
+
+
+class Dispatcher(wiring.Component):
+    """See module docstring."""
+
+    def __init__(self, config: AccelConfig):
+        self._config = config
+        super().__init__({
+            "i_instr": In(stream.Signature(DecodedLayout(config))),
+            "o_stream": Out(stream.Signature(unsigned(config.host_width))),
+            "load": Out(UnitControl(LoadCommand)),
+            "store": Out(UnitControl(StoreCommand)),
+            "gemm": Out(UnitControl(GemmOperands, slots=2)),
+            "requant": Out(UnitControl(RequantOperands)),
+            "patch": Out(UnitControl(PatchOperands)),
+            "sgq": Out(UnitControl(SgqCommand)),
+            "counters": In(data.ArrayLayout(unsigned(COUNTER_BITS), len(Counter))),
+            "acc_saturated": In(1),  # pulse from the GEMM drain
+            "count_instruction": Out(1),
+            "freeze_counters": Out(1),  # the counter record is being sent
+            "record_sent": Out(1),  # add the counter record's bytes to BYTES_OUT
+            "clear_counters": Out(1),
+            "error": Out(1),
+            "busy": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self._config
+        hw = cfg.host_width
+
+        instr = self.i_instr.payload
+        op = instr.word.opcode
+        ops = instr.word.operands
+
+        # -- architectural state reported by SYNC ------------------------------------------
+        err = Signal()
+        err_status = Signal(Status)
+        err_pc = Signal(32)
+        err_opcode = Signal(8)
+        acc_saturated = Signal()
+        window = Signal(32)  # instructions since the last SYNC
+        m.d.comb += self.error.eq(err)
+        with m.If(self.acc_saturated):
+            m.d.sync += acc_saturated.eq(1)
+
+        # -- hazard slots -------------------------------------------------------------------
+        units = {
+            "gemm": (self.gemm, 2), "requant": (self.requant, 1), "store": (self.store, 1),
+            "patch": (self.patch, 1), "sgq": (self.sgq, 1),
+        }
+        slots = []  # (unit name, slot index, access register)
+        for name, (_port, n) in units.items():
+            for s in range(n):
+                slots.append((name, s, Signal(AccessLayout(cfg), name=f"{name}{s}_access")))
+
+        hazard_terms = []
+        for name, s, held in slots:
+            busy = units[name][0].busy[s]
+            accesses = UNIT_ACCESSES[name]
+            if name == "gemm":
+                c = Mux(op == Opcode.GEMM,
+                        conflict(instr.access, held, accesses, structural=False),
+                        conflict(instr.access, held, accesses))
+            else:
+                c = conflict(instr.access, held, accesses)
+            hazard_terms.append(busy & c)
+        hazard = Signal()
+        fresh = Signal()  # `hazard` was computed for the instruction now offered
+        m.d.sync += hazard.eq(reduce(or_, hazard_terms))
+        m.d.sync += fresh.eq(self.i_instr.valid & ~self.i_instr.ready)
+
+        def claim(name, s, execute):
+            held = dict((f"{n}{i}", h) for n, i, h in slots)[f"{name}{s}"]
+            stmts = []
+            for buf, kind in UNIT_ACCESSES[name]:
+                src = instr.access[buf.name.lower()][kind]
+                dst = held[buf.name.lower()][kind]
+                stmts += [dst.en.eq(src.en & execute), dst.lo.eq(src.lo), dst.hi.eq(src.hi)]
+            return stmts
+
+        # -- issue --------------------------------------------------------------------------
+        execute = (instr.status == Status.OK) & ~err
+        clear_to_go = fresh & ~hazard
+        output_free = ~self.store.busy[0] & ~self.sgq.busy[0]
+        all_idle = ~reduce(or_, [p.busy.any() for p, _ in units.values()]) & ~self.load.busy[0]
+        accept = Signal()
+
+        m.d.comb += [
+            self.load.cmd.buf.eq(ops.ldst.buf),
+            self.load.cmd.addr.eq(ops.ldst.addr),
+            self.load.cmd.count.eq(ops.ldst.count),
+            self.load.cmd.discard.eq(~execute),
+            self.store.cmd.buf.eq(ops.ldst.buf),
+            self.store.cmd.addr.eq(ops.ldst.addr),
+            self.store.cmd.count.eq(ops.ldst.count),
+            self.store.cmd.zero.eq(~execute),
+            self.gemm.cmd.eq(ops.gemm),
+            self.requant.cmd.eq(ops.requant),
+            self.patch.cmd.eq(ops.patch),
+            self.sgq.cmd.out_addr.eq(ops.sgq.out_addr),
+            self.sgq.cmd.count.eq(ops.sgq.count),
+            self.sgq.cmd.stripe_len.eq(ops.sgq.stripe_len),
+            self.sgq.cmd.max_shift.eq(ops.sgq.max_shift),
+            self.sgq.cmd.zero.eq(~execute),
+        ]
+
+        # status and counter records
+        status_rec = Signal(StatusRecord)
+        m.d.comb += [
+            status_rec.magic.eq(STATUS_MAGIC),
+            status_rec.status.eq(err_status),
+            status_rec.acc_saturated.eq(acc_saturated),
+            status_rec.error_pc.eq(err_pc),
+            status_rec.instructions.eq(window),
+            status_rec.error_opcode.eq(err_opcode),
+        ]
+        status_beats = INSTR_BITS // hw
+        counter_beats = COUNTER_RECORD_BYTES * 8 // hw
+        rec_beat = Signal(range(max(status_beats, counter_beats)))
+        sent = self.o_stream.valid & self.o_stream.ready
+
+        with m.FSM():
+            with m.State("ISSUE"):
+                with m.If(self.i_instr.valid):
+                    with m.Switch(op):
+                        with m.Case(Opcode.LOAD):
+                            with m.If(~self.load.busy[0] & (~execute | clear_to_go)):
+                                m.d.comb += [accept.eq(1), self.load.start.eq(instr.buf_ok)]
+                        with m.Case(Opcode.STORE):
+                            with m.If(output_free & (~execute | clear_to_go)):
+                                m.d.comb += [accept.eq(1), self.store.start.eq(instr.buf_ok)]
+                                m.d.sync += claim("store", 0, execute)
+                        with m.Case(Opcode.GEMM):
+                            with m.If(~execute):
+                                m.d.comb += accept.eq(1)
+                            with m.Elif(clear_to_go & self.gemm.ready):
+                                m.d.comb += [accept.eq(1), self.gemm.start.eq(1)]
+                                with m.If(self.gemm.slot == 0):
+                                    m.d.sync += claim("gemm", 0, 1)
+                                with m.Else():
+                                    m.d.sync += claim("gemm", 1, 1)
+                        for name, code in (("requant", Opcode.REQUANT), ("patch", Opcode.PATCH)):
+                            with m.Case(code):
+                                port = units[name][0]
+                                with m.If(~execute):
+                                    m.d.comb += accept.eq(1)
+                                with m.Elif(clear_to_go & ~port.busy[0]):
+                                    m.d.comb += [accept.eq(1), port.start.eq(1)]
+                                    m.d.sync += claim(name, 0, 1)
+                        with m.Case(Opcode.SGQ):
+                            with m.If(output_free & (~execute | clear_to_go)):
+                                m.d.comb += [accept.eq(1), self.sgq.start.eq(1)]
+                                m.d.sync += claim("sgq", 0, execute)
+                        with m.Case(Opcode.SYNC):
+                            m.next = "SYNC_WAIT"
+                        with m.Default():  # NOP and undefined opcodes
+                            m.d.comb += accept.eq(1)
+                with m.If(accept):
+                    m.d.comb += [self.i_instr.ready.eq(1), self.count_instruction.eq(1)]
+                    m.d.sync += window.eq(window + 1)
+                    with m.If((instr.status != Status.OK) & ~err):
+                        m.d.sync += [
+                            err.eq(1), err_status.eq(instr.status), err_pc.eq(window),
+                            err_opcode.eq(instr.word.as_value()[:4]),
+                        ]
+            with m.State("SYNC_WAIT"):
+                with m.If(all_idle):
+                    m.d.comb += self.count_instruction.eq(1)
+                    m.d.sync += [window.eq(window + 1), rec_beat.eq(0)]
+                    m.next = "SYNC_STATUS"
+            with m.State("SYNC_STATUS"):
+                m.d.comb += [
+                    self.o_stream.valid.eq(1),
+                    self.o_stream.payload.eq(status_rec.as_value().word_select(rec_beat, hw)),
+                ]
+                with m.If(sent):
+                    m.d.sync += rec_beat.eq(rec_beat + 1)
+                    with m.If(rec_beat == status_beats - 1):
+                        m.d.sync += rec_beat.eq(0)
+                        with m.If(ops.sync.counters):
+                            m.next = "SYNC_COUNTERS"
+                        with m.Else():
+                            m.next = "SYNC_END"
+            with m.State("SYNC_COUNTERS"):
+                m.d.comb += [
+                    self.freeze_counters.eq(1),
+                    self.o_stream.valid.eq(1),
+                    self.o_stream.payload.eq(self.counters.as_value().word_select(rec_beat, hw)),
+                ]
+                with m.If(sent):
+                    m.d.sync += rec_beat.eq(rec_beat + 1)
+                    with m.If(rec_beat == counter_beats - 1):
+                        m.d.comb += self.record_sent.eq(1)
+                        m.next = "SYNC_END"
+            with m.State("SYNC_END"):
+                m.d.comb += [self.i_instr.ready.eq(1), self.clear_counters.eq(ops.sync.clear)]
+                m.d.sync += [
+                    err.eq(0), err_status.eq(Status.OK), err_pc.eq(0), err_opcode.eq(0),
+                    acc_saturated.eq(0), window.eq(0),
+                ]
+                m.next = "ISSUE"
+
+        m.d.comb += self.busy.eq(self.i_instr.valid)
+        return m

@@ -1,0 +1,91 @@
+"""LOAD: host data beats -> scratchpad words."""
+
+from amaranth.hdl import Module, Mux, Signal, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .config import AccelConfig
+from .control import UnitControl
+from .isa import ADDR_BITS, COUNT_BITS, Buffer
+from .scratchpads import WriteClient, geometry
+
+__all__ = ["LoadCommand", "LoadUnit"]
+
+
+class LoadCommand(data.Struct):
+    """What the dispatcher hands the load unit. ``discard`` consumes the beats without writing
+    (a LOAD that is not executed still consumes its data)."""
+    buf: Buffer
+    addr: unsigned(ADDR_BITS)
+    count: unsigned(COUNT_BITS)
+    discard: unsigned(1)
+
+
+class LoadUnit(wiring.Component):
+    """Writes ``count`` words of ``buf`` from ``i_stream``, one host beat per cycle.
+
+    Each beat is written straight into its slice of the word (write-enable per beat), so no word
+    is assembled in registers. ``busy`` is high from the cycle after ``start`` until the last beat
+    has been written; a command with ``count = 0`` never raises it.
+    """
+
+    def __init__(self, config: AccelConfig):
+        self._config = config
+        self._geoms = {buf: geometry(config, buf) for buf in Buffer}
+        members = {
+            "i_stream": In(stream.Signature(unsigned(config.host_width))),
+            "ctrl": In(UnitControl(LoadCommand)),
+        }
+        for buf, geom in self._geoms.items():
+            members[f"wr_{buf.name.lower()}"] = Out(WriteClient(geom))
+        super().__init__(members)
+
+    def elaborate(self, platform):
+        m = Module()
+        geoms = self._geoms
+        busy = self.ctrl.busy[0]
+        max_fold = max(g.fold for g in geoms.values())
+        max_beats = max(g.beats for g in geoms.values())
+
+        buf = Signal(Buffer)
+        ptr = Signal(ADDR_BITS + max_fold.bit_length())  # physical word address
+        left = Signal(COUNT_BITS + max_fold.bit_length())  # physical words still to write
+        beat = Signal(range(max_beats))
+        discard = Signal()
+
+        last_beat = Signal()
+        with m.Switch(buf):
+            for b, g in geoms.items():
+                with m.Case(b):
+                    m.d.comb += last_beat.eq(beat == g.beats - 1)
+
+        m.d.comb += [
+            busy.eq(left != 0),
+            self.i_stream.ready.eq(busy),
+        ]
+        fire = self.i_stream.valid & self.i_stream.ready
+
+        with m.If(fire):
+            m.d.sync += beat.eq(Mux(last_beat, 0, beat + 1))
+            with m.If(last_beat):
+                m.d.sync += [ptr.eq(ptr + 1), left.eq(left - 1)]
+
+        for b, g in geoms.items():
+            port = getattr(self, f"wr_{b.name.lower()}")
+            m.d.comb += [
+                port.addr.eq(ptr),
+                port.data.eq(self.i_stream.payload.replicate(g.beats)),
+            ]
+            with m.If(fire & ~discard & (buf == b)):
+                m.d.comb += port.en.bit_select(beat, 1).eq(1)
+
+        with m.If(self.ctrl.start):
+            cmd = self.ctrl.cmd
+            m.d.sync += [buf.eq(cmd.buf), discard.eq(cmd.discard), beat.eq(0)]
+            with m.Switch(cmd.buf):
+                for b, g in geoms.items():
+                    with m.Case(b):
+                        m.d.sync += [ptr.eq(cmd.addr * g.fold), left.eq(cmd.count * g.fold)]
+                with m.Default():  # undefined buffer: no data follows
+                    m.d.sync += left.eq(0)
+        return m

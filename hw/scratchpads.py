@@ -1,0 +1,123 @@
+"""Scratchpad memories: one ``lib.memory.Memory`` per buffer, one read and one write port each.
+
+Every buffer has exactly one read port and one write port so that it maps to block RAM (iCE40 EBR
+and ECP5 DP16KD are used as simple dual-port RAMs; every further read port would duplicate the
+RAM). Several units share a port through an OR of their requests: the dispatcher guarantees that at
+most one unit reads (and at most one writes) a buffer at a time, and a unit that does not own a
+port drives zeros on it.
+
+Physical geometry: a buffer's physical word is its architectural word, except PARAM, which is
+stored *folded* as ``cols / requant_lanes`` physical words of ``requant_lanes`` channels each when
+that width is a whole number of host beats. The requant unit reads exactly one physical PARAM word
+per cycle, and on the iCE40 a 96-bit x 32 RAM costs 6 EBRs where a 384-bit x 8 one costs 24.
+"""
+
+from dataclasses import dataclass
+from functools import reduce
+from operator import or_
+
+from amaranth.hdl import Module, Mux, unsigned
+from amaranth.lib import wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import ceil_log2
+
+from .config import AccelConfig
+from .isa import CHANNEL_PARAMS_BITS, Buffer
+
+__all__ = ["Geometry", "geometry", "ReadClient", "WriteClient", "Scratchpad"]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Physical shape of one scratchpad."""
+    buf: Buffer
+    width: int  #: bits of one physical word
+    fold: int  #: physical words per architectural word
+    arch_depth: int  #: depth in architectural words (the range the ISA checks)
+    host_width: int
+
+    @property
+    def depth(self) -> int:
+        return self.arch_depth * self.fold
+
+    @property
+    def addr_width(self) -> int:
+        return ceil_log2(self.depth)
+
+    @property
+    def beats(self) -> int:
+        """Host beats per physical word."""
+        return self.width // self.host_width
+
+    @property
+    def word_beats(self) -> int:
+        """Host beats per architectural word."""
+        return self.beats * self.fold
+
+
+def geometry(config: AccelConfig, buf: Buffer) -> Geometry:
+    """The physical geometry of scratchpad ``buf`` in ``config``."""
+    buf = Buffer(buf)
+    width, fold = config.word_bits(buf), 1
+    if buf == Buffer.PARAM:
+        lane_bits = CHANNEL_PARAMS_BITS * config.requant_lanes
+        if lane_bits % config.host_width == 0:
+            width, fold = lane_bits, config.cols // config.requant_lanes
+    return Geometry(buf, width, fold, config.depth(buf), config.host_width)
+
+
+class ReadClient(wiring.Signature):
+    """A unit's view of a synchronous read port: ``data`` is the word at ``addr`` one cycle
+    after a cycle with ``en``, and holds while ``en`` is low."""
+
+    def __init__(self, geom: Geometry):
+        super().__init__({
+            "addr": Out(geom.addr_width),
+            "en": Out(1),
+            "data": In(geom.width),
+        })
+
+
+class WriteClient(wiring.Signature):
+    """A unit's view of a write port with one enable bit per host beat of the word."""
+
+    def __init__(self, geom: Geometry):
+        super().__init__({
+            "addr": Out(geom.addr_width),
+            "data": Out(geom.width),
+            "en": Out(geom.beats),
+        })
+
+
+class Scratchpad(wiring.Component):
+    """One buffer: a Memory with one read and one write port, shared by ``readers`` and
+    ``writers`` clients (requests ORed; the dispatcher keeps them exclusive in time)."""
+
+    def __init__(self, geom: Geometry, *, readers: int, writers: int):
+        self._geom = geom
+        super().__init__({
+            "rd": In(ReadClient(geom)).array(readers),
+            "wr": In(WriteClient(geom)).array(writers),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        geom = self._geom
+        m.submodules.mem = mem = Memory(shape=unsigned(geom.width), depth=geom.depth, init=[])
+        rp = mem.read_port()
+        wp = mem.write_port(granularity=geom.host_width)
+
+        def gated_or(values, enables):
+            return reduce(or_, [Mux(en, v, 0) for v, en in zip(values, enables, strict=True)])
+
+        m.d.comb += [
+            rp.en.eq(reduce(or_, [r.en for r in self.rd])),
+            rp.addr.eq(gated_or([r.addr for r in self.rd], [r.en for r in self.rd])),
+            wp.en.eq(reduce(or_, [w.en for w in self.wr])),
+            wp.addr.eq(gated_or([w.addr for w in self.wr], [w.en.any() for w in self.wr])),
+            wp.data.eq(gated_or([w.data for w in self.wr], [w.en.any() for w in self.wr])),
+        ]
+        for r in self.rd:
+            m.d.comb += r.data.eq(rp.data)
+        return m

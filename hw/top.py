@@ -1,0 +1,109 @@
+"""The accelerator top level: host streams in and out, every block wired together."""
+
+from functools import reduce
+from operator import or_
+
+from amaranth.back import verilog
+from amaranth.hdl import Module, Mux, unsigned
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .config import AccelConfig
+from .counters import PerfCounters
+from .decoder import Decoder
+from .dispatcher import Dispatcher
+from .isa import COUNTER_RECORD_BYTES, Buffer, Counter
+from .load_unit import LoadUnit
+from .scratchpads import Scratchpad, geometry
+from .store_unit import StoreUnit
+
+__all__ = ["Accelerator", "generate_verilog"]
+
+
+class Accelerator(wiring.Component):
+    """tinyaccel: an INT8 MAC-array accelerator driven by one host byte stream.
+
+    Parameters
+    ----------
+    config:
+        The :class:`~tinyaccel.hw.config.AccelConfig` that sizes every block.
+
+    Ports: ``i_stream`` (host -> accelerator beats, byte 0 in bits 7..0), ``o_stream``
+    (responses), ``busy`` (a unit executing or a response pending), ``error`` (sticky until SYNC).
+    """
+
+    def __init__(self, config: AccelConfig):
+        self.config = config
+        super().__init__({
+            "i_stream": In(stream.Signature(unsigned(config.host_width))),
+            "o_stream": Out(stream.Signature(unsigned(config.host_width))),
+            "busy": Out(1),
+            "error": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self.config
+
+        m.submodules.decoder = decoder = Decoder(cfg)
+        m.submodules.dispatcher = disp = Dispatcher(cfg)
+        m.submodules.counters = counters = PerfCounters()
+        m.submodules.load = load = LoadUnit(cfg)
+        m.submodules.store = store = StoreUnit(cfg)
+        units = {"load": load, "store": store}
+
+        wiring.connect(m, wiring.flipped(self.i_stream), decoder.i_stream)
+        wiring.connect(m, decoder.o_instr, disp.i_instr)
+        wiring.connect(m, decoder.o_data, load.i_stream)
+        for name, unit in units.items():
+            wiring.connect(m, getattr(disp, name), unit.ctrl)
+        # Units not built yet never run: the dispatcher sees them idle.
+        m.d.comb += [disp.gemm.ready.eq(1), disp.gemm.slot.eq(0)]
+
+        # -- scratchpads: one read and one write port each, shared by the units -------------
+        for buf in Buffer:
+            name = buf.name.lower()
+            readers = [getattr(u, f"rd_{name}") for u in units.values() if hasattr(u, f"rd_{name}")]
+            writers = [getattr(u, f"wr_{name}") for u in units.values() if hasattr(u, f"wr_{name}")]
+            pad = Scratchpad(geometry(cfg, buf), readers=len(readers), writers=len(writers))
+            m.submodules[f"{name}_mem"] = pad
+            for i, client in enumerate(readers):
+                wiring.connect(m, client, pad.rd[i])
+            for i, client in enumerate(writers):
+                wiring.connect(m, client, pad.wr[i])
+
+        # -- response stream: exactly one source is active at a time (in-order issue) -------
+        sources = [store.o_stream, disp.o_stream]
+        m.d.comb += [
+            self.o_stream.valid.eq(reduce(or_, [s.valid for s in sources])),
+            self.o_stream.payload.eq(reduce(or_, [Mux(s.valid, s.payload, 0) for s in sources])),
+        ]
+        for s in sources:
+            m.d.comb += s.ready.eq(self.o_stream.ready)
+
+        # -- status and counters ------------------------------------------------------------
+        busy = disp.busy | reduce(or_, [u.ctrl.busy.any() for u in units.values()])
+        freeze = disp.freeze_counters
+        beat_bytes = cfg.beat_bytes
+        bytes_in = Mux(self.i_stream.valid & self.i_stream.ready, beat_bytes, 0)
+        bytes_out = (Mux(self.o_stream.valid & self.o_stream.ready & ~freeze, beat_bytes, 0) +
+                     Mux(disp.record_sent, COUNTER_RECORD_BYTES, 0))
+        add = counters.add
+        m.d.comb += [
+            self.busy.eq(busy),
+            self.error.eq(disp.error),
+            disp.counters.eq(counters.values),
+            counters.clear.eq(disp.clear_counters),
+            add[Counter.CYCLES.value].eq(~freeze),
+            add[Counter.BUSY_CYCLES.value].eq(busy & ~freeze),
+            add[Counter.BYTES_IN.value].eq(bytes_in),
+            add[Counter.BYTES_OUT.value].eq(bytes_out),
+            add[Counter.INSTRUCTIONS.value].eq(disp.count_instruction),
+        ]
+        return m
+
+
+def generate_verilog(config: AccelConfig) -> str:
+    """Verilog of :class:`Accelerator` for ``config``, top module ``tinyaccel_top``."""
+    top = Accelerator(config)
+    return verilog.convert(top, name="tinyaccel_top")

@@ -1,0 +1,85 @@
+"""Amaranth-simulator helpers shared by the tests/test_hw_*.py unit tests (not a test module)."""
+
+import os
+import random
+
+from amaranth.sim import Simulator
+
+from tinyaccel.hw.config import AccelConfig
+from tinyaccel.hw.top import Accelerator
+
+__all__ = ["seed_from_env", "run_accelerator", "small_config"]
+
+
+def seed_from_env(default: int | None = None) -> int:
+    """A random seed, or ``TINYACCEL_SEED`` to replay one. Tests print it."""
+    env = os.environ.get("TINYACCEL_SEED")
+    if env is not None:
+        return int(env, 0)
+    return default if default is not None else random.randrange(1 << 32)
+
+
+def small_config(**overrides) -> AccelConfig:
+    """A tiny configuration for fast end-to-end simulation."""
+    params = dict(name="tiny", rows=2, cols=4, host_width=16, inp_depth=64, wgt_depth=64,
+                  acc_depth=32, out_depth=32, param_depth=4, mask_bits=128, requant_lanes=2)
+    params.update(overrides)
+    return AccelConfig(**params)
+
+
+def run_accelerator(config: AccelConfig, stream: bytes, *, seed: int = 0, gaps: float = 0.3,
+                    backpressure: float = 0.3, max_cycles: int = 200_000,
+                    dut: Accelerator | None = None) -> tuple[bytes, int]:
+    """Stream ``stream`` into an :class:`Accelerator` and collect its responses.
+
+    Input beats come with random valid gaps and the output sees random back-pressure (both from
+    ``seed``). Returns (response bytes, cycles). Stops once every input beat is taken, the
+    accelerator is idle and nothing is pending on the output.
+    """
+    bb = config.beat_bytes
+    assert len(stream) % bb == 0, "the host stream is whole beats"
+    beats = [int.from_bytes(stream[i:i + bb], "little") for i in range(0, len(stream), bb)]
+    dut = dut if dut is not None else Accelerator(config)
+    rng_in = random.Random(seed)
+    rng_out = random.Random(seed ^ 0x5A5A5A5A)
+    out = bytearray()
+    cycles = 0
+
+    async def sender(ctx):
+        nonlocal cycles
+        i = 0
+        idle = 0
+        while cycles < max_cycles:
+            if i < len(beats) and rng_in.random() >= gaps:
+                ctx.set(dut.i_stream.valid, 1)
+                ctx.set(dut.i_stream.payload, beats[i])
+            else:
+                ctx.set(dut.i_stream.valid, 0)
+            took = ctx.get(dut.i_stream.valid) and ctx.get(dut.i_stream.ready)
+            if i == len(beats) and not ctx.get(dut.busy) and not ctx.get(dut.o_stream.valid):
+                idle += 1
+                if idle > 8:
+                    return
+            else:
+                idle = 0
+            await ctx.tick()
+            cycles += 1
+            if took:
+                i += 1
+        raise AssertionError(f"timeout after {cycles} cycles; {i}/{len(beats)} beats taken, "
+                             f"{len(out)} bytes out")
+
+    async def receiver(ctx):
+        while True:
+            ready = rng_out.random() >= backpressure
+            ctx.set(dut.o_stream.ready, ready)
+            if ready and ctx.get(dut.o_stream.valid):
+                out.extend(ctx.get(dut.o_stream.payload).to_bytes(bb, "little"))
+            await ctx.tick()
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(sender)
+    sim.add_testbench(receiver, background=True)
+    sim.run()
+    return bytes(out), cycles
