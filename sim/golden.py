@@ -90,8 +90,8 @@ def check_instruction(config: AccelConfig, instr) -> Fault | None:
     """The error an instruction raises at decode (section 5), or ``None`` when it is legal.
 
     When several rules are broken the first in this order is reported: ``ILLEGAL_OPCODE``,
-    ``BAD_BUFFER``, ``BAD_FIELD``, ``BAD_SHAPE``, ``ADDR_RANGE`` (address checks last, in operand
-    order).
+    ``BAD_BUFFER``, the opcode's own checks in the order of section 5 (GEMM/PATCH ``k = 0``,
+    PATCH overlap, SGQ ``stripe_len = 0``, SGQ ``count % stripe_len``), ``ADDR_RANGE`` last.
     """
     config = get_config(config)
     code, f = decode_fields(as_word(instr))
@@ -142,11 +142,11 @@ def check_instruction(config: AccelConfig, instr) -> Fault | None:
     if op == Opcode.PATCH:
         n = f["blocks"] * f["k"]
         new, ref = f["new_addr"], f["ref_addr"]
+        if f["k"] == 0:
+            return fault(Status.BAD_SHAPE, f"{name}: k=0; a PATCH needs k >= 1")
         if n and new < ref + n and ref < new + n:
             return fault(Status.BAD_FIELD, f"{name}: new range {new}..{new + n - 1} overlaps "
                                            f"ref range {ref}..{ref + n - 1}")
-        if f["k"] == 0:
-            return fault(Status.BAD_SHAPE, f"{name}: k=0; a PATCH needs k >= 1")
         return ranges(
             _over(name, "new_addr", new, "blocks*k", n, depth(Buffer.INP), "INP depth"),
             _over(name, "ref_addr", ref, "blocks*k", n, depth(Buffer.INP), "INP depth"),

@@ -1,0 +1,492 @@
+"""Seeded random instruction streams and named corner-case programs for RTL verification.
+
+Every generator takes a NumPy ``Generator`` (or a seed) and is deterministic for it;
+:func:`seed_from_env` gives tests a seed that is printed and can be replayed with
+``TINYACCEL_SEED=<n>``. The programs are plain :class:`~tinyaccel.hw.protocol.Program` objects:
+run them on the golden model and on the RTL and compare the response bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import numpy as np
+
+from ..errors import FieldError
+from ..hw.config import AccelConfig, get_config
+from ..hw.isa import Buffer, Opcode, Status, operand_fields
+from ..hw.protocol import PARAM_DTYPE, Program, encode_fields, lane_dtype, lanes
+from .numerics import INT32_MAX, INT32_MIN
+
+__all__ = ["seed_from_env", "random_words", "random_channel_params", "random_program",
+           "corner_programs", "Corner", "UNDEFINED_OPCODES", "UNDEFINED_BUFFERS"]
+
+
+def _field(opcode: Opcode, name: str):
+    return next(f for f in operand_fields(opcode) if f.name == name)
+
+
+#: Opcode codes the 4-bit field can hold but the ISA does not define.
+UNDEFINED_OPCODES = sorted(set(range(1 << Opcode.as_shape().width)) - {op.value for op in Opcode})
+#: Buffer codes the ``buf`` field can hold but the ISA does not define.
+UNDEFINED_BUFFERS = sorted(set(range(1 << _field(Opcode.LOAD, "buf").width))
+                           - {b.value for b in Buffer})
+_COUNT_MAX = _field(Opcode.LOAD, "count").mask
+_ADDR_MAX = _field(Opcode.LOAD, "addr").mask
+_BLOCKS_MAX = _field(Opcode.GEMM, "m_blocks").mask
+_K_MAX = _field(Opcode.GEMM, "k").mask
+_THRESHOLD_MAX = _field(Opcode.PATCH, "threshold").mask
+_STRIPE_MAX = _field(Opcode.SGQ, "stripe_len").mask
+_MAX_SHIFT_MAX = _field(Opcode.SGQ, "max_shift").mask
+_INT8 = np.iinfo(np.int8)
+
+
+def seed_from_env(var: str = "TINYACCEL_SEED") -> int:
+    """The seed in environment variable ``var``, else a fresh one; printed for replay."""
+    text = os.environ.get(var)
+    seed = int(text, 0) if text else secrets.randbits(32)
+    print(f"{var}={seed}")
+    return seed
+
+
+def _rng(rng) -> np.random.Generator:
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+def _with_extremes(rng: np.random.Generator, x: np.ndarray, lo: int, hi: int,
+                   p: float = 0.08) -> np.ndarray:
+    pick = rng.random(x.shape)
+    x[pick < p] = lo
+    x[(pick >= p) & (pick < 2 * p)] = hi
+    return x
+
+
+def random_channel_params(rng, shape) -> np.ndarray:
+    """Random ChannelParams (``PARAM_DTYPE``) mixing realistic and saturating values.
+
+    Shifts cover the whole int8 field (the hardware clamps to [-31, 31]); multipliers include
+    INT32_MIN and 0; some clamp ranges are reversed.
+    """
+    rng = _rng(rng)
+    p = np.zeros(shape, PARAM_DTYPE)
+    n = p.size
+    kind = rng.random(n)
+    bias = rng.integers(-(1 << 16), 1 << 16, n)
+    bias = np.where(kind < 0.25, rng.integers(INT32_MIN, INT32_MAX, n, endpoint=True), bias)
+    p["bias"].flat = _with_extremes(rng, bias, INT32_MIN, INT32_MAX, 0.05)
+    mult = rng.integers(1 << 30, INT32_MAX, n, endpoint=True)  # QuantizeMultiplier's range
+    mult = np.where(rng.random(n) < 0.2, rng.integers(INT32_MIN, INT32_MAX, n, endpoint=True),
+                    mult)
+    p["multiplier"].flat = _with_extremes(rng, mult, INT32_MIN, 0, 0.05)
+    shift = rng.integers(-31, 32, n)
+    shift = np.where(rng.random(n) < 0.15, rng.integers(_INT8.min, _INT8.max, n, endpoint=True),
+                     shift)
+    p["shift"].flat = shift
+    p["zero_point"].flat = rng.integers(_INT8.min, _INT8.max, n, endpoint=True)
+    lo = rng.integers(_INT8.min, _INT8.max, n, endpoint=True)
+    hi = rng.integers(_INT8.min, _INT8.max, n, endpoint=True)
+    ordered = rng.random(n) < 0.9
+    full = rng.random(n) < 0.5
+    p["clamp_min"].flat = np.where(full, _INT8.min, np.where(ordered, np.minimum(lo, hi), lo))
+    p["clamp_max"].flat = np.where(full, _INT8.max, np.where(ordered, np.maximum(lo, hi), hi))
+    return p
+
+
+def random_words(config: AccelConfig, buf: Buffer, n: int, rng) -> np.ndarray:
+    """``n`` random words of ``buf`` in the :func:`~tinyaccel.hw.protocol.pack_words` form.
+
+    INT8 buffers include -128 and 127 often; ACC mixes small sums, full-range values and
+    INT32_MIN / INT32_MAX; PARAM uses :func:`random_channel_params`; MASK random bits.
+    """
+    rng, config, buf = _rng(rng), get_config(config), Buffer(buf)
+    shape = (n, lanes(config, buf))
+    if buf == Buffer.MASK:
+        return rng.random(shape) < 0.5
+    if buf == Buffer.PARAM:
+        return random_channel_params(rng, shape)
+    if buf == Buffer.ACC:
+        x = rng.integers(-(1 << 20), 1 << 20, shape)
+        x = np.where(rng.random(shape) < 0.3, rng.integers(INT32_MIN, INT32_MAX, shape,
+                                                          endpoint=True), x)
+        return _with_extremes(rng, x, INT32_MIN, INT32_MAX).astype(np.int32)
+    x = rng.integers(_INT8.min, _INT8.max, shape, endpoint=True)
+    return _with_extremes(rng, x, _INT8.min, _INT8.max).astype(np.int8)
+
+
+def _opcodes(opcodes: Iterable | None) -> list[Opcode]:
+    if opcodes is None:
+        return list(Opcode)
+    out = []
+    for op in opcodes:
+        try:
+            out.append(Opcode(op))
+        except ValueError:
+            raise FieldError(f"opcodes: {op!r} is not an Opcode") from None
+    if not out:
+        raise FieldError("opcodes must name at least one Opcode")
+    return out
+
+
+class _Generator:
+    """Random legal and illegal instructions inside per-buffer address windows."""
+
+    def __init__(self, config: AccelConfig, rng: np.random.Generator, window: int, max_k: int,
+                 max_blocks: int, max_count: int):
+        self.cfg, self.rng = config, rng
+        self.win = {buf: min(config.depth(buf), window) for buf in Buffer}
+        self.win[Buffer.ACC] = min(config.depth(Buffer.ACC), max(window, 4 * config.rows))
+        self.mask_bits = self.win[Buffer.MASK] * lanes(config, Buffer.MASK)
+        self.max_k, self.max_blocks, self.max_count = max_k, max_blocks, max_count
+
+    def _int(self, lo: int, hi: int) -> int:
+        """Uniform in [lo, hi] (hi clipped to >= lo)."""
+        return int(self.rng.integers(lo, max(lo, hi), endpoint=True))
+
+    def _size(self, hi: int) -> int:
+        """An extent in [0, hi], zero only rarely."""
+        if hi < 1 or self.rng.random() < 0.05:
+            return 0
+        return self._int(1, hi)
+
+    def _place(self, buf: Buffer, n: int) -> int:
+        return self._int(0, self.win[buf] - n)
+
+    def legal(self, prog: Program, op: Opcode) -> None:
+        cfg, rng, win = self.cfg, self.rng, self.win
+        if op == Opcode.NOP:
+            prog.nop()
+        elif op == Opcode.SYNC:
+            prog.sync(counters=rng.random() < 0.5, clear=rng.random() < 0.1)
+        elif op in (Opcode.LOAD, Opcode.STORE):
+            buf = Buffer(int(rng.integers(len(Buffer))))
+            n = self._size(min(self.max_count, win[buf]))
+            addr = self._place(buf, n)
+            if op == Opcode.LOAD:
+                prog.load(buf, addr, random_words(cfg, buf, n, rng))
+            else:
+                prog.store(buf, addr, n)
+        elif op == Opcode.GEMM:
+            k = self._int(1, min(self.max_k, win[Buffer.INP], win[Buffer.WGT]))
+            mb = self._size(min(self.max_blocks, win[Buffer.INP] // k, _BLOCKS_MAX))
+            nb = self._size(min(self.max_blocks, win[Buffer.WGT] // k, _BLOCKS_MAX))
+            while mb * nb * cfg.rows > win[Buffer.ACC]:
+                if nb > 1:
+                    nb -= 1
+                else:
+                    mb -= 1
+            gate = rng.random() < 0.3
+            prog.gemm(self._place(Buffer.INP, mb * k), self._place(Buffer.WGT, nb * k),
+                      self._place(Buffer.ACC, mb * nb * cfg.rows), k, mb, nb,
+                      accumulate=rng.random() < 0.5, gate=gate,
+                      mask_idx=self._int(0, self.mask_bits - mb))
+        elif op == Opcode.REQUANT:
+            n = self._size(min(self.max_count, win[Buffer.ACC], win[Buffer.OUT]))
+            prog.requant(self._place(Buffer.ACC, n), self._place(Buffer.OUT, n),
+                         self._place(Buffer.PARAM, 1), n)
+        elif op == Opcode.PATCH:
+            k = self._int(1, min(self.max_k, win[Buffer.INP] // 2))
+            blocks = self._size(min(self.max_blocks, win[Buffer.INP] // (2 * k), _BLOCKS_MAX))
+            n = blocks * k
+            a = self._int(0, win[Buffer.INP] - 2 * n)
+            b = self._int(a + n, win[Buffer.INP] - n)
+            new, ref = (a, b) if rng.random() < 0.5 else (b, a)
+            r = rng.random()
+            threshold = 0 if r < 0.2 else self._int(0, 8) if r < 0.7 else self._int(
+                0, _THRESHOLD_MAX)
+            prog.patch(new, ref, k, blocks, threshold,
+                       mask_idx=self._int(0, self.mask_bits - blocks), merge=rng.random() < 0.3)
+        elif op == Opcode.SGQ:
+            stripe = self._int(1, min(8, win[Buffer.OUT], _STRIPE_MAX))
+            n = stripe * self._size(min(self.max_count, win[Buffer.OUT]) // stripe)
+            prog.sgq(self._place(Buffer.OUT, n), n, stripe, self._int(0, _MAX_SHIFT_MAX))
+        else:  # pragma: no cover - every Opcode is handled above
+            raise FieldError(f"no generator for {op!r}")
+
+    def _beyond(self, limit: int, ext: int) -> int:
+        """A base address with ``base + ext > limit`` that fits the 16-bit field."""
+        return self._int(max(0, limit - ext + 1), min(_ADDR_MAX, limit + 4))
+
+    def illegal(self, prog: Program, op: Opcode) -> None:
+        """Append one instruction that faults (preferably of opcode ``op``)."""
+        cfg, rng, depth = self.cfg, self.rng, self.cfg.depth
+        kinds = {
+            Opcode.LOAD: ["buffer", "range"], Opcode.STORE: ["buffer", "range"],
+            Opcode.GEMM: ["k0", "inp", "wgt", "acc", "mask"], Opcode.REQUANT: ["range"],
+            Opcode.PATCH: ["k0", "overlap", "range"], Opcode.SGQ: ["stripe0", "multiple", "range"],
+        }.get(op, [])
+        kind = str(rng.choice(kinds + ["opcode"])) if kinds else "opcode"
+        if kind == "opcode":
+            code = int(rng.choice(UNDEFINED_OPCODES))
+            junk = int(rng.integers(0, 1 << 62)) << 4  # operand bits of an undefined opcode
+            prog.raw(code | junk)
+        elif kind == "buffer":
+            word = encode_fields(op, buf=int(rng.choice(UNDEFINED_BUFFERS)),
+                                 addr=self._int(0, 8), count=self._int(0, self.max_count))
+            prog.raw(word)  # an undefined buffer has no word size: no data follows
+        elif op in (Opcode.LOAD, Opcode.STORE):
+            buf = Buffer(int(rng.integers(len(Buffer))))
+            n = self._int(1, min(4, self.max_count))
+            addr = self._beyond(depth(buf), n)
+            if op == Opcode.LOAD:
+                prog.load(buf, addr, random_words(cfg, buf, n, rng))
+            else:
+                prog.store(buf, addr, n)
+        elif op == Opcode.GEMM:
+            k, mb, nb = self._int(1, 4), self._int(1, 2), self._int(1, 2)
+            args = dict(inp_addr=0, wgt_addr=0, acc_addr=0, k=k, m_blocks=mb, n_blocks=nb)
+            if kind == "k0":
+                args["k"] = 0
+            elif kind == "inp":
+                args["inp_addr"] = self._beyond(depth(Buffer.INP), mb * k)
+            elif kind == "wgt":
+                args["wgt_addr"] = self._beyond(depth(Buffer.WGT), nb * k)
+            elif kind == "acc":
+                args["acc_addr"] = self._beyond(depth(Buffer.ACC), mb * nb * cfg.rows)
+            else:  # m_blocks >= 2 so that the range can end beyond a full 12-bit mask
+                args.update(gate=True, m_blocks=self._int(2, 3))
+                mb = args["m_blocks"]
+                args.update(mask_idx=self._int(cfg.mask_bits - mb + 1,
+                                                          _field(Opcode.GEMM, "mask_idx").mask))
+            prog.gemm(**args)
+        elif op == Opcode.REQUANT:
+            which = self._int(0, 2)
+            n = self._int(1, 4)
+            addrs = [0, 0, 0]
+            addrs[which] = self._beyond(depth([Buffer.ACC, Buffer.OUT, Buffer.PARAM][which]),
+                                        1 if which == 2 else n)
+            prog.requant(addrs[0], addrs[1], addrs[2], n)
+        elif op == Opcode.PATCH:
+            k, blocks = self._int(1, 4), self._int(1, 3)
+            if kind == "k0":
+                prog.patch(0, 64, 0, blocks, 0)
+            elif kind == "overlap":
+                new = self._int(0, 16)
+                prog.patch(new, new + self._int(0, blocks * k - 1), k, blocks, 0)
+            else:
+                prog.patch(self._beyond(depth(Buffer.INP), blocks * k), 0, k, blocks, 0)
+        else:  # SGQ
+            stripe = self._int(2, 4)
+            if kind == "stripe0":
+                prog.sgq(0, self._int(0, 8), 0, 0)
+            elif kind == "multiple":
+                prog.sgq(0, stripe * self._int(1, 3) + self._int(1, stripe - 1), stripe, 0)
+            else:
+                n = stripe * self._int(1, 2)
+                prog.sgq(self._beyond(depth(Buffer.OUT), n), n, stripe, 0)
+
+
+def random_program(config: AccelConfig | str, rng, n_instr: int = 64,
+                   opcodes: Iterable[Opcode] | None = None, illegal_rate: float = 0.0,
+                   window: int = 64, max_k: int = 32, max_blocks: int = 3, max_count: int = 16,
+                   prelude: bool = True) -> Program:
+    """A seeded random program for ``config``.
+
+    With ``prelude`` (and LOAD allowed) it first LOADs random data into an address window of
+    every buffer (``window`` words; ACC at least ``4*rows``), then draws ``n_instr`` instructions
+    uniformly from ``opcodes`` (default: all) with random operands that mostly stay inside the
+    windows, so that they touch written data and overlap each other. With ``illegal_rate`` each
+    instruction is, with that probability, replaced by a faulting one (undefined opcode or
+    buffer code, out-of-range address, ``k = 0``, PATCH overlap, SGQ ``stripe_len = 0``...).
+    A ``SYNC counters=1`` always ends the program (even when SYNC is not in ``opcodes``).
+    """
+    config, rng = get_config(config), _rng(rng)
+    ops = _opcodes(opcodes)
+    gen = _Generator(config, rng, window, max_k, max_blocks, max_count)
+    prog = Program(config)
+    if prelude and Opcode.LOAD in ops:
+        for buf in Buffer:
+            prog.load(buf, 0, random_words(config, buf, gen.win[buf], rng))
+    for _ in range(n_instr):
+        op = ops[int(rng.integers(len(ops)))]
+        if illegal_rate and rng.random() < illegal_rate:
+            gen.illegal(prog, op)
+        else:
+            gen.legal(prog, op)
+    return prog.sync(counters=True)
+
+
+# -- corner cases ------------------------------------------------------------------------------
+
+class Corner(NamedTuple):
+    """A named corner-case program and the status its first SYNC must report."""
+
+    name: str
+    program: Program
+    status: Status = Status.OK
+
+
+def _alternating(n: int, width: int, axis: int) -> np.ndarray:
+    """int8 (n, width): -128 at even positions along ``axis`` (0 words, 1 lanes), else 127."""
+    idx = np.arange(n)[:, None] if axis == 0 else np.arange(width)[None, :]
+    return np.broadcast_to(np.where(idx % 2 == 0, _INT8.min, _INT8.max),
+                           (n, width)).astype(np.int8)
+
+
+def _requant_cases() -> list[dict]:
+    """Channel parameters that hit every saturation of section 6."""
+    full = dict(zero_point=0, clamp_min=_INT8.min, clamp_max=_INT8.max)
+    return [
+        dict(bias=INT32_MAX, multiplier=INT32_MAX, shift=0, **full),  # sat32(acc + bias) high
+        dict(bias=INT32_MIN, multiplier=INT32_MAX, shift=0, **full),  # ... low
+        dict(bias=0, multiplier=1 << 30, shift=31, **full),  # saturating left shift
+        dict(bias=0, multiplier=1 << 30, shift=_INT8.max, **full),  # shift clamped to 31
+        dict(bias=0, multiplier=INT32_MAX, shift=_INT8.min, **full),  # clamped to -31
+        dict(bias=0, multiplier=INT32_MAX, shift=-31, **full),
+        dict(bias=0, multiplier=INT32_MIN, shift=0, **full),  # SRDHM(INT32_MIN, INT32_MIN)
+        dict(bias=0, multiplier=1 << 30, shift=-1, zero_point=_INT8.max,
+             clamp_min=_INT8.min, clamp_max=_INT8.max),  # y + zero_point beyond INT8
+        dict(bias=0, multiplier=1 << 30, shift=-1, zero_point=_INT8.min,
+             clamp_min=_INT8.min, clamp_max=_INT8.max),
+        dict(bias=0, multiplier=1 << 30, shift=-8, zero_point=-5, clamp_min=-5,
+             clamp_max=_INT8.max),  # ReLU
+        dict(bias=0, multiplier=1 << 30, shift=-8, zero_point=0, clamp_min=10,
+             clamp_max=-10),  # reversed clamps: the result is clamp_max
+        dict(bias=0, multiplier=0, shift=0, **full),
+    ]
+
+
+def corner_programs(config: AccelConfig | str,
+                    opcodes: Iterable[Opcode] | None = None) -> list[Corner]:
+    """Named corner-case programs for ``config`` (those using only ``opcodes``, default all).
+
+    Extreme GEMM products at the largest ``k`` the buffers allow, requantization saturating
+    both ways, a 1x1 tile, zero-size operations, accumulate saturation, gating, PATCH, SGQ modes,
+    and one program per error status (each followed by instructions that must not execute and a
+    second SYNC that shows the machine recovered).
+    """
+    config = get_config(config)
+    ops = set(_opcodes(opcodes))
+    rows, cols, depth = config.rows, config.cols, config.depth
+    corners: list[Corner] = []
+
+    def add(name: str, prog: Program, status: Status = Status.OK) -> None:
+        used = {i.opcode for i, _ in prog if isinstance(i.opcode, Opcode)}
+        if used <= ops:
+            corners.append(Corner(name, prog, status))
+
+    def new() -> Program:
+        return Program(config)
+
+    # Largest K: -128 x -128 (and 127 x -128, 127 x 127) summed over every INP/WGT word.
+    k = min(depth(Buffer.INP), depth(Buffer.WGT), _K_MAX, _COUNT_MAX)
+    p = new().load(Buffer.INP, 0, _alternating(k, rows, 1)).load(
+        Buffer.WGT, 0, _alternating(k, cols, 1))
+    p.gemm(0, 0, 0, k).store(Buffer.ACC, 0, rows).gemm(0, 0, 0, k, accumulate=True)
+    add("gemm_extreme_max_k", p.store(Buffer.ACC, 0, rows).sync(counters=True))
+
+    # Requantization saturating both ways: extreme accumulators through every saturating case.
+    acc_values = np.array([INT32_MIN, INT32_MAX, 0, 1, -1, 1 << 30, -(1 << 30), 255, -256,
+                           12345, -12345, INT32_MIN + 1], np.int64)
+    n = min(len(acc_values), depth(Buffer.ACC), depth(Buffer.OUT))
+    acc = np.repeat(acc_values[:n, None], cols, axis=1).astype(np.int32)
+    cases = _requant_cases()
+    n_words = min(-(-len(cases) // cols), depth(Buffer.PARAM))
+    params = np.zeros((n_words, cols), PARAM_DTYPE)
+    for i in range(n_words * cols):
+        for key, value in cases[i % len(cases)].items():
+            params[key][i // cols, i % cols] = value
+    p = new().load(Buffer.ACC, 0, acc).load(Buffer.PARAM, 0, params)
+    for w in range(n_words):
+        p.requant(0, 0, w, n).store(Buffer.OUT, 0, n)
+    add("requant_saturation", p.sync(counters=True))
+
+    # 1x1 tile, k = 1.
+    p = new().load(Buffer.INP, 0, _alternating(1, rows, 1)).load(
+        Buffer.WGT, 0, _alternating(1, cols, 1))
+    add("tile_1x1", p.gemm(0, 0, 0, 1).store(Buffer.ACC, 0, rows).sync(counters=True))
+
+    # Zero-size operations: legal, and nothing happens.
+    p = new()
+    for buf in Buffer:
+        p.load(buf, 0, np.zeros((0, lanes(config, buf)), lane_dtype(config, buf)))
+        p.store(buf, 0, 0)
+    p.gemm(0, 0, 0, 1, m_blocks=0, n_blocks=1).gemm(0, 0, 0, 1, m_blocks=1, n_blocks=0)
+    p.gemm(0, 0, 0, 1, m_blocks=0, n_blocks=0, gate=True)
+    p.requant(0, 0, 0, 0).patch(0, 1, 1, 0, 0).sgq(0, 0, 1, 0)
+    add("zero_size", p.sync(counters=True))
+
+    # Accumulate saturation both ways; the flag is sticky until the SYNC, then cleared.
+    half = max(1, rows // 2)
+    inp = np.where(np.arange(rows)[None, :] < half, _INT8.max, _INT8.min)
+    inp = np.repeat(inp, 4, axis=0).astype(np.int8)
+    acc = np.where(np.arange(rows)[:, None] < half, INT32_MAX - 5, INT32_MIN + 5)
+    acc = np.repeat(acc, cols, axis=1).astype(np.int32)
+    p = new().load(Buffer.INP, 0, inp).load(Buffer.WGT, 0, np.full((4, cols), 127, np.int8))
+    p.load(Buffer.ACC, 0, acc).gemm(0, 0, 0, 4, accumulate=True).nop()
+    add("accumulate_saturation", p.store(Buffer.ACC, 0, rows).sync(counters=True).sync())
+
+    # Gating: blocks 0 and 2 computed, block 1 skipped (its ACC keeps the loaded value).
+    mb = min(3, depth(Buffer.INP) // 2, depth(Buffer.ACC) // rows)
+    mask = np.zeros((1, lanes(config, Buffer.MASK)), bool)
+    mask[0, [0, 2]] = True
+    p = new().load(Buffer.INP, 0, _alternating(2 * mb, rows, 0)).load(
+        Buffer.WGT, 0, _alternating(2, cols, 1)).load(Buffer.MASK, 0, mask)
+    p.load(Buffer.ACC, 0, np.full((mb * rows, cols), 7, np.int32))
+    p.gemm(0, 0, 0, 2, m_blocks=mb, gate=True)
+    add("gemm_gated", p.store(Buffer.ACC, 0, mb * rows).sync(counters=True))
+
+    # PATCH: a changed tile, an unchanged one, merge keeps an old bit; threshold 255 never fires.
+    tiles = np.zeros((8, rows), np.int8)
+    tiles[1, 0] = 5  # tile 0 (words 0..1) differs from its reference by 5
+    p = new().load(Buffer.INP, 0, tiles).load(Buffer.MASK, 0, np.zeros((1, 64), bool))
+    p.patch(0, 4, 2, 2, _THRESHOLD_MAX, mask_idx=2).patch(0, 4, 2, 2, 4, mask_idx=0)
+    p.patch(0, 4, 2, 2, 0, mask_idx=0, merge=True)
+    add("patch", p.store(Buffer.MASK, 0, 1).store(Buffer.INP, 0, 8).sync(counters=True))
+
+    # SGQ: BASE, 2-, 4- and 8-bit stripes, lossless and with the largest shift.
+    if depth(Buffer.OUT) >= 4:
+        out = np.zeros((4, cols), np.int8)
+        out[0] = _INT8.min  # group base; stripe 0 is all base
+        out[1] = 3  # constant stripe != base: 2-bit codes
+        out[2] = np.arange(cols) % 12  # span 11: 4-bit codes
+        out[3] = np.where(np.arange(cols) % 2, _INT8.max, _INT8.min)  # span 255
+        p = new().load(Buffer.OUT, 0, out)
+        for shift in (0, _MAX_SHIFT_MAX):
+            p.sgq(0, 4, 1, shift)
+        add("sgq_modes", p.sgq(0, 4, 2, 1).sync(counters=True))
+
+    # Errors: a legal LOAD (so error_pc = 1), the fault, instructions that must not execute,
+    # a SYNC that reports the fault, then a STORE proving the buffers are intact.
+    word = np.full((1, rows), 11, np.int8)
+
+    def error(name: str, status: Status, fault) -> None:
+        p = new().load(Buffer.INP, 0, word)
+        fault(p)
+        p.load(Buffer.INP, 0, np.full((1, rows), -3, np.int8)).store(Buffer.INP, 0, 1)
+        p.store(Buffer.ACC, 0, 1).gemm(0, 0, 0, 1)
+        if Opcode.SGQ in ops:
+            p.sgq(0, 1, 1, 0)
+        p.sync(counters=True).store(Buffer.INP, 0, 1).sync(counters=True)
+        add(name, p, status)
+
+    s = Status
+    error("error_illegal_opcode", s.ILLEGAL_OPCODE,
+          lambda p: p.raw(UNDEFINED_OPCODES[-1] | ((1 << 124) - 1) << 4))
+    error("error_bad_buffer_load", s.BAD_BUFFER,
+          lambda p: p.raw(encode_fields(Opcode.LOAD, buf=UNDEFINED_BUFFERS[0], count=3)))
+    error("error_bad_buffer_store", s.BAD_BUFFER,
+          lambda p: p.raw(encode_fields(Opcode.STORE, buf=UNDEFINED_BUFFERS[-1], count=3)))
+    error("error_addr_range_load", s.ADDR_RANGE, lambda p: p.load(
+        Buffer.WGT, depth(Buffer.WGT) - 1, np.ones((2, cols), np.int8)))
+    error("error_addr_range_store", s.ADDR_RANGE,
+          lambda p: p.store(Buffer.ACC, depth(Buffer.ACC), 1))
+    error("error_addr_range_gemm", s.ADDR_RANGE,
+          lambda p: p.gemm(0, 0, depth(Buffer.ACC) - rows + 1, 1))
+    error("error_addr_range_gemm_mask", s.ADDR_RANGE,
+          lambda p: p.gemm(0, 0, 0, 1, m_blocks=2, gate=True, mask_idx=config.mask_bits - 1))
+    error("error_addr_range_requant", s.ADDR_RANGE,
+          lambda p: p.requant(0, 0, depth(Buffer.PARAM), 1))
+    error("error_addr_range_patch", s.ADDR_RANGE,
+          lambda p: p.patch(0, depth(Buffer.INP) - 1, 2, 1, 0))
+    error("error_addr_range_sgq", s.ADDR_RANGE,
+          lambda p: p.sgq(depth(Buffer.OUT) - 1, 2, 1, 0))
+    error("error_bad_shape_gemm_k0", s.BAD_SHAPE, lambda p: p.gemm(0, 0, 0, 0))
+    error("error_bad_shape_patch_k0", s.BAD_SHAPE, lambda p: p.patch(0, 8, 0, 1, 0))
+    error("error_bad_shape_sgq_count", s.BAD_SHAPE, lambda p: p.sgq(0, 3, 2, 0))
+    error("error_bad_field_sgq_stripe_len", s.BAD_FIELD, lambda p: p.sgq(0, 2, 0, 0))
+    error("error_bad_field_patch_overlap", s.BAD_FIELD, lambda p: p.patch(0, 1, 2, 1, 0))
+    return corners
+
