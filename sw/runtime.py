@@ -74,12 +74,12 @@ class RtlBackend(Backend):
 
     def __init__(self, config: AccelConfig):
         super().__init__(config)
-        from ..sim import rtl
-        self._session = rtl.open_session(config)
+        from ..sim.rtl import RtlSession
+        self._session = RtlSession(config)
 
     def exchange(self, stream: bytes, response_bytes: int | None = None) -> bytes:
         out = self._session.run(stream, response_bytes)
-        self.cycles = self._session.last_cycles
+        self.cycles = self._session.last_result.cycles
         return out
 
     def close(self) -> None:
