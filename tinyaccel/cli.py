@@ -83,5 +83,65 @@ def bench(suites: tuple[str, ...], json_path: Path | None):
         click.echo(f"wrote {json_path}", err=True)
 
 
+@main.command()
+@click.option("--model", "model_name", default="digits-cnn", show_default=True,
+              help="Model from the zoo (digits-cnn, mobilenet-block).")
+@click.option("--backend", type=click.Choice(["golden", "rtl", "board"]), default="golden",
+              show_default=True)
+@click.option("--config", "config_name", default="sim", show_default=True,
+              help="Accelerator configuration preset.")
+@click.option("--port", help="Serial port of the board backend.")
+@click.option("--batch", "batch_size", default=120, show_default=True,
+              help="Images per accelerator program.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
+def infer(model_name, backend, config_name, port, batch_size, json_path):
+    """Quantized inference of a zoo model on the digits test split, on a backend.
+
+    With --backend rtl the golden model runs the same programs too, and every logit is compared.
+    """
+    import numpy as np
+    from tqdm import tqdm
+
+    from .models import zoo
+    from .models.data import accuracy, calibration_batch, load_digits_split
+    from .sw.compiler import CompiledModel
+    from .sw.quant import quantize
+    from .sw.runtime import Device
+
+    split = load_digits_split()
+    model, _ = zoo.load_or_train(model_name)
+    acc_fp32 = accuracy(model, split.x_test, split.y_test)
+    qmodel = quantize(model, calibration_batch())
+    options = {"port": port} if backend == "board" else {}
+    with Device(backend, config_name, **options) as device:
+        compiled = CompiledModel(qmodel, device, batch_size)
+        logits = compiled(split.x_test, progress=tqdm)
+    acc_int8 = float((logits.argmax(1) == split.y_test).float().mean())
+    result = {"model": model_name, "backend": backend, "config": config_name,
+              "images": len(split.y_test), "acc_fp32": round(float(acc_fp32), 4),
+              "acc_int8": round(acc_int8, 4), "cycles": compiled.cycles,
+              "wall_s": round(compiled.wall_s, 3)}
+    if backend != "golden":
+        with Device("golden", config_name) as golden:
+            reference = CompiledModel(qmodel, golden, batch_size)(split.x_test)
+        result["golden_rtl_identical"] = bool(np.array_equal(logits.numpy(),
+                                                             reference.numpy()))
+    click.echo(f"{model_name} on {backend} ({config_name}, {device.config.macs} MACs): "
+               f"{result['images']} test images")
+    click.echo(f"  accuracy  fp32 {acc_fp32:.4f}   int8 {acc_int8:.4f}")
+    if "golden_rtl_identical" in result:
+        click.echo(f"  golden vs {backend} logits identical: {result['golden_rtl_identical']}")
+    click.echo(f"  {'layer':<18}{'kind':<9}{'MACs':>12}{'cycles':>12}{'MAC util':>10}")
+    for st in compiled.stats.values():
+        util = f"{st.utilization:.3f}" if st.cycles else "-"
+        result[f"util_{st.name}"] = round(st.utilization, 4) if st.cycles else None
+        click.echo(f"  {st.name:<18}{st.kind:<9}{st.macs:>12}{st.cycles:>12}{util:>10}")
+    click.echo(f"  total cycles {compiled.cycles}, wall {compiled.wall_s:.1f} s")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        click.echo(f"wrote {json_path}", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
