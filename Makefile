@@ -15,8 +15,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $@
 
+# The main job: train (cached) and quantize the digits CNN, run the whole test split on the
+# accelerator and compare every logit with the golden model.
+DEMO_BACKEND ?= rtl
+DEMO_CONFIG  ?= ecp5
 demo: $(STAMP)
-	$(VENV)/bin/tinyaccel demo
+	$(VENV)/bin/tinyaccel infer --model digits-cnn --backend $(DEMO_BACKEND) --config $(DEMO_CONFIG) --json build/demo.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
