@@ -13,9 +13,9 @@ index and opcode; from then on nothing executes until SYNC, but a LOAD still has
 (``discard``) and a STORE or SGQ still sends its documented zero bytes.
 
 SYNC waits until every unit is idle, sends the status record and, when asked, the counter record
-(the counters hold still while it is sent, and BYTES_OUT grows by the record's size after it),
-then clears as section 5 says. The SYNC instruction is taken from the decoder only at the end, so
-no byte after it is read before its records are out.
+(the counters hold still while it is sent; BYTES_OUT grows by the records' size after them, so a
+record never counts itself), then clears as section 5 says. The SYNC instruction is taken from
+the decoder only at the end, so no byte after it is read before its records are out.
 """
 
 from functools import reduce
@@ -33,6 +33,7 @@ from .hazards import UNIT_ACCESSES, AccessLayout, conflict
 from .isa import (
     COUNTER_RECORD_BYTES,
     INSTR_BITS,
+    STATUS_BYTES,
     STATUS_MAGIC,
     Counter,
     GemmOperands,
@@ -74,8 +75,9 @@ class Dispatcher(wiring.Component):
             "counters": In(data.ArrayLayout(unsigned(COUNTER_BITS), len(Counter))),
             "acc_saturated": In(1),  # pulse from the GEMM drain
             "count_instruction": Out(1),
+            "sending_record": Out(1),  # a SYNC record is being sent (not in BYTES_OUT yet)
             "freeze_counters": Out(1),  # the counter record is being sent
-            "record_sent": Out(1),  # add the counter record's bytes to BYTES_OUT
+            "record_bytes": Out(range(STATUS_BYTES + COUNTER_RECORD_BYTES + 1)),  # add to BYTES_OUT
             "clear_counters": Out(1),
             "error": Out(1),
             "busy": Out(1),
@@ -228,6 +230,7 @@ class Dispatcher(wiring.Component):
                     m.next = "SYNC_STATUS"
             with m.State("SYNC_STATUS"):
                 m.d.comb += [
+                    self.sending_record.eq(1),
                     self.o_stream.valid.eq(1),
                     self.o_stream.payload.eq(status_rec.as_value().word_select(rec_beat, hw)),
                 ]
@@ -241,6 +244,7 @@ class Dispatcher(wiring.Component):
                             m.next = "SYNC_END"
             with m.State("SYNC_COUNTERS"):
                 m.d.comb += [
+                    self.sending_record.eq(1),
                     self.freeze_counters.eq(1),
                     self.o_stream.valid.eq(1),
                     self.o_stream.payload.eq(self.counters.as_value().word_select(rec_beat, hw)),
@@ -248,10 +252,14 @@ class Dispatcher(wiring.Component):
                 with m.If(sent):
                     m.d.sync += rec_beat.eq(rec_beat + 1)
                     with m.If(rec_beat == counter_beats - 1):
-                        m.d.comb += self.record_sent.eq(1)
                         m.next = "SYNC_END"
             with m.State("SYNC_END"):
-                m.d.comb += [self.i_instr.ready.eq(1), self.clear_counters.eq(ops.sync.clear)]
+                m.d.comb += [
+                    self.i_instr.ready.eq(1),
+                    self.clear_counters.eq(ops.sync.clear),
+                    self.record_bytes.eq(STATUS_BYTES + Mux(ops.sync.counters,
+                                                            COUNTER_RECORD_BYTES, 0)),
+                ]
                 m.d.sync += [
                     err.eq(0), err_status.eq(Status.OK), err_pc.eq(0), err_opcode.eq(0),
                     acc_saturated.eq(0), window.eq(0),

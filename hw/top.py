@@ -12,7 +12,8 @@ from .config import AccelConfig
 from .counters import PerfCounters
 from .decoder import Decoder
 from .dispatcher import Dispatcher
-from .isa import COUNTER_RECORD_BYTES, Buffer, Counter
+from .gemm_unit import GemmUnit
+from .isa import Buffer, Counter
 from .load_unit import LoadUnit
 from .scratchpads import Scratchpad, geometry
 from .store_unit import StoreUnit
@@ -50,15 +51,14 @@ class Accelerator(wiring.Component):
         m.submodules.counters = counters = PerfCounters()
         m.submodules.load = load = LoadUnit(cfg)
         m.submodules.store = store = StoreUnit(cfg)
-        units = {"load": load, "store": store}
+        m.submodules.gemm = gemm = GemmUnit(cfg)
+        units = {"load": load, "store": store, "gemm": gemm}
 
         wiring.connect(m, wiring.flipped(self.i_stream), decoder.i_stream)
         wiring.connect(m, decoder.o_instr, disp.i_instr)
         wiring.connect(m, decoder.o_data, load.i_stream)
         for name, unit in units.items():
             wiring.connect(m, getattr(disp, name), unit.ctrl)
-        # Units not built yet never run: the dispatcher sees them idle.
-        m.d.comb += [disp.gemm.ready.eq(1), disp.gemm.slot.eq(0)]
 
         # -- scratchpads: one read and one write port each, shared by the units -------------
         for buf in Buffer:
@@ -86,8 +86,8 @@ class Accelerator(wiring.Component):
         freeze = disp.freeze_counters
         beat_bytes = cfg.beat_bytes
         bytes_in = Mux(self.i_stream.valid & self.i_stream.ready, beat_bytes, 0)
-        bytes_out = (Mux(self.o_stream.valid & self.o_stream.ready & ~freeze, beat_bytes, 0) +
-                     Mux(disp.record_sent, COUNTER_RECORD_BYTES, 0))
+        sent = self.o_stream.valid & self.o_stream.ready & ~disp.sending_record
+        bytes_out = Mux(sent, beat_bytes, 0) + disp.record_bytes
         add = counters.add
         m.d.comb += [
             self.busy.eq(busy),
@@ -99,6 +99,10 @@ class Accelerator(wiring.Component):
             add[Counter.BYTES_IN.value].eq(bytes_in),
             add[Counter.BYTES_OUT.value].eq(bytes_out),
             add[Counter.INSTRUCTIONS.value].eq(disp.count_instruction),
+            add[Counter.MACS_ISSUED.value].eq(Mux(gemm.computing, cfg.macs, 0)),
+            add[Counter.MACS_SKIPPED.value].eq(gemm.skipped_macs),
+            add[Counter.COMPUTE_CYCLES.value].eq(gemm.computing),
+            disp.acc_saturated.eq(gemm.saturated),
         ]
         return m
 

@@ -6,9 +6,15 @@ import random
 from amaranth.sim import Simulator
 
 from tinyaccel.hw.config import AccelConfig
+from tinyaccel.hw.isa import Counter
+from tinyaccel.hw.protocol import Program, StatusReport, parse_responses
 from tinyaccel.hw.top import Accelerator
+from tinyaccel.sim.golden import GoldenMachine
 
-__all__ = ["seed_from_env", "run_accelerator", "small_config"]
+__all__ = ["seed_from_env", "run_accelerator", "small_config", "check_against_golden"]
+
+#: Counters the golden model reports as 0 (timing); compared for plausibility only.
+TIMING = (Counter.CYCLES, Counter.BUSY_CYCLES, Counter.COMPUTE_CYCLES)
 
 
 def seed_from_env(default: int | None = None) -> int:
@@ -83,3 +89,33 @@ def run_accelerator(config: AccelConfig, stream: bytes, *, seed: int = 0, gaps: 
     sim.add_testbench(receiver, background=True)
     sim.run()
     return bytes(out), cycles
+
+
+def check_against_golden(config: AccelConfig, program: Program, *, seed: int = 0,
+                         **kwargs) -> tuple[list, int]:
+    """Run ``program`` on the RTL and on the golden model; assert identical responses.
+
+    Timing counters are checked for ``COMPUTE_CYCLES <= BUSY_CYCLES <= CYCLES`` and then
+    ignored. Returns (parsed RTL responses, cycles).
+    """
+    stream = program.to_bytes()
+    want = GoldenMachine(config).run(stream)
+    got, cycles = run_accelerator(config, stream, seed=seed, **kwargs)
+    assert len(got) == len(want), f"seed {seed}: {len(got)} response bytes, expected {len(want)}"
+    got_items = parse_responses(config, program, got)
+    want_items = parse_responses(config, program, want)
+    for index, (g, w) in enumerate(zip(got_items, want_items, strict=True)):
+        where = f"seed {seed}, instruction {index} ({program[index][0]!r})"
+        if isinstance(w, StatusReport):
+            if g.counters is not None:
+                c = g.counters
+                assert (c[Counter.COMPUTE_CYCLES] <= c[Counter.BUSY_CYCLES]
+                        <= c[Counter.CYCLES]), f"{where}: implausible timing counters {c}"
+                g = StatusReport(**{**g.__dict__, "counters": {
+                    k: (0 if k in TIMING else v) for k, v in c.items()}})
+            assert g == w, f"{where}: status {g} != golden {w}"
+        elif hasattr(w, "shape"):
+            assert (g == w).all(), f"{where}: STORE data differs\n{g}\n!= golden\n{w}"
+        else:
+            assert g == w, f"{where}: {g!r} != golden {w!r}"
+    return got_items, cycles

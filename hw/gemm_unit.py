@@ -1,0 +1,221 @@
+"""GEMM: sequences one instruction's m_blocks x n_blocks x k loops through the MAC array and
+drains finished blocks into ACC."""
+
+from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from .config import AccelConfig
+from .control import UnitControl
+from .counters import ADD_BITS
+from .isa import ADDR_BITS, BLOCKS_BITS, COUNT_BITS, MASK_IDX_BITS, Buffer, GemmOperands
+from .mac_array import MacArray
+from .scratchpads import ReadClient, WriteClient, geometry
+
+__all__ = ["GemmUnit"]
+
+INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
+
+
+class GemmUnit(wiring.Component):
+    """Executes GEMM instructions (section 5) on a :class:`~.mac_array.MacArray`.
+
+    **Sequencer.** For block (i, j) it streams the ``k`` INP words ``inp_addr + i*k + t`` and WGT
+    words ``wgt_addr + j*k + t`` into the array, one pair per cycle, with no gap between blocks;
+    the addresses are running pointers (no multiplier). With ``gate`` it reads MASK bit
+    ``mask_idx + i`` before row ``i`` and skips the row's blocks (one cycle each, counted in
+    ``skipped_macs``) when the bit is 0. A block's last step waits until ``rows`` cycles after
+    the previous block's (only matters for ``k < rows``), which is what the array needs.
+
+    **Drain.** Rows leaving the array's shadow bank are written to ACC through a 3-stage pipeline:
+    read the old row (only with ``accumulate``), add (33 bits), saturate and write. A saturating
+    lane pulses ``saturated``.
+
+    **Two slots.** The unit takes the next GEMM as soon as the sequencer is free, while the
+    previous instruction's blocks still drain; each instruction keeps its slot (its hazard entry in
+    the dispatcher) until its last row is written.
+    """
+
+    def __init__(self, config: AccelConfig):
+        self._config = config
+        self._geoms = {buf: geometry(config, buf) for buf in Buffer}
+        g = self._geoms
+        super().__init__({
+            "ctrl": In(UnitControl(GemmOperands, slots=2)),
+            "rd_inp": Out(ReadClient(g[Buffer.INP])),
+            "rd_wgt": Out(ReadClient(g[Buffer.WGT])),
+            "rd_mask": Out(ReadClient(g[Buffer.MASK])),
+            "rd_acc": Out(ReadClient(g[Buffer.ACC])),
+            "wr_acc": Out(WriteClient(g[Buffer.ACC])),
+            "computing": Out(1),  # one K-step entered the array this cycle (rows*cols MACs)
+            "skipped_macs": Out(ADD_BITS),  # MACs of a block skipped this cycle
+            "saturated": Out(1),  # an accumulate saturated this cycle
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self._config
+        rows, cols = cfg.rows, cfg.cols
+        ctrl = self.ctrl
+
+        tag_layout = data.StructLayout({
+            "acc_addr": unsigned(ADDR_BITS), "accumulate": 1, "slot": 1})
+        m.submodules.array = array = MacArray(rows, cols, tag_layout)
+
+        # -- instruction registers and loop state ------------------------------------------
+        cmd = Signal(GemmOperands)
+        slot = Signal()
+        active = Signal()  # the sequencer holds an instruction
+        i = Signal(BLOCKS_BITS)
+        j = Signal(BLOCKS_BITS)
+        t = Signal(COUNT_BITS)
+        inp_base = Signal(ADDR_BITS + 1)
+        inp_ptr = Signal(ADDR_BITS + 1)
+        wgt_ptr = Signal(ADDR_BITS + 1)
+        acc_ptr = Signal(ADDR_BITS + 1)
+        mask_pos = Signal(MASK_IDX_BITS + 1)
+        block_macs = Signal(ADD_BITS)
+        cool = Signal(range(rows))  # cycles until a block may complete again
+        pending = [Signal(4, name=f"pending{s}") for s in range(2)]  # blocks of slot s in flight
+
+        with m.If(cool != 0):
+            m.d.sync += cool.eq(cool - 1)
+
+        # -- slots ---------------------------------------------------------------------------
+        for s in range(2):
+            m.d.comb += ctrl.busy[s].eq((active & (slot == s)) | (pending[s] != 0))
+        m.d.comb += [
+            ctrl.ready.eq(~active & ~(ctrl.busy[0] & ctrl.busy[1])),
+            ctrl.slot.eq(ctrl.busy[0]),
+        ]
+
+        # -- sequencer -----------------------------------------------------------------------
+        issue = Signal()  # a K-step enters the pipeline this cycle
+        last_t = t == cmd.k - 1
+        last_j = j == cmd.n_blocks - 1
+        last_i = i == cmd.m_blocks - 1
+        op = array.i_stream.payload
+        s1_first, s1_last = Signal(), Signal()
+        s1_tag = Signal(tag_layout)
+        m.d.sync += array.i_stream.valid.eq(issue)
+        m.d.comb += [
+            op.inp.eq(self.rd_inp.data),
+            op.wgt.eq(self.rd_wgt.data),
+            op.first.eq(s1_first), op.last.eq(s1_last), op.tag.eq(s1_tag),
+            self.rd_inp.addr.eq(inp_ptr),
+            self.rd_wgt.addr.eq(wgt_ptr),
+            self.rd_inp.en.eq(issue),
+            self.rd_wgt.en.eq(issue),
+            self.rd_mask.addr.eq(mask_pos >> 6),
+            self.computing.eq(issue),
+        ]
+        with m.If(issue):
+            m.d.sync += [
+                s1_first.eq(t == 0), s1_last.eq(last_t),
+                s1_tag.acc_addr.eq(acc_ptr), s1_tag.accumulate.eq(cmd.accumulate),
+                s1_tag.slot.eq(slot),
+            ]
+
+        def next_block():
+            """Advance (i, j) after a block; returns to ROW at a row end, IDLE after the last."""
+            m.d.sync += acc_ptr.eq(acc_ptr + rows)
+            with m.If(last_j):
+                m.d.sync += [
+                    j.eq(0), i.eq(i + 1), mask_pos.eq(mask_pos + 1),
+                    inp_base.eq(inp_base + cmd.k), inp_ptr.eq(inp_base + cmd.k),
+                    wgt_ptr.eq(cmd.wgt_addr),
+                ]
+                with m.If(last_i):
+                    m.d.sync += active.eq(0)
+                    m.next = "IDLE"
+                with m.Else():
+                    m.next = "ROW"
+            with m.Else():
+                m.d.sync += [j.eq(j + 1), inp_ptr.eq(inp_base)]
+
+        with m.FSM():
+            with m.State("IDLE"):
+                with m.If(ctrl.start):
+                    c = ctrl.cmd
+                    m.d.sync += [
+                        cmd.eq(c), slot.eq(ctrl.slot),
+                        i.eq(0), j.eq(0), t.eq(0),
+                        inp_base.eq(c.inp_addr), inp_ptr.eq(c.inp_addr),
+                        wgt_ptr.eq(c.wgt_addr), acc_ptr.eq(c.acc_addr),
+                        mask_pos.eq(c.mask_idx),
+                        block_macs.eq(c.k * (rows * cols)),
+                    ]
+                    with m.If((c.m_blocks != 0) & (c.n_blocks != 0)):
+                        m.d.sync += active.eq(1)
+                        m.next = "ROW"
+            with m.State("ROW"):
+                with m.If(cmd.gate):
+                    m.d.comb += self.rd_mask.en.eq(1)
+                    m.next = "MASK"
+                with m.Else():
+                    m.next = "RUN"
+            with m.State("MASK"):
+                with m.If(self.rd_mask.data.bit_select(mask_pos[:6], 1)):
+                    m.next = "RUN"
+                with m.Else():
+                    m.next = "SKIP"
+            with m.State("RUN"):
+                m.d.comb += issue.eq(~last_t | (cool == 0))
+                with m.If(issue):
+                    m.d.sync += [t.eq(t + 1), inp_ptr.eq(inp_ptr + 1), wgt_ptr.eq(wgt_ptr + 1)]
+                    with m.If(last_t):
+                        m.d.sync += [t.eq(0), cool.eq(rows - 1)]
+                        next_block()
+            with m.State("SKIP"):
+                m.d.comb += self.skipped_macs.eq(block_macs)
+                next_block()
+
+        # -- drain: shadow rows -> ACC -------------------------------------------------------
+        row = array.o_stream.payload
+        d1_valid = Signal()
+        d1_row = Signal.like(row.row)
+        d1_addr = Signal(ADDR_BITS)
+        d1_acc = Signal()
+        d1_last = Signal()
+        d1_slot = Signal()
+        row_addr = row.tag.acc_addr + row.index
+        m.d.comb += [
+            self.rd_acc.addr.eq(row_addr),
+            self.rd_acc.en.eq(array.o_stream.valid & row.tag.accumulate),
+        ]
+        m.d.sync += [
+            d1_valid.eq(array.o_stream.valid), d1_row.eq(row.row), d1_addr.eq(row_addr),
+            d1_acc.eq(row.tag.accumulate), d1_last.eq(row.index == rows - 1),
+            d1_slot.eq(row.tag.slot),
+        ]
+
+        old = data.View(data.ArrayLayout(signed(32), cols), self.rd_acc.data)
+        d2_valid = Signal()
+        d2_sum = Signal(data.ArrayLayout(signed(33), cols))
+        d2_addr = Signal(ADDR_BITS)
+        d2_last = Signal()
+        d2_slot = Signal()
+        m.d.sync += [d2_valid.eq(d1_valid), d2_addr.eq(d1_addr), d2_last.eq(d1_last),
+                     d2_slot.eq(d1_slot)]
+        for c in range(cols):
+            m.d.sync += d2_sum[c].eq(d1_row[c] + Mux(d1_acc, old[c], 0))
+
+        result = Signal(data.ArrayLayout(signed(32), cols))
+        lane_sat = []
+        for c in range(cols):
+            hi, lo = d2_sum[c] > INT32_MAX, d2_sum[c] < INT32_MIN
+            lane_sat.append(hi | lo)
+            m.d.comb += result[c].eq(Mux(hi, INT32_MAX, Mux(lo, INT32_MIN, d2_sum[c])))
+        m.d.comb += [
+            self.wr_acc.addr.eq(d2_addr),
+            self.wr_acc.data.eq(result),
+            self.wr_acc.en.eq(Mux(d2_valid, (1 << len(self.wr_acc.en)) - 1, 0)),
+            self.saturated.eq(d2_valid & Cat(*lane_sat).any()),
+        ]
+
+        # -- blocks in flight per slot: +1 when a block starts, -1 when its last row is written
+        for s in range(2):
+            inc = issue & (t == 0) & (slot == s)
+            dec = d2_valid & d2_last & (d2_slot == s)
+            m.d.sync += pending[s].eq(pending[s] + inc - dec)
+        return m
