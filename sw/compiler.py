@@ -21,7 +21,7 @@ One program per layer (all groups of a grouped conv in one program) ends with
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -70,6 +70,7 @@ class LayerStats:
     """What one layer cost on the accelerator, summed over the batches run."""
     name: str
     kind: str
+    array_macs: int  # MAC units of the configuration
     gemms: int = 0
     macs: int = 0  # useful MACs (M x N x K of the real shapes)
     macs_issued: int = 0  # MACs the array performed (padding included)
@@ -78,9 +79,7 @@ class LayerStats:
     @property
     def utilization(self) -> float:
         """Useful MACs per array-MAC-cycle over the layer's whole program (loads included)."""
-        return self.macs / (self.cycles * self._array) if self.cycles else float("nan")
-
-    _array: int = field(default=1, repr=False)
+        return self.macs / (self.cycles * self.array_macs) if self.cycles else float("nan")
 
 
 class CompiledModel:
@@ -100,8 +99,7 @@ class CompiledModel:
         self.qmodel = qmodel
         self.device = device
         self.batch_size = batch_size
-        self.stats = {layer.name: LayerStats(layer.name, layer.kind.value,
-                                             _array=device.config.macs)
+        self.stats = {layer.name: LayerStats(layer.name, layer.kind.value, device.config.macs)
                       for layer in qmodel.layers if layer.kind != LayerKind.FLATTEN}
         self.wall_s = 0.0
 
@@ -125,7 +123,7 @@ class CompiledModel:
         out = np.empty((first_m, layer.requant.bias.shape[0]), np.int8)
         pos = 0
         for lowering, channels in lowerings:
-            n = len(lowering._drains)
+            n = lowering.store_count
             out[:, channels] = lowering.collect(stores[pos:pos + n])
             pos += n
         st = self.stats[layer.name]

@@ -334,6 +334,11 @@ class GemmLowering:
                     program.store(Buffer.ACC, plan.acc_slot(s), words)
                 self._drains.append((im, jn, mb, nb))
 
+    @property
+    def store_count(self) -> int:
+        """Number of STORE responses :meth:`collect` takes (after :meth:`emit`)."""
+        return len(self._drains)
+
     def collect(self, stores: list[np.ndarray]) -> np.ndarray:
         """Reassemble the STORE responses (in program order) into the (M, N) result."""
         plan, R, C = self.plan, self.config.rows, self.config.cols
