@@ -1,0 +1,137 @@
+"""Each lowered op on the accelerator against PyTorch.
+
+INT32 stage: the accelerator's accumulators (GEMMs run with ``out="int32"``, the INT32 bypass) equal
+``torch.nn.functional.conv2d`` / ``linear`` computed in float64 on the integer tensors, exactly.
+INT8 stage: the accelerator's requantized outputs equal the documented requant
+(``tinyaccel.sim.numerics.requantize``) of those accumulators, exactly.
+Seeds are printed; replay with TINYACCEL_SEED.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from tinyaccel.hw.isa import Opcode
+from tinyaccel.hw.protocol import Program
+from tinyaccel.sim.numerics import requantize
+from tinyaccel.sw.compiler import CompiledModel, layer_gemms
+from tinyaccel.sw.gemm import lower_gemm
+from tinyaccel.sw.quant import LayerKind, UnsupportedLayerError, quantize
+from tinyaccel.sw.runtime import Device
+
+SEED = int(os.environ.get("TINYACCEL_SEED", np.random.SeedSequence().entropy % 2**32))
+BACKENDS = [pytest.param("golden", id="golden")]
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 8, 3, padding=1)
+        self.b = nn.Conv2d(4, 8, 1)
+        self.act = nn.ReLU6()
+
+    def forward(self, x):
+        return self.act(self.a(x) + self.b(x))
+
+
+def _models():
+    return {
+        "conv-stride2-pad": nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU()),
+        "conv-dilated-5x5": nn.Sequential(nn.Conv2d(3, 6, 5, padding=4, dilation=2)),
+        "conv-groups": nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=2), nn.ReLU6()),
+        "depthwise": nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, groups=6)),
+        "linear": nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 20), nn.ReLU()),
+        "avgpool": nn.Sequential(nn.Conv2d(3, 4, 1), nn.AvgPool2d(2)),
+        "global-avgpool": nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1)),
+        "residual-add-relu6": Residual(),
+    }
+
+
+def _torch_accumulators(layer, inputs):
+    """Exact INT32 accumulators from PyTorch in float64, channels last."""
+    if layer.kind in (LayerKind.CONV2D, LayerKind.AVGPOOL):
+        x = torch.from_numpy(inputs[0].astype(np.float64))
+        ph, pw = layer.padding
+        x = F.pad(x, (pw, pw, ph, ph), value=float(layer.pad_value))
+        w = torch.from_numpy(layer.weight.astype(np.float64))
+        acc = F.conv2d(x, w, stride=layer.stride, dilation=layer.dilation, groups=layer.groups)
+        return acc.permute(0, 2, 3, 1).numpy()
+    if layer.kind == LayerKind.LINEAR:
+        x = torch.from_numpy(inputs[0].astype(np.float64))
+        return F.linear(x, torch.from_numpy(layer.weight.astype(np.float64))).numpy()
+    a, b = (torch.from_numpy(t.astype(np.float64)).permute(0, 2, 3, 1) for t in inputs)
+    wa, wb = (torch.from_numpy(layer.weight[:, i].astype(np.float64)) for i in (0, 1))
+    return (a * wa + b * wb).numpy()
+
+
+def _device_accumulators(layer, inputs, device):
+    """The layer's GEMMs on the device through the INT32 bypass, channels last."""
+    program = Program(device.config)
+    gemms = layer_gemms(layer, inputs)
+    lowerings = [lower_gemm(device.config, program, a, b, out="int32") for a, b, _ in gemms]
+    responses = device.run(program.sync())
+    stores = [r for i, r in zip(program.instructions, responses, strict=True)
+              if i.opcode == Opcode.STORE]
+    parts, pos = [], 0
+    for lowering in lowerings:
+        parts.append(lowering.collect(stores[pos:pos + lowering.store_count]))
+        pos += lowering.store_count
+    acc = np.concatenate(parts, axis=1)
+    n = inputs[0].shape[0]
+    return acc if layer.kind == LayerKind.LINEAR else acc.reshape(n, *layer.output_shape[1:], -1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(_models()))
+def test_lowered_op_matches_pytorch(name, backend):
+    print(f"TINYACCEL_SEED={SEED}")
+    torch.manual_seed(SEED % 2**31)
+    model = _models()[name].eval()
+    first = next(m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    channels = first.in_channels if isinstance(first, nn.Conv2d) else 3
+    x = torch.rand(5, channels, 8, 8)
+    qmodel = quantize(model, x)
+    with Device(backend, "ice40") as device:
+        compiled = CompiledModel(qmodel, device)
+        env = compiled.run_int(qmodel.input_q.quantize(x.numpy()), return_all=True)
+        checked = 0
+        for layer in qmodel.layers:
+            if layer.kind == LayerKind.FLATTEN:
+                continue
+            inputs = [env[i] for i in layer.inputs]
+            expected_acc = _torch_accumulators(layer, inputs)
+            assert np.abs(expected_acc).max() < 2**31
+            got_acc = _device_accumulators(layer, inputs, device)
+            np.testing.assert_array_equal(got_acc, expected_acc.astype(np.int32),
+                                          err_msg=f"{name}/{layer.name} INT32, seed {SEED}")
+            expected = requantize(expected_acc.astype(np.int32),
+                                  *(getattr(layer.requant, f) for f in layer.requant.FIELDS))
+            if expected.ndim > 2:
+                expected = np.moveaxis(expected, -1, 1)
+            np.testing.assert_array_equal(env[layer.name], expected,
+                                          err_msg=f"{name}/{layer.name} INT8, seed {SEED}")
+            checked += 1
+        assert checked >= 1
+
+
+def test_compiled_model_close_to_float():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 8 * 8, 10)).eval()
+    x = torch.rand(16, 1, 8, 8)
+    compiled = CompiledModel(quantize(model, x), Device("golden", "sim"))
+    got = compiled(x)
+    ref = model(x).detach()
+    # INT8 inference tracks float within a few output quantization steps.
+    assert (got - ref).abs().max() < 8 * compiled.qmodel.output_q.scale
+    assert (got.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
+
+
+def test_unsupported_layer_is_named():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Sigmoid())
+    with pytest.raises(UnsupportedLayerError, match="Sigmoid"):
+        quantize(model, torch.rand(4, 1, 8, 8))
