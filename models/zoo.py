@@ -13,13 +13,19 @@ Weights live in a cache directory, produced by a command and never committed::
 
 The cache is ``$TINYACCEL_CACHE/models`` (default ``~/.cache/tinyaccel/models``); each file is an
 ``.npz`` (no pickles) holding the state dict and a JSON metadata record (model name, seed, epochs,
-metrics, torch version). The file name carries the seed and epoch count, and a file whose tensor
-names or shapes no longer match the model is retrained rather than loaded.
+metrics, torch version, and a *recipe* hash of the source of the model's module and of the
+training loop). The file name carries the seed and epoch count; a file whose recipe differs from the
+current code (or whose tensors no longer fit the model) is retrained rather than loaded, so a cache
+can never hand out weights that the current code would not train. Concurrent processes (pytest
+workers) wait on a lock file while one of them trains.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import inspect
 import json
 import os
 from collections.abc import Callable
@@ -32,10 +38,10 @@ from torch import nn
 
 from tinyaccel.errors import ShapeError, TinyAccelError
 
-from . import digits, mobilenet_block
+from . import data, digits, mobilenet_block
 
-__all__ = ["ModelSpec", "MODELS", "get", "build", "train_fp32", "cache_dir", "cache_path", "save",
-           "load", "load_or_train", "main"]
+__all__ = ["ModelSpec", "MODELS", "get", "build", "train_fp32", "recipe", "cache_dir",
+           "cache_path", "save", "load", "load_or_train", "main"]
 
 _META_KEY = "__meta__"
 
@@ -82,6 +88,17 @@ def train_fp32(name: str, epochs: int | None = None, seed: int = 0) -> tuple[nn.
     return spec.train_fp32(spec.default_epochs if epochs is None else epochs, seed)
 
 
+def recipe(name: str) -> str:
+    """A hash of the code that trains model ``name`` (its module, the data split and the loop)."""
+    spec = get(name)
+    module = inspect.getmodule(spec.build)
+    digest = hashlib.sha256()
+    for source in (module, data):
+        digest.update(inspect.getsource(source).encode())
+    digest.update(torch.__version__.encode())
+    return digest.hexdigest()[:16]
+
+
 def cache_dir() -> Path:
     """The weight cache: ``$TINYACCEL_CACHE/models``, default ~/.cache/tinyaccel/models."""
     root = os.environ.get("TINYACCEL_CACHE") or Path.home() / ".cache" / "tinyaccel"
@@ -104,18 +121,19 @@ def save(name: str, model: nn.Module, metrics: dict, path: str | Path) -> Path:
     arrays = {key: value.detach().cpu().numpy() for key, value in model.state_dict().items()}
     if _META_KEY in arrays:
         raise ShapeError(f"model {name!r} has a state-dict entry named {_META_KEY!r}")
-    meta = {"model": name, "metrics": metrics, "torch": torch.__version__}
+    meta = {"model": name, "metrics": metrics, "torch": torch.__version__, "recipe": recipe(name)}
     arrays[_META_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    tmp = path.with_name(path.name + ".tmp.npz")
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)
     return path
 
 
-def load(name: str, path: str | Path) -> tuple[nn.Module, dict]:
+def load(name: str, path: str | Path, same_recipe: bool = False) -> tuple[nn.Module, dict]:
     """Load a model saved by :func:`save` -> ``(model, metrics)`` (model in eval mode).
 
-    Raises :class:`~tinyaccel.errors.ShapeError` when the file's tensors do not fit the model.
+    Raises :class:`~tinyaccel.errors.ShapeError` when the file's tensors do not fit the model,
+    or (with ``same_recipe``) when it was trained by code other than the current :func:`recipe`.
     """
     model = build(name)
     with np.load(path, allow_pickle=False) as f:
@@ -123,6 +141,9 @@ def load(name: str, path: str | Path) -> tuple[nn.Module, dict]:
         state = {key: torch.from_numpy(f[key].copy()) for key in f.files if key != _META_KEY}
     if meta.get("model") != name:
         raise ShapeError(f"{path} holds model {meta.get('model')!r}, not {name!r}")
+    if same_recipe and meta.get("recipe") != recipe(name):
+        raise ShapeError(f"{path} was trained by recipe {meta.get('recipe')}, the current code "
+                         f"is recipe {recipe(name)}")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
     if expected != found:
@@ -135,16 +156,37 @@ def load(name: str, path: str | Path) -> tuple[nn.Module, dict]:
 
 def load_or_train(name: str, seed: int = 0, epochs: int | None = None,
                   directory: str | Path | None = None) -> tuple[nn.Module, dict]:
-    """Load model ``name`` from the cache, or train it (deterministically) and cache it."""
+    """Load model ``name`` from the cache, or train it (deterministically) and cache it.
+
+    A cache entry written by another recipe (older code) is retrained and overwritten.
+    """
     path = cache_path(name, seed, epochs, directory)
-    if path.exists():
+    with _locked(path.with_suffix(".lock")):
+        if path.exists():
+            try:
+                return load(name, path, same_recipe=True)
+            except (ShapeError, KeyError, ValueError, OSError):
+                pass  # stale or damaged cache entry: retrain and overwrite it
+        model, metrics = train_fp32(name, epochs, seed)
+        save(name, model, metrics, path)
+        return model, metrics
+
+
+@contextlib.contextmanager
+def _locked(lock: Path):
+    """Hold an exclusive lock on ``lock`` (POSIX); elsewhere, no locking."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            return load(name, path)
-        except (ShapeError, KeyError, ValueError, OSError):
-            pass  # stale or damaged cache entry: retrain and overwrite it
-    model, metrics = train_fp32(name, epochs, seed)
-    save(name, model, metrics, path)
-    return model, metrics
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -357,7 +357,7 @@ def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     if node.op == "call_module":
         return f"layer {node.target!r} ({type(modules[node.target]).__name__})"
     target = node.target if isinstance(node.target, str) else getattr(
-        node.target, "__qualname__", repr(node.target))
+        node.target, "__name__", repr(node.target))
     module = "" if isinstance(node.target, str) else getattr(node.target, "__module__", "") or ""
     kind = "method" if node.op == "call_method" else "function"
     return f"node {node.name!r} ({kind} {module + '.' if module else ''}{target})"
@@ -436,14 +436,15 @@ class _Lowering:
                                                    f"requantization")
         return self.ops[src]
 
-    def _activation(self, node: fx.Node, act: Activation, label: str) -> None:
-        op = self._fusable(node, label)
+    def _activation(self, node: fx.Node, act: Activation, path: str) -> None:
+        what = "ReLU" if act == Activation.RELU else "ReLU6"
+        op = self._fusable(node, what)
         if op.kind == LayerKind.FLATTEN:
-            raise _unsupported(node, self.modules, f"{label} after a flatten cannot be fused; "
+            raise _unsupported(node, self.modules, f"{what} after a flatten cannot be fused; "
                                                    f"apply it before the flatten")
         op.activation = (Activation.RELU6 if Activation.RELU6 in (op.activation, act)
                          else Activation.RELU)
-        op.fused.append(label)
+        op.fused.append(path)
         self.alias[node.name] = op.name
         self.tip[op.name] = node
 
@@ -498,7 +499,7 @@ class _Lowering:
                                 m.weight.detach().clone(),
                                 None if m.bias is None else m.bias.detach().clone()))
         elif isinstance(m, nn.BatchNorm2d):
-            op = self._fusable(node, f"BatchNorm2d {name!r}")
+            op = self._fusable(node, "BatchNorm2d")
             if op.kind != LayerKind.CONV2D or op.activation != Activation.NONE:
                 raise _unsupported(node, self.modules, f"BatchNorm2d folds only into a Conv2d "
                                                        f"directly before it, not into "
