@@ -1,0 +1,471 @@
+"""Golden machine, program level: byte streams in, response bytes out, per the contract."""
+
+import re
+
+import numpy as np
+import pytest
+
+from tinyaccel.errors import AddressError, FieldError, OpcodeError, ProtocolError, ShapeError
+from tinyaccel.hw.config import PRESETS
+from tinyaccel.hw.isa import Buffer, Counter, Instruction, Opcode, Status
+from tinyaccel.hw.protocol import (
+    PARAM_DTYPE,
+    Program,
+    StatusReport,
+    encode_fields,
+    parse_responses,
+    sgq_response_length,
+)
+from tinyaccel.sim.golden import GoldenMachine, check_instruction
+from tinyaccel.sim.numerics import requantize, sgq_decode
+from tinyaccel.sim.randprog import (
+    UNDEFINED_BUFFERS,
+    UNDEFINED_OPCODES,
+    corner_programs,
+    random_channel_params,
+    random_program,
+    random_words,
+    seed_from_env,
+)
+
+SIM, ICE40 = PRESETS["sim"], PRESETS["ice40"]
+CONFIGS = list(PRESETS.values())
+I32_MIN, I32_MAX = -(2 ** 31), 2 ** 31 - 1
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(seed_from_env())
+
+
+def int8(rng, shape):
+    """Random INT8 with the extremes -128 and 127 over-represented."""
+    x = rng.integers(-128, 128, shape)
+    pick = rng.random(shape)
+    x[pick < 0.1] = -128
+    x[pick > 0.9] = 127
+    return x.astype(np.int8)
+
+
+def run(cfg, prog, machine=None, strict=False):
+    machine = machine or GoldenMachine(cfg)
+    return parse_responses(cfg, prog, machine.run(prog.to_bytes(), strict=strict)), machine
+
+
+def syncs(responses):
+    return [r for r in responses if isinstance(r, StatusReport)]
+
+
+# -- section 4 layouts, written out element by element -----------------------------------------
+
+def inp_words(a, rows):
+    """INP word i*k + t, lane r = A[i*rows + r, t]."""
+    m, k = a.shape
+    words = np.zeros((m // rows * k, rows), np.int8)
+    for i in range(m // rows):
+        for t in range(k):
+            for r in range(rows):
+                words[i * k + t, r] = a[i * rows + r, t]
+    return words
+
+
+def wgt_words(b, cols):
+    """WGT word j*k + t, lane c = B[t, j*cols + c]."""
+    k, n = b.shape
+    words = np.zeros((n // cols * k, cols), np.int8)
+    for j in range(n // cols):
+        for t in range(k):
+            words[j * k + t] = b[t, j * cols:(j + 1) * cols]
+    return words
+
+
+def acc_matrix(words, mb, nb, rows, cols):
+    """C[i*rows + r, j*cols + c] = ACC word (i*n_blocks + j)*rows + r, lane c."""
+    c = np.zeros((mb * rows, nb * cols), words.dtype)
+    for i in range(mb):
+        for j in range(nb):
+            for r in range(rows):
+                c[i * rows + r, j * cols:(j + 1) * cols] = words[(i * nb + j) * rows + r]
+    return c
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.name)
+def test_load_gemm_requant_store_matches_numpy(cfg, rng):
+    rows, cols = cfg.rows, cfg.cols
+    mb, nb = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+    k = int(rng.integers(1, 40))
+    a, b = int8(rng, (mb * rows, k)), int8(rng, (k, nb * cols))
+    ia, wa = int(rng.integers(0, 50)), int(rng.integers(0, 50))
+    aa = int(rng.integers(0, cfg.acc_depth - mb * nb * rows + 1))
+    oa = int(rng.integers(0, cfg.out_depth - mb * nb * rows + 1))
+    pa = int(rng.integers(0, cfg.param_depth - nb + 1))
+    params = random_channel_params(rng, (nb, cols))
+    prog = Program(cfg).load(Buffer.INP, ia, inp_words(a, rows))
+    prog.load(Buffer.WGT, wa, wgt_words(b, cols)).load(Buffer.PARAM, pa, params)
+    prog.gemm(ia, wa, aa, k, mb, nb).store(Buffer.ACC, aa, mb * nb * rows)
+    for i in range(mb):
+        for j in range(nb):
+            blk = (i * nb + j) * rows
+            prog.requant(aa + blk, oa + blk, pa + j, rows)
+    prog.store(Buffer.OUT, oa, mb * nb * rows)
+    prog.gemm(ia, wa, aa, k, mb, nb, accumulate=True).store(Buffer.ACC, aa, mb * nb * rows)
+    r, _ = run(cfg, prog.sync(counters=True))
+    expect = a.astype(np.int64) @ b.astype(np.int64)
+    assert np.array_equal(acc_matrix(r[4], mb, nb, rows, cols), expect)
+    assert np.array_equal(acc_matrix(r[-2], mb, nb, rows, cols), 2 * expect)
+    out = acc_matrix(r[-4], mb, nb, rows, cols)
+    for j in range(nb):  # each N block uses its own PARAM word, channel c its own lane
+        p = params[j]
+        want = requantize(expect[:, j * cols:(j + 1) * cols].astype(np.int32),
+                          *(p[name] for name in PARAM_DTYPE.names))
+        assert np.array_equal(out[:, j * cols:(j + 1) * cols], want)
+    assert r[-1].ok and not r[-1].acc_saturated
+
+
+def test_block_layout_single_products(rng):
+    cfg = ICE40
+    rows, cols, mb, nb, k = cfg.rows, cfg.cols, 3, 2, 4
+    ia, wa, aa = 7, 11, 5
+    for _ in range(10):
+        i, r, t = (int(rng.integers(n)) for n in (mb, rows, k))
+        j, c = int(rng.integers(nb)), int(rng.integers(cols))
+        m = GoldenMachine(cfg)
+        inp = np.zeros((mb * k, rows), np.int8)
+        inp[i * k + t, r] = 3  # A[i*rows + r, t]
+        wgt = np.zeros((nb * k, cols), np.int8)
+        wgt[j * k + t, c] = -5  # B[t, j*cols + c]
+        m.load_buffer(Buffer.INP, ia, inp)
+        m.load_buffer(Buffer.WGT, wa, wgt)
+        m.execute(Instruction(Opcode.GEMM, inp_addr=ia, wgt_addr=wa, acc_addr=aa, k=k,
+                              m_blocks=mb, n_blocks=nb))
+        acc = m.read_buffer(Buffer.ACC, 0, cfg.acc_depth)
+        expect = np.zeros_like(acc)
+        expect[aa + (i * nb + j) * rows + r, c] = -15
+        assert np.array_equal(acc, expect), (i, r, t, j, c)
+
+
+def test_gated_gemm_skips_blocks_and_counts(rng):
+    cfg = SIM
+    rows, cols, mb, nb, k = cfg.rows, cfg.cols, 4, 2, 5
+    m = GoldenMachine(cfg)
+    a = random_words(cfg, Buffer.INP, mb * k, rng)
+    w = random_words(cfg, Buffer.WGT, nb * k, rng)
+    old = random_words(cfg, Buffer.ACC, mb * nb * rows, rng)
+    mask = np.zeros((64, 64), bool)
+    mask[1, [3, 5]] = True  # mask bits 67 and 69: blocks i = 1 and 3 of mask_idx 66
+    for buf, arr in ((Buffer.INP, a), (Buffer.WGT, w), (Buffer.ACC, old), (Buffer.MASK, mask)):
+        m.load_buffer(buf, 0, arr)
+    m.execute(Instruction(Opcode.GEMM, k=k, m_blocks=mb, n_blocks=nb, gate=1, mask_idx=66))
+    acc = m.read_buffer(Buffer.ACC, 0, mb * nb * rows).reshape(mb, nb, rows, cols)
+    full = acc_matrix(old, mb, nb, rows, cols).copy()
+    dense = a.reshape(mb, k, rows).transpose(0, 2, 1).reshape(-1, k).astype(np.int64) @ \
+        w.reshape(nb, k, cols).transpose(1, 0, 2).reshape(k, -1).astype(np.int64)
+    for i in (1, 3):
+        full[i * rows:(i + 1) * rows] = dense[i * rows:(i + 1) * rows]
+    assert np.array_equal(acc_matrix(acc.reshape(-1, cols), mb, nb, rows, cols), full)
+    assert m.counters[Counter.MACS_ISSUED] == 2 * nb * rows * cols * k
+    assert m.counters[Counter.MACS_SKIPPED] == 2 * nb * rows * cols * k
+
+
+# -- errors (section 5) ------------------------------------------------------------------------
+
+D = SIM.depth
+FAULTS = [
+    # name, append the fault, status, opcode code, strict exception, message pattern
+    ("illegal_opcode", lambda p: p.raw(13 | 0xABCDEF << 40), Status.ILLEGAL_OPCODE, 13,
+     OpcodeError, r"opcode=13 is not defined"),
+    ("load_bad_buffer", lambda p: p.raw(encode_fields(Opcode.LOAD, buf=UNDEFINED_BUFFERS[0],
+                                                      count=2)),
+     Status.BAD_BUFFER, 1, FieldError, rf"LOAD: buf={UNDEFINED_BUFFERS[0]} is not a Buffer"),
+    ("store_bad_buffer", lambda p: p.raw(encode_fields(Opcode.STORE, buf=UNDEFINED_BUFFERS[-1],
+                                                       count=2)),
+     Status.BAD_BUFFER, 2, FieldError, rf"STORE: buf={UNDEFINED_BUFFERS[-1]}"),
+    ("load_range", lambda p: p.load(Buffer.INP, D(Buffer.INP) - 1, np.ones((2, 16), np.int8)),
+     Status.ADDR_RANGE, 1, AddressError,
+     r"LOAD: addr 8191 \+ count 2 = 8193 exceeds INP depth 8192"),
+    ("store_range", lambda p: p.store(Buffer.ACC, D(Buffer.ACC), 2), Status.ADDR_RANGE, 2,
+     AddressError, r"STORE: addr 8192 \+ count 2 = 8194 exceeds ACC depth 8192"),
+    ("gemm_inp_range", lambda p: p.gemm(8000, 0, 0, 256, m_blocks=2), Status.ADDR_RANGE, 3,
+     AddressError, r"^GEMM: inp_addr 8000 \+ m_blocks\*k 512 = 8512 exceeds INP depth 8192"),
+    ("gemm_acc_range", lambda p: p.gemm(0, 0, 8000, 1, 4, 4), Status.ADDR_RANGE, 3,
+     AddressError, r"acc_addr 8000 \+ m_blocks\*n_blocks\*rows 256 = 8256"),
+    ("gemm_mask_range", lambda p: p.gemm(0, 0, 0, 1, m_blocks=3, gate=True, mask_idx=4094),
+     Status.ADDR_RANGE, 3, AddressError, r"mask_idx 4094 \+ m_blocks 3 = 4097 exceeds mask_bits"),
+    ("gemm_k0", lambda p: p.gemm(0, 0, 0, 0), Status.BAD_SHAPE, 3, ShapeError, r"GEMM: k=0"),
+    ("requant_param_range", lambda p: p.requant(0, 0, D(Buffer.PARAM), 1), Status.ADDR_RANGE,
+     4, AddressError, r"REQUANT: param_addr 64 \+ 1 1 = 65 exceeds PARAM depth 64"),
+    ("patch_overlap", lambda p: p.patch(10, 12, 2, 2, 0), Status.BAD_FIELD, 5, FieldError,
+     r"PATCH: new range 10\.\.13 overlaps ref range 12\.\.15"),
+    ("patch_k0", lambda p: p.patch(10, 12, 0, 2, 0), Status.BAD_SHAPE, 5, ShapeError,
+     r"PATCH: k=0"),
+    ("sgq_stripe0", lambda p: p.sgq(0, 4, 0, 0), Status.BAD_FIELD, 6, FieldError,
+     r"SGQ: stripe_len=0"),
+    ("sgq_count", lambda p: p.sgq(0, 5, 2, 0), Status.BAD_SHAPE, 6, ShapeError,
+     r"SGQ: count=5 is not a multiple of stripe_len=2"),
+    ("sgq_range", lambda p: p.sgq(D(Buffer.OUT) - 2, 4, 2, 0), Status.ADDR_RANGE, 6,
+     AddressError, r"SGQ: out_addr 8190 \+ count 4 = 8194 exceeds OUT depth 8192"),
+]
+
+
+def primed_machine(rng):
+    m = GoldenMachine(SIM)
+    for buf in Buffer:
+        m.load_buffer(buf, 0, random_words(SIM, buf, 16, rng))
+    return m
+
+
+def snapshot(m):
+    return {buf: arr.copy() for buf, arr in m.buffers.items()}
+
+
+def same_buffers(a, b):
+    return all(np.array_equal(a[buf], b[buf]) for buf in Buffer)
+
+
+@pytest.mark.parametrize("name,fault,status,code,exc,pattern", FAULTS, ids=[f[0] for f in FAULTS])
+def test_error_status_via_run(name, fault, status, code, exc, pattern, rng):
+    m = primed_machine(rng)
+    x = np.full((1, 16), 42, np.int8)
+    prog = Program(SIM).load(Buffer.INP, 0, x)
+    fault(prog)
+    after = len(prog)
+    prog.load(Buffer.INP, 1, np.full((1, 16), -9, np.int8))  # discarded
+    prog.store(Buffer.INP, 0, 2).sgq(0, 2, 1, 0).gemm(0, 0, 0, 1).patch(0, 20, 1, 1, 0)
+    prog.sync(counters=True).store(Buffer.INP, 0, 2).sync()
+    expect_buffers = snapshot(m)
+    expect_buffers[Buffer.INP][0] = 42
+    r, m = run(SIM, prog, m)
+    first, second = syncs(r)
+    assert (first.status, first.error_pc, first.error_opcode) == (status, 1, code)
+    assert first.instructions == len(prog) - 2
+    assert first.error_opcode_name == (Opcode(code).name if code < 8 else f"opcode {code}")
+    stored = r[after + 1]
+    assert stored.shape == (2, 16) and not stored.any()  # not executed: zero words
+    assert r[after + 2] == b""  # not executed: zero-length SGQ
+    assert same_buffers(snapshot(m), expect_buffers)  # the fault and its shadow wrote nothing
+    assert second.ok and second.error_pc == 0 and second.instructions == 2  # back in sync
+    assert np.array_equal(r[-2][0], x[0]) and np.array_equal(r[-2][1], expect_buffers[
+        Buffer.INP][1])
+    # The counters still count what crossed the link.
+    stream = prog.to_bytes()
+    assert first.counters[Counter.BYTES_IN] == len(stream) - 2 * 16  # the first SYNC included
+    assert first.counters[Counter.INSTRUCTIONS] == len(prog) - 2
+    assert first.counters[Counter.MACS_ISSUED] == 0
+
+
+@pytest.mark.parametrize("name,fault,status,code,exc,pattern", FAULTS, ids=[f[0] for f in FAULTS])
+def test_error_raises_in_strict_mode(name, fault, status, code, exc, pattern, rng):
+    m = primed_machine(rng)
+    before, counters = snapshot(m), dict(m.counters)
+    prog = Program(SIM)
+    fault(prog)
+    instr, payload = prog[0]
+    fault_info = check_instruction(SIM, instr)
+    assert fault_info is not None and fault_info.status == status
+    with pytest.raises(exc, match=pattern):
+        m.execute(instr, payload, strict=True)
+    assert same_buffers(snapshot(m), before) and m.counters == counters
+    assert m.status == Status.OK  # strict mode raised instead of recording
+    with pytest.raises(exc, match=pattern):
+        GoldenMachine(SIM).run(prog.to_bytes(), strict=True)
+
+
+def test_only_the_first_error_is_reported():
+    prog = Program(SIM).nop().gemm(0, 0, 0, 0).raw(UNDEFINED_OPCODES[0]).sgq(0, 1, 0, 0).sync()
+    (report,) = syncs(run(SIM, prog)[0])
+    assert (report.status, report.error_pc, report.error_opcode) == (Status.BAD_SHAPE, 1, 3)
+    assert report.instructions == 5
+
+
+def test_bad_buffer_load_consumes_no_data():
+    # An undefined buffer has no word size, so the next 16 bytes are the next instruction.
+    prog = Program(SIM).raw(encode_fields(Opcode.LOAD, buf=UNDEFINED_BUFFERS[0], count=100))
+    prog.sync().store(Buffer.OUT, 0, 1).sync()
+    r, _ = run(SIM, prog)
+    assert [s.status for s in syncs(r)] == [Status.BAD_BUFFER, Status.OK]
+    assert r[2].shape == (1, 16)
+
+
+# -- counters (section 10) ---------------------------------------------------------------------
+
+def test_counters_match_formulas(rng):
+    cfg = SIM
+    rows, cols = cfg.rows, cfg.cols
+    k1, k2, mb, nb = 7, 3, 3, 2
+    mask = np.zeros((1, 64), bool)
+    mask[0, 1] = True  # of blocks 0..2 at mask_idx 0, only block 1 is computed
+    out = random_words(cfg, Buffer.OUT, 4, rng)
+    prog = Program(cfg).load(Buffer.INP, 0, random_words(cfg, Buffer.INP, mb * k1, rng))
+    prog.load(Buffer.WGT, 0, random_words(cfg, Buffer.WGT, nb * k1, rng))
+    prog.load(Buffer.MASK, 0, mask).load(Buffer.OUT, 0, out)
+    prog.gemm(0, 0, 0, k1, mb, nb, gate=True).gemm(0, 0, 0, k2, 1, 1).nop()
+    prog.store(Buffer.ACC, 0, 5).sgq(0, 4, 2, 3).store(Buffer.MASK, 0, 1)
+    prog.sync(counters=True).sync(counters=True, clear=True).sync(counters=True)
+    r, _ = run(cfg, prog)
+    first, second, third = syncs(r)
+    data_in = mb * k1 * rows + nb * k1 * cols + 8 + 4 * cols  # LOAD data: INP WGT MASK OUT
+    sgq_bytes = sgq_response_length(cfg, len(r[8]))
+    out_bytes = 5 * cols * 4 + sgq_bytes + 8
+    c = first.counters
+    assert c[Counter.MACS_ISSUED] == rows * cols * (k1 * 1 * nb + k2)
+    assert c[Counter.MACS_SKIPPED] == rows * cols * k1 * 2 * nb
+    assert c[Counter.BYTES_IN] == 16 * 11 + data_in  # the reporting SYNC included
+    assert c[Counter.BYTES_OUT] == out_bytes  # bytes sent before this record
+    assert c[Counter.INSTRUCTIONS] == 11 and first.instructions == 11
+    for timing in (Counter.CYCLES, Counter.BUSY_CYCLES, Counter.COMPUTE_CYCLES):
+        assert c[timing] == 0
+    c = second.counters  # reported, then cleared
+    assert c[Counter.BYTES_OUT] == out_bytes + 16 + 64
+    assert c[Counter.INSTRUCTIONS] == 12 and second.instructions == 1
+    assert c[Counter.BYTES_IN] == 16 * 12 + data_in
+    c = third.counters
+    assert (c[Counter.INSTRUCTIONS], c[Counter.BYTES_IN], c[Counter.BYTES_OUT]) == (1, 16, 0)
+    assert c[Counter.MACS_ISSUED] == 0 == c[Counter.MACS_SKIPPED]
+    # The SGQ payload decodes to the OUT words within half a step of max_shift 3.
+    assert np.abs(sgq_decode(r[8], 4, cols, 2).astype(int) - out).max() <= 4
+
+
+# -- the byte stream ---------------------------------------------------------------------------
+
+def test_truncated_stream_raises_naming_missing_bytes(rng):
+    prog = Program(SIM).store(Buffer.OUT, 0, 1).load(
+        Buffer.ACC, 0, random_words(SIM, Buffer.ACC, 2, rng)).sync()
+    stream = prog.to_bytes()
+    with pytest.raises(ProtocolError, match="10 bytes missing") as info:
+        GoldenMachine(SIM).run(stream[:-10])
+    assert info.value.responses == bytes(16)  # the STORE already answered
+    cut = 16 + 16 + 100
+    with pytest.raises(ProtocolError, match=r"data of LOAD instruction 1: 100 of 128 bytes"):
+        GoldenMachine(SIM).run(stream[:cut])
+    with pytest.raises(ProtocolError, match="carries 128 data bytes, got 3"):
+        GoldenMachine(SIM).execute(prog[1][0], b"abc")
+
+
+def test_backdoor_buffers(rng):
+    m = GoldenMachine(ICE40)
+    for buf in Buffer:
+        words = random_words(ICE40, buf, 3, rng)
+        m.load_buffer(buf, ICE40.depth(buf) - 3, words)
+        assert np.array_equal(m.read_buffer(buf, ICE40.depth(buf) - 3, 3), words)
+        with pytest.raises(AddressError, match=re.escape(buf.name)):
+            m.read_buffer(buf, ICE40.depth(buf) - 2, 3)
+    mask = np.zeros((1, 64), bool)
+    mask[0, 5] = True
+    m.load_buffer(Buffer.MASK, 2, mask)
+    assert np.flatnonzero(m.mask).tolist().count(2 * 64 + 5) == 1
+
+
+# -- PASS at the machine level -----------------------------------------------------------------
+
+def test_patch_sets_mask_updates_reference_and_merges():
+    cfg = ICE40  # rows = 2
+    k, blocks, new_at, ref_at = 2, 3, 0, 10
+    new = np.zeros((blocks * k, 2), np.int8)
+    new[1, 0] = 3  # block 0: max |diff| 3
+    new[4:6] = [[-10, 1], [0, 0]]  # block 2: max |diff| 10; block 1 equals its reference
+    mask = np.zeros((1, 64), bool)
+    mask[0, 4:7] = [True, True, False]
+    prog = Program(cfg).load(Buffer.INP, new_at, new).load(Buffer.MASK, 0, mask)
+    prog.patch(new_at, ref_at, k, blocks, 3, mask_idx=4)  # changed: block 2 only
+    prog.store(Buffer.MASK, 0, 1).store(Buffer.INP, ref_at, blocks * k)
+    prog.load(Buffer.MASK, 0, mask).patch(new_at, ref_at, k, blocks, 3, mask_idx=4, merge=True)
+    prog.store(Buffer.MASK, 0, 1)  # nothing changed: the merged bits stay
+    prog.patch(new_at, ref_at, k, blocks, 2, mask_idx=4)  # block 0 now exceeds the threshold
+    prog.store(Buffer.MASK, 0, 1).store(Buffer.INP, ref_at, blocks * k).sync()
+    r, _ = run(cfg, prog)
+    assert r[3][0, 4:7].tolist() == [False, False, True] and r[3].sum() == 1
+    ref = np.zeros_like(new)
+    ref[4:6] = new[4:6]
+    assert np.array_equal(r[4], ref)
+    assert r[7][0, 4:7].tolist() == [True, True, False] and r[7].sum() == 2
+    assert r[9][0, 4:7].tolist() == [True, False, False] and r[9].sum() == 1
+    ref[0:2] = new[0:2]
+    assert np.array_equal(r[10], ref) and r[11].ok
+
+
+@pytest.mark.parametrize("threshold", [0, 5])
+def test_patch_and_gated_gemm_over_a_video(threshold, rng):
+    cfg = SIM
+    rows, cols, k, blocks, frames = cfg.rows, cfg.cols, 6, 5, 25
+    new_at, ref_at = 0, blocks * k
+    w = random_words(cfg, Buffer.WGT, k, rng)
+    bound = threshold * np.abs(w.astype(np.int64)).sum(axis=0)
+    m = GoldenMachine(cfg)
+    m.load_buffer(Buffer.WGT, 0, w)
+    tiles = rng.integers(-60, 60, (blocks, k, rows))
+    speed = rng.integers(0, 3, blocks)
+    for f in range(frames):
+        tiles = np.clip(tiles + rng.integers(-1, 2, tiles.shape) * speed[:, None, None],
+                        -128, 127)
+        words = tiles.reshape(-1, rows).astype(np.int8)
+        prog = Program(cfg).load(Buffer.INP, new_at, words)
+        prog.patch(new_at, ref_at, k, blocks, threshold if f else 0, mask_idx=0)
+        prog.gemm(ref_at, 0, 0, k, m_blocks=blocks, gate=True, mask_idx=0)
+        prog.store(Buffer.ACC, 0, blocks * rows).sync()
+        r, m = run(cfg, prog, m)
+        assert r[-1].ok
+        dense = np.einsum("bkr,kc->brc", tiles, w.astype(np.int64)).reshape(-1, cols)
+        err = np.abs(r[3].astype(np.int64) - dense)
+        if threshold == 0:
+            assert np.array_equal(r[3], dense), f"frame {f}"
+        else:
+            assert (err <= bound).all(), f"frame {f}"
+
+
+# -- random and corner programs ----------------------------------------------------------------
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.name)
+def test_random_programs_are_consistent(cfg):
+    seed = seed_from_env()
+    for trial in range(3):
+        rng = np.random.default_rng([seed, trial])
+        prog = random_program(cfg, rng, n_instr=60)
+        stream = prog.to_bytes()
+        out = GoldenMachine(cfg).run(stream)
+        assert GoldenMachine(cfg).run(stream, strict=True) == out  # legal: strict agrees
+        reports = syncs(parse_responses(cfg, prog, out))  # consumes exactly every byte
+        assert all(rep.ok for rep in reports), (seed, trial)
+        again = random_program(cfg, np.random.default_rng([seed, trial]), n_instr=60)
+        assert again.to_bytes() == stream  # replayable from the seed
+        bad = random_program(cfg, rng, n_instr=80, illegal_rate=0.3)
+        reports = syncs(parse_responses(cfg, bad, GoldenMachine(cfg).run(bad.to_bytes())))
+        assert any(not rep.ok for rep in reports), (seed, trial)
+        assert reports[-1].counters is not None
+        only = {Opcode.LOAD, Opcode.STORE, Opcode.GEMM}
+        sub = random_program(cfg, rng, n_instr=30, opcodes=only)
+        used = {i.opcode for i, _ in sub}
+        assert used <= only | {Opcode.SYNC} and Opcode.GEMM in used
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.name)
+def test_corner_programs(cfg):
+    corners = {c.name: c for c in corner_programs(cfg)}
+    for status in Status:
+        assert any(c.status == status for c in corners.values()), status
+    for c in corners.values():
+        r, _ = run(cfg, c.program)
+        reports = syncs(r)
+        assert reports[0].status == c.status, c.name
+        assert all(rep.ok for rep in reports[1:]), c.name
+    rows, cols = cfg.rows, cfg.cols
+    # Extreme products summed over the largest k the buffers allow.
+    r, _ = run(cfg, corners["gemm_extreme_max_k"].program)
+    k = min(cfg.inp_depth, cfg.wgt_depth)
+    a = np.where(np.arange(rows) % 2, 127, -128)
+    b = np.where(np.arange(cols) % 2, 127, -128)
+    assert np.array_equal(r[3], k * np.outer(a, b))
+    assert np.array_equal(r[5], 2 * k * np.outer(a, b))
+    # Accumulate saturation both ways; the sticky flag clears at the SYNC.
+    r, _ = run(cfg, corners["accumulate_saturation"].program)
+    acc, first, second = r[-3], r[-2], r[-1]
+    half = max(1, rows // 2)
+    assert (acc[:half] == I32_MAX).all() and (acc[half:] == I32_MIN).all()
+    assert first.acc_saturated and not second.acc_saturated
+    # Zero-size work: legal, moves no MACs, sends only the empty SGQ frame.
+    r, _ = run(cfg, corners["zero_size"].program)
+    c = r[-1].counters
+    assert c[Counter.MACS_ISSUED] == 0 and c[Counter.BYTES_OUT] == sgq_response_length(cfg, 0)
+    # Requantization saturates to both INT8 ends.
+    r, _ = run(cfg, corners["requant_saturation"].program)
+    outs = np.concatenate([x for x in r if isinstance(x, np.ndarray)])
+    assert outs.min() == -128 and outs.max() == 127
