@@ -57,6 +57,12 @@ class ModelSpec:
     input_shape: tuple[int, int, int]  #: per-sample C x H x W
     description: str
 
+    def load_or_train(self, seed: int = 0, epochs: int | None = None,
+                      directory: str | Path | None = None) -> tuple[nn.Module, dict]:
+        """Cached weights of this model, training them first if needed (see
+        :func:`load_or_train`)."""
+        return load_or_train(self.name, seed, epochs, directory)
+
 
 MODELS: dict[str, ModelSpec] = {
     digits.NAME: ModelSpec(digits.NAME, digits.build, digits.train_fp32, digits.DEFAULT_EPOCHS,

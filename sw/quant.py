@@ -755,18 +755,19 @@ def quantize(model: nn.Module, calib_x, method: str = "minmax", percentile: floa
                         else np.asarray(calib_x), dtype=torch.float32)
     if x.ndim < 2 or len(x) == 0:
         raise ShapeError(f"calibration data of shape {tuple(x.shape)}: need a non-empty batch")
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
             ops, output = _Lowering(model, x[:1]).run()
             observers = _calibrate(model, ops, output, x, method, percentile, batch_size, seed)
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
-    rng_method = {"method": method, "samples": len(x)}
+    meta = {"method": method, "samples": len(x)}
     if method == "percentile":
-        rng_method["percentile"] = percentile
+        meta["percentile"] = percentile
     qparams = {INPUT: QuantParams.from_range(*observers[INPUT].range(method, percentile))}
     layers = []
     for op in ops:
@@ -779,7 +780,7 @@ def quantize(model: nn.Module, calib_x, method: str = "minmax", percentile: floa
             continue
         qparams[op.name] = QuantParams.from_range(*observers[op.name].range(method, percentile))
         layers.append(_quantize_op(op, in_q, qparams[op.name]))
-    return QuantModel(tuple(layers), qparams[INPUT], tuple(x.shape[1:]), output, rng_method)
+    return QuantModel(tuple(layers), qparams[INPUT], tuple(x.shape[1:]), output, meta)
 
 
 def _calibrate(model, ops, output, x, method, percentile, batch_size, seed):
