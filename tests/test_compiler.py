@@ -71,7 +71,7 @@ def _torch_accumulators(layer, inputs):
 def _device_accumulators(layer, inputs, device):
     """The layer's GEMMs on the device through the INT32 bypass, channels last."""
     program = Program(device.config)
-    gemms = layer_gemms(layer, inputs)
+    gemms = layer_gemms(layer, inputs, device.config.cols)
     lowerings = [lower_gemm(device.config, program, a, b, out="int32") for a, b, _ in gemms]
     responses = device.run(program.sync())
     stores = [r for i, r in zip(program.instructions, responses, strict=True)
@@ -135,3 +135,12 @@ def test_unsupported_layer_is_named():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Sigmoid())
     with pytest.raises(UnsupportedLayerError, match="Sigmoid"):
         quantize(model, torch.rand(4, 1, 8, 8))
+
+
+def test_useful_macs_counts_the_real_layer():
+    from tinyaccel.sw.compiler import useful_macs
+    model = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.Conv2d(6, 4, 1)).eval()
+    qmodel = quantize(model, torch.rand(2, 6, 8, 8))
+    dw, pw = qmodel.layers
+    assert useful_macs(dw, 3) == 3 * 8 * 8 * 6 * 9  # one 3x3 filter per channel
+    assert useful_macs(pw, 3) == 3 * 8 * 8 * 6 * 4
