@@ -4,11 +4,13 @@
 order with the functions of :mod:`tinyaccel.sim.numerics`. :meth:`GoldenMachine.run` is
 hardware-faithful: it consumes a host byte stream and returns exactly the bytes the accelerator
 must send back, following the error rules of section 5. The RTL is verified against it with zero
-tolerance; timing counters (``CYCLES``, ``BUSY_CYCLES``, ``COMPUTE_CYCLES``) stay 0 here.
+tolerance; timing counters (``CYCLES``, ``BUSY_CYCLES``, ``COMPUTE_CYCLES``) stay 0 here::
 
->>> m = GoldenMachine("sim")
->>> m.load_buffer(Buffer.INP, 0, a_words); m.load_buffer(Buffer.WGT, 0, b_words)
->>> m.execute(Instruction(Opcode.GEMM, k=64, m_blocks=1, n_blocks=1))
+    m = GoldenMachine("sim")
+    m.load_buffer(Buffer.INP, 0, a_words)          # int8 (m_blocks*k, rows), section 4 layout
+    m.load_buffer(Buffer.WGT, 0, b_words)          # int8 (n_blocks*k, cols)
+    m.execute(Instruction(Opcode.GEMM, k=64, m_blocks=1, n_blocks=1))
+    replies = m.run(program.to_bytes())            # or a whole host stream
 """
 
 from __future__ import annotations

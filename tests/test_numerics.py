@@ -57,7 +57,16 @@ def conv_by_gemm(x, w, stride, padding, dilation, groups):
     return np.concatenate(outs, axis=1).reshape(n, ho, wo, cout).transpose(0, 3, 1, 2)
 
 
-def test_exact_gemm_equals_torch_conv2d(rng):
+@pytest.fixture
+def torch_one_thread():
+    """Tiny convolutions: one thread avoids stalls on a shared or oversubscribed CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_exact_gemm_equals_torch_conv2d(rng, torch_one_thread):
     for trial in range(25):
         groups = int(rng.choice([1, 2, 3]))
         cg, og = int(rng.integers(1, 5)), int(rng.integers(1, 5))
@@ -76,7 +85,7 @@ def test_exact_gemm_equals_torch_conv2d(rng):
         assert np.array_equal(got, expect.numpy().astype(np.int64)), f"trial {trial}"
 
 
-def test_exact_gemm_equals_torch_linear(rng):
+def test_exact_gemm_equals_torch_linear(rng, torch_one_thread):
     for m, k, n in [(1, 1, 1), (7, 33, 5), (64, 1023, 17), (3, 1024, 2), (5, 3000, 4)]:
         a, w = int8(rng, (m, k), 0.5), int8(rng, (n, k), 0.5)
         expect = functional.linear(torch.from_numpy(a).double(), torch.from_numpy(w).double())
