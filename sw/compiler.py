@@ -11,6 +11,7 @@ conv2d     per group: ``im2col`` on the host (padding = input zero point), GEMM 
 linear     GEMM + REQUANT                                                              accelerator
 avgpool    a depthwise conv with unit weights; the 1/(kh*kw) lives in the multiplier   accelerator
 add        ``[a | b] @ blockdiag(w_a, w_b)`` (K = 2C) + REQUANT                         accelerator
+maxpool    max over windows of INT8 codes (exact: max commutes with quantization)       host
 flatten    reshape                                                                     host
 =========  =========================================================================  ==========
 
@@ -31,7 +32,7 @@ from ..hw.isa import Counter, Opcode
 from ..hw.protocol import Program
 from ..sim.numerics import im2col
 from .gemm import lower_gemm
-from .quant import INPUT, LayerKind, QuantLayer, QuantModel
+from .quant import HOST_KINDS, INPUT, LayerKind, QuantLayer, QuantModel, host_layer
 from .runtime import Device
 
 __all__ = ["layer_gemms", "LayerStats", "CompiledModel"]
@@ -145,13 +146,13 @@ class CompiledModel:
         self.device = device
         self.batch_size = batch_size
         self.stats = {layer.name: LayerStats(layer.name, layer.kind.value, device.config.macs)
-                      for layer in qmodel.layers if layer.kind != LayerKind.FLATTEN}
+                      for layer in qmodel.layers if layer.kind not in HOST_KINDS}
         self.wall_s = 0.0
 
     def run_layer(self, layer: QuantLayer, inputs: list[np.ndarray]) -> np.ndarray:
         """One layer on the device: int8 inputs (NCHW or NC) -> int8 output."""
-        if layer.kind == LayerKind.FLATTEN:
-            return inputs[0].reshape(len(inputs[0]), -1)
+        if layer.kind in HOST_KINDS:
+            return host_layer(layer, inputs[0])
         config = self.device.config
         program = Program(config)
         gemms = layer_gemms(layer, inputs, config.cols)

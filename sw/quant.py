@@ -49,6 +49,8 @@ add        ``a + b`` of two same-shape tensors (residual). Per channel ``acc = w
            (``A = [a | b]`` along K, block-diagonal ``B``). ReLU/ReLU6 after it fuse.
 flatten    ``nn.Flatten`` / ``torch.flatten(x, 1)``: a reshape in NCHW order, no arithmetic;
            ``output_q == input_q``.
+maxpool    ``nn.MaxPool2d`` (host): the max of INT8 codes, ``output_q == input_q`` — exact, as
+           the quantizer is monotonic.
 =========  ========================================================================================
 
 ``nn.Dropout`` and ``nn.Identity`` vanish. Anything else raises :class:`UnsupportedLayerError`
@@ -95,6 +97,12 @@ class LayerKind(StrEnum):
     AVGPOOL = "avgpool"
     ADD = "add"
     FLATTEN = "flatten"
+    MAXPOOL = "maxpool"
+
+
+#: Layers the host runs on INT8 codes with the input's quantization (no arithmetic that needs
+#: requantization: max commutes with the monotonic quantizer, flatten is a reshape).
+HOST_KINDS = frozenset({LayerKind.FLATTEN, LayerKind.MAXPOOL})
 
 
 class Activation(StrEnum):
@@ -349,7 +357,7 @@ _RELU_FUNCS = {F.relu: Activation.RELU, torch.relu: Activation.RELU,
                F.relu6: Activation.RELU6}
 _ADD_FUNCS = {operator.add, operator.iadd, torch.add}
 _FLATTEN_FUNCS = {torch.flatten}
-_SUPPORTED = ("Conv2d, Linear, BatchNorm2d (after a Conv2d), ReLU, ReLU6, AvgPool2d, "
+_SUPPORTED = ("Conv2d, Linear, BatchNorm2d (after a Conv2d), ReLU, ReLU6, AvgPool2d, MaxPool2d, "
               "AdaptiveAvgPool2d, Flatten, Dropout, Identity, tensor + tensor")
 
 
@@ -439,9 +447,9 @@ class _Lowering:
     def _activation(self, node: fx.Node, act: Activation, path: str) -> None:
         what = "ReLU" if act == Activation.RELU else "ReLU6"
         op = self._fusable(node, what)
-        if op.kind == LayerKind.FLATTEN:
-            raise _unsupported(node, self.modules, f"{what} after a flatten cannot be fused; "
-                                                   f"apply it before the flatten")
+        if op.kind in HOST_KINDS:
+            raise _unsupported(node, self.modules, f"{what} after a {op.kind.value} cannot be "
+                                                   f"fused; apply it before the {op.kind.value}")
         op.activation = (Activation.RELU6 if Activation.RELU6 in (op.activation, act)
                          else Activation.RELU)
         op.fused.append(path)
@@ -522,6 +530,15 @@ class _Lowering:
             self._activation(node, act, name)
         elif isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
             self._pool(node, m)
+        elif isinstance(m, nn.MaxPool2d):
+            if m.ceil_mode or m.return_indices:
+                raise _unsupported(node, self.modules, "only MaxPool2d without ceil_mode or "
+                                                       "return_indices is supported")
+            (arg,) = node.all_input_nodes
+            self._new(node, _Op(node.target, LayerKind.MAXPOOL, "MaxPool2d",
+                                [self._src(node, arg)], None, None, _pair(m.kernel_size),
+                                _pair(m.stride if m.stride is not None else m.kernel_size),
+                                _pair(m.padding), _pair(m.dilation)))
         elif isinstance(m, nn.Flatten):
             if m.start_dim != 1 or m.end_dim != -1:
                 raise _unsupported(node, self.modules, f"Flatten({m.start_dim}, {m.end_dim}); "
@@ -616,6 +633,9 @@ def float_layer(layer, inputs: list[torch.Tensor]) -> torch.Tensor:
         y = F.linear(inputs[0], w.to(inputs[0].dtype), None if b is None else b.to(inputs[0].dtype))
     elif layer.kind == LayerKind.ADD:
         y = inputs[0] + inputs[1]
+    elif layer.kind == LayerKind.MAXPOOL:
+        y = F.max_pool2d(inputs[0], layer.kernel_size, layer.stride, layer.padding,
+                         layer.dilation)
     else:
         y = inputs[0].flatten(1)
     return _activate(y, layer.activation)
@@ -668,6 +688,15 @@ def accumulate(layer: QuantLayer, inputs: list[np.ndarray]) -> np.ndarray:
     raise ShapeError(f"layer {layer.name!r} ({layer.kind.value}) has no accumulators")
 
 
+def host_layer(layer: QuantLayer, x: np.ndarray) -> np.ndarray:
+    """A host-side layer on INT8 codes: flatten, or max pooling (padding never wins the max)."""
+    if layer.kind == LayerKind.FLATTEN:
+        return x.reshape(len(x), -1)
+    y = F.max_pool2d(torch.from_numpy(x.astype(np.float32)), layer.kernel_size, layer.stride,
+                     layer.padding, layer.dilation)  # int8 codes are exact in float32
+    return y.numpy().astype(np.int8)
+
+
 def execute_layer(layer: QuantLayer, inputs: list[np.ndarray]) -> np.ndarray:
     """Run one quantized layer on int8 inputs (batch first, NCHW) -> int8 output (NCHW)."""
     for i, (x, shape) in enumerate(zip(inputs, layer.input_shapes, strict=True)):
@@ -677,8 +706,8 @@ def execute_layer(layer: QuantLayer, inputs: list[np.ndarray]) -> np.ndarray:
         if tuple(x.shape[1:]) != shape:
             raise ShapeError(f"layer {layer.name!r}: input {i} has per-sample shape "
                              f"{tuple(x.shape[1:])}, expected {shape}")
-    if layer.kind == LayerKind.FLATTEN:
-        return inputs[0].reshape(len(inputs[0]), -1)
+    if layer.kind in HOST_KINDS:
+        return host_layer(layer, inputs[0])
     y = layer.requant.apply(accumulate(layer, inputs))
     return np.moveaxis(y, -1, 1) if y.ndim > 2 else y
 
@@ -772,11 +801,13 @@ def quantize(model: nn.Module, calib_x, method: str = "minmax", percentile: floa
     layers = []
     for op in ops:
         in_q = tuple(qparams[i] for i in op.inputs)
-        if op.kind == LayerKind.FLATTEN:
+        if op.kind in HOST_KINDS:
             qparams[op.name] = in_q[0]
             layers.append(QuantLayer(op.name, op.kind, op.module_type, tuple(op.inputs), in_q,
                                      in_q[0], tuple(op.input_shapes), op.output_shape,
-                                     fused=tuple(op.fused)))
+                                     fused=tuple(op.fused), kernel_size=op.kernel_size,
+                                     stride=op.stride, padding=op.padding,
+                                     dilation=op.dilation))
             continue
         qparams[op.name] = QuantParams.from_range(*observers[op.name].range(method, percentile))
         layers.append(_quantize_op(op, in_q, qparams[op.name]))
@@ -786,7 +817,7 @@ def quantize(model: nn.Module, calib_x, method: str = "minmax", percentile: floa
 def _calibrate(model, ops, output, x, method, percentile, batch_size, seed):
     rng = np.random.default_rng(seed)
     keep = 0 if method == "minmax" else max(1, 200_000 * batch_size // len(x))
-    names = [INPUT] + [op.name for op in ops if op.kind != LayerKind.FLATTEN]
+    names = [INPUT] + [op.name for op in ops if op.kind not in HOST_KINDS]
     observers = {name: _Observer(keep, rng) for name in names}
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size]

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import nn
 
 from tinyaccel.hw.isa import Opcode
@@ -20,7 +20,7 @@ from tinyaccel.hw.protocol import Program
 from tinyaccel.sim.numerics import requantize
 from tinyaccel.sw.compiler import CompiledModel, layer_gemms
 from tinyaccel.sw.gemm import lower_gemm
-from tinyaccel.sw.quant import LayerKind, UnsupportedLayerError, quantize
+from tinyaccel.sw.quant import HOST_KINDS, LayerKind, UnsupportedLayerError, quantize
 from tinyaccel.sw.runtime import Device
 
 SEED = int(os.environ.get("TINYACCEL_SEED", np.random.SeedSequence().entropy % 2**32))
@@ -46,6 +46,8 @@ def _models():
         "depthwise": nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, groups=6)),
         "linear": nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 20), nn.ReLU()),
         "avgpool": nn.Sequential(nn.Conv2d(3, 4, 1), nn.AvgPool2d(2)),
+        "maxpool-then-conv": nn.Sequential(nn.Conv2d(3, 4, 1), nn.MaxPool2d(3, 2, padding=1),
+                                           nn.Conv2d(4, 4, 3)),
         "global-avgpool": nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1)),
         "residual-add-relu6": Residual(),
     }
@@ -100,7 +102,7 @@ def test_lowered_op_matches_pytorch(name, backend):
         env = compiled.run_int(qmodel.input_q.quantize(x.numpy()), return_all=True)
         checked = 0
         for layer in qmodel.layers:
-            if layer.kind == LayerKind.FLATTEN:
+            if layer.kind in HOST_KINDS:
                 continue
             inputs = [env[i] for i in layer.inputs]
             expected_acc = _torch_accumulators(layer, inputs)
@@ -116,6 +118,20 @@ def test_lowered_op_matches_pytorch(name, backend):
                                           err_msg=f"{name}/{layer.name} INT8, seed {SEED}")
             checked += 1
         assert checked >= 1
+
+
+def test_maxpool_on_int8_codes_equals_pooling_the_floats():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
+                          nn.MaxPool2d(2, padding=1)).eval()
+    x = torch.rand(4, 1, 8, 8)
+    qmodel = quantize(model, x)
+    conv, pool = qmodel.layers
+    env = CompiledModel(qmodel, Device("golden", "ice40")).run_int(
+        qmodel.input_q.quantize(x.numpy()), return_all=True)
+    real = torch.from_numpy(conv.output_q.dequantize(env[conv.name]))
+    expected = conv.output_q.quantize(F.max_pool2d(real, 2, padding=1).numpy())
+    np.testing.assert_array_equal(env[pool.name], expected)
 
 
 def test_compiled_model_close_to_float():
