@@ -178,13 +178,18 @@ def _run_step(argv, cwd: Path, log: Path, watch: Path | None, on_detail) -> floa
     start = time.monotonic()
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
-        while True:
-            try:
-                proc.wait(timeout=2)
-                break
-            except subprocess.TimeoutExpired:
-                if watch is not None:
-                    on_detail(_last_info(watch))
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=2)
+                    break
+                except subprocess.TimeoutExpired:
+                    if watch is not None:
+                        on_detail(_last_info(watch))
+        finally:
+            if proc.poll() is None:  # interrupted: do not leave a P&R run behind
+                proc.kill()
+                proc.wait()
     if proc.returncode != 0:
         detail = _tail(log)
         if watch is not None and watch.exists():
@@ -277,6 +282,16 @@ def _write_critical_paths(report: dict, out: Path) -> None:
                          f"{_endpoint(seg.get('from', {}))} -> {_endpoint(seg.get('to', {}))}"
                          f"{net}")
     out.write_text("\n".join(lines) + "\n")
+
+
+def _source_revision() -> str | None:
+    """``git describe --always --dirty`` of the tree the design was elaborated from."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def _toolchain_versions() -> dict:
@@ -403,6 +418,7 @@ def build(board: str, json_path: str | os.PathLike | None = None,
         "baud": top.baud,
         "seed": seed,
         "config_params": cfg.as_dict(),
+        "source": _source_revision(),
         "toolchain": _toolchain_versions(),
     }
     text = json.dumps(result, indent=2) + "\n"

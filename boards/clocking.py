@@ -148,12 +148,16 @@ def ecp5_pll(p: ECP5PLLParams, clk_in, clk_out, lock) -> Instance:
     )
 
 
-def pll_sync_domain(m: Module, platform, clk: Signal, lock: Signal, freq_hz: float,
+def pll_sync_domain(m: Module, clk: Signal, lock: Signal, freq_hz: float,
                     *, por_s: float = 15e-6) -> ClockDomain:
     """Make ``clk`` the ``sync`` domain; hold its reset until the PLL has locked for ``por_s``.
 
     The delay also covers the iCE40 quirk that block RAMs read as zero for ~3 us after
     configuration (Amaranth's default iCE40 domain waits 15 us for the same reason).
+
+    No timing constraint is put on ``clk``: after synthesis the net carries another name, so
+    nextpnr would ignore it. nextpnr derives the PLL output's constraint from the board clock's
+    and the divider settings instead ("Derived frequency constraint ... for net ...").
     """
     m.domains.sync = cd_sync = ClockDomain("sync")
     m.domains.por = ClockDomain("por", reset_less=True, local=True)
@@ -170,6 +174,4 @@ def pll_sync_domain(m: Module, platform, clk: Signal, lock: Signal, freq_hz: flo
     with m.Else():
         m.d.por += timer.eq(timer + 1)
     m.d.comb += ResetSignal("sync").eq(~ready)
-    if platform is not None:
-        platform.add_clock_constraint(clk, freq_hz)
     return cd_sync

@@ -32,7 +32,7 @@ class ICEBreakerTop(BoardTop):
         clk = Signal(name="pll_clk")
         lock = Signal(name="pll_lock")
         m.submodules.pll = ice40_pll(self.pll, clk12.io, clk, lock)
-        pll_sync_domain(m, platform, clk, lock, self.pll.out_hz)
+        pll_sync_domain(m, clk, lock, self.pll.out_hz)
 
     def _status_leds(self, m, platform, *, busy, error, link_error, alive):
         self._led(m, platform, "led_g", 0, busy)

@@ -46,7 +46,7 @@ class ULX3STop(BoardTop):
         clk = Signal(name="pll_clk")
         lock = Signal(name="pll_lock")
         m.submodules.pll = ecp5_pll(self.pll, clk25.i, clk, lock)
-        pll_sync_domain(m, platform, clk, lock, self.pll.out_hz)
+        pll_sync_domain(m, clk, lock, self.pll.out_hz)
 
     def _status_leds(self, m, platform, *, busy, error, link_error, alive):
         for i, value in enumerate((alive, busy, error, link_error)):
