@@ -143,5 +143,101 @@ def infer(model_name, backend, config_name, port, batch_size, json_path):
         click.echo(f"wrote {json_path}", err=True)
 
 
+@main.command("train")
+@click.option("--model", "model_name", default="digits-cnn", show_default=True,
+              help="Model from the zoo.")
+@click.option("--method", type=click.Choice(["fp32", "int8-naive", "octo"]), default="octo",
+              show_default=True, help="fp32 (torch), int8-naive (RTN, no LAC/PRC) or octo.")
+@click.option("--backend", type=click.Choice(["golden", "rtl", "board", "host"]),
+              default="golden", show_default=True,
+              help="Where the INT8 GEMMs run (host: exact NumPy GEMMs, no accelerator).")
+@click.option("--config", "config_name", default="sim", show_default=True,
+              help="Accelerator configuration preset.")
+@click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, help="Seed of weights, batches and SR.")
+@click.option("--seeds", help="Comma-separated seeds (e.g. 0,1,2): one run per seed, the table "
+              "shows mean ± sd. Overrides --seed.")
+@click.option("--batch", "batch_size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=1e-2, show_default=True, help="Adam learning rate (cosine decay).")
+@click.option("--no-lac", is_flag=True, help="octo without loss-aware compensation (ablation).")
+@click.option("--no-prc", is_flag=True, help="octo without range clipping (ablation).")
+@click.option("--prc-method", type=click.Choice(["minmax", "sigma"]),
+              help="PRC variant (default: the method's).")
+@click.option("--lac-mode", type=click.Choice(["element", "channel"]),
+              help="LAC granularity (default: the method's).")
+@click.option("--max-steps", type=click.IntRange(min=1), help="Cap steps per epoch (smoke runs).")
+@click.option("--compare", is_flag=True,
+              help="Run fp32, int8-naive, octo, LAC-only and PRC-only with the same seed(s).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the metrics as JSON (with --compare: the octo run's keys plus 'runs').")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder (default: runs/<model>-<method>-<time>).")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoints in --run-dir.")
+def train_command(model_name, method, backend, config_name, epochs, seed, seeds, batch_size, lr,
+                  no_lac, no_prc, prc_method, lac_mode, max_steps, compare, json_path, run_dir,
+                  resume):
+    """Train a zoo model with every GEMM (forward, dX, dW) on the accelerator; compare methods.
+
+    Writes a run folder with metrics.json, a checkpoint per epoch (resumable), training.png
+    (loss and accuracy per epoch) and table.md, and prints the comparison table.
+    """
+    from dataclasses import replace
+
+    from .sw import train as training
+
+    if resume and run_dir is None:
+        raise click.UsageError("--resume needs --run-dir (the folder of the interrupted run)")
+    if compare and (no_lac or no_prc):
+        raise click.UsageError("--compare already runs the LAC-only and PRC-only ablations; "
+                               "drop --no-lac/--no-prc")
+    if method != "octo" and (no_lac or no_prc or prc_method or lac_mode):
+        raise click.UsageError(f"--no-lac/--no-prc/--prc-method/--lac-mode apply to --method "
+                               f"octo, not {method}")
+    try:
+        seed_list = [int(s) for s in seeds.split(",")] if seeds else [seed]
+    except ValueError:
+        raise click.BadParameter(f"{seeds!r} is not a comma-separated list of integers",
+                                 param_hint="--seeds") from None
+    if run_dir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / f"{model_name}-{'compare' if compare else method}-{stamp}"
+    base = training.TrainConfig(
+        model=model_name, method=method, backend=backend, config=config_name, epochs=epochs,
+        batch_size=batch_size, lr=lr, lac=False if no_lac else None,
+        prc=False if no_prc else None, prc_method=prc_method, lac_mode=lac_mode,
+        max_steps=max_steps)
+
+    def log(line):
+        click.echo(line, err=True)
+
+    results = []
+    for s in seed_list:
+        cfg = replace(base, seed=s)
+        folder = run_dir / f"seed{s}" if len(seed_list) > 1 else run_dir
+        if compare:
+            results += training.compare(cfg, folder, resume=resume, progress=True, log=log)
+        else:
+            results.append(training.train(cfg, folder, resume=resume, progress=True, log=log))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    table = training.comparison_table(results)
+    (run_dir / "table.md").write_text(table + "\n")
+    plot = training.plot_runs(results, run_dir / "training.png")
+    click.echo(table)
+    if len(seed_list) > 1 and compare:
+        click.echo("\n" + training.comparison_table(
+            [r for r in results if r["seed"] == seed_list[0]]))
+    click.echo(f"run folder {run_dir} (metrics.json, checkpoint.pt per run; {plot.name})",
+               err=True)
+    if json_path:
+        head = next((r for r in results if r["label"] == "octo"), results[0])
+        out = {k: v for k, v in head.items() if k != "history"}
+        if len(results) > 1:
+            out["runs"] = results
+            out["summary"] = training.summarize_seeds(results)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(out, indent=2) + "\n")
+        click.echo(f"wrote {json_path}", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
