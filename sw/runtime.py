@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from ..errors import BackendUnavailable, DeviceError
 from ..hw.config import AccelConfig, get_config
-from ..hw.isa import Counter, Status
+from ..hw.isa import Counter, Opcode, Status
 
 __all__ = ["Backend", "GoldenBackend", "RtlBackend", "BoardBackend", "Device", "RunStats",
            "BACKENDS", "open_backend"]
@@ -203,7 +203,7 @@ class Device:
         self.stats.programs += 1
         responses = parse_responses(self.config, program, out)
         for instr, resp in zip(program.instructions, responses, strict=True):
-            if instr.opcode.name != "SYNC":
+            if instr.opcode != Opcode.SYNC:  # raw words carry a plain int opcode
                 continue
             if resp.counters:
                 for counter, value in resp.counters.items():

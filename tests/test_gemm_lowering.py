@@ -95,3 +95,14 @@ def test_bad_shapes_and_dtypes_are_named():
                         acc_depth=8, out_depth=8, param_depth=2, mask_bits=64, requant_lanes=1)
     with pytest.raises(ShapeError, match="INP needs 2 words, has 1"):
         plan_gemm(small, 4, 4, 4)
+
+
+def test_device_names_the_status_of_a_faulting_program():
+    from tinyaccel.errors import DeviceError
+    from tinyaccel.hw.isa import Buffer, Status
+    cfg = get_config("ice40")
+    prog = Program(cfg).raw(0xB).load(Buffer.INP, cfg.inp_depth - 1, np.zeros((2, cfg.rows),
+                                                                               np.int8))
+    with Device("golden", cfg) as dev, pytest.raises(DeviceError, match="ILLEGAL_OPCODE") as err:
+        dev.run(prog)
+    assert err.value.status == Status.ILLEGAL_OPCODE and err.value.pc == 0
