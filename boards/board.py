@@ -4,13 +4,14 @@ from collections.abc import Callable
 
 from amaranth.hdl import Elaboratable, Module, Signal
 from amaranth.lib import io, wiring
+from amaranth.lib.wiring import In, Out
 
 from tinyaccel.errors import ConfigError
 from tinyaccel.hw.config import AccelConfig, get_config
 
 from .uart import UARTBridge, baud_divisor
 
-__all__ = ["DEFAULT_BAUD", "BoardTop", "default_accelerator"]
+__all__ = ["DEFAULT_BAUD", "BoardTop", "UARTAccelerator", "default_accelerator"]
 
 #: UART rate of the host link. Both boards' FTDI chips (FT2232H on the iCEBreaker, FT231X on the
 #: ULX3S) run it; it divides the default clocks exactly (12, 25, 30 and 100 MHz).
@@ -23,6 +24,63 @@ def default_accelerator(config: AccelConfig) -> wiring.Component:
     """``tinyaccel.hw.top.Accelerator(config)``, imported when a top is elaborated."""
     from tinyaccel.hw.top import Accelerator
     return Accelerator(config)
+
+
+class UARTAccelerator(wiring.Component):
+    """The accelerator behind the UART bridge: a board adds only clocks, pins and LEDs.
+
+    Parameters
+    ----------
+    config:
+        Accelerator configuration.
+    divisor:
+        Clock cycles per UART bit (:func:`~tinyaccel.boards.uart.baud_divisor`).
+    fifo_depth:
+        Bytes of UART receive buffer.
+    accelerator:
+        ``callable(config) -> component`` (default ``tinyaccel.hw.top.Accelerator``).
+
+    Members
+    -------
+    rx : In(1)
+        Serial line from the host.
+    tx : Out(1)
+        Serial line to the host.
+    busy, error : Out(1)
+        The accelerator's.
+    link_error : Out(1)
+        Sticky: the UART dropped a received byte (FIFO overflow or framing error).
+    """
+
+    rx: In(1, init=1)
+    tx: Out(1, init=1)
+    busy: Out(1)
+    error: Out(1)
+    link_error: Out(1)
+
+    def __init__(self, config: str | AccelConfig, divisor: int, *, fifo_depth: int = 512,
+                 accelerator: Callable[[AccelConfig], wiring.Component] | None = None):
+        self.config = get_config(config)
+        self._divisor = divisor
+        self._fifo_depth = fifo_depth
+        self._accelerator = default_accelerator if accelerator is None else accelerator
+        super().__init__()
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.accelerator = accel = self._accelerator(self.config)
+        m.submodules.bridge = bridge = UARTBridge(self.config.host_width, self._divisor,
+                                                  fifo_depth=self._fifo_depth)
+        wiring.connect(m, bridge.o_stream, accel.i_stream)
+        wiring.connect(m, accel.o_stream, bridge.i_stream)
+        m.d.comb += [
+            bridge.rx.eq(self.rx),
+            self.tx.eq(bridge.tx),
+            self.busy.eq(accel.busy),
+            self.error.eq(accel.error),
+            self.link_error.eq(bridge.overflow | bridge.framing_error),
+        ]
+        return m
 
 
 class BoardTop(Elaboratable):
@@ -97,19 +155,17 @@ class BoardTop(Elaboratable):
         if self.pll is not None:
             self._add_pll_domain(m, platform)
 
-        m.submodules.accelerator = accel = self._accelerator(self.config)
-        m.submodules.bridge = bridge = UARTBridge(self.config.host_width, self.divisor,
-                                                  fifo_depth=self.fifo_depth)
+        m.submodules.core = core = UARTAccelerator(self.config, self.divisor,
+                                                   fifo_depth=self.fifo_depth,
+                                                   accelerator=self._accelerator)
         uart = platform.request("uart", 0, dir="-")
         m.submodules.uart_rx = uart_rx = io.Buffer("i", uart.rx)
         m.submodules.uart_tx = uart_tx = io.Buffer("o", uart.tx)
-        m.d.comb += [bridge.rx.eq(uart_rx.i), uart_tx.o.eq(bridge.tx)]
-        wiring.connect(m, bridge.o_stream, accel.i_stream)
-        wiring.connect(m, accel.o_stream, bridge.i_stream)
+        m.d.comb += [core.rx.eq(uart_rx.i), uart_tx.o.eq(core.tx)]
 
-        busy, alive = self._led_timing(m, accel.busy)
-        self._status_leds(m, platform, busy=busy, error=accel.error,
-                          link_error=bridge.overflow | bridge.framing_error, alive=alive)
+        busy, alive = self._led_timing(m, core.busy)
+        self._status_leds(m, platform, busy=busy, error=core.error, link_error=core.link_error,
+                          alive=alive)
         return m
 
     def _led_timing(self, m, busy_pulses):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from .icebreaker import ICEBreakerPlatform, ICEBreakerTop
 from .ulx3s import ULX3SBuildPlatform, ULX3STop
 
 __all__ = ["BOARDS", "BoardSpec", "BuildError", "build", "prepare", "summarize_report",
-           "resolve_tool"]
+           "log_utilization", "resolve_tool"]
 
 #: Where each tool comes from on PyPI.
 TOOL_PACKAGES = {
@@ -241,6 +242,41 @@ def summarize_report(board: str, report: dict, clock_mhz: float) -> dict:
     return result
 
 
+_UTILISATION_LINE = re.compile(r"^Info:\s+(\w+):\s+(\d+)/\s*(\d+)\s+\d+%", re.MULTILINE)
+
+
+def log_utilization(log_text: str) -> dict:
+    """nextpnr's "Device utilisation" table from its log, in the ``--report`` layout.
+
+    The JSON report is only written after routing; the log has the table as soon as the design
+    is packed, which is what tells why a design does not fit.
+    """
+    return {"utilization": {cell: {"used": int(used), "available": int(total)}
+                            for cell, used, total in _UTILISATION_LINE.findall(log_text)}}
+
+
+def _overfull(spec: BoardSpec, log: Path) -> dict | None:
+    try:
+        usage = log_utilization(log.read_text(errors="replace"))
+    except OSError:
+        return None
+    over = [f"{cell} {u['used']}/{u['available']}" for cell, u in usage["utilization"].items()
+            if u["used"] > u["available"]]
+    if not over:
+        return None
+    dsp_used, dsp_total = _cells(usage, spec.dsp_cell)
+    lut_used, lut_total = _cells(usage, spec.lut_cell)
+    bram_used, bram_total = _cells(usage, spec.bram_cell)
+    return {
+        "over": over,
+        "dsp_used": dsp_used, "dsp_total": dsp_total,
+        "lut_used": lut_used, "lut_total": lut_total,
+        "bram_used": bram_used, "bram_total": bram_total,
+        "cells": {c: dict(zip(("used", "total"), _cells(usage, c), strict=True))
+                  for c in (spec.lut_cell, spec.dsp_cell, spec.bram_cell, *spec.extra_cells)},
+    }
+
+
 def _endpoint(seg: dict) -> str:
     return f"{seg.get('cell', '?')}.{seg.get('port', '?')}"
 
@@ -384,48 +420,68 @@ def build(board: str, json_path: str | os.PathLike | None = None,
 
     commands = json.loads(plan.files["build_top.json"])["commands"]
     watches = {"yosys": "top.rpt", "nextpnr": "top.tim"}
+    cfg = top.config
+    result = {"board": spec.name, "config": cfg.name, "macs": cfg.macs}
+
+    def finish(extra):
+        result.update(extra)
+        result.update({
+            "wall_s": round(time.monotonic() - start, 1),
+            "step_s": step_s,
+            "baud": top.baud,
+            "seed": seed,
+            "config_params": cfg.as_dict(),
+            "source": _source_revision(),
+            "toolchain": _toolchain_versions(),
+        })
+        text = json.dumps(result, indent=2) + "\n"
+        (build_dir / "result.json").write_text(text)
+        if json_path is not None:
+            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_path).write_text(text)
+
     for index, argv in enumerate(commands, start=1):
         tool = argv[0]
         name = steps[index] if index < total else tool
         progress(name, index, total, "")
         watch = next((build_dir / f for key, f in watches.items() if tool.startswith(key)), None)
-        seconds = _run_step([tools[tool], *argv[1:]], build_dir, build_dir / f"{tool}.log",
-                            watch, lambda detail, name=name, index=index:
-                            progress(name, index, total, detail))
+        try:
+            seconds = _run_step([tools[tool], *argv[1:]], build_dir, build_dir / f"{tool}.log",
+                                watch, lambda detail, name=name, index=index:
+                                progress(name, index, total, detail))
+        except BuildError:
+            over = _overfull(spec, build_dir / "top.tim") if tool.startswith("nextpnr") else None
+            if not over:
+                raise
+            # The design does not fit the device: report what it needs, then fail.
+            finish({**over, "fits": False, "fmax_mhz": None, "peak_gops": None,
+                    "timing_met": False, "bitstream": None})
+            unfit = BuildError(f"the design does not fit the {spec.name} FPGA: "
+                               + ", ".join(over["over"]) + f" (details in {build_dir})")
+            unfit.result = result
+            raise unfit from None
         step_s[tool] = round(seconds, 2)
 
     report = json.loads((build_dir / "top.report.json").read_text())
     _write_critical_paths(report, build_dir / "critical_paths.txt")
     summary = summarize_report(spec.name, report, top.frequency / 1e6)
-    cfg = top.config
-    result = {
-        "board": spec.name,
-        "config": cfg.name,
-        "macs": cfg.macs,
+    finish({
+        "fits": True,
         "fmax_mhz": summary["fmax_mhz"],
         "clock_mhz": summary["clock_mhz"],
         "timing_met": summary["timing_met"],
         "peak_gops": round(2 * cfg.macs * summary["fmax_mhz"] / 1000, 3),
+        # what this bitstream delivers: it runs at the PLL clock, not at Fmax
+        "peak_gops_at_clock": round(
+            2 * cfg.macs * min(summary["fmax_mhz"], summary["clock_mhz"]) / 1000, 3),
         "dsp_used": summary["dsp_used"], "dsp_total": summary["dsp_total"],
         "lut_used": summary["lut_used"], "lut_total": summary["lut_total"],
         "bram_used": summary["bram_used"], "bram_total": summary["bram_total"],
         "bitstream": str((build_dir / spec.bitstream).resolve()),
-        "wall_s": round(time.monotonic() - start, 1),
-        "step_s": step_s,
         "clock_net": summary["clock_net"],
         "critical_path": summary.get("critical_path"),
         "cells": summary["cells"],
-        "baud": top.baud,
-        "seed": seed,
-        "config_params": cfg.as_dict(),
-        "source": _source_revision(),
-        "toolchain": _toolchain_versions(),
-    }
-    text = json.dumps(result, indent=2) + "\n"
-    (build_dir / "result.json").write_text(text)
-    if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(text)
+    })
     progress("done", total, total, "")
     return result
 
@@ -446,6 +502,8 @@ def main(argv=None) -> int:
         result = build(args.board, args.json_path, config=args.config, clock_mhz=args.clock_mhz,
                        seed=args.seed, build_root=args.build_root, **kwargs)
     except TinyAccelError as error:
+        if getattr(error, "result", None) is not None:
+            print(json.dumps(error.result, indent=2))
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2))

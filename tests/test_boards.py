@@ -395,6 +395,38 @@ def test_board_top_parameters():
         ICEBreakerTop(baud=10_000_000, clock_hz=None).divisor  # noqa: B018
 
 
+def test_uart_accelerator_end_to_end():
+    """Host bytes over the serial line into the real accelerator (ice40 preset) and back:
+    LOAD, STORE, SYNC round-trip exactly, as a board would answer the driver."""
+    pytest.importorskip("tinyaccel.hw.top")
+    import numpy as np
+
+    from tinyaccel.boards.board import UARTAccelerator
+    from tinyaccel.hw.isa import Buffer
+    from tinyaccel.hw.protocol import Program, StatusReport, pack_words
+
+    config = get_config("ice40")
+    divisor = 4
+    weights = np.arange(-6, 6, dtype=np.int8).reshape(3, config.cols)
+    program = Program(config).load(Buffer.WGT, 5, weights).store(Buffer.WGT, 5, 3).sync()
+    host_in = list(program.to_bytes())
+    expect = pack_words(config, Buffer.WGT, weights)
+    n_out = len(expect) + 16
+    dut = UARTAccelerator(config, divisor, fifo_depth=64)
+
+    async def line(ctx):
+        await _drive_line(ctx, dut.rx, host_in, divisor)
+
+    async def host(ctx):
+        got = bytes(await _read_line(ctx, dut.tx, n_out, divisor))
+        assert got[:len(expect)] == expect
+        report = StatusReport.from_bytes(got[len(expect):])
+        assert report.ok and report.instructions == 3
+        assert ctx.get(dut.link_error) == 0 and ctx.get(dut.error) == 0
+
+    _run(dut, host, background=[line])
+
+
 def test_real_accelerator_elaborates_on_icebreaker():
     pytest.importorskip("tinyaccel.hw.top")
     plan = board_build.prepare("icebreaker")
@@ -433,6 +465,17 @@ def test_parse_nextpnr_report():
     assert r["lut_used"] == 3000 and r["lut_total"] == 5280
     assert r["bram_used"] == 20 and r["bram_total"] == 30
     assert r["timing_met"] is True
+
+
+def test_log_utilization_finds_overfull_device():
+    log = """Info: Device utilisation:
+Info: 	         ICESTORM_LC:    9434/   5280   178%
+Info: 	        ICESTORM_RAM:      23/     30    76%
+Info: 	        ICESTORM_DSP:      13/      8   162%
+"""
+    usage = board_build.log_utilization(log)["utilization"]
+    assert usage["ICESTORM_LC"] == {"used": 9434, "available": 5280}
+    assert usage["ICESTORM_DSP"] == {"used": 13, "available": 8}
 
 
 @pytest.mark.slow
