@@ -17,14 +17,10 @@ reach ~97 % test accuracy in 2-3 s on one CPU thread. (Flatten rather than globa
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from .data import fit_classifier, load_digits_split
-
-__all__ = ["DigitsCNN", "build", "train_fp32", "save", "load", "DEFAULT_EPOCHS", "NAME"]
+__all__ = ["DigitsCNN", "DEFAULT_EPOCHS", "NAME"]
 
 NAME = "digits-cnn"
 DEFAULT_EPOCHS = 20
@@ -50,32 +46,3 @@ class DigitsCNN(nn.Module):
         x = self.relu3(self.conv3(x))
         return self.fc(self.flatten(x))
 
-
-def build(seed: int = 0) -> DigitsCNN:
-    """A freshly initialized :class:`DigitsCNN`, its weights drawn from ``seed``."""
-    torch.manual_seed(seed)
-    return DigitsCNN()
-
-
-def train_fp32(epochs: int = DEFAULT_EPOCHS, seed: int = 0) -> tuple[DigitsCNN, dict]:
-    """Train a :class:`DigitsCNN` in FP32 on the fixed digits split; returns ``(model, metrics)``.
-
-    Deterministic: the same ``(epochs, seed)`` gives the same weights bit for bit.
-    """
-    model = build(seed)
-    metrics = fit_classifier(model, load_digits_split(), epochs=epochs, seed=seed, lr=1e-2)
-    return model, metrics
-
-
-def save(model: nn.Module, metrics: dict, path: str | Path) -> Path:
-    """Save weights and metrics to ``path`` as .npz (see :func:`tinyaccel.models.zoo.save`)."""
-    from .zoo import save as zoo_save
-
-    return zoo_save(NAME, model, metrics, path)
-
-
-def load(path: str | Path) -> tuple[DigitsCNN, dict]:
-    """Load a :class:`DigitsCNN` saved by :func:`save`; returns ``(model, metrics)``."""
-    from .zoo import load as zoo_load
-
-    return zoo_load(NAME, path)

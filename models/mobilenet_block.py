@@ -22,15 +22,10 @@ quantizer), a residual add whose output is signed, windowed and global average p
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from .data import fit_classifier, load_digits_split
-
-__all__ = ["ConvBNReLU6", "InvertedResidual", "MobileNetBlockNet", "build", "train_fp32", "save",
-           "load", "DEFAULT_EPOCHS", "NAME"]
+__all__ = ["ConvBNReLU6", "InvertedResidual", "MobileNetBlockNet", "DEFAULT_EPOCHS", "NAME"]
 
 NAME = "mobilenet-block"
 DEFAULT_EPOCHS = 20
@@ -84,32 +79,3 @@ class MobileNetBlockNet(nn.Module):
         x = self.sep_pw(self.sep_dw(x))
         return self.fc(self.flatten(self.gap(x)))
 
-
-def build(seed: int = 0) -> MobileNetBlockNet:
-    """A freshly initialized :class:`MobileNetBlockNet`, its weights drawn from ``seed``."""
-    torch.manual_seed(seed)
-    return MobileNetBlockNet()
-
-
-def train_fp32(epochs: int = DEFAULT_EPOCHS, seed: int = 0) -> tuple[MobileNetBlockNet, dict]:
-    """Train a :class:`MobileNetBlockNet` in FP32 on the fixed digits split -> ``(model, metrics)``.
-
-    Deterministic: the same ``(epochs, seed)`` gives the same weights bit for bit.
-    """
-    model = build(seed)
-    metrics = fit_classifier(model, load_digits_split(), epochs=epochs, seed=seed, lr=1e-2)
-    return model, metrics
-
-
-def save(model: nn.Module, metrics: dict, path: str | Path) -> Path:
-    """Save weights and metrics to ``path`` as .npz (see :func:`tinyaccel.models.zoo.save`)."""
-    from .zoo import save as zoo_save
-
-    return zoo_save(NAME, model, metrics, path)
-
-
-def load(path: str | Path) -> tuple[MobileNetBlockNet, dict]:
-    """Load a :class:`MobileNetBlockNet` saved by :func:`save`; returns ``(model, metrics)``."""
-    from .zoo import load as zoo_load
-
-    return zoo_load(NAME, path)

@@ -28,7 +28,6 @@ import hashlib
 import inspect
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,14 +47,27 @@ _META_KEY = "__meta__"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One entry of the zoo: how to build and train a model, and what it is."""
+    """One entry of the zoo: the network, how to train it, and what it is."""
 
     name: str
-    build: Callable[..., nn.Module]  #: ``build(seed=0)`` -> untrained model
-    train_fp32: Callable[..., tuple[nn.Module, dict]]  #: ``(epochs, seed)`` -> (model, metrics)
+    module_class: type[nn.Module]  #: the network; constructed without arguments
     default_epochs: int
     input_shape: tuple[int, int, int]  #: per-sample C x H x W
     description: str
+    lr: float = 1e-2
+
+    def build(self, seed: int = 0) -> nn.Module:
+        """A freshly initialized model, its weights drawn from ``seed``."""
+        torch.manual_seed(seed)
+        return self.module_class()
+
+    def train_fp32(self, epochs: int | None = None, seed: int = 0) -> tuple[nn.Module, dict]:
+        """Train in FP32 on the fixed digits split -> ``(model, metrics)``; deterministic."""
+        model = self.build(seed)
+        epochs = self.default_epochs if epochs is None else epochs
+        metrics = data.fit_classifier(model, data.load_digits_split(), epochs=epochs, seed=seed,
+                                      lr=self.lr)
+        return model, metrics
 
     def load_or_train(self, seed: int = 0, epochs: int | None = None,
                       directory: str | Path | None = None) -> tuple[nn.Module, dict]:
@@ -65,11 +77,11 @@ class ModelSpec:
 
 
 MODELS: dict[str, ModelSpec] = {
-    digits.NAME: ModelSpec(digits.NAME, digits.build, digits.train_fp32, digits.DEFAULT_EPOCHS,
-                           (1, 8, 8), "3 conv + ReLU, flatten, linear (digits 8x8)"),
+    digits.NAME: ModelSpec(digits.NAME, digits.DigitsCNN, digits.DEFAULT_EPOCHS, (1, 8, 8),
+                           "3 conv + ReLU, flatten, linear (digits 8x8)"),
     mobilenet_block.NAME: ModelSpec(
-        mobilenet_block.NAME, mobilenet_block.build, mobilenet_block.train_fp32,
-        mobilenet_block.DEFAULT_EPOCHS, (1, 8, 8),
+        mobilenet_block.NAME, mobilenet_block.MobileNetBlockNet, mobilenet_block.DEFAULT_EPOCHS,
+        (1, 8, 8),
         "stem, inverted residual (depthwise, ReLU6, add), avgpool, separable conv, GAP, linear"),
 }
 
@@ -97,7 +109,7 @@ def train_fp32(name: str, epochs: int | None = None, seed: int = 0) -> tuple[nn.
 def recipe(name: str) -> str:
     """A hash of the code that trains model ``name`` (its module, the data split and the loop)."""
     spec = get(name)
-    module = inspect.getmodule(spec.build)
+    module = inspect.getmodule(spec.module_class)
     digest = hashlib.sha256()
     for source in (module, data):
         digest.update(inspect.getsource(source).encode())
