@@ -15,6 +15,7 @@ from .dispatcher import Dispatcher
 from .gemm_unit import GemmUnit
 from .isa import Buffer, Counter
 from .load_unit import LoadUnit
+from .requant import RequantUnit
 from .scratchpads import Scratchpad, geometry
 from .store_unit import StoreUnit
 
@@ -52,7 +53,8 @@ class Accelerator(wiring.Component):
         m.submodules.load = load = LoadUnit(cfg)
         m.submodules.store = store = StoreUnit(cfg)
         m.submodules.gemm = gemm = GemmUnit(cfg)
-        units = {"load": load, "store": store, "gemm": gemm}
+        m.submodules.requant = requant = RequantUnit(cfg)
+        units = {"load": load, "store": store, "gemm": gemm, "requant": requant}
 
         wiring.connect(m, wiring.flipped(self.i_stream), decoder.i_stream)
         wiring.connect(m, decoder.o_instr, disp.i_instr)

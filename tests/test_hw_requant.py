@@ -1,0 +1,78 @@
+"""RequantPipeline against tinyaccel.sim.numerics.requantize (section 6), lane by lane."""
+
+import numpy as np
+from amaranth.sim import Simulator
+from hw_tb import seed_from_env
+
+from tinyaccel.hw.requant import LATENCY, RequantPipeline
+from tinyaccel.sim.numerics import requantize
+
+I32 = np.iinfo(np.int32)
+FIELDS = ("bias", "multiplier", "shift", "zero_point", "clamp_min", "clamp_max")
+
+
+def corner_values(rng, n):
+    """Random parameters with a heavy share of the values where section 6 saturates/rounds."""
+    def pick(special, lo, hi):
+        out = rng.integers(lo, hi + 1, n, dtype=np.int64)
+        hit = rng.random(n) < 0.4
+        out[hit] = rng.choice(np.array(special, np.int64), hit.sum())
+        return out
+    edges32 = [I32.min, I32.min + 1, -1, 0, 1, 1 << 30, -(1 << 30), I32.max, I32.max - 1]
+    return {
+        "acc": pick(edges32 + [1 << 20, -(1 << 20), 12345], I32.min, I32.max).astype(np.int32),
+        "bias": pick(edges32, I32.min, I32.max),
+        "multiplier": pick(edges32 + [(1 << 31) - 7], I32.min, I32.max),
+        "shift": pick([-128, -32, -31, -30, -1, 0, 1, 30, 31, 32, 127], -40, 40),
+        "zero_point": pick([-128, 0, 127], -128, 127),
+        "clamp_min": pick([-128, 0, 127], -128, 127),
+        "clamp_max": pick([-128, 0, 127], -128, 127),
+    }
+
+
+def test_requant_pipeline_random():
+    seed = seed_from_env()
+    print(f"seed={seed}")
+    rng = np.random.default_rng(seed)
+    lanes, n = 2, 600
+    v = corner_values(rng, n * lanes)
+    want = requantize(v["acc"], **{f: v[f] for f in FIELDS}).reshape(n, lanes)
+    acc = v["acc"].reshape(n, lanes)
+    params = {f: v[f].reshape(n, lanes) for f in FIELDS}
+    valid = rng.random(n) < 0.8
+    dut = RequantPipeline(lanes, tag_shape=16)
+    got = {}
+
+    async def driver(ctx):
+        for s in range(n):
+            ctx.set(dut.i_stream.valid, int(valid[s]))
+            ctx.set(dut.i_stream.payload, {
+                "acc": [int(x) for x in acc[s]],
+                "params": [{f: int(params[f][s, lane]) for f in FIELDS} for lane in range(lanes)],
+                "tag": s})
+            await ctx.tick()
+        ctx.set(dut.i_stream.valid, 0)
+        for _ in range(LATENCY + 2):
+            await ctx.tick()
+
+    async def monitor(ctx):
+        cycle = 0
+        async for _, _, out_valid, payload in ctx.tick().sample(dut.o_stream.valid,
+                                                          dut.o_stream.payload):
+            if out_valid:
+                got[payload.tag] = ([payload.out[lane] for lane in range(lanes)], cycle)
+            cycle += 1
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(driver)
+    sim.add_testbench(monitor, background=True)
+    sim.run()
+
+    assert sorted(got) == [s for s in range(n) if valid[s]], f"seed {seed}"
+    for s, (out, cycle) in got.items():
+        assert cycle == s + LATENCY, f"seed {seed}: latency of input {s}"
+        assert out == list(want[s]), (
+            f"seed {seed}, input {s}: acc={list(acc[s])} "
+            f"params={[{f: int(params[f][s, lane]) for f in FIELDS} for lane in range(lanes)]}"
+            f" -> {out}, expected {list(want[s])}")
