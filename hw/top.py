@@ -15,6 +15,7 @@ from .dispatcher import Dispatcher
 from .gemm_unit import GemmUnit
 from .isa import Buffer, Counter
 from .load_unit import LoadUnit
+from .patch_unit import PatchSkipUnit
 from .requant import RequantUnit
 from .scratchpads import Scratchpad, geometry
 from .store_unit import StoreUnit
@@ -54,7 +55,8 @@ class Accelerator(wiring.Component):
         m.submodules.store = store = StoreUnit(cfg)
         m.submodules.gemm = gemm = GemmUnit(cfg)
         m.submodules.requant = requant = RequantUnit(cfg)
-        units = {"load": load, "store": store, "gemm": gemm, "requant": requant}
+        m.submodules.patch = patch = PatchSkipUnit(cfg)
+        units = {"load": load, "store": store, "gemm": gemm, "requant": requant, "patch": patch}
 
         wiring.connect(m, wiring.flipped(self.i_stream), decoder.i_stream)
         wiring.connect(m, decoder.o_instr, disp.i_instr)

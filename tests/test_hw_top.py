@@ -15,7 +15,8 @@ from tinyaccel.hw.protocol import Program, channel_params
 from tinyaccel.sim.randprog import corner_programs, random_program
 
 #: Opcodes the hardware executes (all of them: see docs/architecture.md section 11).
-IMPLEMENTED = [Opcode.NOP, Opcode.LOAD, Opcode.STORE, Opcode.GEMM, Opcode.REQUANT, Opcode.SYNC]
+IMPLEMENTED = [Opcode.NOP, Opcode.LOAD, Opcode.STORE, Opcode.GEMM, Opcode.REQUANT, Opcode.PATCH,
+               Opcode.SYNC]
 
 
 def layer_program(cfg, rng) -> Program:
@@ -79,3 +80,29 @@ def test_unfolded_params_one_lane():
     cfg = small_config(rows=8, cols=8, host_width=64, requant_lanes=1)
     program = layer_program(cfg, np.random.default_rng(seed))
     check_against_golden(cfg, program, seed=seed, gaps=0.1, backpressure=0.1)
+
+
+def test_patch_then_gated_gemm():
+    """PASS: PATCH marks changed tiles (with merge), refreshes references; GEMM skips the rest."""
+    seed = seed_from_env()
+    print(f"seed={seed}")
+    rng = np.random.default_rng(seed)
+    cfg = small_config()
+    k, blocks = 3, 5
+    ref = rng.integers(-128, 128, (blocks * k, cfg.rows), dtype=np.int8)
+    new = ref.copy()
+    new[1 * k + 2, 1] = np.clip(int(new[1 * k + 2, 1]) + 4, -128, 127)  # within threshold 4
+    new[2 * k, 0] = np.int8(-int(new[2 * k, 0]) - 1)  # large change
+    new[4 * k + 1] = np.int8(127) - new[4 * k + 1]  # large change
+    p = Program(cfg)
+    p.load(Buffer.INP, 0, ref).load(Buffer.INP, 32, new)
+    p.load(Buffer.MASK, 0, np.array([0b1000_0000], np.uint64))
+    p.load(Buffer.WGT, 0, rng.integers(-128, 128, (k, cfg.cols), dtype=np.int8))
+    p.gemm(0, 0, 0, k=k, m_blocks=blocks, n_blocks=1)  # dense ACC of the references
+    p.patch(32, 0, k=k, blocks=blocks, threshold=4, mask_idx=5, merge=0)
+    p.patch(32, 0, k=k, blocks=2, threshold=4, mask_idx=7, merge=1)  # bit 7 stays set
+    p.store(Buffer.MASK, 0, 1).store(Buffer.INP, 0, blocks * k)
+    p.gemm(0, 0, 0, k=k, m_blocks=blocks, n_blocks=1, gate=1, mask_idx=5)
+    p.store(Buffer.ACC, 0, blocks * cfg.rows)
+    items, _ = check_against_golden(cfg, p.sync(counters=True), seed=seed)
+    assert items[-1].counters[Counter.MACS_SKIPPED] == 3 * k * cfg.macs

@@ -1,0 +1,136 @@
+"""PASS patch-skip unit: compares INP tiles with their references, writes MASK, refreshes refs."""
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from .config import AccelConfig
+from .control import UnitControl
+from .isa import ADDR_BITS, BLOCKS_BITS, COUNT_BITS, MASK_IDX_BITS, Buffer, PatchOperands
+from .scratchpads import ReadClient, WriteClient, geometry
+
+__all__ = ["PatchSkipUnit"]
+
+
+class PatchSkipUnit(wiring.Component):
+    """Executes PATCH (section 7), one block of ``k`` INP words at a time.
+
+    1. Compare: the new and the reference word alternate on INP's single read port (two cycles
+       per word); all ``rows`` lanes of ``|new - ref| > threshold`` are ORed into ``changed``.
+       The compare stops as soon as ``changed`` is set (the rest cannot change the outcome).
+    2. MASK read-modify-write of bit ``mask_idx + b``: ``changed or (merge and old)``.
+    3. If changed, copy: one word per cycle, read new, write it over the reference.
+
+    A block costs ``2k + 4`` cycles when unchanged and at most ``3k + 5`` when changed.
+    """
+
+    def __init__(self, config: AccelConfig):
+        self._config = config
+        g = {buf: geometry(config, buf) for buf in Buffer}
+        super().__init__({
+            "ctrl": In(UnitControl(PatchOperands)),
+            "rd_inp": Out(ReadClient(g[Buffer.INP])),
+            "wr_inp": Out(WriteClient(g[Buffer.INP])),
+            "rd_mask": Out(ReadClient(g[Buffer.MASK])),
+            "wr_mask": Out(WriteClient(g[Buffer.MASK])),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        rows = self._config.rows
+        word_layout = data.ArrayLayout(signed(8), rows)
+
+        cmd = Signal(PatchOperands)
+        b = Signal(BLOCKS_BITS)
+        t = Signal(COUNT_BITS)
+        new_ptr = Signal(ADDR_BITS + 1)
+        ref_ptr = Signal(ADDR_BITS + 1)
+        mask_pos = Signal(MASK_IDX_BITS + 1)
+        changed = Signal()
+        last_t = t == cmd.k - 1
+
+        # what the INP read port shows this cycle (issued last cycle)
+        shows_new, shows_ref = Signal(), Signal()
+        new_word = Signal(word_layout)
+        port = data.View(word_layout, self.rd_inp.data)
+        with m.If(shows_new):
+            m.d.sync += new_word.eq(port)
+        with m.If(shows_ref):
+            over = []
+            for r in range(rows):
+                diff = new_word[r] - port[r]
+                over.append(Mux(diff < 0, -diff, diff) > cmd.threshold)
+            with m.If(Cat(*over).any()):
+                m.d.sync += changed.eq(1)
+        m.d.sync += [shows_new.eq(0), shows_ref.eq(0)]
+
+        # copy write, one cycle behind its read
+        copy_valid = Signal()
+        copy_addr = Signal(ADDR_BITS + 1)
+        m.d.sync += copy_valid.eq(0)
+        m.d.comb += [
+            self.wr_inp.addr.eq(copy_addr),
+            self.wr_inp.data.eq(self.rd_inp.data),
+            self.wr_inp.en.eq(Mux(copy_valid, (1 << len(self.wr_inp.en)) - 1, 0)),
+            self.rd_mask.addr.eq(mask_pos >> 6),
+            self.wr_mask.addr.eq(mask_pos >> 6),
+        ]
+
+        busy = Signal()
+        m.d.comb += self.ctrl.busy[0].eq(busy | copy_valid)
+
+        with m.FSM():
+            with m.State("IDLE"):
+                with m.If(self.ctrl.start):
+                    c = self.ctrl.cmd
+                    m.d.sync += [cmd.eq(c), b.eq(0), new_ptr.eq(c.new_addr),
+                                 ref_ptr.eq(c.ref_addr), mask_pos.eq(c.mask_idx)]
+                    with m.If(c.blocks != 0):
+                        m.d.sync += busy.eq(1)
+                        m.next = "BLOCK"
+            with m.State("BLOCK"):
+                m.d.sync += [t.eq(0), changed.eq(0)]
+                m.next = "READ_NEW"
+            with m.State("READ_NEW"):
+                with m.If(changed):  # decided: skip the rest of the compare
+                    m.next = "MASK_READ"
+                with m.Else():
+                    m.d.comb += [self.rd_inp.addr.eq(new_ptr + t), self.rd_inp.en.eq(1)]
+                    m.d.sync += shows_new.eq(1)
+                    m.next = "READ_REF"
+            with m.State("READ_REF"):
+                m.d.comb += [self.rd_inp.addr.eq(ref_ptr + t), self.rd_inp.en.eq(1)]
+                m.d.sync += [shows_ref.eq(1), t.eq(t + 1)]
+                m.next = "READ_NEW"
+                with m.If(last_t):
+                    m.next = "LAST_COMPARE"
+            with m.State("LAST_COMPARE"):  # the last reference word is being compared
+                m.next = "MASK_READ"
+            with m.State("MASK_READ"):
+                m.d.comb += self.rd_mask.en.eq(1)
+                m.next = "MASK_WRITE"
+            with m.State("MASK_WRITE"):
+                old = self.rd_mask.data
+                pos = mask_pos[:6]
+                bit = changed | (cmd.merge & old.bit_select(pos, 1))
+                m.d.comb += [
+                    self.wr_mask.data.eq(old & ~(Const(1, 64) << pos) | (bit << pos)),
+                    self.wr_mask.en.eq((1 << len(self.wr_mask.en)) - 1),
+                ]
+                m.d.sync += t.eq(0)
+                m.next = "NEXT"
+                with m.If(changed):
+                    m.next = "COPY"
+            with m.State("COPY"):
+                m.d.comb += [self.rd_inp.addr.eq(new_ptr + t), self.rd_inp.en.eq(1)]
+                m.d.sync += [copy_valid.eq(1), copy_addr.eq(ref_ptr + t), t.eq(t + 1)]
+                with m.If(last_t):
+                    m.next = "NEXT"
+            with m.State("NEXT"):
+                m.d.sync += [b.eq(b + 1), new_ptr.eq(new_ptr + cmd.k), ref_ptr.eq(ref_ptr + cmd.k),
+                             mask_pos.eq(mask_pos + 1)]
+                m.next = "BLOCK"
+                with m.If(b == cmd.blocks - 1):
+                    m.d.sync += busy.eq(0)
+                    m.next = "IDLE"
+        return m
