@@ -44,18 +44,10 @@ from .isa import (
     StatusRecord,
 )
 from .load_unit import LoadCommand
+from .sgq_encoder import SgqCommand
 from .store_unit import StoreCommand
 
-__all__ = ["SgqCommand", "Dispatcher"]
-
-
-class SgqCommand(data.Struct):
-    """SGQ operands plus ``zero``: send a zero length instead of encoding."""
-    out_addr: unsigned(16)
-    count: unsigned(16)
-    stripe_len: unsigned(8)
-    max_shift: unsigned(3)
-    zero: unsigned(1)
+__all__ = ["Dispatcher"]
 
 
 class Dispatcher(wiring.Component):
@@ -157,10 +149,7 @@ class Dispatcher(wiring.Component):
             self.gemm.cmd.eq(ops.gemm),
             self.requant.cmd.eq(ops.requant),
             self.patch.cmd.eq(ops.patch),
-            self.sgq.cmd.out_addr.eq(ops.sgq.out_addr),
-            self.sgq.cmd.count.eq(ops.sgq.count),
-            self.sgq.cmd.stripe_len.eq(ops.sgq.stripe_len),
-            self.sgq.cmd.max_shift.eq(ops.sgq.max_shift),
+            self.sgq.cmd.operands.eq(ops.sgq),
             self.sgq.cmd.zero.eq(~execute),
         ]
 

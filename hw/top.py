@@ -18,6 +18,7 @@ from .load_unit import LoadUnit
 from .patch_unit import PatchSkipUnit
 from .requant import RequantUnit
 from .scratchpads import Scratchpad, geometry
+from .sgq_encoder import StripeEncoder
 from .store_unit import StoreUnit
 
 __all__ = ["Accelerator", "generate_verilog"]
@@ -56,7 +57,9 @@ class Accelerator(wiring.Component):
         m.submodules.gemm = gemm = GemmUnit(cfg)
         m.submodules.requant = requant = RequantUnit(cfg)
         m.submodules.patch = patch = PatchSkipUnit(cfg)
-        units = {"load": load, "store": store, "gemm": gemm, "requant": requant, "patch": patch}
+        m.submodules.sgq = sgq = StripeEncoder(cfg)
+        units = {"load": load, "store": store, "gemm": gemm, "requant": requant, "patch": patch,
+                 "sgq": sgq}
 
         wiring.connect(m, wiring.flipped(self.i_stream), decoder.i_stream)
         wiring.connect(m, decoder.o_instr, disp.i_instr)
@@ -77,7 +80,7 @@ class Accelerator(wiring.Component):
                 wiring.connect(m, client, pad.wr[i])
 
         # -- response stream: exactly one source is active at a time (in-order issue) -------
-        sources = [store.o_stream, disp.o_stream]
+        sources = [store.o_stream, sgq.o_stream, disp.o_stream]
         m.d.comb += [
             self.o_stream.valid.eq(reduce(or_, [s.valid for s in sources])),
             self.o_stream.payload.eq(reduce(or_, [Mux(s.valid, s.payload, 0) for s in sources])),

@@ -15,8 +15,7 @@ from tinyaccel.hw.protocol import Program, channel_params
 from tinyaccel.sim.randprog import corner_programs, random_program
 
 #: Opcodes the hardware executes (all of them: see docs/architecture.md section 11).
-IMPLEMENTED = [Opcode.NOP, Opcode.LOAD, Opcode.STORE, Opcode.GEMM, Opcode.REQUANT, Opcode.PATCH,
-               Opcode.SYNC]
+IMPLEMENTED = list(Opcode)
 
 
 def layer_program(cfg, rng) -> Program:
@@ -106,3 +105,23 @@ def test_patch_then_gated_gemm():
     p.store(Buffer.ACC, 0, blocks * cfg.rows)
     items, _ = check_against_golden(cfg, p.sync(counters=True), seed=seed)
     assert items[-1].counters[Counter.MACS_SKIPPED] == 3 * k * cfg.macs
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_sgq_encoder(wide):
+    """SGQ groups with zero (BASE) stripes, narrow and wide ranges, every max_shift."""
+    seed = seed_from_env()
+    print(f"seed={seed}")
+    rng = np.random.default_rng(seed)
+    cfg = small_config(rows=8, cols=8, host_width=64, requant_lanes=1) if wide else \
+        small_config()
+    n = 12
+    out = rng.integers(-128, 128, (n, cfg.cols), dtype=np.int8)
+    out[0:2] = 0  # a BASE stripe after ReLU
+    out[2:4] = rng.integers(0, 3, (2, cfg.cols))  # fits 2 bits
+    out[4:6] = rng.integers(-20, -9, (2, cfg.cols))  # 4 bits, offset from base
+    out[6:8] = -128
+    p = Program(cfg).load(Buffer.OUT, 0, out)
+    p.sgq(0, 8, 2, 0).sgq(0, 12, 2, 3).sgq(2, 10, 5, 7).sgq(0, 12, 12, 1).sgq(4, 0, 3, 2)
+    p.sgq(0, 1, 1, 5).sgq(0, 4, 2, 0)  # the last: base 0, first stripe BASE
+    check_against_golden(cfg, p.sync(counters=True), seed=seed)
