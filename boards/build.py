@@ -445,11 +445,13 @@ def build(board: str, json_path: str | os.PathLike | None = None,
         name = steps[index] if index < total else tool
         progress(name, index, total, "")
         watch = next((build_dir / f for key, f in watches.items() if tool.startswith(key)), None)
+        step_start = time.monotonic()
         try:
             seconds = _run_step([tools[tool], *argv[1:]], build_dir, build_dir / f"{tool}.log",
                                 watch, lambda detail, name=name, index=index:
                                 progress(name, index, total, detail))
         except BuildError:
+            step_s[tool] = round(time.monotonic() - step_start, 2)
             over = _overfull(spec, build_dir / "top.tim") if tool.startswith("nextpnr") else None
             if not over:
                 raise
