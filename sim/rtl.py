@@ -127,10 +127,17 @@ class RtlResult:
     error_pin: bool = False
     busy_at_end: bool = False
     in_bytes_taken: int = 0
+    sim_cpu_s: float = 0.0  # CPU time the simulator process spent on this program
 
     @property
     def cycles_per_s(self) -> float:
+        """Simulated cycles per second of wall time (file transfers included)."""
         return self.sim_cycles / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def cycles_per_cpu_s(self) -> float:
+        """Simulated cycles per second of the simulator's CPU time (insensitive to load)."""
+        return self.sim_cycles / self.sim_cpu_s if self.sim_cpu_s > 0 else 0.0
 
 
 # -- environment ---------------------------------------------------------------------------------
@@ -318,8 +325,30 @@ def build(config: str | AccelConfig, *, waves: bool | None = None, verilog: str 
         (build_dir / "build.json").write_text(json.dumps({
             "config": config.as_dict(), "params": params, "args": args, "waves": waves,
             "seconds": round(time.monotonic() - t0, 1)}, indent=1))
+        for pch in build_dir.glob("*.gch"):  # ~100 MB each, needed only while compiling
+            pch.unlink()
         done_marker.write_text("ok\n")
+    _prune(config.name, waves, keep=KEEP_BUILDS)
     return result
+
+
+#: Completed builds kept per configuration (older ones are deleted after a new build).
+KEEP_BUILDS = 3
+
+
+def _prune(name: str, waves: bool, keep: int) -> None:
+    """Delete all but the ``keep`` newest completed builds of configuration ``name``."""
+    root = build_root()
+    suffix = "-waves" if waves else ""
+    builds = []
+    for d in root.glob(f"{name}-*"):
+        marker = d / "build.ok"
+        if d.is_dir() and marker.exists() and d.name.endswith(suffix) and (
+                waves or not d.name.endswith("-waves")):
+            builds.append((marker.stat().st_mtime, d))
+    for _, d in sorted(builds, reverse=True)[keep:]:
+        shutil.rmtree(d, ignore_errors=True)
+        (root / f"{d.name}.lock").unlink(missing_ok=True)
 
 
 def run_cocotb_tests(config: str | AccelConfig, testcases: list[str] | None = None,
@@ -703,6 +732,15 @@ class RtlSession:
 
     # -- programs -----------------------------------------------------------------------
 
+    def _sim_cpu(self) -> float:
+        """CPU seconds (user + system) the simulator process has used so far."""
+        try:
+            with open(f"/proc/{self._sim_pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
     def reset(self) -> None:
         """Hold the accelerator in reset for 8 cycles (scratchpad contents survive)."""
         self.start()
@@ -773,6 +811,7 @@ class RtlSession:
         cap = cap_beats * bb
         chunks = [stream[i:i + cap] for i in range(0, len(stream), cap)] or [b""]
         out = bytearray()
+        cpu0 = self._sim_cpu()
         t0 = time.monotonic()
         resp = {}
         for ci, chunk in enumerate(chunks):
@@ -790,11 +829,13 @@ class RtlSession:
             if resp["timed_out"]:
                 break
         wall = time.monotonic() - t0
+        cpu = self._sim_cpu() - cpu0
         result = RtlResult(
             data=bytes(out), cycles=resp["last_beat_cycle"], sim_cycles=resp["cycles"],
             wall_s=wall, timed_out=resp["timed_out"], error_pin=resp["error_seen"],
             busy_at_end=resp["busy"],
-            in_bytes_taken=sum(len(c) for c in chunks[:-1]) + resp["in_ptr"] * bb)
+            in_bytes_taken=sum(len(c) for c in chunks[:-1]) + resp["in_ptr"] * bb,
+            sim_cpu_s=cpu)
         self.last_result = result
         self.stats.programs += 1
         self.stats.sim_cycles += result.sim_cycles

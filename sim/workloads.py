@@ -1,0 +1,102 @@
+"""Whole programs for benchmarks and end-to-end tests: one GEMM with its host transfers.
+
+:func:`gemm_program` wraps the driver's GEMM lowering (:mod:`tinyaccel.sw.gemm`: double-buffered
+INP/WGT/ACC/OUT/PARAM slots, each tile's GEMM issued before the LOAD of the next tile, the
+REQUANT + STORE of a finished tile behind the next tile's GEMM) between a ``SYNC clear=1`` that
+zeroes the counters and a final ``SYNC counters=1``, so the counter record of one program
+measures exactly that program, host transfers included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..hw.config import AccelConfig, get_config
+from ..hw.isa import Counter
+from ..hw.protocol import Program, StatusReport, parse_responses
+
+__all__ = ["GemmWorkload", "gemm_program", "random_gemm"]
+
+
+@dataclass
+class GemmWorkload:
+    """A GEMM program and what is needed to read its answer."""
+    config: AccelConfig
+    program: Program
+    lowering: object  # tinyaccel.sw.gemm.GemmLowering
+    M: int
+    N: int
+    K: int
+
+    @property
+    def macs(self) -> int:
+        """Useful multiply-accumulates, M * N * K."""
+        return self.M * self.N * self.K
+
+    def to_bytes(self) -> bytes:
+        return self.program.to_bytes()
+
+    def response_bytes(self) -> int:
+        from ..hw.protocol import response_length
+        return response_length(self.config, self.program)
+
+    def parse(self, response: bytes) -> tuple[np.ndarray, StatusReport]:
+        """The (M, N) result and the final status report (with counters) from the response."""
+        items = parse_responses(self.config, self.program, response)
+        stores = [x for x, (instr, _) in zip(items, self.program, strict=True)
+                  if isinstance(x, np.ndarray)]
+        report = items[-1]
+        return self.lowering.collect(stores), report
+
+    def utilization(self, report: StatusReport) -> dict:
+        """MAC utilization from a counter record: over COMPUTE_CYCLES and over all CYCLES."""
+        c = report.counters
+        array = self.config.macs
+        return {
+            "macs": self.macs,
+            "macs_issued": c[Counter.MACS_ISSUED],
+            "cycles": c[Counter.CYCLES],
+            "busy_cycles": c[Counter.BUSY_CYCLES],
+            "compute_cycles": c[Counter.COMPUTE_CYCLES],
+            "mac_util_compute": (c[Counter.MACS_ISSUED] / (array * c[Counter.COMPUTE_CYCLES])
+                                 if c[Counter.COMPUTE_CYCLES] else 0.0),
+            "mac_util_e2e": (self.macs / (array * c[Counter.CYCLES])
+                             if c[Counter.CYCLES] else 0.0),
+        }
+
+
+def gemm_program(config: AccelConfig | str, a: np.ndarray, b: np.ndarray, params=None,
+                 out: str = "int8") -> GemmWorkload:
+    """The whole program computing ``a @ b`` (int8 (M, K) x int8 (K, N)).
+
+    With ``out="int8"`` the result is requantized with ``params`` (per output channel, a dict
+    of arrays with the ChannelParams field names; default: a unit-ish scale that keeps the
+    values informative); ``out="int32"`` stores the raw accumulators.
+    """
+    from ..sw.gemm import lower_gemm
+    config = get_config(config)
+    if out == "int8" and params is None:
+        n = b.shape[1]
+        params = {"bias": np.zeros(n, np.int32), "multiplier": np.full(n, 1 << 30, np.int32),
+                  "shift": np.full(n, -10, np.int8), "zero_point": np.zeros(n, np.int8),
+                  "clamp_min": np.full(n, -128, np.int8), "clamp_max": np.full(n, 127, np.int8)}
+    prog = Program(config).sync(clear=True)
+    lowering = lower_gemm(config, prog, a, b, params, out=out)
+    prog.sync(counters=True)
+    return GemmWorkload(config, prog, lowering, a.shape[0], b.shape[1], a.shape[1])
+
+
+def random_gemm(config: AccelConfig | str, M: int, N: int, K: int, seed: int = 0,
+                out: str = "int8") -> GemmWorkload:
+    """:func:`gemm_program` on random full-range int8 operands (and random requant params)."""
+    from .randprog import random_channel_params
+    rng = np.random.default_rng(seed)
+    a = rng.integers(-128, 128, (M, K), dtype=np.int8)
+    b = rng.integers(-128, 128, (K, N), dtype=np.int8)
+    params = None
+    if out == "int8":
+        p = random_channel_params(rng, (N,))
+        params = {name: p[name] for name in p.dtype.names}
+    return gemm_program(config, a, b, params, out=out)
