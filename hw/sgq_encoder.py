@@ -1,7 +1,5 @@
 """SGQ stripe encoder: one channel group of OUT words -> the section-8 wire format."""
 
-from functools import reduce
-
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
@@ -26,6 +24,23 @@ SHIFT_BITS = data.Layout.cast(SgqStripeHeader)["shift"].shape.width
 OFFSET_BITS = data.Layout.cast(SgqStripeHeader)["offset"].shape.width
 MODE_BITS = SgqMode.as_shape().width
 CODED = sorted(SGQ_MODE_BITS, key=SGQ_MODE_BITS.get)  # narrowest first
+
+
+def _tree(m, values, better, name):
+    """The value for which ``better`` holds against all others, by a balanced tree of
+    comparators (a signal per node: a nested expression would double at every level)."""
+    level = 0
+    while len(values) > 1:
+        nxt = []
+        for n in range(0, len(values) - 1, 2):
+            a, b = values[n], values[n + 1]
+            node = Signal(signed(8), name=f"{name}{level}_{n // 2}")
+            m.d.comb += node.eq(Mux(better(a, b), a, b))
+            nxt.append(node)
+        if len(values) % 2:
+            nxt.append(values[-1])
+        values, level = nxt, level + 1
+    return values[0]
 
 
 class SgqCommand(data.Struct):
@@ -120,8 +135,8 @@ class StripeEncoder(wiring.Component):
             return [scan_ptr.eq(addr), scan_left.eq(words)]
 
         values = data.View(data.ArrayLayout(signed(8), cols), self.rd_out.data)
-        word_min = reduce(lambda a, b: Mux(a < b, a, b), [values[c] for c in range(cols)])
-        word_max = reduce(lambda a, b: Mux(a > b, a, b), [values[c] for c in range(cols)])
+        word_min = _tree(m, [values[c] for c in range(cols)], lambda a, b: a < b, "min")
+        word_max = _tree(m, [values[c] for c in range(cols)], lambda a, b: a > b, "max")
 
         # -- stripe statistics and decision -------------------------------------------------
         base = Signal(signed(8))
