@@ -24,7 +24,8 @@ from tinyaccel.sw.quant import HOST_KINDS, LayerKind, UnsupportedLayerError, qua
 from tinyaccel.sw.runtime import Device
 
 SEED = int(os.environ.get("TINYACCEL_SEED", np.random.SeedSequence().entropy % 2**32))
-BACKENDS = [pytest.param("golden", id="golden")]
+BACKENDS = [pytest.param("golden", id="golden"),
+            pytest.param("rtl", id="rtl", marks=pytest.mark.rtl)]
 
 
 class Residual(nn.Module):
@@ -87,9 +88,15 @@ def _device_accumulators(layer, inputs, device):
     return acc if layer.kind == LayerKind.LINEAR else acc.reshape(n, *layer.output_shape[1:], -1)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.fixture(scope="module", params=BACKENDS)
+def device(request):
+    """One device per backend for the whole module (the RTL simulator starts once)."""
+    with Device(request.param, "ice40") as dev:
+        yield dev
+
+
 @pytest.mark.parametrize("name", list(_models()))
-def test_lowered_op_matches_pytorch(name, backend):
+def test_lowered_op_matches_pytorch(name, device):
     print(f"TINYACCEL_SEED={SEED}")
     torch.manual_seed(SEED % 2**31)
     model = _models()[name].eval()
@@ -97,27 +104,26 @@ def test_lowered_op_matches_pytorch(name, backend):
     channels = first.in_channels if isinstance(first, nn.Conv2d) else 3
     x = torch.rand(5, channels, 8, 8)
     qmodel = quantize(model, x)
-    with Device(backend, "ice40") as device:
-        compiled = CompiledModel(qmodel, device)
-        env = compiled.run_int(qmodel.input_q.quantize(x.numpy()), return_all=True)
-        checked = 0
-        for layer in qmodel.layers:
-            if layer.kind in HOST_KINDS:
-                continue
-            inputs = [env[i] for i in layer.inputs]
-            expected_acc = _torch_accumulators(layer, inputs)
-            assert np.abs(expected_acc).max() < 2**31
-            got_acc = _device_accumulators(layer, inputs, device)
-            np.testing.assert_array_equal(got_acc, expected_acc.astype(np.int32),
-                                          err_msg=f"{name}/{layer.name} INT32, seed {SEED}")
-            expected = requantize(expected_acc.astype(np.int32),
-                                  *(getattr(layer.requant, f) for f in layer.requant.FIELDS))
-            if expected.ndim > 2:
-                expected = np.moveaxis(expected, -1, 1)
-            np.testing.assert_array_equal(env[layer.name], expected,
-                                          err_msg=f"{name}/{layer.name} INT8, seed {SEED}")
-            checked += 1
-        assert checked >= 1
+    compiled = CompiledModel(qmodel, device)
+    env = compiled.run_int(qmodel.input_q.quantize(x.numpy()), return_all=True)
+    checked = 0
+    for layer in qmodel.layers:
+        if layer.kind in HOST_KINDS:
+            continue
+        inputs = [env[i] for i in layer.inputs]
+        expected_acc = _torch_accumulators(layer, inputs)
+        assert np.abs(expected_acc).max() < 2**31
+        got_acc = _device_accumulators(layer, inputs, device)
+        np.testing.assert_array_equal(got_acc, expected_acc.astype(np.int32),
+                                      err_msg=f"{name}/{layer.name} INT32, seed {SEED}")
+        expected = requantize(expected_acc.astype(np.int32),
+                              *(getattr(layer.requant, f) for f in layer.requant.FIELDS))
+        if expected.ndim > 2:
+            expected = np.moveaxis(expected, -1, 1)
+        np.testing.assert_array_equal(env[layer.name], expected,
+                                      err_msg=f"{name}/{layer.name} INT8, seed {SEED}")
+        checked += 1
+    assert checked >= 1
 
 
 def test_maxpool_on_int8_codes_equals_pooling_the_floats():
