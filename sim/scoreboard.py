@@ -249,5 +249,25 @@ class Checker:
             partial = compare_responses(self.config, stream, expected, exc.result.data)
             return CheckResult(label, partial, exc.result.cycles,
                                hang=f"{exc}" + (f"; before it: {partial}" if partial else ""))
-        return CheckResult(label, compare_responses(self.config, stream, expected, result.data),
-                           result.cycles)
+        mismatch = compare_responses(self.config, stream, expected, result.data)
+        if mismatch is None:
+            mismatch = self._check_error_pin(stream, expected, result.error_pin)
+        return CheckResult(label, mismatch, result.cycles)
+
+    def _check_error_pin(self, stream: bytes, expected: bytes, error_pin: bool):
+        """The ``error`` output is high (until the next SYNC) exactly when a program faults."""
+        from ..hw.protocol import StatusReport
+        faulted = None
+        for seg in response_segments(self.config, stream, expected):
+            if seg.opcode == Opcode.SYNC.value:
+                report = StatusReport.from_bytes(expected[seg.start:seg.start + STATUS_BYTES])
+                if not report.ok:
+                    faulted = (seg.index, report)
+                    break
+        if bool(faulted) == error_pin:
+            return None
+        what = (f"error pin never rose although SYNC {faulted[0]} reports "
+                f"{faulted[1].status.name}" if faulted else
+                "error pin rose although every SYNC reports OK")
+        return Mismatch(0, faulted[0] if faulted else None, "", what, b"", b"", len(expected),
+                        len(expected))
