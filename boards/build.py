@@ -118,8 +118,10 @@ def prepare(board: str, *, config: str | AccelConfig | None = None,
     return _plan(spec, top, seed)
 
 
-def _plan(spec: BoardSpec, top: BoardTop, seed: int):
+def _plan(spec: BoardSpec, top: BoardTop, seed: int, synth_opts: str | None = None):
     overrides = dict(spec.overrides)
+    if synth_opts:
+        overrides["synth_opts"] = f"{overrides.get('synth_opts', '')} {synth_opts}".strip()
     # The JSON report carries utilization, Fmax and the critical paths; timing failures are
     # reported (``timing_met``), not fatal, so a slow design still tells where it is slow.
     overrides["nextpnr_opts"] = f"--report top.report.json --timing-allow-fail --seed {seed}"
@@ -362,7 +364,7 @@ def _tqdm_progress():
 
 def build(board: str, json_path: str | os.PathLike | None = None,
           progress: Progress | None = None, *, config: str | AccelConfig | None = None,
-          clock_mhz: float | None = None, seed: int = 1,
+          clock_mhz: float | None = None, seed: int = 1, synth_opts: str | None = None,
           build_root: str | os.PathLike = "build/boards", **top_kwargs) -> dict:
     """Build the bitstream for ``board`` and report Fmax, utilization and peak throughput.
 
@@ -381,6 +383,8 @@ def build(board: str, json_path: str | os.PathLike | None = None,
         PLL frequency (default: the board top's, 30 MHz / 100 MHz); ``0``: no PLL.
     seed:
         nextpnr placement seed.
+    synth_opts:
+        Extra options for ``synth_ice40`` / ``synth_ecp5`` (e.g. ``-noabc9``).
     build_root:
         The build goes into ``<build_root>/<board>/``.
     **top_kwargs:
@@ -410,7 +414,7 @@ def build(board: str, json_path: str | os.PathLike | None = None,
     total = len(steps)
     progress(steps[0], 0, total, "")
     top = _make_top(spec, config, clock_mhz, top_kwargs)
-    plan = _plan(spec, top, seed)
+    plan = _plan(spec, top, seed, synth_opts)
     build_dir = Path(build_root) / spec.name
     build_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("top.report.json", "top.tim", spec.bitstream):
@@ -419,6 +423,7 @@ def build(board: str, json_path: str | os.PathLike | None = None,
     step_s = {"elaborate": round(time.monotonic() - start, 2)}
 
     commands = json.loads(plan.files["build_top.json"])["commands"]
+    plan_opts = f"{spec.overrides.get('synth_opts', '')} {synth_opts or ''}".strip()
     watches = {"yosys": "top.rpt", "nextpnr": "top.tim"}
     cfg = top.config
     result = {"board": spec.name, "config": cfg.name, "macs": cfg.macs}
@@ -430,6 +435,7 @@ def build(board: str, json_path: str | os.PathLike | None = None,
             "step_s": step_s,
             "baud": top.baud,
             "seed": seed,
+            "synth_opts": plan_opts,
             "config_params": cfg.as_dict(),
             "source": _source_revision(),
             "toolchain": _toolchain_versions(),
@@ -497,12 +503,14 @@ def main(argv=None) -> int:
     parser.add_argument("--clock-mhz", type=float, help="PLL frequency; 0 = board clock")
     parser.add_argument("--baud", type=int, help="UART rate of the host link")
     parser.add_argument("--seed", type=int, default=1, help="nextpnr seed")
+    parser.add_argument("--synth-opts", help="extra options for synth_ice40 / synth_ecp5")
     parser.add_argument("--build-root", default="build/boards")
     args = parser.parse_args(argv)
     kwargs = {} if args.baud is None else {"baud": args.baud}
     try:
         result = build(args.board, args.json_path, config=args.config, clock_mhz=args.clock_mhz,
-                       seed=args.seed, build_root=args.build_root, **kwargs)
+                       seed=args.seed, synth_opts=args.synth_opts, build_root=args.build_root,
+                       **kwargs)
     except TinyAccelError as error:
         if getattr(error, "result", None) is not None:
             print(json.dumps(error.result, indent=2))
