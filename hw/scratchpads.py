@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import reduce
 from operator import or_
 
-from amaranth.hdl import Module, Mux, unsigned
+from amaranth.hdl import Module, Mux, Signal, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -25,7 +25,7 @@ from amaranth.utils import ceil_log2
 from .config import AccelConfig
 from .isa import CHANNEL_PARAMS_BITS, Buffer
 
-__all__ = ["Geometry", "geometry", "ReadClient", "WriteClient", "Scratchpad"]
+__all__ = ["Geometry", "geometry", "ReadClient", "WriteClient", "Scratchpad", "Clearer"]
 
 
 @dataclass(frozen=True)
@@ -120,4 +120,37 @@ class Scratchpad(wiring.Component):
         ]
         for r in self.rd:
             m.d.comb += r.data.eq(rp.data)
+        return m
+
+
+class Clearer(wiring.Component):
+    """Zeroes every scratchpad after reset, one address of all of them per cycle.
+
+    Block RAM keeps its contents across a reset, but the contract (section 5) has the buffers
+    zero after reset. ``busy`` is high from reset until the deepest buffer is cleared (its
+    physical depth in cycles); the accelerator takes no input meanwhile.
+    """
+
+    def __init__(self, geoms: dict):
+        self._geoms = geoms
+        members = {"busy": Out(1)}
+        for buf, geom in geoms.items():
+            members[f"wr_{buf.name.lower()}"] = Out(WriteClient(geom))
+        super().__init__(members)
+
+    def elaborate(self, platform):
+        m = Module()
+        depth = max(g.depth for g in self._geoms.values())
+        addr = Signal(range(depth + 1))
+        active = Signal(init=1)
+        m.d.comb += self.busy.eq(active)
+        with m.If(active):
+            m.d.sync += addr.eq(addr + 1)
+            with m.If(addr == depth - 1):
+                m.d.sync += active.eq(0)
+        for buf, geom in self._geoms.items():
+            port = getattr(self, f"wr_{buf.name.lower()}")
+            m.d.comb += [port.addr.eq(addr), port.data.eq(0)]
+            with m.If(active & (addr < geom.depth)):
+                m.d.comb += port.en.eq((1 << geom.beats) - 1)
         return m

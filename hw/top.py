@@ -17,7 +17,7 @@ from .isa import Buffer, Counter
 from .load_unit import LoadUnit
 from .patch_unit import PatchSkipUnit
 from .requant import RequantUnit
-from .scratchpads import Scratchpad, geometry
+from .scratchpads import Clearer, Scratchpad, geometry
 from .sgq_encoder import StripeEncoder
 from .store_unit import StoreUnit
 
@@ -61,7 +61,13 @@ class Accelerator(wiring.Component):
         units = {"load": load, "store": store, "gemm": gemm, "requant": requant, "patch": patch,
                  "sgq": sgq}
 
-        wiring.connect(m, wiring.flipped(self.i_stream), decoder.i_stream)
+        # After reset the scratchpads are cleared; no input is taken meanwhile.
+        m.submodules.clearer = clearer = Clearer({buf: geometry(cfg, buf) for buf in Buffer})
+        m.d.comb += [
+            decoder.i_stream.valid.eq(self.i_stream.valid & ~clearer.busy),
+            decoder.i_stream.payload.eq(self.i_stream.payload),
+            self.i_stream.ready.eq(decoder.i_stream.ready & ~clearer.busy),
+        ]
         wiring.connect(m, decoder.o_instr, disp.i_instr)
         wiring.connect(m, decoder.o_data, load.i_stream)
         for name, unit in units.items():
@@ -72,6 +78,7 @@ class Accelerator(wiring.Component):
             name = buf.name.lower()
             readers = [getattr(u, f"rd_{name}") for u in units.values() if hasattr(u, f"rd_{name}")]
             writers = [getattr(u, f"wr_{name}") for u in units.values() if hasattr(u, f"wr_{name}")]
+            writers.append(getattr(clearer, f"wr_{name}"))
             pad = Scratchpad(geometry(cfg, buf), readers=len(readers), writers=len(writers))
             m.submodules[f"{name}_mem"] = pad
             for i, client in enumerate(readers):
@@ -89,7 +96,8 @@ class Accelerator(wiring.Component):
             m.d.comb += s.ready.eq(self.o_stream.ready)
 
         # -- status and counters ------------------------------------------------------------
-        busy = disp.busy | reduce(or_, [u.ctrl.busy.any() for u in units.values()])
+        busy = (disp.busy | clearer.busy |
+                reduce(or_, [u.ctrl.busy.any() for u in units.values()]))
         freeze = disp.freeze_counters
         beat_bytes = cfg.beat_bytes
         bytes_in = Mux(self.i_stream.valid & self.i_stream.ready, beat_bytes, 0)
