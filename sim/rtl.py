@@ -24,8 +24,10 @@ Builds are cached under ``<repo>/build/rtl/<config>-<hash>`` (``TINYACCEL_BUILD_
 the tool versions, so a change of the RTL rebuilds and nothing else does. Generated Verilog is
 itself memoized by a hash of the ``hw`` package sources and the configuration.
 
-Waveforms: ``TINYACCEL_WAVES=1`` (or ``waves=True``) builds with FST tracing and writes
-``dump.fst`` into the session directory (named in the log and in :attr:`RtlSession.wave_file`).
+Waveforms: ``TINYACCEL_WAVES=1`` (or ``waves=True``) builds with tracing and writes the whole
+session to ``dump.fst`` in the session directory (:attr:`RtlSession.wave_file`; the directory is
+kept). Verilator's FST writer needs the lz4 headers (Debian ``liblz4-dev``); without them the
+build falls back to VCD (``dump.vcd``) and says so.
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ class RtlBuild:
     in_beats: int
     out_beats: int
     key: str
+    wave_format: str | None = None  # "fst", "vcd" or None
 
 
 @dataclass
@@ -198,6 +201,26 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+_LZ4: bool | None = None
+
+
+def _have_lz4() -> bool:
+    """Whether g++ can compile and link against lz4 (needed by Verilator's FST writer)."""
+    global _LZ4
+    if _LZ4 is None:
+        import subprocess
+        code = "#include <lz4.h>\nint main() { return LZ4_versionNumber() == 0; }\n"
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                done = subprocess.run(["g++", "-x", "c++", "-", "-llz4", "-o",
+                                       str(Path(tmp) / "a.out")], input=code.encode(),
+                                      capture_output=True, timeout=60)
+                _LZ4 = done.returncode == 0
+            except (OSError, subprocess.SubprocessError):
+                _LZ4 = False
+    return _LZ4
+
+
 def _hw_source_hash() -> str:
     """Hash of every source file of the ``tinyaccel.hw`` package and of the Amaranth version."""
     from .. import hw
@@ -272,7 +295,16 @@ def build(config: str | AccelConfig, *, waves: bool | None = None, verilog: str 
     beat_bytes = config.beat_bytes
     in_beats = out_beats = STREAM_MEM_BYTES // beat_bytes
     params = {"HOST_W": config.host_width, "IN_BEATS": in_beats, "OUT_BEATS": out_beats}
-    args = VERILATOR_ARGS + (["--trace-fst", "--trace-structs"] if waves else [])
+    wave_format = None
+    if waves:
+        wave_format = "fst" if _have_lz4() else "vcd"
+        if wave_format == "vcd":
+            import logging
+            logging.getLogger(__name__).warning(
+                "Verilator's FST writer needs the lz4 headers (apt-get install liblz4-dev); "
+                "writing VCD waveforms instead")
+    args = VERILATOR_ARGS + ({"fst": ["--trace-fst", "--trace-structs"],
+                              "vcd": ["--trace", "--trace-structs"]}.get(wave_format, []))
     makeflags = " ".join(f"{k}={v}" for k, v in MAKE_VARS.items())
     h = hashlib.sha256()
     for part in (verilog, wrapper, json.dumps(params, sort_keys=True), " ".join(args), makeflags,
@@ -283,7 +315,7 @@ def build(config: str | AccelConfig, *, waves: bool | None = None, verilog: str 
     key = h.hexdigest()[:16]
     name = f"{config.name}-{key}" + ("-waves" if waves else "")
     build_dir = build_root() / name
-    result = RtlBuild(config, build_dir, waves, in_beats, out_beats, key)
+    result = RtlBuild(config, build_dir, waves, in_beats, out_beats, key, wave_format)
     done_marker = build_dir / "build.ok"
     if done_marker.exists():
         return result
@@ -554,7 +586,8 @@ class RtlSession:
         self._conn = None
         self._thread: threading.Thread | None = None
         self._listener: Listener | None = None
-        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._tmp: Path | None = None  # the temporary session folder we made
+        self._wave_path: Path | None = None
         self._sim_pid: int | None = None
         self._sim_exit: BaseException | None = None
         self._runs = 0
@@ -570,7 +603,7 @@ class RtlSession:
         if self._workdir_arg is not None:
             return Path(self._workdir_arg)
         assert self._tmp is not None, "session not started"
-        return Path(self._tmp.name)
+        return self._tmp
 
     @property
     def log_file(self) -> Path:
@@ -578,7 +611,8 @@ class RtlSession:
 
     @property
     def wave_file(self) -> Path | None:
-        return self.workdir / "dump.fst" if self.build and self.build.waves else None
+        """The waveform of the session (kept after :meth:`close`), or None without waves."""
+        return self._wave_path
 
     def start(self) -> RtlSession:
         """Build if needed and launch the simulator (idempotent)."""
@@ -587,9 +621,11 @@ class RtlSession:
         if self.build is None:
             self.build = build(self.config, waves=self._waves, verilog=self._verilog)
         if self._workdir_arg is None and self._tmp is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix=f"tinyaccel-rtl-{self.config.name}-")
+            self._tmp = Path(tempfile.mkdtemp(prefix=f"tinyaccel-rtl-{self.config.name}-"))
         workdir = self.workdir
         workdir.mkdir(parents=True, exist_ok=True)
+        fmt = self.build.wave_format
+        self._wave_path = workdir / f"dump.{fmt}" if fmt else None
         self._in_file = workdir / "in.hex"
         self._out_file = workdir / "out.hex"
         sock = workdir / "session.sock"
@@ -599,7 +635,7 @@ class RtlSession:
         self._sim_exit = None
         env = {"TINYACCEL_RTL_SERVER": str(sock), "TINYACCEL_RTL_KEY": key.hex()}
         plusargs = [f"+TB_IN={self._in_file}", f"+TB_OUT={self._out_file}"]
-        test_args = ["--trace-file", str(workdir / "dump.fst")] if self.build.waves else []
+        test_args = ["--trace-file", str(self.wave_file)] if self.build.waves else []
         self._thread = threading.Thread(target=self._simulate, args=(env, plusargs, test_args),
                                         name=f"verilator-{self.config.name}", daemon=True)
         self._thread.start()
@@ -714,7 +750,7 @@ class RtlSession:
         if self._tmp is not None:
             keep = os.environ.get("TINYACCEL_KEEP_RTL_RUNS", "") not in ("", "0")
             if not keep and not (self.build and self.build.waves):
-                self._tmp.cleanup()
+                shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
 
     def __enter__(self) -> RtlSession:
@@ -768,7 +804,8 @@ class RtlSession:
             surplus is caught). ``None``: end when the input is consumed, ``busy`` is low and
             the output is silent.
         valid_gap, ready_gap, seed:
-            Override the session's stream gap probabilities and generator seed.
+            Override the session's stream gap probabilities; ``seed`` alone then fixes the gap
+            pattern (by default it follows from the session seed and the run count).
         watchdog:
             Cycles without any beat moving before the run is declared hung (default: from an
             estimate of the program's compute).
@@ -799,8 +836,9 @@ class RtlSession:
         base = {
             "valid_gap": _gap(self.valid_gap if valid_gap is None else valid_gap),
             "ready_gap": _gap(self.ready_gap if ready_gap is None else ready_gap),
-            "seed": ((self.seed if seed is None else seed) * 0x9E3779B1 + self._runs)
-            & 0xFFFFFFFF or 1,
+            # An explicit seed alone fixes the gap pattern (replayable in a fresh session).
+            "seed": ((seed * 0x9E3779B1 if seed is not None
+                      else self.seed * 0x9E3779B1 + self._runs) & 0xFFFFFFFF) or 1,
             "watchdog": watchdog,
             "expect_beats": None if expected_out_bytes is None else expected_out_bytes // bb,
         }

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import FieldError, ProtocolError
+from ..errors import BackendUnavailable, FieldError, ProtocolError
 from ..hw.config import AccelConfig, get_config
 from ..hw.isa import (
     COUNTER_BITS,
@@ -243,6 +243,11 @@ class Checker:
         expected = self.golden.run(stream)
         try:
             result = self.session.run_result(stream, len(expected), **run_kwargs)
+        except BackendUnavailable:
+            raise
+        except RuntimeError as exc:  # the simulator died; the session restarts on the next run
+            self.golden.reset()
+            return CheckResult(label, None, 0, hang=f"simulator crashed: {exc}")
         except RtlHang as exc:
             # The hang left the RTL somewhere inside the program; its state no longer matches.
             self.golden.reset()  # run_result has reset the RTL

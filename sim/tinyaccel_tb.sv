@@ -11,8 +11,9 @@
 //   * o_stream is captured into out_mem; an LFSR drops `ready` with probability
 //     cfg_ready_gap/65536 (back-pressure).
 //   * `done` rises when the run is finished. On the last chunk of a program that means: the
-//     whole input was taken, at least cfg_expect_beats beats arrived (cfg_expect_known), `busy`
-//     is low and o_stream stayed silent for QUIET cycles, so surplus output bytes are caught.
+//     whole input was taken, at least cfg_expect_beats beats arrived (cfg_expect_known), and
+//     then for QUIET cycles no beat was taken or offered and `busy` stayed low, so surplus
+//     output bytes are caught (and, without an expected count, late responses are waited for).
 //     Otherwise (an intermediate chunk) it rises when the input chunk is consumed. It also
 //     rises when out_mem is full (cfg_out_cap beats): cocotb reads it and continues the run.
 //     A watchdog ends the run with `timed_out` after cfg_watchdog cycles without a beat moving
@@ -110,7 +111,7 @@ module tinyaccel_tb #(
     logic [31:0] seen_seq = 0;
     logic [3:0] reset_cnt = 0;
     logic [31:0] idle_cnt = 0;  // cycles since a beat last moved
-    logic [7:0] quiet_cnt = 0;  // cycles since o_stream was last valid
+    logic [7:0] quiet_cnt = 0;  // cycles of silence (no input taken, no output offered, idle)
     logic in_hold = 0;          // a beat is offered and not yet taken: keep valid
     logic [31:0] lfsr_v = 1, lfsr_r = 2;
 
@@ -197,7 +198,8 @@ module tinyaccel_tb #(
                 end else begin
                     idle_cnt <= idle_cnt + 1;
                 end
-                if (o_valid) quiet_cnt <= 0;
+                // Silence: no input beat taken, nothing offered on o_stream, busy low.
+                if (in_fire || o_valid || busy) quiet_cnt <= 0;
                 else if (quiet_cnt != 8'hFF) quiet_cnt <= quiet_cnt + 1;
                 if (finished) begin
                     out_full <= !out_room;
