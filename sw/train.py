@@ -128,10 +128,18 @@ class _Run:
 
 
 def _open_device(cfg: TrainConfig):
+    """The run's Device, started (an RTL build and simulator start are not epoch time)."""
     if cfg.method == "fp32" or cfg.backend == "host":
         return None
+    from ..hw.protocol import Program
     from .runtime import Device
-    return Device(cfg.backend, cfg.config)
+    device = Device(cfg.backend, cfg.config)
+    try:
+        device.run(Program(device.config))  # a lone SYNC: builds/starts the backend
+    except BaseException:
+        device.close()
+        raise
+    return device
 
 
 def _build(cfg: TrainConfig, device, example: torch.Tensor) -> _Run:
@@ -226,7 +234,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False,
     cross-entropy), ``wall_s`` (training + evaluation), ``train_wall_s``, ``epoch_wall_s`` (list,
     training only), ``accel_cycles``, ``accel_programs``, ``accel_macs``, ``activation_bytes``
     (saved for backward, one step of ``batch_size`` images), ``activation_bytes_per_sample``,
-    ``activation_by_dtype``, ``history`` (per epoch), ``options``.
+    ``activation_by_dtype``, ``history`` (per epoch), ``options``, ``device_open_s`` (backend
+    start, e.g. an RTL build, not counted in ``wall_s``).
 
     ``progress``: ``True`` for a tqdm bar on stderr, or a tqdm-like callable; ``log`` receives
     one line per epoch.
@@ -247,7 +256,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False,
     if progress is True:
         from tqdm import tqdm
         progress = tqdm
+    t_open = time.perf_counter()
     device = _open_device(cfg)
+    open_s = time.perf_counter() - t_open
     try:
         with single_thread():
             run = _build(cfg, device, x_train[:1].clone())
@@ -275,7 +286,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False,
     finally:
         if device is not None:
             device.close()
-    return _summary(cfg, run)
+    return {**_summary(cfg, run), "device_open_s": round(open_s, 3)}
 
 
 def _train_epoch(cfg: TrainConfig, run: _Run, epoch: int, steps: int, x_train, y_train,
@@ -386,6 +397,10 @@ def summarize_seeds(results: list[dict]) -> list[dict]:
     return rows
 
 
+def _ratio(reference: float | None, value: float | None) -> str:
+    return f"{reference / value:.2f}x" if reference and value else "—"
+
+
 def comparison_table(results: list[dict]) -> str:
     """A Markdown table of runs (one row per run, or per label with mean ± sd over seeds)."""
     fp32 = next((r for r in results if r["method"] == "fp32"), None)
@@ -397,24 +412,24 @@ def comparison_table(results: list[dict]) -> str:
                      "saved act. B/sample | FP32/this |")
         lines.append("|---|---|---|---|---|---|---|")
         for row in summarize_seeds(results):
-            ratio = ref_bytes / row["activation_bytes_per_sample"] if ref_bytes else float("nan")
+            ratio = _ratio(ref_bytes, row["activation_bytes_per_sample"])
             lines.append(
                 f"| {row['label']} | {len(row['seeds'])} | {100 * row['test_acc_mean']:.2f} ± "
                 f"{100 * row['test_acc_sd']:.2f} % ({100 * row['test_acc_min']:.2f}.."
                 f"{100 * row['test_acc_max']:.2f}) | {row['train_loss_mean']:.4f} | "
                 f"{row['epoch_wall_s_mean']:.1f} | {row['activation_bytes_per_sample']:.0f} | "
-                f"{ratio:.2f}x |")
+                f"{ratio} |")
         return "\n".join(lines)
     lines.append("| run | backend | epochs | test acc | train loss | s/epoch | accel cycles | "
                  "saved act. B/sample | FP32/this |")
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         per = r["activation_bytes_per_sample"]
-        ratio = ref_bytes / per if ref_bytes and per else float("nan")
+        ratio = _ratio(ref_bytes, per)
         lines.append(
             f"| {r['label']} | {r['backend']} | {r['epochs']} | {100 * r['test_acc']:.2f} % | "
             f"{r['train_loss']:.4f} | {np.mean(r['epoch_wall_s']):.1f} | {r['accel_cycles']} | "
-            f"{per:.0f} | {ratio:.2f}x |")
+            f"{per:.0f} | {ratio} |")
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinyaccel.errors import ShapeError
+from tinyaccel.errors import BackendUnavailable, ShapeError
 from tinyaccel.models import zoo
 from tinyaccel.models.data import load_digits_split, single_thread
 from tinyaccel.sim.numerics import im2col
@@ -327,12 +327,25 @@ def test_training_is_deterministic_on_golden(tmp_path, seed):
     assert a["accel_programs"] == 2 * 8 + 4  # 2 steps x 8 programs + the evaluation's 4
 
 
+RTL_CONFIG = "ecp5"  # the configuration tests/test_rtl.py builds too (one cached Verilator build)
+
+
+@pytest.fixture(scope="module")
+def rtl_available():
+    from tinyaccel.sim.rtl import RtlSession
+    try:
+        RtlSession(RTL_CONFIG).start().close()
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+
+
 @pytest.mark.rtl
-def test_training_on_rtl_is_bit_identical_to_golden(tmp_path, seed):
+def test_training_on_rtl_is_bit_identical_to_golden(tmp_path, seed, rtl_available):
     """N steps from one seed on golden and on the Verilated RTL: identical weights."""
     runs = {}
     for backend in ("golden", "rtl"):
-        cfg = TrainConfig(method="octo", backend=backend, epochs=1, max_steps=2, seed=seed)
+        cfg = TrainConfig(method="octo", backend=backend, config=RTL_CONFIG, epochs=1,
+                          max_steps=2, seed=seed)
         runs[backend] = train(cfg, tmp_path / backend)
     wg, wr = _weights(tmp_path / "golden", "octo"), _weights(tmp_path / "rtl", "octo")
     for key in wg:
@@ -342,11 +355,11 @@ def test_training_on_rtl_is_bit_identical_to_golden(tmp_path, seed):
 
 @pytest.mark.slow
 @pytest.mark.rtl
-def test_longer_training_on_rtl_is_bit_identical_to_golden(tmp_path, seed):
+def test_longer_training_on_rtl_is_bit_identical_to_golden(tmp_path, seed, rtl_available):
     for method in ("int8-naive", "octo"):
         for backend in ("golden", "rtl"):
-            train(TrainConfig(method=method, backend=backend, epochs=2, max_steps=6, seed=seed),
-                  tmp_path / backend)
+            train(TrainConfig(method=method, backend=backend, config=RTL_CONFIG, epochs=2,
+                              max_steps=6, seed=seed), tmp_path / backend)
         wg = _weights(tmp_path / "golden", method)
         wr = _weights(tmp_path / "rtl", method)
         assert all(torch.equal(wg[k], wr[k]) for k in wg), method
