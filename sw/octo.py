@@ -53,8 +53,11 @@ what we do, and why. Every technique is a switch (:class:`OctoOptions`).
    backward pass. ``X`` is clipped before im2col, not after: we save one INT8 copy of ``X`` rather
    than the 9x larger im2col. For ``minmax`` that is the same clipping whenever 0 (the padding) lies
    in the clipped range (always for ReLU outputs and images); for ``sigma`` the statistics are over
-   ``X``'s elements instead of im2col's border-weighted multiset. Default: see :data:`METHODS`
-   (chosen by measurement, ``sw/train.py`` / README). Switch: ``prc``, ``prc_method``.
+   ``X``'s elements instead of im2col's border-weighted multiset. Default ``minmax``, chosen by
+   measurement: digits CNN, 10 epochs, seeds 0-2, test accuracy ``minmax`` 97.13 ± 0.32 % vs
+   ``sigma`` 95.46 ± 1.16 % (final train loss 0.003 vs 0.15): gradients are heavy-tailed, and
+   clipping ``dY`` at 2.576 sd cuts the few large entries that carry most of the signal.
+   Switch: ``prc``, ``prc_method``.
 4. **LAC** — confirmed form and penalty, placement adapted. The demo's ``Compensation`` layer is
    ``y = x + alpha * mu + offset`` with ``alpha = 1``, ``mu, offset ~ 1e-3 N(0, 1)``, all learned,
    between each quantized conv and its BatchNorm, and the loss adds
@@ -64,12 +67,17 @@ what we do, and why. Every technique is a switch (:class:`OctoOptions`).
    shared by every sample (``lac_mode="element"``, needs ``example_input`` to size it) or
    channel-wise ``(C, 1, 1)`` (``lac_mode="channel"``); directly after each quantized conv (before
    BN/ReLU, as in the demo; the digits CNN has no BN); ``lambda = 0.1``; not after Linear (nor in
-   the demo). Switch: ``lac``, ``lac_mode``, ``lac_lambda``.
+   the demo). Element-wise is the default (the demo's form); channel-wise measured the same
+   within noise on digits (97.31 ± 0.42 % vs 97.13 ± 0.32 %, same runs as above) with
+   ``C`` instead of ``C*H*W`` parameters per layer. Switch: ``lac``, ``lac_mode``, ``lac_lambda``.
 5. **Memory** — the demo's LAC scheme keeps FP32 ``im2col(X)`` and FP32 ``W`` for backward (no
    saving; only its Affine "memory_saving" path reuses the forward INT8 ``x``). **Ours** saves, per
    layer, the INT8 backward copy of ``X`` (PRC + RHE, made in the forward pass) and its scale;
    :class:`OctoReLU` saves its derivative as a packed bit mask (exact: ReLU's backward only needs
-   ``x > 0``). Both are measured from the tensors actually saved (:class:`SavedTensorMeter`).
+   ``x > 0``). Both are measured from the tensors actually saved (:class:`SavedTensorMeter`):
+   digits CNN, 2368 B/sample vs 10496 B/sample for FP32 torch (4.43x; 3.57x against an FP32
+   that saved every activation once — torch also keeps a flattened copy of the channels-last conv3
+   output). Without the bit masks the FP32 ReLU outputs dominate (10304 B/sample, ~1x).
 6. **Bias gradient** — the demo fake-quantizes ``db``; ours sums ``dY`` on the host in float64
    (bias is host float glue, not a GEMM).
 
