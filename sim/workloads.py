@@ -29,6 +29,7 @@ class GemmWorkload:
     M: int
     N: int
     K: int
+    operands: tuple | None = None  # (a, b) when known
 
     @property
     def macs(self) -> int:
@@ -85,7 +86,7 @@ def gemm_program(config: AccelConfig | str, a: np.ndarray, b: np.ndarray, params
     prog = Program(config).sync(clear=True)
     lowering = lower_gemm(config, prog, a, b, params, out=out)
     prog.sync(counters=True)
-    return GemmWorkload(config, prog, lowering, a.shape[0], b.shape[1], a.shape[1])
+    return GemmWorkload(config, prog, lowering, a.shape[0], b.shape[1], a.shape[1], (a, b))
 
 
 def random_gemm(config: AccelConfig | str, M: int, N: int, K: int, seed: int = 0,
