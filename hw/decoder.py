@@ -19,6 +19,7 @@ from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from .arith import mul_const
 from .config import AccelConfig
 from .hazards import AccessLayout
 from .isa import BLOCKS_BITS, COUNT_BITS, INSTR_BITS, Buffer, InstructionLayout, Opcode, Status
@@ -59,7 +60,7 @@ class Decoder(wiring.Component):
 
         word = Signal(InstructionLayout)
         beat = Signal(range(n_beats))
-        out = Signal(self.o_instr.payload.shape())
+        out = self.o_instr.payload
         data_left = Signal.like(out.data_beats)
 
         # -- iterative products and remainder --------------------------------------------
@@ -75,6 +76,14 @@ class Decoder(wiring.Component):
         div_n = Signal(range(COUNT_BITS + 1))
         ops = word.operands
         iter_done = (m_a == 0) & (m_b == 0) & (div_n == 0)
+
+        # The checks and the access set are combinational from the word and the products, which
+        # hold still while the instruction is offered; the status is registered in CHECK.
+        check = Signal(out.shape())
+        self._check(m, word, check, p_mk, p_nk, p_mn, div_r)
+        status, buf_ok, data_beats = Signal(Status), Signal(), Signal.like(out.data_beats)
+        m.d.comb += [out.word.eq(word), out.status.eq(status), out.buf_ok.eq(buf_ok),
+                     out.data_beats.eq(data_beats), out.access.eq(check.access)]
 
         with m.FSM():
             with m.State("FETCH"):
@@ -120,10 +129,11 @@ class Decoder(wiring.Component):
                 with m.If(iter_done):
                     m.next = "CHECK"
             with m.State("CHECK"):
-                self._check(m, word, out, p_mk, p_nk, p_mn, div_r)
+                m.d.sync += [status.eq(check.status), buf_ok.eq(check.buf_ok),
+                             data_beats.eq(check.data_beats)]
                 m.next = "OFFER"
             with m.State("OFFER"):
-                m.d.comb += [self.o_instr.valid.eq(1), self.o_instr.payload.eq(out)]
+                m.d.comb += self.o_instr.valid.eq(1)
                 with m.If(self.o_instr.ready):
                     m.d.sync += data_left.eq(out.data_beats)
                     with m.If(out.data_beats != 0):
@@ -143,7 +153,7 @@ class Decoder(wiring.Component):
         return m
 
     def _check(self, m, word, out, p_mk, p_nk, p_mn, div_r):
-        """Registers status, access set and data beat count of ``word`` into ``out``."""
+        """Drives status, access set and data beat count of ``word`` into ``out``."""
         cfg = self._config
         ops = word.operands
         depth = {buf: cfg.depth(buf) for buf in Buffer}
@@ -168,7 +178,7 @@ class Decoder(wiring.Component):
                     with m.If(o.buf == buf):
                         m.d.comb += [
                             buf_ok.eq(1),
-                            beats.eq(o.count * geometry(cfg, buf).word_beats),
+                            beats.eq(mul_const(o.count, geometry(cfg, buf).word_beats)),
                             status.eq(Mux(end > depth[buf], Status.ADDR_RANGE, Status.OK)),
                         ]
                         with m.If(kind):
@@ -181,7 +191,7 @@ class Decoder(wiring.Component):
                 o = ops.gemm
                 inp_end = o.inp_addr + p_mk
                 wgt_end = o.wgt_addr + p_nk
-                acc_end = o.acc_addr + p_mn * cfg.rows
+                acc_end = o.acc_addr + mul_const(p_mn, cfg.rows)
                 in_range = ((inp_end <= depth[Buffer.INP]) & (wgt_end <= depth[Buffer.WGT]) &
                             (acc_end <= depth[Buffer.ACC]) &
                             (~o.gate | (o.mask_idx + o.m_blocks <= cfg.mask_bits)))
@@ -244,8 +254,7 @@ class Decoder(wiring.Component):
             with m.Default():
                 m.d.comb += status.eq(Status.ILLEGAL_OPCODE)
 
-        m.d.sync += [
-            out.word.eq(word),
+        m.d.comb += [
             out.status.eq(status),
             out.buf_ok.eq(buf_ok),
             out.data_beats.eq(beats),  # a faulting LOAD still consumes its data

@@ -1,12 +1,15 @@
 """Dispatcher: in-order issue to concurrent units, error state, SYNC records.
 
-Instructions arrive checked from the :class:`~.decoder.Decoder`. The dispatcher issues each one to
-its unit when
+Instructions arrive checked from the :class:`~.decoder.Decoder`. With ``overlap`` (the default)
+the dispatcher issues each one to its unit when
 
 - the unit can take it (GEMM holds two instructions: one computing, one draining),
 - no instruction in flight conflicts with it (:mod:`.hazards`; the conflict is computed into a
   register, so an instruction waits at least one cycle after it arrives), and
 - for STORE and SGQ, no earlier response is still being sent: responses leave in order.
+
+Without ``overlap`` (compact builds) an instruction waits until every unit is idle instead, and
+no access sets are kept.
 
 Errors (section 5): the first instruction whose status is not OK sets the sticky error with its
 index and opcode; from then on nothing executes until SYNC, but a LOAD still has its data consumed
@@ -53,8 +56,9 @@ __all__ = ["Dispatcher"]
 class Dispatcher(wiring.Component):
     """See module docstring."""
 
-    def __init__(self, config: AccelConfig):
+    def __init__(self, config: AccelConfig, *, overlap: bool = True):
         self._config = config
+        self._overlap = overlap
         super().__init__({
             "i_instr": In(stream.Signature(DecodedLayout(config))),
             "o_stream": Out(stream.Signature(unsigned(config.host_width))),
@@ -101,7 +105,7 @@ class Dispatcher(wiring.Component):
             "patch": (self.patch, 1), "sgq": (self.sgq, 1),
         }
         slots = []  # (unit name, slot index, access register)
-        for name, (_port, n) in units.items():
+        for name, (_port, n) in units.items() if self._overlap else ():
             for s in range(n):
                 slots.append((name, s, Signal(AccessLayout(cfg), name=f"{name}{s}_access")))
 
@@ -118,10 +122,15 @@ class Dispatcher(wiring.Component):
             hazard_terms.append(busy & c)
         hazard = Signal()
         fresh = Signal()  # `hazard` was computed for the instruction now offered
-        m.d.sync += hazard.eq(reduce(or_, hazard_terms))
+        if self._overlap:
+            m.d.sync += hazard.eq(reduce(or_, hazard_terms))
+        else:  # one instruction at a time: wait until every unit is idle
+            m.d.sync += hazard.eq(reduce(or_, [p.busy.any() for p, _ in units.values()]))
         m.d.sync += fresh.eq(self.i_instr.valid & ~self.i_instr.ready)
 
         def claim(name, s, execute):
+            if not self._overlap:
+                return []
             held = dict((f"{n}{i}", h) for n, i, h in slots)[f"{name}{s}"]
             stmts = []
             for buf, kind in UNIT_ACCESSES[name]:

@@ -5,6 +5,7 @@ from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
+from .arith import mul_const
 from .config import AccelConfig
 from .control import UnitControl
 from .counters import ADD_BITS
@@ -143,7 +144,7 @@ class GemmUnit(wiring.Component):
                         inp_base.eq(c.inp_addr), inp_ptr.eq(c.inp_addr),
                         wgt_ptr.eq(c.wgt_addr), acc_ptr.eq(c.acc_addr),
                         mask_pos.eq(c.mask_idx),
-                        block_macs.eq(c.k * (rows * cols)),
+                        block_macs.eq(mul_const(c.k, rows * cols)),
                     ]
                     with m.If((c.m_blocks != 0) & (c.n_blocks != 0)):
                         m.d.sync += active.eq(1)

@@ -4,18 +4,18 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from .arith import mul_const, mul_digit
 from .config import AccelConfig
 from .control import UnitControl
 from .isa import ADDR_BITS, COUNT_BITS, Buffer, ChannelParams, RequantOperands
 from .scratchpads import ReadClient, WriteClient, geometry
 
-__all__ = ["RequantPipeline", "RequantUnit", "LATENCY"]
+__all__ = ["RequantPipeline", "RequantUnit"]
 
 INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
 MAX_SHIFT = 31
 
-#: Cycles from a valid input to its output in :class:`RequantPipeline`.
-LATENCY = 9
+POST = data.StructLayout({"zero_point": signed(8), "clamp_min": signed(8), "clamp_max": signed(8)})
 
 
 def _sat32(value):
@@ -23,18 +23,26 @@ def _sat32(value):
 
 
 class RequantPipeline(wiring.Component):
-    """``lanes`` independent requantizers, one channel each per cycle, :data:`LATENCY` deep.
+    """``lanes`` independent requantizers, one channel each per cycle.
 
-    Stages (one register each): inputs; ``sat32(acc + bias)`` and the clamped shift split into
-    left/right amounts; saturating left shift; the four 17x17 partial products of the 32x32
-    SRDHM multiply (each one DSP); their middle sum; the 64-bit product; the SRDHM rounding
-    ``(ab + 2^30) >> 31`` (equal to gemmlowp's nudge-and-truncate for every ``ab``) with the
-    ``INT32_MIN * INT32_MIN`` case; RoundingDivideByPOT; zero point and clamps.
-    The ``tag`` rides along unchanged.
+    Stages (one register each, loaded only with valid data): inputs; ``sat32(acc + bias)`` and the
+    clamped shift split into left/right amounts; saturating left shift; the 32 x 32 SRDHM
+    multiply; the SRDHM rounding ``(ab + 2^30) >> 31`` (equal to gemmlowp's nudge-and-truncate
+    for every ``ab``) with the ``INT32_MIN * INT32_MIN`` case; RoundingDivideByPOT; zero point
+    and clamps. Each stage keeps only the parameters later stages need.
+
+    The multiply takes ``mul_cycles`` cycles. With 1 it is three pipelined stages of four 17 x 17
+    partial products (one DSP each), their middle sum and the 64-bit sum: a channel per cycle
+    per lane. With ``N > 1`` it is an iterative Horner multiply over ``32 / N``-bit digits of the
+    multiplier in fabric (no DSP); inputs must then be at least ``N`` cycles apart.
+    ``latency`` cycles separate an input from its output. The ``tag`` rides along unchanged.
     """
 
-    def __init__(self, lanes: int, tag_shape=0):
+    def __init__(self, lanes: int, tag_shape=0, *, mul_cycles: int = 1):
+        if mul_cycles not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"mul_cycles={mul_cycles} must be a power of two dividing 32")
         self.lanes = lanes
+        self.mul_cycles = mul_cycles
         super().__init__({
             "i_stream": In(stream.Signature(data.StructLayout({
                 "acc": data.ArrayLayout(signed(32), lanes),
@@ -48,109 +56,175 @@ class RequantPipeline(wiring.Component):
             "busy": Out(1),  # some stage holds a valid input
         })
 
+    @property
+    def latency(self) -> int:
+        """Cycles from a valid input to its output."""
+        return 9 if self.mul_cycles == 1 else 6 + self.mul_cycles
+
     def elaborate(self, platform):
         m = Module()
         i = self.i_stream.payload
-        valid = [Signal(name=f"v{s}") for s in range(LATENCY)]
-        tags = [Signal(i.tag.shape(), name=f"tag{s}") for s in range(LATENCY)]
-        m.d.sync += [valid[0].eq(self.i_stream.valid), tags[0].eq(i.tag)]
-        for s in range(1, LATENCY):
-            m.d.sync += [valid[s].eq(valid[s - 1]), tags[s].eq(tags[s - 1])]
+        n_mul = self.mul_cycles
+        tag_shape = i.tag.shape()
+
+        # control: valid bits and the tag, per stage
+        def stage(name):
+            return Signal(name=f"v_{name}"), Signal(tag_shape, name=f"tag_{name}")
+        v1, t1 = stage("in")
+        v2, t2 = stage("bias")
+        v3, t3 = stage("lshift")
+        v6, t6 = stage("product")
+        v7, t7 = stage("srdhm")
+        v8, t8 = stage("rdbpot")
+        v9, t9 = stage("out")
+        chain = [(self.i_stream.valid, i.tag, v1, t1), (v1, t1, v2, t2), (v2, t2, v3, t3),
+                 (v6, t6, v7, t7), (v7, t7, v8, t8), (v8, t8, v9, t9)]  # (4-6: below)
+        for v_in, t_in, v_out, t_out in chain:
+            m.d.sync += v_out.eq(v_in)
+            with m.If(v_in):
+                m.d.sync += t_out.eq(t_in)
+        busy = [v1, v2, v3, v6, v7, v8, v9]
+        if n_mul == 1:
+            v4, t4 = stage("pp")
+            v5, t5 = stage("mid")
+            for v_in, t_in, v_out, t_out in [(v3, t3, v4, t4), (v4, t4, v5, t5),
+                                             (v5, t5, v6, t6)]:
+                m.d.sync += v_out.eq(v_in)
+                with m.If(v_in):
+                    m.d.sync += t_out.eq(t_in)
+            mul_ctl = (v3, v4, v5)
+            busy += [v4, v5]
+        else:
+            steps = Signal(range(n_mul))  # steps still to do after the first
+            active = Signal()
+            tag_mul = Signal(tag_shape)
+            # the product is complete in the cycle after the last step: that is stage 6
+            m.d.comb += [v6.eq(active & (steps == 0)), t6.eq(tag_mul)]
+            with m.If(v6):
+                m.d.sync += active.eq(0)
+            with m.If(active & (steps != 0)):
+                m.d.sync += steps.eq(steps - 1)
+            with m.If(v3):  # (a new input may start in the cycle the previous one completes)
+                m.d.sync += [active.eq(1), steps.eq(n_mul - 1), tag_mul.eq(t3)]
+            mul_ctl = (v3, active & (steps != 0))
+            busy += [active]
+
         m.d.comb += [
-            self.o_stream.valid.eq(valid[-1]),
-            self.o_stream.payload.tag.eq(tags[-1]),
-            self.busy.eq(Cat(*valid).any()),
+            self.o_stream.valid.eq(v9),
+            self.o_stream.payload.tag.eq(t9),
+            self.busy.eq(Cat(*busy).any()),
         ]
         for lane in range(self.lanes):
             m.d.comb += self.o_stream.payload.out[lane].eq(
-                self._lane(m, lane, i.acc[lane], i.params[lane]))
+                self._lane(m, lane, self.i_stream.valid, i.acc[lane], i.params[lane],
+                           (v1, v2, v6, v7, v8), mul_ctl))
         return m
 
-    def _lane(self, m, lane, acc_in, params_in):
+    def _lane(self, m, lane, valid, acc_in, params_in, valids, mul_ctl):
+        v1, v2, v6, v7, v8 = valids
+
         def reg(shape, name):
             return Signal(shape, name=f"l{lane}_{name}")
 
         # 1: inputs
-        acc, p = reg(signed(32), "acc"), reg(ChannelParams, "p1")
-        m.d.sync += [acc.eq(acc_in), p.eq(params_in)]
+        acc, p = reg(signed(32), "acc"), reg(ChannelParams, "params")
+        with m.If(valid):
+            m.d.sync += [acc.eq(acc_in), p.eq(params_in)]
 
         # 2: x = sat32(acc + bias); shift clamped to [-31, 31] and split
-        x1, p2 = reg(signed(32), "x1"), reg(ChannelParams, "p2")
-        lsh, rsh = reg(range(MAX_SHIFT + 1), "lsh"), reg(range(MAX_SHIFT + 1), "rsh")
+        x1, mult2, post2 = reg(signed(32), "x1"), reg(signed(32), "mult2"), reg(POST, "post2")
+        lsh, rsh2 = reg(range(MAX_SHIFT + 1), "lsh"), reg(range(MAX_SHIFT + 1), "rsh2")
         sh = p.shift
-        m.d.sync += [
-            x1.eq(_sat32(acc + p.bias)), p2.eq(p),
-            lsh.eq(Mux(sh > MAX_SHIFT, MAX_SHIFT, Mux(sh > 0, sh, 0))),
-            rsh.eq(Mux(sh < -MAX_SHIFT, MAX_SHIFT, Mux(sh < 0, -sh, 0))),
-        ]
+        with m.If(v1):
+            m.d.sync += [
+                x1.eq(_sat32(acc + p.bias)), mult2.eq(p.multiplier),
+                post2.zero_point.eq(p.zero_point), post2.clamp_min.eq(p.clamp_min),
+                post2.clamp_max.eq(p.clamp_max),
+                lsh.eq(Mux(sh > MAX_SHIFT, MAX_SHIFT, Mux(sh > 0, sh, 0))),
+                rsh2.eq(Mux(sh < -MAX_SHIFT, MAX_SHIFT, Mux(sh < 0, -sh, 0))),
+            ]
 
         # 3: x = sat32(x << max(shift, 0))
-        x2, p3, rsh3 = reg(signed(32), "x2"), reg(ChannelParams, "p3"), reg(range(32), "rsh3")
-        m.d.sync += [x2.eq(_sat32(x1 << lsh)), p3.eq(p2), rsh3.eq(rsh)]
+        x2, mult, post3 = reg(signed(32), "x2"), reg(signed(32), "mult"), reg(POST, "post3")
+        rsh3 = reg(range(MAX_SHIFT + 1), "rsh3")
+        with m.If(v2):
+            m.d.sync += [x2.eq(_sat32(x1 << lsh)), mult.eq(mult2), post3.eq(post2),
+                         rsh3.eq(rsh2)]
 
-        # 4: partial products of x * multiplier (signed high halves, unsigned low halves)
-        b = p3.multiplier
-        x_hi, x_lo = x2[16:].as_signed(), x2[:16]
-        b_hi, b_lo = b[16:].as_signed(), b[:16]
-        pp_hh, pp_hl = reg(signed(32), "pp_hh"), reg(signed(33), "pp_hl")
-        pp_lh, pp_ll = reg(signed(33), "pp_lh"), reg(unsigned(32), "pp_ll")
-        special4 = reg(1, "special4")
-        p4, rsh4 = reg(ChannelParams, "p4"), reg(range(32), "rsh4")
-        m.d.sync += [
-            pp_hh.eq(x_hi * b_hi), pp_hl.eq(x_hi * b_lo), pp_lh.eq(x_lo * b_hi),
-            pp_ll.eq(x_lo * b_lo),
-            special4.eq((x2 == INT32_MIN) & (b == INT32_MIN)), p4.eq(p3), rsh4.eq(rsh3),
-        ]
-
-        # 5: middle sum
-        mid = reg(signed(34), "mid")
-        hh_ll = reg(signed(64), "hh_ll")
-        special5, p5, rsh5 = reg(1, "special5"), reg(ChannelParams, "p5"), reg(range(32), "rsh5")
-        m.d.sync += [
-            mid.eq(pp_hl + pp_lh), hh_ll.eq(Cat(pp_ll, pp_hh)),
-            special5.eq(special4), p5.eq(p4), rsh5.eq(rsh4),
-        ]
-
-        # 6: the 64-bit product
-        ab = reg(signed(64), "ab")
-        special6, p6, rsh6 = reg(1, "special6"), reg(ChannelParams, "p6"), reg(range(32), "rsh6")
-        m.d.sync += [ab.eq(hh_ll + (mid << 16)), special6.eq(special5), p6.eq(p5),
-                     rsh6.eq(rsh5)]
+        # 4-6: ab = x * multiplier, and the INT32_MIN * INT32_MIN case
+        ab, special = reg(signed(64), "ab"), reg(1, "special")
+        post6, rsh6 = reg(POST, "post6"), reg(range(MAX_SHIFT + 1), "rsh6")
+        if self.mul_cycles == 1:
+            v3, v4, v5 = mul_ctl
+            x_hi, x_lo = x2[16:].as_signed(), x2[:16]
+            b_hi, b_lo = mult[16:].as_signed(), mult[:16]
+            pp_hh, pp_hl = reg(signed(32), "pp_hh"), reg(signed(33), "pp_hl")
+            pp_lh, pp_ll = reg(signed(33), "pp_lh"), reg(unsigned(32), "pp_ll")
+            special4, post4, rsh4 = reg(1, "special4"), reg(POST, "post4"), reg(range(32), "rsh4")
+            with m.If(v3):
+                m.d.sync += [
+                    pp_hh.eq(x_hi * b_hi), pp_hl.eq(x_hi * b_lo), pp_lh.eq(x_lo * b_hi),
+                    pp_ll.eq(x_lo * b_lo),
+                    special4.eq((x2 == INT32_MIN) & (mult == INT32_MIN)),
+                    post4.eq(post3), rsh4.eq(rsh3),
+                ]
+            mid, hh_ll = reg(signed(34), "mid"), reg(signed(64), "hh_ll")
+            special5, post5, rsh5 = reg(1, "special5"), reg(POST, "post5"), reg(range(32), "rsh5")
+            with m.If(v4):
+                m.d.sync += [mid.eq(pp_hl + pp_lh), hh_ll.eq(Cat(pp_ll, pp_hh)),
+                             special5.eq(special4), post5.eq(post4), rsh5.eq(rsh4)]
+            with m.If(v5):
+                m.d.sync += [ab.eq(hh_ll + (mid << 16)), special.eq(special5), post6.eq(post5),
+                             rsh6.eq(rsh5)]
+        else:
+            start, step = mul_ctl
+            d = 32 // self.mul_cycles
+            rest = reg(32, "mult_rest")  # multiplier digits not yet used, top first
+            with m.If(start):  # the top digit is the signed one
+                m.d.sync += [
+                    ab.eq(mul_digit(x2, mult[32 - d:], signed_digit=True)), rest.eq(mult << d),
+                    special.eq((x2 == INT32_MIN) & (mult == INT32_MIN)),
+                    post6.eq(post3), rsh6.eq(rsh3),
+                ]
+            with m.If(step):  # Horner: ab = ab * 2^d + x * digit (x2 holds meanwhile)
+                m.d.sync += [ab.eq((ab << d) + mul_digit(x2, rest[32 - d:])), rest.eq(rest << d)]
 
         # 7: SaturatingRoundingDoublingHighMul
-        y = reg(signed(32), "y")
-        p7, rsh7 = reg(ChannelParams, "p7"), reg(range(32), "rsh7")
-        m.d.sync += [
-            y.eq(Mux(special6, INT32_MAX, (ab + (1 << 30)) >> 31)), p7.eq(p6), rsh7.eq(rsh6),
-        ]
+        y, post7, rsh7 = reg(signed(32), "y"), reg(POST, "post7"), reg(range(32), "rsh7")
+        with m.If(v6):
+            m.d.sync += [y.eq(Mux(special, INT32_MAX, (ab + (1 << 30)) >> 31)),
+                         post7.eq(post6), rsh7.eq(rsh6)]
 
         # 8: RoundingDivideByPOT(y, max(-shift, 0))
         mask = (Const(1, 33) << rsh7) - 1
         remainder = (y.as_unsigned() & mask)[:32]
         threshold = (mask >> 1) + (y < 0)
-        z, p8 = reg(signed(32), "z"), reg(ChannelParams, "p8")
-        m.d.sync += [z.eq((y >> rsh7) + (remainder > threshold)), p8.eq(p7)]
+        z, post8 = reg(signed(32), "z"), reg(POST, "post8")
+        with m.If(v7):
+            m.d.sync += [z.eq((y >> rsh7) + (remainder > threshold)), post8.eq(post7)]
 
         # 9: zero point and clamps
-        v = z + p8.zero_point
-        v = Mux(v < p8.clamp_min, p8.clamp_min, v)
-        v = Mux(v > p8.clamp_max, p8.clamp_max, v)
+        v = z + post8.zero_point
+        v = Mux(v < post8.clamp_min, post8.clamp_min, v)
+        v = Mux(v > post8.clamp_max, post8.clamp_max, v)
         out = reg(signed(8), "out")
-        m.d.sync += out.eq(v)
+        with m.If(v8):
+            m.d.sync += out.eq(v)
         return out
 
 
 class RequantUnit(wiring.Component):
     """Executes REQUANT: ``count`` ACC words -> OUT words with the parameters of one PARAM word.
 
-    One ACC word is read per ``cols / requant_lanes`` cycles and held on the read port while its
-    lane groups enter the :class:`RequantPipeline`; the PARAM lane group is read every cycle from
-    the folded PARAM memory (or, unfolded, once and held). Results are shifted into an OUT word
-    that is written when its last group comes out.
+    One ACC word is read per ``cols / requant_lanes`` lane groups and held on the read port while
+    its groups enter the :class:`RequantPipeline` (one group per ``mul_cycles`` cycles); the PARAM
+    lane group is read with each group from the folded PARAM memory (or, unfolded, once and held).
+    Results are shifted into an OUT word that is written when its last group comes out.
     """
 
-    def __init__(self, config: AccelConfig):
+    def __init__(self, config: AccelConfig, *, mul_cycles: int = 1):
         self._config = config
+        self._mul_cycles = mul_cycles
         g = {buf: geometry(config, buf) for buf in Buffer}
         self._param_geom = g[Buffer.PARAM]
         super().__init__({
@@ -168,7 +242,7 @@ class RequantUnit(wiring.Component):
         folded = self._param_geom.fold > 1
 
         tag_layout = data.StructLayout({"addr": unsigned(ADDR_BITS), "last": 1})
-        m.submodules.pipe = pipe = RequantPipeline(lanes, tag_layout)
+        m.submodules.pipe = pipe = RequantPipeline(lanes, tag_layout, mul_cycles=self._mul_cycles)
 
         cmd = Signal(RequantOperands)
         issuing = Signal()
@@ -176,14 +250,20 @@ class RequantUnit(wiring.Component):
         g = Signal(range(groups))
         first = Signal()
         last_g = g == groups - 1
+        gap = Signal(range(self._mul_cycles))  # cycles until the pipeline takes the next group
+        go = issuing & (gap == 0)
+        with m.If(go):
+            m.d.sync += gap.eq(self._mul_cycles - 1)
+        with m.Elif(gap != 0):
+            m.d.sync += gap.eq(gap - 1)
 
         v1 = Signal()  # the read ports hold the group issued last cycle
         m.d.comb += [
             self.rd_acc.addr.eq(cmd.acc_addr + n),
-            self.rd_param.addr.eq(cmd.param_addr * self._param_geom.fold + g),
+            self.rd_param.addr.eq(mul_const(cmd.param_addr, self._param_geom.fold) + g),
             self.ctrl.busy[0].eq(issuing | v1 | pipe.busy),
         ]
-        with m.If(issuing):
+        with m.If(go):
             m.d.comb += [
                 self.rd_acc.en.eq(g == 0),
                 self.rd_param.en.eq(1 if folded else first),
@@ -200,7 +280,7 @@ class RequantUnit(wiring.Component):
         # cycle after issue: the port data are the issued word / lane group
         g1 = Signal.like(g)
         tag1 = Signal(tag_layout)
-        m.d.sync += [v1.eq(issuing), g1.eq(g), tag1.addr.eq(cmd.out_addr + n),
+        m.d.sync += [v1.eq(go), g1.eq(g), tag1.addr.eq(cmd.out_addr + n),
                      tag1.last.eq(last_g)]
         acc_word = self.rd_acc.data
         param_bits = self.rd_param.data if folded else \

@@ -4,6 +4,7 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from .arith import mul_const
 from .config import AccelConfig
 from .control import UnitControl
 from .isa import (
@@ -161,18 +162,21 @@ class StripeEncoder(wiring.Component):
         for b_mode in reversed(CODED):  # the last assignment (narrowest that fits) wins
             limit = (1 << SGQ_MODE_BITS[b_mode]) - 1
             for s in reversed(range(1 << SHIFT_BITS)):
-                fits = ((span + ((1 << s) >> 1)) >> s) <= limit
+                # (span + h(s)) >> s <= 2^b - 1  <=>  span < 2^(b+s) - h(s): a constant compare
+                fits = span < ((limit + 1) << s) - ((1 << s) >> 1)
                 with m.If(fits & (s <= cmd.max_shift)):
                     m.d.comb += [mode.eq(b_mode), shift.eq(s)]
         with m.If(hi == base):
             m.d.comb += [mode.eq(SgqMode.BASE), shift.eq(0)]
         coded = mode != SgqMode.BASE
         code_bits = Signal(range(9))
+        payload_bits = Signal(COUNT_BITS + 3)  # L * b, as a shift
         with m.Switch(mode):
             for b_mode, bits in SGQ_MODE_BITS.items():
                 with m.Case(b_mode):
-                    m.d.comb += code_bits.eq(bits)
-        cost = MODE_BITS + Mux(coded, OFFSET_BITS + SHIFT_BITS + stripe_values * code_bits, 0)
+                    m.d.comb += [code_bits.eq(bits),
+                                 payload_bits.eq(stripe_values << (bits.bit_length() - 1))]
+        cost = MODE_BITS + Mux(coded, OFFSET_BITS + SHIFT_BITS + payload_bits, 0)
         decided = Signal()  # pulses the cycle after a stripe_end: mode/shift/cost are valid
         m.d.sync += decided.eq(stripe_end)
 
@@ -199,7 +203,7 @@ class StripeEncoder(wiring.Component):
                     c = self.ctrl.cmd
                     m.d.sync += [cmd.eq(c.operands), busy.eq(1), in_stripe.eq(0),
                                  base.eq(127), total_bits.eq(8),
-                                 stripe_values.eq(c.operands.stripe_len * cols)]
+                                 stripe_values.eq(mul_const(c.operands.stripe_len, cols))]
                     with m.If(c.zero | (c.operands.count == 0)):
                         m.d.sync += total_bits.eq(0)
                         m.next = "SEND_LENGTH"
@@ -271,7 +275,7 @@ class StripeEncoder(wiring.Component):
                     mode.eq(r_mode), shift.eq(r_shift),  # hold the stripe's decision
                     packer.i_valid.eq(fetched),
                     packer.i_value.eq(code_value),
-                    packer.i_nbits.eq(cols * code_bits),
+                    packer.i_nbits.eq(mul_const(code_bits, cols)),
                     take.eq(fetched & packer.i_ready),
                 ]
                 with m.If(scan_done):

@@ -4,6 +4,7 @@ from amaranth.hdl import Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from .arith import mul_const
 from .config import AccelConfig
 from .control import UnitControl
 from .isa import ADDR_BITS, COUNT_BITS, Buffer
@@ -100,7 +101,8 @@ class StoreUnit(wiring.Component):
             with m.Switch(cmd.buf):
                 for b, g in geoms.items():
                     with m.Case(b):
-                        m.d.sync += [ptr.eq(cmd.addr * g.fold), left.eq(cmd.count * g.fold)]
+                        m.d.sync += [ptr.eq(mul_const(cmd.addr, g.fold)),
+                                     left.eq(mul_const(cmd.count, g.fold))]
                 with m.Default():  # undefined buffer: nothing is sent
                     m.d.sync += left.eq(0)
         return m

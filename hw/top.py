@@ -1,5 +1,6 @@
 """The accelerator top level: host streams in and out, every block wired together."""
 
+from dataclasses import dataclass
 from functools import reduce
 from operator import or_
 
@@ -21,7 +22,34 @@ from .scratchpads import Clearer, Scratchpad, geometry
 from .sgq_encoder import StripeEncoder
 from .store_unit import StoreUnit
 
-__all__ = ["Accelerator", "generate_verilog"]
+__all__ = ["Implementation", "Accelerator", "generate_verilog"]
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """Area/speed choices of the hardware. They change cycle counts, never results.
+
+    ``overlap``: units run concurrently under hazard tracking (otherwise one instruction at a
+    time). ``requant_mul_cycles``: 1 pipelines the requant multiply on DSPs (a channel per cycle
+    per lane); ``N > 1`` multiplies iteratively in fabric, one channel per ``N`` cycles per lane.
+    """
+    overlap: bool = True
+    requant_mul_cycles: int = 1
+
+    @classmethod
+    def for_config(cls, config: AccelConfig) -> "Implementation":
+        """The default: *compact* for arrays of at most :data:`COMPACT_MACS` MACs, else *full*.
+
+        Compact is for the iCE40 UP5K: its 8 DSPs hold the MAC array, its 5280 LUTs are tight,
+        and its UART host link is far slower than anything overlap could hide.
+        """
+        if config.macs <= COMPACT_MACS:
+            return cls(overlap=False, requant_mul_cycles=8)
+        return cls()
+
+
+#: Arrays up to this many MACs get the compact implementation by default.
+COMPACT_MACS = 16
 
 
 class Accelerator(wiring.Component):
@@ -31,13 +59,16 @@ class Accelerator(wiring.Component):
     ----------
     config:
         The :class:`~tinyaccel.hw.config.AccelConfig` that sizes every block.
+    impl:
+        :class:`Implementation` choices (default: :meth:`Implementation.for_config`).
 
     Ports: ``i_stream`` (host -> accelerator beats, byte 0 in bits 7..0), ``o_stream``
     (responses), ``busy`` (a unit executing or a response pending), ``error`` (sticky until SYNC).
     """
 
-    def __init__(self, config: AccelConfig):
+    def __init__(self, config: AccelConfig, impl: Implementation | None = None):
         self.config = config
+        self.impl = impl if impl is not None else Implementation.for_config(config)
         super().__init__({
             "i_stream": In(stream.Signature(unsigned(config.host_width))),
             "o_stream": Out(stream.Signature(unsigned(config.host_width))),
@@ -50,12 +81,13 @@ class Accelerator(wiring.Component):
         cfg = self.config
 
         m.submodules.decoder = decoder = Decoder(cfg)
-        m.submodules.dispatcher = disp = Dispatcher(cfg)
+        m.submodules.dispatcher = disp = Dispatcher(cfg, overlap=self.impl.overlap)
         m.submodules.counters = counters = PerfCounters()
         m.submodules.load = load = LoadUnit(cfg)
         m.submodules.store = store = StoreUnit(cfg)
         m.submodules.gemm = gemm = GemmUnit(cfg)
-        m.submodules.requant = requant = RequantUnit(cfg)
+        m.submodules.requant = requant = RequantUnit(
+            cfg, mul_cycles=self.impl.requant_mul_cycles)
         m.submodules.patch = patch = PatchSkipUnit(cfg)
         m.submodules.sgq = sgq = StripeEncoder(cfg)
         units = {"load": load, "store": store, "gemm": gemm, "requant": requant, "patch": patch,
@@ -122,7 +154,7 @@ class Accelerator(wiring.Component):
         return m
 
 
-def generate_verilog(config: AccelConfig) -> str:
+def generate_verilog(config: AccelConfig, impl: Implementation | None = None) -> str:
     """Verilog of :class:`Accelerator` for ``config``, top module ``tinyaccel_top``."""
-    top = Accelerator(config)
+    top = Accelerator(config, impl)
     return verilog.convert(top, name="tinyaccel_top")

@@ -8,10 +8,15 @@ from amaranth.sim import Simulator
 from tinyaccel.hw.config import AccelConfig
 from tinyaccel.hw.isa import Counter
 from tinyaccel.hw.protocol import Program, StatusReport, parse_responses
-from tinyaccel.hw.top import Accelerator
+from tinyaccel.hw.top import Accelerator, Implementation
 from tinyaccel.sim.golden import GoldenMachine
 
-__all__ = ["seed_from_env", "run_accelerator", "small_config", "check_against_golden"]
+__all__ = ["seed_from_env", "run_accelerator", "small_config", "check_against_golden", "FULL",
+           "COMPACT"]
+
+#: The two implementation profiles (see hw/top.py): tests run the small configs in both.
+FULL = Implementation()
+COMPACT = Implementation(overlap=False, requant_mul_cycles=8)
 
 #: Counters the golden model reports as 0 (timing); compared for plausibility only.
 TIMING = (Counter.CYCLES, Counter.BUSY_CYCLES, Counter.COMPUTE_CYCLES)
@@ -92,15 +97,17 @@ def run_accelerator(config: AccelConfig, stream: bytes, *, seed: int = 0, gaps: 
 
 
 def check_against_golden(config: AccelConfig, program: Program, *, seed: int = 0,
-                         **kwargs) -> tuple[list, int]:
+                         impl: Implementation | None = None, **kwargs) -> tuple[list, int]:
     """Run ``program`` on the RTL and on the golden model; assert identical responses.
 
     Timing counters are checked for ``COMPUTE_CYCLES <= BUSY_CYCLES <= CYCLES`` and then
-    ignored. Returns (parsed RTL responses, cycles).
+    ignored. ``impl`` picks the :class:`Implementation` (default: the config's).
+    Returns (parsed RTL responses, cycles).
     """
     stream = program.to_bytes()
     want = GoldenMachine(config).run(stream)
-    got, cycles = run_accelerator(config, stream, seed=seed, **kwargs)
+    got, cycles = run_accelerator(config, stream, seed=seed, dut=Accelerator(config, impl),
+                                  **kwargs)
     assert len(got) == len(want), f"seed {seed}: {len(got)} response bytes, expected {len(want)}"
     got_items = parse_responses(config, program, got)
     want_items = parse_responses(config, program, want)

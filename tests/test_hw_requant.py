@@ -1,10 +1,11 @@
 """RequantPipeline against tinyaccel.sim.numerics.requantize (section 6), lane by lane."""
 
 import numpy as np
+import pytest
 from amaranth.sim import Simulator
 from hw_tb import seed_from_env
 
-from tinyaccel.hw.requant import LATENCY, RequantPipeline
+from tinyaccel.hw.requant import RequantPipeline
 from tinyaccel.sim.numerics import requantize
 
 I32 = np.iinfo(np.int32)
@@ -30,21 +31,25 @@ def corner_values(rng, n):
     }
 
 
-def test_requant_pipeline_random():
+@pytest.mark.parametrize("mul_cycles", [1, 8])
+def test_requant_pipeline_random(mul_cycles):
     seed = seed_from_env()
     print(f"seed={seed}")
     rng = np.random.default_rng(seed)
-    lanes, n = 2, 600
+    lanes, n = 2, 600 // mul_cycles
     v = corner_values(rng, n * lanes)
     want = requantize(v["acc"], **{f: v[f] for f in FIELDS}).reshape(n, lanes)
     acc = v["acc"].reshape(n, lanes)
     params = {f: v[f].reshape(n, lanes) for f in FIELDS}
     valid = rng.random(n) < 0.8
-    dut = RequantPipeline(lanes, tag_shape=16)
+    dut = RequantPipeline(lanes, tag_shape=16, mul_cycles=mul_cycles)
     got = {}
 
     async def driver(ctx):
         for s in range(n):
+            for _ in range(mul_cycles - 1):  # an iterative multiply needs spaced inputs
+                ctx.set(dut.i_stream.valid, 0)
+                await ctx.tick()
             ctx.set(dut.i_stream.valid, int(valid[s]))
             ctx.set(dut.i_stream.payload, {
                 "acc": [int(x) for x in acc[s]],
@@ -52,7 +57,7 @@ def test_requant_pipeline_random():
                 "tag": s})
             await ctx.tick()
         ctx.set(dut.i_stream.valid, 0)
-        for _ in range(LATENCY + 2):
+        for _ in range(dut.latency + 2):
             await ctx.tick()
 
     async def monitor(ctx):
@@ -71,7 +76,8 @@ def test_requant_pipeline_random():
 
     assert sorted(got) == [s for s in range(n) if valid[s]], f"seed {seed}"
     for s, (out, cycle) in got.items():
-        assert cycle == s + LATENCY, f"seed {seed}: latency of input {s}"
+        assert cycle == s * mul_cycles + mul_cycles - 1 + dut.latency, \
+            f"seed {seed}: latency of input {s}"
         assert out == list(want[s]), (
             f"seed {seed}, input {s}: acc={list(acc[s])} "
             f"params={[{f: int(params[f][s, lane]) for f in FIELDS} for lane in range(lanes)]}"

@@ -7,7 +7,7 @@ The cocotb/Verilator harness runs the big random regressions; these are the fast
 
 import numpy as np
 import pytest
-from hw_tb import check_against_golden, seed_from_env, small_config
+from hw_tb import COMPACT, FULL, check_against_golden, seed_from_env, small_config
 
 from tinyaccel.hw.config import PRESETS
 from tinyaccel.hw.isa import Buffer, Counter, Opcode, Status
@@ -39,28 +39,28 @@ def layer_program(cfg, rng) -> Program:
     return p.sync(counters=True, clear=True).sync(counters=True)
 
 
-@pytest.mark.parametrize("name", ["ice40", "tiny"])
-def test_layer_program(name):
+@pytest.mark.parametrize("name,impl", [("ice40", None), ("tiny", FULL), ("tiny", COMPACT)])
+def test_layer_program(name, impl):
     seed = seed_from_env()
     print(f"seed={seed}")
     cfg = PRESETS["ice40"] if name == "ice40" else small_config()
     program = layer_program(cfg, np.random.default_rng(seed))
-    items, _ = check_against_golden(cfg, program, seed=seed)
+    items, _ = check_against_golden(cfg, program, seed=seed, impl=impl)
     report = items[-2]
     assert report.status == Status.OK
     assert report.counters[Counter.MACS_ISSUED] == 4 * 6 * cfg.macs
     assert items[-1].counters[Counter.INSTRUCTIONS] == 1  # cleared by the first SYNC
 
 
-def test_random_programs():
+@pytest.mark.parametrize("impl", [FULL, COMPACT], ids=["full", "compact"])
+def test_random_programs(impl):
     seed = seed_from_env()
     print(f"seed={seed}")
     rng = np.random.default_rng(seed)
     cfg = small_config()
-    for n in range(2):
-        program = random_program(cfg, rng, n_instr=24, opcodes=IMPLEMENTED, illegal_rate=0.1,
-                                 window=16, max_k=8)
-        check_against_golden(cfg, program, seed=seed + n, gaps=0.4, backpressure=0.5)
+    program = random_program(cfg, rng, n_instr=24, opcodes=IMPLEMENTED, illegal_rate=0.1,
+                             window=16, max_k=8)
+    check_against_golden(cfg, program, seed=seed, impl=impl, gaps=0.4, backpressure=0.5)
 
 
 def test_corner_programs():
@@ -68,7 +68,7 @@ def test_corner_programs():
     corners = {c.name: c for c in corner_programs(cfg, IMPLEMENTED)}
     for name in ("requant_saturation", "accumulate_saturation", "gemm_gated", "tile_1x1",
                  "error_addr_range_gemm", "error_bad_buffer_load"):
-        items, _ = check_against_golden(cfg, corners[name].program, seed=7)
+        items, _ = check_against_golden(cfg, corners[name].program, seed=7, impl=FULL)
         first_sync = next(i for i in items if hasattr(i, "status"))
         assert first_sync.status == corners[name].status, name
 
@@ -103,7 +103,7 @@ def test_patch_then_gated_gemm():
     p.store(Buffer.MASK, 0, 1).store(Buffer.INP, 0, blocks * k)
     p.gemm(0, 0, 0, k=k, m_blocks=blocks, n_blocks=1, gate=1, mask_idx=5)
     p.store(Buffer.ACC, 0, blocks * cfg.rows)
-    items, _ = check_against_golden(cfg, p.sync(counters=True), seed=seed)
+    items, _ = check_against_golden(cfg, p.sync(counters=True), seed=seed, impl=FULL)
     assert items[-1].counters[Counter.MACS_SKIPPED] == 3 * k * cfg.macs
 
 
