@@ -26,7 +26,8 @@ class GemmUnit(wiring.Component):
     the addresses are running pointers (no multiplier). With ``gate`` it reads MASK bit
     ``mask_idx + i`` before row ``i`` and skips the row's blocks (one cycle each, counted in
     ``skipped_macs``) when the bit is 0. A block's last step waits until ``rows`` cycles after
-    the previous block's (only matters for ``k < rows``), which is what the array needs.
+    the previous block's (only matters for ``k < rows``), which is what the array needs; without
+    the array's shadow bank, a block's first step waits so instead (``rows - 1`` idle cycles).
 
     **Drain.** Rows leaving the array's shadow bank are written to ACC through a 3-stage pipeline:
     read the old row (only with ``accumulate``), add (33 bits), saturate and write. A saturating
@@ -37,8 +38,9 @@ class GemmUnit(wiring.Component):
     the dispatcher) until its last row is written.
     """
 
-    def __init__(self, config: AccelConfig):
+    def __init__(self, config: AccelConfig, *, shadow: bool = True):
         self._config = config
+        self._shadow = shadow
         self._geoms = {buf: geometry(config, buf) for buf in Buffer}
         g = self._geoms
         super().__init__({
@@ -61,7 +63,7 @@ class GemmUnit(wiring.Component):
 
         tag_layout = data.StructLayout({
             "acc_addr": unsigned(ADDR_BITS), "accumulate": 1, "slot": 1})
-        m.submodules.array = array = MacArray(rows, cols, tag_layout)
+        m.submodules.array = array = MacArray(rows, cols, tag_layout, shadow=self._shadow)
 
         # -- instruction registers and loop state ------------------------------------------
         cmd = Signal(GemmOperands)
@@ -75,7 +77,7 @@ class GemmUnit(wiring.Component):
         wgt_ptr = Signal(ADDR_BITS + 1)
         acc_ptr = Signal(ADDR_BITS + 1)
         mask_pos = Signal(MASK_IDX_BITS + 1)
-        block_macs = Signal(ADD_BITS)
+        block_macs = mul_const(cmd.k, rows * cols)
         cool = Signal(range(rows))  # cycles until a block may complete again
         pending = [Signal(4, name=f"pending{s}") for s in range(2)]  # blocks of slot s in flight
 
@@ -144,7 +146,6 @@ class GemmUnit(wiring.Component):
                         inp_base.eq(c.inp_addr), inp_ptr.eq(c.inp_addr),
                         wgt_ptr.eq(c.wgt_addr), acc_ptr.eq(c.acc_addr),
                         mask_pos.eq(c.mask_idx),
-                        block_macs.eq(mul_const(c.k, rows * cols)),
                     ]
                     with m.If((c.m_blocks != 0) & (c.n_blocks != 0)):
                         m.d.sync += active.eq(1)
@@ -161,7 +162,8 @@ class GemmUnit(wiring.Component):
                 with m.Else():
                     m.next = "SKIP"
             with m.State("RUN"):
-                m.d.comb += issue.eq(~last_t | (cool == 0))
+                waits = last_t if self._shadow else (t == 0)  # the step that must wait
+                m.d.comb += issue.eq(~waits | (cool == 0))
                 with m.If(issue):
                     m.d.sync += [t.eq(t + 1), inp_ptr.eq(inp_ptr + 1), wgt_ptr.eq(wgt_ptr + 1)]
                     with m.If(last_t):

@@ -40,10 +40,15 @@ class MacArray(wiring.Component):
     Neither stream can stall (``always_ready``): the producer must space the ``last`` steps of
     consecutive blocks by at least ``rows`` cycles (blocks with ``k >= rows`` always are).
     Sums are exact: ``k <= 65535`` INT8 products never leave INT32.
+
+    Without ``shadow`` (compact builds) the rows are sent straight from the accumulators, one per
+    cycle starting the cycle after the ``last`` step was accumulated; the producer must then start
+    the next block (its ``first`` step) at least ``rows`` cycles after the previous ``last`` step.
     """
 
-    def __init__(self, rows: int, cols: int, tag_shape=0):
+    def __init__(self, rows: int, cols: int, tag_shape=0, *, shadow: bool = True):
         self.rows, self.cols = rows, cols
+        self.shadow = shadow
         super().__init__({
             "i_stream": In(stream.Signature(OperandLayout(rows, cols, tag_shape),
                                             always_ready=True)),
@@ -89,24 +94,37 @@ class MacArray(wiring.Component):
                     with m.Else():
                         m.d.sync += acc[r][c].eq(acc[r][c] + p[r][c])
 
-        # shadow bank: loaded from the accumulators, shifted out one row per cycle
-        shadow = [Signal(data.ArrayLayout(signed(32), cols), name=f"shadow{r}")
-                  for r in range(rows)]
-        left = Signal(range(rows + 1))
+        left = Signal(range(rows + 1))  # rows still to send
         index = Signal(range(rows))
         stag = Signal(tag_shape)
-        with m.If(done):
-            m.d.sync += [left.eq(rows), index.eq(0), stag.eq(tag3)]
-            for r in range(rows):
-                m.d.sync += [shadow[r][c].eq(acc[r][c]) for c in range(cols)]
-        with m.Elif(left != 0):
-            m.d.sync += [left.eq(left - 1), index.eq(index + 1)]
-            for r in range(rows - 1):
-                m.d.sync += shadow[r].eq(shadow[r + 1])
+        if self.shadow:
+            # shadow bank: loaded from the accumulators, shifted out one row per cycle
+            shadow = [Signal(data.ArrayLayout(signed(32), cols), name=f"shadow{r}")
+                      for r in range(rows)]
+            with m.If(done):
+                m.d.sync += [left.eq(rows), index.eq(0), stag.eq(tag3)]
+                for r in range(rows):
+                    m.d.sync += [shadow[r][c].eq(acc[r][c]) for c in range(cols)]
+            with m.Elif(left != 0):
+                m.d.sync += [left.eq(left - 1), index.eq(index + 1)]
+                for r in range(rows - 1):
+                    m.d.sync += shadow[r].eq(shadow[r + 1])
+            row = shadow[0]
+        else:
+            # rows straight from the accumulators, which the producer leaves alone meanwhile
+            with m.If(v2 & last2):
+                m.d.sync += [left.eq(rows), index.eq(0), stag.eq(tag2)]
+            with m.Elif(left != 0):
+                m.d.sync += [left.eq(left - 1), index.eq(index + 1)]
+            row = Signal(data.ArrayLayout(signed(32), cols))
+            with m.Switch(index):
+                for r in range(rows):
+                    with m.Case(r):
+                        m.d.comb += [row[c].eq(acc[r][c]) for c in range(cols)]
 
         m.d.comb += [
             self.o_stream.valid.eq(left != 0),
-            self.o_stream.payload.row.eq(shadow[0]),
+            self.o_stream.payload.row.eq(row),
             self.o_stream.payload.index.eq(index),
             self.o_stream.payload.tag.eq(stag),
         ]

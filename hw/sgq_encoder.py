@@ -181,13 +181,13 @@ class StripeEncoder(wiring.Component):
         m.d.sync += decided.eq(stripe_end)
 
         # -- codes of one word --------------------------------------------------------------
-        codes = {}
-        for b_mode, bits in SGQ_MODE_BITS.items():
-            lanes = []
-            for c in range(cols):
-                q = ((values[c] - lo).as_unsigned()[:8] + ((Const(1, 8) << shift) >> 1)) >> shift
-                lanes.append(q[:bits])
-            codes[b_mode] = Cat(*lanes)
+        half = Signal(8)  # h(s) = 2^s >> 1
+        m.d.comb += half.eq((Const(1, 8) << shift) >> 1)
+        q = [Signal(9, name=f"q{c}") for c in range(cols)]
+        for c in range(cols):
+            m.d.comb += q[c].eq(((values[c] - lo).as_unsigned()[:8] + half) >> shift)
+        codes = {b_mode: Cat(*(q[c][:bits] for c in range(cols)))
+                 for b_mode, bits in SGQ_MODE_BITS.items()}
         code_value = Signal(8 * cols)
         with m.Switch(mode):
             for b_mode in SGQ_MODE_BITS:

@@ -32,9 +32,12 @@ class Implementation:
     ``overlap``: units run concurrently under hazard tracking (otherwise one instruction at a
     time). ``requant_mul_cycles``: 1 pipelines the requant multiply on DSPs (a channel per cycle
     per lane); ``N > 1`` multiplies iteratively in fabric, one channel per ``N`` cycles per lane.
+    ``shadow``: the MAC array copies finished blocks into a shadow bank (otherwise ``rows - 1``
+    idle cycles between blocks).
     """
     overlap: bool = True
     requant_mul_cycles: int = 1
+    shadow: bool = True
 
     @classmethod
     def for_config(cls, config: AccelConfig) -> "Implementation":
@@ -44,7 +47,7 @@ class Implementation:
         and its UART host link is far slower than anything overlap could hide.
         """
         if config.macs <= COMPACT_MACS:
-            return cls(overlap=False, requant_mul_cycles=8)
+            return cls(overlap=False, requant_mul_cycles=8, shadow=False)
         return cls()
 
 
@@ -85,7 +88,7 @@ class Accelerator(wiring.Component):
         m.submodules.counters = counters = PerfCounters()
         m.submodules.load = load = LoadUnit(cfg)
         m.submodules.store = store = StoreUnit(cfg)
-        m.submodules.gemm = gemm = GemmUnit(cfg)
+        m.submodules.gemm = gemm = GemmUnit(cfg, shadow=self.impl.shadow)
         m.submodules.requant = requant = RequantUnit(
             cfg, mul_cycles=self.impl.requant_mul_cycles)
         m.submodules.patch = patch = PatchSkipUnit(cfg)
