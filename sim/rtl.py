@@ -83,7 +83,7 @@ MAKE_VARS = {
     "CFG_CXXFLAGS_STD": "-std=gnu++20",
     "CFG_CXXFLAGS_COROUTINES": "-fcoroutines",
     "CFG_LDLIBS_THREADS": "-pthread",
-    "OPT_FAST": "-O2",
+    "OPT_FAST": "-O3",
     "OPT_GLOBAL": "-O2",
 }
 
@@ -257,6 +257,9 @@ def verilog_for(config: str | AccelConfig) -> str:
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(text)
     tmp.replace(path)
+    old = sorted(path.parent.glob(f"{config.name}-*.v"), key=lambda p: p.stat().st_mtime)
+    for stale in old[:-KEEP_BUILDS]:
+        stale.unlink(missing_ok=True)
     return text
 
 

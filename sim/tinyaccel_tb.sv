@@ -114,6 +114,12 @@ module tinyaccel_tb #(
     logic [7:0] quiet_cnt = 0;  // cycles of silence (no input taken, no output offered, idle)
     logic in_hold = 0;          // a beat is offered and not yet taken: keep valid
     logic [31:0] lfsr_v = 1, lfsr_r = 2;
+    // The cfg_* registers latched when a command starts. Only these copies feed the stream
+    // logic: cfg_* are VPI-writable, so logic reading them would be re-evaluated by Verilator
+    // as input logic on every time step.
+    logic [31:0] in_beats_q = 0, expect_beats_q = 0, watchdog_q = 0, out_cap_q = 0;
+    logic [15:0] valid_gap_q = 0, ready_gap_q = 0;
+    logic last_q = 1, expect_known_q = 0;
 
     assign rst = (state == RESET);
     assign busy_now = busy;
@@ -127,17 +133,17 @@ module tinyaccel_tb #(
         return y ^ (y << 5);
     endfunction
 
-    wire in_left = (in_ptr < cfg_in_beats);
-    assign i_valid = (state == RUN) && in_left && (in_hold || lfsr_v[31:16] >= cfg_valid_gap);
+    wire in_left = (in_ptr < in_beats_q);
+    assign i_valid = (state == RUN) && in_left && (in_hold || lfsr_v[31:16] >= valid_gap_q);
     assign i_payload = in_mem[in_ptr[$clog2(IN_BEATS)-1:0]];
-    wire out_room = (out_count < OUT_BEATS) && (out_count < cfg_out_cap);
-    assign o_ready = (state == RUN) && out_room && (lfsr_r[31:16] >= cfg_ready_gap);
+    wire out_room = (out_count < OUT_BEATS) && (out_count < out_cap_q);
+    assign o_ready = (state == RUN) && out_room && (lfsr_r[31:16] >= ready_gap_q);
 
     wire in_fire = i_valid && i_ready;
     wire out_fire = o_valid && o_ready;
     wire input_done = !in_left;
-    wire output_done = !cfg_expect_known || out_total >= cfg_expect_beats;
-    wire finished = !out_room || (cfg_last
+    wire output_done = !expect_known_q || out_total >= expect_beats_q;
+    wire finished = !out_room || (last_q
         ? (input_done && output_done && !busy && quiet_cnt >= QUIET)
         : input_done);
 
@@ -146,6 +152,14 @@ module tinyaccel_tb #(
             IDLE: begin
                 if (cmd_seq != seen_seq) begin
                     seen_seq <= cmd_seq;
+                    in_beats_q <= cfg_in_beats;
+                    expect_beats_q <= cfg_expect_beats;
+                    expect_known_q <= cfg_expect_known;
+                    last_q <= cfg_last;
+                    valid_gap_q <= cfg_valid_gap;
+                    ready_gap_q <= cfg_ready_gap;
+                    watchdog_q <= cfg_watchdog;
+                    out_cap_q <= cfg_out_cap;
                     done <= 0;
                     timed_out <= 0;
                     out_full <= 0;
@@ -204,7 +218,7 @@ module tinyaccel_tb #(
                 if (finished) begin
                     out_full <= !out_room;
                     state <= FINISH;
-                end else if (idle_cnt >= cfg_watchdog) begin
+                end else if (idle_cnt >= watchdog_q) begin
                     timed_out <= 1;
                     state <= FINISH;
                 end
