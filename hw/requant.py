@@ -144,12 +144,21 @@ class RequantPipeline(wiring.Component):
                 rsh2.eq(Mux(sh < -MAX_SHIFT, MAX_SHIFT, Mux(sh < 0, -sh, 0))),
             ]
 
-        # 3: x = sat32(x << max(shift, 0))
+        # 3: x = sat32(x << max(shift, 0)): it overflows exactly when the shift exceeds the
+        # number of redundant sign bits of x (a priority encoder, not a second shifter)
+        redundant = Signal(range(32), name=f"l{lane}_redundant")
+        m.d.comb += redundant.eq(31)
+        sign_change = x1 ^ (x1 >> 1)  # bit i: x[i] != x[i+1]
+        for bit in range(31):  # the highest set bit wins
+            with m.If(sign_change[bit]):
+                m.d.comb += redundant.eq(30 - bit)
+        shifted = (x1 << lsh)[:32].as_signed()
+        saturated = Mux(x1 < 0, INT32_MIN, INT32_MAX)
         x2, mult, post3 = reg(signed(32), "x2"), reg(signed(32), "mult"), reg(POST, "post3")
         rsh3 = reg(range(MAX_SHIFT + 1), "rsh3")
         with m.If(v2):
-            m.d.sync += [x2.eq(_sat32(x1 << lsh)), mult.eq(mult2), post3.eq(post2),
-                         rsh3.eq(rsh2)]
+            m.d.sync += [x2.eq(Mux(lsh > redundant, saturated, shifted)), mult.eq(mult2),
+                         post3.eq(post2), rsh3.eq(rsh2)]
 
         # 4-6: ab = x * multiplier, and the INT32_MIN * INT32_MIN case
         ab, special = reg(signed(64), "ab"), reg(1, "special")
@@ -195,13 +204,14 @@ class RequantPipeline(wiring.Component):
             m.d.sync += [y.eq(Mux(special, INT32_MAX, (ab + (1 << 30)) >> 31)),
                          post7.eq(post6), rsh7.eq(rsh6)]
 
-        # 8: RoundingDivideByPOT(y, max(-shift, 0))
-        mask = (Const(1, 33) << rsh7) - 1
-        remainder = (y.as_unsigned() & mask)[:32]
-        threshold = (mask >> 1) + (y < 0)
+        # 8: RoundingDivideByPOT(y, e) with e = max(-shift, 0). For e >= 1 the remainder
+        # test `rem > (2^(e-1) - 1) + neg` is `rem >= 2^(e-1) + neg`, so the result is
+        # (y + 2^(e-1) - neg) >> e: one add and one arithmetic shift (e = 0: y itself).
+        half = (Const(1, 32) << rsh7) >> 1
+        neg_round = (y < 0) & (rsh7 != 0)
         z, post8 = reg(signed(32), "z"), reg(POST, "post8")
         with m.If(v7):
-            m.d.sync += [z.eq((y >> rsh7) + (remainder > threshold)), post8.eq(post7)]
+            m.d.sync += [z.eq((y + half - neg_round) >> rsh7), post8.eq(post7)]
 
         # 9: zero point and clamps
         v = z + post8.zero_point

@@ -31,13 +31,43 @@ def corner_values(rng, n):
     }
 
 
+def boundary_values():
+    """Vectors on the exact edges: the saturating left shift around the redundant sign bits of x
+    (multiplier 1 keeps the sign and the 2^30 bit visible), RoundingDivideByPOT ties
+    (multiplier INT32_MAX passes small x through SRDHM unchanged)."""
+    rows = []
+    full = dict(zero_point=0, clamp_min=-128, clamp_max=127)
+    for j in range(32):
+        for x in (2**j - 1, 2**j, -(2**j), -(2**j) - 1):
+            x = int(np.clip(x, I32.min, I32.max))
+            for shift in (31 - j - 1, 31 - j, 32 - j):
+                for mult in (1, 2**30):
+                    rows.append(dict(acc=x, bias=0, multiplier=mult,
+                                     shift=int(np.clip(shift, 0, 31)), **full))
+    for e in range(1, 32):
+        for q in (-3, -1, 0, 2):
+            for delta in (-1, 0, 1):
+                x = q * 2**e + 2**(e - 1) + delta
+                if I32.min < x < 2**30 and -(2**30) < x:
+                    rows.append(dict(acc=x, bias=0, multiplier=I32.max, shift=-e, **full))
+    return {f: np.array([r[f] for r in rows], np.int64 if f != "acc" else np.int32)
+            for f in ("acc",) + FIELDS}
+
+
 @pytest.mark.parametrize("mul_cycles", [1, 8])
-def test_requant_pipeline_random(mul_cycles):
+@pytest.mark.parametrize("vectors", ["random", "boundary"])
+def test_requant_pipeline(vectors, mul_cycles):
     seed = seed_from_env()
     print(f"seed={seed}")
     rng = np.random.default_rng(seed)
-    lanes, n = 2, 600 // mul_cycles
-    v = corner_values(rng, n * lanes)
+    lanes = 2
+    if vectors == "random":
+        n = 600 // mul_cycles
+        v = corner_values(rng, n * lanes)
+    else:
+        v = boundary_values()
+        n = len(v["acc"]) // lanes
+        v = {f: a[:n * lanes] for f, a in v.items()}
     want = requantize(v["acc"], **{f: v[f] for f in FIELDS}).reshape(n, lanes)
     acc = v["acc"].reshape(n, lanes)
     params = {f: v[f].reshape(n, lanes) for f in FIELDS}
