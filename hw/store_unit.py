@@ -22,11 +22,11 @@ class StoreCommand(data.Struct):
 
 
 class StoreUnit(wiring.Component):
-    """Sends ``count`` words of ``buf`` on ``o_stream``.
+    """Sends ``count`` words of ``buf`` on ``o_stream``, one beat per cycle under back-pressure.
 
-    Two word stages: the read port's output (held while its ``en`` is low) and a send register
-    that is sliced into beats. The next word is fetched while the current one is being sent, so
-    the stream runs at one beat per cycle even for one-beat words.
+    The read port's output is the send stage: it holds the word while its beats go out (``en``
+    low), and the next word is read in the cycle its last beat is accepted, so it shows on the
+    port the cycle after. No word is copied into registers.
     """
 
     def __init__(self, config: AccelConfig):
@@ -47,46 +47,37 @@ class StoreUnit(wiring.Component):
         hw = self._config.host_width
         max_fold = max(g.fold for g in geoms.values())
         max_beats = max(g.beats for g in geoms.values())
-        max_width = max(g.width for g in geoms.values())
 
         buf = Signal(Buffer)
         zero = Signal()
         ptr = Signal(ADDR_BITS + max_fold.bit_length())
         left = Signal(COUNT_BITS + max_fold.bit_length())  # words still to read
-        fetched = Signal()  # the read port holds a word not yet taken
-        word = Signal(max_width)  # word being sent
-        word_valid = Signal()
+        fetched = Signal()  # the read port holds a word whose beats are being sent
         beat = Signal(range(max_beats))
 
         last_beat = Signal()
-        port_data = Signal(max_width)
+        payload = Signal(hw)
         with m.Switch(buf):
             for b, g in geoms.items():
                 with m.Case(b):
-                    m.d.comb += [
-                        last_beat.eq(beat == g.beats - 1),
-                        port_data.eq(getattr(self, f"rd_{b.name.lower()}").data),
-                    ]
+                    port = getattr(self, f"rd_{b.name.lower()}")
+                    m.d.comb += [last_beat.eq(beat == g.beats - 1),
+                                 payload.eq(port.data.word_select(beat, hw))]
 
         m.d.comb += [
-            self.o_stream.valid.eq(word_valid),
-            self.o_stream.payload.eq(word.word_select(beat, hw)),
-            busy.eq((left != 0) | fetched | word_valid),
+            self.o_stream.valid.eq(fetched),
+            self.o_stream.payload.eq(Mux(zero, 0, payload)),
+            busy.eq((left != 0) | fetched),
         ]
         sent = self.o_stream.valid & self.o_stream.ready
         word_done = sent & last_beat
-        take = fetched & (~word_valid | word_done)
-        issue = (left != 0) & (~fetched | take)
+        issue = (left != 0) & (~fetched | word_done)
 
         with m.If(sent):
             m.d.sync += beat.eq(Mux(last_beat, 0, beat + 1))
-        with m.If(take):
-            m.d.sync += [word.eq(Mux(zero, 0, port_data)), word_valid.eq(1)]
-        with m.Elif(word_done):
-            m.d.sync += word_valid.eq(0)
         with m.If(issue):
             m.d.sync += [ptr.eq(ptr + 1), left.eq(left - 1), fetched.eq(1)]
-        with m.Elif(take):
+        with m.Elif(word_done):
             m.d.sync += fetched.eq(0)
 
         for b in geoms:
