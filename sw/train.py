@@ -434,18 +434,30 @@ def comparison_table(results: list[dict]) -> str:
 
 
 def plot_runs(results: list[dict], path: str | Path) -> Path:
-    """Train loss and test accuracy per epoch, one line per run (matplotlib, Agg backend)."""
+    """Train loss and test accuracy per epoch, one colour per run label (matplotlib, Agg).
+
+    A label trained with several seeds is drawn as its mean with a min..max band.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    groups: dict[str, list[dict]] = {}
     for r in results:
-        label = r["label"] + (f" s{r['seed']}" if len({x["seed"] for x in results}) > 1 else "")
-        epochs = [h["epoch"] for h in r["history"]]
-        ax_loss.plot(epochs, [h["train_loss"] for h in r["history"]], marker="o", label=label)
-        ax_acc.plot(epochs, [100 * h["test_acc"] for h in r["history"]], marker="o", label=label)
-    ax_loss.set(xlabel="epoch", ylabel="train loss (cross-entropy)", title="training loss")
+        groups.setdefault(r["label"], []).append(r)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for color, (label, runs) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4,
+                                    groups.items(), strict=False):
+        n = min(len(r["history"]) for r in runs)
+        epochs = np.arange(1, n + 1)
+        seeds = f" ({len(runs)} seeds)" if len(runs) > 1 else ""
+        for ax, key, scale in ((ax_loss, "train_loss", 1.0), (ax_acc, "test_acc", 100.0)):
+            values = scale * np.array([[h[key] for h in r["history"][:n]] for r in runs])
+            ax.plot(epochs, values.mean(0), marker="o", color=color, label=label + seeds)
+            if len(runs) > 1:
+                ax.fill_between(epochs, values.min(0), values.max(0), color=color, alpha=0.15)
+    ax_loss.set(xlabel="epoch", ylabel="train loss (cross-entropy)", title="training loss",
+                yscale="log")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy (digits)")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
