@@ -77,13 +77,15 @@ class Decoder(wiring.Component):
         ops = word.operands
         iter_done = (m_a == 0) & (m_b == 0) & (div_n == 0)
 
-        # The checks and the access set are combinational from the word and the products, which
-        # hold still while the instruction is offered; the status is registered in CHECK.
+        # The checks are combinational from the word and the products and registered in CHECK
+        # (the word itself holds while the instruction is offered). A build without hazard
+        # tracking never reads `access`, and synthesis removes it.
         check = Signal(out.shape())
         self._check(m, word, check, p_mk, p_nk, p_mn, div_r)
         status, buf_ok, data_beats = Signal(Status), Signal(), Signal.like(out.data_beats)
+        access = Signal.like(out.access)
         m.d.comb += [out.word.eq(word), out.status.eq(status), out.buf_ok.eq(buf_ok),
-                     out.data_beats.eq(data_beats), out.access.eq(check.access)]
+                     out.data_beats.eq(data_beats), out.access.eq(access)]
 
         with m.FSM():
             with m.State("FETCH"):
@@ -130,7 +132,7 @@ class Decoder(wiring.Component):
                     m.next = "CHECK"
             with m.State("CHECK"):
                 m.d.sync += [status.eq(check.status), buf_ok.eq(check.buf_ok),
-                             data_beats.eq(check.data_beats)]
+                             data_beats.eq(check.data_beats), access.eq(check.access)]
                 m.next = "OFFER"
             with m.State("OFFER"):
                 m.d.comb += self.o_instr.valid.eq(1)

@@ -159,13 +159,23 @@ class StripeEncoder(wiring.Component):
         # decision from the registered lo/hi of a finished stripe (one cycle after stripe_end)
         mode, shift = Signal(SgqMode), Signal(SHIFT_BITS)
         span = (hi - lo).as_unsigned()[:8]
-        for b_mode in reversed(CODED):  # the last assignment (narrowest that fits) wins
+        # fits(b, s) is monotone in s (larger shifts only shrink the codes), so width b is usable
+        # iff it fits at s = max_shift, and its smallest shift is the number of s that do not fit
+        usable, smallest = {}, {}
+        for b_mode in CODED:
             limit = (1 << SGQ_MODE_BITS[b_mode]) - 1
-            for s in reversed(range(1 << SHIFT_BITS)):
-                # (span + h(s)) >> s <= 2^b - 1  <=>  span < 2^(b+s) - h(s): a constant compare
-                fits = span < ((limit + 1) << s) - ((1 << s) >> 1)
-                with m.If(fits & (s <= cmd.max_shift)):
-                    m.d.comb += [mode.eq(b_mode), shift.eq(s)]
+            # (span + h(s)) >> s <= 2^b - 1  <=>  span < 2^(b+s) - h(s): a constant compare
+            fits = Cat(*(span < ((limit + 1) << s) - ((1 << s) >> 1)
+                         for s in range(1 << SHIFT_BITS)))
+            usable[b_mode] = fits.bit_select(cmd.max_shift, 1)
+            smallest[b_mode] = Signal(range((1 << SHIFT_BITS) + 1), name=f"smallest_{b_mode.name}")
+            m.d.comb += smallest[b_mode].eq(sum(~fits[s] for s in range(len(fits))))
+        with m.If(usable[CODED[0]]):
+            m.d.comb += [mode.eq(CODED[0]), shift.eq(smallest[CODED[0]])]
+        with m.Elif(usable[CODED[1]]):
+            m.d.comb += [mode.eq(CODED[1]), shift.eq(smallest[CODED[1]])]
+        with m.Else():  # 8-bit codes with shift 0 always fit
+            m.d.comb += [mode.eq(CODED[2]), shift.eq(smallest[CODED[2]])]
         with m.If(hi == base):
             m.d.comb += [mode.eq(SgqMode.BASE), shift.eq(0)]
         coded = mode != SgqMode.BASE
