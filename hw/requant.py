@@ -4,13 +4,13 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .arith import mul_const, mul_digit
+from .arith import mul_const
 from .config import AccelConfig
 from .control import UnitControl
 from .isa import ADDR_BITS, COUNT_BITS, Buffer, ChannelParams, RequantOperands
 from .scratchpads import ReadClient, WriteClient, geometry
 
-__all__ = ["RequantPipeline", "RequantUnit"]
+__all__ = ["RequantPipeline", "RequantSerial", "RequantUnit"]
 
 INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
 MAX_SHIFT = 31
@@ -31,18 +31,16 @@ class RequantPipeline(wiring.Component):
     for every ``ab``) with the ``INT32_MIN * INT32_MIN`` case; RoundingDivideByPOT; zero point
     and clamps. Each stage keeps only the parameters later stages need.
 
-    The multiply takes ``mul_cycles`` cycles. With 1 it is three pipelined stages of four 17 x 17
-    partial products (one DSP each), their middle sum and the 64-bit sum: a channel per cycle
-    per lane. With ``N > 1`` it is an iterative Horner multiply over ``32 / N``-bit digits of the
-    multiplier in fabric (no DSP); inputs must then be at least ``N`` cycles apart.
-    ``latency`` cycles separate an input from its output. The ``tag`` rides along unchanged.
+    The multiply is three pipelined stages: four 17 x 17 partial products (one DSP each), their
+    middle sum, the 64-bit sum. A channel per cycle per lane; ``latency`` cycles separate an input
+    from its output. The ``tag`` rides along unchanged.
     """
 
-    def __init__(self, lanes: int, tag_shape=0, *, mul_cycles: int = 1):
-        if mul_cycles not in (1, 2, 4, 8, 16, 32):
-            raise ValueError(f"mul_cycles={mul_cycles} must be a power of two dividing 32")
+    latency = 9  #: cycles from a valid input to its output
+    interval = 1  #: cycles between inputs
+
+    def __init__(self, lanes: int, tag_shape=0):
         self.lanes = lanes
-        self.mul_cycles = mul_cycles
         super().__init__({
             "i_stream": In(stream.Signature(data.StructLayout({
                 "acc": data.ArrayLayout(signed(32), lanes),
@@ -56,15 +54,9 @@ class RequantPipeline(wiring.Component):
             "busy": Out(1),  # some stage holds a valid input
         })
 
-    @property
-    def latency(self) -> int:
-        """Cycles from a valid input to its output."""
-        return 9 if self.mul_cycles == 1 else 6 + self.mul_cycles
-
     def elaborate(self, platform):
         m = Module()
         i = self.i_stream.payload
-        n_mul = self.mul_cycles
         tag_shape = i.tag.shape()
 
         # control: valid bits and the tag, per stage
@@ -83,31 +75,13 @@ class RequantPipeline(wiring.Component):
             m.d.sync += v_out.eq(v_in)
             with m.If(v_in):
                 m.d.sync += t_out.eq(t_in)
-        busy = [v1, v2, v3, v6, v7, v8, v9]
-        if n_mul == 1:
-            v4, t4 = stage("pp")
-            v5, t5 = stage("mid")
-            for v_in, t_in, v_out, t_out in [(v3, t3, v4, t4), (v4, t4, v5, t5),
-                                             (v5, t5, v6, t6)]:
-                m.d.sync += v_out.eq(v_in)
-                with m.If(v_in):
-                    m.d.sync += t_out.eq(t_in)
-            mul_ctl = (v3, v4, v5)
-            busy += [v4, v5]
-        else:
-            steps = Signal(range(n_mul))  # steps still to do after the first
-            active = Signal()
-            tag_mul = Signal(tag_shape)
-            # the product is complete in the cycle after the last step: that is stage 6
-            m.d.comb += [v6.eq(active & (steps == 0)), t6.eq(tag_mul)]
-            with m.If(v6):
-                m.d.sync += active.eq(0)
-            with m.If(active & (steps != 0)):
-                m.d.sync += steps.eq(steps - 1)
-            with m.If(v3):  # (a new input may start in the cycle the previous one completes)
-                m.d.sync += [active.eq(1), steps.eq(n_mul - 1), tag_mul.eq(t3)]
-            mul_ctl = (v3, active & (steps != 0))
-            busy += [active]
+        v4, t4 = stage("pp")
+        v5, t5 = stage("mid")
+        for v_in, t_in, v_out, t_out in [(v3, t3, v4, t4), (v4, t4, v5, t5), (v5, t5, v6, t6)]:
+            m.d.sync += v_out.eq(v_in)
+            with m.If(v_in):
+                m.d.sync += t_out.eq(t_in)
+        busy = [v1, v2, v3, v4, v5, v6, v7, v8, v9]
 
         m.d.comb += [
             self.o_stream.valid.eq(v9),
@@ -117,11 +91,11 @@ class RequantPipeline(wiring.Component):
         for lane in range(self.lanes):
             m.d.comb += self.o_stream.payload.out[lane].eq(
                 self._lane(m, lane, self.i_stream.valid, i.acc[lane], i.params[lane],
-                           (v1, v2, v6, v7, v8), mul_ctl))
+                           (v1, v2, v3, v4, v5, v6, v7, v8)))
         return m
 
-    def _lane(self, m, lane, valid, acc_in, params_in, valids, mul_ctl):
-        v1, v2, v6, v7, v8 = valids
+    def _lane(self, m, lane, valid, acc_in, params_in, valids):
+        v1, v2, v3, v4, v5, v6, v7, v8 = valids
 
         def reg(shape, name):
             return Signal(shape, name=f"l{lane}_{name}")
@@ -163,40 +137,26 @@ class RequantPipeline(wiring.Component):
         # 4-6: ab = x * multiplier, and the INT32_MIN * INT32_MIN case
         ab, special = reg(signed(64), "ab"), reg(1, "special")
         post6, rsh6 = reg(POST, "post6"), reg(range(MAX_SHIFT + 1), "rsh6")
-        if self.mul_cycles == 1:
-            v3, v4, v5 = mul_ctl
-            x_hi, x_lo = x2[16:].as_signed(), x2[:16]
-            b_hi, b_lo = mult[16:].as_signed(), mult[:16]
-            pp_hh, pp_hl = reg(signed(32), "pp_hh"), reg(signed(33), "pp_hl")
-            pp_lh, pp_ll = reg(signed(33), "pp_lh"), reg(unsigned(32), "pp_ll")
-            special4, post4, rsh4 = reg(1, "special4"), reg(POST, "post4"), reg(range(32), "rsh4")
-            with m.If(v3):
-                m.d.sync += [
-                    pp_hh.eq(x_hi * b_hi), pp_hl.eq(x_hi * b_lo), pp_lh.eq(x_lo * b_hi),
-                    pp_ll.eq(x_lo * b_lo),
-                    special4.eq((x2 == INT32_MIN) & (mult == INT32_MIN)),
-                    post4.eq(post3), rsh4.eq(rsh3),
-                ]
-            mid, hh_ll = reg(signed(34), "mid"), reg(signed(64), "hh_ll")
-            special5, post5, rsh5 = reg(1, "special5"), reg(POST, "post5"), reg(range(32), "rsh5")
-            with m.If(v4):
-                m.d.sync += [mid.eq(pp_hl + pp_lh), hh_ll.eq(Cat(pp_ll, pp_hh)),
-                             special5.eq(special4), post5.eq(post4), rsh5.eq(rsh4)]
-            with m.If(v5):
-                m.d.sync += [ab.eq(hh_ll + (mid << 16)), special.eq(special5), post6.eq(post5),
-                             rsh6.eq(rsh5)]
-        else:
-            start, step = mul_ctl
-            d = 32 // self.mul_cycles
-            rest = reg(32, "mult_rest")  # multiplier digits not yet used, top first
-            with m.If(start):  # the top digit is the signed one
-                m.d.sync += [
-                    ab.eq(mul_digit(x2, mult[32 - d:], signed_digit=True)), rest.eq(mult << d),
-                    special.eq((x2 == INT32_MIN) & (mult == INT32_MIN)),
-                    post6.eq(post3), rsh6.eq(rsh3),
-                ]
-            with m.If(step):  # Horner: ab = ab * 2^d + x * digit (x2 holds meanwhile)
-                m.d.sync += [ab.eq((ab << d) + mul_digit(x2, rest[32 - d:])), rest.eq(rest << d)]
+        x_hi, x_lo = x2[16:].as_signed(), x2[:16]
+        b_hi, b_lo = mult[16:].as_signed(), mult[:16]
+        pp_hh, pp_hl = reg(signed(32), "pp_hh"), reg(signed(33), "pp_hl")
+        pp_lh, pp_ll = reg(signed(33), "pp_lh"), reg(unsigned(32), "pp_ll")
+        special4, post4, rsh4 = reg(1, "special4"), reg(POST, "post4"), reg(range(32), "rsh4")
+        with m.If(v3):
+            m.d.sync += [
+                pp_hh.eq(x_hi * b_hi), pp_hl.eq(x_hi * b_lo), pp_lh.eq(x_lo * b_hi),
+                pp_ll.eq(x_lo * b_lo),
+                special4.eq((x2 == INT32_MIN) & (mult == INT32_MIN)),
+                post4.eq(post3), rsh4.eq(rsh3),
+            ]
+        mid, hh_ll = reg(signed(34), "mid"), reg(signed(64), "hh_ll")
+        special5, post5, rsh5 = reg(1, "special5"), reg(POST, "post5"), reg(range(32), "rsh5")
+        with m.If(v4):
+            m.d.sync += [mid.eq(pp_hl + pp_lh), hh_ll.eq(Cat(pp_ll, pp_hh)),
+                         special5.eq(special4), post5.eq(post4), rsh5.eq(rsh4)]
+        with m.If(v5):
+            m.d.sync += [ab.eq(hh_ll + (mid << 16)), special.eq(special5), post6.eq(post5),
+                         rsh6.eq(rsh5)]
 
         # 7: SaturatingRoundingDoublingHighMul
         y, post7, rsh7 = reg(signed(32), "y"), reg(POST, "post7"), reg(range(32), "rsh7")
@@ -223,18 +183,140 @@ class RequantPipeline(wiring.Component):
         return out
 
 
+class RequantSerial(wiring.Component):
+    """``lanes`` requantizers that work one channel at a time, a few LUTs per bit of state.
+
+    Same ports and results as :class:`RequantPipeline`, for builds where area matters more
+    than speed (the iCE40): every lane runs the same fixed schedule, so lanes stay in lockstep
+    and an input leaves after exactly ``latency`` cycles; the next input may enter ``interval``
+    cycles after the previous one. Schedule: ``sat32(acc + bias)`` (1 cycle); the saturating left
+    shift one bit per cycle (31); the 32 x 32 product by shift-and-add, one multiplier bit per
+    cycle, least significant first, the sign bit subtracted (32); SRDHM rounding (1); the
+    RoundingDivideByPOT add (1) and its arithmetic shift one bit per cycle (31); zero point and
+    clamps (1).
+    """
+
+    SHIFT_STEPS = MAX_SHIFT
+    MUL_STEPS = 32
+
+    def __init__(self, lanes: int, tag_shape=0):
+        self.lanes = lanes
+        super().__init__({
+            "i_stream": In(stream.Signature(data.StructLayout({
+                "acc": data.ArrayLayout(signed(32), lanes),
+                "params": data.ArrayLayout(ChannelParams, lanes),
+                "tag": tag_shape,
+            }), always_ready=True)),
+            "o_stream": Out(stream.Signature(data.StructLayout({
+                "out": data.ArrayLayout(signed(8), lanes),
+                "tag": tag_shape,
+            }), always_ready=True)),
+            "busy": Out(1),
+        })
+
+    @property
+    def latency(self) -> int:
+        return 1 + self.SHIFT_STEPS + self.MUL_STEPS + 1 + 1 + self.SHIFT_STEPS + 1
+
+    @property
+    def interval(self) -> int:
+        return self.latency
+
+    def elaborate(self, platform):
+        m = Module()
+        i = self.i_stream.payload
+        tag = Signal(i.tag.shape())
+        step = Signal(range(max(self.SHIFT_STEPS, self.MUL_STEPS)))
+        # 0 idle, 1 bias, 2 left shift, 3 multiply, 4 srdhm, 5 round, 6 right shift, 7 out
+        phase = Signal(range(8))
+        last_step = Signal()
+        m.d.comb += [
+            self.busy.eq(phase != 0),
+            self.o_stream.valid.eq(phase == 7),
+            self.o_stream.payload.tag.eq(tag),
+        ]
+        with m.Switch(phase):
+            with m.Case(2, 6):
+                m.d.comb += last_step.eq(step == self.SHIFT_STEPS - 1)
+            with m.Case(3):
+                m.d.comb += last_step.eq(step == self.MUL_STEPS - 1)
+        with m.Switch(phase):
+            with m.Case(1, 4, 5):
+                m.d.sync += [phase.eq(phase + 1), step.eq(0)]
+            with m.Case(2, 3, 6):
+                m.d.sync += step.eq(step + 1)
+                with m.If(last_step):
+                    m.d.sync += [phase.eq(phase + 1), step.eq(0)]
+            with m.Case(7):
+                m.d.sync += phase.eq(0)
+        with m.If(self.i_stream.valid):
+            m.d.sync += [phase.eq(1), step.eq(0), tag.eq(i.tag)]
+
+        for lane in range(self.lanes):
+            m.d.comb += self.o_stream.payload.out[lane].eq(
+                self._lane(m, lane, phase, step, i.acc[lane], i.params[lane]))
+        return m
+
+    def _lane(self, m, lane, phase, step, acc_in, params_in):
+        def reg(shape, name):
+            return Signal(shape, name=f"l{lane}_{name}")
+
+        acc, p = reg(signed(32), "acc"), reg(ChannelParams, "params")
+        x = reg(signed(32), "x")
+        hi, lo = reg(signed(34), "hi"), reg(32, "lo")  # product {hi, lo}; lo starts as multiplier
+        sh = p.shift
+        lsh, e = reg(range(MAX_SHIFT + 1), "lsh"), reg(range(MAX_SHIFT + 1), "e")
+        m.d.comb += [lsh.eq(Mux(sh > MAX_SHIFT, MAX_SHIFT, Mux(sh > 0, sh, 0))),
+                     e.eq(Mux(sh < -MAX_SHIFT, MAX_SHIFT, Mux(sh < 0, -sh, 0)))]
+        out = reg(signed(8), "out")
+
+        with m.If(self.i_stream.valid):
+            m.d.sync += [acc.eq(acc_in), p.eq(params_in)]
+        with m.Switch(phase):
+            with m.Case(1):  # x = sat32(acc + bias)
+                m.d.sync += [x.eq(_sat32(acc + p.bias)), hi.eq(0), lo.eq(p.multiplier)]
+            with m.Case(2):  # one bit of the saturating left shift (saturation is sticky)
+                with m.If(step < lsh):
+                    with m.If(x[31] != x[30]):
+                        m.d.sync += x.eq(Mux(x[31], INT32_MIN, INT32_MAX))
+                    with m.Else():
+                        m.d.sync += x.eq(x << 1)
+            with m.Case(3):  # one multiplier bit: {hi, lo} = ({hi, lo} + bit * x * 2^32) >> 1
+                addend = Mux(lo[0], Mux(step == self.MUL_STEPS - 1, -x, x), 0)
+                total = hi + addend
+                m.d.sync += [hi.eq(total >> 1), lo.eq(Cat(lo[1:], total[0]))]
+            with m.Case(4):  # SRDHM: (ab + 2^30) >> 31, INT32_MIN * INT32_MIN saturates
+                ab = Cat(lo, hi[:32]).as_signed()
+                special = (x == INT32_MIN) & (p.multiplier == INT32_MIN)
+                m.d.sync += hi.eq(Mux(special, INT32_MAX, (ab + (1 << 30)) >> 31))
+            with m.Case(5):  # RoundingDivideByPOT: y + 2^(e-1) - (y < 0 and e > 0) ...
+                half = (Const(1, 32) << e) >> 1
+                m.d.sync += hi.eq(hi + half - ((hi < 0) & (e != 0)))
+            with m.Case(6):  # ... >> e, one bit per cycle
+                with m.If(step < e):
+                    m.d.sync += hi.eq(hi >> 1)
+            with m.Case(7):
+                pass
+        v = hi + p.zero_point
+        v = Mux(v < p.clamp_min, p.clamp_min, v)
+        v = Mux(v > p.clamp_max, p.clamp_max, v)
+        m.d.comb += out.eq(v)
+        return out
+
+
 class RequantUnit(wiring.Component):
     """Executes REQUANT: ``count`` ACC words -> OUT words with the parameters of one PARAM word.
 
     One ACC word is read per ``cols / requant_lanes`` lane groups and held on the read port while
-    its groups enter the :class:`RequantPipeline` (one group per ``mul_cycles`` cycles); the PARAM
+    its groups enter the :class:`RequantPipeline` (or, with ``serial``, the :class:`RequantSerial`
+    engine, one group per ``interval`` cycles); the PARAM
     lane group is read with each group from the folded PARAM memory (or, unfolded, once and held).
     Results are shifted into an OUT word that is written when its last group comes out.
     """
 
-    def __init__(self, config: AccelConfig, *, mul_cycles: int = 1):
+    def __init__(self, config: AccelConfig, *, serial: bool = False):
         self._config = config
-        self._mul_cycles = mul_cycles
+        self._serial = serial
         g = {buf: geometry(config, buf) for buf in Buffer}
         self._param_geom = g[Buffer.PARAM]
         super().__init__({
@@ -252,7 +334,8 @@ class RequantUnit(wiring.Component):
         folded = self._param_geom.fold > 1
 
         tag_layout = data.StructLayout({"addr": unsigned(ADDR_BITS), "last": 1})
-        m.submodules.pipe = pipe = RequantPipeline(lanes, tag_layout, mul_cycles=self._mul_cycles)
+        engine = RequantSerial if self._serial else RequantPipeline
+        m.submodules.pipe = pipe = engine(lanes, tag_layout)
 
         cmd = Signal(RequantOperands)
         issuing = Signal()
@@ -260,10 +343,10 @@ class RequantUnit(wiring.Component):
         g = Signal(range(groups))
         first = Signal()
         last_g = g == groups - 1
-        gap = Signal(range(self._mul_cycles))  # cycles until the pipeline takes the next group
+        gap = Signal(range(pipe.interval))  # cycles until the engine takes the next group
         go = issuing & (gap == 0)
         with m.If(go):
-            m.d.sync += gap.eq(self._mul_cycles - 1)
+            m.d.sync += gap.eq(pipe.interval - 1)
         with m.Elif(gap != 0):
             m.d.sync += gap.eq(gap - 1)
 

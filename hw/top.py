@@ -30,13 +30,13 @@ class Implementation:
     """Area/speed choices of the hardware. They change cycle counts, never results.
 
     ``overlap``: units run concurrently under hazard tracking (otherwise one instruction at a
-    time). ``requant_mul_cycles``: 1 pipelines the requant multiply on DSPs (a channel per cycle
-    per lane); ``N > 1`` multiplies iteratively in fabric, one channel per ``N`` cycles per lane.
+    time). ``serial_requant``: requantize with the small :class:`~.requant.RequantSerial`
+    engines (about 100 cycles per channel per lane, no DSP) instead of the DSP pipeline.
     ``shadow``: the MAC array copies finished blocks into a shadow bank (otherwise ``rows - 1``
     idle cycles between blocks).
     """
     overlap: bool = True
-    requant_mul_cycles: int = 1
+    serial_requant: bool = False
     shadow: bool = True
 
     @classmethod
@@ -47,7 +47,7 @@ class Implementation:
         and its UART host link is far slower than anything overlap could hide.
         """
         if config.macs <= COMPACT_MACS:
-            return cls(overlap=False, requant_mul_cycles=8, shadow=False)
+            return cls(overlap=False, serial_requant=True, shadow=False)
         return cls()
 
 
@@ -89,8 +89,7 @@ class Accelerator(wiring.Component):
         m.submodules.load = load = LoadUnit(cfg)
         m.submodules.store = store = StoreUnit(cfg)
         m.submodules.gemm = gemm = GemmUnit(cfg, shadow=self.impl.shadow)
-        m.submodules.requant = requant = RequantUnit(
-            cfg, mul_cycles=self.impl.requant_mul_cycles)
+        m.submodules.requant = requant = RequantUnit(cfg, serial=self.impl.serial_requant)
         m.submodules.patch = patch = PatchSkipUnit(cfg)
         m.submodules.sgq = sgq = StripeEncoder(cfg)
         units = {"load": load, "store": store, "gemm": gemm, "requant": requant, "patch": patch,

@@ -5,7 +5,7 @@ import pytest
 from amaranth.sim import Simulator
 from hw_tb import seed_from_env
 
-from tinyaccel.hw.requant import RequantPipeline
+from tinyaccel.hw.requant import RequantPipeline, RequantSerial
 from tinyaccel.sim.numerics import requantize
 
 I32 = np.iinfo(np.int32)
@@ -54,15 +54,17 @@ def boundary_values():
             for f in ("acc",) + FIELDS}
 
 
-@pytest.mark.parametrize("mul_cycles", [1, 8])
+@pytest.mark.parametrize("engine", [RequantPipeline, RequantSerial])
 @pytest.mark.parametrize("vectors", ["random", "boundary"])
-def test_requant_pipeline(vectors, mul_cycles):
+def test_requant_engine(vectors, engine):
     seed = seed_from_env()
     print(f"seed={seed}")
     rng = np.random.default_rng(seed)
     lanes = 2
+    dut = engine(lanes, tag_shape=16)
+    interval = dut.interval
     if vectors == "random":
-        n = 600 // mul_cycles
+        n = 600 // interval + 40
         v = corner_values(rng, n * lanes)
     else:
         v = boundary_values()
@@ -72,12 +74,11 @@ def test_requant_pipeline(vectors, mul_cycles):
     acc = v["acc"].reshape(n, lanes)
     params = {f: v[f].reshape(n, lanes) for f in FIELDS}
     valid = rng.random(n) < 0.8
-    dut = RequantPipeline(lanes, tag_shape=16, mul_cycles=mul_cycles)
     got = {}
 
     async def driver(ctx):
         for s in range(n):
-            for _ in range(mul_cycles - 1):  # an iterative multiply needs spaced inputs
+            for _ in range(interval - 1):  # a serial engine needs spaced inputs
                 ctx.set(dut.i_stream.valid, 0)
                 await ctx.tick()
             ctx.set(dut.i_stream.valid, int(valid[s]))
@@ -106,7 +107,7 @@ def test_requant_pipeline(vectors, mul_cycles):
 
     assert sorted(got) == [s for s in range(n) if valid[s]], f"seed {seed}"
     for s, (out, cycle) in got.items():
-        assert cycle == s * mul_cycles + mul_cycles - 1 + dut.latency, \
+        assert cycle == s * interval + interval - 1 + dut.latency, \
             f"seed {seed}: latency of input {s}"
         assert out == list(want[s]), (
             f"seed {seed}, input {s}: acc={list(acc[s])} "
