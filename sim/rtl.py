@@ -55,7 +55,7 @@ from ..hw.config import AccelConfig, get_config
 from ..hw.isa import INSTR_BYTES, Buffer, Opcode, operand_fields
 
 __all__ = [
-    "RtlBuild", "RtlResult", "RtlHang", "RtlSession", "RtlBackend", "build", "verilog_for",
+    "RtlBuild", "RtlResult", "RtlHang", "RtlSession", "build", "verilog_for",
     "run_cocotb_tests", "rtl_opcodes", "estimate_work", "TB_TOPLEVEL", "WRAPPER_FILE",
 ]
 
@@ -562,7 +562,9 @@ class RtlSession:
         (default: their capacity, 8 MiB). Small values exercise the chunking.
 
     Use as a context manager, or call :meth:`close`. ``run`` may be called any number of times;
-    the simulator starts on the first call.
+    the simulator starts on the first call and serves every later one (no rebuild, no relaunch;
+    a few milliseconds of overhead per program). The driver's RTL backend
+    (:class:`tinyaccel.sw.runtime.RtlBackend`) is one such session.
 
     Raises
     ------
@@ -889,14 +891,3 @@ class RtlSession:
                 f"bytes (expected {expected_out_bytes}); busy={int(result.busy_at_end)}",
                 result)
         return result
-
-
-class RtlBackend(RtlSession):
-    """The RTL backend for the driver: ``run(stream, expected_out_bytes) -> bytes``.
-
-    A :class:`RtlSession` at full stream rate; kept open across calls so repeated programs cost
-    no rebuild and no simulator launch. ``last_result.cycles`` is the cycle count of the last
-    program.
-    """
-
-    name = "rtl"
