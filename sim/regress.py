@@ -8,10 +8,11 @@ them all) and on a golden machine kept in lockstep; every response byte is compa
 (timing counters for plausibility only). Each program is drawn from its own 32-bit seed: its
 length, the share of illegal instructions, the idle-gap and back-pressure probabilities of the
 two streams and the program itself, so ``--replay <program seed>`` reproduces one program
-alone. Program seeds derive from the run's ``--seed`` (``TINYACCEL_SEED``; default random,
-printed). Each program starts with ``SYNC clear=1``, and reads only what it wrote, so it answers
-the same whatever ran before it. The named corner programs of ``randprog.corner_programs`` run
-first.
+alone. One program in ten spans whole buffers (every address bit), two in ten use deeper
+GEMMs and longer transfers. Program seeds derive from the run's ``--seed``
+(``TINYACCEL_SEED``; default random, printed). Each program starts with ``SYNC clear=1`` and
+reads only what it wrote, so it answers the same whatever ran before it. The named corner
+programs of ``randprog.corner_programs`` run first.
 
 Mismatches are printed (offset, instruction, field, expected vs got), the failing streams saved
 under ``build/rtl_failures/``; the exit status is 1 when any program differs or hangs.
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..hw.config import get_config
-from ..hw.isa import Opcode
+from ..hw.isa import Buffer, Opcode
 from . import randprog
 from .rtl import RtlSession, build_root, rtl_opcodes
 from .scoreboard import Checker, isolated
@@ -69,11 +70,16 @@ def program_for_seed(config, prog_seed: int, opcodes) -> tuple[bytes, dict]:
     rng = np.random.default_rng(prog_seed)
     n_instr = int(rng.integers(4, 96))
     illegal = float(rng.choice([0.0, 0.0, 0.02, 0.05, 0.15]))
-    big = rng.random() < 0.2  # now and then deeper GEMMs, more blocks and longer transfers
-    prog = randprog.random_program(
-        config, rng, n_instr=n_instr, opcodes=opcodes, illegal_rate=illegal,
-        window=128 if big else 64, max_k=96 if big else 32, max_blocks=4 if big else 3,
-        max_count=48 if big else 16)
+    kind = rng.random()
+    if kind < 0.1:  # whole buffers: every address bit, the largest extents the depths allow
+        window = max(config.depth(buf) for buf in Buffer)
+        sizes = dict(max_k=128, max_blocks=4, max_count=64)
+    elif kind < 0.3:  # deeper GEMMs, more blocks, longer transfers
+        window, sizes = 128, dict(max_k=96, max_blocks=4, max_count=48)
+    else:
+        window, sizes = 64, dict(max_k=32, max_blocks=3, max_count=16)
+    prog = randprog.random_program(config, rng, n_instr=n_instr, opcodes=opcodes,
+                                   illegal_rate=illegal, window=window, **sizes)
     options = {"valid_gap": float(rng.choice(GAPS)), "ready_gap": float(rng.choice(GAPS)),
                "seed": prog_seed}
     return isolated(config, prog), options

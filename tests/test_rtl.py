@@ -19,6 +19,7 @@ from tinyaccel.hw.config import get_config
 from tinyaccel.hw.isa import Buffer, Opcode
 from tinyaccel.hw.protocol import Program, parse_responses
 from tinyaccel.sim import randprog
+from tinyaccel.sim.regress import program_for_seed
 from tinyaccel.sim.rtl import RtlHang, RtlSession, rtl_opcodes, run_cocotb_tests
 from tinyaccel.sim.scoreboard import Checker, compare_responses, isolated
 
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.rtl
 
 CONFIGS = ["ice40", "ecp5"]
 N_RANDOM = int(os.environ.get("TINYACCEL_RTL_PROGRAMS", "30"))
-GAPS = (0.0, 0.25, 0.5, 0.8)  # idle / back-pressure probabilities drawn per program
+GAPS = (0.0, 0.25, 0.5, 0.8)  # idle / back-pressure probabilities of the corner programs
 
 
 @pytest.fixture(scope="module", params=CONFIGS)
@@ -60,22 +61,19 @@ def test_corner_programs(checker):
 
 
 def test_random_programs(checker):
-    """Seeded random programs (5% illegal instructions in half of them) with random gaps."""
+    """Seeded random programs as the long regression draws them (random lengths, 0-15 %
+    illegal instructions, random gaps and back-pressure, now and then whole buffers)."""
     cfg = checker.config
     seed = randprog.seed_from_env()
     rng = np.random.default_rng(seed)
     failures = []
     for i in range(N_RANDOM):
         prog_seed = int(rng.integers(1 << 32))
-        prng = np.random.default_rng(prog_seed)
-        prog = randprog.random_program(cfg, prng, n_instr=int(prng.integers(8, 48)),
-                                       opcodes=_opcodes(),
-                                       illegal_rate=0.05 if i % 2 else 0.0)
-        vgap, rgap = (float(prng.choice(GAPS)) for _ in range(2))
-        res = checker.check(isolated(cfg, prog),
-                            label=f"TINYACCEL_SEED={seed} program {i} (program seed "
-                                  f"{prog_seed}, valid_gap={vgap}, ready_gap={rgap})",
-                            valid_gap=vgap, ready_gap=rgap, seed=prog_seed)
+        stream, options = program_for_seed(cfg, prog_seed, _opcodes())
+        res = checker.check(stream, label=f"TINYACCEL_SEED={seed} program {i} (replay alone: "
+                                          f"python -m tinyaccel.sim.regress --config "
+                                          f"{cfg.name} --replay {prog_seed}; {options})",
+                            **options)
         if not res.ok:
             failures.append(str(res))
     assert not failures, f"{cfg.name}: {len(failures)} of {N_RANDOM} random programs differ " \
