@@ -36,7 +36,7 @@ from . import randprog
 from .rtl import RtlSession, build_root, rtl_opcodes
 from .scoreboard import Checker, isolated
 
-__all__ = ["RegressResult", "program_for_seed", "regress", "main"]
+__all__ = ["RegressResult", "program_for_seed", "save_failure", "regress", "main"]
 
 GAPS = (0.0, 0.0, 0.1, 0.3, 0.5, 0.8)
 
@@ -68,6 +68,7 @@ def program_for_seed(config, prog_seed: int, opcodes) -> tuple[bytes, dict]:
     Everything about the program comes from its own seed, so it replays alone.
     """
     rng = np.random.default_rng(prog_seed)
+    opcodes = sorted((Opcode(op) for op in opcodes), key=lambda op: op.value)  # order matters
     n_instr = int(rng.integers(4, 96))
     illegal = float(rng.choice([0.0, 0.0, 0.02, 0.05, 0.15]))
     kind = rng.random()
@@ -85,7 +86,8 @@ def program_for_seed(config, prog_seed: int, opcodes) -> tuple[bytes, dict]:
     return isolated(config, prog), options
 
 
-def _save_failure(config_name: str, label: str, stream: bytes, report: str) -> Path:
+def save_failure(config_name: str, label: str, stream: bytes, report: str) -> Path:
+    """Keep a failing stream (``.bin``) and its report (``.txt``) under build/rtl_failures/."""
     folder = build_root().parent / "rtl_failures"
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"{config_name}-{label}"
@@ -121,7 +123,7 @@ def regress(config, programs: int, seed: int, *, opcodes=None, corners: bool = T
                     result.mismatches += res.hang is None
                     result.hangs += res.hang is not None
                     result.failures.append(str(res))
-                    path = _save_failure(config.name, f"corner-{corner.name}", stream, str(res))
+                    path = save_failure(config.name, f"corner-{corner.name}", stream, str(res))
                     out(f"{res}\n  stream saved to {path}")
         bar = tqdm(seeds, desc=f"{config.name}", unit="prog", disable=not progress,
                    file=sys.stderr, dynamic_ncols=True)
@@ -136,7 +138,7 @@ def regress(config, programs: int, seed: int, *, opcodes=None, corners: bool = T
                 result.hangs += res.hang is not None
                 result.failing_seeds.append(prog_seed)
                 result.failures.append(str(res))
-                path = _save_failure(config.name, str(prog_seed), stream,
+                path = save_failure(config.name, str(prog_seed), stream,
                                      f"{res}\noptions: {options}")
                 msg = (f"{res}\n  options {options}; stream saved to {path}; replay: python -m "
                        f"tinyaccel.sim.regress --config {config.name} --replay {prog_seed}")
@@ -146,6 +148,21 @@ def regress(config, programs: int, seed: int, *, opcodes=None, corners: bool = T
         result.launches = session.stats.launches
     result.wall_s = time.monotonic() - t0
     return result
+
+
+def _check_streams(configs: list[str], paths: list[Path]) -> int:
+    """Run saved streams on the RTL and the golden model; print each verdict."""
+    bad = 0
+    for name in configs:
+        with RtlSession(name) as session:
+            checker = Checker(session)
+            for path in paths:
+                for gap in (0.0, 0.5):
+                    res = checker.check(path.read_bytes(), label=f"{name} {path} gaps {gap}",
+                                        valid_gap=gap, ready_gap=gap, seed=1)
+                    bad += not res.ok
+                    print(res, flush=True)
+    return 1 if bad else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run seed (default: TINYACCEL_SEED or random; printed)")
     parser.add_argument("--replay", type=lambda s: int(s, 0), action="append", default=None,
                         help="run only the program drawn from this program seed (repeatable)")
+    parser.add_argument("--stream", type=Path, action="append", default=None,
+                        help="check a saved host stream (e.g. build/rtl_failures/*.bin) at full "
+                             "rate and with gaps, then stop (repeatable)")
     parser.add_argument("--opcodes", default=None,
                         help="comma-separated opcodes to draw from (default: what the RTL "
                              "implements; 'all' for every opcode)")
@@ -177,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.opcodes:
         opcodes = [Opcode[name.strip().upper()] for name in args.opcodes.split(",")]
     configs = args.config or ["ice40", "ecp5"]
+    if args.stream:
+        return _check_streams(configs, args.stream)
     print(f"TINYACCEL_SEED={args.seed}", flush=True)
     results = []
     for name in configs:
@@ -185,10 +207,12 @@ def main(argv: list[str] | None = None) -> int:
                       replay=args.replay)
         results.append(res)
         rate = res.cycles / res.wall_s if res.wall_s else 0.0
+        seeds = (f"replayed program seeds {' '.join(map(str, args.replay))}" if args.replay
+                 else f"run seed {res.seed} (program seeds = numpy default_rng({res.seed})"
+                      f".integers(0, 2**32, {args.programs}))")
         print(f"{res.config}: {res.programs} random programs + {res.corners} corner programs, "
-              f"{res.mismatches} mismatches, {res.hangs} hangs; run seed {res.seed} "
-              f"(program seeds = numpy default_rng({res.seed}).integers(0, 2**32, "
-              f"{args.programs})); opcodes {','.join(res.opcodes)}; "
+              f"{res.mismatches} mismatches, {res.hangs} hangs; {seeds}; "
+              f"opcodes {','.join(res.opcodes)}; "
               f"{res.cycles} cycles in {res.wall_s:.1f} s ({rate:,.0f} cycles/s incl. golden "
               f"model and checking), {res.launches} simulator launch(es)", flush=True)
         if res.failing_seeds:

@@ -19,7 +19,7 @@ from tinyaccel.hw.config import get_config
 from tinyaccel.hw.isa import Buffer, Opcode
 from tinyaccel.hw.protocol import Program, parse_responses
 from tinyaccel.sim import randprog
-from tinyaccel.sim.regress import program_for_seed
+from tinyaccel.sim.regress import program_for_seed, save_failure
 from tinyaccel.sim.rtl import RtlHang, RtlSession, rtl_opcodes, run_cocotb_tests
 from tinyaccel.sim.scoreboard import Checker, compare_responses, isolated
 
@@ -52,10 +52,12 @@ def test_corner_programs(checker):
     failures = []
     for i, corner in enumerate(corners):
         gap = GAPS[i % len(GAPS)]
-        res = checker.check(isolated(cfg, corner.program), label=f"corner {corner.name}",
-                            valid_gap=gap, ready_gap=gap, seed=i + 1)
+        stream = isolated(cfg, corner.program)
+        res = checker.check(stream, label=f"corner {corner.name}", valid_gap=gap,
+                            ready_gap=gap, seed=i + 1)
         if not res.ok:
-            failures.append(str(res))
+            path = save_failure(cfg.name, f"corner-{corner.name}", stream, str(res))
+            failures.append(f"{res} (stream saved to {path})")
     assert not failures, f"{cfg.name}: {len(failures)} of {len(corners)} corner programs " \
         "differ from the golden model:\n" + "\n".join(failures)
 
@@ -75,7 +77,8 @@ def test_random_programs(checker):
                                           f"{cfg.name} --replay {prog_seed}; {options})",
                             **options)
         if not res.ok:
-            failures.append(str(res))
+            path = save_failure(cfg.name, str(prog_seed), stream, str(res))
+            failures.append(f"{res} (stream saved to {path})")
     assert not failures, f"{cfg.name}: {len(failures)} of {N_RANDOM} random programs differ " \
         "from the golden model:\n" + "\n".join(failures)
 
