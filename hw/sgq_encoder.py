@@ -189,6 +189,12 @@ class StripeEncoder(wiring.Component):
         cost = MODE_BITS + Mux(coded, OFFSET_BITS + SHIFT_BITS + payload_bits, 0)
         decided = Signal()  # pulses the cycle after a stripe_end: mode/shift/cost are valid
         m.d.sync += decided.eq(stripe_end)
+        # ... and are registered then (the compare bank and the cost are a long path)
+        decision = Signal()  # pulses when d_mode/d_shift/d_cost hold the finished stripe's
+        d_mode, d_shift, d_cost = Signal(SgqMode), Signal(SHIFT_BITS), Signal(COUNT_BITS + 4)
+        m.d.sync += decision.eq(decided)
+        with m.If(decided):
+            m.d.sync += [d_mode.eq(mode), d_shift.eq(shift), d_cost.eq(cost)]
 
         # -- codes of one word --------------------------------------------------------------
         half = Signal(8)  # h(s) = 2^s >> 1
@@ -230,14 +236,9 @@ class StripeEncoder(wiring.Component):
                     m.next = "SIZE"
             with m.State("SIZE"):  # pass 2: per-stripe modes -> payload size
                 m.d.comb += [take.eq(fetched), collect.eq(1)]
-                with m.If(decided):
-                    m.d.sync += total_bits.eq(total_bits + cost)
-                with m.If(scan_done & ~decided & ~stripe_end):
-                    m.next = "SIZE_LAST"
-            with m.State("SIZE_LAST"):
-                with m.If(decided):
-                    m.d.sync += total_bits.eq(total_bits + cost)
-                with m.Else():
+                with m.If(decision):
+                    m.d.sync += total_bits.eq(total_bits + d_cost)
+                with m.If(scan_done & ~stripe_end & ~decided & ~decision):
                     m.next = "SEND_LENGTH"
             with m.State("SEND_LENGTH"):
                 m.d.comb += [packer.i_valid.eq(1), packer.i_nbits.eq(LENGTH_BITS),
@@ -261,8 +262,8 @@ class StripeEncoder(wiring.Component):
                     m.next = "RANGE"
             with m.State("RANGE"):  # pass 3: this stripe's min/max
                 m.d.comb += [take.eq(fetched), collect.eq(1)]
-                with m.If(decided):
-                    m.d.sync += [r_mode.eq(mode), r_shift.eq(shift)]
+                with m.If(decision):
+                    m.d.sync += [r_mode.eq(d_mode), r_shift.eq(d_shift)]
                     m.next = "HEADER"
             with m.State("HEADER"):
                 header = Cat(r_mode.as_value(), (lo - base).as_unsigned()[:OFFSET_BITS],
