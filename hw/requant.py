@@ -4,7 +4,7 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .arith import mul_const
+from .arith import leading_zeros, mul_const
 from .config import AccelConfig
 from .control import UnitControl
 from .isa import ADDR_BITS, COUNT_BITS, Buffer, ChannelParams, RequantOperands
@@ -120,12 +120,8 @@ class RequantPipeline(wiring.Component):
 
         # 3: x = sat32(x << max(shift, 0)): it overflows exactly when the shift exceeds the
         # number of redundant sign bits of x (a priority encoder, not a second shifter)
-        redundant = Signal(range(32), name=f"l{lane}_redundant")
-        m.d.comb += redundant.eq(31)
-        sign_change = x1 ^ (x1 >> 1)  # bit i: x[i] != x[i+1]
-        for bit in range(31):  # the highest set bit wins
-            with m.If(sign_change[bit]):
-                m.d.comb += redundant.eq(30 - bit)
+        sign_change = (x1 ^ (x1 >> 1))[:31]  # bit i: x[i] != x[i+1]
+        redundant = leading_zeros(m, sign_change, f"l{lane}_redundant")
         shifted = (x1 << lsh)[:32].as_signed()
         saturated = Mux(x1 < 0, INT32_MIN, INT32_MAX)
         x2, mult, post3 = reg(signed(32), "x2"), reg(signed(32), "mult"), reg(POST, "post3")
