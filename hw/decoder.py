@@ -176,17 +176,18 @@ class Decoder(wiring.Component):
                 end = o.addr + o.count
                 kind = Mux(word.opcode == Opcode.LOAD, 1, 0)
                 m.d.comb += status.eq(Status.BAD_BUFFER)
-                for buf in Buffer:
-                    with m.If(o.buf == buf):
-                        m.d.comb += [
-                            buf_ok.eq(1),
-                            beats.eq(mul_const(o.count, geometry(cfg, buf).word_beats)),
-                            status.eq(Mux(end > depth[buf], Status.ADDR_RANGE, Status.OK)),
-                        ]
-                        with m.If(kind):
-                            m.d.comb += rng(buf, "w", o.addr, end)
-                        with m.Else():
-                            m.d.comb += rng(buf, "r", o.addr, end)
+                with m.Switch(o.buf):
+                    for buf in Buffer:
+                        with m.Case(buf):
+                            m.d.comb += [
+                                buf_ok.eq(1),
+                                beats.eq(mul_const(o.count, geometry(cfg, buf).word_beats)),
+                                status.eq(Mux(end > depth[buf], Status.ADDR_RANGE, Status.OK)),
+                            ]
+                            with m.If(kind):
+                                m.d.comb += rng(buf, "w", o.addr, end)
+                            with m.Else():
+                                m.d.comb += rng(buf, "r", o.addr, end)
                 with m.If(word.opcode == Opcode.STORE):
                     m.d.comb += beats.eq(0)
             with m.Case(Opcode.GEMM):
