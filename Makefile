@@ -18,12 +18,12 @@ $(STAMP): pyproject.toml
 # The main job, co-simulated on the Verilated accelerator (every GEMM on the RTL):
 #  1. INT8 inference: train (cached) and quantize the digits CNN, run all 360 test images on the
 #     RTL, compare every logit with the golden model, print cycles and MAC utilization per layer;
-#  2. INT8 training: one epoch of fp32 / int8-naive / octo / LAC-only / PRC-only from one seed,
+#  2. INT8 training: three epochs of fp32 / int8-naive / octo / LAC-only / PRC-only from one seed,
 #     forward and backward GEMMs on the RTL, the trained model evaluated on the RTL, and the
 #     comparison table (run folder with plot: build/demo-train/).
 DEMO_BACKEND ?= rtl
 DEMO_CONFIG  ?= ecp5
-DEMO_EPOCHS  ?= 1
+DEMO_EPOCHS  ?= 3
 demo: $(STAMP)
 	$(VENV)/bin/tinyaccel infer --model digits-cnn --backend $(DEMO_BACKEND) --config $(DEMO_CONFIG) --json build/demo-infer.json
 	$(VENV)/bin/tinyaccel train --model digits-cnn --compare --backend $(DEMO_BACKEND) --config $(DEMO_CONFIG) --epochs $(DEMO_EPOCHS) --run-dir build/demo-train --json build/demo-train.json

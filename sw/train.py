@@ -459,7 +459,9 @@ def plot_runs(results: list[dict], path: str | Path) -> Path:
     ax_loss.set(xlabel="epoch", ylabel="train loss (cross-entropy)", title="training loss",
                 yscale="log")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy (digits)")
+    from matplotlib.ticker import MaxNLocator
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
