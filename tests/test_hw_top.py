@@ -171,3 +171,19 @@ def test_reset_clears_scratchpads():
     sim.add_testbench(tb)
     sim.run()
     assert responses == [words.tobytes(), bytes(words.size)]
+
+
+def test_generate_verilog_ports():
+    """The port contract the harness and the boards build on (ice40: the fastest to convert)."""
+    import re
+
+    from tinyaccel.hw.top import generate_verilog
+
+    text = generate_verilog(PRESETS["ice40"])
+    header = re.search(r"module tinyaccel_top\((.*?)\);", text, re.S)
+    assert header, "top module tinyaccel_top"
+    ports = {p.strip() for p in header.group(1).split(",")}
+    assert ports == {"clk", "rst", "i_stream__payload", "i_stream__valid", "i_stream__ready",
+                     "o_stream__payload", "o_stream__valid", "o_stream__ready", "busy", "error"}
+    assert "input [15:0] i_stream__payload" in text
+    assert "output [15:0] o_stream__payload" in text
