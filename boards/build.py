@@ -71,6 +71,8 @@ class BoardSpec:
     uart_pins: tuple[str, ...]
     tools: tuple[str, ...]
     extra_cells: tuple[str, ...] = ()
+    #: Yosys commands that replace the ``map_luts`` step (abc9) when abc9 crashes
+    classic_lut_map: tuple[str, ...] = ()
 
 
 BOARDS: dict[str, BoardSpec] = {
@@ -87,6 +89,9 @@ BOARDS: dict[str, BoardSpec] = {
         lut_cell="TRELLIS_COMB", dsp_cell="MULT18X18D", bram_cell="DP16KD",
         uart_pins=("M1", "L4"), tools=("yosys", "nextpnr-ecp5", "ecppack"),
         extra_cells=("TRELLIS_FF", "TRELLIS_RAMW", "EHXPLLL"),
+        # synth_ecp5's map_luts without abc9: what `synth_ecp5 -noabc9` did before Yosys 0.6x
+        classic_lut_map=("techmap -map +/lattice/latches_map.v", "abc -lut 4:7 -dress",
+                         "clean"),
     ),
 }
 
@@ -152,6 +157,25 @@ def resolve_tool(tool: str) -> str:
         raise BackendUnavailable(f"{tool}: {name} not found on PATH or in {venv_bin}; "
                                  f"install it with `pip install {package}` (or set ${env_var})")
     return found
+
+
+#: Yosys 0.70's abc9 flow fails this assertion on some designs (seen with the MAC array alone).
+_ABC9_CRASH = "Assert `GetSize(conn.first) == GetSize(conn.second)' failed"
+
+
+def _classic_abc_script(script: Path, lut_map: tuple[str, ...]) -> Path:
+    """A copy of Amaranth's Yosys script whose ``synth_*`` runs ``map_luts`` with classic ABC."""
+    lines = []
+    for line in script.read_text().splitlines():
+        words = line.split()
+        if words and words[0].startswith("synth_"):
+            synth = " ".join(words)
+            lines += [f"{synth} -run :map_luts", *lut_map, f"{synth} -run map_cells:"]
+        else:
+            lines.append(line)
+    out = script.with_name(script.stem + "_classic_abc.ys")
+    out.write_text("\n".join(lines) + "\n")
+    return out
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -279,6 +303,23 @@ def _overfull(spec: BoardSpec, log: Path) -> dict | None:
     }
 
 
+_REPO = str(Path(__file__).resolve().parents[1]) + os.sep
+
+
+def _path_sources(segs: list) -> list[str]:
+    """Project source lines along a path, in order (nextpnr keeps Amaranth's ``src`` attributes);
+    Yosys' own techmap files are left out."""
+    seen = []
+    for seg in segs:
+        for src in seg.get("sources", []):
+            if src.startswith("/share/"):
+                continue
+            src = src.replace(_REPO, "")
+            if src not in seen:
+                seen.append(src)
+    return seen
+
+
 def _endpoint(seg: dict) -> str:
     return f"{seg.get('cell', '?')}.{seg.get('port', '?')}"
 
@@ -304,6 +345,7 @@ def _critical_path(report: dict, clock: str) -> dict | None:
             "to": _endpoint(segs[-1].get("to", {})),
             "slowest_cells": [f"{_endpoint(s.get('to', {}))} {s.get('delay', 0):.2f} ns"
                               for s in slowest],
+            "sources": _path_sources(segs),
         }
     return None
 
@@ -312,6 +354,7 @@ def _write_critical_paths(report: dict, out: Path) -> None:
     lines = []
     for path in report.get("critical_paths", []):
         lines.append(f"== {path.get('from')} -> {path.get('to')}")
+        lines.append("   sources: " + " -> ".join(_path_sources(path.get("path", []))))
         total = 0.0
         for seg in path.get("path", []):
             total += seg.get("delay", 0)
@@ -427,6 +470,7 @@ def build(board: str, json_path: str | os.PathLike | None = None,
     watches = {"yosys": "top.rpt", "nextpnr": "top.tim"}
     cfg = top.config
     result = {"board": spec.name, "config": cfg.name, "macs": cfg.macs}
+    lut_mapper = "abc9"
 
     def finish(extra):
         result.update(extra)
@@ -436,6 +480,7 @@ def build(board: str, json_path: str | os.PathLike | None = None,
             "baud": top.baud,
             "seed": seed,
             "synth_opts": plan_opts,
+            "lut_mapper": lut_mapper,
             "config_params": cfg.as_dict(),
             "source": _source_revision(),
             "toolchain": _toolchain_versions(),
@@ -456,8 +501,19 @@ def build(board: str, json_path: str | os.PathLike | None = None,
             seconds = _run_step([tools[tool], *argv[1:]], build_dir, build_dir / f"{tool}.log",
                                 watch, lambda detail, name=name, index=index:
                                 progress(name, index, total, detail))
-        except BuildError:
+        except BuildError as error:
             step_s[tool] = round(time.monotonic() - step_start, 2)
+            if tool == "yosys" and _ABC9_CRASH in str(error) and spec.classic_lut_map:
+                # Known Yosys 0.70 crash in abc9's reintegration: map LUTs with classic ABC.
+                progress(name + " [classic ABC]", index, total, "")
+                script = _classic_abc_script(build_dir / argv[-1], spec.classic_lut_map)
+                seconds = _run_step([tools[tool], *argv[1:-1], script.name], build_dir,
+                                    build_dir / f"{tool}.log", watch,
+                                    lambda detail, name=name, index=index:
+                                    progress(name, index, total, detail))
+                lut_mapper = "abc (abc9 crashed in ABC_OPS_REINTEGRATE, see yosys.log)"
+                step_s[tool] = round(time.monotonic() - step_start, 2)
+                continue
             over = _overfull(spec, build_dir / "top.tim") if tool.startswith("nextpnr") else None
             if not over:
                 raise

@@ -459,12 +459,25 @@ def test_parse_nextpnr_report():
             "cd_sync_clk": {"achieved": 31.5, "constraint": 30.0},
             "clk12_0__io": {"achieved": 400.0, "constraint": 12.0},
         },
+        "critical_paths": [{"from": "posedge cd_sync_clk", "to": "posedge cd_sync_clk", "path": [
+            {"type": "clk-to-q", "delay": 1.0, "from": {"cell": "a", "port": "Q"},
+             "to": {"cell": "a", "port": "Q"}},
+            {"type": "routing", "delay": 2.0, "from": {"cell": "a", "port": "Q"},
+             "to": {"cell": "b", "port": "I0"}, "sources": ["/share/ice40/cells_map.v:1.1"]},
+            {"type": "logic", "delay": 0.5, "from": {"cell": "b", "port": "I0"},
+             "to": {"cell": "b", "port": "O"}, "sources": ["hw/mac_array.py:75"]},
+            {"type": "setup", "delay": 0.1, "from": {"cell": "c", "port": "D"},
+             "to": {"cell": "c", "port": "D"}},
+        ]}],
     }
     r = board_build.summarize_report("icebreaker", json.loads(json.dumps(report)), 30.0)
     assert r["fmax_mhz"] == 31.5 and r["dsp_used"] == 8 and r["dsp_total"] == 8
     assert r["lut_used"] == 3000 and r["lut_total"] == 5280
     assert r["bram_used"] == 20 and r["bram_total"] == 30
     assert r["timing_met"] is True
+    path = r["critical_path"]
+    assert path["delay_ns"] == 3.6 and path["logic_levels"] == 1 and path["routing_ns"] == 2.0
+    assert path["sources"] == ["hw/mac_array.py:75"]  # Yosys' techmap files left out
 
 
 def test_log_utilization_finds_overfull_device():
@@ -476,6 +489,18 @@ Info: 	        ICESTORM_DSP:      13/      8   162%
     usage = board_build.log_utilization(log)["utilization"]
     assert usage["ICESTORM_LC"] == {"used": 9434, "available": 5280}
     assert usage["ICESTORM_DSP"] == {"used": 13, "available": 8}
+
+
+def test_classic_abc_script(tmp_path):
+    """The abc9-crash fallback keeps Amaranth's script and splits synth_ecp5 around map_luts."""
+    script = tmp_path / "top.ys"
+    script.write_text("read_rtlil top.il\n    synth_ecp5  -top top\nwrite_json top.json\n")
+    spec = board_build.BOARDS["ulx3s-85f"]
+    lines = board_build._classic_abc_script(script, spec.classic_lut_map).read_text().splitlines()
+    assert lines[0] == "read_rtlil top.il" and lines[-1] == "write_json top.json"
+    assert lines[1] == "synth_ecp5 -top top -run :map_luts"
+    assert "abc -lut 4:7 -dress" in lines
+    assert lines[-2] == "synth_ecp5 -top top -run map_cells:"
 
 
 @pytest.mark.slow
