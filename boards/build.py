@@ -73,6 +73,8 @@ class BoardSpec:
     extra_cells: tuple[str, ...] = ()
     #: Yosys commands that replace the ``map_luts`` step (abc9) when abc9 crashes
     classic_lut_map: tuple[str, ...] = ()
+    #: Extra nextpnr options for this family
+    nextpnr_opts: str = ""
 
 
 BOARDS: dict[str, BoardSpec] = {
@@ -92,6 +94,8 @@ BOARDS: dict[str, BoardSpec] = {
         # synth_ecp5's map_luts without abc9: what `synth_ecp5 -noabc9` did before Yosys 0.6x
         classic_lut_map=("techmap -map +/lattice/latches_map.v", "abc -lut 4:7 -dress",
                          "clean"),
+        # router1 took 1644 s of the 2850 s nextpnr run of the last router1 ULX3S build
+        nextpnr_opts="--router router2",
     ),
 }
 
@@ -129,7 +133,8 @@ def _plan(spec: BoardSpec, top: BoardTop, seed: int, synth_opts: str | None = No
         overrides["synth_opts"] = f"{overrides.get('synth_opts', '')} {synth_opts}".strip()
     # The JSON report carries utilization, Fmax and the critical paths; timing failures are
     # reported (``timing_met``), not fatal, so a slow design still tells where it is slow.
-    overrides["nextpnr_opts"] = f"--report top.report.json --timing-allow-fail --seed {seed}"
+    overrides["nextpnr_opts"] = (f"--report top.report.json --timing-allow-fail --seed {seed} "
+                                 f"{spec.nextpnr_opts}").strip()
     return spec.platform().build(top, name="top", do_build=False, **overrides)
 
 

@@ -245,12 +245,15 @@ def train_command(model_name, method, backend, config_name, epochs, seed, seeds,
 @click.option("--clock-mhz", type=float, help="PLL frequency (default: the board top's).")
 @click.option("--seed", default=1, show_default=True, help="nextpnr placement seed.")
 @click.option("--synth-opts", help="Extra synth_ice40/synth_ecp5 options, e.g. -noabc9.")
+@click.option("--build-root", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("build/boards"), show_default=True,
+              help="The build goes into BUILD_ROOT/BOARD/.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
-def build_cmd(board, config_name, clock_mhz, seed, synth_opts, json_path):
+def build_cmd(board, config_name, clock_mhz, seed, synth_opts, build_root, json_path):
     """Build a bitstream with the YoWASP tools; report Fmax, resources and peak GOPS."""
     from .boards.build import build as build_board
     result = build_board(board, json_path, config=config_name, clock_mhz=clock_mhz, seed=seed,
-                         synth_opts=synth_opts)
+                         synth_opts=synth_opts, build_root=build_root)
     for key in ("board", "config", "macs", "fmax_mhz", "peak_gops", "dsp_used", "dsp_total",
                 "lut_used", "lut_total", "bram_used", "bram_total", "fits", "timing_met",
                 "bitstream", "wall_s"):
