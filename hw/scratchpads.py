@@ -104,22 +104,34 @@ class Scratchpad(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         geom = self._geom
-        m.submodules.mem = mem = Memory(shape=unsigned(geom.width), depth=geom.depth, init=[])
-        rp = mem.read_port()
+        # No unit ever reads an address in the cycle another writes it (the dispatcher's hazard
+        # rule; no unit does so itself), so read-during-write behaviour never matters. A
+        # synchronous read port promises old data on a collision, which Yosys emulates around
+        # iCE40 block RAM (a delayed write port and a bypass: about two FFs and a LUT per bit).
+        # A combinational read into a reset-less register with `no_rw_check` simulates the same
+        # and is folded into the RAM without it (Yosys only keeps the register's initial value:
+        # one gate per bit until the first read).
+        m.submodules.mem = mem = Memory(shape=unsigned(geom.width), depth=geom.depth, init=[],
+                                        attrs={"no_rw_check": 1})
+        rp = mem.read_port(domain="comb")
         wp = mem.write_port(granularity=geom.host_width)
+        rdata = Signal(geom.width, reset_less=True)
+        rd_en = Signal()
+        with m.If(rd_en):
+            m.d.sync += rdata.eq(rp.data)
 
         def gated_or(values, enables):
             return reduce(or_, [Mux(en, v, 0) for v, en in zip(values, enables, strict=True)])
 
         m.d.comb += [
-            rp.en.eq(reduce(or_, [r.en for r in self.rd])),
+            rd_en.eq(reduce(or_, [r.en for r in self.rd])),
             rp.addr.eq(gated_or([r.addr for r in self.rd], [r.en for r in self.rd])),
             wp.en.eq(reduce(or_, [w.en for w in self.wr])),
             wp.addr.eq(gated_or([w.addr for w in self.wr], [w.en.any() for w in self.wr])),
             wp.data.eq(gated_or([w.data for w in self.wr], [w.en.any() for w in self.wr])),
         ]
         for r in self.rd:
-            m.d.comb += r.data.eq(rp.data)
+            m.d.comb += r.data.eq(rdata)
         return m
 
 
