@@ -11,7 +11,7 @@ from .control import UnitControl
 from .counters import ADD_BITS
 from .isa import ADDR_BITS, BLOCKS_BITS, COUNT_BITS, MASK_IDX_BITS, Buffer, GemmOperands
 from .mac_array import MacArray
-from .scratchpads import ReadClient, WriteClient, geometry
+from .scratchpads import ReadClient, WriteClient, geometry, mask_bit
 
 __all__ = ["GemmUnit"]
 
@@ -77,6 +77,7 @@ class GemmUnit(wiring.Component):
         wgt_ptr = Signal(ADDR_BITS + 1)
         acc_ptr = Signal(ADDR_BITS + 1)
         mask_pos = Signal(MASK_IDX_BITS + 1)
+        mask_word, mask_pos_bit = mask_bit(self._geoms[Buffer.MASK], mask_pos)
         block_macs = mul_const(cmd.k, rows * cols)
         cool = Signal(range(rows))  # cycles until a block may complete again
         pending = [Signal(4, name=f"pending{s}") for s in range(2)]  # blocks of slot s in flight
@@ -109,7 +110,7 @@ class GemmUnit(wiring.Component):
             self.rd_wgt.addr.eq(wgt_ptr),
             self.rd_inp.en.eq(issue),
             self.rd_wgt.en.eq(issue),
-            self.rd_mask.addr.eq(mask_pos >> 6),
+            self.rd_mask.addr.eq(mask_word),
             self.computing.eq(issue),
         ]
         with m.If(issue):
@@ -157,7 +158,7 @@ class GemmUnit(wiring.Component):
                 with m.Else():
                     m.next = "RUN"
             with m.State("MASK"):
-                with m.If(self.rd_mask.data.bit_select(mask_pos[:6], 1)):
+                with m.If(self.rd_mask.data.bit_select(mask_pos_bit, 1)):
                     m.next = "RUN"
                 with m.Else():
                     m.next = "SKIP"

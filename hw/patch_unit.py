@@ -7,7 +7,7 @@ from amaranth.lib.wiring import In, Out
 from .config import AccelConfig
 from .control import UnitControl
 from .isa import ADDR_BITS, BLOCKS_BITS, COUNT_BITS, MASK_IDX_BITS, Buffer, PatchOperands
-from .scratchpads import ReadClient, WriteClient, geometry
+from .scratchpads import ReadClient, WriteClient, geometry, mask_bit
 
 __all__ = ["PatchSkipUnit"]
 
@@ -26,7 +26,7 @@ class PatchSkipUnit(wiring.Component):
 
     def __init__(self, config: AccelConfig):
         self._config = config
-        g = {buf: geometry(config, buf) for buf in Buffer}
+        self._geoms = g = {buf: geometry(config, buf) for buf in Buffer}
         super().__init__({
             "ctrl": In(UnitControl(PatchOperands)),
             "rd_inp": Out(ReadClient(g[Buffer.INP])),
@@ -46,6 +46,7 @@ class PatchSkipUnit(wiring.Component):
         new_ptr = Signal(ADDR_BITS + 1)
         ref_ptr = Signal(ADDR_BITS + 1)
         mask_pos = Signal(MASK_IDX_BITS + 1)
+        mask_word, pos = mask_bit(self._geoms[Buffer.MASK], mask_pos)
         changed = Signal()
         last_t = t == cmd.k - 1
 
@@ -72,8 +73,8 @@ class PatchSkipUnit(wiring.Component):
             self.wr_inp.addr.eq(copy_addr),
             self.wr_inp.data.eq(self.rd_inp.data),
             self.wr_inp.en.eq(Mux(copy_valid, (1 << len(self.wr_inp.en)) - 1, 0)),
-            self.rd_mask.addr.eq(mask_pos >> 6),
-            self.wr_mask.addr.eq(mask_pos >> 6),
+            self.rd_mask.addr.eq(mask_word),
+            self.wr_mask.addr.eq(mask_word),
         ]
 
         busy = Signal()
@@ -111,10 +112,9 @@ class PatchSkipUnit(wiring.Component):
                 m.next = "MASK_WRITE"
             with m.State("MASK_WRITE"):
                 old = self.rd_mask.data
-                pos = mask_pos[:6]
                 bit = changed | (cmd.merge & old.bit_select(pos, 1))
                 m.d.comb += [
-                    self.wr_mask.data.eq(old & ~(Const(1, 64) << pos) | (bit << pos)),
+                    self.wr_mask.data.eq(old & ~(Const(1, len(old)) << pos) | (bit << pos)),
                     self.wr_mask.en.eq((1 << len(self.wr_mask.en)) - 1),
                 ]
                 m.d.sync += t.eq(0)

@@ -8,24 +8,28 @@ port drives zeros on it.
 
 Physical geometry: a buffer's physical word is its architectural word, except PARAM, which is
 stored *folded* as ``cols / requant_lanes`` physical words of ``requant_lanes`` channels each when
-that width is a whole number of host beats. The requant unit reads exactly one physical PARAM word
-per cycle, and on the iCE40 a 96-bit x 32 RAM costs 6 EBRs where a 384-bit x 8 one costs 24.
+that width is a whole number of host beats, and MASK, stored as host-beat words. The requant unit
+reads exactly one physical PARAM word per cycle, and on the iCE40 a 96-bit x 32 RAM costs 6 EBRs
+where a 384-bit x 8 one costs 24. MASK bit ``i`` is bit ``i % width`` of physical word
+``i // width`` (see :func:`mask_bit`), so the iCE40's 256 mask bits are one 16-bit EBR instead of
+256 flip-flops.
 """
 
 from dataclasses import dataclass
 from functools import reduce
 from operator import or_
 
-from amaranth.hdl import Module, Mux, Signal, unsigned
+from amaranth.hdl import Module, Mux, Signal, Value, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
-from .config import AccelConfig
+from .config import MASK_WORD_BITS, AccelConfig
 from .isa import CHANNEL_PARAMS_BITS, Buffer
 
-__all__ = ["Geometry", "geometry", "ReadClient", "WriteClient", "Scratchpad", "Clearer"]
+__all__ = ["Geometry", "geometry", "mask_bit", "ReadClient", "WriteClient", "Scratchpad",
+           "Clearer"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,15 @@ def geometry(config: AccelConfig, buf: Buffer) -> Geometry:
         lane_bits = CHANNEL_PARAMS_BITS * config.requant_lanes
         if lane_bits % config.host_width == 0:
             width, fold = lane_bits, config.cols // config.requant_lanes
+    elif buf == Buffer.MASK:  # host_width divides the 64-bit MASK word (AccelConfig checks)
+        width, fold = config.host_width, MASK_WORD_BITS // config.host_width
     return Geometry(buf, width, fold, config.depth(buf), config.host_width)
+
+
+def mask_bit(geom: Geometry, pos) -> tuple[Value, Value]:
+    """(physical word, bit in it) of MASK bit ``pos``; the physical width is a power of two."""
+    shift = geom.width.bit_length() - 1
+    return pos >> shift, pos[:shift]
 
 
 class ReadClient(wiring.Signature):
