@@ -27,7 +27,8 @@ class GemmUnit(wiring.Component):
     ``mask_idx + i`` before row ``i`` and skips the row's blocks (one cycle each, counted in
     ``skipped_macs``) when the bit is 0. A block's last step waits until ``rows`` cycles after
     the previous block's (only matters for ``k < rows``), which is what the array needs; without
-    the array's shadow bank, a block's first step waits so instead (``rows - 1`` idle cycles).
+    the array's shadow bank, a block's first step waits ``rows + 1`` cycles after the previous
+    block's last one instead (``rows`` idle cycles).
 
     **Drain.** Rows leaving the array's shadow bank are written to ACC through a 3-stage pipeline:
     read the old row (only with ``accumulate``), add (33 bits), saturate and write. A saturating
@@ -79,7 +80,7 @@ class GemmUnit(wiring.Component):
         mask_pos = Signal(MASK_IDX_BITS + 1)
         mask_word, mask_pos_bit = mask_bit(self._geoms[Buffer.MASK], mask_pos)
         block_macs = mul_const(cmd.k, rows * cols)
-        cool = Signal(range(rows))  # cycles until a block may complete again
+        cool = Signal(range(array.spacing))  # cycles until the waiting step may issue
         pending = [Signal(4, name=f"pending{s}") for s in range(2)]  # blocks of slot s in flight
 
         with m.If(cool != 0):
@@ -168,7 +169,7 @@ class GemmUnit(wiring.Component):
                 with m.If(issue):
                     m.d.sync += [t.eq(t + 1), inp_ptr.eq(inp_ptr + 1), wgt_ptr.eq(wgt_ptr + 1)]
                     with m.If(last_t):
-                        m.d.sync += [t.eq(0), cool.eq(rows - 1)]
+                        m.d.sync += [t.eq(0), cool.eq(array.spacing - 1)]
                         next_block()
             with m.State("SKIP"):
                 m.d.comb += self.skipped_macs.eq(block_macs)

@@ -1,6 +1,6 @@
 """The MAC array: an output-stationary outer product of INT8 operands into INT32 accumulators."""
 
-from amaranth.hdl import Module, Signal, signed
+from amaranth.hdl import Module, ResetSignal, Signal, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -42,13 +42,20 @@ class MacArray(wiring.Component):
     Sums are exact: ``k <= 65535`` INT8 products never leave INT32.
 
     Without ``shadow`` (compact builds) the rows are sent straight from the accumulators, one per
-    cycle starting the cycle after the ``last`` step was accumulated; the producer must then start
-    the next block (its ``first`` step) at least ``rows`` cycles after the previous ``last`` step.
+    cycle starting the cycle after the ``last`` step was accumulated, and each row is cleared as it
+    is sent, so that a block starts from zero accumulators and ``first`` is not needed: each
+    multiplier, its registers and its accumulator then fit in one iCE40 SB_MAC16 (the accumulator
+    clear is the DSP's OLOAD of zero, its hold the OHOLD). The producer must start the next block
+    (its ``first`` step) at least ``rows + 1`` cycles after the previous ``last`` step.
+
+    :attr:`spacing` is the producer's distance, in cycles, between a ``last`` step and the step
+    that must wait for it (the next ``last`` with the shadow bank, the next ``first`` without).
     """
 
     def __init__(self, rows: int, cols: int, tag_shape=0, *, shadow: bool = True):
         self.rows, self.cols = rows, cols
         self.shadow = shadow
+        self.spacing = rows if shadow else rows + 1
         super().__init__({
             "i_stream": In(stream.Signature(OperandLayout(rows, cols, tag_shape),
                                             always_ready=True)),
@@ -62,9 +69,10 @@ class MacArray(wiring.Component):
         i = self.i_stream.payload
         tag_shape = i.tag.shape()
 
-        # stage 1: operand registers
-        a = [Signal(signed(8), name=f"a{r}") for r in range(rows)]
-        b = [Signal(signed(8), name=f"b{c}") for c in range(cols)]
+        # stage 1: operand registers. The data registers have no reset (only the valid bits
+        # matter), so that synthesis can take them into the DSPs.
+        a = [Signal(signed(8), name=f"a{r}", reset_less=True) for r in range(rows)]
+        b = [Signal(signed(8), name=f"b{c}", reset_less=True) for c in range(cols)]
         v1, first1, last1 = Signal(), Signal(), Signal()
         tag1 = Signal(tag_shape)
         m.d.sync += [v1.eq(self.i_stream.valid), first1.eq(i.first), last1.eq(i.last),
@@ -73,31 +81,33 @@ class MacArray(wiring.Component):
         m.d.sync += [b[c].eq(i.wgt[c]) for c in range(cols)]
 
         # stage 2: product registers
-        p = [[Signal(signed(16), name=f"p{r}_{c}") for c in range(cols)] for r in range(rows)]
+        p = [[Signal(signed(16), name=f"p{r}_{c}", reset_less=True) for c in range(cols)]
+             for r in range(rows)]
         v2, first2, last2 = Signal(), Signal(), Signal()
         tag2 = Signal(tag_shape)
         m.d.sync += [v2.eq(v1), first2.eq(first1), last2.eq(last1), tag2.eq(tag1)]
         m.d.sync += [p[r][c].eq(a[r] * b[c]) for r in range(rows) for c in range(cols)]
 
         # stage 3: accumulators
-        acc = [[Signal(signed(32), name=f"acc{r}_{c}") for c in range(cols)]
-               for r in range(rows)]
+        acc = [[Signal(signed(32), name=f"acc{r}_{c}", reset_less=not self.shadow)
+                for c in range(cols)] for r in range(rows)]
         done = Signal()  # the accumulators hold a finished block
         tag3 = Signal(tag_shape)
         m.d.sync += done.eq(v2 & last2)
         with m.If(v2):
             m.d.sync += tag3.eq(tag2)
-            for r in range(rows):
-                for c in range(cols):
-                    with m.If(first2):
-                        m.d.sync += acc[r][c].eq(p[r][c])
-                    with m.Else():
-                        m.d.sync += acc[r][c].eq(acc[r][c] + p[r][c])
 
         left = Signal(range(rows + 1))  # rows still to send
         index = Signal(range(rows))
         stag = Signal(tag_shape)
         if self.shadow:
+            with m.If(v2):
+                for r in range(rows):
+                    for c in range(cols):
+                        with m.If(first2):
+                            m.d.sync += acc[r][c].eq(p[r][c])
+                        with m.Else():
+                            m.d.sync += acc[r][c].eq(acc[r][c] + p[r][c])
             # shadow bank: loaded from the accumulators, shifted out one row per cycle
             shadow = [Signal(data.ArrayLayout(signed(32), cols), name=f"shadow{r}")
                       for r in range(rows)]
@@ -111,7 +121,18 @@ class MacArray(wiring.Component):
                     m.d.sync += shadow[r].eq(shadow[r + 1])
             row = shadow[0]
         else:
-            # rows straight from the accumulators, which the producer leaves alone meanwhile
+            # Rows straight from the accumulators, which the producer leaves alone meanwhile; a
+            # row is zeroed in the cycle it is sent (and every row on reset, since the
+            # accumulators have no reset of their own). Written as "if enabled: clear or add" so
+            # that Yosys' ice40_dsp packs the add, the register and the clear into the SB_MAC16.
+            for r in range(rows):
+                clear = ((left != 0) & (index == r)) | ResetSignal()
+                with m.If(v2 | clear):
+                    for c in range(cols):
+                        with m.If(clear):
+                            m.d.sync += acc[r][c].eq(0)
+                        with m.Else():
+                            m.d.sync += acc[r][c].eq(acc[r][c] + p[r][c])
             with m.If(v2 & last2):
                 m.d.sync += [left.eq(rows), index.eq(0), stag.eq(tag2)]
             with m.Elif(left != 0):

@@ -11,19 +11,19 @@ from tinyaccel.sim.numerics import exact_gemm
 
 def run_blocks(rows, cols, blocks, rng, shadow=True):
     """Feed blocks (A (rows, k), B (k, cols)) back to back, spacing `last` steps (with the shadow
-    bank) or a `last` and the next `first` step (without) by >= rows cycles as the contract asks;
-    return the rows that come out, per block."""
+    bank) or a `last` and the next `first` step (without) by >= `spacing` cycles as the contract
+    asks; return the rows that come out, per block."""
     dut = MacArray(rows, cols, tag_shape=8, shadow=shadow)
     results = []
 
     async def producer(ctx):
-        since_last = rows
+        since_last = dut.spacing
         for n, (a, b) in enumerate(blocks):
             k = a.shape[1]
             for t in range(k):
                 # random bubbles, and wait before a `last` step if the shadow bank is busy
                 waits = (t == k - 1) if shadow else (t == 0)
-                while rng.random() < 0.2 or (waits and since_last < rows):
+                while rng.random() < 0.2 or (waits and since_last < dut.spacing):
                     ctx.set(dut.i_stream.valid, 0)
                     await ctx.tick()
                     since_last += 1
@@ -32,7 +32,7 @@ def run_blocks(rows, cols, blocks, rng, shadow=True):
                     "inp": [int(v) for v in a[:, t]], "wgt": [int(v) for v in b[t]],
                     "first": t == 0, "last": t == k - 1, "tag": n})
                 await ctx.tick()
-                since_last = 0 if t == k - 1 else since_last + 1
+                since_last = 1 if t == k - 1 else since_last + 1  # cycles since the last `last`
         ctx.set(dut.i_stream.valid, 0)
         for _ in range(rows + 8):
             await ctx.tick()
