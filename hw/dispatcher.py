@@ -25,12 +25,11 @@ from functools import reduce
 from operator import or_
 
 from amaranth.hdl import Module, Mux, Signal, unsigned
-from amaranth.lib import data, stream, wiring
+from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .config import AccelConfig
 from .control import UnitControl
-from .counters import COUNTER_BITS
 from .decoder import DecodedLayout
 from .hazards import UNIT_ACCESSES, AccessLayout, conflict
 from .isa import (
@@ -38,7 +37,6 @@ from .isa import (
     INSTR_BITS,
     STATUS_BYTES,
     STATUS_MAGIC,
-    Counter,
     GemmOperands,
     Opcode,
     PatchOperands,
@@ -68,11 +66,11 @@ class Dispatcher(wiring.Component):
             "requant": Out(UnitControl(RequantOperands)),
             "patch": Out(UnitControl(PatchOperands)),
             "sgq": Out(UnitControl(SgqCommand)),
-            "counters": In(data.ArrayLayout(unsigned(COUNTER_BITS), len(Counter))),
+            "i_counters": In(stream.Signature(unsigned(config.host_width))),  # counter record
             "acc_saturated": In(1),  # pulse from the GEMM drain
             "count_instruction": Out(1),
             "sending_record": Out(1),  # a SYNC record is being sent (not in BYTES_OUT yet)
-            "freeze_counters": Out(1),  # the counter record is being sent
+            "freeze_counters": Out(1),  # the counter record is being sent (.counters `dump`)
             "record_bytes": Out(range(STATUS_BYTES + COUNTER_RECORD_BYTES + 1)),  # add to BYTES_OUT
             "clear_counters": Out(1),
             "error": Out(1),
@@ -244,8 +242,9 @@ class Dispatcher(wiring.Component):
                 m.d.comb += [
                     self.sending_record.eq(1),
                     self.freeze_counters.eq(1),
-                    self.o_stream.valid.eq(1),
-                    self.o_stream.payload.eq(self.counters.as_value().word_select(rec_beat, hw)),
+                    self.o_stream.valid.eq(self.i_counters.valid),
+                    self.o_stream.payload.eq(self.i_counters.payload),
+                    self.i_counters.ready.eq(self.o_stream.ready),
                 ]
                 with m.If(sent):
                     m.d.sync += rec_beat.eq(rec_beat + 1)

@@ -14,7 +14,7 @@ from .counters import PerfCounters
 from .decoder import Decoder
 from .dispatcher import Dispatcher
 from .gemm_unit import GemmUnit
-from .isa import Buffer, Counter
+from .isa import COUNT_BITS, COUNTER_RECORD_BYTES, STATUS_BYTES, Buffer, Counter
 from .load_unit import LoadUnit
 from .patch_unit import PatchSkipUnit
 from .requant import RequantUnit
@@ -32,12 +32,14 @@ class Implementation:
     ``overlap``: units run concurrently under hazard tracking (otherwise one instruction at a
     time). ``serial_requant``: requantize with the small :class:`~.requant.RequantSerial`
     engines (about 100 cycles per channel per lane, no DSP) instead of the DSP pipeline.
-    ``shadow``: the MAC array copies finished blocks into a shadow bank (otherwise ``rows - 1``
-    idle cycles between blocks).
+    ``shadow``: the MAC array copies finished blocks into a shadow bank (otherwise ``rows``
+    idle cycles between blocks). ``ram_counters``: the performance counters live in a block RAM
+    behind narrow pending sums (:class:`~.counters.PerfCounters`), not in flip-flops.
     """
     overlap: bool = True
     serial_requant: bool = False
     shadow: bool = True
+    ram_counters: bool = False
 
     @classmethod
     def for_config(cls, config: AccelConfig) -> "Implementation":
@@ -47,7 +49,7 @@ class Implementation:
         and its UART host link is far slower than anything overlap could hide.
         """
         if config.macs <= COMPACT_MACS:
-            return cls(overlap=False, serial_requant=True, shadow=False)
+            return cls(overlap=False, serial_requant=True, shadow=False, ram_counters=True)
         return cls()
 
 
@@ -85,7 +87,15 @@ class Accelerator(wiring.Component):
 
         m.submodules.decoder = decoder = Decoder(cfg)
         m.submodules.dispatcher = disp = Dispatcher(cfg, overlap=self.impl.overlap)
-        m.submodules.counters = counters = PerfCounters()
+        max_add = {c: 1 for c in Counter}
+        max_add.update({
+            Counter.MACS_ISSUED: cfg.macs,
+            Counter.MACS_SKIPPED: cfg.macs * (2**COUNT_BITS - 1),
+            Counter.BYTES_IN: cfg.beat_bytes,
+            Counter.BYTES_OUT: cfg.beat_bytes + STATUS_BYTES + COUNTER_RECORD_BYTES,
+        })
+        m.submodules.counters = counters = PerfCounters(cfg.host_width, max_add=max_add,
+                                                        ram=self.impl.ram_counters)
         m.submodules.load = load = LoadUnit(cfg)
         m.submodules.store = store = StoreUnit(cfg)
         m.submodules.gemm = gemm = GemmUnit(cfg, shadow=self.impl.shadow)
@@ -103,6 +113,7 @@ class Accelerator(wiring.Component):
             self.i_stream.ready.eq(decoder.i_stream.ready & ~clearer.busy),
         ]
         wiring.connect(m, decoder.o_instr, disp.i_instr)
+        wiring.connect(m, counters.o_record, disp.i_counters)
         wiring.connect(m, decoder.o_data, load.i_stream)
         for name, unit in units.items():
             wiring.connect(m, getattr(disp, name), unit.ctrl)
@@ -141,8 +152,8 @@ class Accelerator(wiring.Component):
         m.d.comb += [
             self.busy.eq(busy),
             self.error.eq(disp.error),
-            disp.counters.eq(counters.values),
             counters.clear.eq(disp.clear_counters),
+            counters.dump.eq(freeze),
             add[Counter.CYCLES.value].eq(~freeze),
             add[Counter.BUSY_CYCLES.value].eq(busy & ~freeze),
             add[Counter.BYTES_IN.value].eq(bytes_in),
