@@ -58,7 +58,7 @@ class Dispatcher(wiring.Component):
         self._config = config
         self._overlap = overlap
         super().__init__({
-            "i_instr": In(stream.Signature(DecodedLayout(config))),
+            "i_instr": In(stream.Signature(DecodedLayout(config, access=overlap))),
             "o_stream": Out(stream.Signature(unsigned(config.host_width))),
             "load": Out(UnitControl(LoadCommand)),
             "store": Out(UnitControl(StoreCommand)),

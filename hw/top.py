@@ -35,11 +35,14 @@ class Implementation:
     ``shadow``: the MAC array copies finished blocks into a shadow bank (otherwise ``rows``
     idle cycles between blocks). ``ram_counters``: the performance counters live in a block RAM
     behind narrow pending sums (:class:`~.counters.PerfCounters`), not in flip-flops.
+    ``serial_decode``: the decoder runs its checks one after another on one adder (up to a few
+    hundred cycles per instruction instead of a few).
     """
     overlap: bool = True
     serial_requant: bool = False
     shadow: bool = True
     ram_counters: bool = False
+    serial_decode: bool = False
 
     @classmethod
     def for_config(cls, config: AccelConfig) -> "Implementation":
@@ -49,7 +52,8 @@ class Implementation:
         and its UART host link is far slower than anything overlap could hide.
         """
         if config.macs <= COMPACT_MACS:
-            return cls(overlap=False, serial_requant=True, shadow=False, ram_counters=True)
+            return cls(overlap=False, serial_requant=True, shadow=False, ram_counters=True,
+                       serial_decode=True)
         return cls()
 
 
@@ -85,7 +89,8 @@ class Accelerator(wiring.Component):
         m = Module()
         cfg = self.config
 
-        m.submodules.decoder = decoder = Decoder(cfg)
+        m.submodules.decoder = decoder = Decoder(cfg, access=self.impl.overlap,
+                                                 serial=self.impl.serial_decode)
         m.submodules.dispatcher = disp = Dispatcher(cfg, overlap=self.impl.overlap)
         max_add = {c: 1 for c in Counter}
         max_add.update({
