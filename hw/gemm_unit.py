@@ -9,7 +9,7 @@ from .arith import mul_const
 from .config import AccelConfig
 from .control import UnitControl
 from .counters import ADD_BITS
-from .isa import ADDR_BITS, BLOCKS_BITS, COUNT_BITS, MASK_IDX_BITS, Buffer, GemmOperands
+from .isa import BLOCKS_BITS, Buffer, GemmOperands
 from .mac_array import MacArray
 from .scratchpads import ReadClient, WriteClient, geometry, mask_bit
 
@@ -62,8 +62,14 @@ class GemmUnit(wiring.Component):
         rows, cols = cfg.rows, cfg.cols
         ctrl = self.ctrl
 
-        tag_layout = data.StructLayout({
-            "acc_addr": unsigned(ADDR_BITS), "accumulate": 1, "slot": 1})
+        # Pointers and counters are as wide as the buffers they address: the decoder's range
+        # checks guarantee that an executed GEMM with any block stays inside them (k <= INP
+        # and WGT depth, and so on); a GEMM without blocks never uses them.
+        g = self._geoms
+        acc_bits = g[Buffer.ACC].addr_width
+        t_bits = min(cfg.depth(Buffer.INP), cfg.depth(Buffer.WGT)).bit_length()
+        mask_pos_bits = (cfg.mask_bits - 1).bit_length()
+        tag_layout = data.StructLayout({"acc_addr": unsigned(acc_bits), "accumulate": 1, "slot": 1})
         m.submodules.array = array = MacArray(rows, cols, tag_layout, shadow=self._shadow)
 
         # -- instruction registers and loop state ------------------------------------------
@@ -72,14 +78,15 @@ class GemmUnit(wiring.Component):
         active = Signal()  # the sequencer holds an instruction
         i = Signal(BLOCKS_BITS)
         j = Signal(BLOCKS_BITS)
-        t = Signal(COUNT_BITS)
-        inp_base = Signal(ADDR_BITS + 1)
-        inp_ptr = Signal(ADDR_BITS + 1)
-        wgt_ptr = Signal(ADDR_BITS + 1)
-        acc_ptr = Signal(ADDR_BITS + 1)
-        mask_pos = Signal(MASK_IDX_BITS + 1)
-        mask_word, mask_pos_bit = mask_bit(self._geoms[Buffer.MASK], mask_pos)
-        block_macs = mul_const(cmd.k, rows * cols)
+        t = Signal(t_bits)
+        k = cmd.k[:t_bits]
+        inp_base = Signal(g[Buffer.INP].addr_width)
+        inp_ptr = Signal(g[Buffer.INP].addr_width)
+        wgt_ptr = Signal(g[Buffer.WGT].addr_width)
+        acc_ptr = Signal(acc_bits)
+        mask_pos = Signal(mask_pos_bits)
+        mask_word, mask_pos_bit = mask_bit(g[Buffer.MASK], mask_pos)
+        block_macs = mul_const(k, rows * cols)
         cool = Signal(range(array.spacing))  # cycles until the waiting step may issue
         pending = [Signal(4, name=f"pending{s}") for s in range(2)]  # blocks of slot s in flight
 
@@ -96,7 +103,7 @@ class GemmUnit(wiring.Component):
 
         # -- sequencer -----------------------------------------------------------------------
         issue = Signal()  # a K-step enters the pipeline this cycle
-        last_t = t == cmd.k - 1
+        last_t = t == k - 1
         last_j = j == cmd.n_blocks - 1
         last_i = i == cmd.m_blocks - 1
         op = array.i_stream.payload
@@ -127,7 +134,7 @@ class GemmUnit(wiring.Component):
             with m.If(last_j):
                 m.d.sync += [
                     j.eq(0), i.eq(i + 1), mask_pos.eq(mask_pos + 1),
-                    inp_base.eq(inp_base + cmd.k), inp_ptr.eq(inp_base + cmd.k),
+                    inp_base.eq(inp_base + k), inp_ptr.eq(inp_base + k),
                     wgt_ptr.eq(cmd.wgt_addr),
                 ]
                 with m.If(last_i):
@@ -179,36 +186,36 @@ class GemmUnit(wiring.Component):
         row = array.o_stream.payload
         d1_valid = Signal()
         d1_row = Signal.like(row.row)
-        d1_addr = Signal(ADDR_BITS)
-        d1_acc = Signal()
+        d1_addr = Signal(acc_bits)
         d1_last = Signal()
         d1_slot = Signal()
-        row_addr = row.tag.acc_addr + row.index
-        m.d.comb += [
+        row_addr = (row.tag.acc_addr + row.index)[:acc_bits]
+        m.d.comb += [  # the old row, or 0 without `accumulate` (the read port's zero)
             self.rd_acc.addr.eq(row_addr),
-            self.rd_acc.en.eq(array.o_stream.valid & row.tag.accumulate),
+            self.rd_acc.en.eq(array.o_stream.valid),
+            self.rd_acc.zero.eq(array.o_stream.valid & ~row.tag.accumulate),
         ]
         m.d.sync += [
             d1_valid.eq(array.o_stream.valid), d1_row.eq(row.row), d1_addr.eq(row_addr),
-            d1_acc.eq(row.tag.accumulate), d1_last.eq(row.index == rows - 1),
-            d1_slot.eq(row.tag.slot),
+            d1_last.eq(row.index == rows - 1), d1_slot.eq(row.tag.slot),
         ]
 
         old = data.View(data.ArrayLayout(signed(32), cols), self.rd_acc.data)
         d2_valid = Signal()
         d2_sum = Signal(data.ArrayLayout(signed(33), cols))
-        d2_addr = Signal(ADDR_BITS)
+        d2_addr = Signal(acc_bits)
         d2_last = Signal()
         d2_slot = Signal()
         m.d.sync += [d2_valid.eq(d1_valid), d2_addr.eq(d1_addr), d2_last.eq(d1_last),
                      d2_slot.eq(d1_slot)]
         for c in range(cols):
-            m.d.sync += d2_sum[c].eq(d1_row[c] + Mux(d1_acc, old[c], 0))
+            m.d.sync += d2_sum[c].eq(d1_row[c] + old[c])
 
         result = Signal(data.ArrayLayout(signed(32), cols))
         lane_sat = []
         for c in range(cols):
-            hi, lo = d2_sum[c] > INT32_MAX, d2_sum[c] < INT32_MIN
+            top = d2_sum[c][31:]  # the 33-bit sum leaves INT32 iff its top two bits differ
+            hi, lo = top == 0b01, top == 0b10
             lane_sat.append(hi | lo)
             m.d.comb += result[c].eq(Mux(hi, INT32_MAX, Mux(lo, INT32_MIN, d2_sum[c])))
         m.d.comb += [

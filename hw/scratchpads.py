@@ -81,12 +81,14 @@ def mask_bit(geom: Geometry, pos) -> tuple[Value, Value]:
 
 class ReadClient(wiring.Signature):
     """A unit's view of a synchronous read port: ``data`` is the word at ``addr`` one cycle
-    after a cycle with ``en``, and holds while ``en`` is low."""
+    after a cycle with ``en`` (0 instead if ``zero`` was high too), and holds while ``en`` is
+    low."""
 
     def __init__(self, geom: Geometry):
         super().__init__({
             "addr": Out(geom.addr_width),
             "en": Out(1),
+            "zero": Out(1),
             "data": In(geom.width),
         })
 
@@ -127,16 +129,19 @@ class Scratchpad(wiring.Component):
                                         attrs={"no_rw_check": 1})
         rp = mem.read_port(domain="comb")
         wp = mem.write_port(granularity=geom.host_width)
+        # `zero` is a synchronous reset of the register: Yosys emulates it with the same gate
+        # per bit that it already puts there for the register's initial value.
         rdata = Signal(geom.width, reset_less=True)
-        rd_en = Signal()
+        rd_en, rd_zero = Signal(), Signal()
         with m.If(rd_en):
-            m.d.sync += rdata.eq(rp.data)
+            m.d.sync += rdata.eq(Mux(rd_zero, 0, rp.data))
 
         def gated_or(values, enables):
             return reduce(or_, [Mux(en, v, 0) for v, en in zip(values, enables, strict=True)])
 
         m.d.comb += [
             rd_en.eq(reduce(or_, [r.en for r in self.rd])),
+            rd_zero.eq(reduce(or_, [r.zero for r in self.rd])),
             rp.addr.eq(gated_or([r.addr for r in self.rd], [r.en for r in self.rd])),
             wp.en.eq(reduce(or_, [w.en for w in self.wr])),
             wp.addr.eq(gated_or([w.addr for w in self.wr], [w.en.any() for w in self.wr])),
