@@ -4,10 +4,10 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .arith import leading_zeros, mul_const
+from .arith import mul_const
 from .config import AccelConfig
 from .control import UnitControl
-from .isa import ADDR_BITS, COUNT_BITS, Buffer, ChannelParams, RequantOperands
+from .isa import Buffer, ChannelParams, RequantOperands
 from .scratchpads import ReadClient, WriteClient, geometry
 
 __all__ = ["RequantPipeline", "RequantSerial", "RequantUnit"]
@@ -15,311 +15,331 @@ __all__ = ["RequantPipeline", "RequantSerial", "RequantUnit"]
 INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
 MAX_SHIFT = 31
 
-POST = data.StructLayout({"zero_point": signed(8), "clamp_min": signed(8), "clamp_max": signed(8)})
+#: What the last stages keep of the parameters: the zero point, ``min(clamp_min, clamp_max)``
+#: (the result whenever ``v < clamp_min``) and ``clamp_max``.
+POST = data.StructLayout({"zero_point": signed(8), "low": signed(8), "clamp_max": signed(8)})
+#: The clamps only see ``z + zero_point`` through comparisons with INT8 bounds, so ``z`` may be
+#: saturated to this many bits first: ``z >= 255`` gives ``v >= 127 >= clamp_max`` either way,
+#: ``z <= -256`` gives ``v <= -129 < clamp_min`` either way.
+NARROW = 9
+
+
+def _engine_ports(lanes, tag_shape):
+    return {
+        "i_stream": In(stream.Signature(data.StructLayout({
+            "acc": data.ArrayLayout(signed(32), lanes),
+            "params": data.ArrayLayout(ChannelParams, lanes),
+            "tag": tag_shape,
+        }), always_ready=True)),
+        "o_stream": Out(stream.Signature(data.StructLayout({
+            "out": data.ArrayLayout(signed(8), lanes),
+            "tag": tag_shape,
+        }), always_ready=True)),
+        "busy": Out(1),  # some input has not left yet
+    }
 
 
 def _sat32(value):
-    return Mux(value > INT32_MAX, INT32_MAX, Mux(value < INT32_MIN, INT32_MIN, value))
+    """A 33-bit sum saturated to INT32 by its top two bits (no compare chain after the add)."""
+    return Mux(value[32] == value[31], value[:32], Mux(value[32], INT32_MIN, INT32_MAX))
+
+
+def _clamped_shifts(shift):
+    """``(max(shift, 0), max(-shift, 0))`` with ``shift`` clamped to [-31, 31], 5 bits each."""
+    return (Mux(shift > MAX_SHIFT, MAX_SHIFT, Mux(shift > 0, shift, 0)).as_unsigned()[:5],
+            Mux(shift < -MAX_SHIFT, MAX_SHIFT, Mux(shift < 0, -shift, 0)).as_unsigned()[:5])
 
 
 class RequantPipeline(wiring.Component):
     """``lanes`` independent requantizers, one channel each per cycle.
 
-    Stages (one register each, loaded only with valid data): inputs; ``sat32(acc + bias)`` and the
-    clamped shift split into left/right amounts; saturating left shift; the 32 x 32 SRDHM
-    multiply; the SRDHM rounding ``(ab + 2^30) >> 31`` (equal to gemmlowp's nudge-and-truncate
-    for every ``ab``) with the ``INT32_MIN * INT32_MIN`` case; RoundingDivideByPOT; zero point
-    and clamps. Each stage keeps only the parameters later stages need.
+    Stages (one register each, loaded only with valid data; each keeps only the parameters later
+    stages need): (1) inputs; (2) ``sat32(acc + bias)``, the shift split into left/right amounts,
+    ``min(clamp_min, clamp_max)``; (3) the saturating left shift (it overflows exactly when a
+    sign change lies among the bits shifted out, a mask test, not a count); (4-6) the 32 x 32
+    product: four 17 x 17 partial products (one DSP each), their middle sum, the 64-bit sum;
+    (7) SRDHM ``(ab + 2^30) >> 31`` (gemmlowp's nudge-and-truncate for every ``ab``) with the
+    ``INT32_MIN * INT32_MIN`` case, and the rounding constants of the next stage; (8-9)
+    RoundingDivideByPOT as an add, then an arithmetic shift; (10) ``sat9(z) + zero_point``;
+    (11) the clamps, both compares in parallel.
 
-    The multiply is three pipelined stages: four 17 x 17 partial products (one DSP each), their
-    middle sum, the 64-bit sum. A channel per cycle per lane; ``latency`` cycles separate an input
-    from its output. The ``tag`` rides along unchanged.
+    A channel per cycle per lane; ``latency`` cycles separate an input from its output. The ``tag``
+    rides along unchanged.
     """
 
-    latency = 9  #: cycles from a valid input to its output
+    latency = 11  #: cycles from a valid input to its output
     interval = 1  #: cycles between inputs
 
     def __init__(self, lanes: int, tag_shape=0):
         self.lanes = lanes
-        super().__init__({
-            "i_stream": In(stream.Signature(data.StructLayout({
-                "acc": data.ArrayLayout(signed(32), lanes),
-                "params": data.ArrayLayout(ChannelParams, lanes),
-                "tag": tag_shape,
-            }), always_ready=True)),
-            "o_stream": Out(stream.Signature(data.StructLayout({
-                "out": data.ArrayLayout(signed(8), lanes),
-                "tag": tag_shape,
-            }), always_ready=True)),
-            "busy": Out(1),  # some stage holds a valid input
-        })
+        super().__init__(_engine_ports(lanes, tag_shape))
 
     def elaborate(self, platform):
         m = Module()
         i = self.i_stream.payload
         tag_shape = i.tag.shape()
-
-        # control: valid bits and the tag, per stage
-        def stage(name):
-            return Signal(name=f"v_{name}"), Signal(tag_shape, name=f"tag_{name}")
-        v1, t1 = stage("in")
-        v2, t2 = stage("bias")
-        v3, t3 = stage("lshift")
-        v6, t6 = stage("product")
-        v7, t7 = stage("srdhm")
-        v8, t8 = stage("rdbpot")
-        v9, t9 = stage("out")
-        chain = [(self.i_stream.valid, i.tag, v1, t1), (v1, t1, v2, t2), (v2, t2, v3, t3),
-                 (v6, t6, v7, t7), (v7, t7, v8, t8), (v8, t8, v9, t9)]  # (4-6: below)
-        for v_in, t_in, v_out, t_out in chain:
-            m.d.sync += v_out.eq(v_in)
-            with m.If(v_in):
-                m.d.sync += t_out.eq(t_in)
-        v4, t4 = stage("pp")
-        v5, t5 = stage("mid")
-        for v_in, t_in, v_out, t_out in [(v3, t3, v4, t4), (v4, t4, v5, t5), (v5, t5, v6, t6)]:
-            m.d.sync += v_out.eq(v_in)
-            with m.If(v_in):
-                m.d.sync += t_out.eq(t_in)
-        busy = [v1, v2, v3, v4, v5, v6, v7, v8, v9]
-
+        valids, tags = [self.i_stream.valid], [i.tag]
+        for n in range(1, self.latency + 1):
+            v, t = Signal(name=f"v{n}"), Signal(tag_shape, name=f"tag{n}")
+            m.d.sync += v.eq(valids[-1])
+            with m.If(valids[-1]):
+                m.d.sync += t.eq(tags[-1])
+            valids.append(v)
+            tags.append(t)
         m.d.comb += [
-            self.o_stream.valid.eq(v9),
-            self.o_stream.payload.tag.eq(t9),
-            self.busy.eq(Cat(*busy).any()),
+            self.o_stream.valid.eq(valids[-1]),
+            self.o_stream.payload.tag.eq(tags[-1]),
+            self.busy.eq(Cat(*valids[1:]).any()),
         ]
         for lane in range(self.lanes):
             m.d.comb += self.o_stream.payload.out[lane].eq(
-                self._lane(m, lane, self.i_stream.valid, i.acc[lane], i.params[lane],
-                           (v1, v2, v3, v4, v5, v6, v7, v8)))
+                self._lane(m, lane, valids, i.acc[lane], i.params[lane]))
         return m
 
-    def _lane(self, m, lane, valid, acc_in, params_in, valids):
-        v1, v2, v3, v4, v5, v6, v7, v8 = valids
-
+    def _lane(self, m, lane, v, acc_in, params_in):
         def reg(shape, name):
             return Signal(shape, name=f"l{lane}_{name}")
 
+        def stage(n, *stmts):  # registers of stage n load when stage n - 1 holds valid data
+            with m.If(v[n - 1]):
+                m.d.sync += stmts
+
         # 1: inputs
         acc, p = reg(signed(32), "acc"), reg(ChannelParams, "params")
-        with m.If(valid):
-            m.d.sync += [acc.eq(acc_in), p.eq(params_in)]
+        stage(1, acc.eq(acc_in), p.eq(params_in))
 
-        # 2: x = sat32(acc + bias); shift clamped to [-31, 31] and split
-        x1, mult2, post2 = reg(signed(32), "x1"), reg(signed(32), "mult2"), reg(POST, "post2")
-        lsh, rsh2 = reg(range(MAX_SHIFT + 1), "lsh"), reg(range(MAX_SHIFT + 1), "rsh2")
-        sh = p.shift
-        with m.If(v1):
-            m.d.sync += [
-                x1.eq(_sat32(acc + p.bias)), mult2.eq(p.multiplier),
-                post2.zero_point.eq(p.zero_point), post2.clamp_min.eq(p.clamp_min),
-                post2.clamp_max.eq(p.clamp_max),
-                lsh.eq(Mux(sh > MAX_SHIFT, MAX_SHIFT, Mux(sh > 0, sh, 0))),
-                rsh2.eq(Mux(sh < -MAX_SHIFT, MAX_SHIFT, Mux(sh < 0, -sh, 0))),
-            ]
+        # 2: x = sat32(acc + bias); shift split; the bits a left shift by lsh pushes out
+        x1, mult2 = reg(signed(32), "x1"), reg(signed(32), "mult2")
+        post2, rsh2 = reg(POST, "post2"), reg(range(MAX_SHIFT + 1), "rsh2")
+        lsh2 = reg(range(MAX_SHIFT + 1), "lsh2")
+        out_mask = reg(31, "out_mask")  # bit i set: bit i+1 of x leaves the word (i >= 31 - lsh)
+        lsh, rsh = _clamped_shifts(p.shift)
+        stage(2,
+              x1.eq(_sat32((acc + p.bias)[:33])), mult2.eq(p.multiplier),
+              rsh2.eq(rsh), lsh2.eq(lsh),
+              out_mask.eq(~(Const(2**31 - 1, 31) >> lsh)),
+              post2.zero_point.eq(p.zero_point), post2.clamp_max.eq(p.clamp_max),
+              post2.low.eq(Mux(p.clamp_min < p.clamp_max, p.clamp_min, p.clamp_max)))
 
-        # 3: x = sat32(x << max(shift, 0)): it overflows exactly when the shift exceeds the
-        # number of redundant sign bits of x (a priority encoder, not a second shifter)
-        sign_change = (x1 ^ (x1 >> 1))[:31]  # bit i: x[i] != x[i+1]
-        redundant = leading_zeros(m, sign_change, f"l{lane}_redundant")
-        shifted = (x1 << lsh)[:32].as_signed()
-        saturated = Mux(x1 < 0, INT32_MIN, INT32_MAX)
+        # 3: x = sat32(x << lsh): it overflows iff x[i] != x[i+1] for some bit i+1 shifted out
+        sign_change = (x1 ^ (x1 >> 1))[:31]
+        overflow = (sign_change & out_mask).any()
         x2, mult, post3 = reg(signed(32), "x2"), reg(signed(32), "mult"), reg(POST, "post3")
         rsh3 = reg(range(MAX_SHIFT + 1), "rsh3")
-        with m.If(v2):
-            m.d.sync += [x2.eq(Mux(lsh > redundant, saturated, shifted)), mult.eq(mult2),
-                         post3.eq(post2), rsh3.eq(rsh2)]
+        stage(3,
+              x2.eq(Mux(overflow, Mux(x1[31], INT32_MIN, INT32_MAX), (x1 << lsh2)[:32])),
+              mult.eq(mult2), post3.eq(post2), rsh3.eq(rsh2))
 
         # 4-6: ab = x * multiplier, and the INT32_MIN * INT32_MIN case
-        ab, special = reg(signed(64), "ab"), reg(1, "special")
-        post6, rsh6 = reg(POST, "post6"), reg(range(MAX_SHIFT + 1), "rsh6")
         x_hi, x_lo = x2[16:].as_signed(), x2[:16]
         b_hi, b_lo = mult[16:].as_signed(), mult[:16]
         pp_hh, pp_hl = reg(signed(32), "pp_hh"), reg(signed(33), "pp_hl")
         pp_lh, pp_ll = reg(signed(33), "pp_lh"), reg(unsigned(32), "pp_ll")
         special4, post4, rsh4 = reg(1, "special4"), reg(POST, "post4"), reg(range(32), "rsh4")
-        with m.If(v3):
-            m.d.sync += [
-                pp_hh.eq(x_hi * b_hi), pp_hl.eq(x_hi * b_lo), pp_lh.eq(x_lo * b_hi),
-                pp_ll.eq(x_lo * b_lo),
-                special4.eq((x2 == INT32_MIN) & (mult == INT32_MIN)),
-                post4.eq(post3), rsh4.eq(rsh3),
-            ]
+        stage(4,
+              pp_hh.eq(x_hi * b_hi), pp_hl.eq(x_hi * b_lo), pp_lh.eq(x_lo * b_hi),
+              pp_ll.eq(x_lo * b_lo), special4.eq((x2 == INT32_MIN) & (mult == INT32_MIN)),
+              post4.eq(post3), rsh4.eq(rsh3))
         mid, hh_ll = reg(signed(34), "mid"), reg(signed(64), "hh_ll")
         special5, post5, rsh5 = reg(1, "special5"), reg(POST, "post5"), reg(range(32), "rsh5")
-        with m.If(v4):
-            m.d.sync += [mid.eq(pp_hl + pp_lh), hh_ll.eq(Cat(pp_ll, pp_hh)),
-                         special5.eq(special4), post5.eq(post4), rsh5.eq(rsh4)]
-        with m.If(v5):
-            m.d.sync += [ab.eq(hh_ll + (mid << 16)), special.eq(special5), post6.eq(post5),
-                         rsh6.eq(rsh5)]
+        stage(5,
+              mid.eq(pp_hl + pp_lh), hh_ll.eq(Cat(pp_ll, pp_hh)),
+              special5.eq(special4), post5.eq(post4), rsh5.eq(rsh4))
+        ab, special = reg(signed(64), "ab"), reg(1, "special")
+        post6, rsh6 = reg(POST, "post6"), reg(range(MAX_SHIFT + 1), "rsh6")
+        stage(6, ab.eq(hh_ll + (mid << 16)), special.eq(special5), post6.eq(post5),
+              rsh6.eq(rsh5))
 
-        # 7: SaturatingRoundingDoublingHighMul
+        # 7: SaturatingRoundingDoublingHighMul; RoundingDivideByPOT's addends for e = rsh:
+        # 2^(e-1) and, for y < 0, 2^(e-1) - 1 (both 0 for e = 0)
         y, post7, rsh7 = reg(signed(32), "y"), reg(POST, "post7"), reg(range(32), "rsh7")
-        with m.If(v6):
-            m.d.sync += [y.eq(Mux(special, INT32_MAX, (ab + (1 << 30)) >> 31)),
-                         post7.eq(post6), rsh7.eq(rsh6)]
+        half, half_neg = reg(31, "half"), reg(31, "half_neg")
+        stage(7,
+              y.eq(Mux(special, INT32_MAX, (ab + (1 << 30)) >> 31)), post7.eq(post6),
+              rsh7.eq(rsh6), half.eq((Const(1, 32) << rsh6) >> 1),
+              half_neg.eq(Const(2**31 - 1, 31) >> (MAX_SHIFT + 1 - rsh6).as_unsigned()))
 
-        # 8: RoundingDivideByPOT(y, e) with e = max(-shift, 0). For e >= 1 the remainder
-        # test `rem > (2^(e-1) - 1) + neg` is `rem >= 2^(e-1) + neg`, so the result is
-        # (y + 2^(e-1) - neg) >> e: one add and one arithmetic shift (e = 0: y itself).
-        half = (Const(1, 32) << rsh7) >> 1
-        neg_round = (y < 0) & (rsh7 != 0)
-        z, post8 = reg(signed(32), "z"), reg(POST, "post8")
-        with m.If(v7):
-            m.d.sync += [z.eq((y + half - neg_round) >> rsh7), post8.eq(post7)]
+        # 8: RoundingDivideByPOT(y, e): for e >= 1 the remainder test `rem > (2^(e-1) - 1) + neg`
+        # is `rem >= 2^(e-1) + neg`, so the result is (y + 2^(e-1) - neg) >> e (e = 0: y)
+        r, post8, rsh8 = reg(signed(33), "r"), reg(POST, "post8"), reg(range(32), "rsh8")
+        stage(8, r.eq(y + Mux(y[31], half_neg, half)), post8.eq(post7), rsh8.eq(rsh7))
 
-        # 9: zero point and clamps
-        v = z + post8.zero_point
-        v = Mux(v < post8.clamp_min, post8.clamp_min, v)
-        v = Mux(v > post8.clamp_max, post8.clamp_max, v)
+        # 9: ... the shift
+        z, post9 = reg(signed(32), "z"), reg(POST, "post9")
+        stage(9, z.eq(r >> rsh8), post9.eq(post8))
+
+        # 10: v = sat9(z) + zero_point
+        top = z[NARROW - 1:]
+        narrow = Mux(top.all() | ~top.any(), z[:NARROW].as_signed(),
+                     Mux(z[31], -2**(NARROW - 1), 2**(NARROW - 1) - 1))
+        vz, post10 = reg(signed(NARROW + 1), "vz"), reg(POST, "post10")
+        stage(10, vz.eq(narrow + post9.zero_point), post10.eq(post9))
+
+        # 11: min(max(v, clamp_min), clamp_max) = low if v < clamp_min, else min(v, clamp_max);
+        # v < clamp_min <=> v < low when clamp_min <= clamp_max (else the result is clamp_max
+        # = low either way), so both compares use the stored bounds in parallel
         out = reg(signed(8), "out")
-        with m.If(v8):
-            m.d.sync += out.eq(v)
+        stage(11, out.eq(Mux(vz < post10.low, post10.low,
+                             Mux(vz > post10.clamp_max, post10.clamp_max, vz[:8]))))
         return out
 
 
 class RequantSerial(wiring.Component):
-    """``lanes`` requantizers that work one channel at a time, a few LUTs per bit of state.
+    """``lanes`` requantizers on one 34-bit adder each, a few LUTs per bit of state.
 
-    Same ports and results as :class:`RequantPipeline`, for builds where area matters more
-    than speed (the iCE40): every lane runs the same fixed schedule, so lanes stay in lockstep
-    and an input leaves after exactly ``latency`` cycles; the next input may enter ``interval``
-    cycles after the previous one. Schedule: ``sat32(acc + bias)`` (1 cycle); the saturating left
-    shift one bit per cycle (31); the 32 x 32 product by shift-and-add, one multiplier bit per
-    cycle, least significant first, the sign bit subtracted (32); SRDHM rounding (1); the
-    RoundingDivideByPOT add (1) and its arithmetic shift one bit per cycle (31); zero point and
-    clamps (1).
+    Same ports and results as :class:`RequantPipeline` for builds where area matters more than
+    speed (the iCE40), except that the engine works on the **held** input: ``i_stream.payload``
+    must stay unchanged from the cycle with ``valid`` until the result leaves (the requant unit
+    keeps both read ports idle meanwhile), so nothing is copied. All lanes run one fixed
+    schedule; a result leaves exactly ``latency`` cycles after its input, and the next input may
+    come ``interval`` cycles after the previous one (the cycle after the result).
+
+    Schedule, per channel: ``a = acc + bias`` (2 cycles); ``x = a`` with its overflow flag; the
+    saturating left shift (64 cycles: ``lsh`` shifts while no sign change is pushed out; an
+    overflowed lane instead shifts in ``INT32_MIN``/``INT32_MAX`` bit by bit, 32 bits, no
+    per-bit constant load); ``ab = x * multiplier`` by shift-and-add over the multiplier's bits
+    (32), without its low 30 bits: only ``ab >> 31`` and bit 30 are kept, the SRDHM result is
+    their sum (1); RoundingDivideByPOT as ``t = y - [y < 0]`` (1) then
+    ``((t >> (e - 1)) + 1) >> 1`` one bit per cycle (31); then ``+ zero_point``,
+    ``max(v - clamp_min, 0) + clamp_min`` and the compare with ``clamp_max``, on the same adder (4).
     """
 
-    SHIFT_STEPS = MAX_SHIFT
-    MUL_STEPS = 32
+    #: (phase, cycles): the fixed schedule after the cycle with ``valid`` (which clears ``a``)
+    SCHEDULE = (("ACC", 1), ("BIAS", 1), ("LOADX", 1), ("LSH", 64), ("MUL", 32), ("RND", 1),
+                ("NEG", 1), ("RSH", MAX_SHIFT), ("ZP", 1), ("CMIN", 1), ("ADDMIN", 1),
+                ("CMAX", 1), ("OUT", 1))
 
     def __init__(self, lanes: int, tag_shape=0):
         self.lanes = lanes
-        super().__init__({
-            "i_stream": In(stream.Signature(data.StructLayout({
-                "acc": data.ArrayLayout(signed(32), lanes),
-                "params": data.ArrayLayout(ChannelParams, lanes),
-                "tag": tag_shape,
-            }), always_ready=True)),
-            "o_stream": Out(stream.Signature(data.StructLayout({
-                "out": data.ArrayLayout(signed(8), lanes),
-                "tag": tag_shape,
-            }), always_ready=True)),
-            "busy": Out(1),
-        })
+        super().__init__(_engine_ports(lanes, tag_shape))
 
     @property
     def latency(self) -> int:
-        return 1 + self.SHIFT_STEPS + self.MUL_STEPS + 1 + 1 + self.SHIFT_STEPS + 1
+        return sum(n for _, n in self.SCHEDULE)
 
     @property
     def interval(self) -> int:
-        return self.latency
+        return self.latency + 1
 
     def elaborate(self, platform):
         m = Module()
         i = self.i_stream.payload
+        names = ["IDLE"] + [name for name, _ in self.SCHEDULE]
+        phase = Signal(range(len(names)))
+        step = Signal(range(max(n for _, n in self.SCHEDULE)))
         tag = Signal(i.tag.shape())
-        step = Signal(range(max(self.SHIFT_STEPS, self.MUL_STEPS)))
-        # 0 idle, 1 bias, 2 left shift, 3 multiply, 4 srdhm, 5 round, 6 right shift, 7 out
-        phase = Signal(range(8))
-        last_step = Signal()
+        at = {name: Signal(name=f"at_{name.lower()}") for name in names}  # phase decode
+        for n, name in enumerate(names):
+            m.d.comb += at[name].eq(phase == n)
         m.d.comb += [
-            self.busy.eq(phase != 0),
-            self.o_stream.valid.eq(phase == 7),
+            self.busy.eq(~at["IDLE"]),
+            self.o_stream.valid.eq(at["OUT"]),
             self.o_stream.payload.tag.eq(tag),
         ]
+        m.d.sync += step.eq(step + 1)
         with m.Switch(phase):
-            with m.Case(2, 6):
-                m.d.comb += last_step.eq(step == self.SHIFT_STEPS - 1)
-            with m.Case(3):
-                m.d.comb += last_step.eq(step == self.MUL_STEPS - 1)
-        with m.Switch(phase):
-            with m.Case(1, 4, 5):
-                m.d.sync += [phase.eq(phase + 1), step.eq(0)]
-            with m.Case(2, 3, 6):
-                m.d.sync += step.eq(step + 1)
-                with m.If(last_step):
-                    m.d.sync += [phase.eq(phase + 1), step.eq(0)]
-            with m.Case(7):
-                m.d.sync += phase.eq(0)
+            for n, (_, cycles) in enumerate(self.SCHEDULE):
+                with m.Case(n + 1):
+                    with m.If(step == cycles - 1):
+                        m.d.sync += [phase.eq((n + 2) % len(names)), step.eq(0)]
+            with m.Default():
+                m.d.sync += step.eq(0)
         with m.If(self.i_stream.valid):
             m.d.sync += [phase.eq(1), step.eq(0), tag.eq(i.tag)]
 
         for lane in range(self.lanes):
             m.d.comb += self.o_stream.payload.out[lane].eq(
-                self._lane(m, lane, phase, step, i.acc[lane], i.params[lane]))
+                self._lane(m, lane, at, step, self.i_stream.valid, i.acc[lane], i.params[lane]))
         return m
 
-    def _lane(self, m, lane, phase, step, acc_in, params_in):
-        def reg(shape, name):
+    def _lane(self, m, lane, at, step, start, acc, p):
+        def sig(shape, name):
             return Signal(shape, name=f"l{lane}_{name}")
 
-        acc, p = reg(signed(32), "acc"), reg(ChannelParams, "params")
-        x = reg(signed(32), "x")
-        hi, lo = reg(signed(34), "hi"), reg(32, "lo")  # product {hi, lo}; lo starts as multiplier
-        sh = p.shift
-        lsh, e = reg(range(MAX_SHIFT + 1), "lsh"), reg(range(MAX_SHIFT + 1), "e")
-        m.d.comb += [lsh.eq(Mux(sh > MAX_SHIFT, MAX_SHIFT, Mux(sh > 0, sh, 0))),
-                     e.eq(Mux(sh < -MAX_SHIFT, MAX_SHIFT, Mux(sh < 0, -sh, 0)))]
-        out = reg(signed(8), "out")
+        a = sig(signed(34), "a")  # the accumulator: acc + bias, the high product, y, z, v
+        x = sig(signed(32), "x")  # the multiplicand
+        sat, sign = sig(1, "sat"), sig(1, "sign")  # x overflowed to INT32_MIN/MAX (sign)
+        rnd = sig(1, "rnd")  # the last product bit shifted out: ab[30]
+        gt = sig(1, "gt")  # max(v, clamp_min) > clamp_max
+        lsh, e = _clamped_shifts(p.shift)
+        last_mul = step == 31
+        m_bit = p.multiplier.bit_select(step[:5], 1)
+        rsh_on = sig(1, "rsh_on")  # the RSH step shifts: step < e
+        m.d.comb += rsh_on.eq(step < e)
 
-        with m.If(self.i_stream.valid):
-            m.d.sync += [acc.eq(acc_in), p.eq(params_in)]
-        with m.Switch(phase):
-            with m.Case(1):  # x = sat32(acc + bias)
-                m.d.sync += [x.eq(_sat32(acc + p.bias)), hi.eq(0), lo.eq(p.multiplier)]
-            with m.Case(2):  # one bit of the saturating left shift (saturation is sticky)
-                with m.If(step < lsh):
-                    with m.If(x[31] != x[30]):
-                        m.d.sync += x.eq(Mux(x[31], INT32_MIN, INT32_MAX))
-                    with m.Else():
-                        m.d.sync += x.eq(x << 1)
-            with m.Case(3):  # one multiplier bit: {hi, lo} = ({hi, lo} + bit * x * 2^32) >> 1
-                addend = Mux(lo[0], Mux(step == self.MUL_STEPS - 1, -x, x), 0)
-                total = hi + addend
-                m.d.sync += [hi.eq(total >> 1), lo.eq(Cat(lo[1:], total[0]))]
-            with m.Case(4):  # SRDHM: (ab + 2^30) >> 31, INT32_MIN * INT32_MIN saturates
-                ab = Cat(lo, hi[:32]).as_signed()
-                special = (x == INT32_MIN) & (p.multiplier == INT32_MIN)
-                m.d.sync += hi.eq(Mux(special, INT32_MAX, (ab + (1 << 30)) >> 31))
-            with m.Case(5):  # RoundingDivideByPOT: y + 2^(e-1) - (y < 0 and e > 0) ...
-                half = (Const(1, 32) << e) >> 1
-                m.d.sync += hi.eq(hi + half - ((hi < 0) & (e != 0)))
-            with m.Case(6):  # ... >> e, one bit per cycle
-                with m.If(step < e):
-                    m.d.sync += hi.eq(hi >> 1)
-            with m.Case(7):
-                pass
-        v = hi + p.zero_point
-        v = Mux(v < p.clamp_min, p.clamp_min, v)
-        v = Mux(v > p.clamp_max, p.clamp_max, v)
-        m.d.comb += out.eq(v)
-        return out
+        # the adder: a + b + cin in one carry chain, as (Cat(1, a) + Cat(cin, b)) >> 1. Operand
+        # b is an AND-OR of the sources, then an XOR: ~x + 1 = -x for the multiplier's sign
+        # bit, all ones for -1, ~bound + 1 = -bound for the clamp compares.
+        use_x = sig(1, "use_x")
+        m.d.comb += use_x.eq(at["MUL"] & m_bit)
+        bound = Mux(at["ZP"], p.zero_point, Mux(at["CMAX"], p.clamp_max, p.clamp_min))
+        use_bound = at["ZP"] | at["CMIN"] | at["ADDMIN"] | at["CMAX"]
+        invert = (use_x & last_mul) | at["NEG"] | at["CMIN"] | at["CMAX"]
+        b = sig(signed(35), "b")
+        cin = sig(1, "cin")
+        m.d.comb += [
+            b.eq((Mux(at["ACC"], acc, 0) | Mux(at["BIAS"], p.bias, 0) | Mux(use_x, x, 0) |
+                  Mux(use_bound, bound, 0)) ^ Mux(invert, -1, 0)),
+            cin.eq((use_x & last_mul) | at["CMIN"] | (at["RND"] & rnd) |
+                   (at["RSH"] & (step + 1 == e))),
+        ]
+        total = sig(signed(35), "sum")
+        m.d.comb += total.eq((Cat(Const(1, 1), a, a[-1]) + Cat(cin, b))[:36].as_signed() >> 1)
+
+        # a: cleared, or loaded with the sum or the sum shifted right by one
+        clear = start | at["LOADX"] | (at["CMIN"] & (total < 0))
+        load = (at["ACC"] | at["BIAS"] | at["MUL"] | at["RND"] | at["ZP"] | at["CMIN"] |
+                at["ADDMIN"] | (at["NEG"] & (e != 0) & (a < 0)) | (at["RSH"] & rsh_on))
+        halve = (at["MUL"] & ~last_mul) | at["RSH"]
+        with m.If(clear):
+            m.d.sync += a.eq(0)
+        with m.Elif(load):
+            m.d.sync += a.eq(Mux(halve, total >> 1, total))
+        with m.If(at["MUL"] & ~last_mul):
+            m.d.sync += rnd.eq(total[0])
+
+        # x: loaded with a = acc + bias (its sat32 overflow: a[32] != a[31]), then shifted left
+        # lsh times unless a sign change would leave; an overflowed lane shifts in its
+        # saturation value, sign bit first: the bit shifted in at step 32 reaches bit 31 at 63
+        with m.If(at["LOADX"]):
+            m.d.sync += [x.eq(a), sat.eq(a[32] != a[31]), sign.eq(a[32])]
+        with m.If(at["LSH"]):
+            with m.If(sat):
+                m.d.sync += x.eq(Cat(Mux(step == 32, sign, ~sign), x[:31]))
+            with m.Elif(step < lsh):
+                with m.If(x[31] != x[30]):
+                    m.d.sync += sat.eq(1)
+                with m.Else():
+                    m.d.sync += x.eq(x << 1)
+        with m.If(at["CMAX"]):  # a + ~clamp_max = a - clamp_max - 1
+            m.d.sync += gt.eq(total >= 0)
+        return Mux(gt, p.clamp_max, a[:8])
 
 
 class RequantUnit(wiring.Component):
     """Executes REQUANT: ``count`` ACC words -> OUT words with the parameters of one PARAM word.
 
-    One ACC word is read per ``cols / requant_lanes`` lane groups and held on the read port while
-    its groups enter the :class:`RequantPipeline` (or, with ``serial``, the :class:`RequantSerial`
-    engine, one group per ``interval`` cycles); the PARAM
-    lane group is read with each group from the folded PARAM memory (or, unfolded, once and held).
-    Results are shifted into an OUT word that is written when its last group comes out.
+    One ACC word is read per ``cols / requant_lanes`` lane groups; the PARAM lane group is read
+    with each group from the folded PARAM memory (or, unfolded, once per word). With the
+    :class:`RequantPipeline` a group enters every cycle, and no logic follows a block-RAM output:
+    the ACC word is copied into a register that the lane groups are selected from, and PARAM is
+    read a cycle after ACC so that its output meets the selected group at the engine's input
+    register. With ``serial``, the :class:`RequantSerial` engine works on the held ports, and the
+    next group is read in the cycle its predecessor's result leaves. Results are shifted into a
+    register of one host beat (or one OUT word, when a lane group does not divide a beat), which
+    is written with that beat's enable when its last group comes out; the write address counts
+    on its own, in order. Read enables and addresses come from flops.
     """
 
     def __init__(self, config: AccelConfig, *, serial: bool = False):
         self._config = config
         self._serial = serial
-        g = {buf: geometry(config, buf) for buf in Buffer}
-        self._param_geom = g[Buffer.PARAM]
+        self._geom = {buf: geometry(config, buf) for buf in Buffer}
         super().__init__({
             "ctrl": In(UnitControl(RequantOperands)),
-            "rd_acc": Out(ReadClient(g[Buffer.ACC])),
-            "rd_param": Out(ReadClient(g[Buffer.PARAM])),
-            "wr_out": Out(WriteClient(g[Buffer.OUT])),
+            "rd_acc": Out(ReadClient(self._geom[Buffer.ACC])),
+            "rd_param": Out(ReadClient(self._geom[Buffer.PARAM])),
+            "wr_out": Out(WriteClient(self._geom[Buffer.OUT])),
         })
 
     def elaborate(self, platform):
@@ -327,70 +347,100 @@ class RequantUnit(wiring.Component):
         cfg = self._config
         lanes = cfg.requant_lanes
         groups = cfg.cols // lanes
-        folded = self._param_geom.fold > 1
+        pgeom, ogeom = self._geom[Buffer.PARAM], self._geom[Buffer.OUT]
+        folded = pgeom.fold > 1
 
-        tag_layout = data.StructLayout({"addr": unsigned(ADDR_BITS), "last": 1})
-        engine = RequantSerial if self._serial else RequantPipeline
-        m.submodules.pipe = pipe = engine(lanes, tag_layout)
+        m.submodules.pipe = pipe = (RequantSerial if self._serial else RequantPipeline)(lanes)
+        o = pipe.o_stream
 
-        cmd = Signal(RequantOperands)
+        # -- issue: ACC word n, lane group g ----------------------------------------------
         issuing = Signal()
-        n = Signal(COUNT_BITS)
-        g = Signal(range(groups))
-        first = Signal()
-        last_g = g == groups - 1
-        gap = Signal(range(pipe.interval))  # cycles until the engine takes the next group
-        go = issuing & (gap == 0)
+        acc_ptr = Signal(self._geom[Buffer.ACC].addr_width)
+        left = Signal(range(self._geom[Buffer.ACC].depth + 1))  # words not yet issued
+        param_base = Signal(pgeom.addr_width)  # the instruction's PARAM word (times fold)
+        param_ptr = Signal(pgeom.addr_width)  # the physical PARAM word of group g
+        g, g1 = Signal(range(groups)), Signal(range(groups))
+        g_first = Signal()  # g == 0 as a register: read enables and addresses come from flops
+        v1 = Signal()  # the ACC read port holds the group issued last cycle
+        if self._serial:  # the engine reads the held ports until its result leaves
+            go = issuing & (o.valid | ~(pipe.busy | v1))
+        else:
+            go = issuing
+        m.d.sync += v1.eq(go)
+        m.d.comb += self.rd_acc.addr.eq(acc_ptr)
         with m.If(go):
-            m.d.sync += gap.eq(pipe.interval - 1)
-        with m.Elif(gap != 0):
-            m.d.sync += gap.eq(gap - 1)
-
-        v1 = Signal()  # the read ports hold the group issued last cycle
-        m.d.comb += [
-            self.rd_acc.addr.eq(cmd.acc_addr + n),
-            self.rd_param.addr.eq(mul_const(cmd.param_addr, self._param_geom.fold) + g),
-            self.ctrl.busy[0].eq(issuing | v1 | pipe.busy),
-        ]
-        with m.If(go):
-            m.d.comb += [
-                self.rd_acc.en.eq(g == 0),
-                self.rd_param.en.eq(1 if folded else first),
-            ]
-            m.d.sync += [g.eq(g + 1), first.eq(0)]
-            with m.If(last_g):
-                m.d.sync += [g.eq(0), n.eq(n + 1)]
-                with m.If(n == cmd.count - 1):
+            m.d.comb += self.rd_acc.en.eq(g_first)
+            m.d.sync += [g.eq(g + 1), g1.eq(g), g_first.eq(0)]
+            if folded:
+                m.d.sync += param_ptr.eq(param_ptr + 1)
+            with m.If(g == groups - 1):
+                m.d.sync += [g.eq(0), g_first.eq(1), acc_ptr.eq(acc_ptr + 1),
+                             left.eq(left - 1), param_ptr.eq(param_base)]
+                with m.If(left == 1):
                     m.d.sync += issuing.eq(0)
         with m.If(self.ctrl.start):
-            m.d.sync += [cmd.eq(self.ctrl.cmd), n.eq(0), g.eq(0), first.eq(1),
-                         issuing.eq(self.ctrl.cmd.count != 0)]
+            cmd = self.ctrl.cmd
+            base = mul_const(cmd.param_addr, pgeom.fold)
+            m.d.sync += [acc_ptr.eq(cmd.acc_addr), left.eq(cmd.count), g.eq(0), g_first.eq(1),
+                         param_base.eq(base), param_ptr.eq(base),
+                         issuing.eq(cmd.count != 0)]
+        group_bits = len(self.rd_param.data) // groups
 
-        # cycle after issue: the port data are the issued word / lane group
-        g1 = Signal.like(g)
-        tag1 = Signal(tag_layout)
-        m.d.sync += [v1.eq(go), g1.eq(g), tag1.addr.eq(cmd.out_addr + n),
-                     tag1.last.eq(last_g)]
-        acc_word = self.rd_acc.data
-        param_bits = self.rd_param.data if folded else \
-            self.rd_param.data.word_select(g1, len(self.rd_param.data) // groups)
-        m.d.comb += [
-            pipe.i_stream.valid.eq(v1),
-            pipe.i_stream.payload.acc.eq(acc_word.word_select(g1, 32 * lanes)),
-            pipe.i_stream.payload.params.eq(param_bits),
-            pipe.i_stream.payload.tag.eq(tag1),
-        ]
+        if self._serial:  # both ports read together and held; selection from the ports
+            m.d.comb += [
+                self.rd_param.addr.eq(param_ptr),
+                self.rd_param.en.eq(go & (folded | g_first)),
+                self.ctrl.busy[0].eq(issuing | v1 | pipe.busy),
+                pipe.i_stream.valid.eq(v1),
+                pipe.i_stream.payload.acc.eq(self.rd_acc.data.word_select(g1, 32 * lanes)),
+                pipe.i_stream.payload.params.eq(
+                    self.rd_param.data if folded else self.rd_param.data.word_select(g1,
+                                                                                    group_bits)),
+            ]
+        else:  # block-RAM outputs go straight into flops: the ACC word into a register (the
+            # lane group is selected from there), PARAM read a cycle later into the engine
+            v2, g2 = Signal(), Signal.like(g)
+            acc_word = Signal(len(self.rd_acc.data))
+            param_rd, param_addr = Signal(), Signal.like(param_ptr)
+            m.d.sync += [v2.eq(v1), g2.eq(g1), param_rd.eq(go & (folded | g_first)),
+                         param_addr.eq(param_ptr)]
+            with m.If(v1 & (g1 == 0)):
+                m.d.sync += acc_word.eq(self.rd_acc.data)
+            m.d.comb += [
+                self.rd_param.addr.eq(param_addr),
+                self.rd_param.en.eq(param_rd),
+                self.ctrl.busy[0].eq(issuing | v1 | v2 | pipe.busy),
+                pipe.i_stream.valid.eq(v2),
+                pipe.i_stream.payload.acc.eq(acc_word.word_select(g2, 32 * lanes)),
+                pipe.i_stream.payload.params.eq(
+                    self.rd_param.data if folded else self.rd_param.data.word_select(g2,
+                                                                                    group_bits)),
+            ]
 
-        # results -> OUT word (group 0 ends up in the low bytes)
-        out_word = Signal(8 * cfg.cols)
-        o = pipe.o_stream
-        shifted = Cat(out_word[8 * lanes:], o.payload.out) if groups > 1 else o.payload.out
+        # -- results -> OUT, one chunk (a host beat, or else the word) at a time ---------
+        group_bits = 8 * lanes
+        chunk_bits = ogeom.host_width if ogeom.host_width % group_bits == 0 else ogeom.width
+        per_chunk = chunk_bits // group_bits  # lane groups per chunk
+        chunks = ogeom.width // chunk_bits  # chunks per OUT word
+        beats = chunk_bits // ogeom.host_width  # write enables per chunk
+        out_ptr = Signal(ogeom.addr_width)
+        slot = Signal(range(per_chunk))  # of the next result in its chunk
+        chunk = Signal(range(chunks))  # of the next result in its word
+        buf = Signal(chunk_bits)
+        shifted = Cat(buf[group_bits:], o.payload.out) if per_chunk > 1 else o.payload.out
+        chunk_done = o.valid & (slot == per_chunk - 1)
+        with m.If(self.ctrl.start):
+            m.d.sync += [out_ptr.eq(self.ctrl.cmd.out_addr), slot.eq(0), chunk.eq(0)]
         with m.If(o.valid):
-            m.d.sync += out_word.eq(shifted)
+            m.d.sync += [buf.eq(shifted), slot.eq(slot + 1)]
+        with m.If(chunk_done):
+            m.d.sync += [slot.eq(0), chunk.eq(chunk + 1)]
+            with m.If(chunk == chunks - 1):
+                m.d.sync += [chunk.eq(0), out_ptr.eq(out_ptr + 1)]
         m.d.comb += [
-            self.wr_out.addr.eq(o.payload.tag.addr),
-            self.wr_out.data.eq(shifted),
-            self.wr_out.en.eq(Mux(o.valid & o.payload.tag.last, (1 << len(self.wr_out.en)) - 1,
-                                  0)),
+            self.wr_out.addr.eq(out_ptr),
+            self.wr_out.data.eq(Cat(*[shifted] * chunks)),
         ]
+        with m.If(chunk_done):
+            m.d.comb += self.wr_out.en.eq(Const((1 << beats) - 1, beats) << (beats * chunk))
         return m
