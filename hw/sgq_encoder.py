@@ -2,46 +2,59 @@
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
+from amaranth.utils import ceil_log2
 
 from .arith import mul_const
 from .config import AccelConfig
 from .control import UnitControl
-from .isa import (
-    ADDR_BITS,
-    COUNT_BITS,
-    SGQ_MODE_BITS,
-    Buffer,
-    SgqMode,
-    SgqOperands,
-    SgqStripeHeader,
-)
+from .isa import SGQ_MODE_BITS, Buffer, SgqMode, SgqOperands, SgqStripeHeader
 from .scratchpads import ReadClient, geometry
 
-__all__ = ["SgqCommand", "BitPacker", "StripeEncoder"]
+__all__ = ["SgqCommand", "BitPacker", "SerialPacker", "StripeEncoder"]
 
 LENGTH_BITS = 32  # the little-endian payload length that precedes the payload
 SHIFT_BITS = data.Layout.cast(SgqStripeHeader)["shift"].shape.width
 OFFSET_BITS = data.Layout.cast(SgqStripeHeader)["offset"].shape.width
 MODE_BITS = SgqMode.as_shape().width
+HEADER_BITS = MODE_BITS + OFFSET_BITS + SHIFT_BITS
+BASE_BITS = 8  # the group base, one INT8 value
 CODED = sorted(SGQ_MODE_BITS, key=SGQ_MODE_BITS.get)  # narrowest first
+NARROW = CODED[:-1]  # the widths that may not fit; the widest fits every span at shift 0
 
 
-def _tree(m, values, better, name):
-    """The value for which ``better`` holds against all others, by a balanced tree of
-    comparators (a signal per node: a nested expression would double at every level)."""
-    level = 0
-    while len(values) > 1:
-        nxt = []
-        for n in range(0, len(values) - 1, 2):
-            a, b = values[n], values[n + 1]
-            node = Signal(signed(8), name=f"{name}{level}_{n // 2}")
-            m.d.comb += node.eq(Mux(better(a, b), a, b))
-            nxt.append(node)
-        if len(values) % 2:
-            nxt.append(values[-1])
-        values, level = nxt, level + 1
-    return values[0]
+def _fits(span, bits):
+    """Per shift s (a bit each): ``(span + h(s)) >> s <= 2^bits - 1``, i.e. the constant compare
+    ``span < 2^(bits+s) - h(s)`` with ``h(s) = 2^s >> 1``."""
+    return Cat(*(span < (1 << (bits + s)) - ((1 << s) >> 1) for s in range(1 << SHIFT_BITS)))
+
+
+def _first_set(bits):
+    """Index of the lowest set bit of a *monotone* vector (set from some index upward), for
+    indices below ``len(bits) - 1``: a thermometer decode, not a priority chain."""
+    t = ~bits  # t[s] set for every s below the index
+    n = len(bits)
+    width = ceil_log2(n)
+    out = []
+    for j in range(width):  # bit j: t ends inside a run where index bit j is 1
+        terms = [t[i - 1] & ~t[i + (1 << j) - 1] if i + (1 << j) - 1 < n else t[i - 1]
+                 for i in range(1 << j, n, 1 << (j + 1))]
+        out.append(Cat(*terms).any())
+    return Cat(*out)
+
+
+def _stripe_costs(stripe_len, cols):
+    """Payload bits of a coded stripe per width (mode, offset, shift and ``L * b`` code bits)."""
+    return {mode: HEADER_BITS + mul_const(stripe_len, cols * bits)
+            for mode, bits in SGQ_MODE_BITS.items()}
+
+
+def _total_shape(geom, cols):
+    """Enough bits for 15 + the payload bits of any group that fits OUT."""
+    stripes = geom.arch_depth
+    most = 2 * BASE_BITS - 1 + stripes * HEADER_BITS + geom.arch_depth * cols * 8
+    return unsigned(most.bit_length())
 
 
 class SgqCommand(data.Struct):
@@ -53,12 +66,18 @@ class SgqCommand(data.Struct):
 class BitPacker(wiring.Component):
     """Packs fields of up to ``max_bits`` bits, least-significant bit first, into beats.
 
-    Takes a field while fewer than ``width`` bits wait (``i_ready``) and sends a beat while at
-    least ``width`` bits wait; the two never happen in the same cycle. Bits of ``value`` above
-    ``nbits`` must be zero. ``fill`` says how many bits wait.
+    A field (``i_value``, ``i_nbits``; bits above ``i_nbits`` must be zero) enters an input
+    register when ``i_ready``, then two shift stages move it to where it will land: by whole
+    bytes, then by bits, to ``tail``, the number of bits buffered or on the way, modulo
+    ``width`` (beats leave ``width`` bits at a time, so a field's landing position is known
+    when it enters the shifts). It is ORed into the buffer when fewer than ``width`` bits wait
+    there; a beat is sent while at least ``width`` bits wait (never both in one cycle).
+    ``settled``: no field is on the way, so ``fill`` counts every bit taken.
     """
 
     def __init__(self, width: int, max_bits: int):
+        if width & (width - 1) or width < 8:
+            raise ValueError(f"width={width} must be a power of two, at least 8")
         self._width, self._max_bits = width, max_bits
         super().__init__({
             "i_valid": In(1),
@@ -66,40 +85,112 @@ class BitPacker(wiring.Component):
             "i_value": In(max_bits),
             "i_nbits": In(range(max_bits + 1)),
             "fill": Out(range(width + max_bits + 1)),
+            "settled": Out(1),
+            "o_stream": Out(stream.Signature(unsigned(width))),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        w, bits = self._width, self._max_bits
+        sw = ceil_log2(w)
+        nbits_shape = self.i_nbits.shape()
+        # the input register (0), the byte shift (1) and the bit shift (2)
+        pend = [Signal(name=f"pend{n}") for n in range(3)]
+        value = [Signal(bits, name="value0"), Signal(bits + w - 8, name="value1"),
+                 Signal(bits + w - 1, name="value2")]
+        nbits = [Signal(nbits_shape, name=f"nbits{n}") for n in range(3)]
+        fine = Signal(3)  # the bit shift of stage 1's field
+        tail = Signal(sw)
+        below = Signal(init=1)  # fill < w, kept as a flop
+        buf = Signal(w + bits)
+        land = pend[2] & below
+        free2 = ~pend[2] | below
+        free1 = ~pend[1] | free2
+        free0 = ~pend[0] | free1
+        send = ~below & self.o_stream.ready
+        m.d.comb += [
+            self.i_ready.eq(free0),
+            self.settled.eq(~Cat(*pend).any()),
+            self.o_stream.valid.eq(~below),
+            self.o_stream.payload.eq(buf[:w]),
+        ]
+        with m.If(free0):  # loads whenever it may; holds a field when i_valid was set
+            m.d.sync += [pend[0].eq(self.i_valid), value[0].eq(self.i_value),
+                         nbits[0].eq(self.i_nbits)]
+        with m.If(free1):
+            m.d.sync += [pend[1].eq(pend[0]), value[1].eq(value[0] << (tail[3:] * 8)),
+                         fine.eq(tail[:3]), nbits[1].eq(nbits[0])]
+            with m.If(pend[0]):
+                m.d.sync += tail.eq(tail + nbits[0])
+        with m.If(free2):
+            m.d.sync += [pend[2].eq(pend[1]), value[2].eq(value[1] << fine),
+                         nbits[2].eq(nbits[1])]
+        fill = Signal.like(self.fill)
+        m.d.comb += fill.eq(self.fill)
+        with m.If(send):
+            m.d.comb += fill.eq(self.fill - w)
+            m.d.sync += buf.eq(buf >> w)
+        with m.If(land):
+            m.d.comb += fill.eq(self.fill + nbits[2])
+            m.d.sync += buf.eq(buf | value[2])
+        m.d.sync += [self.fill.eq(fill), below.eq(fill[sw:] == 0)]
+        return m
+
+
+class SerialPacker(wiring.Component):
+    """Packs a bit stream, first bit least significant, into ``width``-bit beats: one bit per
+    cycle into a shift register, whose beat is sent when full (no bit is taken meanwhile).
+    ``fill`` counts the bits of the beat being assembled."""
+
+    def __init__(self, width: int):
+        self._width = width
+        super().__init__({
+            "i_valid": In(1),
+            "i_ready": Out(1),
+            "i_bit": In(1),
+            "fill": Out(range(width + 1)),
             "o_stream": Out(stream.Signature(unsigned(width))),
         })
 
     def elaborate(self, platform):
         m = Module()
         w = self._width
-        buf = Signal(w + self._max_bits)
+        beat = Signal(w)
+        full = self.fill == w
         m.d.comb += [
-            self.i_ready.eq(self.fill < w),
-            self.o_stream.valid.eq(self.fill >= w),
-            self.o_stream.payload.eq(buf[:w]),
+            self.i_ready.eq(~full),
+            self.o_stream.valid.eq(full),
+            self.o_stream.payload.eq(beat),
         ]
+        with m.If(self.i_valid & ~full):  # the newest bit enters at the top
+            m.d.sync += [beat.eq(Cat(beat[1:], self.i_bit)), self.fill.eq(self.fill + 1)]
         with m.If(self.o_stream.valid & self.o_stream.ready):
-            m.d.sync += [buf.eq(buf >> w), self.fill.eq(self.fill - w)]
-        with m.If(self.i_valid & self.i_ready):
-            m.d.sync += [buf.eq(buf | (self.i_value << self.fill)),
-                         self.fill.eq(self.fill + self.i_nbits)]
+            m.d.sync += self.fill.eq(0)
         return m
 
 
 class StripeEncoder(wiring.Component):
     """Executes SGQ (section 8) and sends its response on ``o_stream``.
 
-    The group is read from OUT four times, one word per cycle, because every field must be known
-    before the first bit is sent: (1) the group minimum ``base``; (2) each stripe's min/max and
-    so its mode and size, summed into ``payload_bytes``; then, after the length and ``base``,
-    per stripe (3) its min/max again for the header and (4) its codes, ``cols`` per word. Mode
-    choice per stripe: for each width b in {2, 4, 8} and shift s in 0..7, in parallel,
-    ``(hi - lo + h(s)) >> s <= 2^b - 1``; the narrowest b whose smallest fitting s is at most
-    ``max_shift`` wins.
+    The group is read from OUT in passes, because every field must be known before the first
+    bit is sent: (1) the group minimum ``base``; (2) each stripe's min/max and so its mode and
+    size, summed into ``payload_bytes``; then, after the length and ``base``, per stripe (3) its
+    min/max again for the header and (4) its codes. Mode choice per stripe: the narrowest width
+    b in {2, 4, 8} for which some shift s <= ``max_shift`` has ``(hi - lo + h(s)) >> s <=
+    2^b - 1``, with the smallest such s.
+
+    Two datapaths with the same ports and responses. The default works on whole words,
+    pipelined for block-RAM speed: the read data go straight into a register, min/max trees
+    have a register per level, the stripe decision is a four-stage pipeline, and pass 4 runs
+    ahead of the :class:`BitPacker` into a FIFO under credit control, so the read enable is
+    always a flop. With ``serial`` (compact builds) one value per cycle from the held read port
+    passes one comparator pair, the decision tries one shift per cycle, and every field leaves
+    one bit per cycle through a :class:`SerialPacker`.
     """
 
-    def __init__(self, config: AccelConfig):
+    def __init__(self, config: AccelConfig, *, serial: bool = False):
         self._config = config
+        self._serial = serial
         self._geom = geometry(config, Buffer.OUT)
         super().__init__({
             "ctrl": In(UnitControl(SgqCommand)),
@@ -109,195 +200,475 @@ class StripeEncoder(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        cfg = self._config
+        if self._serial:
+            self._serial_datapath(m)
+        else:
+            self._word_datapath(m)
+        return m
+
+    # -- the pipelined word datapath ----------------------------------------------------------
+
+    def _word_datapath(self, m):
+        cfg, geom = self._config, self._geom
         cols, hw = cfg.cols, cfg.host_width
-        max_bits = max(LENGTH_BITS, 8 * cols, MODE_BITS + OFFSET_BITS + SHIFT_BITS)
-        m.submodules.packer = packer = BitPacker(hw, max_bits)
+        levels = ceil_log2(cols)
+        m.submodules.packer = packer = BitPacker(hw, max(LENGTH_BITS, 8 * cols, HEADER_BITS))
         wiring.connect(m, packer.o_stream, wiring.flipped(self.o_stream))
 
-        cmd = Signal(SgqOperands)
         busy = Signal()
         m.d.comb += self.ctrl.busy[0].eq(busy)
+        out_addr, count = Signal(geom.addr_width), Signal(range(geom.depth + 1))
+        stripe_len, last_k = Signal(8), Signal(8)  # last_k = stripe_len - 1
+        max_shift = Signal(SHIFT_BITS)
+        costs = {mode: Signal(range(HEADER_BITS + 255 * cols * bits + 1), name=f"cost_{bits}")
+                 for mode, bits in SGQ_MODE_BITS.items()}
+        m.d.sync += [last_k.eq(stripe_len - 1)]
+        for mode, cost in _stripe_costs(stripe_len, cols).items():
+            m.d.sync += costs[mode].eq(cost)
 
-        # -- OUT scanner: reads words [ptr, ptr + left) and holds each until taken ----------
-        scan_ptr = Signal(ADDR_BITS + 1)
-        scan_left = Signal(COUNT_BITS + 1)
-        fetched = Signal()  # the read port holds a word not yet taken
-        take = Signal()
-        issue = (scan_left != 0) & (~fetched | take)
-        scan_done = (scan_left == 0) & ~fetched
-        m.d.comb += [self.rd_out.addr.eq(scan_ptr), self.rd_out.en.eq(issue)]
-        with m.If(issue):
-            m.d.sync += [scan_ptr.eq(scan_ptr + 1), scan_left.eq(scan_left - 1), fetched.eq(1)]
-        with m.Elif(take):
-            m.d.sync += fetched.eq(0)
+        # -- scanner: reads [ptr, ptr + left), a word per cycle; `rd` (the read enable) is a
+        # flop, computed a cycle ahead, because its fan-out reaches every block RAM of OUT
+        ptr, left = Signal(geom.addr_width), Signal(range(geom.depth + 1))
+        rd = Signal()
+        k = Signal(8)  # word in its stripe
+        scan_first = Signal()
+        per_stripe = Signal()  # tags mark stripes (pass 2) rather than the whole scan
+        coding = Signal()  # pass 4: words go to the FIFO; reads need credit
+        fifo_depth = 8  # more than the read-to-pop latency: a word per cycle while packing
+        credit = Signal(range(fifo_depth + 1))  # reads allowed before a pop
+        m.submodules.fifo = fifo = SyncFIFOBuffered(width=8 * cols, depth=fifo_depth)
+        pop = fifo.r_rdy & fifo.r_en
+        m.d.comb += [self.rd_out.addr.eq(ptr), self.rd_out.en.eq(rd)]
+        more = left > rd  # words left after this cycle
+        m.d.sync += [rd.eq(more & (~coding | (credit + pop > rd))),
+                     credit.eq(credit + pop - rd)]
+        with m.If(rd):
+            m.d.sync += [ptr.eq(ptr + 1), left.eq(left - 1), scan_first.eq(0),
+                         k.eq(Mux(k == last_k, 0, k + 1))]
 
-        def scan(addr, words):
-            return [scan_ptr.eq(addr), scan_left.eq(words)]
+        def scan(addr, words, stripes=0, codes=0):
+            return [ptr.eq(addr), left.eq(words), scan_first.eq(1), k.eq(0),
+                    per_stripe.eq(stripes), coding.eq(codes), credit.eq(fifo_depth),
+                    rd.eq(words != 0)]
 
-        values = data.View(data.ArrayLayout(signed(8), cols), self.rd_out.data)
-        word_min = _tree(m, [values[c] for c in range(cols)], lambda a, b: a < b, "min")
-        word_max = _tree(m, [values[c] for c in range(cols)], lambda a, b: a > b, "max")
+        # -- the word pipeline: B the read port, C the word register, then a level per stage
+        tag = data.StructLayout({"first": 1, "last": 1})
+        valid, tags = [Signal(name="v_port")], [Signal(tag, name="t_port")]
+        m.d.sync += valid[0].eq(rd)
+        with m.If(rd):
+            m.d.sync += [tags[0].first.eq(Mux(per_stripe, k == 0, scan_first)),
+                         tags[0].last.eq(Mux(per_stripe, k == last_k, left == 1))]
+        word = Signal(8 * cols)
+        for n in range(1, max(levels + 1, 3) + 1):
+            valid.append(Signal(name=f"v{n}"))
+            tags.append(Signal(tag, name=f"t{n}"))
+            m.d.sync += valid[n].eq(valid[n - 1])
+            with m.If(valid[n - 1]):
+                m.d.sync += tags[n].eq(tags[n - 1])
+        with m.If(valid[0]):  # straight off the block RAM into a flop
+            m.d.sync += word.eq(self.rd_out.data)
+        values = data.View(data.ArrayLayout(signed(8), cols), word)
+        lows, highs = [values[c] for c in range(cols)], [values[c] for c in range(cols)]
+        for level in range(levels):  # min/max trees, a register per level
+            nxt_lo, nxt_hi = [], []
+            for n in range(0, len(lows), 2):
+                if n + 1 < len(lows):
+                    lo_n = Signal(signed(8), name=f"min{level}_{n // 2}")
+                    hi_n = Signal(signed(8), name=f"max{level}_{n // 2}")
+                    a, b = lows[n], lows[n + 1]
+                    c, d = highs[n], highs[n + 1]
+                    with m.If(valid[level + 1]):
+                        m.d.sync += [lo_n.eq(Mux(a < b, a, b)), hi_n.eq(Mux(c > d, c, d))]
+                    nxt_lo.append(lo_n)
+                    nxt_hi.append(hi_n)
+                else:  # an odd one out waits a stage
+                    lo_n = Signal(signed(8), name=f"min{level}_{n // 2}")
+                    hi_n = Signal(signed(8), name=f"max{level}_{n // 2}")
+                    with m.If(valid[level + 1]):
+                        m.d.sync += [lo_n.eq(lows[n]), hi_n.eq(highs[n])]
+                    nxt_lo.append(lo_n)
+                    nxt_hi.append(hi_n)
+            lows, highs = nxt_lo, nxt_hi
+        word_lo, word_hi = lows[0], highs[0]
+        tree_valid, tree_tag = valid[levels + 1], tags[levels + 1]
 
-        # -- stripe statistics and decision -------------------------------------------------
-        base = Signal(signed(8))
-        lo, hi = Signal(signed(8)), Signal(signed(8))
-        in_stripe = Signal(8)  # words of the current stripe taken so far
-        stripe_ptr = Signal(ADDR_BITS + 1)
-        stripes_left = Signal(COUNT_BITS + 1)
-        stripe_values = Signal(COUNT_BITS)  # L = stripe_len * cols
-        collect = Signal()  # this pass gathers per-stripe min/max
-        with m.If(take & collect):
-            first = in_stripe == 0
-            m.d.sync += [
-                lo.eq(Mux(first | (word_min < lo), word_min, lo)),
-                hi.eq(Mux(first | (word_max > hi), word_max, hi)),
-                in_stripe.eq(Mux(in_stripe == cmd.stripe_len - 1, 0, in_stripe + 1)),
-            ]
-        stripe_end = take & collect & (in_stripe == cmd.stripe_len - 1)
+        # -- stripe statistics: running min/max; `ended` pulses when lo/hi hold a stripe's
+        base, lo, hi = Signal(signed(8)), Signal(signed(8)), Signal(signed(8))
+        ended = Signal()
+        finding_base = Signal()  # pass 1: no stripe decisions
+        accumulate = tree_valid & ~coding
+        m.d.sync += ended.eq(accumulate & tree_tag.last & ~finding_base)
+        with m.If(accumulate):
+            m.d.sync += [lo.eq(Mux(tree_tag.first | (word_lo < lo), word_lo, lo)),
+                         hi.eq(Mux(tree_tag.first | (word_hi > hi), word_hi, hi))]
 
-        # decision from the registered lo/hi of a finished stripe (one cycle after stripe_end)
+        # -- the stripe decision, a register per stage: span; the compare bank; mode and
+        # shift; cost, offset and the code bias. Stripes may end every cycle (pass 2).
+        d1, d2, d3, d4 = (Signal(name=f"decide{n}") for n in range(1, 5))
+        m.d.sync += [d1.eq(ended), d2.eq(d1), d3.eq(d2), d4.eq(d3)]
+        span, is_base1, lo1 = Signal(8), Signal(), Signal(signed(8))
+        with m.If(ended):
+            m.d.sync += [span.eq(hi - lo), is_base1.eq(hi == base), lo1.eq(lo)]
+        fits = {mode: Signal(1 << SHIFT_BITS, name=f"fits_{SGQ_MODE_BITS[mode]}")
+                for mode in NARROW}
+        is_base2, lo2 = Signal(), Signal(signed(8))
+        with m.If(d1):
+            m.d.sync += [is_base2.eq(is_base1), lo2.eq(lo1)]
+            m.d.sync += [fits[mode].eq(_fits(span, SGQ_MODE_BITS[mode])) for mode in NARROW]
+        mode3, shift3, lo3 = Signal(SgqMode), Signal(SHIFT_BITS), Signal(signed(8))
+        with m.If(d2):
+            m.d.sync += lo3.eq(lo2)
+            # fits(b, s) is monotone in s, so width b is usable iff it fits at max_shift, and
+            # its smallest shift is where its fits vector turns on
+            with m.If(is_base2):
+                m.d.sync += [mode3.eq(SgqMode.BASE), shift3.eq(0)]
+            with m.Elif(fits[NARROW[0]].bit_select(max_shift, 1)):
+                m.d.sync += [mode3.eq(NARROW[0]), shift3.eq(_first_set(fits[NARROW[0]]))]
+            with m.Elif(fits[NARROW[1]].bit_select(max_shift, 1)):
+                m.d.sync += [mode3.eq(NARROW[1]), shift3.eq(_first_set(fits[NARROW[1]]))]
+            with m.Else():  # the widest codes fit at shift 0
+                m.d.sync += [mode3.eq(CODED[-1]), shift3.eq(0)]
         mode, shift = Signal(SgqMode), Signal(SHIFT_BITS)
-        span = (hi - lo).as_unsigned()[:8]
-        # fits(b, s) is monotone in s (larger shifts only shrink the codes), so width b is usable
-        # iff it fits at s = max_shift, and its smallest shift is the number of s that do not fit
-        usable, smallest = {}, {}
-        for b_mode in CODED:
-            limit = (1 << SGQ_MODE_BITS[b_mode]) - 1
-            # (span + h(s)) >> s <= 2^b - 1  <=>  span < 2^(b+s) - h(s): a constant compare
-            fits = Cat(*(span < ((limit + 1) << s) - ((1 << s) >> 1)
-                         for s in range(1 << SHIFT_BITS)))
-            usable[b_mode] = fits.bit_select(cmd.max_shift, 1)
-            smallest[b_mode] = Signal(range((1 << SHIFT_BITS) + 1), name=f"smallest_{b_mode.name}")
-            m.d.comb += smallest[b_mode].eq(sum(~fits[s] for s in range(len(fits))))
-        with m.If(usable[CODED[0]]):
-            m.d.comb += [mode.eq(CODED[0]), shift.eq(smallest[CODED[0]])]
-        with m.Elif(usable[CODED[1]]):
-            m.d.comb += [mode.eq(CODED[1]), shift.eq(smallest[CODED[1]])]
-        with m.Else():  # 8-bit codes with shift 0 always fit
-            m.d.comb += [mode.eq(CODED[2]), shift.eq(smallest[CODED[2]])]
-        with m.If(hi == base):
-            m.d.comb += [mode.eq(SgqMode.BASE), shift.eq(0)]
-        coded = mode != SgqMode.BASE
-        code_bits = Signal(range(9))
-        payload_bits = Signal(COUNT_BITS + 3)  # L * b, as a shift
-        with m.Switch(mode):
-            for b_mode, bits in SGQ_MODE_BITS.items():
-                with m.Case(b_mode):
-                    m.d.comb += [code_bits.eq(bits),
-                                 payload_bits.eq(stripe_values << (bits.bit_length() - 1))]
-        cost = MODE_BITS + Mux(coded, OFFSET_BITS + SHIFT_BITS + payload_bits, 0)
-        decided = Signal()  # pulses the cycle after a stripe_end: mode/shift/cost are valid
-        m.d.sync += decided.eq(stripe_end)
-        # ... and are registered then (the compare bank and the cost are a long path)
-        decision = Signal()  # pulses when d_mode/d_shift/d_cost hold the finished stripe's
-        d_mode, d_shift, d_cost = Signal(SgqMode), Signal(SHIFT_BITS), Signal(COUNT_BITS + 4)
-        m.d.sync += decision.eq(decided)
-        with m.If(decided):
-            m.d.sync += [d_mode.eq(mode), d_shift.eq(shift), d_cost.eq(cost)]
+        cost = Signal.like(costs[CODED[-1]])
+        offset, bias = Signal(OFFSET_BITS), Signal(signed(10))  # bias = h(s) - lo
+        with m.If(d3):
+            m.d.sync += [mode.eq(mode3), shift.eq(shift3), offset.eq(lo3 - base),
+                         bias.eq(((Const(1, 8) << shift3) >> 1) - lo3)]
+            with m.Switch(mode3):
+                with m.Case(SgqMode.BASE):
+                    m.d.sync += cost.eq(MODE_BITS)
+                for b_mode in CODED:
+                    with m.Case(b_mode):
+                        m.d.sync += cost.eq(costs[b_mode])
 
-        # -- codes of one word --------------------------------------------------------------
-        half = Signal(8)  # h(s) = 2^s >> 1
-        m.d.comb += half.eq((Const(1, 8) << shift) >> 1)
-        q = [Signal(9, name=f"q{c}") for c in range(cols)]
-        for c in range(cols):
-            m.d.comb += q[c].eq(((values[c] - lo).as_unsigned()[:8] + half) >> shift)
-        codes = {b_mode: Cat(*(q[c][:bits] for c in range(cols)))
-                 for b_mode, bits in SGQ_MODE_BITS.items()}
-        code_value = Signal(8 * cols)
-        with m.Switch(mode):
-            for b_mode in SGQ_MODE_BITS:
-                with m.Case(b_mode):
-                    m.d.comb += code_value.eq(codes[b_mode])
+        # -- codes of one word: q = (v - lo + h(s)) >> s, then the mode's fields -> FIFO
+        q = [Signal(8, name=f"q{c}") for c in range(cols)]
+        with m.If(valid[1]):
+            m.d.sync += [q[c].eq((values[c] + bias)[:9] >> shift) for c in range(cols)]
+        field = Signal(8 * cols)
+        with m.If(valid[2]):
+            with m.Switch(mode):
+                for b_mode, bits in SGQ_MODE_BITS.items():
+                    with m.Case(b_mode):
+                        m.d.sync += field.eq(Cat(*(q[c][:bits] for c in range(cols))))
+        m.d.comb += [fifo.w_data.eq(field), fifo.w_en.eq(valid[3] & coding)]
+        code_bits = Signal(range(8 * cols + 1))
 
-        total_bits = Signal(32)
-        r_mode, r_shift = Signal(SgqMode), Signal(SHIFT_BITS)
+        total = Signal(_total_shape(geom, cols))  # 15 + payload bits: length = total >> 3
+        stripe_ptr, stripes_left = Signal(geom.addr_width), Signal(range(geom.depth + 1))
+        empty = Signal()
+        drained = ~Cat(*valid, rd).any() & (left == 0)
+        decided = ~Cat(ended, d1, d2, d3, d4).any()
 
         with m.FSM():
             with m.State("IDLE"):
                 with m.If(self.ctrl.start):
                     c = self.ctrl.cmd
-                    m.d.sync += [cmd.eq(c.operands), busy.eq(1), in_stripe.eq(0),
-                                 base.eq(127), total_bits.eq(8),
-                                 stripe_values.eq(mul_const(c.operands.stripe_len, cols))]
-                    with m.If(c.zero | (c.operands.count == 0)):
-                        m.d.sync += total_bits.eq(0)
+                    o = c.operands
+                    m.d.sync += [busy.eq(1), out_addr.eq(o.out_addr), count.eq(o.count),
+                                 stripe_len.eq(o.stripe_len), max_shift.eq(o.max_shift),
+                                 empty.eq(c.zero | (o.count == 0)),
+                                 total.eq(2 * BASE_BITS - 1)]
+                    with m.If(c.zero | (o.count == 0)):
+                        m.d.sync += total.eq(0)
                         m.next = "SEND_LENGTH"
                     with m.Else():
-                        m.d.sync += scan(c.operands.out_addr, c.operands.count)
+                        m.d.sync += [scan(o.out_addr, o.count), finding_base.eq(1)]
                         m.next = "BASE"
-            with m.State("BASE"):  # pass 1: group minimum
-                m.d.comb += take.eq(fetched)
-                with m.If(fetched & (word_min < base)):
-                    m.d.sync += base.eq(word_min)
-                with m.If(scan_done):
-                    m.d.sync += scan(cmd.out_addr, cmd.count)
-                    m.d.sync += in_stripe.eq(0)
+            with m.State("BASE"):  # pass 1: the group minimum
+                with m.If(drained):
+                    m.d.sync += [base.eq(lo), scan(out_addr, count, stripes=1),
+                                 finding_base.eq(0)]
                     m.next = "SIZE"
             with m.State("SIZE"):  # pass 2: per-stripe modes -> payload size
-                m.d.comb += [take.eq(fetched), collect.eq(1)]
-                with m.If(decision):
-                    m.d.sync += total_bits.eq(total_bits + d_cost)
-                with m.If(scan_done & ~stripe_end & ~decided & ~decision):
+                with m.If(d4):
+                    m.d.sync += total.eq(total + cost)
+                with m.If(drained & decided):
                     m.next = "SEND_LENGTH"
             with m.State("SEND_LENGTH"):
                 m.d.comb += [packer.i_valid.eq(1), packer.i_nbits.eq(LENGTH_BITS),
-                             packer.i_value.eq((total_bits + 7) >> 3)]
+                             packer.i_value.eq(total >> 3)]
                 with m.If(packer.i_ready):
                     m.next = "SEND_BASE"
-                    with m.If(total_bits == 0):
+                    with m.If(empty):
                         m.next = "PAD"
             with m.State("SEND_BASE"):
-                m.d.comb += [packer.i_valid.eq(1), packer.i_nbits.eq(8),
+                m.d.comb += [packer.i_valid.eq(1), packer.i_nbits.eq(BASE_BITS),
                              packer.i_value.eq(base.as_unsigned())]
                 with m.If(packer.i_ready):
-                    m.d.sync += [stripe_ptr.eq(cmd.out_addr),
-                                 stripes_left.eq(cmd.count)]  # counted in words
+                    m.d.sync += [stripe_ptr.eq(out_addr), stripes_left.eq(count)]
                     m.next = "STRIPE"
             with m.State("STRIPE"):
                 with m.If(stripes_left == 0):
                     m.next = "PAD"
                 with m.Else():
-                    m.d.sync += [scan(stripe_ptr, cmd.stripe_len), in_stripe.eq(0)]
+                    m.d.sync += scan(stripe_ptr, stripe_len)
                     m.next = "RANGE"
-            with m.State("RANGE"):  # pass 3: this stripe's min/max
-                m.d.comb += [take.eq(fetched), collect.eq(1)]
-                with m.If(decision):
-                    m.d.sync += [r_mode.eq(d_mode), r_shift.eq(d_shift)]
+            with m.State("RANGE"):  # pass 3: this stripe's min/max -> its decision
+                with m.If(d4):
                     m.next = "HEADER"
             with m.State("HEADER"):
-                header = Cat(r_mode.as_value(), (lo - base).as_unsigned()[:OFFSET_BITS],
-                             r_shift)
+                header = Cat(mode.as_value(), offset, shift)
+                is_base = mode == SgqMode.BASE
                 m.d.comb += [
                     packer.i_valid.eq(1),
-                    packer.i_value.eq(Mux(r_mode == SgqMode.BASE, r_mode.as_value(), header)),
-                    packer.i_nbits.eq(Mux(r_mode == SgqMode.BASE, MODE_BITS, len(header))),
+                    packer.i_value.eq(Mux(is_base, mode.as_value(), header)),
+                    packer.i_nbits.eq(Mux(is_base, MODE_BITS, HEADER_BITS)),
                 ]
                 with m.If(packer.i_ready):
-                    m.d.sync += [stripe_ptr.eq(stripe_ptr + cmd.stripe_len),
-                                 stripes_left.eq(stripes_left - cmd.stripe_len)]
-                    with m.If(r_mode == SgqMode.BASE):
+                    m.d.sync += [stripe_ptr.eq(ptr),  # the scan ended after this stripe
+                                 stripes_left.eq(stripes_left - stripe_len)]
+                    with m.Switch(mode):
+                        for b_mode, bits in SGQ_MODE_BITS.items():
+                            with m.Case(b_mode):
+                                m.d.sync += code_bits.eq(bits * cols)
+                    with m.If(is_base):
                         m.next = "STRIPE"
                     with m.Else():
-                        m.d.sync += scan(stripe_ptr, cmd.stripe_len)
+                        m.d.sync += scan(stripe_ptr, stripe_len, codes=1)
                         m.next = "CODES"
-            with m.State("CODES"):  # pass 4: the codes, one word per packer field
-                m.d.comb += [
-                    mode.eq(r_mode), shift.eq(r_shift),  # hold the stripe's decision
-                    packer.i_valid.eq(fetched),
-                    packer.i_value.eq(code_value),
-                    packer.i_nbits.eq(mul_const(code_bits, cols)),
-                    take.eq(fetched & packer.i_ready),
-                ]
-                with m.If(scan_done):
+            with m.State("CODES"):  # pass 4: the codes, a word per packer field
+                m.d.comb += [packer.i_valid.eq(fifo.r_rdy), packer.i_value.eq(fifo.r_data),
+                             packer.i_nbits.eq(code_bits), fifo.r_en.eq(packer.i_ready)]
+                with m.If((left == 0) & ~rd & (credit == fifo_depth)):
                     m.next = "STRIPE"
             with m.State("PAD"):  # zero bits up to a whole beat
-                with m.If(packer.i_ready):
+                with m.If(packer.settled & ~packer.o_stream.valid):
                     m.d.comb += [packer.i_valid.eq(packer.fill != 0),
                                  packer.i_nbits.eq(hw - packer.fill)]
                     m.next = "DRAIN"
             with m.State("DRAIN"):
-                with m.If(packer.fill == 0):
+                with m.If(packer.settled & (packer.fill == 0)):
                     m.d.sync += busy.eq(0)
                     m.next = "IDLE"
-        return m
+
+    # -- the serial datapath (compact builds) -------------------------------------------------
+
+    def _serial_datapath(self, m):
+        cfg, geom = self._config, self._geom
+        cols, hw = cfg.cols, cfg.host_width
+        m.submodules.packer = packer = SerialPacker(hw)
+        wiring.connect(m, packer.o_stream, wiring.flipped(self.o_stream))
+
+        busy = Signal()
+        m.d.comb += self.ctrl.busy[0].eq(busy)
+        count = Signal(range(geom.depth + 1), name="count")
+        stripe_len = Signal(8, name="stripe_len")
+        max_shift = Signal(SHIFT_BITS)
+        empty = Signal()
+
+        # -- values: a word is read, then its columns are used one at a time from the held
+        # read port; the next word is read in the cycle the last column is used. A scan covers
+        # the whole group (`left` words) or one stripe (`k` words). Every counter is loaded
+        # from one place, under a strobe, so that none needs a mux per state.
+        stripe_ptr = Signal(geom.addr_width, name="stripe_ptr")
+        ptr = Signal(geom.addr_width, name="ptr")
+        left = Signal(range(geom.depth + 1))  # group words not yet read (not counting rereads)
+        k = Signal(8)  # stripe words not yet fully used, the current one included
+        col = Signal(range(cols))
+        whole, recount = Signal(), Signal()  # the scan is the group; its words were counted
+        start_read, have = Signal(), Signal()  # the scan's first read is due; the port holds
+        first = Signal()  # the current value is the first of its stripe (or scan)
+        sizing = Signal()  # pass 2: stripes within the scan; decisions go to the size
+        start_scan = Signal()  # strobes: a scan starts (of the group / again),
+        scan_whole, scan_again = Signal(), Signal()
+        rewind = Signal()  # ptr <- stripe_ptr, and for a group scan left <- count
+        value = self.rd_out.data.word_select(col, 8).as_signed()
+        step = Signal()  # the current value is used up this cycle
+        stripe_word = k == 1  # the current word is its stripe's last
+        last_col = col == cols - 1
+        word_done = step & last_col
+        read = start_read | (word_done & Mux(whole, left != 0, ~stripe_word))
+        stripe_last = stripe_word & last_col
+        scan_last = last_col & Mux(whole, left == 0, stripe_word)
+        m.d.comb += [self.rd_out.addr.eq(ptr), self.rd_out.en.eq(read)]
+        m.d.sync += start_read.eq(start_scan)
+        with m.If(start_scan):
+            m.d.sync += [whole.eq(scan_whole), recount.eq(scan_again), first.eq(1)]
+        with m.Elif(step):
+            m.d.sync += first.eq(stripe_last & sizing)
+        with m.If(start_scan | word_done):
+            m.d.sync += col.eq(0)
+        with m.Elif(step):
+            m.d.sync += col.eq(col + 1)
+        with m.If(start_scan | (word_done & stripe_word)):
+            m.d.sync += k.eq(stripe_len)
+        with m.Elif(word_done):
+            m.d.sync += k.eq(k - 1)
+        with m.If(start_scan | (word_done & ~read)):
+            m.d.sync += have.eq(0)
+        with m.Elif(read):
+            m.d.sync += have.eq(1)
+        with m.If(rewind):
+            m.d.sync += ptr.eq(stripe_ptr)
+        with m.Elif(read):
+            m.d.sync += ptr.eq(ptr + 1)
+        with m.If(rewind & scan_whole):
+            m.d.sync += left.eq(count)
+        with m.Elif(read & ~recount):
+            m.d.sync += left.eq(left - 1)
+
+        def scan(group=0, again=0, reload=1):  # from stripe_ptr (or, reload=0, from ptr)
+            m.d.comb += [start_scan.eq(1), scan_whole.eq(group), scan_again.eq(again),
+                         rewind.eq(reload)]
+
+        # -- statistics
+        base, lo, hi = Signal(signed(8)), Signal(signed(8)), Signal(signed(8))
+        gather = [lo.eq(Mux(first | (value < lo), value, lo)),
+                  hi.eq(Mux(first | (value > hi), value, hi))]
+
+        # -- decision, one shift per cycle from s = 0: with u = span >> s and r = span[s-1],
+        # (span + h(s)) >> s = u + r, so width b fits iff u + r <= 2^b - 1
+        u, r = Signal(8), Signal()
+        s, s_wide = Signal(SHIFT_BITS), Signal(SHIFT_BITS)
+        wide_fit = Signal()  # the wider narrow width fitted at shift s_wide <= s
+        mode, shift = Signal(SgqMode), Signal(SHIFT_BITS)
+        coded = mode != SgqMode.BASE
+
+        def fits(mode):
+            bits = SGQ_MODE_BITS[mode]
+            return (u >> bits == 0) & ~(r & (u[:bits] == (1 << bits) - 1))
+
+        def decided(mode_value, shift_value):
+            m.d.sync += [mode.eq(mode_value), shift.eq(shift_value)]
+            m.next = "HEADER"
+            with m.If(sizing):
+                m.next = "SIZE_ADD"
+
+        # -- size: total += mode bits [+ header bits + L * b, as b additions of L]
+        total = Signal(_total_shape(geom, cols))  # 15 + payload bits: length = total >> 3
+        adds = Signal(range(9))
+        group_end = Signal()  # the stripe just sized was the group's last
+        code_bits = Signal(range(9))
+        with m.Switch(mode):
+            for b_mode, bits in SGQ_MODE_BITS.items():
+                with m.Case(b_mode):
+                    m.d.comb += code_bits.eq(bits)
+
+        # -- emission, a bit per cycle: bit `bit_idx` of the current field
+        preamble = Cat(total[3:], Const(0, LENGTH_BITS - len(total) + 3), base)
+        bit_idx = Signal(range(len(preamble)))
+        emit, emit_bit = Signal(), Signal()
+        took = emit & packer.i_ready
+        field_done = Signal()  # strobe: the field's last bit is taken
+        m.d.comb += [packer.i_valid.eq(emit), packer.i_bit.eq(emit_bit)]
+        with m.If(field_done):
+            m.d.sync += bit_idx.eq(0)
+        with m.Elif(took):
+            m.d.sync += bit_idx.eq(bit_idx + 1)
+
+        def field(value, bits):  # sends `value`; true in the cycle its last bit is taken
+            m.d.comb += [emit.eq(1), emit_bit.eq(value.bit_select(bit_idx, 1)),
+                         field_done.eq(took & (bit_idx == bits - 1))]
+            return field_done
+
+        # -- codes, LSB first: q = (t + h(s)) >> s with t = value - lo; adding h(s) = 2^(s-1)
+        # carries t[s-1] into bit s, then the carry ripples up one code bit per cycle
+        t = Cat((value - lo)[:8], Const(0, 8))
+        carry = Signal()
+        c_in = Mux(bit_idx == 0, (shift != 0) & t.bit_select((shift - 1)[:SHIFT_BITS], 1), carry)
+        t_bit = t.bit_select(shift + bit_idx, 1)
+
+        with m.FSM():
+            with m.State("IDLE"):
+                with m.If(self.ctrl.start):
+                    c = self.ctrl.cmd
+                    o = c.operands
+                    m.d.sync += [busy.eq(1), stripe_ptr.eq(o.out_addr), count.eq(o.count),
+                                 stripe_len.eq(o.stripe_len), max_shift.eq(o.max_shift),
+                                 empty.eq(c.zero | (o.count == 0)),
+                                 total.eq(2 * BASE_BITS - 1)]
+                    m.next = "START"
+                    with m.If(c.zero | (o.count == 0)):
+                        m.d.sync += total.eq(0)
+                        m.next = "PREAMBLE"
+            with m.State("START"):
+                scan(group=1)
+                m.next = "BASE"
+            with m.State("BASE"):  # pass 1: the group minimum
+                m.d.comb += step.eq(have)
+                with m.If(have):
+                    m.d.sync += gather
+                    with m.If(scan_last):
+                        m.next = "BASE_DONE"
+            with m.State("BASE_DONE"):
+                m.d.sync += [base.eq(lo), sizing.eq(1)]
+                scan(group=1)
+                m.next = "SIZE"
+            with m.State("SIZE"):  # pass 2: per-stripe modes -> payload size
+                m.d.comb += step.eq(have)
+                with m.If(have):
+                    m.d.sync += gather
+                    with m.If(stripe_last):
+                        m.d.sync += group_end.eq(scan_last)
+                        m.next = "DECIDE_START"
+            with m.State("DECIDE_START"):
+                m.d.sync += [u.eq(hi - lo), r.eq(0), s.eq(0), wide_fit.eq(0)]
+                m.next = "DECIDE"
+                with m.If(hi == base):  # every value is the base
+                    decided(SgqMode.BASE, 0)
+            with m.State("DECIDE"):
+                with m.If(fits(NARROW[0])):
+                    decided(NARROW[0], s)
+                with m.Else():
+                    with m.If(fits(NARROW[1]) & ~wide_fit):
+                        m.d.sync += [wide_fit.eq(1), s_wide.eq(s)]
+                    with m.If(s == max_shift):
+                        with m.If(wide_fit):
+                            decided(NARROW[1], s_wide)
+                        with m.Elif(fits(NARROW[1])):
+                            decided(NARROW[1], s)
+                        with m.Else():  # the widest codes fit at shift 0
+                            decided(CODED[-1], 0)
+                    with m.Else():
+                        m.d.sync += [u.eq(u >> 1), r.eq(u[0]), s.eq(s + 1)]
+            with m.State("SIZE_ADD"):  # mode bits [+ header bits], then b times L
+                m.d.sync += [total.eq(total + Mux(adds == 0, Mux(coded, HEADER_BITS, MODE_BITS),
+                                                  mul_const(stripe_len, cols))),
+                             adds.eq(adds + 1)]
+                with m.If(adds == Mux(coded, code_bits, 0)):
+                    m.d.sync += adds.eq(0)
+                    m.next = "SIZE"
+                    with m.If(group_end):
+                        m.d.sync += sizing.eq(0)
+                        m.next = "PREAMBLE"
+            with m.State("PREAMBLE"):  # the length, then the base
+                with m.If(field(preamble, Mux(empty, LENGTH_BITS, len(preamble)))):
+                    m.d.comb += [rewind.eq(1), scan_whole.eq(1)]
+                    m.next = "STRIPE"
+                    with m.If(empty):
+                        m.next = "PAD"
+            with m.State("STRIPE"):
+                with m.If(left == 0):
+                    m.next = "PAD"
+                with m.Else():
+                    m.d.sync += stripe_ptr.eq(ptr)
+                    scan(reload=0)
+                    m.next = "RANGE"
+            with m.State("RANGE"):  # pass 3: this stripe's min/max
+                m.d.comb += step.eq(have)
+                with m.If(have):
+                    m.d.sync += gather
+                    with m.If(scan_last):
+                        m.next = "DECIDE_START"
+            with m.State("HEADER"):
+                header = Cat(mode.as_value(), (lo - base)[:OFFSET_BITS], shift)
+                with m.If(field(header, Mux(coded, HEADER_BITS, MODE_BITS))):
+                    m.next = "STRIPE"
+                    with m.If(coded):
+                        scan(again=1)
+                        m.next = "CODES"
+            with m.State("CODES"):  # pass 4: b bits per value
+                m.d.comb += [emit.eq(have), emit_bit.eq(t_bit ^ c_in)]
+                with m.If(took):
+                    m.d.sync += carry.eq(t_bit & c_in)
+                    with m.If(bit_idx == code_bits - 1):
+                        m.d.comb += [step.eq(1), field_done.eq(1)]
+                        with m.If(scan_last):
+                            m.next = "STRIPE"
+            with m.State("PAD"):  # zero bits up to a whole beat; done when it has left
+                m.d.comb += [emit.eq(packer.fill != 0), emit_bit.eq(0)]
+                with m.If(packer.fill == 0):
+                    m.d.comb += field_done.eq(1)
+                    m.d.sync += busy.eq(0)
+                    m.next = "IDLE"
