@@ -6,7 +6,7 @@ from amaranth.lib.wiring import In, Out
 
 from .config import AccelConfig
 from .control import UnitControl
-from .isa import ADDR_BITS, BLOCKS_BITS, COUNT_BITS, MASK_IDX_BITS, Buffer, PatchOperands
+from .isa import BLOCKS_BITS, Buffer, PatchOperands
 from .scratchpads import ReadClient, WriteClient, geometry, mask_bit
 
 __all__ = ["PatchSkipUnit"]
@@ -40,15 +40,21 @@ class PatchSkipUnit(wiring.Component):
         rows = self._config.rows
         word_layout = data.ArrayLayout(signed(8), rows)
 
+        # Pointers and counters as wide as what they address: an executed PATCH with blocks
+        # stays inside INP and the mask bits (decoder checks), so k <= INP depth.
+        cfg = self._config
+        addr_bits = self._geoms[Buffer.INP].addr_width
+        t_bits = cfg.depth(Buffer.INP).bit_length()
         cmd = Signal(PatchOperands)
+        k = cmd.k[:t_bits]
         b = Signal(BLOCKS_BITS)
-        t = Signal(COUNT_BITS)
-        new_ptr = Signal(ADDR_BITS + 1)
-        ref_ptr = Signal(ADDR_BITS + 1)
-        mask_pos = Signal(MASK_IDX_BITS + 1)
+        t = Signal(t_bits)
+        new_ptr = Signal(addr_bits)
+        ref_ptr = Signal(addr_bits)
+        mask_pos = Signal((cfg.mask_bits - 1).bit_length())
         mask_word, pos = mask_bit(self._geoms[Buffer.MASK], mask_pos)
         changed = Signal()
-        last_t = t == cmd.k - 1
+        last_t = t == k - 1
 
         # what the INP read port shows this cycle (issued last cycle)
         shows_new, shows_ref = Signal(), Signal()
@@ -67,7 +73,7 @@ class PatchSkipUnit(wiring.Component):
 
         # copy write, one cycle behind its read
         copy_valid = Signal()
-        copy_addr = Signal(ADDR_BITS + 1)
+        copy_addr = Signal(addr_bits)
         m.d.sync += copy_valid.eq(0)
         m.d.comb += [
             self.wr_inp.addr.eq(copy_addr),
@@ -127,7 +133,7 @@ class PatchSkipUnit(wiring.Component):
                 with m.If(last_t):
                     m.next = "NEXT"
             with m.State("NEXT"):
-                m.d.sync += [b.eq(b + 1), new_ptr.eq(new_ptr + cmd.k), ref_ptr.eq(ref_ptr + cmd.k),
+                m.d.sync += [b.eq(b + 1), new_ptr.eq(new_ptr + k), ref_ptr.eq(ref_ptr + k),
                              mask_pos.eq(mask_pos + 1)]
                 m.next = "BLOCK"
                 with m.If(b == cmd.blocks - 1):
