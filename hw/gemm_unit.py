@@ -193,7 +193,8 @@ class GemmUnit(wiring.Component):
         m.d.comb += [  # the old row, or 0 without `accumulate` (the read port's zero)
             self.rd_acc.addr.eq(row_addr),
             self.rd_acc.en.eq(array.o_stream.valid),
-            self.rd_acc.zero.eq(array.o_stream.valid & ~row.tag.accumulate),
+            self.rd_acc.zero.eq((array.o_stream.valid & ~row.tag.accumulate)
+                                .replicate(len(self.rd_acc.zero))),
         ]
         m.d.sync += [
             d1_valid.eq(array.o_stream.valid), d1_row.eq(row.row), d1_addr.eq(row_addr),

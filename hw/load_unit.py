@@ -8,7 +8,7 @@ from .arith import mul_const
 from .config import AccelConfig
 from .control import UnitControl
 from .isa import ADDR_BITS, COUNT_BITS, Buffer
-from .scratchpads import WriteClient, geometry
+from .scratchpads import WriteClient, geometry, group
 
 __all__ = ["LoadCommand", "LoadUnit"]
 
@@ -49,16 +49,16 @@ class LoadUnit(wiring.Component):
         max_beats = max(g.beats for g in geoms.values())
 
         buf = Signal(Buffer)
-        ptr = Signal(ADDR_BITS + max_fold.bit_length())  # physical word address
+        ptr = Signal(max(g.addr_width for g in geoms.values()))  # physical word address
         left = Signal(COUNT_BITS + max_fold.bit_length())  # physical words still to write
         beat = Signal(range(max_beats))
         discard = Signal()
 
         last_beat = Signal()
         with m.Switch(buf):
-            for b, g in geoms.items():
-                with m.Case(b):
-                    m.d.comb += last_beat.eq(beat == g.beats - 1)
+            for beats, bufs in group(geoms, "beats").items():
+                with m.Case(*bufs):
+                    m.d.comb += last_beat.eq(beat == beats - 1)
 
         m.d.comb += [
             busy.eq(left != 0),
@@ -84,10 +84,10 @@ class LoadUnit(wiring.Component):
             cmd = self.ctrl.cmd
             m.d.sync += [buf.eq(cmd.buf), discard.eq(cmd.discard), beat.eq(0)]
             with m.Switch(cmd.buf):
-                for b, g in geoms.items():
-                    with m.Case(b):
-                        m.d.sync += [ptr.eq(mul_const(cmd.addr, g.fold)),
-                                     left.eq(mul_const(cmd.count, g.fold))]
+                for fold, bufs in group(geoms, "fold").items():
+                    with m.Case(*bufs):
+                        m.d.sync += [ptr.eq(mul_const(cmd.addr, fold)),
+                                     left.eq(mul_const(cmd.count, fold))]
                 with m.Default():  # undefined buffer: no data follows
                     m.d.sync += left.eq(0)
         return m

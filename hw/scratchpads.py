@@ -28,7 +28,7 @@ from amaranth.utils import ceil_log2
 from .config import MASK_WORD_BITS, AccelConfig
 from .isa import CHANNEL_PARAMS_BITS, Buffer
 
-__all__ = ["Geometry", "geometry", "mask_bit", "ReadClient", "WriteClient", "Scratchpad",
+__all__ = ["Geometry", "geometry", "group", "mask_bit", "ReadClient", "WriteClient", "Scratchpad",
            "Clearer"]
 
 
@@ -73,6 +73,15 @@ def geometry(config: AccelConfig, buf: Buffer) -> Geometry:
     return Geometry(buf, width, fold, config.depth(buf), config.host_width)
 
 
+def group(geoms: dict, attr: str) -> dict:
+    """``{value: [buffers]}`` of a :class:`Geometry` attribute (``fold``, ``beats``): the cases
+    of a switch over buffers that only needs that value."""
+    groups = {}
+    for buf, g in geoms.items():
+        groups.setdefault(getattr(g, attr), []).append(buf)
+    return groups
+
+
 def mask_bit(geom: Geometry, pos) -> tuple[Value, Value]:
     """(physical word, bit in it) of MASK bit ``pos``; the physical width is a power of two."""
     shift = geom.width.bit_length() - 1
@@ -81,14 +90,15 @@ def mask_bit(geom: Geometry, pos) -> tuple[Value, Value]:
 
 class ReadClient(wiring.Signature):
     """A unit's view of a synchronous read port: ``data`` is the word at ``addr`` one cycle
-    after a cycle with ``en`` (0 instead if ``zero`` was high too), and holds while ``en`` is
-    low."""
+    after a cycle with ``en``, and holds while ``en`` is low. Host beat ``i`` of it reads as 0
+    instead if ``zero[i]`` was high too (on a :class:`Scratchpad` without ``lanes``, any
+    ``zero`` bit zeroes the whole word)."""
 
     def __init__(self, geom: Geometry):
         super().__init__({
             "addr": Out(geom.addr_width),
             "en": Out(1),
-            "zero": Out(1),
+            "zero": Out(geom.beats),
             "data": In(geom.width),
         })
 
@@ -106,10 +116,16 @@ class WriteClient(wiring.Signature):
 
 class Scratchpad(wiring.Component):
     """One buffer: a Memory with one read and one write port, shared by ``readers`` and
-    ``writers`` clients (requests ORed; the dispatcher keeps them exclusive in time)."""
+    ``writers`` clients (requests ORed; the dispatcher keeps them exclusive in time).
 
-    def __init__(self, geom: Geometry, *, readers: int, writers: int):
+    With ``lanes`` the buffer is one Memory per host beat of the word (the same block RAMs when
+    a beat is a RAM's width, as on the iCE40), so that each beat's read register can be zeroed
+    on its own.
+    """
+
+    def __init__(self, geom: Geometry, *, readers: int, writers: int, lanes: bool = False):
         self._geom = geom
+        self._lanes = lanes
         super().__init__({
             "rd": In(ReadClient(geom)).array(readers),
             "wr": In(WriteClient(geom)).array(writers),
@@ -124,17 +140,29 @@ class Scratchpad(wiring.Component):
         # iCE40 block RAM (a delayed write port and a bypass: about two FFs and a LUT per bit).
         # A combinational read into a reset-less register with `no_rw_check` simulates the same
         # and is folded into the RAM without it (Yosys only keeps the register's initial value:
-        # one gate per bit until the first read).
-        m.submodules.mem = mem = Memory(shape=unsigned(geom.width), depth=geom.depth, init=[],
-                                        attrs={"no_rw_check": 1})
-        rp = mem.read_port(domain="comb")
-        wp = mem.write_port(granularity=geom.host_width)
-        # `zero` is a synchronous reset of the register: Yosys emulates it with the same gate
-        # per bit that it already puts there for the register's initial value.
+        # one gate per bit until the first read). `zero` is a synchronous reset of the register:
+        # Yosys emulates it with that same gate.
+        hw = geom.host_width
+        rd_en, rd_zero = Signal(), Signal(geom.beats)
+        rd_addr, wr_addr = Signal(geom.addr_width), Signal(geom.addr_width)
+        wr_en, wr_data = Signal(geom.beats), Signal(geom.width)
         rdata = Signal(geom.width, reset_less=True)
-        rd_en, rd_zero = Signal(), Signal()
-        with m.If(rd_en):
-            m.d.sync += rdata.eq(Mux(rd_zero, 0, rp.data))
+        if self._lanes:
+            parts = [(hw, rd_zero[i]) for i in range(geom.beats)]
+        else:
+            parts = [(geom.width, rd_zero.any())]
+        for i, (width, zero) in enumerate(parts):
+            mem = Memory(shape=unsigned(width), depth=geom.depth, init=[],
+                         attrs={"no_rw_check": 1})
+            m.submodules[f"mem{i}" if self._lanes else "mem"] = mem
+            rp = mem.read_port(domain="comb")
+            wp = mem.write_port(granularity=hw)
+            lane = rdata.word_select(i, width)
+            m.d.comb += [rp.addr.eq(rd_addr), wp.addr.eq(wr_addr),
+                         wp.en.eq(wr_en.word_select(i, len(wp.en))),
+                         wp.data.eq(wr_data.word_select(i, width))]
+            with m.If(rd_en):
+                m.d.sync += lane.eq(Mux(zero, 0, rp.data))
 
         def gated_or(values, enables):
             return reduce(or_, [Mux(en, v, 0) for v, en in zip(values, enables, strict=True)])
@@ -142,10 +170,10 @@ class Scratchpad(wiring.Component):
         m.d.comb += [
             rd_en.eq(reduce(or_, [r.en for r in self.rd])),
             rd_zero.eq(reduce(or_, [r.zero for r in self.rd])),
-            rp.addr.eq(gated_or([r.addr for r in self.rd], [r.en for r in self.rd])),
-            wp.en.eq(reduce(or_, [w.en for w in self.wr])),
-            wp.addr.eq(gated_or([w.addr for w in self.wr], [w.en.any() for w in self.wr])),
-            wp.data.eq(gated_or([w.data for w in self.wr], [w.en.any() for w in self.wr])),
+            rd_addr.eq(gated_or([r.addr for r in self.rd], [r.en for r in self.rd])),
+            wr_en.eq(reduce(or_, [w.en for w in self.wr])),
+            wr_addr.eq(gated_or([w.addr for w in self.wr], [w.en.any() for w in self.wr])),
+            wr_data.eq(gated_or([w.data for w in self.wr], [w.en.any() for w in self.wr])),
         ]
         for r in self.rd:
             m.d.comb += r.data.eq(rdata)

@@ -1,5 +1,8 @@
 """STORE: scratchpad words -> host beats, at one beat per cycle under back-pressure."""
 
+from functools import reduce
+from operator import or_
+
 from amaranth.hdl import Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
@@ -8,7 +11,7 @@ from .arith import mul_const
 from .config import AccelConfig
 from .control import UnitControl
 from .isa import ADDR_BITS, COUNT_BITS, Buffer
-from .scratchpads import ReadClient, geometry
+from .scratchpads import ReadClient, geometry, group
 
 __all__ = ["StoreCommand", "StoreUnit"]
 
@@ -27,10 +30,16 @@ class StoreUnit(wiring.Component):
     The read port's output is the send stage: it holds the word while its beats go out (``en``
     low), and the next word is read in the cycle its last beat is accepted, so it shows on the
     port the cycle after. No word is copied into registers.
+
+    ``exclusive`` (no other unit runs meanwhile; scratchpads with ``lanes``): the beat is
+    picked without a multiplexer. The start zeroes every read port's register, then each beat
+    is read on its own with the other beats of the word zeroed, so the beat sent is the OR of
+    all read registers.
     """
 
-    def __init__(self, config: AccelConfig):
+    def __init__(self, config: AccelConfig, *, exclusive: bool = False):
         self._config = config
+        self._exclusive = exclusive
         self._geoms = {buf: geometry(config, buf) for buf in Buffer}
         members = {
             "o_stream": Out(stream.Signature(unsigned(config.host_width))),
@@ -50,50 +59,70 @@ class StoreUnit(wiring.Component):
 
         buf = Signal(Buffer)
         zero = Signal()
-        ptr = Signal(ADDR_BITS + max_fold.bit_length())
+        ptr = Signal(max(g.addr_width for g in geoms.values()))  # (a zero-mode STORE reads none)
         left = Signal(COUNT_BITS + max_fold.bit_length())  # words still to read
         fetched = Signal()  # the read port holds a word whose beats are being sent
         beat = Signal(range(max_beats))
 
         last_beat = Signal()
-        payload = Signal(hw)
         with m.Switch(buf):
-            for b, g in geoms.items():
-                with m.Case(b):
-                    port = getattr(self, f"rd_{b.name.lower()}")
-                    m.d.comb += [last_beat.eq(beat == g.beats - 1),
-                                 payload.eq(port.data.word_select(beat, hw))]
+            for beats, bufs in group(geoms, "beats").items():
+                with m.Case(*bufs):
+                    m.d.comb += last_beat.eq(beat == beats - 1)
+        ports = {b: getattr(self, f"rd_{b.name.lower()}") for b in geoms}
 
         m.d.comb += [
             self.o_stream.valid.eq(fetched),
-            self.o_stream.payload.eq(Mux(zero, 0, payload)),
             busy.eq((left != 0) | fetched),
         ]
         sent = self.o_stream.valid & self.o_stream.ready
-        word_done = sent & last_beat
-        issue = (left != 0) & (~fetched | word_done)
-
-        with m.If(sent):
-            m.d.sync += beat.eq(Mux(last_beat, 0, beat + 1))
-        with m.If(issue):
-            m.d.sync += [ptr.eq(ptr + 1), left.eq(left - 1), fetched.eq(1)]
-        with m.Elif(word_done):
-            m.d.sync += fetched.eq(0)
-
-        for b in geoms:
-            port = getattr(self, f"rd_{b.name.lower()}")
+        if self._exclusive:
+            # `beat` is the next beat to read; each read fetches one beat
+            issue = (left != 0) & (~fetched | sent)
+            m.d.comb += self.o_stream.payload.eq(
+                reduce(or_, [p.data.word_select(i, hw)
+                             for b, p in ports.items() for i in range(geoms[b].beats)]))
+            with m.If(issue):
+                m.d.sync += [beat.eq(Mux(last_beat, 0, beat + 1)), fetched.eq(1)]
+                with m.If(last_beat):
+                    m.d.sync += [ptr.eq(ptr + 1), left.eq(left - 1)]
+            with m.Elif(sent):
+                m.d.sync += fetched.eq(0)
+            for b, port in ports.items():
+                with m.If(self.ctrl.start):  # clear every read register (a zero STORE reads none)
+                    m.d.comb += [port.en.eq(1), port.zero.eq(-1)]
+                with m.Elif(issue & ~zero & (buf == b)):
+                    m.d.comb += [port.en.eq(1), port.zero.eq(~(1 << beat))]
+        else:
+            # `beat` is the beat being sent; each read fetches a word
+            word_done = sent & last_beat
+            issue = (left != 0) & (~fetched | word_done)
+            payload = Signal(hw)
+            with m.Switch(buf):
+                for b, port in ports.items():
+                    with m.Case(b):
+                        m.d.comb += payload.eq(port.data.word_select(beat, hw))
+            m.d.comb += self.o_stream.payload.eq(Mux(zero, 0, payload))
+            with m.If(sent):
+                m.d.sync += beat.eq(Mux(last_beat, 0, beat + 1))
+            with m.If(issue):
+                m.d.sync += [ptr.eq(ptr + 1), left.eq(left - 1), fetched.eq(1)]
+            with m.Elif(word_done):
+                m.d.sync += fetched.eq(0)
+            for b, port in ports.items():
+                with m.If(issue & ~zero & (buf == b)):
+                    m.d.comb += port.en.eq(1)
+        for port in ports.values():
             m.d.comb += port.addr.eq(ptr)
-            with m.If(issue & ~zero & (buf == b)):
-                m.d.comb += port.en.eq(1)
 
         with m.If(self.ctrl.start):
             cmd = self.ctrl.cmd
             m.d.sync += [buf.eq(cmd.buf), zero.eq(cmd.zero), beat.eq(0)]
             with m.Switch(cmd.buf):
-                for b, g in geoms.items():
-                    with m.Case(b):
-                        m.d.sync += [ptr.eq(mul_const(cmd.addr, g.fold)),
-                                     left.eq(mul_const(cmd.count, g.fold))]
+                for fold, bufs in group(geoms, "fold").items():
+                    with m.Case(*bufs):
+                        m.d.sync += [ptr.eq(mul_const(cmd.addr, fold)),
+                                     left.eq(mul_const(cmd.count, fold))]
                 with m.Default():  # undefined buffer: nothing is sent
                     m.d.sync += left.eq(0)
         return m

@@ -102,7 +102,7 @@ class Accelerator(wiring.Component):
         m.submodules.counters = counters = PerfCounters(cfg.host_width, max_add=max_add,
                                                         ram=self.impl.ram_counters)
         m.submodules.load = load = LoadUnit(cfg)
-        m.submodules.store = store = StoreUnit(cfg)
+        m.submodules.store = store = StoreUnit(cfg, exclusive=not self.impl.overlap)
         m.submodules.gemm = gemm = GemmUnit(cfg, shadow=self.impl.shadow)
         m.submodules.requant = requant = RequantUnit(cfg, serial=self.impl.serial_requant)
         m.submodules.patch = patch = PatchSkipUnit(cfg)
@@ -129,7 +129,8 @@ class Accelerator(wiring.Component):
             readers = [getattr(u, f"rd_{name}") for u in units.values() if hasattr(u, f"rd_{name}")]
             writers = [getattr(u, f"wr_{name}") for u in units.values() if hasattr(u, f"wr_{name}")]
             writers.append(getattr(clearer, f"wr_{name}"))
-            pad = Scratchpad(geometry(cfg, buf), readers=len(readers), writers=len(writers))
+            pad = Scratchpad(geometry(cfg, buf), readers=len(readers), writers=len(writers),
+                             lanes=not self.impl.overlap)  # (for the exclusive StoreUnit)
             m.submodules[f"{name}_mem"] = pad
             for i, client in enumerate(readers):
                 wiring.connect(m, client, pad.rd[i])
