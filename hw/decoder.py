@@ -84,7 +84,7 @@ def _terms(cfg: AccelConfig) -> dict:
         G: [_Term((G, "inp_addr"), depth(Buffer.INP), (G, "m_blocks"), (G, "k")),
             _Term((G, "wgt_addr"), depth(Buffer.WGT), (G, "n_blocks"), (G, "k")),
             _Term((G, "acc_addr"), depth(Buffer.ACC), (G, "m_blocks"), "n_rows"),
-            _Term((G, "mask_idx"), cfg.mask_bits, 1, (G, "m_blocks"), when=(G, "gate"))],
+            _Term((G, "mask_idx"), cfg.mask_bits, (G, "m_blocks"), 1, when=(G, "gate"))],
         R: [_Term((R, "acc_addr"), depth(Buffer.ACC), 1, (R, "count")),
             _Term((R, "out_addr"), depth(Buffer.OUT), 1, (R, "count")),
             _Term((R, "param_addr"), depth(Buffer.PARAM))],
@@ -93,7 +93,7 @@ def _terms(cfg: AccelConfig) -> dict:
             _Term((P, "new_addr"), (P, "ref_addr"), (P, "blocks"), (P, "k")),
             _Term((P, "new_addr"), depth(Buffer.INP), (P, "blocks"), (P, "k")),
             _Term((P, "ref_addr"), depth(Buffer.INP), (P, "blocks"), (P, "k")),
-            _Term((P, "mask_idx"), cfg.mask_bits, 1, (P, "blocks"))],
+            _Term((P, "mask_idx"), cfg.mask_bits, (P, "blocks"), 1)],
         Opcode.SGQ: [_Term((Opcode.SGQ, "out_addr"), depth(Buffer.OUT), 1,
                            (Opcode.SGQ, "count"))],
     }
