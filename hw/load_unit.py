@@ -28,6 +28,12 @@ class LoadUnit(wiring.Component):
     Each beat is written straight into its slice of the word (write-enable per beat), so no word
     is assembled in registers. ``busy`` is high from the cycle after ``start`` until the last beat
     has been written; a command with ``count = 0`` never raises it.
+
+    **Clearing.** Block RAM keeps its contents across a reset, but the contract (section 5) has
+    the buffers zero after reset: from reset, ``clearing`` is high while the unit writes zero
+    words to all buffers at once, one address per cycle (the deepest buffer's physical depth in
+    cycles). The accelerator takes no input meanwhile. (Being the writer of every buffer, the
+    load unit clears them without a port of its own.)
     """
 
     def __init__(self, config: AccelConfig):
@@ -36,6 +42,7 @@ class LoadUnit(wiring.Component):
         members = {
             "i_stream": In(stream.Signature(unsigned(config.host_width))),
             "ctrl": In(UnitControl(LoadCommand)),
+            "clearing": Out(1, init=1),
         }
         for buf, geom in self._geoms.items():
             members[f"wr_{buf.name.lower()}"] = Out(WriteClient(geom))
@@ -71,13 +78,18 @@ class LoadUnit(wiring.Component):
             with m.If(last_beat):
                 m.d.sync += [ptr.eq(ptr + 1), left.eq(left - 1)]
 
+        clear_end = max(g.depth for g in geoms.values()) - 1
+        with m.If(self.clearing):
+            m.d.sync += ptr.eq(ptr + 1)
+            with m.If(ptr == clear_end):
+                m.d.sync += [ptr.eq(0), self.clearing.eq(0)]
+        data = Mux(self.clearing, 0, self.i_stream.payload)
         for b, g in geoms.items():
             port = getattr(self, f"wr_{b.name.lower()}")
-            m.d.comb += [
-                port.addr.eq(ptr),
-                port.data.eq(self.i_stream.payload.replicate(g.beats)),
-            ]
-            with m.If(fire & ~discard & (buf == b)):
+            m.d.comb += [port.addr.eq(ptr), port.data.eq(data.replicate(g.beats))]
+            with m.If(self.clearing & (ptr < g.depth)):
+                m.d.comb += port.en.eq(-1)
+            with m.Elif(fire & ~discard & (buf == b)):
                 m.d.comb += port.en.bit_select(beat, 1).eq(1)
 
         with m.If(self.ctrl.start):

@@ -2,9 +2,10 @@
 
 Every buffer has exactly one read port and one write port so that it maps to block RAM (iCE40 EBR
 and ECP5 DP16KD are used as simple dual-port RAMs; every further read port would duplicate the
-RAM). Several units share a port through an OR of their requests: the dispatcher guarantees that at
-most one unit reads (and at most one writes) a buffer at a time, and a unit that does not own a
-port drives zeros on it.
+RAM). Several units share a port: the dispatcher guarantees that at most one unit reads (and at
+most one writes) a buffer at a time. Enables are ORed (a unit keeps them low while it does not use
+the port); address and data are those of the unit whose enable is high (a priority multiplexer
+whose default is the last client, so a buffer with one writer needs none).
 
 Physical geometry: a buffer's physical word is its architectural word, except PARAM, which is
 stored *folded* as ``cols / requant_lanes`` physical words of ``requant_lanes`` channels each when
@@ -28,8 +29,7 @@ from amaranth.utils import ceil_log2
 from .config import MASK_WORD_BITS, AccelConfig
 from .isa import CHANNEL_PARAMS_BITS, Buffer
 
-__all__ = ["Geometry", "geometry", "group", "mask_bit", "ReadClient", "WriteClient", "Scratchpad",
-           "Clearer"]
+__all__ = ["Geometry", "geometry", "group", "mask_bit", "ReadClient", "WriteClient", "Scratchpad"]
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class WriteClient(wiring.Signature):
 
 class Scratchpad(wiring.Component):
     """One buffer: a Memory with one read and one write port, shared by ``readers`` and
-    ``writers`` clients (requests ORed; the dispatcher keeps them exclusive in time).
+    ``writers`` clients (see the module docstring; the dispatcher keeps them exclusive in time).
 
     With ``lanes`` the buffer is one Memory per host beat of the word (the same block RAMs when
     a beat is a RAM's width, as on the iCE40), so that each beat's read register can be zeroed
@@ -164,50 +164,21 @@ class Scratchpad(wiring.Component):
             with m.If(rd_en):
                 m.d.sync += lane.eq(Mux(zero, 0, rp.data))
 
-        def gated_or(values, enables):
-            return reduce(or_, [Mux(en, v, 0) for v, en in zip(values, enables, strict=True)])
+        def select(values, enables):
+            """The value of the client using the port; the last client's when none does."""
+            result = values[-1]
+            for value, en in zip(values[-2::-1], enables[-2::-1], strict=True):
+                result = Mux(en, value, result)
+            return result
 
         m.d.comb += [
             rd_en.eq(reduce(or_, [r.en for r in self.rd])),
             rd_zero.eq(reduce(or_, [r.zero for r in self.rd])),
-            rd_addr.eq(gated_or([r.addr for r in self.rd], [r.en for r in self.rd])),
+            rd_addr.eq(select([r.addr for r in self.rd], [r.en for r in self.rd])),
             wr_en.eq(reduce(or_, [w.en for w in self.wr])),
-            wr_addr.eq(gated_or([w.addr for w in self.wr], [w.en.any() for w in self.wr])),
-            wr_data.eq(gated_or([w.data for w in self.wr], [w.en.any() for w in self.wr])),
+            wr_addr.eq(select([w.addr for w in self.wr], [w.en.any() for w in self.wr])),
+            wr_data.eq(select([w.data for w in self.wr], [w.en.any() for w in self.wr])),
         ]
         for r in self.rd:
             m.d.comb += r.data.eq(rdata)
-        return m
-
-
-class Clearer(wiring.Component):
-    """Zeroes every scratchpad after reset, one address of all of them per cycle.
-
-    Block RAM keeps its contents across a reset, but the contract (section 5) has the buffers
-    zero after reset. ``busy`` is high from reset until the deepest buffer is cleared (its
-    physical depth in cycles); the accelerator takes no input meanwhile.
-    """
-
-    def __init__(self, geoms: dict):
-        self._geoms = geoms
-        members = {"busy": Out(1)}
-        for buf, geom in geoms.items():
-            members[f"wr_{buf.name.lower()}"] = Out(WriteClient(geom))
-        super().__init__(members)
-
-    def elaborate(self, platform):
-        m = Module()
-        depth = max(g.depth for g in self._geoms.values())
-        addr = Signal(range(depth + 1))
-        active = Signal(init=1)
-        m.d.comb += self.busy.eq(active)
-        with m.If(active):
-            m.d.sync += addr.eq(addr + 1)
-            with m.If(addr == depth - 1):
-                m.d.sync += active.eq(0)
-        for buf, geom in self._geoms.items():
-            port = getattr(self, f"wr_{buf.name.lower()}")
-            m.d.comb += [port.addr.eq(addr), port.data.eq(0)]
-            with m.If(active & (addr < geom.depth)):
-                m.d.comb += port.en.eq((1 << geom.beats) - 1)
         return m

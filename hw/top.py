@@ -18,7 +18,7 @@ from .isa import COUNT_BITS, COUNTER_RECORD_BYTES, STATUS_BYTES, Buffer, Counter
 from .load_unit import LoadUnit
 from .patch_unit import PatchSkipUnit
 from .requant import RequantUnit
-from .scratchpads import Clearer, Scratchpad, geometry
+from .scratchpads import Scratchpad, geometry
 from .sgq_encoder import StripeEncoder
 from .store_unit import StoreUnit
 
@@ -110,12 +110,11 @@ class Accelerator(wiring.Component):
         units = {"load": load, "store": store, "gemm": gemm, "requant": requant, "patch": patch,
                  "sgq": sgq}
 
-        # After reset the scratchpads are cleared; no input is taken meanwhile.
-        m.submodules.clearer = clearer = Clearer({buf: geometry(cfg, buf) for buf in Buffer})
+        # After reset the load unit clears the scratchpads; no input is taken meanwhile.
         m.d.comb += [
-            decoder.i_stream.valid.eq(self.i_stream.valid & ~clearer.busy),
+            decoder.i_stream.valid.eq(self.i_stream.valid & ~load.clearing),
             decoder.i_stream.payload.eq(self.i_stream.payload),
-            self.i_stream.ready.eq(decoder.i_stream.ready & ~clearer.busy),
+            self.i_stream.ready.eq(decoder.i_stream.ready & ~load.clearing),
         ]
         wiring.connect(m, decoder.o_instr, disp.i_instr)
         wiring.connect(m, counters.o_record, disp.i_counters)
@@ -127,8 +126,10 @@ class Accelerator(wiring.Component):
         for buf in Buffer:
             name = buf.name.lower()
             readers = [getattr(u, f"rd_{name}") for u in units.values() if hasattr(u, f"rd_{name}")]
-            writers = [getattr(u, f"wr_{name}") for u in units.values() if hasattr(u, f"wr_{name}")]
-            writers.append(getattr(clearer, f"wr_{name}"))
+            # (the load unit last: the port's default writer, also while it clears the buffers)
+            writers = [getattr(u, f"wr_{name}") for u in units.values()
+                       if u is not load and hasattr(u, f"wr_{name}")]
+            writers.append(getattr(load, f"wr_{name}"))
             pad = Scratchpad(geometry(cfg, buf), readers=len(readers), writers=len(writers),
                              lanes=not self.impl.overlap)  # (for the exclusive StoreUnit)
             m.submodules[f"{name}_mem"] = pad
@@ -147,7 +148,7 @@ class Accelerator(wiring.Component):
             m.d.comb += s.ready.eq(self.o_stream.ready)
 
         # -- status and counters ------------------------------------------------------------
-        busy = (disp.busy | clearer.busy |
+        busy = (disp.busy | load.clearing |
                 reduce(or_, [u.ctrl.busy.any() for u in units.values()]))
         freeze = disp.freeze_counters
         beat_bytes = cfg.beat_bytes
