@@ -92,11 +92,12 @@ async def serve(dut):
 
 
 def _write_beats(stream: bytes) -> int:
-    """Write ``stream`` as the wrapper's input file (+TB_IN, default tb_in.hex in the cwd)."""
+    """Write ``stream`` as the wrapper's input file (+TB_IN, default tb_in.bin in the cwd): each
+    host beat most significant byte first, as the wrapper's ``$fread`` wants it."""
     width = int(os.environ["TINYACCEL_HOST_WIDTH"]) // 8
-    with open("tb_in.hex", "w") as f:
+    with open("tb_in.bin", "wb") as f:
         for i in range(0, len(stream), width):
-            f.write(stream[i:i + width][::-1].hex() + "\n")
+            f.write(stream[i:i + width][::-1])
     return len(stream) // width
 
 

@@ -7,13 +7,15 @@ Speed comes from doing no Python work per simulated cycle. The Verilog of
 which runs its own clock (Verilator ``--timing``), holds the whole host -> accelerator byte stream
 in a memory, feeds ``i_stream`` from it (with optional LFSR idle gaps), captures ``o_stream`` into
 a second memory (with optional LFSR back-pressure) and raises ``done`` when the program is over or
-a watchdog fires. A program is therefore one ``$readmemh``, one ``await RisingEdge(done)`` and one
-``$writememh``.
+a watchdog fires. A program is therefore one ``$fread`` (of a binary file), one
+``await RisingEdge(done)`` and one ``$writememh``. Each clock cycle is one simulator time slot (see
+the wrapper), and the signals cocotb only reads are read-only to VPI, so Verilator evaluates the
+design once per cycle and nothing of it outside the clocked region.
 
 One simulator process serves many programs. :class:`RtlSession` builds the simulator (cached,
 see :func:`build`), opens a Unix socket, and starts the simulator through the cocotb runner with
 the ``serve`` test of :mod:`tinyaccel.sim.accel_tests`, which connects back and then executes
-commands. The parent writes the input hex file itself and reads the output hex file itself, so
+commands. The parent writes the input file itself and reads the output hex file itself, so
 the messages on the socket are a few integers per program. The simulator (with its scratchpads
 and counters) lives as long as the session: successive programs see the state the previous ones
 left, exactly as a board does. ``reset()`` pulses the accelerator's reset between programs when
@@ -27,7 +29,9 @@ itself memoized by a hash of the ``hw`` package sources and the configuration.
 Waveforms: ``TINYACCEL_WAVES=1`` (or ``waves=True``) builds with tracing and writes the whole
 session to ``dump.fst`` in the session directory (:attr:`RtlSession.wave_file`; the directory is
 kept). Verilator's FST writer needs the lz4 headers (Debian ``liblz4-dev``); without them the
-build falls back to VCD (``dump.vcd``) and says so.
+build falls back to VCD (``dump.vcd``) and says so. Tracing is compiled only into these separate
+``-waves`` builds, which also clock the wrapper with two time slots per cycle so that the waveform
+shows the clock's edges.
 """
 
 from __future__ import annotations
@@ -75,6 +79,10 @@ VERILATOR_ARGS = [
     "--timing", "--no-public-flat-rw", "-O3", "--x-assign", "fast", "--x-initial", "fast",
 ]
 
+#: Extra Verilator flags of waveform builds (besides --trace-fst / --trace): the wrapper's
+#: two-slot clock, whose edges a waveform shows.
+WAVES_ARGS = ["+define+TB_TWO_SLOT_CLOCK"]
+
 #: Make variables for the C++ build. The PyPI wheel's verilated.mk leaves its configure results
 #: empty, which breaks precompiled headers (``-include``) and --timing (C++20 coroutines).
 #: Passed through MAKEFLAGS, where they act as command-line overrides.
@@ -87,7 +95,7 @@ MAKE_VARS = {
     "OPT_GLOBAL": "-O2",
 }
 
-_BUILD_FORMAT = 1  # bump when the layout of a build directory changes
+_BUILD_FORMAT = 2  # bump when the layout of a build directory changes
 
 
 class RtlHang(TinyAccelError):
@@ -308,6 +316,8 @@ def build(config: str | AccelConfig, *, waves: bool | None = None, verilog: str 
                 "writing VCD waveforms instead")
     args = VERILATOR_ARGS + ({"fst": ["--trace-fst", "--trace-structs"],
                               "vcd": ["--trace", "--trace-structs"]}.get(wave_format, []))
+    if waves:
+        args += WAVES_ARGS
     makeflags = " ".join(f"{k}={v}" for k, v in MAKE_VARS.items())
     h = hashlib.sha256()
     for part in (verilog, wrapper, json.dumps(params, sort_keys=True), " ".join(args), makeflags,
@@ -437,16 +447,11 @@ def rtl_opcodes() -> set[Opcode]:
     return ops
 
 
-# -- hex files -----------------------------------------------------------------------------------
+# -- stream files --------------------------------------------------------------------------------
 
-def _to_hex(stream: bytes, beat_bytes: int) -> bytes:
-    """One host beat per line, most significant byte first ($readmemh order)."""
-    beats = np.frombuffer(stream, dtype=np.uint8).reshape(-1, beat_bytes)[:, ::-1]
-    digits = np.frombuffer(beats.tobytes().hex().encode(), dtype=np.uint8)
-    lines = np.empty((len(beats), 2 * beat_bytes + 1), dtype=np.uint8)
-    lines[:, :-1] = digits.reshape(len(beats), 2 * beat_bytes)
-    lines[:, -1] = ord("\n")
-    return lines.tobytes()
+def _to_beats(stream: bytes, beat_bytes: int) -> bytes:
+    """The wrapper's binary input file: each host beat most significant byte first ($fread)."""
+    return np.frombuffer(stream, dtype=np.uint8).reshape(-1, beat_bytes)[:, ::-1].tobytes()
 
 
 _HEX_VALUE = np.full(256, 255, dtype=np.uint8)
@@ -631,7 +636,7 @@ class RtlSession:
         workdir.mkdir(parents=True, exist_ok=True)
         fmt = self.build.wave_format
         self._wave_path = workdir / f"dump.{fmt}" if fmt else None
-        self._in_file = workdir / "in.hex"
+        self._in_file = workdir / "in.bin"
         self._out_file = workdir / "out.hex"
         sock = workdir / "session.sock"
         sock.unlink(missing_ok=True)
@@ -858,7 +863,7 @@ class RtlSession:
         t0 = time.monotonic()
         resp = {}
         for ci, chunk in enumerate(chunks):
-            self._in_file.write_bytes(_to_hex(chunk, bb))
+            self._in_file.write_bytes(_to_beats(chunk, bb))
             first = True
             while True:
                 resp = self._command(dict(base, op="run", in_beats=len(chunk) // bb,

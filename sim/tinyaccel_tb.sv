@@ -4,8 +4,16 @@
 // work per cycle. cocotb (tinyaccel.sim.accel_tests) only writes the cfg_* registers, bumps
 // cmd_seq, and awaits the rising edge of `done`:
 //
+//   * One clock cycle is one simulator time slot: the rising edge, and the falling edge as a
+//     nonblocking assignment in the same slot, after every process the rising edge woke has run
+//     (the accelerator uses rising edges only). The simulator's per-slot work (its scheduler,
+//     the VPI callbacks of cocotb's main loop) is then paid once per cycle, not twice. Defining
+//     TB_TWO_SLOT_CLOCK (waveform builds do) gives the usual clock with two slots per period,
+//     whose edges a waveform viewer can show.
+//
 //   * The host -> accelerator byte stream is preloaded into in_mem (one host beat per word,
-//     byte 0 in bits 7..0) with $readmemh from the file named by +TB_IN=<path>.
+//     byte 0 in bits 7..0) with $fread from the binary file named by +TB_IN=<path>, which holds
+//     each beat most significant byte first ($fread order).
 //   * i_stream is fed from in_mem. Once a beat is offered it is held until taken; between beats
 //     an LFSR inserts idle cycles with probability cfg_valid_gap/65536.
 //   * o_stream is captured into out_mem; an LFSR drops `ready` with probability
@@ -48,19 +56,19 @@ module tinyaccel_tb #(
     logic [31:0] cmd_seq /*verilator public_flat_rw*/;           // bump to issue cfg_cmd
 
     // -- read by cocotb ----------------------------------------------------------------------
-    logic        done /*verilator public_flat_rw*/ = 0;
-    logic        timed_out /*verilator public_flat_rw*/ = 0;
-    logic        out_full /*verilator public_flat_rw*/ = 0;
-    logic [31:0] in_ptr /*verilator public_flat_rw*/ = 0;      // beats taken from in_mem
-    logic [31:0] out_count /*verilator public_flat_rw*/ = 0;   // beats captured in this chunk
-    logic [31:0] out_total /*verilator public_flat_rw*/ = 0;   // beats captured in the program
-    logic [63:0] cycles /*verilator public_flat_rw*/ = 0;      // cycles since the program began
-    logic [63:0] last_beat_cycle /*verilator public_flat_rw*/ = 0;  // cycle of the last beat
-    logic        error_seen /*verilator public_flat_rw*/ = 0;  // `error` was high at some cycle
-    logic        busy_now /*verilator public_flat_rw*/;
-    logic        error_now /*verilator public_flat_rw*/;
+    logic        done /*verilator public_flat_rd*/ = 0;
+    logic        timed_out /*verilator public_flat_rd*/ = 0;
+    logic        out_full /*verilator public_flat_rd*/ = 0;
+    logic [31:0] in_ptr /*verilator public_flat_rd*/ = 0;      // beats taken from in_mem
+    logic [31:0] out_count /*verilator public_flat_rd*/ = 0;   // beats captured in this chunk
+    logic [31:0] out_total /*verilator public_flat_rd*/ = 0;   // beats captured in the program
+    logic [63:0] cycles /*verilator public_flat_rd*/ = 0;      // cycles since the program began
+    logic [63:0] last_beat_cycle /*verilator public_flat_rd*/ = 0;  // cycle of the last beat
+    logic        error_seen /*verilator public_flat_rd*/ = 0;  // `error` was high at some cycle
+    logic        busy_now /*verilator public_flat_rd*/;
+    logic        error_now /*verilator public_flat_rd*/;
 
-    logic clk /*verilator public_flat_rw*/;
+    logic clk;
     logic rst;
 
     logic [HOST_W-1:0] in_mem[IN_BEATS];
@@ -85,7 +93,7 @@ module tinyaccel_tb #(
 
     initial begin
         clk = 0;
-        if (!$value$plusargs("TB_IN=%s", in_file)) in_file = "tb_in.hex";
+        if (!$value$plusargs("TB_IN=%s", in_file)) in_file = "tb_in.bin";
         if (!$value$plusargs("TB_OUT=%s", out_file)) out_file = "tb_out.hex";
         cfg_in_beats = 0;
         cfg_new = 1;
@@ -102,7 +110,14 @@ module tinyaccel_tb #(
         cmd_seq = 0;
     end
 
+`ifdef TB_TWO_SLOT_CLOCK
     always #5 clk = ~clk;
+`else
+    always #10 begin
+        clk = 1;
+        clk <= 0;
+    end
+`endif
 
     typedef enum logic [1:0] {
         IDLE, RUN, RESET, FINISH
@@ -116,7 +131,8 @@ module tinyaccel_tb #(
     logic [31:0] lfsr_v = 1, lfsr_r = 2;
     // The cfg_* registers latched when a command starts. Only these copies feed the stream
     // logic: cfg_* are VPI-writable, so logic reading them would be re-evaluated by Verilator
-    // as input logic on every time step.
+    // as input logic on every time step. For the same reason the signals cocotb only reads are
+    // public_flat_rd, not _rw, and the clock is not public at all.
     logic [31:0] in_beats_q = 0, expect_beats_q = 0, watchdog_q = 0, out_cap_q = 0;
     logic [15:0] valid_gap_q = 0, ready_gap_q = 0;
     logic last_q = 1, expect_known_q = 0;
@@ -124,6 +140,16 @@ module tinyaccel_tb #(
     assign rst = (state == RESET);
     assign busy_now = busy;
     assign error_now = error;
+
+    // The input chunk: binary, one beat per HOST_W/8 bytes, most significant byte first. $fread
+    // reads bytes, where $readmemh would parse twice as many hex digits.
+    task automatic load_input();
+        integer fd;
+        fd = $fopen(in_file, "rb");
+        if (fd == 0) $fatal(1, "tinyaccel_tb: cannot open %s", in_file);
+        void'($fread(in_mem, fd));
+        $fclose(fd);
+    endtask
 
     // xorshift32 generators; the top 16 bits decide gaps.
     function automatic logic [31:0] xorshift(input logic [31:0] x);
@@ -168,7 +194,7 @@ module tinyaccel_tb #(
                         reset_cnt <= 0;
                     end else begin
                         if (cfg_reload) begin
-                            $readmemh(in_file, in_mem);
+                            load_input();
                             in_ptr <= 0;
                         end
                         if (cfg_new) begin
