@@ -17,10 +17,17 @@ NumPy before anything is reported.
   ``mac_util_e2e_256`` / ``mac_util_e2e_64``: M*N*K / (array MACs x CYCLES) over the whole
   256^3 / 64^3 programs (counter record; loads, requantization and stores included), on
   ``mac_util_config``; suffixed keys give them for every configuration.
+
+Parts can be left out: ``run(parts=("verilator",), configs=("ecp5",))`` measures only the Verilator
+speed of ecp5 (the headline keys then name the first configuration measured). Through
+``tinyaccel bench rtl`` the same choices come from the environment (``TINYACCEL_BENCH_RTL_PARTS=
+verilator``, ``TINYACCEL_BENCH_RTL_CONFIGS=ecp5``, ``TINYACCEL_BENCH_RTL_REPEATS=3``); directly:
+``python -m tinyaccel.bench.rtl --only verilator --configs ecp5 --repeats 3 --json PATH``.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 from ..hw.config import get_config
@@ -30,6 +37,8 @@ __all__ = ["run"]
 
 CONFIGS = ("ice40", "ecp5")
 PRIMARY = "ice40"  # the board configuration: verilator_cycles_per_s and mac_util_* headline it
+PARTS = ("verilator", "pysim")
+REPEATS = 2  # runs of each program; the fastest (wall time) is reported
 
 
 def _check(w: GemmWorkload, response: bytes, golden: bytes | None = None) -> dict:
@@ -111,16 +120,55 @@ def _pysim(config: str, size: int) -> dict:
     return {"cycles": state["cycles"], "seconds": seconds, "util": util, "program": w}
 
 
-def run(progress=None, configs=CONFIGS, primary: str = PRIMARY, pysim_config: str = "ice40",
-        pysim_size: int = 16) -> dict:
+def _env_list(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    value = os.environ.get(name, "").strip()
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else default
+
+
+def run(progress=None, configs=None, primary: str | None = None, pysim_config: str = "ice40",
+        pysim_size: int = 16, parts=None, repeats: int | None = None) -> dict:
     """Measure Verilator and Amaranth simulation speed and MAC utilization; return the metrics.
 
-    ``progress`` is a tqdm-like wrapper for iterables (optional).
+    ``progress`` is a tqdm-like wrapper for iterables (optional). ``configs`` (default
+    ``TINYACCEL_BENCH_RTL_CONFIGS`` or :data:`CONFIGS`), ``parts`` (a subset of
+    :data:`PARTS`; default ``TINYACCEL_BENCH_RTL_PARTS`` or all) and ``repeats`` (default
+    ``TINYACCEL_BENCH_RTL_REPEATS`` or :data:`REPEATS`) select what is measured; ``primary``
+    (default :data:`PRIMARY` if measured, else the first configuration) names the configuration
+    of the unsuffixed keys.
     """
+    if configs is None:
+        configs = _env_list("TINYACCEL_BENCH_RTL_CONFIGS", CONFIGS)
+    if parts is None:
+        parts = _env_list("TINYACCEL_BENCH_RTL_PARTS", PARTS)
+    if repeats is None:
+        repeats = int(os.environ.get("TINYACCEL_BENCH_RTL_REPEATS", REPEATS))
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown bench part(s) {sorted(unknown)}; available: {', '.join(PARTS)}")
+    for name in configs:
+        get_config(name)  # an unknown name fails before anything runs
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} must be at least 1")
+    result: dict = {}
+    if "verilator" in parts and configs:
+        if primary is None:
+            primary = PRIMARY if PRIMARY in configs else configs[0]
+        result.update(_verilator_metrics(configs, primary, progress, repeats))
+    if "pysim" in parts:
+        ps = _pysim(pysim_config, pysim_size)
+        result["pysim_config"] = pysim_config
+        result["pysim_program"] = (f"gemm {pysim_size}x{pysim_size}x{pysim_size} int8->int8, "
+                                   "loads and stores included")
+        result["pysim_cycles"] = ps["cycles"]
+        result["pysim_cycles_per_s"] = round(ps["cycles"] / ps["seconds"])
+    return result
+
+
+def _verilator_metrics(configs, primary: str, progress, repeats: int) -> dict:
     result: dict = {}
     per_config = {}
     for name in configs:
-        per_config[name] = _verilator(name, progress=progress)
+        per_config[name] = _verilator(name, progress=progress, repeats=repeats)
     for name, runs in per_config.items():
         r256, u256, u64 = runs[256]["result"], runs[256]["util"], runs[64]["util"]
         result[f"verilator_cycles_per_s_{name}"] = round(r256.cycles_per_s)
@@ -145,11 +193,32 @@ def run(progress=None, configs=CONFIGS, primary: str = PRIMARY, pysim_config: st
     result["host_width_bits"] = get_config(primary).host_width
     for name in configs:
         result[f"host_width_bits_{name}"] = get_config(name).host_width
-
-    ps = _pysim(pysim_config, pysim_size)
-    result["pysim_config"] = pysim_config
-    result["pysim_program"] = (f"gemm {pysim_size}x{pysim_size}x{pysim_size} int8->int8, loads "
-                               "and stores included")
-    result["pysim_cycles"] = ps["cycles"]
-    result["pysim_cycles_per_s"] = round(ps["cycles"] / ps["seconds"])
     return result
+
+
+def main(argv=None) -> None:
+    """``python -m tinyaccel.bench.rtl [--only verilator|pysim] [--configs a,b] [--repeats n]``."""
+    import argparse
+    import json
+    from pathlib import Path
+    ap = argparse.ArgumentParser(prog="python -m tinyaccel.bench.rtl", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=PARTS, action="append",
+                    help="measure only this part (repeatable; default: all)")
+    ap.add_argument("--configs", help=f"comma-separated presets (default: {','.join(CONFIGS)})")
+    ap.add_argument("--repeats", type=int, help=f"runs per program (default: {REPEATS})")
+    ap.add_argument("--json", type=Path, help="also write the metrics to this file")
+    args = ap.parse_args(argv)
+    configs = tuple(c for c in args.configs.split(",") if c) if args.configs else None
+    metrics = run(configs=configs, parts=tuple(args.only) if args.only else None,
+                  repeats=args.repeats)
+    width = max(map(len, metrics), default=0)
+    for key, value in metrics.items():
+        print(f"{key:<{width}}  {value}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

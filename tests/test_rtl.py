@@ -154,3 +154,14 @@ def test_gemm_workload(checker, out):
         a, b = w.operands
         assert np.array_equal(result, a.astype(np.int32) @ b.astype(np.int32))
         assert report.ok
+
+
+def test_bench_options_are_checked():
+    """The RTL benchmark rejects an unknown part, configuration or repeat count up front."""
+    from tinyaccel.bench import rtl as bench_rtl
+    with pytest.raises(ValueError, match="unknown bench part"):
+        bench_rtl.run(parts=("verilator", "spice"))
+    with pytest.raises(Exception, match="nosuch"):
+        bench_rtl.run(parts=("verilator",), configs=("nosuch",))
+    with pytest.raises(ValueError, match="repeats"):
+        bench_rtl.run(parts=("verilator",), configs=("ecp5",), repeats=0)
