@@ -8,8 +8,9 @@ the dispatcher issues each one to its unit when
   register, so an instruction waits at least one cycle after it arrives), and
 - for STORE and SGQ, no earlier response is still being sent: responses leave in order.
 
-Without ``overlap`` (compact builds) an instruction waits until every unit is idle instead, and
-no access sets are kept.
+Without ``overlap`` (compact builds) an instruction waits until every unit is idle instead, no
+access sets are kept, and a GEMM, REQUANT, PATCH or SGQ is taken from the decoder only when its
+unit is done: its operands (``cmd``) stay valid meanwhile, so the units keep no copy.
 
 Errors (section 5): the first instruction whose status is not OK sets the sticky error with its
 index and opcode; from then on nothing executes until SYNC, but a LOAD still has its data consumed
@@ -175,6 +176,37 @@ class Dispatcher(wiring.Component):
         rec_beat = Signal(range(max(status_beats, counter_beats)))
         sent = self.o_stream.valid & self.o_stream.ready
 
+        started = Signal()  # (compact) the offered instruction's unit has been started
+
+        def claims(name, s, execute):
+            def emit():
+                m.d.sync += claim(name, s, execute)
+            return emit
+
+        def launch(port, ready, claim_slot):
+            """Start ``port``'s unit when ``ready``. With overlap the instruction is taken at
+            once (``claim_slot()`` records its access set); without, only when every unit is
+            idle again, so that it (the unit's ``cmd``) stays on offer while it executes and the
+            unit needs no copy of its operands."""
+            if self._overlap:
+                with m.If(ready):
+                    m.d.comb += [accept.eq(1), port.start.eq(1)]
+                    claim_slot()
+            else:
+                with m.If(started):
+                    with m.If(all_idle):
+                        m.d.comb += accept.eq(1)
+                        m.d.sync += started.eq(0)
+                with m.Elif(ready):
+                    m.d.comb += port.start.eq(1)
+                    m.d.sync += started.eq(1)
+
+        def gemm_claims():
+            with m.If(self.gemm.slot == 0):
+                m.d.sync += claim("gemm", 0, 1)
+            with m.Else():
+                m.d.sync += claim("gemm", 1, 1)
+
         with m.FSM():
             with m.State("ISSUE"):
                 with m.If(self.i_instr.valid):
@@ -189,24 +221,19 @@ class Dispatcher(wiring.Component):
                         with m.Case(Opcode.GEMM):
                             with m.If(~execute):
                                 m.d.comb += accept.eq(1)
-                            with m.Elif(clear_to_go & self.gemm.ready):
-                                m.d.comb += [accept.eq(1), self.gemm.start.eq(1)]
-                                with m.If(self.gemm.slot == 0):
-                                    m.d.sync += claim("gemm", 0, 1)
-                                with m.Else():
-                                    m.d.sync += claim("gemm", 1, 1)
+                            with m.Else():
+                                launch(self.gemm, clear_to_go & self.gemm.ready, gemm_claims)
                         for name, code in (("requant", Opcode.REQUANT), ("patch", Opcode.PATCH)):
                             with m.Case(code):
                                 port = units[name][0]
                                 with m.If(~execute):
                                     m.d.comb += accept.eq(1)
-                                with m.Elif(clear_to_go & ~port.busy[0]):
-                                    m.d.comb += [accept.eq(1), port.start.eq(1)]
-                                    m.d.sync += claim(name, 0, 1)
+                                with m.Else():
+                                    launch(port, clear_to_go & ~port.busy[0],
+                                           claims(name, 0, 1))
                         with m.Case(Opcode.SGQ):
-                            with m.If(output_free & (~execute | clear_to_go)):
-                                m.d.comb += [accept.eq(1), self.sgq.start.eq(1)]
-                                m.d.sync += claim("sgq", 0, execute)
+                            launch(self.sgq, output_free & (~execute | clear_to_go),
+                                   claims("sgq", 0, execute))
                         with m.Case(Opcode.SYNC):
                             m.next = "SYNC_WAIT"
                         with m.Default():  # NOP and undefined opcodes

@@ -36,12 +36,15 @@ class GemmUnit(wiring.Component):
 
     **Two slots.** The unit takes the next GEMM as soon as the sequencer is free, while the
     previous instruction's blocks still drain; each instruction keeps its slot (its hazard entry in
-    the dispatcher) until its last row is written.
+    the dispatcher) until its last row is written. With ``held_cmd`` (compact builds, one
+    instruction at a time) the dispatcher keeps ``ctrl.cmd`` valid until the unit is idle, and the
+    unit reads its operands there instead of from a copy.
     """
 
-    def __init__(self, config: AccelConfig, *, shadow: bool = True):
+    def __init__(self, config: AccelConfig, *, shadow: bool = True, held_cmd: bool = False):
         self._config = config
         self._shadow = shadow
+        self._held_cmd = held_cmd
         self._geoms = {buf: geometry(config, buf) for buf in Buffer}
         g = self._geoms
         super().__init__({
@@ -73,7 +76,8 @@ class GemmUnit(wiring.Component):
         m.submodules.array = array = MacArray(rows, cols, tag_layout, shadow=self._shadow)
 
         # -- instruction registers and loop state ------------------------------------------
-        cmd = Signal(GemmOperands)
+        # `held_cmd`: the dispatcher keeps `ctrl.cmd` valid until the unit is idle again
+        cmd = ctrl.cmd if self._held_cmd else Signal(GemmOperands)
         slot = Signal()
         active = Signal()  # the sequencer holds an instruction
         i = Signal(BLOCKS_BITS)
@@ -149,8 +153,10 @@ class GemmUnit(wiring.Component):
             with m.State("IDLE"):
                 with m.If(ctrl.start):
                     c = ctrl.cmd
+                    if not self._held_cmd:
+                        m.d.sync += cmd.eq(c)
                     m.d.sync += [
-                        cmd.eq(c), slot.eq(ctrl.slot),
+                        slot.eq(ctrl.slot),
                         i.eq(0), j.eq(0), t.eq(0),
                         inp_base.eq(c.inp_addr), inp_ptr.eq(c.inp_addr),
                         wgt_ptr.eq(c.wgt_addr), acc_ptr.eq(c.acc_addr),

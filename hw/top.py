@@ -103,7 +103,8 @@ class Accelerator(wiring.Component):
                                                         ram=self.impl.ram_counters)
         m.submodules.load = load = LoadUnit(cfg)
         m.submodules.store = store = StoreUnit(cfg, exclusive=not self.impl.overlap)
-        m.submodules.gemm = gemm = GemmUnit(cfg, shadow=self.impl.shadow)
+        m.submodules.gemm = gemm = GemmUnit(cfg, shadow=self.impl.shadow,
+                                            held_cmd=not self.impl.overlap)
         m.submodules.requant = requant = RequantUnit(cfg, serial=self.impl.serial_requant)
         m.submodules.patch = patch = PatchSkipUnit(cfg)
         m.submodules.sgq = sgq = StripeEncoder(cfg)
