@@ -1,9 +1,9 @@
 """Decoder: host beats -> checked instructions, and LOAD data passed through to the load unit.
 
-For each instruction the decoder assembles the 128-bit word (``128 / host_width`` beats, shifted
-in), runs the section-5 checks and, for builds with hazard tracking, computes the instruction's
-access set (:mod:`.hazards`), then offers the result on ``o_instr``. When a LOAD is taken it
-forwards the LOAD's data beats on ``o_data`` before it reads the next instruction, so the input
+For each instruction the decoder assembles the 128-bit word (``128 / host_width`` beats), runs
+the section-5 checks and, for builds with hazard tracking, computes the instruction's access set
+(:mod:`.hazards`), then offers the result on ``o_instr``. When a LOAD is taken it forwards the
+LOAD's data beats on ``o_data`` before it reads the next instruction, so the input
 stream never loses its place.
 
 The checks need the products ``m_blocks*k``, ``n_blocks*k``, ``m_blocks*n_blocks`` (GEMM) and
@@ -153,9 +153,9 @@ class Decoder(wiring.Component):
             with m.State("FETCH"):
                 m.d.comb += self.i_stream.ready.eq(1)
                 with m.If(self.i_stream.valid):
-                    # shifted in: after the last beat the first one is in bits hw-1..0
+                    # (written in place, not shifted in: the reserved bits need no flip-flops)
                     m.d.sync += [
-                        word.eq(Cat(word.as_value()[hw:], self.i_stream.payload)),
+                        word.as_value().word_select(beat, hw).eq(self.i_stream.payload),
                         beat.eq(beat + 1),
                     ]
                     with m.If(beat == n_beats - 1):
