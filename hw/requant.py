@@ -3,6 +3,7 @@
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
+from amaranth.utils import ceil_log2
 
 from .arith import mul_const
 from .config import AccelConfig
@@ -196,18 +197,19 @@ class RequantSerial(wiring.Component):
 
     Schedule, per channel: ``a = acc + bias`` (2 cycles); ``x = a`` with its overflow flag; the
     saturating left shift (64 cycles: ``lsh`` shifts while no sign change is pushed out; an
-    overflowed lane instead shifts in ``INT32_MIN``/``INT32_MAX`` bit by bit, 32 bits, no
-    per-bit constant load); ``ab = x * multiplier`` by shift-and-add over the multiplier's bits
-    (32), without its low 30 bits: only ``ab >> 31`` and bit 30 are kept, the SRDHM result is
-    their sum (1); RoundingDivideByPOT as ``t = y - [y < 0]`` (1) then
-    ``((t >> (e - 1)) + 1) >> 1`` one bit per cycle (31); then ``+ zero_point``,
-    ``max(v - clamp_min, 0) + clamp_min`` and the compare with ``clamp_max``, on the same adder (4).
+    overflowed lane instead shifts in ``INT32_MIN``/``INT32_MAX`` bit by bit, no per-bit
+    constant load); ``ab = x * multiplier`` by shift-and-add over the multiplier's bits (32),
+    keeping only ``ab >> 31`` and bit 30, whose sum is the SRDHM result (1); RoundingDivideByPOT
+    as ``t = y - [y < 0]`` (1), ``t >> (e - 1)`` one bit per cycle (30), then ``(t + 1) >> 1``
+    (1); then ``+ zero_point``, ``max(v - clamp_min, 0) + clamp_min`` and the compare with
+    ``clamp_max``, on the same adder (4). Shift amounts are compared through the sign of
+    ``step -/+ shift``, never clamped.
     """
 
     #: (phase, cycles): the fixed schedule after the cycle with ``valid`` (which clears ``a``)
     SCHEDULE = (("ACC", 1), ("BIAS", 1), ("LOADX", 1), ("LSH", 64), ("MUL", 32), ("RND", 1),
-                ("NEG", 1), ("RSH", MAX_SHIFT), ("ZP", 1), ("CMIN", 1), ("ADDMIN", 1),
-                ("CMAX", 1), ("OUT", 1))
+                ("NEG", 1), ("RSH", MAX_SHIFT - 1), ("RSH1", 1), ("ZP", 1), ("CMIN", 1),
+                ("ADDMIN", 1), ("CMAX", 1), ("OUT", 1))
 
     def __init__(self, lanes: int, tag_shape=0):
         self.lanes = lanes
@@ -231,21 +233,22 @@ class RequantSerial(wiring.Component):
         at = {name: Signal(name=f"at_{name.lower()}") for name in names}  # phase decode
         for n, name in enumerate(names):
             m.d.comb += at[name].eq(phase == n)
+        step_end = Signal()  # the phase's last cycle
+        long = {name: n for name, n in self.SCHEDULE if n > 1}
+        ends = [at[name] & (step == n - 1) for name, n in long.items()]
+        m.d.comb += step_end.eq(~Cat(*(at[name] for name in long)).any() | Cat(*ends).any())
         m.d.comb += [
             self.busy.eq(~at["IDLE"]),
             self.o_stream.valid.eq(at["OUT"]),
             self.o_stream.payload.tag.eq(tag),
         ]
-        m.d.sync += step.eq(step + 1)
-        with m.Switch(phase):
-            for n, (_, cycles) in enumerate(self.SCHEDULE):
-                with m.Case(n + 1):
-                    with m.If(step == cycles - 1):
-                        m.d.sync += [phase.eq((n + 2) % len(names)), step.eq(0)]
-            with m.Default():
-                m.d.sync += step.eq(0)
         with m.If(self.i_stream.valid):
             m.d.sync += [phase.eq(1), step.eq(0), tag.eq(i.tag)]
+        with m.Elif(~at["IDLE"]):
+            with m.If(step_end):
+                m.d.sync += [phase.eq(Mux(at["OUT"], 0, phase + 1)), step.eq(0)]
+            with m.Else():
+                m.d.sync += step.eq(step + 1)
 
         for lane in range(self.lanes):
             m.d.comb += self.o_stream.payload.out[lane].eq(
@@ -261,36 +264,41 @@ class RequantSerial(wiring.Component):
         sat, sign = sig(1, "sat"), sig(1, "sign")  # x overflowed to INT32_MIN/MAX (sign)
         rnd = sig(1, "rnd")  # the last product bit shifted out: ab[30]
         gt = sig(1, "gt")  # max(v, clamp_min) > clamp_max
-        lsh, e = _clamped_shifts(p.shift)
         last_mul = step == 31
         m_bit = p.multiplier.bit_select(step[:5], 1)
-        rsh_on = sig(1, "rsh_on")  # the RSH step shifts: step < e
-        m.d.comb += rsh_on.eq(step < e)
+        right = p.shift[-1]  # shift < 0: e = min(-shift, 31) >= 1
+        # step < min(max(shift, 0), 31) and step + 1 < e, by the sign of a short sum
+        lsh_step, rsh_step = sig(signed(9), "lsh_step"), sig(signed(9), "rsh_step")
+        m.d.comb += [lsh_step.eq(step - p.shift), rsh_step.eq(step + 1 + p.shift)]
+        lsh_on = (step < MAX_SHIFT) & lsh_step[-1]
+        rsh_on = rsh_step[-1]
 
-        # the adder: a + b + cin in one carry chain, as (Cat(1, a) + Cat(cin, b)) >> 1. Operand
-        # b is an AND-OR of the sources, then an XOR: ~x + 1 = -x for the multiplier's sign
-        # bit, all ones for -1, ~bound + 1 = -bound for the clamp compares.
+        # the adder: a + b + cin in one carry chain, as (Cat(1, a) + Cat(cin, b)) >> 1 in 36
+        # bits. b is an AND-OR of the sources, then an XOR: ~x + 1 = -x for the multiplier's
+        # sign bit, all ones for -1, ~bound + 1 = -bound for the clamp compares.
         use_x = sig(1, "use_x")
         m.d.comb += use_x.eq(at["MUL"] & m_bit)
-        bound = Mux(at["ZP"], p.zero_point, Mux(at["CMAX"], p.clamp_max, p.clamp_min))
         use_bound = at["ZP"] | at["CMIN"] | at["ADDMIN"] | at["CMAX"]
+        bound = Mux(at["ZP"], p.zero_point, Mux(at["CMAX"], p.clamp_max, p.clamp_min))
         invert = (use_x & last_mul) | at["NEG"] | at["CMIN"] | at["CMAX"]
-        b = sig(signed(35), "b")
-        cin = sig(1, "cin")
+        sources = [(acc, at["ACC"]), (p.bias, at["BIAS"]), (x, use_x), (bound, use_bound)]
+        wide = [sig(signed(35), f"src{n}") for n in range(len(sources))]  # sign-extended
+        m.d.comb += [w.eq(v) for w, (v, _) in zip(wide, sources, strict=True)]
+        picked = [w & sel.replicate(35) for w, (_, sel) in zip(wide, sources, strict=True)]
+        b, cin = sig(signed(35), "b"), sig(1, "cin")
         m.d.comb += [
-            b.eq((Mux(at["ACC"], acc, 0) | Mux(at["BIAS"], p.bias, 0) | Mux(use_x, x, 0) |
-                  Mux(use_bound, bound, 0)) ^ Mux(invert, -1, 0)),
-            cin.eq((use_x & last_mul) | at["CMIN"] | (at["RND"] & rnd) |
-                   (at["RSH"] & (step + 1 == e))),
+            b.eq((picked[0] | picked[1] | picked[2] | picked[3]) ^ invert.replicate(35)),
+            cin.eq((use_x & last_mul) | at["CMIN"] | (at["RND"] & rnd) | at["RSH1"]),
         ]
         total = sig(signed(35), "sum")
         m.d.comb += total.eq((Cat(Const(1, 1), a, a[-1]) + Cat(cin, b))[:36].as_signed() >> 1)
 
         # a: cleared, or loaded with the sum or the sum shifted right by one
-        clear = start | at["LOADX"] | (at["CMIN"] & (total < 0))
+        clear = start | at["LOADX"] | (at["CMIN"] & total[-1])
         load = (at["ACC"] | at["BIAS"] | at["MUL"] | at["RND"] | at["ZP"] | at["CMIN"] |
-                at["ADDMIN"] | (at["NEG"] & (e != 0) & (a < 0)) | (at["RSH"] & rsh_on))
-        halve = (at["MUL"] & ~last_mul) | at["RSH"]
+                at["ADDMIN"] | (at["NEG"] & right & a[-1]) | (at["RSH"] & rsh_on) |
+                (at["RSH1"] & right))
+        halve = (at["MUL"] & ~last_mul) | at["RSH"] | at["RSH1"]
         with m.If(clear):
             m.d.sync += a.eq(0)
         with m.Elif(load):
@@ -301,18 +309,16 @@ class RequantSerial(wiring.Component):
         # x: loaded with a = acc + bias (its sat32 overflow: a[32] != a[31]), then shifted left
         # lsh times unless a sign change would leave; an overflowed lane shifts in its
         # saturation value, sign bit first: the bit shifted in at step 32 reaches bit 31 at 63
+        grow = lsh_on & (x[31] == x[30])
+        with m.If(at["LOADX"] | (at["LSH"] & (sat | grow))):
+            m.d.sync += x.eq(Mux(at["LOADX"], a[:32],
+                                 Cat(sat & (Mux(step == 32, sign, ~sign)), x[:31])))
         with m.If(at["LOADX"]):
-            m.d.sync += [x.eq(a), sat.eq(a[32] != a[31]), sign.eq(a[32])]
-        with m.If(at["LSH"]):
-            with m.If(sat):
-                m.d.sync += x.eq(Cat(Mux(step == 32, sign, ~sign), x[:31]))
-            with m.Elif(step < lsh):
-                with m.If(x[31] != x[30]):
-                    m.d.sync += sat.eq(1)
-                with m.Else():
-                    m.d.sync += x.eq(x << 1)
+            m.d.sync += [sat.eq(a[32] != a[31]), sign.eq(a[32])]
+        with m.Elif(at["LSH"] & lsh_on & (x[31] != x[30])):
+            m.d.sync += sat.eq(1)
         with m.If(at["CMAX"]):  # a + ~clamp_max = a - clamp_max - 1
-            m.d.sync += gt.eq(total >= 0)
+            m.d.sync += gt.eq(~total[-1])
         return Mux(gt, p.clamp_max, a[:8])
 
 
@@ -357,8 +363,7 @@ class RequantUnit(wiring.Component):
         issuing = Signal()
         acc_ptr = Signal(self._geom[Buffer.ACC].addr_width)
         left = Signal(range(self._geom[Buffer.ACC].depth + 1))  # words not yet issued
-        param_base = Signal(pgeom.addr_width)  # the instruction's PARAM word (times fold)
-        param_ptr = Signal(pgeom.addr_width)  # the physical PARAM word of group g
+        param_word = Signal(range(pgeom.arch_depth))
         g, g1 = Signal(range(groups)), Signal(range(groups))
         g_first = Signal()  # g == 0 as a register: read enables and addresses come from flops
         v1 = Signal()  # the ACC read port holds the group issued last cycle
@@ -367,23 +372,28 @@ class RequantUnit(wiring.Component):
         else:
             go = issuing
         m.d.sync += v1.eq(go)
-        m.d.comb += self.rd_acc.addr.eq(acc_ptr)
+        m.d.comb += [self.rd_acc.addr.eq(acc_ptr), self.rd_acc.en.eq(go & g_first)]
+        # every counter loads from one place: at start, or when it moves on
+        start, cmd = self.ctrl.start, self.ctrl.cmd
+        last_group = g == groups - 1
+        word_end = go & last_group
+        with m.If(start | go):
+            m.d.sync += [g.eq(Mux(start | last_group, 0, g + 1)), g_first.eq(start | last_group)]
         with m.If(go):
-            m.d.comb += self.rd_acc.en.eq(g_first)
-            m.d.sync += [g.eq(g + 1), g1.eq(g), g_first.eq(0)]
-            if folded:
-                m.d.sync += param_ptr.eq(param_ptr + 1)
-            with m.If(g == groups - 1):
-                m.d.sync += [g.eq(0), g_first.eq(1), acc_ptr.eq(acc_ptr + 1),
-                             left.eq(left - 1), param_ptr.eq(param_base)]
-                with m.If(left == 1):
-                    m.d.sync += issuing.eq(0)
-        with m.If(self.ctrl.start):
-            cmd = self.ctrl.cmd
-            base = mul_const(cmd.param_addr, pgeom.fold)
-            m.d.sync += [acc_ptr.eq(cmd.acc_addr), left.eq(cmd.count), g.eq(0), g_first.eq(1),
-                         param_base.eq(base), param_ptr.eq(base),
-                         issuing.eq(cmd.count != 0)]
+            m.d.sync += g1.eq(g)
+        with m.If(start | word_end):
+            m.d.sync += [acc_ptr.eq(Mux(start, cmd.acc_addr, acc_ptr + 1)),
+                         left.eq(Mux(start, cmd.count, left - 1))]
+        with m.If(start | (word_end & (left == 1))):
+            m.d.sync += issuing.eq(start & (cmd.count != 0))
+        with m.If(start):
+            m.d.sync += param_word.eq(cmd.param_addr)
+        if not folded:
+            param_ptr = param_word
+        elif pgeom.fold == 1 << ceil_log2(pgeom.fold):  # physical word param_word * fold + g
+            param_ptr = Cat(g, param_word)
+        else:
+            param_ptr = mul_const(param_word, pgeom.fold) + g
         group_bits = len(self.rd_param.data) // groups
 
         if self._serial:  # both ports read together and held; selection from the ports
@@ -401,7 +411,7 @@ class RequantUnit(wiring.Component):
             # lane group is selected from there), PARAM read a cycle later into the engine
             v2, g2 = Signal(), Signal.like(g)
             acc_word = Signal(len(self.rd_acc.data))
-            param_rd, param_addr = Signal(), Signal.like(param_ptr)
+            param_rd, param_addr = Signal(), Signal(pgeom.addr_width)
             m.d.sync += [v2.eq(v1), g2.eq(g1), param_rd.eq(go & (folded | g_first)),
                          param_addr.eq(param_ptr)]
             with m.If(v1 & (g1 == 0)):
@@ -429,14 +439,15 @@ class RequantUnit(wiring.Component):
         buf = Signal(chunk_bits)
         shifted = Cat(buf[group_bits:], o.payload.out) if per_chunk > 1 else o.payload.out
         chunk_done = o.valid & (slot == per_chunk - 1)
-        with m.If(self.ctrl.start):
-            m.d.sync += [out_ptr.eq(self.ctrl.cmd.out_addr), slot.eq(0), chunk.eq(0)]
+        last_chunk = chunk == chunks - 1
+        with m.If(start | (chunk_done & last_chunk)):
+            m.d.sync += out_ptr.eq(Mux(start, cmd.out_addr, out_ptr + 1))
+        with m.If(start | o.valid):
+            m.d.sync += slot.eq(Mux(start | (slot == per_chunk - 1), 0, slot + 1))
+        with m.If(start | chunk_done):
+            m.d.sync += chunk.eq(Mux(start | last_chunk, 0, chunk + 1))
         with m.If(o.valid):
-            m.d.sync += [buf.eq(shifted), slot.eq(slot + 1)]
-        with m.If(chunk_done):
-            m.d.sync += [slot.eq(0), chunk.eq(chunk + 1)]
-            with m.If(chunk == chunks - 1):
-                m.d.sync += [chunk.eq(0), out_ptr.eq(out_ptr + 1)]
+            m.d.sync += buf.eq(shifted)
         m.d.comb += [
             self.wr_out.addr.eq(out_ptr),
             self.wr_out.data.eq(Cat(*[shifted] * chunks)),
