@@ -240,7 +240,7 @@ class StripeEncoder(wiring.Component):
         pop = fifo.r_rdy & fifo.r_en
         m.d.comb += [self.rd_out.addr.eq(ptr), self.rd_out.en.eq(rd)]
         more = left > rd  # words left after this cycle
-        m.d.sync += [rd.eq(more & (~coding | (credit + pop > rd))),
+        m.d.sync += [rd.eq(more & (~coding | (credit > rd))),  # this cycle's pop counts later
                      credit.eq(credit + pop - rd)]
         with m.If(rd):
             m.d.sync += [ptr.eq(ptr + 1), left.eq(left - 1), scan_first.eq(0),
@@ -416,17 +416,18 @@ class StripeEncoder(wiring.Component):
                     packer.i_nbits.eq(Mux(is_base, MODE_BITS, HEADER_BITS)),
                 ]
                 with m.If(packer.i_ready):
-                    m.d.sync += [stripe_ptr.eq(ptr),  # the scan ended after this stripe
-                                 stripes_left.eq(stripes_left - stripe_len)]
+                    m.d.sync += stripes_left.eq(stripes_left - stripe_len)
                     with m.Switch(mode):
                         for b_mode, bits in SGQ_MODE_BITS.items():
                             with m.Case(b_mode):
                                 m.d.sync += code_bits.eq(bits * cols)
+                    m.next = "CODES_START"
                     with m.If(is_base):
+                        m.d.sync += stripe_ptr.eq(ptr)  # the RANGE scan ended after the stripe
                         m.next = "STRIPE"
-                    with m.Else():
-                        m.d.sync += scan(stripe_ptr, stripe_len, codes=1)
-                        m.next = "CODES"
+            with m.State("CODES_START"):  # a state of its own: keeps the scan start off i_ready
+                m.d.sync += [scan(stripe_ptr, stripe_len, codes=1), stripe_ptr.eq(ptr)]
+                m.next = "CODES"
             with m.State("CODES"):  # pass 4: the codes, a word per packer field
                 m.d.comb += [packer.i_valid.eq(fifo.r_rdy), packer.i_value.eq(fifo.r_data),
                              packer.i_nbits.eq(code_bits), fifo.r_en.eq(packer.i_ready)]
