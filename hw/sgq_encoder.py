@@ -185,12 +185,16 @@ class StripeEncoder(wiring.Component):
     ahead of the :class:`BitPacker` into a FIFO under credit control, so the read enable is
     always a flop. With ``serial`` (compact builds) one value per cycle from the held read port
     passes one comparator pair, the decision tries one shift per cycle, and every field leaves
-    one bit per cycle through a :class:`SerialPacker`.
+    one bit per cycle through a :class:`SerialPacker`; with ``held_cmd`` (the dispatcher keeps
+    ``ctrl.cmd`` on offer until the unit is done) it keeps no copy of the operands.
     """
 
-    def __init__(self, config: AccelConfig, *, serial: bool = False):
+    def __init__(self, config: AccelConfig, *, serial: bool = False, held_cmd: bool = False):
+        if held_cmd and not serial:
+            raise ValueError("held_cmd is a choice of the serial datapath")
         self._config = config
         self._serial = serial
+        self._held_cmd = held_cmd
         self._geom = geometry(config, Buffer.OUT)
         super().__init__({
             "ctrl": In(UnitControl(SgqCommand)),
@@ -453,9 +457,16 @@ class StripeEncoder(wiring.Component):
 
         busy = Signal()
         m.d.comb += self.ctrl.busy[0].eq(busy)
-        count = Signal(range(geom.depth + 1), name="count")
-        stripe_len = Signal(8, name="stripe_len")
-        max_shift = Signal(SHIFT_BITS)
+        o = self.ctrl.cmd.operands
+        if self._held_cmd:  # the dispatcher keeps cmd on offer until the unit is done
+            count, stripe_len, max_shift = o.count, o.stripe_len, o.max_shift
+        else:
+            count = Signal(range(geom.depth + 1), name="count")
+            stripe_len = Signal(8, name="stripe_len")
+            max_shift = Signal(SHIFT_BITS)
+            with m.If(self.ctrl.start):
+                m.d.sync += [count.eq(o.count), stripe_len.eq(o.stripe_len),
+                             max_shift.eq(o.max_shift)]
         empty = Signal()
 
         # -- values: a word is read, then its columns are used one at a time from the held
@@ -575,8 +586,7 @@ class StripeEncoder(wiring.Component):
                 with m.If(self.ctrl.start):
                     c = self.ctrl.cmd
                     o = c.operands
-                    m.d.sync += [busy.eq(1), stripe_ptr.eq(o.out_addr), count.eq(o.count),
-                                 stripe_len.eq(o.stripe_len), max_shift.eq(o.max_shift),
+                    m.d.sync += [busy.eq(1), stripe_ptr.eq(o.out_addr),
                                  empty.eq(c.zero | (o.count == 0)),
                                  total.eq(2 * BASE_BITS - 1)]
                     m.next = "START"
