@@ -241,6 +241,8 @@ class StripeEncoder(wiring.Component):
         fifo_depth = 8  # more than the read-to-pop latency: a word per cycle while packing
         credit = Signal(range(fifo_depth + 1))  # reads allowed before a pop
         m.submodules.fifo = fifo = SyncFIFOBuffered(width=8 * cols, depth=fifo_depth)
+        # the FIFO holds codes only in pass 4: outside it, a pop finds it empty
+        m.d.comb += fifo.r_en.eq(packer.i_ready)
         pop = fifo.r_rdy & fifo.r_en
         m.d.comb += [self.rd_out.addr.eq(ptr), self.rd_out.en.eq(rd)]
         more = left > rd  # words left after this cycle
@@ -434,7 +436,7 @@ class StripeEncoder(wiring.Component):
                 m.next = "CODES"
             with m.State("CODES"):  # pass 4: the codes, a word per packer field
                 m.d.comb += [packer.i_valid.eq(fifo.r_rdy), packer.i_value.eq(fifo.r_data),
-                             packer.i_nbits.eq(code_bits), fifo.r_en.eq(packer.i_ready)]
+                             packer.i_nbits.eq(code_bits)]
                 with m.If((left == 0) & ~rd & (credit == fifo_depth)):
                     m.next = "STRIPE"
             with m.State("PAD"):  # zero bits up to a whole beat
