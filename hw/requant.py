@@ -56,19 +56,20 @@ class RequantPipeline(wiring.Component):
 
     Stages (one register each, loaded only with valid data; each keeps only the parameters later
     stages need): (1) inputs; (2) ``sat32(acc + bias)``, the shift split into left/right amounts,
-    ``min(clamp_min, clamp_max)``; (3) the saturating left shift (it overflows exactly when a
-    sign change lies among the bits shifted out, a mask test, not a count); (4-6) the 32 x 32
-    product: four 17 x 17 partial products (one DSP each), their middle sum, the 64-bit sum;
-    (7) SRDHM ``(ab + 2^30) >> 31`` (gemmlowp's nudge-and-truncate for every ``ab``) with the
-    ``INT32_MIN * INT32_MIN`` case, and the rounding constants of the next stage; (8-9)
-    RoundingDivideByPOT as an add, then an arithmetic shift; (10) ``sat9(z) + zero_point``;
-    (11) the clamps, both compares in parallel.
+    ``min(clamp_min, clamp_max)``; (3-4) the saturating left shift (it overflows exactly when a
+    sign change lies among the bits shifted out, a mask test, not a count), then the choice
+    between the shifted and the saturated value; (5-7) the 32 x 32 product: four 17 x 17 partial
+    products (one DSP each, fed and read by plain flops), their middle sum, the 64-bit sum;
+    (8) SRDHM ``(ab + 2^30) >> 31`` (gemmlowp's nudge-and-truncate for every ``ab``) with the
+    ``INT32_MIN * INT32_MIN`` case, and the rounding constants of the next stage; (9-10)
+    RoundingDivideByPOT as an add, then an arithmetic shift; (11) ``sat9(z) + zero_point``;
+    (12) the clamps, both compares in parallel.
 
     A channel per cycle per lane; ``latency`` cycles separate an input from its output. The ``tag``
     rides along unchanged.
     """
 
-    latency = 11  #: cycles from a valid input to its output
+    latency = 12  #: cycles from a valid input to its output
     interval = 1  #: cycles between inputs
 
     def __init__(self, lanes: int, tag_shape=0):
@@ -122,65 +123,71 @@ class RequantPipeline(wiring.Component):
               post2.zero_point.eq(p.zero_point), post2.clamp_max.eq(p.clamp_max),
               post2.low.eq(Mux(p.clamp_min < p.clamp_max, p.clamp_min, p.clamp_max)))
 
-        # 3: x = sat32(x << lsh): it overflows iff x[i] != x[i+1] for some bit i+1 shifted out
+        # 3-4: x = sat32(x << lsh): it overflows iff x[i] != x[i+1] for some bit i+1 shifted
+        # out; the shift and the test, then the choice (the multiplier's inputs are plain flops)
         sign_change = (x1 ^ (x1 >> 1))[:31]
-        overflow = (sign_change & out_mask).any()
+        shifted, overflow, negative = reg(32, "shifted"), reg(1, "overflow"), reg(1, "negative")
+        mult3, post3a = reg(signed(32), "mult3"), reg(POST, "post3a")
+        rsh3a = reg(range(MAX_SHIFT + 1), "rsh3a")
+        stage(3,
+              shifted.eq(x1 << lsh2), overflow.eq((sign_change & out_mask).any()),
+              negative.eq(x1[31]), mult3.eq(mult2), post3a.eq(post2), rsh3a.eq(rsh2))
         x2, mult, post3 = reg(signed(32), "x2"), reg(signed(32), "mult"), reg(POST, "post3")
         rsh3 = reg(range(MAX_SHIFT + 1), "rsh3")
-        stage(3,
-              x2.eq(Mux(overflow, Mux(x1[31], INT32_MIN, INT32_MAX), (x1 << lsh2)[:32])),
-              mult.eq(mult2), post3.eq(post2), rsh3.eq(rsh2))
+        stage(4,
+              x2.eq(Mux(overflow, Mux(negative, INT32_MIN, INT32_MAX), shifted)),
+              mult.eq(mult3), post3.eq(post3a), rsh3.eq(rsh3a))
 
-        # 4-6: ab = x * multiplier, and the INT32_MIN * INT32_MIN case
+        # 5-7: ab = x * multiplier, and the INT32_MIN * INT32_MIN case
         x_hi, x_lo = x2[16:].as_signed(), x2[:16]
         b_hi, b_lo = mult[16:].as_signed(), mult[:16]
         pp_hh, pp_hl = reg(signed(32), "pp_hh"), reg(signed(33), "pp_hl")
         pp_lh, pp_ll = reg(signed(33), "pp_lh"), reg(unsigned(32), "pp_ll")
         special4, post4, rsh4 = reg(1, "special4"), reg(POST, "post4"), reg(range(32), "rsh4")
-        stage(4,
+        stage(5,
               pp_hh.eq(x_hi * b_hi), pp_hl.eq(x_hi * b_lo), pp_lh.eq(x_lo * b_hi),
               pp_ll.eq(x_lo * b_lo), special4.eq((x2 == INT32_MIN) & (mult == INT32_MIN)),
               post4.eq(post3), rsh4.eq(rsh3))
         mid, hh_ll = reg(signed(34), "mid"), reg(signed(64), "hh_ll")
         special5, post5, rsh5 = reg(1, "special5"), reg(POST, "post5"), reg(range(32), "rsh5")
-        stage(5,
+        stage(6,
               mid.eq(pp_hl + pp_lh), hh_ll.eq(Cat(pp_ll, pp_hh)),
               special5.eq(special4), post5.eq(post4), rsh5.eq(rsh4))
         ab, special = reg(signed(64), "ab"), reg(1, "special")
         post6, rsh6 = reg(POST, "post6"), reg(range(MAX_SHIFT + 1), "rsh6")
-        stage(6, ab.eq(hh_ll + (mid << 16)), special.eq(special5), post6.eq(post5),
+        stage(7, ab.eq(hh_ll + (mid << 16)), special.eq(special5), post6.eq(post5),
               rsh6.eq(rsh5))
 
-        # 7: SaturatingRoundingDoublingHighMul; RoundingDivideByPOT's addends for e = rsh:
+        # 8: SaturatingRoundingDoublingHighMul; RoundingDivideByPOT's addends for e = rsh:
         # 2^(e-1) and, for y < 0, 2^(e-1) - 1 (both 0 for e = 0)
         y, post7, rsh7 = reg(signed(32), "y"), reg(POST, "post7"), reg(range(32), "rsh7")
         half, half_neg = reg(31, "half"), reg(31, "half_neg")
-        stage(7,
+        stage(8,
               y.eq(Mux(special, INT32_MAX, (ab + (1 << 30)) >> 31)), post7.eq(post6),
               rsh7.eq(rsh6), half.eq((Const(1, 32) << rsh6) >> 1),
               half_neg.eq(Const(2**31 - 1, 31) >> (MAX_SHIFT + 1 - rsh6).as_unsigned()))
 
-        # 8: RoundingDivideByPOT(y, e): for e >= 1 the remainder test `rem > (2^(e-1) - 1) + neg`
+        # 9: RoundingDivideByPOT(y, e): for e >= 1 the remainder test `rem > (2^(e-1) - 1) + neg`
         # is `rem >= 2^(e-1) + neg`, so the result is (y + 2^(e-1) - neg) >> e (e = 0: y)
         r, post8, rsh8 = reg(signed(33), "r"), reg(POST, "post8"), reg(range(32), "rsh8")
-        stage(8, r.eq(y + Mux(y[31], half_neg, half)), post8.eq(post7), rsh8.eq(rsh7))
+        stage(9, r.eq(y + Mux(y[31], half_neg, half)), post8.eq(post7), rsh8.eq(rsh7))
 
-        # 9: ... the shift
+        # 10: ... the shift
         z, post9 = reg(signed(32), "z"), reg(POST, "post9")
-        stage(9, z.eq(r >> rsh8), post9.eq(post8))
+        stage(10, z.eq(r >> rsh8), post9.eq(post8))
 
-        # 10: v = sat9(z) + zero_point
+        # 11: v = sat9(z) + zero_point
         top = z[NARROW - 1:]
         narrow = Mux(top.all() | ~top.any(), z[:NARROW].as_signed(),
                      Mux(z[31], -2**(NARROW - 1), 2**(NARROW - 1) - 1))
         vz, post10 = reg(signed(NARROW + 1), "vz"), reg(POST, "post10")
-        stage(10, vz.eq(narrow + post9.zero_point), post10.eq(post9))
+        stage(11, vz.eq(narrow + post9.zero_point), post10.eq(post9))
 
-        # 11: min(max(v, clamp_min), clamp_max) = low if v < clamp_min, else min(v, clamp_max);
+        # 12: min(max(v, clamp_min), clamp_max) = low if v < clamp_min, else min(v, clamp_max);
         # v < clamp_min <=> v < low when clamp_min <= clamp_max (else the result is clamp_max
         # = low either way), so both compares use the stored bounds in parallel
         out = reg(signed(8), "out")
-        stage(11, out.eq(Mux(vz < post10.low, post10.low,
+        stage(12, out.eq(Mux(vz < post10.low, post10.low,
                              Mux(vz > post10.clamp_max, post10.clamp_max, vz[:8]))))
         return out
 
