@@ -41,10 +41,12 @@ class GemmUnit(wiring.Component):
     unit reads its operands there instead of from a copy.
     """
 
-    def __init__(self, config: AccelConfig, *, shadow: bool = True, held_cmd: bool = False):
+    def __init__(self, config: AccelConfig, *, shadow: bool = True, held_cmd: bool = False,
+                 exclusive: bool = False):
         self._config = config
         self._shadow = shadow
         self._held_cmd = held_cmd
+        self._exclusive = exclusive
         self._geoms = {buf: geometry(config, buf) for buf in Buffer}
         g = self._geoms
         super().__init__({
@@ -196,15 +198,24 @@ class GemmUnit(wiring.Component):
         d1_last = Signal()
         d1_slot = Signal()
         row_addr = (row.tag.acc_addr + row.index)[:acc_bits]
-        m.d.comb += [  # the old row, or 0 without `accumulate` (the read port's zero)
-            self.rd_acc.addr.eq(row_addr),
-            self.rd_acc.en.eq(array.o_stream.valid),
-            self.rd_acc.zero.eq((array.o_stream.valid & ~row.tag.accumulate)
-                                .replicate(len(self.rd_acc.zero))),
-        ]
+        d1_acc = Signal()
+        m.d.comb += self.rd_acc.addr.eq(row_addr)
+        if self._exclusive:
+            # No other unit runs meanwhile: read even without `accumulate` and let the read
+            # port's zero supply the 0 (free beside Yosys' initial-value gate).
+            m.d.comb += [
+                self.rd_acc.en.eq(array.o_stream.valid),
+                self.rd_acc.zero.eq((array.o_stream.valid & ~row.tag.accumulate)
+                                    .replicate(len(self.rd_acc.zero))),
+            ]
+        else:
+            # With overlap a GEMM without `accumulate` does not claim ACC reads (the dispatcher
+            # may run a STORE or REQUANT on the ACC read port meanwhile): it must not touch it.
+            m.d.comb += self.rd_acc.en.eq(array.o_stream.valid & row.tag.accumulate)
         m.d.sync += [
             d1_valid.eq(array.o_stream.valid), d1_row.eq(row.row), d1_addr.eq(row_addr),
             d1_last.eq(row.index == rows - 1), d1_slot.eq(row.tag.slot),
+            d1_acc.eq(row.tag.accumulate),
         ]
 
         old = data.View(data.ArrayLayout(signed(32), cols), self.rd_acc.data)
@@ -216,7 +227,8 @@ class GemmUnit(wiring.Component):
         m.d.sync += [d2_valid.eq(d1_valid), d2_addr.eq(d1_addr), d2_last.eq(d1_last),
                      d2_slot.eq(d1_slot)]
         for c in range(cols):
-            m.d.sync += d2_sum[c].eq(d1_row[c] + old[c])
+            addend = old[c] if self._exclusive else Mux(d1_acc, old[c], 0)
+            m.d.sync += d2_sum[c].eq(d1_row[c] + addend)
 
         result = Signal(data.ArrayLayout(signed(32), cols))
         lane_sat = []

@@ -59,14 +59,24 @@ class PatchSkipUnit(wiring.Component):
         # what the INP read port shows this cycle (issued last cycle)
         shows_new, shows_ref = Signal(), Signal()
         new_word = Signal(word_layout)
+        ref_word = Signal(word_layout)
+        compare = Signal()  # new_word and ref_word hold a pair to compare
         port = data.View(word_layout, self.rd_inp.data)
         with m.If(shows_new):
             m.d.sync += new_word.eq(port)
+        # The reference word goes into a register before the compare: block RAM clock-to-out
+        # plus subtract, compare and OR tree does not fit one ECP5 cycle at 100 MHz. The compare
+        # of the block's last pair still lands before MASK_WRITE reads ``changed``.
         with m.If(shows_ref):
+            m.d.sync += ref_word.eq(port)
+        m.d.sync += compare.eq(shows_ref)
+        with m.If(compare):
             over = []
+            thr = cmd.threshold
             for r in range(rows):
-                diff = new_word[r] - port[r]
-                over.append(Mux(diff < 0, -diff, diff) > cmd.threshold)
+                diff = Signal(signed(9), name=f"diff{r}")
+                m.d.comb += diff.eq(new_word[r] - ref_word[r])
+                over.append((diff > thr) | (diff < -thr))  # |diff| > threshold, no abs
             with m.If(Cat(*over).any()):
                 m.d.sync += changed.eq(1)
         m.d.sync += [shows_new.eq(0), shows_ref.eq(0)]
@@ -111,7 +121,7 @@ class PatchSkipUnit(wiring.Component):
                 m.next = "READ_NEW"
                 with m.If(last_t):
                     m.next = "LAST_COMPARE"
-            with m.State("LAST_COMPARE"):  # the last reference word is being compared
+            with m.State("LAST_COMPARE"):  # the last reference word is being registered
                 m.next = "MASK_READ"
             with m.State("MASK_READ"):
                 m.d.comb += self.rd_mask.en.eq(1)

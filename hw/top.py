@@ -104,7 +104,8 @@ class Accelerator(wiring.Component):
         m.submodules.load = load = LoadUnit(cfg)
         m.submodules.store = store = StoreUnit(cfg, exclusive=not self.impl.overlap)
         m.submodules.gemm = gemm = GemmUnit(cfg, shadow=self.impl.shadow,
-                                            held_cmd=not self.impl.overlap)
+                                            held_cmd=not self.impl.overlap,
+                                            exclusive=not self.impl.overlap)
         m.submodules.requant = requant = RequantUnit(cfg, serial=self.impl.serial_requant)
         m.submodules.patch = patch = PatchSkipUnit(cfg)
         m.submodules.sgq = sgq = StripeEncoder(cfg)
