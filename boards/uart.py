@@ -16,16 +16,16 @@ consumed; in practice the driver waits for the response of a ``SYNC`` before str
 after a long-running instruction.
 """
 
-from amaranth.hdl import Cat, Const, Module, Signal, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import stream, wiring
 from amaranth.lib.cdc import FFSynchronizer
-from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from tinyaccel.errors import ConfigError
 
 __all__ = [
-    "MIN_DIVISOR", "baud_divisor", "UARTReceiver", "UARTTransmitter", "ByteWidener",
+    "MIN_DIVISOR", "baud_divisor", "UARTReceiver", "UARTTransmitter", "ByteFIFO", "ByteWidener",
     "ByteNarrower", "UARTBridge",
 ]
 
@@ -199,6 +199,62 @@ class UARTTransmitter(wiring.Component):
         return m
 
 
+class ByteFIFO(wiring.Component):
+    """``depth`` bytes, first in first out: ``depth - 1`` in a block RAM and one in the output
+    register, as ``amaranth.lib.fifo.SyncFIFOBuffered`` holds them, in less logic (the pointers
+    wrap by themselves when ``depth`` is a power of two).
+
+    Members
+    -------
+    w_stream : In(stream.Signature(8))
+        Accepted while fewer than ``depth - 1`` bytes are in the RAM.
+    r_stream : Out(stream.Signature(8))
+    """
+
+    w_stream: In(stream.Signature(8))
+    r_stream: Out(stream.Signature(8))
+
+    def __init__(self, depth: int):
+        if not isinstance(depth, int) or depth < 2:
+            raise ConfigError(f"FIFO: depth={depth!r} must be an int >= 2")
+        self._depth = depth
+        super().__init__()
+
+    def elaborate(self, platform):
+        m = Module()
+        depth = self._depth
+        # A byte is read only once it is in the RAM, and the RAM never fills (depth - 1 of its
+        # depth words), so a read never meets the write of its address: a combinational read
+        # into the output register with `no_rw_check` maps to block RAM without read-first logic.
+        m.submodules.mem = mem = Memory(shape=8, depth=depth, init=[],
+                                        attrs={"no_rw_check": 1})
+        rp = mem.read_port(domain="comb")
+        wp = mem.write_port()
+        w_ptr = Signal(range(depth))
+        r_ptr = Signal(range(depth))
+        level = Signal(range(depth))  # bytes in the RAM
+
+        def advance(ptr):
+            return ptr + 1 if depth & (depth - 1) == 0 else Mux(ptr == depth - 1, 0, ptr + 1)
+
+        write = self.w_stream.valid & self.w_stream.ready
+        read = (level != 0) & (~self.r_stream.valid | self.r_stream.ready)
+        m.d.comb += [
+            self.w_stream.ready.eq(level != depth - 1),
+            wp.addr.eq(w_ptr), wp.data.eq(self.w_stream.payload), wp.en.eq(write),
+            rp.addr.eq(r_ptr),
+        ]
+        with m.If(write):
+            m.d.sync += w_ptr.eq(advance(w_ptr))
+        with m.If(read):
+            m.d.sync += [r_ptr.eq(advance(r_ptr)), self.r_stream.payload.eq(rp.data),
+                         self.r_stream.valid.eq(1)]
+        with m.Elif(self.r_stream.ready):
+            m.d.sync += self.r_stream.valid.eq(0)
+        m.d.sync += level.eq(level + write - read)
+        return m
+
+
 class ByteWidener(wiring.Component):
     """Packs bytes into ``width``-bit beats; the first byte lands in bits 7..0.
 
@@ -342,7 +398,7 @@ class UARTBridge(wiring.Component):
         m = Module()
 
         m.submodules.receiver = receiver = UARTReceiver(self._divisor)
-        m.submodules.rx_fifo = rx_fifo = SyncFIFOBuffered(width=8, depth=self._fifo_depth)
+        m.submodules.rx_fifo = rx_fifo = ByteFIFO(self._fifo_depth)
         m.submodules.widener = widener = ByteWidener(self._host_width)
         m.submodules.narrower = narrower = ByteNarrower(self._host_width)
         m.submodules.transmitter = transmitter = UARTTransmitter(self._divisor)
