@@ -24,12 +24,18 @@ _SERVER = os.environ.get("TINYACCEL_RTL_SERVER")
 
 
 async def _command(dut, cmd: int, **cfg: int) -> None:
-    """Write the wrapper's cfg_* registers, issue ``cmd`` and wait for ``done``."""
+    """Write the wrapper's cfg_* registers, issue ``cmd`` and wait until it is done.
+
+    The wrapper reports the end of a command by copying its sequence number to ``done_seq``
+    (``done`` may fall and rise again within one time slot, unseen by an edge trigger).
+    """
     for name, value in cfg.items():
         getattr(dut, f"cfg_{name}").value = int(value)
     dut.cfg_cmd.value = cmd
-    dut.cmd_seq.value = (int(dut.cmd_seq.value) + 1) & 0xFFFFFFFF
-    await RisingEdge(dut.done)
+    seq = (int(dut.cmd_seq.value) + 1) & 0xFFFFFFFF
+    dut.cmd_seq.value = seq
+    while int(dut.done_seq.value) != seq:
+        await dut.done_seq.value_change
 
 
 async def _ready(dut) -> None:

@@ -7,10 +7,11 @@ Speed comes from doing no Python work per simulated cycle. The Verilog of
 which runs its own clock (Verilator ``--timing``), holds the whole host -> accelerator byte stream
 in a memory, feeds ``i_stream`` from it (with optional LFSR idle gaps), captures ``o_stream`` into
 a second memory (with optional LFSR back-pressure) and raises ``done`` when the program is over or
-a watchdog fires. A program is therefore one ``$fread`` (of a binary file), one
-``await RisingEdge(done)`` and one ``$writememh``. Each clock cycle is one simulator time slot (see
-the wrapper), and the signals cocotb only reads are read-only to VPI, so Verilator evaluates the
-design once per cycle and nothing of it outside the clocked region.
+a watchdog fires. A program is therefore one ``$fread`` (of a binary file), one wait for the
+wrapper's ``done_seq`` and one ``$writememh``. The wrapper clocks the accelerator in bursts of up to
+1000 cycles per simulator time slot, so the simulator's per-slot work (timing scheduler, cocotb's
+VPI callbacks) is paid per burst, and the signals cocotb only reads are read-only to VPI, so
+Verilator evaluates the design once per cycle and nothing of it outside the clocked region.
 
 One simulator process serves many programs. :class:`RtlSession` builds the simulator (cached,
 see :func:`build`), opens a Unix socket, and starts the simulator through the cocotb runner with
@@ -30,8 +31,8 @@ Waveforms: ``TINYACCEL_WAVES=1`` (or ``waves=True``) builds with tracing and wri
 session to ``dump.fst`` in the session directory (:attr:`RtlSession.wave_file`; the directory is
 kept). Verilator's FST writer needs the lz4 headers (Debian ``liblz4-dev``); without them the
 build falls back to VCD (``dump.vcd``) and says so. Tracing is compiled only into these separate
-``-waves`` builds, which also clock the wrapper with two time slots per cycle so that the waveform
-shows the clock's edges.
+``-waves`` builds, which also clock the wrapper with two time slots per cycle (no bursts) so that
+the waveform shows the clock's edges.
 """
 
 from __future__ import annotations

@@ -2,14 +2,13 @@
 //
 // The clock runs inside this module (Verilator --timing), so the simulator needs no Python
 // work per cycle. cocotb (tinyaccel.sim.accel_tests) only writes the cfg_* registers, bumps
-// cmd_seq, and awaits the rising edge of `done`:
+// cmd_seq, and waits until done_seq equals it:
 //
-//   * One clock cycle is one simulator time slot: the rising edge, and the falling edge as a
-//     nonblocking assignment in the same slot, after every process the rising edge woke has run
-//     (the accelerator uses rising edges only). The simulator's per-slot work (its scheduler,
-//     the VPI callbacks of cocotb's main loop) is then paid once per cycle, not twice. Defining
-//     TB_TWO_SLOT_CLOCK (waveform builds do) gives the usual clock with two slots per period,
-//     whose edges a waveform viewer can show.
+//   * The clock runs in bursts of up to 1000 cycles inside one simulator time slot (see the
+//     clock below), so the simulator's per-slot work (its timing scheduler, the VPI callbacks of
+//     cocotb's main loop) is paid once per burst, not twice per cycle. Defining
+//     TB_TWO_SLOT_CLOCK (waveform builds do) gives the usual clock with two time slots per
+//     period instead, whose edges a waveform viewer can show.
 //
 //   * The host -> accelerator byte stream is preloaded into in_mem (one host beat per word,
 //     byte 0 in bits 7..0) with $fread from the binary file named by +TB_IN=<path>, which holds
@@ -30,7 +29,9 @@
 //
 // cmd_seq commands (cfg_cmd): 0 = run (cfg_new: a new program starts, counters restart;
 // cfg_reload: in_mem was rewritten, start at its beat 0), 1 = hold the DUT in reset for 8
-// cycles. Every command answers by raising `done`.
+// cycles. Every command answers by raising `done` and setting done_seq to its cmd_seq. cocotb
+// waits for done_seq, not for an edge of `done`: a short command runs from start to finish
+// inside one clock burst (one time slot), where `done` falls and rises again unseen.
 `timescale 1ns / 1ps
 
 module tinyaccel_tb #(
@@ -57,6 +58,7 @@ module tinyaccel_tb #(
 
     // -- read by cocotb ----------------------------------------------------------------------
     logic        done /*verilator public_flat_rd*/ = 0;
+    logic [31:0] done_seq /*verilator public_flat_rd*/ = 0;  // cmd_seq of the last finished command
     logic        timed_out /*verilator public_flat_rd*/ = 0;
     logic        out_full /*verilator public_flat_rd*/ = 0;
     logic [31:0] in_ptr /*verilator public_flat_rd*/ = 0;      // beats taken from in_mem
@@ -110,15 +112,6 @@ module tinyaccel_tb #(
         cmd_seq = 0;
     end
 
-`ifdef TB_TWO_SLOT_CLOCK
-    always #5 clk = ~clk;
-`else
-    always #10 begin
-        clk = 1;
-        clk <= 0;
-    end
-`endif
-
     typedef enum logic [1:0] {
         IDLE, RUN, RESET, FINISH
     } state_t;
@@ -140,6 +133,35 @@ module tinyaccel_tb #(
     assign rst = (state == RESET);
     assign busy_now = busy;
     assign error_now = error;
+
+`ifdef TB_TWO_SLOT_CLOCK
+    always #5 clk = ~clk;
+`else
+    // Clock bursts: every time slot (#10) starts a burst of up to BURST cycles. Each edge is a
+    // nonblocking assignment made when the previous edge has been processed: the rising edge's
+    // processes run, the falling edge lands in the same NBA region as their register updates,
+    // the combinational logic settles in the following active region, and only then does the
+    // next rising edge land (NBA again), so every cycle sees settled inputs. A burst stops early
+    // once the command is finished (state IDLE: `done` is high and cocotb has to act).
+    // Each cycle costs about two iterations of the simulator's NBA loop; BURST stays well below
+    // the simulator's --converge-limit (10000 iterations per time slot).
+    localparam int BURST = 1000;
+    logic kick = 0, kick_seen = 0;
+    logic [15:0] burst_left = 0;
+    always #10 kick = ~kick;
+    always @(kick or clk) begin
+        if (clk) begin
+            clk <= 0;
+        end else if (kick != kick_seen) begin
+            kick_seen <= kick;
+            burst_left <= 16'(BURST - 1);
+            clk <= 1;
+        end else if (burst_left != 0 && state != IDLE) begin
+            burst_left <= burst_left - 1;
+            clk <= 1;
+        end
+    end
+`endif
 
     // The input chunk: binary, one beat per HOST_W/8 bytes, most significant byte first. $fread
     // reads bytes, where $readmemh would parse twice as many hex digits.
@@ -218,6 +240,7 @@ module tinyaccel_tb #(
                 if (reset_cnt == 4'd7) begin
                     state <= IDLE;
                     done <= 1;
+                    done_seq <= seen_seq;
                 end
             end
             RUN: begin
@@ -252,6 +275,7 @@ module tinyaccel_tb #(
             FINISH: begin
                 if (out_count != 0) $writememh(out_file, out_mem, 0, out_count - 1);
                 done <= 1;
+                done_seq <= seen_seq;
                 state <= IDLE;
             end
         endcase
