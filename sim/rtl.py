@@ -25,7 +25,10 @@ wanted; a watchdog timeout resets it automatically.
 Builds are cached under ``<repo>/build/rtl/<config>-<hash>`` (``TINYACCEL_BUILD_DIR`` overrides
 ``<repo>/build``), where the hash covers the generated Verilog, the wrapper, the build flags and
 the tool versions, so a change of the RTL rebuilds and nothing else does. Generated Verilog is
-itself memoized by a hash of the ``hw`` package sources and the configuration.
+itself memoized by a hash of the ``hw`` package sources and the configuration. The C++ is compiled
+for the build machine's CPU (``-march=native``; the hash then covers the CPU features the compiler
+resolved, so a cache shared between different machines never runs a foreign binary);
+``TINYACCEL_RTL_NATIVE=0`` builds generic code instead (e.g. to run the simulator under valgrind).
 
 Waveforms: ``TINYACCEL_WAVES=1`` (or ``waves=True``) builds with tracing and writes the whole
 session to ``dump.fst`` in the session directory (:attr:`RtlSession.wave_file`; the directory is
@@ -92,7 +95,7 @@ MAKE_VARS = {
     "CFG_CXXFLAGS_STD": "-std=gnu++20",
     "CFG_CXXFLAGS_COROUTINES": "-fcoroutines",
     "CFG_LDLIBS_THREADS": "-pthread",
-    "OPT_FAST": "-O3",
+    "OPT_FAST": "-O2",  # the per-cycle code; -O3 is no faster here, -Os and -O1 are slower
     "OPT_GLOBAL": "-O2",
 }
 
@@ -230,6 +233,33 @@ def _have_lz4() -> bool:
     return _LZ4
 
 
+_NATIVE: tuple[list[str], str] | None = None
+
+
+def _native_flags() -> tuple[list[str], str]:
+    """``(verilator_args, fingerprint)`` that compile the model for this machine's CPU.
+
+    ``-march=native`` when the C++ compiler accepts it and ``TINYACCEL_RTL_NATIVE`` is not
+    ``0``; the fingerprint is the compiler's resolved target options (architecture and every
+    instruction-set extension), so that it enters the build hash. ``([], "")`` otherwise.
+    """
+    global _NATIVE
+    if _NATIVE is None:
+        _NATIVE = ([], "")
+        if os.environ.get("TINYACCEL_RTL_NATIVE", "1") not in ("", "0"):
+            import subprocess
+            cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "g++"
+            try:
+                done = subprocess.run([cxx, "-march=native", "-Q", "--help=target"],
+                                      capture_output=True, text=True, timeout=60)
+            except (OSError, subprocess.SubprocessError):
+                done = None
+            if done is not None and done.returncode == 0 and done.stdout.strip():
+                fingerprint = hashlib.sha256(done.stdout.encode()).hexdigest()
+                _NATIVE = (["-CFLAGS", "-march=native"], fingerprint)
+    return _NATIVE
+
+
 def _hw_source_hash() -> str:
     """Hash of every source file of the ``tinyaccel.hw`` package and of the Amaranth version."""
     from .. import hw
@@ -315,15 +345,17 @@ def build(config: str | AccelConfig, *, waves: bool | None = None, verilog: str 
             logging.getLogger(__name__).warning(
                 "Verilator's FST writer needs the lz4 headers (apt-get install liblz4-dev); "
                 "writing VCD waveforms instead")
-    args = VERILATOR_ARGS + ({"fst": ["--trace-fst", "--trace-structs"],
-                              "vcd": ["--trace", "--trace-structs"]}.get(wave_format, []))
+    native_args, cpu = _native_flags()
+    args = VERILATOR_ARGS + native_args + ({"fst": ["--trace-fst", "--trace-structs"],
+                                            "vcd": ["--trace", "--trace-structs"]}
+                                           .get(wave_format, []))
     if waves:
         args += WAVES_ARGS
     makeflags = " ".join(f"{k}={v}" for k, v in MAKE_VARS.items())
     h = hashlib.sha256()
     for part in (verilog, wrapper, json.dumps(params, sort_keys=True), " ".join(args), makeflags,
                  importlib.metadata.version("verilator"), importlib.metadata.version("cocotb"),
-                 str(_BUILD_FORMAT)):
+                 str(_BUILD_FORMAT), cpu):
         h.update(part.encode())
         h.update(b"\0")
     key = h.hexdigest()[:16]
