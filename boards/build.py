@@ -94,8 +94,8 @@ BOARDS: dict[str, BoardSpec] = {
         # synth_ecp5's map_luts without abc9: what `synth_ecp5 -noabc9` did before Yosys 0.6x
         classic_lut_map=("techmap -map +/lattice/latches_map.v", "abc -lut 4:7 -dress",
                          "clean"),
-        # router1 took 1644 s of the 2850 s nextpnr run of the last router1 ULX3S build
-        nextpnr_opts="--router router2",
+        # nextpnr's default router1: it routed the full ecp5 preset in 1644 s, where router2 was
+        # still at ~3,200 overused wires after 17 iterations (35 min, machine loaded)
     ),
 }
 
