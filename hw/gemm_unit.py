@@ -1,6 +1,9 @@
 """GEMM: sequences one instruction's m_blocks x n_blocks x k loops through the MAC array and
 drains finished blocks into ACC."""
 
+from functools import reduce
+from operator import or_
+
 from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
@@ -75,7 +78,13 @@ class GemmUnit(wiring.Component):
         t_bits = min(cfg.depth(Buffer.INP), cfg.depth(Buffer.WGT)).bit_length()
         mask_pos_bits = (cfg.mask_bits - 1).bit_length()
         tag_layout = data.StructLayout({"acc_addr": unsigned(acc_bits), "accumulate": 1, "slot": 1})
-        m.submodules.array = array = MacArray(rows, cols, tag_layout, shadow=self._shadow)
+        # Without the shadow bank the array sends groups of `group` accumulators, one per cycle:
+        # exclusive builds (ACC in per-beat lanes) drain one host-beat-aligned group at a time,
+        # so that only one group needs an adder and saturation, others whole rows.
+        hw = cfg.host_width
+        group = cols if self._shadow or not self._exclusive else max(1, hw // 32)
+        m.submodules.array = array = MacArray(rows, cols, tag_layout, shadow=self._shadow,
+                                              group=group)
 
         # -- instruction registers and loop state ------------------------------------------
         # `held_cmd`: the dispatcher keeps `ctrl.cmd` valid until the unit is idle again
@@ -86,11 +95,23 @@ class GemmUnit(wiring.Component):
         j = Signal(BLOCKS_BITS)
         t = Signal(t_bits)
         k = cmd.k[:t_bits]
-        inp_base = Signal(g[Buffer.INP].addr_width)
-        inp_ptr = Signal(g[Buffer.INP].addr_width)
-        wgt_ptr = Signal(g[Buffer.WGT].addr_width)
-        acc_ptr = Signal(acc_bits)
-        mask_pos = Signal(mask_pos_bits)
+        inp_bits, wgt_bits = g[Buffer.INP].addr_width, g[Buffer.WGT].addr_width
+        if self._held_cmd:
+            # Offsets from the instruction's base addresses, which stay on `ctrl.cmd`: the
+            # registers only reset or count (no loads to multiplex), the addresses are sums.
+            i_off = Signal(inp_bits)  # i*k
+            j_off = Signal(wgt_bits)  # j*k
+            acc_off = Signal(acc_bits)  # (i*n_blocks + j)*rows
+            inp_ptr = (cmd.inp_addr[:inp_bits] + i_off + t)[:inp_bits]
+            wgt_ptr = (cmd.wgt_addr[:wgt_bits] + j_off + t)[:wgt_bits]
+            acc_ptr = (cmd.acc_addr[:acc_bits] + acc_off)[:acc_bits]
+            mask_pos = (cmd.mask_idx + i)[:mask_pos_bits]
+        else:
+            inp_base = Signal(inp_bits)
+            inp_ptr = Signal(inp_bits)
+            wgt_ptr = Signal(wgt_bits)
+            acc_ptr = Signal(acc_bits)
+            mask_pos = Signal(mask_pos_bits)
         mask_word, mask_pos_bit = mask_bit(g[Buffer.MASK], mask_pos)
         block_macs = mul_const(k, rows * cols)
         cool = Signal(range(array.spacing))  # cycles until the waiting step may issue
@@ -109,9 +130,10 @@ class GemmUnit(wiring.Component):
 
         # -- sequencer -----------------------------------------------------------------------
         issue = Signal()  # a K-step enters the pipeline this cycle
-        last_t = t == k - 1
-        last_j = j == cmd.n_blocks - 1
-        last_i = i == cmd.m_blocks - 1
+        t_next, j_next, i_next = t + 1, j + 1, i + 1
+        last_t = t_next == k
+        last_j = j_next == cmd.n_blocks
+        last_i = i_next == cmd.m_blocks
         op = array.i_stream.payload
         s1_first, s1_last = Signal(), Signal()
         s1_tag = Signal(tag_layout)
@@ -136,34 +158,43 @@ class GemmUnit(wiring.Component):
 
         def next_block():
             """Advance (i, j) after a block; returns to ROW at a row end, IDLE after the last."""
-            m.d.sync += acc_ptr.eq(acc_ptr + rows)
+            if self._held_cmd:
+                m.d.sync += acc_off.eq(acc_off + rows)
+                with m.If(last_j):
+                    m.d.sync += [j.eq(0), j_off.eq(0), i.eq(i_next), i_off.eq(i_off + k)]
+                with m.Else():
+                    m.d.sync += [j.eq(j_next), j_off.eq(j_off + k)]
+            else:
+                m.d.sync += acc_ptr.eq(acc_ptr + rows)
+                with m.If(last_j):
+                    m.d.sync += [
+                        j.eq(0), i.eq(i_next), mask_pos.eq(mask_pos + 1),
+                        inp_base.eq(inp_base + k), inp_ptr.eq(inp_base + k),
+                        wgt_ptr.eq(cmd.wgt_addr),
+                    ]
+                with m.Else():
+                    m.d.sync += [j.eq(j_next), inp_ptr.eq(inp_base)]
             with m.If(last_j):
-                m.d.sync += [
-                    j.eq(0), i.eq(i + 1), mask_pos.eq(mask_pos + 1),
-                    inp_base.eq(inp_base + k), inp_ptr.eq(inp_base + k),
-                    wgt_ptr.eq(cmd.wgt_addr),
-                ]
                 with m.If(last_i):
                     m.d.sync += active.eq(0)
                     m.next = "IDLE"
                 with m.Else():
                     m.next = "ROW"
-            with m.Else():
-                m.d.sync += [j.eq(j + 1), inp_ptr.eq(inp_base)]
 
         with m.FSM():
             with m.State("IDLE"):
                 with m.If(ctrl.start):
                     c = ctrl.cmd
-                    if not self._held_cmd:
-                        m.d.sync += cmd.eq(c)
-                    m.d.sync += [
-                        slot.eq(ctrl.slot),
-                        i.eq(0), j.eq(0), t.eq(0),
-                        inp_base.eq(c.inp_addr), inp_ptr.eq(c.inp_addr),
-                        wgt_ptr.eq(c.wgt_addr), acc_ptr.eq(c.acc_addr),
-                        mask_pos.eq(c.mask_idx),
-                    ]
+                    m.d.sync += [slot.eq(ctrl.slot), i.eq(0), j.eq(0), t.eq(0)]
+                    if self._held_cmd:
+                        m.d.sync += [i_off.eq(0), j_off.eq(0), acc_off.eq(0)]
+                    else:
+                        m.d.sync += [
+                            cmd.eq(c),
+                            inp_base.eq(c.inp_addr), inp_ptr.eq(c.inp_addr),
+                            wgt_ptr.eq(c.wgt_addr), acc_ptr.eq(c.acc_addr),
+                            mask_pos.eq(c.mask_idx),
+                        ]
                     with m.If((c.m_blocks != 0) & (c.n_blocks != 0)):
                         m.d.sync += active.eq(1)
                         m.next = "ROW"
@@ -182,7 +213,9 @@ class GemmUnit(wiring.Component):
                 waits = last_t if self._shadow else (t == 0)  # the step that must wait
                 m.d.comb += issue.eq(~waits | (cool == 0))
                 with m.If(issue):
-                    m.d.sync += [t.eq(t + 1), inp_ptr.eq(inp_ptr + 1), wgt_ptr.eq(wgt_ptr + 1)]
+                    m.d.sync += t.eq(t_next)
+                    if not self._held_cmd:
+                        m.d.sync += [inp_ptr.eq(inp_ptr + 1), wgt_ptr.eq(wgt_ptr + 1)]
                     with m.If(last_t):
                         m.d.sync += [t.eq(0), cool.eq(array.spacing - 1)]
                         next_block()
@@ -190,57 +223,74 @@ class GemmUnit(wiring.Component):
                 m.d.comb += self.skipped_macs.eq(block_macs)
                 next_block()
 
-        # -- drain: shadow rows -> ACC -------------------------------------------------------
-        row = array.o_stream.payload
+        # -- drain: rows (or groups of a row) -> ACC ------------------------------------------
+        # Three stages: read the old row (its group's beats, the others read as zero), add in
+        # 33 bits, saturate and write the group's beats.
+        item = array.o_stream.payload
+        if self._shadow:
+            value, item_row, item_group = item.row, item.index, 0
+        else:
+            value, item_row, item_group = item.value, item.row, item.group
+        groups = cols // group
+        beats_per_group = len(self.wr_acc.en) // groups
         d1_valid = Signal()
-        d1_row = Signal.like(row.row)
+        d1_value = Signal(data.ArrayLayout(signed(32), group))
         d1_addr = Signal(acc_bits)
+        d1_group = Signal(range(groups))
         d1_last = Signal()
         d1_slot = Signal()
-        row_addr = (row.tag.acc_addr + row.index)[:acc_bits]
         d1_acc = Signal()
+        row_addr = (item.tag.acc_addr + item_row)[:acc_bits]
+        valid = array.o_stream.valid
         m.d.comb += self.rd_acc.addr.eq(row_addr)
         if self._exclusive:
             # No other unit runs meanwhile: read even without `accumulate` and let the read
-            # port's zero supply the 0 (free beside Yosys' initial-value gate).
+            # port's zero supply the 0 (free beside Yosys' initial-value gate); it also zeroes
+            # the other groups' beats, so the old group is the OR of all groups.
+            keep = Mux(item.tag.accumulate,
+                       ((1 << beats_per_group) - 1) << (beats_per_group * item_group), 0)
             m.d.comb += [
-                self.rd_acc.en.eq(array.o_stream.valid),
-                self.rd_acc.zero.eq((array.o_stream.valid & ~row.tag.accumulate)
-                                    .replicate(len(self.rd_acc.zero))),
+                self.rd_acc.en.eq(valid),
+                self.rd_acc.zero.eq(Mux(valid, ~keep, 0)),
             ]
         else:
             # With overlap a GEMM without `accumulate` does not claim ACC reads (the dispatcher
             # may run a STORE or REQUANT on the ACC read port meanwhile): it must not touch it.
-            m.d.comb += self.rd_acc.en.eq(array.o_stream.valid & row.tag.accumulate)
+            m.d.comb += self.rd_acc.en.eq(valid & item.tag.accumulate)
         m.d.sync += [
-            d1_valid.eq(array.o_stream.valid), d1_row.eq(row.row), d1_addr.eq(row_addr),
-            d1_last.eq(row.index == rows - 1), d1_slot.eq(row.tag.slot),
-            d1_acc.eq(row.tag.accumulate),
+            d1_valid.eq(valid), d1_value.eq(value), d1_addr.eq(row_addr),
+            d1_group.eq(item_group),
+            d1_last.eq((item_row == rows - 1) & (item_group == groups - 1)),
+            d1_slot.eq(item.tag.slot), d1_acc.eq(item.tag.accumulate),
         ]
 
-        old = data.View(data.ArrayLayout(signed(32), cols), self.rd_acc.data)
+        old = data.View(data.ArrayLayout(signed(32), group),
+                        reduce(or_, [self.rd_acc.data.word_select(q, 32 * group)
+                                     for q in range(groups)]))
         d2_valid = Signal()
-        d2_sum = Signal(data.ArrayLayout(signed(33), cols))
+        d2_sum = Signal(data.ArrayLayout(signed(33), group))
         d2_addr = Signal(acc_bits)
+        d2_group = Signal(range(groups))
         d2_last = Signal()
         d2_slot = Signal()
-        m.d.sync += [d2_valid.eq(d1_valid), d2_addr.eq(d1_addr), d2_last.eq(d1_last),
-                     d2_slot.eq(d1_slot)]
-        for c in range(cols):
+        m.d.sync += [d2_valid.eq(d1_valid), d2_addr.eq(d1_addr), d2_group.eq(d1_group),
+                     d2_last.eq(d1_last), d2_slot.eq(d1_slot)]
+        for c in range(group):
             addend = old[c] if self._exclusive else Mux(d1_acc, old[c], 0)
-            m.d.sync += d2_sum[c].eq(d1_row[c] + addend)
+            m.d.sync += d2_sum[c].eq(d1_value[c] + addend)
 
-        result = Signal(data.ArrayLayout(signed(32), cols))
+        result = Signal(data.ArrayLayout(signed(32), group))
         lane_sat = []
-        for c in range(cols):
+        for c in range(group):
             top = d2_sum[c][31:]  # the 33-bit sum leaves INT32 iff its top two bits differ
             hi, lo = top == 0b01, top == 0b10
             lane_sat.append(hi | lo)
             m.d.comb += result[c].eq(Mux(hi, INT32_MAX, Mux(lo, INT32_MIN, d2_sum[c])))
         m.d.comb += [
             self.wr_acc.addr.eq(d2_addr),
-            self.wr_acc.data.eq(result),
-            self.wr_acc.en.eq(Mux(d2_valid, (1 << len(self.wr_acc.en)) - 1, 0)),
+            self.wr_acc.data.eq(result.as_value().replicate(groups)),
+            self.wr_acc.en.eq(Mux(d2_valid, ((1 << beats_per_group) - 1)
+                                  << (beats_per_group * d2_group), 0)),
             self.saturated.eq(d2_valid & Cat(*lane_sat).any()),
         ]
 

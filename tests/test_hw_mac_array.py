@@ -9,11 +9,11 @@ from tinyaccel.hw.mac_array import MacArray
 from tinyaccel.sim.numerics import exact_gemm
 
 
-def run_blocks(rows, cols, blocks, rng, shadow=True):
+def run_blocks(rows, cols, blocks, rng, shadow=True, group=1):
     """Feed blocks (A (rows, k), B (k, cols)) back to back, spacing `last` steps (with the shadow
     bank) or a `last` and the next `first` step (without) by >= `spacing` cycles as the contract
     asks; return the rows that come out, per block."""
-    dut = MacArray(rows, cols, tag_shape=8, shadow=shadow)
+    dut = MacArray(rows, cols, tag_shape=8, shadow=shadow, group=group)
     results = []
 
     async def producer(ctx):
@@ -34,20 +34,26 @@ def run_blocks(rows, cols, blocks, rng, shadow=True):
                 await ctx.tick()
                 since_last = 1 if t == k - 1 else since_last + 1  # cycles since the last `last`
         ctx.set(dut.i_stream.valid, 0)
-        for _ in range(rows + 8):
+        for _ in range(dut.spacing + 8):
             await ctx.tick()
 
     async def consumer(ctx):
         current = None
-        async for _, _, valid, payload in ctx.tick().sample(dut.o_stream.valid,
-                                                      dut.o_stream.payload):
+        async for _, _, valid, p in ctx.tick().sample(dut.o_stream.valid, dut.o_stream.payload):
             if not valid:
                 continue
-            if payload.index == 0:
-                current = (payload.tag, [])
+            if shadow:  # a row per cycle
+                values, row, start = [p.row[c] for c in range(cols)], p.index, 0
+            else:  # `group` accumulators of a row per cycle, row by row
+                values, row, start = [p.value[i] for i in range(group)], p.row, p.group * group
+            if row == 0 and start == 0:
+                current = (p.tag, [])
                 results.append(current)
-            assert payload.index == len(current[1])
-            current[1].append([payload.row[c] for c in range(cols)])
+            if start == 0:
+                assert row == len(current[1])
+                current[1].append([])
+            assert start == len(current[1][-1])
+            current[1][-1].extend(values)
 
     sim = Simulator(dut)
     sim.add_clock(1e-8)
@@ -57,8 +63,8 @@ def run_blocks(rows, cols, blocks, rng, shadow=True):
     return results
 
 
-@pytest.mark.parametrize("shadow", [True, False])
-def test_mac_array_random_blocks(shadow):
+@pytest.mark.parametrize("shadow,group", [(True, 1), (False, 1), (False, 2), (False, 0)])
+def test_mac_array_random_blocks(shadow, group):
     seed = seed_from_env()
     print(f"seed={seed}")
     rng = np.random.default_rng(seed)
@@ -72,7 +78,7 @@ def test_mac_array_random_blocks(shadow):
         # one extreme block: every product is (-128) * (-128)
         k = 300
         blocks.append((np.full((rows, k), -128, np.int8), np.full((k, cols), -128, np.int8)))
-        results = run_blocks(rows, cols, blocks, rng, shadow)
+        results = run_blocks(rows, cols, blocks, rng, shadow, group or cols)
         assert [tag for tag, _ in results] == list(range(len(blocks))), f"seed {seed}"
         for (a, b), (tag, got) in zip(blocks, results, strict=True):
             want = exact_gemm(a, b)
