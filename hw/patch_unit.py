@@ -24,8 +24,9 @@ class PatchSkipUnit(wiring.Component):
     A block costs ``2k + 4`` cycles when unchanged and at most ``3k + 5`` when changed.
     """
 
-    def __init__(self, config: AccelConfig):
+    def __init__(self, config: AccelConfig, *, held_cmd: bool = False):
         self._config = config
+        self._held_cmd = held_cmd
         self._geoms = g = {buf: geometry(config, buf) for buf in Buffer}
         super().__init__({
             "ctrl": In(UnitControl(PatchOperands)),
@@ -45,13 +46,23 @@ class PatchSkipUnit(wiring.Component):
         cfg = self._config
         addr_bits = self._geoms[Buffer.INP].addr_width
         t_bits = cfg.depth(Buffer.INP).bit_length()
-        cmd = Signal(PatchOperands)
+        mask_bits = (cfg.mask_bits - 1).bit_length()
+        # `held_cmd` (compact builds): the dispatcher keeps `ctrl.cmd` valid until the unit is
+        # idle again, so the block pointers are an offset from its addresses, which only resets
+        # and counts (no loads to multiplex)
+        cmd = self.ctrl.cmd if self._held_cmd else Signal(PatchOperands)
         k = cmd.k[:t_bits]
         b = Signal(BLOCKS_BITS)
         t = Signal(t_bits)
-        new_ptr = Signal(addr_bits)
-        ref_ptr = Signal(addr_bits)
-        mask_pos = Signal((cfg.mask_bits - 1).bit_length())
+        if self._held_cmd:
+            b_off = Signal(addr_bits)  # b*k
+            new_ptr = (cmd.new_addr[:addr_bits] + b_off)[:addr_bits]
+            ref_ptr = (cmd.ref_addr[:addr_bits] + b_off)[:addr_bits]
+            mask_pos = (cmd.mask_idx + b)[:mask_bits]
+        else:
+            new_ptr = Signal(addr_bits)
+            ref_ptr = Signal(addr_bits)
+            mask_pos = Signal(mask_bits)
         mask_word, pos = mask_bit(self._geoms[Buffer.MASK], mask_pos)
         changed = Signal()
         last_t = t == k - 1
@@ -100,8 +111,12 @@ class PatchSkipUnit(wiring.Component):
             with m.State("IDLE"):
                 with m.If(self.ctrl.start):
                     c = self.ctrl.cmd
-                    m.d.sync += [cmd.eq(c), b.eq(0), new_ptr.eq(c.new_addr),
-                                 ref_ptr.eq(c.ref_addr), mask_pos.eq(c.mask_idx)]
+                    m.d.sync += b.eq(0)
+                    if self._held_cmd:
+                        m.d.sync += b_off.eq(0)
+                    else:
+                        m.d.sync += [cmd.eq(c), new_ptr.eq(c.new_addr), ref_ptr.eq(c.ref_addr),
+                                     mask_pos.eq(c.mask_idx)]
                     with m.If(c.blocks != 0):
                         m.d.sync += busy.eq(1)
                         m.next = "BLOCK"
@@ -143,8 +158,12 @@ class PatchSkipUnit(wiring.Component):
                 with m.If(last_t):
                     m.next = "NEXT"
             with m.State("NEXT"):
-                m.d.sync += [b.eq(b + 1), new_ptr.eq(new_ptr + k), ref_ptr.eq(ref_ptr + k),
-                             mask_pos.eq(mask_pos + 1)]
+                m.d.sync += b.eq(b + 1)
+                if self._held_cmd:
+                    m.d.sync += b_off.eq(b_off + k)
+                else:
+                    m.d.sync += [new_ptr.eq(new_ptr + k), ref_ptr.eq(ref_ptr + k),
+                                 mask_pos.eq(mask_pos + 1)]
                 m.next = "BLOCK"
                 with m.If(b == cmd.blocks - 1):
                     m.d.sync += busy.eq(0)

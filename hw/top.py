@@ -107,7 +107,7 @@ class Accelerator(wiring.Component):
                                             held_cmd=not self.impl.overlap,
                                             exclusive=not self.impl.overlap)
         m.submodules.requant = requant = RequantUnit(cfg, serial=self.impl.serial_requant)
-        m.submodules.patch = patch = PatchSkipUnit(cfg)
+        m.submodules.patch = patch = PatchSkipUnit(cfg, held_cmd=not self.impl.overlap)
         m.submodules.sgq = sgq = StripeEncoder(cfg)
         units = {"load": load, "store": store, "gemm": gemm, "requant": requant, "patch": patch,
                  "sgq": sgq}
