@@ -168,8 +168,9 @@ class Decoder(wiring.Component):
                     m.next = "OFFER"
             with m.State("OFFER"):
                 m.d.comb += self.o_instr.valid.eq(1)
+                # (loaded while offered, not when taken: `ready` comes late in the cycle)
+                m.d.sync += [words_left.eq(ops.ldst.count), data_beat.eq(0)]
                 with m.If(self.o_instr.ready):
-                    m.d.sync += [words_left.eq(ops.ldst.count), data_beat.eq(0)]
                     with m.If((word.opcode == Opcode.LOAD) & buf_ok & (ops.ldst.count != 0)):
                         m.next = "DATA"
                     with m.Else():
@@ -350,10 +351,11 @@ class Decoder(wiring.Component):
     def _serial_checks(self, m, word, status, buf_ok):
         """The terms of :func:`_terms`, one after another; returns the 'done' pulse.
 
-        Per term: ``acc = a + ~b`` (``= a - b - 1``, ``b`` a limit or a field) in two cycles,
-        then ``acc += y`` while ``x`` lasts and ``acc < 0``; the answer is ``acc >= 0``, i.e.
+        Per term: ``acc = a + ~b`` (``= a - b - 1``, ``b`` a limit or a field), then
+        ``acc += y`` while ``x`` lasts and ``acc < 0``; the answer is ``acc >= 0``, i.e.
         ``a + x*y > b``. Stopping at ``acc >= 0`` keeps every value within 18 bits signed:
-        ``acc < 0`` before each add and ``y < 2**16``.
+        ``acc < 0`` before each add and ``y < 2**16``. A term takes 6 cycles plus its
+        iterations (the operand is selected through two registers).
         """
         cfg = self._config
         ops = word.operands
@@ -401,7 +403,12 @@ class Decoder(wiring.Component):
         div = _Divider(m, ops.sgq.count, ops.sgq.stripe_len)
 
         # -- term table: per (opcode, term) the sources of a, b, x, y ----------------------
-        phase = Signal(range(4))  # 0: acc = a, 1: acc += ~b, 2: acc += y (x times), 3: record
+        # The operand source is selected into a register, and the operand into another (the
+        # table lookup, the dozen-way multiplexer and the add do not fit one iCE40 cycle), so it
+        # reaches the adder two phases after its phase selected it:
+        # phase 0 selects a; 1 selects ~b; 2 acc += a, selects y; 3 acc += ~b;
+        # 4 acc += y (x times); 5 records the answer
+        phase = Signal(range(6))
         is_range = Signal()  # the term is a range term (else an overlap term)
         active = Signal()  # the term exists and its `when` holds
         x_val = Signal(BLOCKS_BITS)
@@ -437,12 +444,13 @@ class Decoder(wiring.Component):
             with m.Default():
                 m.d.comb += last_term.eq(1)
 
-        sel = Mux(phase == 0, a_sel, Mux(phase == 1, b_sel, y_sel))
+        sel = Signal(range(len(sources)))
+        m.d.sync += sel.eq(Mux(phase == 0, a_sel, Mux(phase == 1, b_sel, y_sel)))
         operand = Signal(signed(18))
         with m.Switch(sel):
             for index, value in sources.values():
                 with m.Case(index):
-                    m.d.comb += operand.eq(value)
+                    m.d.sync += operand.eq(value)
 
         nonneg = ~acc[-1]
         done = Signal()
@@ -454,16 +462,18 @@ class Decoder(wiring.Component):
                 m.next = "TERMS"
             with m.State("TERMS"):
                 with m.Switch(phase):
-                    with m.Case(0):
-                        m.d.sync += [acc.eq(acc + operand), xcnt.eq(x_val), phase.eq(1)]
-                    with m.Case(1):
-                        m.d.sync += [acc.eq(acc + operand), phase.eq(2)]
+                    with m.Case(0, 1):
+                        m.d.sync += phase.eq(phase + 1)
                     with m.Case(2):
+                        m.d.sync += [acc.eq(acc + operand), xcnt.eq(x_val), phase.eq(3)]
+                    with m.Case(3):
+                        m.d.sync += [acc.eq(acc + operand), phase.eq(4)]
+                    with m.Case(4):
                         with m.If((xcnt != 0) & ~nonneg):
                             m.d.sync += [acc.eq(acc + operand), xcnt.eq(xcnt - 1)]
                         with m.Else():
-                            m.d.sync += phase.eq(3)
-                    with m.Case(3):
+                            m.d.sync += phase.eq(5)
+                    with m.Case(5):
                         with m.If(active & is_range & nonneg):
                             m.d.sync += range_fail.eq(1)
                         with m.If(active & ~is_range & ~nonneg):

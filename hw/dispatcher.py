@@ -123,8 +123,9 @@ class Dispatcher(wiring.Component):
         fresh = Signal()  # `hazard` was computed for the instruction now offered
         if self._overlap:
             m.d.sync += hazard.eq(reduce(or_, hazard_terms))
-        else:  # one instruction at a time: wait until every unit is idle
-            m.d.sync += hazard.eq(reduce(or_, [p.busy.any() for p, _ in units.values()]))
+        else:  # one instruction at a time: wait until every unit (the load unit too) is idle
+            m.d.sync += hazard.eq(reduce(or_, [p.busy.any() for p, _ in units.values()]) |
+                                  self.load.busy[0])
         m.d.sync += fresh.eq(self.i_instr.valid & ~self.i_instr.ready)
 
         def claim(name, s, execute):
@@ -141,8 +142,16 @@ class Dispatcher(wiring.Component):
         # -- issue --------------------------------------------------------------------------
         execute = (instr.status == Status.OK) & ~err
         clear_to_go = fresh & ~hazard
-        output_free = ~self.store.busy[0] & ~self.sgq.busy[0]
-        all_idle = ~reduce(or_, [p.busy.any() for p, _ in units.values()]) & ~self.load.busy[0]
+        if self._overlap:
+            output_free = ~self.store.busy[0] & ~self.sgq.busy[0]
+            all_idle = ~reduce(or_, [p.busy.any() for p, _ in units.values()]) & ~self.load.busy[0]
+            load_free = ~self.load.busy[0]
+        else:
+            # Every decision from registers (`hazard` covers every unit), none from a unit's busy
+            # logic directly: the iCE40 cannot afford busy -> issue -> decoder in one cycle.
+            # Each instruction arrives several cycles after its predecessor was taken (fetch and
+            # checks), so `hazard` has seen any unit that predecessor started.
+            output_free = all_idle = load_free = ~hazard
         accept = Signal()
 
         m.d.comb += [
@@ -177,6 +186,8 @@ class Dispatcher(wiring.Component):
         sent = self.o_stream.valid & self.o_stream.ready
 
         started = Signal()  # (compact) the offered instruction's unit has been started
+        settled = Signal()
+        m.d.sync += settled.eq(started)
 
         def claims(name, s, execute):
             def emit():
@@ -194,7 +205,8 @@ class Dispatcher(wiring.Component):
                     claim_slot()
             else:
                 with m.If(started):
-                    with m.If(all_idle):
+                    # (`settled`: `hazard` has seen the unit's busy since the start)
+                    with m.If(settled & ~hazard):
                         m.d.comb += accept.eq(1)
                         m.d.sync += started.eq(0)
                 with m.Elif(ready):
@@ -212,7 +224,7 @@ class Dispatcher(wiring.Component):
                 with m.If(self.i_instr.valid):
                     with m.Switch(op):
                         with m.Case(Opcode.LOAD):
-                            with m.If(~self.load.busy[0] & (~execute | clear_to_go)):
+                            with m.If(load_free & (~execute | clear_to_go)):
                                 m.d.comb += [accept.eq(1), self.load.start.eq(instr.buf_ok)]
                         with m.Case(Opcode.STORE):
                             with m.If(output_free & (~execute | clear_to_go)):
@@ -222,15 +234,16 @@ class Dispatcher(wiring.Component):
                             with m.If(~execute):
                                 m.d.comb += accept.eq(1)
                             with m.Else():
-                                launch(self.gemm, clear_to_go & self.gemm.ready, gemm_claims)
+                                launch(self.gemm, clear_to_go & (self.gemm.ready if self._overlap
+                                                                 else 1), gemm_claims)
                         for name, code in (("requant", Opcode.REQUANT), ("patch", Opcode.PATCH)):
                             with m.Case(code):
                                 port = units[name][0]
                                 with m.If(~execute):
                                     m.d.comb += accept.eq(1)
                                 with m.Else():
-                                    launch(port, clear_to_go & ~port.busy[0],
-                                           claims(name, 0, 1))
+                                    launch(port, clear_to_go & (~port.busy[0] if self._overlap
+                                                                else 1), claims(name, 0, 1))
                         with m.Case(Opcode.SGQ):
                             launch(self.sgq, output_free & (~execute | clear_to_go),
                                    claims("sgq", 0, execute))

@@ -131,9 +131,15 @@ class GemmUnit(wiring.Component):
         # -- sequencer -----------------------------------------------------------------------
         issue = Signal()  # a K-step enters the pipeline this cycle
         t_next, j_next, i_next = t + 1, j + 1, i + 1
-        last_t = t_next == k
-        last_j = j_next == cmd.n_blocks
-        last_i = i_next == cmd.m_blocks
+        # "first step" and "last of its loop" are flags set along with the counters (from the
+        # value they are about to take), not compared from them: the compares would sit on the
+        # sequencer's issue and advance logic (too slow for the iCE40)
+        first_t = Signal(init=1)  # t == 0
+        last_t = Signal()  # t == k - 1
+        last_j = Signal()  # j == n_blocks - 1
+        last_i = Signal()  # i == m_blocks - 1
+        k_is_1 = Signal()  # (held from the start, so the flags need no compares of k)
+        k_minus_2 = Signal(t_bits)
         op = array.i_stream.payload
         s1_first, s1_last = Signal(), Signal()
         s1_tag = Signal(tag_layout)
@@ -151,7 +157,7 @@ class GemmUnit(wiring.Component):
         ]
         with m.If(issue):
             m.d.sync += [
-                s1_first.eq(t == 0), s1_last.eq(last_t),
+                s1_first.eq(first_t), s1_last.eq(last_t),
                 s1_tag.acc_addr.eq(acc_ptr), s1_tag.accumulate.eq(cmd.accumulate),
                 s1_tag.slot.eq(slot),
             ]
@@ -175,17 +181,23 @@ class GemmUnit(wiring.Component):
                 with m.Else():
                     m.d.sync += [j.eq(j_next), inp_ptr.eq(inp_base)]
             with m.If(last_j):
+                m.d.sync += [last_j.eq(cmd.n_blocks == 1), last_i.eq(i + 2 == cmd.m_blocks)]
                 with m.If(last_i):
                     m.d.sync += active.eq(0)
                     m.next = "IDLE"
                 with m.Else():
                     m.next = "ROW"
+            with m.Else():
+                m.d.sync += last_j.eq(j + 2 == cmd.n_blocks)
 
         with m.FSM():
             with m.State("IDLE"):
                 with m.If(ctrl.start):
                     c = ctrl.cmd
-                    m.d.sync += [slot.eq(ctrl.slot), i.eq(0), j.eq(0), t.eq(0)]
+                    m.d.sync += [slot.eq(ctrl.slot), i.eq(0), j.eq(0), t.eq(0), first_t.eq(1),
+                                 last_t.eq(c.k[:t_bits] == 1), k_is_1.eq(c.k[:t_bits] == 1),
+                                 k_minus_2.eq(c.k[:t_bits] - 2),
+                                 last_j.eq(c.n_blocks == 1), last_i.eq(c.m_blocks == 1)]
                     if self._held_cmd:
                         m.d.sync += [i_off.eq(0), j_off.eq(0), acc_off.eq(0)]
                     else:
@@ -210,14 +222,15 @@ class GemmUnit(wiring.Component):
                 with m.Else():
                     m.next = "SKIP"
             with m.State("RUN"):
-                waits = last_t if self._shadow else (t == 0)  # the step that must wait
+                waits = last_t if self._shadow else first_t  # the step that must wait
                 m.d.comb += issue.eq(~waits | (cool == 0))
                 with m.If(issue):
-                    m.d.sync += t.eq(t_next)
+                    m.d.sync += [t.eq(t_next), first_t.eq(0), last_t.eq(t == k_minus_2)]
                     if not self._held_cmd:
                         m.d.sync += [inp_ptr.eq(inp_ptr + 1), wgt_ptr.eq(wgt_ptr + 1)]
                     with m.If(last_t):
-                        m.d.sync += [t.eq(0), cool.eq(array.spacing - 1)]
+                        m.d.sync += [t.eq(0), first_t.eq(1), last_t.eq(k_is_1),
+                                     cool.eq(array.spacing - 1)]
                         next_block()
             with m.State("SKIP"):
                 m.d.comb += self.skipped_macs.eq(block_macs)
@@ -296,7 +309,7 @@ class GemmUnit(wiring.Component):
 
         # -- blocks in flight per slot: +1 when a block starts, -1 when its last row is written
         for s in range(2):
-            inc = issue & (t == 0) & (slot == s)
+            inc = issue & first_t & (slot == s)
             dec = d2_valid & d2_last & (d2_slot == s)
             m.d.sync += pending[s].eq(pending[s] + inc - dec)
         return m

@@ -58,6 +58,7 @@ class LoadUnit(wiring.Component):
         buf = Signal(Buffer)
         ptr = Signal(max(g.addr_width for g in geoms.values()))  # physical word address
         left = Signal(COUNT_BITS + max_fold.bit_length())  # physical words still to write
+        more = Signal()  # left != 0, kept in a register (busy and ready leave no wide OR)
         beat = Signal(range(max_beats))
         discard = Signal()
 
@@ -68,7 +69,7 @@ class LoadUnit(wiring.Component):
                     m.d.comb += last_beat.eq(beat == beats - 1)
 
         m.d.comb += [
-            busy.eq(left != 0),
+            busy.eq(more),
             self.i_stream.ready.eq(busy),
         ]
         fire = self.i_stream.valid & self.i_stream.ready
@@ -76,7 +77,7 @@ class LoadUnit(wiring.Component):
         with m.If(fire):
             m.d.sync += beat.eq(Mux(last_beat, 0, beat + 1))
             with m.If(last_beat):
-                m.d.sync += [ptr.eq(ptr + 1), left.eq(left - 1)]
+                m.d.sync += [ptr.eq(ptr + 1), left.eq(left - 1), more.eq(left != 1)]
 
         clear_end = max(g.depth for g in geoms.values()) - 1
         with m.If(self.clearing):
@@ -99,7 +100,8 @@ class LoadUnit(wiring.Component):
                 for fold, bufs in group(geoms, "fold").items():
                     with m.Case(*bufs):
                         m.d.sync += [ptr.eq(mul_const(cmd.addr, fold)),
-                                     left.eq(mul_const(cmd.count, fold))]
+                                     left.eq(mul_const(cmd.count, fold)),
+                                     more.eq(cmd.count != 0)]
                 with m.Default():  # undefined buffer: no data follows
-                    m.d.sync += left.eq(0)
+                    m.d.sync += [left.eq(0), more.eq(0)]
         return m

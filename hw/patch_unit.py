@@ -1,6 +1,6 @@
 """PASS patch-skip unit: compares INP tiles with their references, writes MASK, refreshes refs."""
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
+from amaranth.hdl import Const, Module, Mux, Signal, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -21,7 +21,7 @@ class PatchSkipUnit(wiring.Component):
     2. MASK read-modify-write of bit ``mask_idx + b``: ``changed or (merge and old)``.
     3. If changed, copy: one word per cycle, read new, write it over the reference.
 
-    A block costs ``2k + 4`` cycles when unchanged and at most ``3k + 5`` when changed.
+    A block costs ``2k + 6`` cycles when unchanged and at most ``3k + 7`` when changed.
     """
 
     def __init__(self, config: AccelConfig, *, held_cmd: bool = False):
@@ -65,7 +65,10 @@ class PatchSkipUnit(wiring.Component):
             mask_pos = Signal(mask_bits)
         mask_word, pos = mask_bit(self._geoms[Buffer.MASK], mask_pos)
         changed = Signal()
-        last_t = t == k - 1
+        # "last of its loop" flags set along with the counters, not compared from them (the
+        # compares would sit on the state logic: too slow for the iCE40)
+        last_t = Signal()  # t == k - 1
+        last_b = Signal()  # b == blocks - 1
 
         # what the INP read port shows this cycle (issued last cycle)
         shows_new, shows_ref = Signal(), Signal()
@@ -75,21 +78,25 @@ class PatchSkipUnit(wiring.Component):
         port = data.View(word_layout, self.rd_inp.data)
         with m.If(shows_new):
             m.d.sync += new_word.eq(port)
-        # The reference word goes into a register before the compare: block RAM clock-to-out
-        # plus subtract, compare and OR tree does not fit one ECP5 cycle at 100 MHz. The compare
-        # of the block's last pair still lands before MASK_WRITE reads ``changed``.
+        # The reference word goes into a register before the compare, the differences and then
+        # the lanes' results into others before they are ORed into ``changed``: block RAM
+        # clock-to-out plus subtract, compare and OR tree does not fit one ECP5 cycle at
+        # 100 MHz, nor subtract and compare an iCE40 cycle at 30. The compare of the block's last
+        # pair still lands before MASK_WRITE reads ``changed`` (three LAST_COMPARE cycles).
         with m.If(shows_ref):
             m.d.sync += ref_word.eq(port)
-        m.d.sync += compare.eq(shows_ref)
+        subtracted, compared = Signal(), Signal()
+        diff = Signal(data.ArrayLayout(signed(9), rows))  # new - ref of the pair
+        over = Signal(rows)  # lanes over the threshold in the pair
+        m.d.sync += [compare.eq(shows_ref), subtracted.eq(compare), compared.eq(subtracted)]
         with m.If(compare):
-            over = []
+            m.d.sync += [diff[r].eq(new_word[r] - ref_word[r]) for r in range(rows)]
+        with m.If(subtracted):
             thr = cmd.threshold
-            for r in range(rows):
-                diff = Signal(signed(9), name=f"diff{r}")
-                m.d.comb += diff.eq(new_word[r] - ref_word[r])
-                over.append((diff > thr) | (diff < -thr))  # |diff| > threshold, no abs
-            with m.If(Cat(*over).any()):
-                m.d.sync += changed.eq(1)
+            m.d.sync += [over[r].eq((diff[r] > thr) | (diff[r] < -thr))  # |diff| > thr, no abs
+                         for r in range(rows)]
+        with m.If(compared & over.any()):
+            m.d.sync += changed.eq(1)
         m.d.sync += [shows_new.eq(0), shows_ref.eq(0)]
 
         # copy write, one cycle behind its read
@@ -111,7 +118,7 @@ class PatchSkipUnit(wiring.Component):
             with m.State("IDLE"):
                 with m.If(self.ctrl.start):
                     c = self.ctrl.cmd
-                    m.d.sync += b.eq(0)
+                    m.d.sync += [b.eq(0), last_b.eq(c.blocks == 1)]
                     if self._held_cmd:
                         m.d.sync += b_off.eq(0)
                     else:
@@ -121,7 +128,7 @@ class PatchSkipUnit(wiring.Component):
                         m.d.sync += busy.eq(1)
                         m.next = "BLOCK"
             with m.State("BLOCK"):
-                m.d.sync += [t.eq(0), changed.eq(0)]
+                m.d.sync += [t.eq(0), last_t.eq(k == 1), changed.eq(0)]
                 m.next = "READ_NEW"
             with m.State("READ_NEW"):
                 with m.If(changed):  # decided: skip the rest of the compare
@@ -132,11 +139,15 @@ class PatchSkipUnit(wiring.Component):
                     m.next = "READ_REF"
             with m.State("READ_REF"):
                 m.d.comb += [self.rd_inp.addr.eq(ref_ptr + t), self.rd_inp.en.eq(1)]
-                m.d.sync += [shows_ref.eq(1), t.eq(t + 1)]
+                m.d.sync += [shows_ref.eq(1), t.eq(t + 1), last_t.eq(t + 2 == k)]
                 m.next = "READ_NEW"
                 with m.If(last_t):
                     m.next = "LAST_COMPARE"
             with m.State("LAST_COMPARE"):  # the last reference word is being registered
+                m.next = "LAST_COMPARE_2"
+            with m.State("LAST_COMPARE_2"):  # subtracted
+                m.next = "LAST_COMPARE_3"
+            with m.State("LAST_COMPARE_3"):  # and compared
                 m.next = "MASK_READ"
             with m.State("MASK_READ"):
                 m.d.comb += self.rd_mask.en.eq(1)
@@ -148,24 +159,25 @@ class PatchSkipUnit(wiring.Component):
                     self.wr_mask.data.eq(old & ~(Const(1, len(old)) << pos) | (bit << pos)),
                     self.wr_mask.en.eq((1 << len(self.wr_mask.en)) - 1),
                 ]
-                m.d.sync += t.eq(0)
+                m.d.sync += [t.eq(0), last_t.eq(k == 1)]
                 m.next = "NEXT"
                 with m.If(changed):
                     m.next = "COPY"
             with m.State("COPY"):
                 m.d.comb += [self.rd_inp.addr.eq(new_ptr + t), self.rd_inp.en.eq(1)]
-                m.d.sync += [copy_valid.eq(1), copy_addr.eq(ref_ptr + t), t.eq(t + 1)]
+                m.d.sync += [copy_valid.eq(1), copy_addr.eq(ref_ptr + t), t.eq(t + 1),
+                             last_t.eq(t + 2 == k)]
                 with m.If(last_t):
                     m.next = "NEXT"
             with m.State("NEXT"):
-                m.d.sync += b.eq(b + 1)
+                m.d.sync += [b.eq(b + 1), last_b.eq(b + 2 == cmd.blocks)]
                 if self._held_cmd:
                     m.d.sync += b_off.eq(b_off + k)
                 else:
                     m.d.sync += [new_ptr.eq(new_ptr + k), ref_ptr.eq(ref_ptr + k),
                                  mask_pos.eq(mask_pos + 1)]
                 m.next = "BLOCK"
-                with m.If(b == cmd.blocks - 1):
+                with m.If(last_b):
                     m.d.sync += busy.eq(0)
                     m.next = "IDLE"
         return m

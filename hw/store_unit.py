@@ -61,6 +61,7 @@ class StoreUnit(wiring.Component):
         zero = Signal()
         ptr = Signal(max(g.addr_width for g in geoms.values()))  # (a zero-mode STORE reads none)
         left = Signal(COUNT_BITS + max_fold.bit_length())  # words still to read
+        more = Signal()  # left != 0, kept in a register (busy leaves no wide OR)
         fetched = Signal()  # the read port holds a word whose beats are being sent
         beat = Signal(range(max_beats))
 
@@ -73,19 +74,19 @@ class StoreUnit(wiring.Component):
 
         m.d.comb += [
             self.o_stream.valid.eq(fetched),
-            busy.eq((left != 0) | fetched),
+            busy.eq(more | fetched),
         ]
         sent = self.o_stream.valid & self.o_stream.ready
         if self._exclusive:
             # `beat` is the next beat to read; each read fetches one beat
-            issue = (left != 0) & (~fetched | sent)
+            issue = more & (~fetched | sent)
             m.d.comb += self.o_stream.payload.eq(
                 reduce(or_, [p.data.word_select(i, hw)
                              for b, p in ports.items() for i in range(geoms[b].beats)]))
             with m.If(issue):
                 m.d.sync += [beat.eq(Mux(last_beat, 0, beat + 1)), fetched.eq(1)]
                 with m.If(last_beat):
-                    m.d.sync += [ptr.eq(ptr + 1), left.eq(left - 1)]
+                    m.d.sync += [ptr.eq(ptr + 1), left.eq(left - 1), more.eq(left != 1)]
             with m.Elif(sent):
                 m.d.sync += fetched.eq(0)
             for b, port in ports.items():
@@ -96,7 +97,7 @@ class StoreUnit(wiring.Component):
         else:
             # `beat` is the beat being sent; each read fetches a word
             word_done = sent & last_beat
-            issue = (left != 0) & (~fetched | word_done)
+            issue = more & (~fetched | word_done)
             payload = Signal(hw)
             with m.Switch(buf):
                 for b, port in ports.items():
@@ -106,7 +107,8 @@ class StoreUnit(wiring.Component):
             with m.If(sent):
                 m.d.sync += beat.eq(Mux(last_beat, 0, beat + 1))
             with m.If(issue):
-                m.d.sync += [ptr.eq(ptr + 1), left.eq(left - 1), fetched.eq(1)]
+                m.d.sync += [ptr.eq(ptr + 1), left.eq(left - 1), more.eq(left != 1),
+                             fetched.eq(1)]
             with m.Elif(word_done):
                 m.d.sync += fetched.eq(0)
             for b, port in ports.items():
@@ -122,7 +124,8 @@ class StoreUnit(wiring.Component):
                 for fold, bufs in group(geoms, "fold").items():
                     with m.Case(*bufs):
                         m.d.sync += [ptr.eq(mul_const(cmd.addr, fold)),
-                                     left.eq(mul_const(cmd.count, fold))]
+                                     left.eq(mul_const(cmd.count, fold)),
+                                     more.eq(cmd.count != 0)]
                 with m.Default():  # undefined buffer: nothing is sent
-                    m.d.sync += left.eq(0)
+                    m.d.sync += [left.eq(0), more.eq(0)]
         return m
