@@ -233,12 +233,13 @@ class StripeEncoder(wiring.Component):
         # -- scanner: reads [ptr, ptr + left), a word per cycle; `rd` (the read enable) is a
         # flop, computed a cycle ahead, because its fan-out reaches every block RAM of OUT
         ptr, left = Signal(geom.addr_width), Signal(range(geom.depth + 1))
+        left_zero = Signal(init=1)  # left == 0, as a flop (then rd is 0 as well)
         rd = Signal()
         k = Signal(8)  # word in its stripe
         scan_first = Signal()
         per_stripe = Signal()  # tags mark stripes (pass 2) rather than the whole scan
         coding = Signal()  # pass 4: words go to the FIFO; reads need credit
-        fifo_depth = 8  # more than the read-to-pop latency: a word per cycle while packing
+        fifo_depth = 10  # more than the read-to-pop latency: a word per cycle while packing
         credit = Signal(range(fifo_depth + 1))  # reads allowed before a pop
         m.submodules.fifo = fifo = SyncFIFOBuffered(width=8 * cols, depth=fifo_depth)
         # the FIFO holds codes only in pass 4: outside it, a pop finds it empty
@@ -249,11 +250,12 @@ class StripeEncoder(wiring.Component):
         m.d.sync += [rd.eq(more & (~coding | (credit > rd))),  # this cycle's pop counts later
                      credit.eq(credit + pop - rd)]
         with m.If(rd):
-            m.d.sync += [ptr.eq(ptr + 1), left.eq(left - 1), scan_first.eq(0),
+            m.d.sync += [ptr.eq(ptr + 1), left.eq(left - 1), left_zero.eq(left == 1),
+                         scan_first.eq(0),
                          k.eq(Mux(k == last_k, 0, k + 1))]
 
-        def scan(addr, words, stripes=0, codes=0):
-            return [ptr.eq(addr), left.eq(words), scan_first.eq(1), k.eq(0),
+        def scan(addr, words, stripes=0, codes=0):  # `words` is never 0
+            return [ptr.eq(addr), left.eq(words), left_zero.eq(0), scan_first.eq(1), k.eq(0),
                     per_stripe.eq(stripes), coding.eq(codes), credit.eq(fifo_depth),
                     rd.eq(words != 0)]
 
@@ -265,7 +267,7 @@ class StripeEncoder(wiring.Component):
             m.d.sync += [tags[0].first.eq(Mux(per_stripe, k == 0, scan_first)),
                          tags[0].last.eq(Mux(per_stripe, k == last_k, left == 1))]
         word = Signal(8 * cols)
-        for n in range(1, max(levels + 1, 3) + 1):
+        for n in range(1, max(levels + 1, 4) + 1):
             valid.append(Signal(name=f"v{n}"))
             tags.append(Signal(tag, name=f"t{n}"))
             m.d.sync += valid[n].eq(valid[n - 1])
@@ -347,24 +349,42 @@ class StripeEncoder(wiring.Component):
                     with m.Case(b_mode):
                         m.d.sync += cost.eq(costs[b_mode])
 
-        # -- codes of one word: q = (v - lo + h(s)) >> s, then the mode's fields -> FIFO
-        q = [Signal(8, name=f"q{c}") for c in range(cols)]
+        # -- codes of one word: q = (v - lo + h(s)) >> s, a stage for the add and one for the
+        # shift, then the mode's fields -> FIFO
+        t = [Signal(9, name=f"t{c}") for c in range(cols)]
         with m.If(valid[1]):
-            m.d.sync += [q[c].eq((values[c] + bias)[:9] >> shift) for c in range(cols)]
-        field = Signal(8 * cols)
+            m.d.sync += [t[c].eq(values[c] + bias) for c in range(cols)]
+        q = [Signal(8, name=f"q{c}") for c in range(cols)]
         with m.If(valid[2]):
+            m.d.sync += [q[c].eq(t[c] >> shift) for c in range(cols)]
+        field = Signal(8 * cols)
+        with m.If(valid[3]):
             with m.Switch(mode):
                 for b_mode, bits in SGQ_MODE_BITS.items():
                     with m.Case(b_mode):
                         m.d.sync += field.eq(Cat(*(q[c][:bits] for c in range(cols))))
-        m.d.comb += [fifo.w_data.eq(field), fifo.w_en.eq(valid[3] & coding)]
+        m.d.comb += [fifo.w_data.eq(field), fifo.w_en.eq(valid[4] & coding)]
         code_bits = Signal(range(8 * cols + 1))
+
+        # the packer takes pass 4's codes from the FIFO, every other field from the FSM; the
+        # choice is a flop (it fans out to every bit of the packer's input register)
+        from_fifo = Signal()
+        hdr_valid, hdr_value = Signal(), Signal(LENGTH_BITS)
+        hdr_bits = Signal.like(packer.i_nbits)
+        m.d.comb += [
+            packer.i_valid.eq(Mux(from_fifo, fifo.r_rdy, hdr_valid)),
+            packer.i_value.eq(Mux(from_fifo, fifo.r_data, hdr_value)),
+            packer.i_nbits.eq(Mux(from_fifo, code_bits, hdr_bits)),
+        ]
 
         total = Signal(_total_shape(geom, cols))  # 15 + payload bits: length = total >> 3
         stripe_ptr, stripes_left = Signal(geom.addr_width), Signal(range(geom.depth + 1))
         empty = Signal()
-        drained = ~Cat(*valid, rd).any() & (left == 0)
-        decided = ~Cat(ended, d1, d2, d3, d4).any()
+        # a pass is over when every word was read and nothing was in flight a cycle ago (a
+        # read, a word, a stripe decision): flops, not a wide OR, in front of the next scan
+        quiet = Signal()
+        m.d.sync += quiet.eq(~Cat(*valid, rd, ended, d1, d2, d3).any())
+        drained = quiet & left_zero
 
         with m.FSM():
             with m.State("IDLE"):
@@ -389,18 +409,17 @@ class StripeEncoder(wiring.Component):
             with m.State("SIZE"):  # pass 2: per-stripe modes -> payload size
                 with m.If(d4):
                     m.d.sync += total.eq(total + cost)
-                with m.If(drained & decided):
+                with m.If(drained):
                     m.next = "SEND_LENGTH"
             with m.State("SEND_LENGTH"):
-                m.d.comb += [packer.i_valid.eq(1), packer.i_nbits.eq(LENGTH_BITS),
-                             packer.i_value.eq(total >> 3)]
+                m.d.comb += [hdr_valid.eq(1), hdr_bits.eq(LENGTH_BITS), hdr_value.eq(total >> 3)]
                 with m.If(packer.i_ready):
                     m.next = "SEND_BASE"
                     with m.If(empty):
                         m.next = "PAD"
             with m.State("SEND_BASE"):
-                m.d.comb += [packer.i_valid.eq(1), packer.i_nbits.eq(BASE_BITS),
-                             packer.i_value.eq(base.as_unsigned())]
+                m.d.comb += [hdr_valid.eq(1), hdr_bits.eq(BASE_BITS),
+                             hdr_value.eq(base.as_unsigned())]
                 with m.If(packer.i_ready):
                     m.d.sync += [stripe_ptr.eq(out_addr), stripes_left.eq(count)]
                     m.next = "STRIPE"
@@ -417,9 +436,9 @@ class StripeEncoder(wiring.Component):
                 header = Cat(mode.as_value(), offset, shift)
                 is_base = mode == SgqMode.BASE
                 m.d.comb += [
-                    packer.i_valid.eq(1),
-                    packer.i_value.eq(Mux(is_base, mode.as_value(), header)),
-                    packer.i_nbits.eq(Mux(is_base, MODE_BITS, HEADER_BITS)),
+                    hdr_valid.eq(1),
+                    hdr_value.eq(Mux(is_base, mode.as_value(), header)),
+                    hdr_bits.eq(Mux(is_base, MODE_BITS, HEADER_BITS)),
                 ]
                 with m.If(packer.i_ready):
                     m.d.sync += stripes_left.eq(stripes_left - stripe_len)
@@ -432,17 +451,16 @@ class StripeEncoder(wiring.Component):
                         m.d.sync += stripe_ptr.eq(ptr)  # the RANGE scan ended after the stripe
                         m.next = "STRIPE"
             with m.State("CODES_START"):  # a state of its own: keeps the scan start off i_ready
-                m.d.sync += [scan(stripe_ptr, stripe_len, codes=1), stripe_ptr.eq(ptr)]
+                m.d.sync += [scan(stripe_ptr, stripe_len, codes=1), stripe_ptr.eq(ptr),
+                             from_fifo.eq(1)]
                 m.next = "CODES"
             with m.State("CODES"):  # pass 4: the codes, a word per packer field
-                m.d.comb += [packer.i_valid.eq(fifo.r_rdy), packer.i_value.eq(fifo.r_data),
-                             packer.i_nbits.eq(code_bits)]
-                with m.If((left == 0) & ~rd & (credit == fifo_depth)):
+                with m.If(left_zero & (credit == fifo_depth)):
+                    m.d.sync += from_fifo.eq(0)
                     m.next = "STRIPE"
             with m.State("PAD"):  # zero bits up to a whole beat
                 with m.If(packer.settled & ~packer.o_stream.valid):
-                    m.d.comb += [packer.i_valid.eq(packer.fill != 0),
-                                 packer.i_nbits.eq(hw - packer.fill)]
+                    m.d.comb += [hdr_valid.eq(packer.fill != 0), hdr_bits.eq(hw - packer.fill)]
                     m.next = "DRAIN"
             with m.State("DRAIN"):
                 with m.If(packer.settled & (packer.fill == 0)):
