@@ -31,18 +31,27 @@ class Implementation:
 
     ``overlap``: units run concurrently under hazard tracking (otherwise one instruction at a
     time). ``serial_requant``: requantize with the small :class:`~.requant.RequantSerial`
-    engines (about 100 cycles per channel per lane, no DSP) instead of the DSP pipeline.
+    engines (about 138 cycles per channel per lane, no DSP) instead of the DSP pipeline.
     ``shadow``: the MAC array copies finished blocks into a shadow bank (otherwise ``rows``
     idle cycles between blocks). ``ram_counters``: the performance counters live in a block RAM
     behind narrow pending sums (:class:`~.counters.PerfCounters`), not in flip-flops.
     ``serial_decode``: the decoder runs its checks one after another on one adder (up to a few
-    hundred cycles per instruction instead of a few).
+    hundred cycles per instruction instead of a few). ``serial_sgq``: the SGQ encoder reads one
+    value per cycle and packs codes one bit per cycle (:class:`~.sgq_encoder.StripeEncoder`
+    ``serial=``) instead of a host beat per cycle.
     """
     overlap: bool = True
     serial_requant: bool = False
     shadow: bool = True
     ram_counters: bool = False
     serial_decode: bool = False
+    serial_sgq: bool = False
+
+    @classmethod
+    def compact(cls) -> "Implementation":
+        """Every area-saving choice: the profile of the iCE40 UP5K."""
+        return cls(overlap=False, serial_requant=True, shadow=False, ram_counters=True,
+                   serial_decode=True, serial_sgq=True)
 
     @classmethod
     def for_config(cls, config: AccelConfig) -> "Implementation":
@@ -52,8 +61,7 @@ class Implementation:
         and its UART host link is far slower than anything overlap could hide.
         """
         if config.macs <= COMPACT_MACS:
-            return cls(overlap=False, serial_requant=True, shadow=False, ram_counters=True,
-                       serial_decode=True)
+            return cls.compact()
         return cls()
 
 
@@ -108,7 +116,9 @@ class Accelerator(wiring.Component):
                                             exclusive=not self.impl.overlap)
         m.submodules.requant = requant = RequantUnit(cfg, serial=self.impl.serial_requant)
         m.submodules.patch = patch = PatchSkipUnit(cfg, held_cmd=not self.impl.overlap)
-        m.submodules.sgq = sgq = StripeEncoder(cfg)
+        m.submodules.sgq = sgq = StripeEncoder(cfg, serial=self.impl.serial_sgq,
+                                                   held_cmd=self.impl.serial_sgq
+                                                   and not self.impl.overlap)
         units = {"load": load, "store": store, "gemm": gemm, "requant": requant, "patch": patch,
                  "sgq": sgq}
 

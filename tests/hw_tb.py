@@ -16,8 +16,7 @@ __all__ = ["seed_from_env", "run_accelerator", "small_config", "check_against_go
 
 #: The two implementation profiles (see hw/top.py): tests run the small configs in both.
 FULL = Implementation()
-COMPACT = Implementation(overlap=False, serial_requant=True, shadow=False, ram_counters=True,
-                         serial_decode=True)
+COMPACT = Implementation.compact()
 
 #: Counters the golden model reports as 0 (timing); compared for plausibility only.
 TIMING = (Counter.CYCLES, Counter.BUSY_CYCLES, Counter.COMPUTE_CYCLES)

@@ -81,6 +81,12 @@ def test_unfolded_params_one_lane():
     check_against_golden(cfg, program, seed=seed, gaps=0.1, backpressure=0.1)
 
 
+def far_from(x):
+    """INT8 values 64 away from ``x`` (far beyond any threshold used here)."""
+    x = np.asarray(x, np.int16)
+    return np.where(x >= 0, x - 64, x + 64).astype(np.int8)
+
+
 def test_patch_then_gated_gemm():
     """PASS: PATCH marks changed tiles (with merge), refreshes references; GEMM skips the rest."""
     seed = seed_from_env()
@@ -91,8 +97,9 @@ def test_patch_then_gated_gemm():
     ref = rng.integers(-128, 128, (blocks * k, cfg.rows), dtype=np.int8)
     new = ref.copy()
     new[1 * k + 2, 1] = np.clip(int(new[1 * k + 2, 1]) + 4, -128, 127)  # within threshold 4
-    new[2 * k, 0] = np.int8(-int(new[2 * k, 0]) - 1)  # large change
-    new[4 * k + 1] = np.int8(127) - new[4 * k + 1]  # large change
+    # large changes: 64 away, towards zero so nothing wraps
+    new[2 * k, 0] = far_from(new[2 * k, 0])
+    new[4 * k + 1] = far_from(new[4 * k + 1])
     p = Program(cfg)
     p.load(Buffer.INP, 0, ref).load(Buffer.INP, 32, new)
     p.load(Buffer.MASK, 0, np.array([0b1000_0000], np.uint64))
