@@ -205,18 +205,25 @@ class RequantSerial(wiring.Component):
     Schedule, per channel: ``a = acc + bias`` (2 cycles); ``x = a`` with its overflow flag; the
     saturating left shift (64 cycles: ``lsh`` shifts while no sign change is pushed out; an
     overflowed lane instead shifts in ``INT32_MIN``/``INT32_MAX`` bit by bit, no per-bit
-    constant load); ``ab = x * multiplier`` by shift-and-add over the multiplier's bits (32),
-    keeping only ``ab >> 31`` and bit 30, whose sum is the SRDHM result (1); RoundingDivideByPOT
-    as ``t = y - [y < 0]`` (1), ``t >> (e - 1)`` one bit per cycle (30), then ``(t + 1) >> 1``
-    (1); then ``+ zero_point``, ``max(v - clamp_min, 0) + clamp_min`` and the compare with
-    ``clamp_max``, on the same adder (4). Shift amounts are compared through the sign of
-    ``step -/+ shift``, never clamped.
+    constant load), then a cycle for ``x`` to settle; ``ab = x * multiplier`` by shift-and-add
+    over the multiplier's bits (32), keeping only ``ab >> 31`` and bit 30, whose sum is the
+    SRDHM result (1); RoundingDivideByPOT as ``t = y - [y < 0]`` (1), ``t >> (e - 1)`` one bit
+    per cycle (30), then ``(t + 1) >> 1`` (1); then ``+ zero_point``, ``v - clamp_min`` (its
+    sign kept in a flop), ``max(v - clamp_min, 0)`` from that flop, ``+ clamp_min`` and the
+    compare with ``clamp_max``, on the same adder (5). Shift amounts are compared through the
+    sign of ``step -/+ shift``, never clamped.
+
+    Two stages: the phase counter drives the **operand** stage, which registers the adder's
+    operand ``b`` and carry-in (and the step-dependent flags) from the held ports; a cycle later
+    the **execute** stage adds them to ``a`` under registered phase flags. So no block-RAM output
+    or multiplexer precedes the carry chain, and no sum drives a reset.
     """
 
-    #: (phase, cycles): the fixed schedule after the cycle with ``valid`` (which clears ``a``)
-    SCHEDULE = (("ACC", 1), ("BIAS", 1), ("LOADX", 1), ("LSH", 64), ("MUL", 32), ("RND", 1),
-                ("NEG", 1), ("RSH", MAX_SHIFT - 1), ("RSH1", 1), ("ZP", 1), ("CMIN", 1),
-                ("ADDMIN", 1), ("CMAX", 1), ("OUT", 1))
+    #: (phase, cycles): the fixed schedule (operand stage) after the cycle with ``valid`` (which
+    #: clears ``a``); the execute stage follows a cycle behind
+    SCHEDULE = (("ACC", 1), ("BIAS", 1), ("LOADX", 1), ("LSH", 64), ("SETTLE", 1), ("MUL", 32),
+                ("RND", 1), ("NEG", 1), ("RSH", MAX_SHIFT - 1), ("RSH1", 1), ("ZP", 1),
+                ("CMIN", 1), ("FLOOR", 1), ("ADDMIN", 1), ("CMAX", 1), ("OUT", 1))
 
     def __init__(self, lanes: int, tag_shape=0):
         self.lanes = lanes
@@ -224,7 +231,7 @@ class RequantSerial(wiring.Component):
 
     @property
     def latency(self) -> int:
-        return sum(n for _, n in self.SCHEDULE)
+        return sum(n for _, n in self.SCHEDULE) + 1  # + the execute stage
 
     @property
     def interval(self) -> int:
@@ -238,15 +245,21 @@ class RequantSerial(wiring.Component):
         step = Signal(range(max(n for _, n in self.SCHEDULE)))
         tag = Signal(i.tag.shape())
         at = {name: Signal(name=f"at_{name.lower()}") for name in names}  # phase decode
+        ex = {name: Signal(name=f"ex_{name.lower()}", init=name == "IDLE")  # ... a cycle later
+              for name in names}
         for n, name in enumerate(names):
             m.d.comb += at[name].eq(phase == n)
+            m.d.sync += ex[name].eq(at[name])
         step_end = Signal()  # the phase's last cycle
         long = {name: n for name, n in self.SCHEDULE if n > 1}
         ends = [at[name] & (step == n - 1) for name, n in long.items()]
         m.d.comb += step_end.eq(~Cat(*(at[name] for name in long)).any() | Cat(*ends).any())
+        # step flags of the execute stage
+        last_mul, step32 = Signal(), Signal()
+        m.d.sync += [last_mul.eq(step == 31), step32.eq(step == 32)]
         m.d.comb += [
-            self.busy.eq(~at["IDLE"]),
-            self.o_stream.valid.eq(at["OUT"]),
+            self.busy.eq(~(at["IDLE"] & ex["IDLE"])),
+            self.o_stream.valid.eq(ex["OUT"]),
             self.o_stream.payload.tag.eq(tag),
         ]
         with m.If(self.i_stream.valid):
@@ -259,10 +272,11 @@ class RequantSerial(wiring.Component):
 
         for lane in range(self.lanes):
             m.d.comb += self.o_stream.payload.out[lane].eq(
-                self._lane(m, lane, at, step, self.i_stream.valid, i.acc[lane], i.params[lane]))
+                self._lane(m, lane, at, ex, step, last_mul, step32, self.i_stream.valid,
+                           i.acc[lane], i.params[lane]))
         return m
 
-    def _lane(self, m, lane, at, step, start, acc, p):
+    def _lane(self, m, lane, at, ex, step, last_mul, step32, start, acc, p):
         def sig(shape, name):
             return Signal(shape, name=f"l{lane}_{name}")
 
@@ -270,61 +284,68 @@ class RequantSerial(wiring.Component):
         x = sig(signed(32), "x")  # the multiplicand
         sat, sign = sig(1, "sat"), sig(1, "sign")  # x overflowed to INT32_MIN/MAX (sign)
         rnd = sig(1, "rnd")  # the last product bit shifted out: ab[30]
+        low = sig(1, "low")  # v < clamp_min
         gt = sig(1, "gt")  # max(v, clamp_min) > clamp_max
-        last_mul = step == 31
-        m_bit = p.multiplier.bit_select(step[:5], 1)
         right = p.shift[-1]  # shift < 0: e = min(-shift, 31) >= 1
+
+        # -- operand stage: from the phase counter and the held ports into flops ------------
         # step < min(max(shift, 0), 31) and step + 1 < e, by the sign of a short sum
         lsh_step, rsh_step = sig(signed(9), "lsh_step"), sig(signed(9), "rsh_step")
         m.d.comb += [lsh_step.eq(step - p.shift), rsh_step.eq(step + 1 + p.shift)]
-        lsh_on = (step < MAX_SHIFT) & lsh_step[-1]
-        rsh_on = rsh_step[-1]
-
+        lsh_on, rsh_on = sig(1, "lsh_on"), sig(1, "rsh_on")
+        m.d.sync += [lsh_on.eq((step < MAX_SHIFT) & lsh_step[-1]), rsh_on.eq(rsh_step[-1])]
         # the adder: a + b + cin in one carry chain, as (Cat(1, a) + Cat(cin, b)) >> 1 in 36
         # bits. b is an AND-OR of the sources, then an XOR: ~x + 1 = -x for the multiplier's
-        # sign bit, all ones for -1, ~bound + 1 = -bound for the clamp compares.
+        # sign bit, all ones for -1, ~bound + 1 = -bound for the clamp compares. b and cin are
+        # registered: x is final a cycle before MUL (SETTLE), rnd a cycle before RND.
+        op_last = step == 31
         use_x = sig(1, "use_x")
-        m.d.comb += use_x.eq(at["MUL"] & m_bit)
+        m.d.comb += use_x.eq(at["MUL"] & p.multiplier.bit_select(step[:5], 1))
         use_bound = at["ZP"] | at["CMIN"] | at["ADDMIN"] | at["CMAX"]
         bound = Mux(at["ZP"], p.zero_point, Mux(at["CMAX"], p.clamp_max, p.clamp_min))
-        invert = (use_x & last_mul) | at["NEG"] | at["CMIN"] | at["CMAX"]
+        invert = (use_x & op_last) | at["NEG"] | at["CMIN"] | at["CMAX"]
         sources = [(acc, at["ACC"]), (p.bias, at["BIAS"]), (x, use_x), (bound, use_bound)]
         wide = [sig(signed(35), f"src{n}") for n in range(len(sources))]  # sign-extended
         m.d.comb += [w.eq(v) for w, (v, _) in zip(wide, sources, strict=True)]
         picked = [w & sel.replicate(35) for w, (_, sel) in zip(wide, sources, strict=True)]
         b, cin = sig(signed(35), "b"), sig(1, "cin")
-        m.d.comb += [
+        m.d.sync += [
             b.eq((picked[0] | picked[1] | picked[2] | picked[3]) ^ invert.replicate(35)),
-            cin.eq((use_x & last_mul) | at["CMIN"] | (at["RND"] & rnd) | at["RSH1"]),
+            cin.eq((use_x & op_last) | at["CMIN"] | (at["RND"] & rnd) | at["RSH1"]),
         ]
+
+        # -- execute stage: registered phase flags, b and cin ---------------------------------
         total = sig(signed(35), "sum")
         m.d.comb += total.eq((Cat(Const(1, 1), a, a[-1]) + Cat(cin, b))[:36].as_signed() >> 1)
 
-        # a: cleared, or loaded with the sum or the sum shifted right by one
-        clear = start | at["LOADX"] | (at["CMIN"] & total[-1])
-        load = (at["ACC"] | at["BIAS"] | at["MUL"] | at["RND"] | at["ZP"] | at["CMIN"] |
-                at["ADDMIN"] | (at["NEG"] & right & a[-1]) | (at["RSH"] & rsh_on) |
-                (at["RSH1"] & right))
-        halve = (at["MUL"] & ~last_mul) | at["RSH"] | at["RSH1"]
+        # a: cleared, or loaded with the sum or the sum shifted right by one. Every clear comes
+        # from flops: CMIN keeps v - clamp_min and its sign, FLOOR clears a negative one.
+        clear = start | ex["LOADX"] | (ex["FLOOR"] & low)
+        load = (ex["ACC"] | ex["BIAS"] | ex["MUL"] | ex["RND"] | ex["ZP"] | ex["CMIN"] |
+                ex["ADDMIN"] | (ex["NEG"] & right & a[-1]) | (ex["RSH"] & rsh_on) |
+                (ex["RSH1"] & right))
+        halve = (ex["MUL"] & ~last_mul) | ex["RSH"] | ex["RSH1"]
         with m.If(clear):
             m.d.sync += a.eq(0)
         with m.Elif(load):
             m.d.sync += a.eq(Mux(halve, total >> 1, total))
-        with m.If(at["MUL"] & ~last_mul):
+        with m.If(ex["MUL"] & ~last_mul):
             m.d.sync += rnd.eq(total[0])
+        with m.If(ex["CMIN"]):  # a + ~clamp_min + 1 = v - clamp_min
+            m.d.sync += low.eq(total[-1])
 
         # x: loaded with a = acc + bias (its sat32 overflow: a[32] != a[31]), then shifted left
         # lsh times unless a sign change would leave; an overflowed lane shifts in its
         # saturation value, sign bit first: the bit shifted in at step 32 reaches bit 31 at 63
         grow = lsh_on & (x[31] == x[30])
-        with m.If(at["LOADX"] | (at["LSH"] & (sat | grow))):
-            m.d.sync += x.eq(Mux(at["LOADX"], a[:32],
-                                 Cat(sat & (Mux(step == 32, sign, ~sign)), x[:31])))
-        with m.If(at["LOADX"]):
+        with m.If(ex["LOADX"] | (ex["LSH"] & (sat | grow))):
+            m.d.sync += x.eq(Mux(ex["LOADX"], a[:32],
+                                 Cat(sat & (Mux(step32, sign, ~sign)), x[:31])))
+        with m.If(ex["LOADX"]):
             m.d.sync += [sat.eq(a[32] != a[31]), sign.eq(a[32])]
-        with m.Elif(at["LSH"] & lsh_on & (x[31] != x[30])):
+        with m.Elif(ex["LSH"] & lsh_on & (x[31] != x[30])):
             m.d.sync += sat.eq(1)
-        with m.If(at["CMAX"]):  # a + ~clamp_max = a - clamp_max - 1
+        with m.If(ex["CMAX"]):  # a + ~clamp_max = a - clamp_max - 1
             m.d.sync += gt.eq(~total[-1])
         return Mux(gt, p.clamp_max, a[:8])
 

@@ -31,7 +31,7 @@ class Implementation:
 
     ``overlap``: units run concurrently under hazard tracking (otherwise one instruction at a
     time). ``serial_requant``: requantize with the small :class:`~.requant.RequantSerial`
-    engines (about 138 cycles per channel per lane, no DSP) instead of the DSP pipeline.
+    engines (about 141 cycles per channel per lane, no DSP) instead of the DSP pipeline.
     ``shadow``: the MAC array copies finished blocks into a shadow bank (otherwise ``rows``
     idle cycles between blocks). ``ram_counters``: the performance counters live in a block RAM
     behind narrow pending sums (:class:`~.counters.PerfCounters`), not in flip-flops.
