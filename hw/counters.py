@@ -132,14 +132,21 @@ class PerfCounters(wiring.Component):
             with m.If(first):
                 m.d.sync += [p_hi.eq(taken[hw:]), zero.eq(is_zero)]
 
+        # `add` and `clear` go through flops first (the increments are computed late in the
+        # cycle by the units): the counters run a cycle behind. The record still holds every
+        # increment made before `dump`: the flush visits each counter at least a cycle later.
+        add = [Signal(self._max_add[c].bit_length(), name=f"add_{c.name.lower()}")
+               for c in Counter]
+        clear = Signal()
+        m.d.sync += [clear.eq(self.clear)] + [add[c.value].eq(self.add[c.value]) for c in Counter]
         for c in Counter:
             visited = first & (w_c == c.value)
-            with m.If(self.clear):
+            with m.If(clear):
                 m.d.sync += [pend[c.value].eq(0), cleared[c.value].eq(1)]
             with m.Elif(visited):  # taken into the RAM this cycle: restart from this increment
-                m.d.sync += [pend[c.value].eq(self.add[c.value]), cleared[c.value].eq(0)]
+                m.d.sync += [pend[c.value].eq(add[c.value]), cleared[c.value].eq(0)]
             with m.Else():
-                m.d.sync += pend[c.value].eq(pend[c.value] + self.add[c.value])
+                m.d.sync += pend[c.value].eq(pend[c.value] + add[c.value])
 
         # -- record: after a full round of the updater, read the words out in order ---------
         flush = Signal(range(depth + chunks + 2))
