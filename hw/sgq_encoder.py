@@ -557,19 +557,33 @@ class StripeEncoder(wiring.Component):
         mode, shift = Signal(SgqMode), Signal(SHIFT_BITS)
         coded = mode != SgqMode.BASE
 
-        def fits(mode):
+        def fits_of(u, r, mode):
             bits = SGQ_MODE_BITS[mode]
             return (u >> bits == 0) & ~(r & (u[:bits] == (1 << bits) - 1))
 
-        def decided(mode_value, shift_value):
-            m.d.sync += [mode.eq(mode_value), shift.eq(shift_value)]
+        # fits(mode) for the current u and r, as flops loaded together with u and r (the
+        # decision then drives the FSM from registers)
+        fit = {mode: Signal(name=f"fit_{SGQ_MODE_BITS[mode]}") for mode in NARROW}
+
+        def set_u(u_value, r_value):
+            m.d.sync += [u.eq(u_value), r.eq(r_value)]
+            m.d.sync += [fit[mode].eq(fits_of(u_value, r_value, mode)) for mode in NARROW]
+
+        def fits(mode):
+            return fit[mode]
+
+        def decided(mode_value, shift_value):  # mode_value: a constant
+            n_adds = 0 if mode_value == SgqMode.BASE else SGQ_MODE_BITS[mode_value]
+            m.d.sync += [mode.eq(mode_value), shift.eq(shift_value), adds.eq(n_adds),
+                         add_first.eq(1), add_last.eq(n_adds == 0)]
             m.next = "HEADER"
             with m.If(sizing):
                 m.next = "SIZE_ADD"
 
         # -- size: total += mode bits [+ header bits + L * b, as b additions of L]
         total = Signal(_total_shape(geom, cols))  # 15 + payload bits: length = total >> 3
-        adds = Signal(range(9))
+        adds = Signal(range(9))  # additions of L still due after this one
+        add_first, add_last = Signal(), Signal()  # flags: this add is the mode bits / the last
         group_end = Signal()  # the stripe just sized was the group's last
         code_bits = Signal(range(9))
         with m.Switch(mode):
@@ -634,7 +648,8 @@ class StripeEncoder(wiring.Component):
                         m.d.sync += group_end.eq(scan_last)
                         m.next = "DECIDE_START"
             with m.State("DECIDE_START"):
-                m.d.sync += [u.eq(hi - lo), r.eq(0), s.eq(0), wide_fit.eq(0)]
+                set_u((hi - lo)[:8], 0)
+                m.d.sync += [s.eq(0), wide_fit.eq(0)]
                 m.next = "DECIDE"
                 with m.If(hi == base):  # every value is the base
                     decided(SgqMode.BASE, 0)
@@ -652,13 +667,13 @@ class StripeEncoder(wiring.Component):
                         with m.Else():  # the widest codes fit at shift 0
                             decided(CODED[-1], 0)
                     with m.Else():
-                        m.d.sync += [u.eq(u >> 1), r.eq(u[0]), s.eq(s + 1)]
+                        set_u(u >> 1, u[0])
+                        m.d.sync += s.eq(s + 1)
             with m.State("SIZE_ADD"):  # mode bits [+ header bits], then b times L
-                m.d.sync += [total.eq(total + Mux(adds == 0, Mux(coded, HEADER_BITS, MODE_BITS),
+                m.d.sync += [total.eq(total + Mux(add_first, Mux(coded, HEADER_BITS, MODE_BITS),
                                                   mul_const(stripe_len, cols))),
-                             adds.eq(adds + 1)]
-                with m.If(adds == Mux(coded, code_bits, 0)):
-                    m.d.sync += adds.eq(0)
+                             adds.eq(adds - 1), add_first.eq(0), add_last.eq(adds == 1)]
+                with m.If(add_last):
                     m.next = "SIZE"
                     with m.If(group_end):
                         m.d.sync += sizing.eq(0)

@@ -34,7 +34,8 @@ class StoreUnit(wiring.Component):
     ``exclusive`` (no other unit runs meanwhile; scratchpads with ``lanes``): the beat is
     picked without a multiplexer. The start zeroes every read port's register, then each beat
     is read on its own with the other beats of the word zeroed, so the beat sent is the OR of
-    all read registers.
+    all read registers. A beat is read only when the previous one has left (the read enables
+    do not depend on ``o_stream.ready``): a beat every other cycle at most.
     """
 
     def __init__(self, config: AccelConfig, *, exclusive: bool = False):
@@ -78,8 +79,11 @@ class StoreUnit(wiring.Component):
         ]
         sent = self.o_stream.valid & self.o_stream.ready
         if self._exclusive:
-            # `beat` is the next beat to read; each read fetches one beat
-            issue = more & (~fetched | sent)
+            # `beat` is the next beat to read; each read fetches one beat. A beat is read only
+            # once the port is free (from flops: the sink's ready reaches no read enable or
+            # address), so beats leave at most every other cycle (the iCE40's host link is far
+            # slower anyway)
+            issue = more & ~fetched
             m.d.comb += self.o_stream.payload.eq(
                 reduce(or_, [p.data.word_select(i, hw)
                              for b, p in ports.items() for i in range(geoms[b].beats)]))
