@@ -153,6 +153,8 @@ class Dispatcher(wiring.Component):
             # checks), so `hazard` has seen any unit that predecessor started.
             output_free = all_idle = load_free = ~hazard
         accept = Signal()
+        accepted = Signal()  # (compact) accept, a cycle later
+        m.d.sync += accepted.eq(accept)
 
         m.d.comb += [
             self.load.cmd.buf.eq(ops.ldst.buf),
@@ -186,19 +188,29 @@ class Dispatcher(wiring.Component):
         sent = self.o_stream.valid & self.o_stream.ready
 
         started = Signal()  # (compact) the offered instruction's unit has been started
-        settled = Signal()
-        m.d.sync += settled.eq(started)
+        # (compact) a unit's start is a flop, set with `started`: the decision (opcode, status,
+        # hazard) and the unit's reaction to its start are a cycle apart. Its busy shows a
+        # cycle after the start, in `hazard` a cycle later: `settled` waits for that.
+        start_q = {name: Signal(name=f"{name}_start_q") for name in ("gemm", "requant", "patch",
+                                                                     "sgq")}
+        started1, settled = Signal(), Signal()
+        m.d.sync += [started1.eq(started), settled.eq(started1 & started)]
+        if not self._overlap:
+            for name, q in start_q.items():
+                m.d.sync += q.eq(0)
+                m.d.comb += units[name][0].start.eq(q)
 
         def claims(name, s, execute):
             def emit():
                 m.d.sync += claim(name, s, execute)
             return emit
 
-        def launch(port, ready, claim_slot):
+        def launch(name, ready, claim_slot):
             """Start ``port``'s unit when ``ready``. With overlap the instruction is taken at
             once (``claim_slot()`` records its access set); without, only when every unit is
             idle again, so that it (the unit's ``cmd``) stays on offer while it executes and the
             unit needs no copy of its operands."""
+            port = units[name][0]
             if self._overlap:
                 with m.If(ready):
                     m.d.comb += [accept.eq(1), port.start.eq(1)]
@@ -210,8 +222,7 @@ class Dispatcher(wiring.Component):
                         m.d.comb += accept.eq(1)
                         m.d.sync += started.eq(0)
                 with m.Elif(ready):
-                    m.d.comb += port.start.eq(1)
-                    m.d.sync += started.eq(1)
+                    m.d.sync += [started.eq(1), start_q[name].eq(1)]
 
         def gemm_claims():
             with m.If(self.gemm.slot == 0):
@@ -234,31 +245,44 @@ class Dispatcher(wiring.Component):
                             with m.If(~execute):
                                 m.d.comb += accept.eq(1)
                             with m.Else():
-                                launch(self.gemm, clear_to_go & (self.gemm.ready if self._overlap
-                                                                 else 1), gemm_claims)
+                                launch("gemm", clear_to_go & (self.gemm.ready if self._overlap
+                                                              else 1), gemm_claims)
                         for name, code in (("requant", Opcode.REQUANT), ("patch", Opcode.PATCH)):
                             with m.Case(code):
                                 port = units[name][0]
                                 with m.If(~execute):
                                     m.d.comb += accept.eq(1)
                                 with m.Else():
-                                    launch(port, clear_to_go & (~port.busy[0] if self._overlap
+                                    launch(name, clear_to_go & (~port.busy[0] if self._overlap
                                                                 else 1), claims(name, 0, 1))
                         with m.Case(Opcode.SGQ):
-                            launch(self.sgq, output_free & (~execute | clear_to_go),
+                            launch("sgq", output_free & (~execute | clear_to_go),
                                    claims("sgq", 0, execute))
                         with m.Case(Opcode.SYNC):
                             m.next = "SYNC_WAIT"
                         with m.Default():  # NOP and undefined opcodes
                             m.d.comb += accept.eq(1)
+                faulty = (instr.status != Status.OK) & ~err
+                err_fields = [err_status.eq(instr.status), err_pc.eq(window),
+                              err_opcode.eq(instr.word.as_value()[:4])]
+                if self._overlap:
+                    with m.If(accept):
+                        m.d.sync += window.eq(window + 1)
+                        with m.If(faulty):
+                            m.d.sync += [err.eq(1)] + err_fields
+                else:
+                    # (compact) the wide registers load from registers only: the error fields
+                    # while a faulty instruction (not SYNC: it leaves ISSUE untaken) is offered,
+                    # as they are when it is taken; `window` a cycle after the accept (the next
+                    # instruction comes several cycles later)
+                    with m.If(self.i_instr.valid & faulty & (op != Opcode.SYNC)):
+                        m.d.sync += err_fields
+                    with m.If(accept & faulty):
+                        m.d.sync += err.eq(1)
+                    with m.If(accepted):
+                        m.d.sync += window.eq(window + 1)
                 with m.If(accept):
                     m.d.comb += [self.i_instr.ready.eq(1), self.count_instruction.eq(1)]
-                    m.d.sync += window.eq(window + 1)
-                    with m.If((instr.status != Status.OK) & ~err):
-                        m.d.sync += [
-                            err.eq(1), err_status.eq(instr.status), err_pc.eq(window),
-                            err_opcode.eq(instr.word.as_value()[:4]),
-                        ]
             with m.State("SYNC_WAIT"):
                 with m.If(all_idle):
                     m.d.comb += self.count_instruction.eq(1)

@@ -156,16 +156,17 @@ class SerialPacker(wiring.Component):
         m = Module()
         w = self._width
         beat = Signal(w)
-        full = self.fill == w
+        full = Signal()  # fill == w, as a flop: i_ready gates the encoder's reads
         m.d.comb += [
             self.i_ready.eq(~full),
             self.o_stream.valid.eq(full),
             self.o_stream.payload.eq(beat),
         ]
         with m.If(self.i_valid & ~full):  # the newest bit enters at the top
-            m.d.sync += [beat.eq(Cat(beat[1:], self.i_bit)), self.fill.eq(self.fill + 1)]
+            m.d.sync += [beat.eq(Cat(beat[1:], self.i_bit)), self.fill.eq(self.fill + 1),
+                         full.eq(self.fill == w - 1)]
         with m.If(self.o_stream.valid & self.o_stream.ready):
-            m.d.sync += self.fill.eq(0)
+            m.d.sync += [self.fill.eq(0), full.eq(0)]
         return m
 
 
@@ -610,7 +611,10 @@ class StripeEncoder(wiring.Component):
 
         # -- codes, LSB first: q = (t + h(s)) >> s with t = value - lo; adding h(s) = 2^(s-1)
         # carries t[s-1] into bit s, then the carry ripples up one code bit per cycle
-        t = Cat((value - lo)[:8], Const(0, 8))
+        # t is a register, loaded in a cycle of its own before the value's first bit (the
+        # read port's column multiplexer and the subtraction stay off the bit path)
+        t_r, t_ok = Signal(8), Signal()
+        t = Cat(t_r, Const(0, 8))
         carry = Signal()
         c_in = Mux(bit_idx == 0, (shift != 0) & t.bit_select((shift - 1)[:SHIFT_BITS], 1), carry)
         t_bit = t.bit_select(shift + bit_idx, 1)
@@ -704,14 +708,19 @@ class StripeEncoder(wiring.Component):
                     with m.If(coded):
                         scan(again=1)
                         m.next = "CODES"
-            with m.State("CODES"):  # pass 4: b bits per value
-                m.d.comb += [emit.eq(have), emit_bit.eq(t_bit ^ c_in)]
-                with m.If(took):
-                    m.d.sync += carry.eq(t_bit & c_in)
-                    with m.If(bit_idx == code_bits - 1):
-                        m.d.comb += [step.eq(1), field_done.eq(1)]
-                        with m.If(scan_last):
-                            m.next = "STRIPE"
+            with m.State("CODES"):  # pass 4: t = value - lo (a cycle), then b bits per value
+                with m.If(~t_ok):
+                    with m.If(have):
+                        m.d.sync += [t_r.eq((value - lo)[:8]), t_ok.eq(1)]
+                with m.Else():
+                    m.d.comb += [emit.eq(1), emit_bit.eq(t_bit ^ c_in)]
+                    with m.If(took):
+                        m.d.sync += carry.eq(t_bit & c_in)
+                        with m.If(bit_idx == code_bits - 1):
+                            m.d.comb += [step.eq(1), field_done.eq(1)]
+                            m.d.sync += t_ok.eq(0)
+                            with m.If(scan_last):
+                                m.next = "STRIPE"
             with m.State("PAD"):  # zero bits up to a whole beat; done when it has left
                 m.d.comb += [emit.eq(packer.fill != 0), emit_bit.eq(0)]
                 with m.If(packer.fill == 0):

@@ -32,10 +32,10 @@ class StoreUnit(wiring.Component):
     port the cycle after. No word is copied into registers.
 
     ``exclusive`` (no other unit runs meanwhile; scratchpads with ``lanes``): the beat is
-    picked without a multiplexer. The start zeroes every read port's register, then each beat
-    is read on its own with the other beats of the word zeroed, so the beat sent is the OR of
-    all read registers. A beat is read only when the previous one has left (the read enables
-    do not depend on ``o_stream.ready``): a beat every other cycle at most.
+    picked without a multiplexer. The cycle after the start zeroes every read port's register,
+    then each beat is read on its own with the other beats of the word zeroed, so the beat sent
+    is the OR of all read registers. A beat is read only when the previous one has left (the
+    read enables do not depend on ``o_stream.ready``): a beat every other cycle at most.
     """
 
     def __init__(self, config: AccelConfig, *, exclusive: bool = False):
@@ -83,7 +83,13 @@ class StoreUnit(wiring.Component):
             # once the port is free (from flops: the sink's ready reaches no read enable or
             # address), so beats leave at most every other cycle (the iCE40's host link is far
             # slower anyway)
-            issue = more & ~fetched
+            # The read registers are zeroed the cycle after the start, from a flop (the start
+            # comes late in the cycle, and each read register's reset is a wide net); no read
+            # is issued in that cycle.
+            clearing = Signal()
+            m.d.sync += clearing.eq(self.ctrl.start)
+            m.d.comb += busy.eq(more | fetched | clearing)
+            issue = more & ~fetched & ~clearing
             m.d.comb += self.o_stream.payload.eq(
                 reduce(or_, [p.data.word_select(i, hw)
                              for b, p in ports.items() for i in range(geoms[b].beats)]))
@@ -94,7 +100,7 @@ class StoreUnit(wiring.Component):
             with m.Elif(sent):
                 m.d.sync += fetched.eq(0)
             for b, port in ports.items():
-                with m.If(self.ctrl.start):  # clear every read register (a zero STORE reads none)
+                with m.If(clearing):  # clear every read register (a zero STORE reads none)
                     m.d.comb += [port.en.eq(1), port.zero.eq(-1)]
                 with m.Elif(issue & ~zero & (buf == b)):
                     m.d.comb += [port.en.eq(1), port.zero.eq(~(1 << beat))]
