@@ -599,10 +599,13 @@ class StripeEncoder(wiring.Component):
         took = emit & packer.i_ready
         field_done = Signal()  # strobe: the field's last bit is taken
         m.d.comb += [packer.i_valid.eq(emit), packer.i_bit.eq(emit_bit)]
+        # code_last: bit_idx == code_bits - 1, as a flop (codes have 2 bits or more; only CODES
+        # reads it, and it enters with bit_idx = 0)
+        code_last = Signal()
         with m.If(field_done):
-            m.d.sync += bit_idx.eq(0)
+            m.d.sync += [bit_idx.eq(0), code_last.eq(0)]
         with m.Elif(took):
-            m.d.sync += bit_idx.eq(bit_idx + 1)
+            m.d.sync += [bit_idx.eq(bit_idx + 1), code_last.eq(bit_idx == code_bits - 2)]
 
         def field(value, bits):  # sends `value`; true in the cycle its last bit is taken
             m.d.comb += [emit.eq(1), emit_bit.eq(value.bit_select(bit_idx, 1)),
@@ -716,7 +719,7 @@ class StripeEncoder(wiring.Component):
                     m.d.comb += [emit.eq(1), emit_bit.eq(t_bit ^ c_in)]
                     with m.If(took):
                         m.d.sync += carry.eq(t_bit & c_in)
-                        with m.If(bit_idx == code_bits - 1):
+                        with m.If(code_last):
                             m.d.comb += [step.eq(1), field_done.eq(1)]
                             m.d.sync += t_ok.eq(0)
                             with m.If(scan_last):
