@@ -5,6 +5,7 @@ from operator import or_
 
 from amaranth.hdl import Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
 from .arith import mul_const
@@ -27,15 +28,16 @@ class StoreCommand(data.Struct):
 class StoreUnit(wiring.Component):
     """Sends ``count`` words of ``buf`` on ``o_stream``, one beat per cycle under back-pressure.
 
-    The read port's output is the send stage: it holds the word while its beats go out (``en``
-    low), and the next word is read in the cycle its last beat is accepted, so it shows on the
-    port the cycle after. No word is copied into registers.
+    The read port's output holds the word while its beats are picked (``en`` low), one per
+    cycle into a two-entry output FIFO, and the next word is read in the cycle its last beat is
+    picked, so it shows on the port the cycle after. No word is copied into registers.
 
     ``exclusive`` (no other unit runs meanwhile; scratchpads with ``lanes``): the beat is
     picked without a multiplexer. The cycle after the start zeroes every read port's register,
     then each beat is read on its own with the other beats of the word zeroed, so the beat sent
-    is the OR of all read registers. A beat is read only when the previous one has left (the
-    read enables do not depend on ``o_stream.ready``): a beat every other cycle at most.
+    (without the output FIFO) is the OR of all read registers. A beat is read only when the
+    previous one has left (the read enables do not depend on ``o_stream.ready``): a beat every
+    other cycle at most.
     """
 
     def __init__(self, config: AccelConfig, *, exclusive: bool = False):
@@ -73,11 +75,6 @@ class StoreUnit(wiring.Component):
                     m.d.comb += last_beat.eq(beat == beats - 1)
         ports = {b: getattr(self, f"rd_{b.name.lower()}") for b in geoms}
 
-        m.d.comb += [
-            self.o_stream.valid.eq(fetched),
-            busy.eq(more | fetched),
-        ]
-        sent = self.o_stream.valid & self.o_stream.ready
         if self._exclusive:
             # `beat` is the next beat to read; each read fetches one beat. A beat is read only
             # once the port is free (from flops: the sink's ready reaches no read enable or
@@ -88,7 +85,8 @@ class StoreUnit(wiring.Component):
             # is issued in that cycle.
             clearing = Signal()
             m.d.sync += clearing.eq(self.ctrl.start)
-            m.d.comb += busy.eq(more | fetched | clearing)
+            m.d.comb += [self.o_stream.valid.eq(fetched), busy.eq(more | fetched | clearing)]
+            sent = self.o_stream.valid & self.o_stream.ready
             issue = more & ~fetched & ~clearing
             m.d.comb += self.o_stream.payload.eq(
                 reduce(or_, [p.data.word_select(i, hw)
@@ -105,15 +103,26 @@ class StoreUnit(wiring.Component):
                 with m.Elif(issue & ~zero & (buf == b)):
                     m.d.comb += [port.en.eq(1), port.zero.eq(~(1 << beat))]
         else:
-            # `beat` is the beat being sent; each read fetches a word
-            word_done = sent & last_beat
-            issue = more & (~fetched | word_done)
+            # `beat` is the beat being picked; each read fetches a word. Picked beats go through
+            # a two-entry FIFO, so neither the path from a block RAM's output (the read
+            # registers' clock-to-output is slow on the ECP5) nor the sink's `ready` reaches
+            # further than the FIFO: a beat is picked when the FIFO has room (from its level).
+            m.submodules.out_fifo = fifo = SyncFIFO(width=hw, depth=2)
+            m.d.comb += [
+                self.o_stream.valid.eq(fifo.r_rdy),
+                self.o_stream.payload.eq(fifo.r_data),
+                fifo.r_en.eq(self.o_stream.ready),
+                busy.eq(more | fetched | fifo.r_rdy),
+            ]
+            sent = fetched & fifo.w_rdy  # the picked beat enters the FIFO
             payload = Signal(hw)
             with m.Switch(buf):
                 for b, port in ports.items():
                     with m.Case(b):
                         m.d.comb += payload.eq(port.data.word_select(beat, hw))
-            m.d.comb += self.o_stream.payload.eq(Mux(zero, 0, payload))
+            m.d.comb += [fifo.w_en.eq(sent), fifo.w_data.eq(Mux(zero, 0, payload))]
+            word_done = sent & last_beat
+            issue = more & (~fetched | word_done)
             with m.If(sent):
                 m.d.sync += beat.eq(Mux(last_beat, 0, beat + 1))
             with m.If(issue):

@@ -9,7 +9,7 @@ from amaranth.hdl import Module, Mux, unsigned
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .config import AccelConfig
+from .config import AccelConfig, get_config
 from .counters import PerfCounters
 from .decoder import Decoder
 from .dispatcher import Dispatcher
@@ -75,7 +75,7 @@ class Accelerator(wiring.Component):
     Parameters
     ----------
     config:
-        The :class:`~tinyaccel.hw.config.AccelConfig` that sizes every block.
+        The :class:`~tinyaccel.hw.config.AccelConfig` that sizes every block, or a preset name.
     impl:
         :class:`Implementation` choices (default: :meth:`Implementation.for_config`).
 
@@ -83,8 +83,8 @@ class Accelerator(wiring.Component):
     (responses), ``busy`` (a unit executing or a response pending), ``error`` (sticky until SYNC).
     """
 
-    def __init__(self, config: AccelConfig, impl: Implementation | None = None):
-        self.config = config
+    def __init__(self, config: AccelConfig | str, impl: Implementation | None = None):
+        self.config = config = get_config(config)
         self.impl = impl if impl is not None else Implementation.for_config(config)
         super().__init__({
             "i_stream": In(stream.Signature(unsigned(config.host_width))),
