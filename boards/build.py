@@ -100,13 +100,6 @@ BOARDS: dict[str, BoardSpec] = {
 }
 
 
-#: Yosys commands run after reading the design: a register whose signal has the ``keep``
-#: attribute keeps its own flop. ``keep`` on a wire alone does not stop ``opt_merge`` from
-#: merging flops with the same input (the MAC array's per-DSP operand copies would collapse
-#: back into one register driving a row of DSPs across the die).
-KEEP_FLOPS = "setattr -set keep 1 a:keep %ci1:+$dff[Q] t:$dff %i"
-
-
 def _spec(board: str) -> BoardSpec:
     try:
         return BOARDS[board]
@@ -142,7 +135,6 @@ def _plan(spec: BoardSpec, top: BoardTop, seed: int, synth_opts: str | None = No
     # reported (``timing_met``), not fatal, so a slow design still tells where it is slow.
     overrides["nextpnr_opts"] = (f"--report top.report.json --timing-allow-fail --seed {seed} "
                                  f"{spec.nextpnr_opts}").strip()
-    overrides["script_after_read"] = KEEP_FLOPS
     return spec.platform().build(top, name="top", do_build=False, **overrides)
 
 

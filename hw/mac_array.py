@@ -42,11 +42,10 @@ class MacArray(wiring.Component):
 
     Every cycle with ``i_stream.valid`` does ``acc[r][c] (+)= inp[r] * wgt[c]`` (``first`` loads
     instead of adding). Pipeline: operand registers, product registers (so each multiplier with
-    its registers maps to one DSP: SB_MAC16 / MULT18X18D), accumulators; with the shadow bank a
-    multiplier has its own operand copies and a second product register (see elaborate).
-    When a block's ``last`` step has been accumulated, the accumulators are copied into a shadow
-    bank in one cycle, so the next block computes at once, and the shadow bank sends the block's
-    rows on ``o_stream``, one per cycle, row 0 first.
+    its registers maps to one DSP: SB_MAC16 / MULT18X18D), accumulators. When a block's ``last``
+    step has been accumulated, the accumulators are copied into a shadow bank in one cycle, so the
+    next block computes at once, and the shadow bank sends the block's rows on ``o_stream``, one
+    per cycle, row 0 first.
 
     Neither stream can stall (``always_ready``): the producer must space the ``last`` steps of
     consecutive blocks by at least ``rows`` cycles (blocks with ``k >= rows`` always are).
@@ -64,9 +63,6 @@ class MacArray(wiring.Component):
     :attr:`spacing` is the producer's distance, in cycles, between a ``last`` step and the step
     that must wait for it (the next ``last`` with the shadow bank, the next ``first`` without).
     """
-
-    #: operand copies in series per multiplier with the shadow bank (see elaborate)
-    REACH = 2
 
     def __init__(self, rows: int, cols: int, tag_shape=0, *, shadow: bool = True,
                  group: int = 1):
@@ -91,53 +87,22 @@ class MacArray(wiring.Component):
 
         # stage 1: operand registers. The data registers have no reset (only the valid bits
         # matter), so that synthesis can take them into the DSPs.
-        a_op = [Signal(signed(8), name=f"a{r}", reset_less=True) for r in range(rows)]
-        b_op = [Signal(signed(8), name=f"b{c}", reset_less=True) for c in range(cols)]
+        a = [Signal(signed(8), name=f"a{r}", reset_less=True) for r in range(rows)]
+        b = [Signal(signed(8), name=f"b{c}", reset_less=True) for c in range(cols)]
         v1, first1, last1 = Signal(), Signal(), Signal()
         tag1 = Signal(tag_shape)
         m.d.sync += [v1.eq(self.i_stream.valid), first1.eq(i.first), last1.eq(i.last),
                      tag1.eq(i.tag)]
-        m.d.sync += [a_op[r].eq(i.inp[r]) for r in range(rows)]
-        m.d.sync += [b_op[c].eq(i.wgt[c]) for c in range(cols)]
-
-        # Long routes (full builds): the ECP5's DSPs span the whole die, the logic around the
-        # array sits in one place, and Yosys packs no register into a MULT18X18D. Each
-        # multiplier gets `REACH` copies of its operands in series and one more register after
-        # its product, so that the placer can spread the way to and from a far DSP over flops
-        # instead of ending a long route in a multiplier. `keep` stops Yosys from merging the
-        # copies again (the board flow extends it to the flops).
-        reach = self.REACH if self.shadow else 0
-
-        def delay(value, stages, name):
-            for n in range(stages):
-                reg = Signal.like(value, name=f"{name}_d{n}", reset_less=True,
-                                  attrs={"keep": 1})
-                m.d.sync += reg.eq(value)
-                value = reg
-            return value
-
-        def delay_ctrl(ctrl, stages, stage):
-            """(valid, first, last, tag) ``stages`` cycles later, named after ``stage``."""
-            for n in range(stages):
-                suffix = f"{stage}_d{n}" if stages > 1 else f"{stage}"
-                regs = [Signal(name=f"v{suffix}"), Signal(name=f"first{suffix}"),
-                        Signal(name=f"last{suffix}"), Signal(tag_shape, name=f"tag{suffix}")]
-                m.d.sync += [r.eq(c) for r, c in zip(regs, ctrl, strict=True)]
-                ctrl = regs
-            return ctrl
-
-        a = [[delay(a_op[r], reach, f"a{r}_{c}") for c in range(cols)] for r in range(rows)]
-        b = [[delay(b_op[c], reach, f"b{r}_{c}") for c in range(cols)] for r in range(rows)]
-        v1, first1, last1, tag1 = delay_ctrl([v1, first1, last1, tag1], reach, "1r")
+        m.d.sync += [a[r].eq(i.inp[r]) for r in range(rows)]
+        m.d.sync += [b[c].eq(i.wgt[c]) for c in range(cols)]
 
         # stage 2: product registers
         p = [[Signal(signed(16), name=f"p{r}_{c}", reset_less=True) for c in range(cols)]
              for r in range(rows)]
-        m.d.sync += [p[r][c].eq(a[r][c] * b[r][c]) for r in range(rows) for c in range(cols)]
-        v2, first2, last2, tag2 = delay_ctrl([v1, first1, last1, tag1], 1, 2)
-        if self.shadow:
-            p = [[delay(p[r][c], 1, f"p{r}_{c}") for c in range(cols)] for r in range(rows)]
-            v2, first2, last2, tag2 = delay_ctrl([v2, first2, last2, tag2], 1, "2r")
+        v2, first2, last2 = Signal(), Signal(), Signal()
+        tag2 = Signal(tag_shape)
+        m.d.sync += [v2.eq(v1), first2.eq(first1), last2.eq(last1), tag2.eq(tag1)]
+        m.d.sync += [p[r][c].eq(a[r] * b[c]) for r in range(rows) for c in range(cols)]
 
         # stage 3: accumulators
         acc = [[Signal(signed(32), name=f"acc{r}_{c}", reset_less=not self.shadow)

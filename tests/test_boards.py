@@ -503,35 +503,6 @@ def test_classic_abc_script(tmp_path):
     assert lines[-2] == "synth_ecp5 -top top -run map_cells:"
 
 
-def _ecp5_flops(tmp_path, design, script_after_read):
-    """TRELLIS_FF count of the stream component ``design`` after ``synth_ecp5``."""
-    import subprocess
-
-    from amaranth.back import rtlil
-    il = tmp_path / "design.il"
-    ports = [design.i_stream.valid, design.i_stream.payload.as_value(),
-             design.o_stream.valid, design.o_stream.payload.as_value()]
-    il.write_text(rtlil.convert(design, name="top", ports=ports))
-    stat = tmp_path / "stat.txt"
-    subprocess.run([board_build.resolve_tool("yosys"), "-q", "-p",
-                    f"read_rtlil {il.name}; {script_after_read}; synth_ecp5 -top top; "
-                    f"tee -q -o {stat.name} stat"], check=True, cwd=tmp_path)
-    words = [line.split() for line in stat.read_text().splitlines()]
-    return sum(int(w[0]) for w in words if len(w) == 2 and w[1] == "TRELLIS_FF")
-
-
-def test_keep_flops_keeps_mac_operand_copies(tmp_path):
-    """The board flow's KEEP_FLOPS keeps each multiplier's operand copies apart; without it
-    Yosys merges them back into one chain per row / column."""
-    from tinyaccel.hw.mac_array import MacArray
-    rows, cols, reach = 2, 3, MacArray.REACH
-    kept = _ecp5_flops(tmp_path, MacArray(rows, cols), board_build.KEEP_FLOPS)
-    merged = _ecp5_flops(tmp_path, MacArray(rows, cols), "")
-    copies = 8 * reach * 2 * rows * cols  # 8-bit a and b copies, per multiplier
-    chains = 8 * reach * (rows + cols)  # one a chain per row, one b chain per column
-    assert kept - merged == copies - chains
-
-
 @pytest.mark.slow
 def test_build_ulx3s_bitstream(tmp_path, request):
     """Full ECP5 synthesis, place and route (minutes). ``make regress`` (``-m slow``)."""
