@@ -194,3 +194,13 @@ def test_generate_verilog_ports():
                      "o_stream__payload", "o_stream__valid", "o_stream__ready", "busy", "error"}
     assert "input [15:0] i_stream__payload" in text
     assert "output [15:0] o_stream__payload" in text
+
+
+def test_accelerator_takes_a_preset_name():
+    from tinyaccel.errors import ConfigError
+    from tinyaccel.hw.top import Accelerator, Implementation
+    accel = Accelerator("ice40")
+    assert accel.config is PRESETS["ice40"]
+    assert accel.impl == Implementation.compact()
+    with pytest.raises(ConfigError, match="'nope'"):
+        Accelerator("nope")
