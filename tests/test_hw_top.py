@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """End-to-end Amaranth simulation of the Accelerator against the golden model.
 
 Byte streams go in with random valid gaps and come out under random back-pressure; responses are
