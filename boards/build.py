@@ -28,7 +28,7 @@ from pathlib import Path
 
 from amaranth._toolchain import tool_env_var
 
-from tinyaccel.errors import BackendUnavailable, ConfigError, TinyAccelError
+from tinyaccel.errors import BackendUnavailable, BuildError, ConfigError, TinyAccelError
 from tinyaccel.hw.config import AccelConfig
 
 from .board import BoardTop
@@ -51,9 +51,6 @@ TOOL_PACKAGES = {
 #: with a ``detail``, still running; called with ``("done", total, total, "")`` at the end.
 Progress = Callable[[str, int, int, str], None]
 
-
-class BuildError(TinyAccelError, RuntimeError):
-    """A synthesis / place-and-route / packing step failed; the message quotes its log."""
 
 
 @dataclass(frozen=True)

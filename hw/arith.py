@@ -5,13 +5,15 @@ from operator import add
 
 from amaranth.hdl import Const, Mux, Signal, Value
 
+from ..errors import ConfigError
+
 __all__ = ["mul_const", "leading_zeros"]
 
 
 def mul_const(value, constant: int) -> Value:
     """``value * constant`` as shifts and adds, so that synthesis never spends a DSP on it."""
     if constant < 0:
-        raise ValueError(f"constant={constant} must be >= 0")
+        raise ConfigError(f"constant={constant} must be >= 0")
     value = Value.cast(value)
     terms = [value << bit for bit in range(constant.bit_length()) if constant >> bit & 1]
     return reduce(add, terms) if terms else Const(0)

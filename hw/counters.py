@@ -5,6 +5,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
+from ..errors import ConfigError
 from .isa import COUNTER_BITS, Counter
 
 __all__ = ["ADD_BITS", "PerfCounters"]
@@ -44,7 +45,7 @@ class PerfCounters(wiring.Component):
         self._max_add = max_add
         if ram:
             if COUNTER_BITS % host_width or max_add is None:
-                raise ValueError("counters in RAM need host_width | 64 and max_add")
+                raise ConfigError("counters in RAM need host_width | 64 and max_add")
         super().__init__({
             "add": In(data.ArrayLayout(unsigned(ADD_BITS), len(Counter))),
             "clear": In(1),

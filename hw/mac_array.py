@@ -4,6 +4,8 @@ from amaranth.hdl import Cat, Module, ResetSignal, Signal, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from ..errors import ConfigError
+
 __all__ = ["OperandLayout", "RowLayout", "GroupLayout", "MacArray"]
 
 
@@ -67,7 +69,7 @@ class MacArray(wiring.Component):
     def __init__(self, rows: int, cols: int, tag_shape=0, *, shadow: bool = True,
                  group: int = 1):
         if cols % group:
-            raise ValueError(f"group={group} must divide cols={cols}")
+            raise ConfigError(f"group={group} must divide cols={cols}")
         self.rows, self.cols, self.group = rows, cols, group
         self.shadow = shadow
         self.spacing = rows if shadow else rows * cols // group + 1

@@ -6,6 +6,7 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
+from ..errors import ConfigError
 from .arith import mul_const
 from .config import AccelConfig
 from .control import UnitControl
@@ -77,7 +78,7 @@ class BitPacker(wiring.Component):
 
     def __init__(self, width: int, max_bits: int):
         if width & (width - 1) or width < 8:
-            raise ValueError(f"width={width} must be a power of two, at least 8")
+            raise ConfigError(f"width={width} must be a power of two, at least 8")
         self._width, self._max_bits = width, max_bits
         super().__init__({
             "i_valid": In(1),
@@ -192,7 +193,7 @@ class StripeEncoder(wiring.Component):
 
     def __init__(self, config: AccelConfig, *, serial: bool = False, held_cmd: bool = False):
         if held_cmd and not serial:
-            raise ValueError("held_cmd is a choice of the serial datapath")
+            raise ConfigError("held_cmd is a choice of the serial datapath")
         self._config = config
         self._serial = serial
         self._held_cmd = held_cmd

@@ -29,7 +29,7 @@ from ..errors import (
 )
 from ..hw.config import MASK_WORD_BITS, AccelConfig, get_config
 from ..hw.isa import INSTR_BYTES, Buffer, Counter, Instruction, Opcode, Status
-from ..hw.protocol import (
+from ..protocol import (
     PARAM_DTYPE,
     RawInstruction,
     StatusReport,
@@ -218,7 +218,7 @@ class GoldenMachine:
                                f"exceeds {buf.name} depth {depth}")
 
     def load_buffer(self, buf: Buffer, addr: int, array) -> None:
-        """Backdoor write of words (the :func:`~tinyaccel.hw.protocol.pack_words` forms)."""
+        """Backdoor write of words (the :func:`~tinyaccel.protocol.pack_words` forms)."""
         buf = Buffer(buf)
         words = unpack_words(self.config, buf, pack_words(self.config, buf, array))
         self._check_range(buf, addr, len(words))

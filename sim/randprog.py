@@ -2,7 +2,7 @@
 
 Every generator takes a NumPy ``Generator`` (or a seed) and is deterministic for it;
 :func:`seed_from_env` gives tests a seed that is printed and can be replayed with
-``TINYACCEL_SEED=<n>``. The programs are plain :class:`~tinyaccel.hw.protocol.Program` objects:
+``TINYACCEL_SEED=<n>``. The programs are plain :class:`~tinyaccel.protocol.Program` objects:
 run them on the golden model and on the RTL and compare the response bytes.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import FieldError
 from ..hw.config import AccelConfig, get_config
 from ..hw.isa import Buffer, Opcode, Status, operand_fields
-from ..hw.protocol import PARAM_DTYPE, Program, encode_fields, lane_dtype, lanes
+from ..protocol import PARAM_DTYPE, Program, encode_fields, lane_dtype, lanes
 from .numerics import INT32_MAX, INT32_MIN
 
 __all__ = ["seed_from_env", "random_words", "random_channel_params", "random_program",
@@ -96,7 +96,7 @@ def random_channel_params(rng, shape) -> np.ndarray:
 
 
 def random_words(config: AccelConfig, buf: Buffer, n: int, rng) -> np.ndarray:
-    """``n`` random words of ``buf`` in the :func:`~tinyaccel.hw.protocol.pack_words` form.
+    """``n`` random words of ``buf`` in the :func:`~tinyaccel.protocol.pack_words` form.
 
     INT8 buffers include -128 and 127 often; ACC mixes small sums, full-range values and
     INT32_MIN / INT32_MAX; PARAM uses :func:`random_channel_params`; MASK random bits.

@@ -58,12 +58,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendUnavailable, ProtocolError, TinyAccelError
+from ..errors import (
+    BackendUnavailable,
+    ConfigError,
+    ProtocolError,
+    SimulatorError,
+    SimulatorHang,
+)
 from ..hw.config import AccelConfig, get_config
 from ..hw.isa import INSTR_BYTES, Buffer, Opcode, operand_fields
 
 __all__ = [
-    "RtlBuild", "RtlResult", "RtlHang", "RtlSession", "build", "verilog_for",
+    "RtlBuild", "RtlResult", "SimulatorHang", "RtlSession", "build", "verilog_for",
     "run_cocotb_tests", "rtl_opcodes", "estimate_work", "TB_TOPLEVEL", "WRAPPER_FILE",
 ]
 
@@ -101,16 +107,6 @@ MAKE_VARS = {
 
 _BUILD_FORMAT = 2  # bump when the layout of a build directory changes
 
-
-class RtlHang(TinyAccelError):
-    """The accelerator stopped moving: no beat on either stream for ``watchdog`` cycles.
-
-    ``result`` holds what arrived before the hang (an :class:`RtlResult` with ``timed_out``).
-    """
-
-    def __init__(self, message: str, result: RtlResult):
-        super().__init__(message)
-        self.result = result
 
 
 @dataclass(frozen=True)
@@ -393,8 +389,8 @@ def build(config: str | AccelConfig, *, waves: bool | None = None, verilog: str 
             )
         except (RuntimeError, SystemExit) as exc:
             tail = log.read_text()[-4000:] if log.exists() else ""
-            raise RuntimeError(f"Verilator build of {config.name} failed ({exc}); "
-                               f"log {log}:\n{tail}") from None
+            raise SimulatorError(f"Verilator build of {config.name} failed ({exc}); "
+                                 f"log {log}:\n{tail}") from None
         finally:
             if saved is None:
                 del os.environ["MAKEFLAGS"]
@@ -564,7 +560,7 @@ def estimate_work(config: AccelConfig, stream: bytes) -> int:
 
 def _gap(p: float) -> int:
     if not 0.0 <= p < 1.0:
-        raise ValueError(f"gap probability {p} must be in [0, 1)")
+        raise ConfigError(f"gap probability {p} must be in [0, 1)")
     return int(round(p * 65536))
 
 
@@ -720,11 +716,11 @@ class RtlSession:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 listener.close()
                 t.join(1)
-                raise RuntimeError(f"simulator for {self.config.name} did not start "
+                raise SimulatorError(f"simulator for {self.config.name} did not start "
                                    f"({self._sim_exit!r}); log {self.log_file}:\n"
                                    f"{self._log_tail()}")
         if "conn" not in result:
-            raise RuntimeError(f"simulator connection failed: {result.get('error')}")
+            raise SimulatorError(f"simulator connection failed: {result.get('error')}")
         return result["conn"]
 
     def _log_tail(self, n: int = 3000) -> str:
@@ -738,17 +734,17 @@ class RtlSession:
         while not self._conn.poll(0.05):
             if not self._thread.is_alive() and not self._conn.poll(0):
                 self._teardown()
-                raise RuntimeError(f"simulator for {self.config.name} exited:\n"
+                raise SimulatorError(f"simulator for {self.config.name} exited:\n"
                                    f"{self._log_tail()}")
             if deadline is not None and time.monotonic() > deadline:
                 self._kill()
-                raise RuntimeError(f"simulator for {self.config.name} did not answer in "
+                raise SimulatorError(f"simulator for {self.config.name} did not answer in "
                                    f"{timeout} s; killed it")
         try:
             return self._conn.recv()
         except EOFError:
             self._teardown()
-            raise RuntimeError(f"simulator for {self.config.name} closed the connection:\n"
+            raise SimulatorError(f"simulator for {self.config.name} closed the connection:\n"
                                f"{self._log_tail()}") from None
 
     def _command(self, msg: dict, timeout: float | None = None) -> dict:
@@ -857,7 +853,7 @@ class RtlSession:
 
         Raises
         ------
-        RtlHang
+        SimulatorHang
             The watchdog fired; the accelerator was reset afterwards.
         ProtocolError
             The stream (or expected length) is not a whole number of host beats.
@@ -923,7 +919,7 @@ class RtlSession:
         self.stats.wall_s += wall
         if result.timed_out:
             self.reset()
-            raise RtlHang(
+            raise SimulatorHang(
                 f"{self.config.name}: no beat moved for {watchdog} cycles (hang) after "
                 f"{result.in_bytes_taken} of {len(stream)} input bytes and {len(out)} output "
                 f"bytes (expected {expected_out_bytes}); busy={int(result.busy_at_end)}",

@@ -23,7 +23,7 @@ from ..hw.isa import (
     StatusRecord,
     field_table,
 )
-from ..hw.protocol import (
+from ..protocol import (
     SGQ_LENGTH_BYTES,
     RawInstruction,
     decode_fields,
@@ -219,7 +219,7 @@ def isolated(config: AccelConfig | str, program) -> bytes:
     Programs that only read what they wrote (random programs with their prelude, corner
     programs) then answer the same bytes whatever ran before them, so each one replays alone.
     """
-    from ..hw.protocol import Program
+    from ..protocol import Program
     body = program if isinstance(program, (bytes, bytearray)) else program.to_bytes()
     return Program(get_config(config)).sync(clear=True).to_bytes() + bytes(body)
 
@@ -239,7 +239,7 @@ class Checker:
 
     def check(self, stream: bytes, label: str = "program", **run_kwargs) -> CheckResult:
         """Run ``stream`` on both; ``run_kwargs`` go to ``RtlSession.run_result``."""
-        from .rtl import RtlHang
+        from ..errors import SimulatorHang
         expected = self.golden.run(stream)
         try:
             result = self.session.run_result(stream, len(expected), **run_kwargs)
@@ -248,7 +248,7 @@ class Checker:
         except RuntimeError as exc:  # the simulator died; the session restarts on the next run
             self.golden.reset()
             return CheckResult(label, None, 0, hang=f"simulator crashed: {exc}")
-        except RtlHang as exc:
+        except SimulatorHang as exc:
             # The hang left the RTL somewhere inside the program; its state no longer matches.
             self.golden.reset()  # run_result has reset the RTL
             partial = compare_responses(self.config, stream, expected, exc.result.data)
@@ -261,7 +261,7 @@ class Checker:
 
     def _check_error_pin(self, stream: bytes, expected: bytes, error_pin: bool):
         """The ``error`` output is high (until the next SYNC) exactly when a program faults."""
-        from ..hw.protocol import StatusReport
+        from ..protocol import StatusReport
         faulted = None
         for seg in response_segments(self.config, stream, expected):
             if seg.opcode == Opcode.SYNC.value:

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..hw.config import AccelConfig, get_config
 from ..hw.isa import Counter
-from ..hw.protocol import Program, StatusReport, parse_responses
+from ..protocol import Program, StatusReport, parse_responses
 
 __all__ = ["GemmWorkload", "gemm_program", "random_gemm"]
 
@@ -40,7 +40,7 @@ class GemmWorkload:
         return self.program.to_bytes()
 
     def response_bytes(self) -> int:
-        from ..hw.protocol import response_length
+        from ..protocol import response_length
         return response_length(self.config, self.program)
 
     def parse(self, response: bytes) -> tuple[np.ndarray, StatusReport]:

@@ -29,7 +29,7 @@ import torch
 
 from ..errors import ShapeError
 from ..hw.isa import Counter, Opcode
-from ..hw.protocol import Program
+from ..protocol import Program
 from ..sim.numerics import im2col
 from .gemm import lower_gemm
 from .quant import HOST_KINDS, INPUT, LayerKind, QuantLayer, QuantModel, host_layer

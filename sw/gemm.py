@@ -270,7 +270,7 @@ class GemmLowering:
         parameters for N channels (required when ``plan.out == 'int8'``) as a dict of arrays
         with the :class:`~tinyaccel.hw.isa.ChannelParams` field names.
         """
-        from ..hw.protocol import channel_params_words
+        from ..protocol import channel_params_words
         plan, cfg = self.plan, self.config
         R, C = cfg.rows, cfg.cols
         for name, arr, shape in (("A", a, (plan.M, plan.K)), ("B", b, (plan.K, plan.N))):

@@ -100,12 +100,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ShapeError, TinyAccelError
+from ..errors import ShapeError, TrainingDivergedError, UnsupportedLayerError
 from ..hw.isa import Counter, Opcode
-from ..hw.protocol import Program
+from ..protocol import Program
 from ..sim.numerics import exact_gemm, im2col
 from .gemm import lower_gemm
-from .quant import UnsupportedLayerError
 
 __all__ = [
     "QMAX", "TrainingDivergedError", "OctoOptions", "METHODS", "options_for",
@@ -117,26 +116,6 @@ __all__ = [
 
 QMAX = 127  #: symmetric INT8 grid: codes -127..127 (-128 unused, so negation is exact)
 
-
-class TrainingDivergedError(TinyAccelError, FloatingPointError):
-    """A NaN or infinity appeared in training: names the step, the layer and the tensor."""
-
-    def __init__(self, message: str = "", *, step: int | None = None, layer: str = "?",
-                 tensor: str = "?"):
-        self.step, self.layer, self.tensor = step, layer, tensor
-        self.detail = message
-        super().__init__(self._text())
-
-    def _text(self) -> str:
-        where = f"step {self.step}: " if self.step is not None else ""
-        return (f"training diverged at {where}non-finite values in tensor {self.tensor!r} of "
-                f"layer {self.layer!r}" + (f" ({self.detail})" if self.detail else ""))
-
-    def at_step(self, step: int) -> TrainingDivergedError:
-        """The same error with the training step filled in."""
-        self.step = step
-        self.args = (self._text(),)
-        return self
 
 
 def _check_finite(t: torch.Tensor, layer: str, tensor: str) -> None:

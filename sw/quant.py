@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the universal torch idiom
 from torch import fx, nn
 
-from ..errors import DTypeError, FieldError, ShapeError, TinyAccelError
+from ..errors import DTypeError, FieldError, ShapeError, TinyAccelError, UnsupportedLayerError
 from ..sim.numerics import exact_gemm, im2col, quantize_multiplier, requantize
 
 __all__ = [
@@ -84,9 +84,6 @@ WEIGHT_MAX = 127  #: weights use [-127, 127]
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 INPUT = "input"  #: name of the model input tensor in ``QuantLayer.inputs``
 
-
-class UnsupportedLayerError(TinyAccelError, NotImplementedError):
-    """The model holds a layer (or a use of one) that the INT8 path cannot express."""
 
 
 class LayerKind(StrEnum):

@@ -165,7 +165,7 @@ class RunStats:
 
 
 class Device:
-    """The host interface: runs :class:`~tinyaccel.hw.protocol.Program` objects on a backend.
+    """The host interface: runs :class:`~tinyaccel.protocol.Program` objects on a backend.
 
     Parameters
     ----------
@@ -186,7 +186,7 @@ class Device:
     def run(self, program) -> list:
         """Run ``program`` (ending with a SYNC, appended if missing) and return its responses.
 
-        Returns one entry per instruction (see ``tinyaccel.hw.protocol.parse_responses``).
+        Returns one entry per instruction (see ``tinyaccel.protocol.parse_responses``).
 
         Raises
         ------
@@ -194,7 +194,7 @@ class Device:
             When a SYNC reports a status other than OK; the message names the status, the
             index of the faulting instruction and its opcode.
         """
-        from ..hw.protocol import parse_responses, response_length
+        from ..protocol import parse_responses, response_length
         program = program.with_final_sync()
         start = time.perf_counter()
         stream = program.to_bytes()

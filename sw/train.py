@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ShapeError, TinyAccelError
+from ..errors import ResumeError, ShapeError
 from ..models import zoo
 from ..models.data import load_digits_split, single_thread
 from .octo import (
@@ -73,9 +73,6 @@ COMPARE_RUNS: list[tuple[str, str, dict]] = [
     ("octo-prc-only", "octo", {"lac": False}),
 ]
 
-
-class ResumeError(TinyAccelError):
-    """A checkpoint cannot be resumed by this run (missing, or written by another recipe)."""
 
 
 @dataclass(frozen=True)
@@ -131,7 +128,7 @@ def _open_device(cfg: TrainConfig):
     """The run's Device, started (an RTL build and simulator start are not epoch time)."""
     if cfg.method == "fp32" or cfg.backend == "host":
         return None
-    from ..hw.protocol import Program
+    from ..protocol import Program
     from .runtime import Device
     device = Device(cfg.backend, cfg.config)
     try:

@@ -7,8 +7,8 @@ from amaranth.sim import Simulator
 
 from tinyaccel.hw.config import AccelConfig
 from tinyaccel.hw.isa import Counter
-from tinyaccel.hw.protocol import Program, StatusReport, parse_responses
 from tinyaccel.hw.top import Accelerator, Implementation
+from tinyaccel.protocol import Program, StatusReport, parse_responses
 from tinyaccel.sim.golden import GoldenMachine
 
 __all__ = ["seed_from_env", "run_accelerator", "small_config", "check_against_golden", "FULL",

@@ -403,7 +403,7 @@ def test_uart_accelerator_end_to_end():
 
     from tinyaccel.boards.board import UARTAccelerator
     from tinyaccel.hw.isa import Buffer
-    from tinyaccel.hw.protocol import Program, StatusReport, pack_words
+    from tinyaccel.protocol import Program, StatusReport, pack_words
 
     config = get_config("ice40")
     divisor = 4

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinyaccel.hw.isa import Opcode
-from tinyaccel.hw.protocol import Program
+from tinyaccel.protocol import Program
 from tinyaccel.sim.numerics import requantize
 from tinyaccel.sw.compiler import CompiledModel, layer_gemms
 from tinyaccel.sw.gemm import lower_gemm

@@ -12,7 +12,7 @@ import pytest
 from tinyaccel.errors import DTypeError, ShapeError
 from tinyaccel.hw.config import AccelConfig, get_config
 from tinyaccel.hw.isa import Opcode
-from tinyaccel.hw.protocol import Program
+from tinyaccel.protocol import Program
 from tinyaccel.sim.numerics import requantize
 from tinyaccel.sw.gemm import estimate_cycles, lower_gemm, plan_gemm
 from tinyaccel.sw.runtime import Device

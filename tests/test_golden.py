@@ -8,7 +8,7 @@ import pytest
 from tinyaccel.errors import AddressError, FieldError, OpcodeError, ProtocolError, ShapeError
 from tinyaccel.hw.config import PRESETS
 from tinyaccel.hw.isa import Buffer, Counter, Instruction, Opcode, Status
-from tinyaccel.hw.protocol import (
+from tinyaccel.protocol import (
     PARAM_DTYPE,
     Program,
     StatusReport,

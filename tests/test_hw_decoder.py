@@ -8,7 +8,7 @@ from hw_tb import seed_from_env, small_config
 
 from tinyaccel.hw.decoder import Decoder
 from tinyaccel.hw.isa import INSTR_BYTES, Buffer, Opcode, Status, operand_fields
-from tinyaccel.hw.protocol import data_length
+from tinyaccel.protocol import data_length
 from tinyaccel.sim.golden import check_instruction
 
 
@@ -36,7 +36,7 @@ def random_word(cfg, rng) -> int:
 
 def expected_access(cfg, word):
     """{(buffer, 'r'|'w'): (lo, hi)} of a legal instruction (hw/hazards.py semantics)."""
-    from tinyaccel.hw.protocol import decode_fields
+    from tinyaccel.protocol import decode_fields
     code, f = decode_fields(word)
     op = Opcode(code)
     if op in (Opcode.LOAD, Opcode.STORE):

@@ -9,9 +9,9 @@ from amaranth.sim import Simulator
 from hw_tb import seed_from_env, small_config
 
 from tinyaccel.hw.isa import Buffer
-from tinyaccel.hw.protocol import sgq_frame
 from tinyaccel.hw.scratchpads import geometry
 from tinyaccel.hw.sgq_encoder import StripeEncoder
+from tinyaccel.protocol import sgq_frame
 from tinyaccel.sim.numerics import sgq_encode
 
 CONFIGS = {

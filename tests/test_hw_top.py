@@ -12,7 +12,7 @@ from hw_tb import COMPACT, FULL, check_against_golden, seed_from_env, small_conf
 
 from tinyaccel.hw.config import PRESETS
 from tinyaccel.hw.isa import Buffer, Counter, Opcode, Status
-from tinyaccel.hw.protocol import Program, channel_params
+from tinyaccel.protocol import Program, channel_params
 from tinyaccel.sim.randprog import corner_programs, random_program
 
 #: Opcodes the hardware executes (all of them: see docs/architecture.md section 11).

@@ -18,7 +18,7 @@ from tinyaccel.hw.isa import (
     Status,
     StatusRecord,
 )
-from tinyaccel.hw.protocol import (
+from tinyaccel.protocol import (
     PARAM_DTYPE,
     SGQ_LENGTH_BYTES,
     Program,

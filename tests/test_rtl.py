@@ -14,13 +14,13 @@ import os
 import numpy as np
 import pytest
 
-from tinyaccel.errors import BackendUnavailable, ProtocolError
+from tinyaccel.errors import BackendUnavailable, ProtocolError, SimulatorHang
 from tinyaccel.hw.config import get_config
 from tinyaccel.hw.isa import Buffer, Opcode
-from tinyaccel.hw.protocol import Program, parse_responses
+from tinyaccel.protocol import Program, parse_responses
 from tinyaccel.sim import randprog
 from tinyaccel.sim.regress import program_for_seed, save_failure
-from tinyaccel.sim.rtl import RtlHang, RtlSession, rtl_opcodes, run_cocotb_tests
+from tinyaccel.sim.rtl import RtlSession, rtl_opcodes, run_cocotb_tests
 from tinyaccel.sim.scoreboard import Checker, compare_responses, isolated
 
 pytestmark = pytest.mark.rtl
@@ -95,11 +95,11 @@ def test_unknown_response_length(checker):
 
 
 def test_hang_is_reported_and_session_recovers(checker):
-    """A LOAD whose data never comes trips the watchdog (RtlHang, never a wait forever); the
+    """A LOAD whose data never comes trips the watchdog (SimulatorHang, never a wait forever); the
     session resets the accelerator and the next program runs correctly."""
     cfg = checker.config
     bad = Program(cfg).load(Buffer.INP, 0, np.zeros((4, cfg.rows), np.int8)).to_bytes()
-    with pytest.raises(RtlHang, match="no beat moved"):
+    with pytest.raises(SimulatorHang, match="no beat moved"):
         checker.session.run(bad[:-cfg.beat_bytes], None, watchdog=2000)
     checker.golden.reset()
     prog = randprog.random_program(cfg, 99, n_instr=16, opcodes=_opcodes())

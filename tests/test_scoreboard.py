@@ -5,7 +5,7 @@ import pytest
 
 from tinyaccel.hw.config import get_config
 from tinyaccel.hw.isa import STATUS_BYTES, Buffer, Counter
-from tinyaccel.hw.protocol import Program
+from tinyaccel.protocol import Program
 from tinyaccel.sim.golden import GoldenMachine
 from tinyaccel.sim.scoreboard import compare_responses, isolated, response_segments
 

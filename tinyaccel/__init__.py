@@ -18,7 +18,7 @@ def compile(model, example_input, backend: str = "golden", config: str = "sim",
 
     Raises
     ------
-    tinyaccel.sw.quant.UnsupportedLayerError
+    tinyaccel.errors.UnsupportedLayerError
         A layer the accelerator cannot run, named with its module path, type and why.
     """
     from .sw.compiler import CompiledModel

@@ -44,3 +44,53 @@ class DeviceError(TinyAccelError):
 
 class BackendUnavailable(TinyAccelError, RuntimeError):
     """A backend is missing what it needs (a tool, a serial port); the message says what to do."""
+
+
+class SimulatorError(TinyAccelError, RuntimeError):
+    """The RTL simulator failed to build, start, or answer, or exited mid-run; the message
+    quotes the end of its log."""
+
+
+class SimulatorHang(TinyAccelError):
+    """The accelerator stopped moving: no beat on either stream for ``watchdog`` cycles.
+
+    ``result`` holds what arrived before the hang (a ``tinyaccel.sim.rtl.RtlResult`` with
+    ``timed_out``).
+    """
+
+    def __init__(self, message: str, result=None):
+        super().__init__(message)
+        self.result = result
+
+
+class BuildError(TinyAccelError, RuntimeError):
+    """A synthesis / place-and-route / packing step failed; the message quotes its log."""
+
+
+class UnsupportedLayerError(TinyAccelError, NotImplementedError):
+    """The model holds a layer (or a use of one) that the INT8 path cannot express."""
+
+
+class TrainingDivergedError(TinyAccelError, FloatingPointError):
+    """A NaN or infinity appeared in training: names the step, the layer and the tensor."""
+
+    def __init__(self, message: str = "", *, step: int | None = None, layer: str = "?",
+                 tensor: str = "?"):
+        self.step, self.layer, self.tensor = step, layer, tensor
+        self.detail = message
+        super().__init__(self._text())
+
+    def _text(self) -> str:
+        where = f"step {self.step}: " if self.step is not None else ""
+        return (f"training diverged at {where}non-finite values in tensor {self.tensor!r} of "
+                f"layer {self.layer!r}" + (f" ({self.detail})" if self.detail else ""))
+
+    def at_step(self, step: int) -> "TrainingDivergedError":
+        """The same error with the training step filled in."""
+        self.step = step
+        self.args = (self._text(),)
+        return self
+
+
+class ResumeError(TinyAccelError):
+    """A checkpoint cannot be resumed by this run (missing, or written by another recipe)."""

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import numpy as np
 from amaranth.lib import data, enum
 
-from ..errors import DTypeError, FieldError, ProtocolError, ShapeError
-from .config import MASK_WORD_BITS, AccelConfig, get_config
-from .isa import (
+from .errors import DTypeError, FieldError, ProtocolError, ShapeError
+from .hw.config import MASK_WORD_BITS, AccelConfig, get_config
+from .hw.isa import (
     COUNTER_BITS,
     COUNTER_RECORD_BYTES,
     INSTR_BITS,
