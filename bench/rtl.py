@@ -19,17 +19,17 @@ NumPy before anything is reported.
   ``mac_util_config``; suffixed keys give them for every configuration.
 
 Parts can be left out: ``run(parts=("verilator",), configs=("ecp5",))`` measures only the Verilator
-speed of ecp5 (the headline keys then name the first configuration measured). Through
-``tinyaccel bench rtl`` the same choices come from the environment (``TINYACCEL_BENCH_RTL_PARTS=
-verilator``, ``TINYACCEL_BENCH_RTL_CONFIGS=ecp5``, ``TINYACCEL_BENCH_RTL_REPEATS=3``); directly:
-``python -m tinyaccel.bench.rtl --only verilator --configs ecp5 --repeats 3 --json PATH``.
+speed of ecp5 (the headline keys then name the first configuration measured). From the command
+line: ``tinyaccel bench rtl --rtl-part verilator --rtl-config ecp5 --rtl-repeats 3 --json PATH``
+(or ``TINYACCEL_BENCH_RTL_PARTS=verilator``, ``TINYACCEL_BENCH_RTL_CONFIGS=ecp5``,
+``TINYACCEL_BENCH_RTL_REPEATS=3``).
 """
 
 from __future__ import annotations
 
-import os
 import time
 
+from ..errors import ConfigError
 from ..hw.config import get_config
 from ..sim.workloads import GemmWorkload, random_gemm
 
@@ -120,35 +120,27 @@ def _pysim(config: str, size: int) -> dict:
     return {"cycles": state["cycles"], "seconds": seconds, "util": util, "program": w}
 
 
-def _env_list(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-    value = os.environ.get(name, "").strip()
-    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else default
-
-
-def run(progress=None, configs=None, primary: str | None = None, pysim_config: str = "ice40",
-        pysim_size: int = 16, parts=None, repeats: int | None = None) -> dict:
+def run(progress=None, configs=CONFIGS, primary: str | None = None, pysim_config: str = "ice40",
+        pysim_size: int = 16, parts=PARTS, repeats: int = REPEATS) -> dict:
     """Measure Verilator and Amaranth simulation speed and MAC utilization; return the metrics.
 
-    ``progress`` is a tqdm-like wrapper for iterables (optional). ``configs`` (default
-    ``TINYACCEL_BENCH_RTL_CONFIGS`` or :data:`CONFIGS`), ``parts`` (a subset of
-    :data:`PARTS`; default ``TINYACCEL_BENCH_RTL_PARTS`` or all) and ``repeats`` (default
-    ``TINYACCEL_BENCH_RTL_REPEATS`` or :data:`REPEATS`) select what is measured; ``primary``
-    (default :data:`PRIMARY` if measured, else the first configuration) names the configuration
-    of the unsuffixed keys.
+    ``progress`` is a tqdm-like wrapper for iterables (optional). ``configs`` (presets),
+    ``parts`` (a subset of :data:`PARTS`) and ``repeats`` (runs per program, the fastest counts)
+    select what is measured; ``primary`` (default :data:`PRIMARY` if measured, else the first
+    configuration) names the configuration of the unsuffixed keys.
+
+    Raises
+    ------
+    ConfigError
+        An unknown part or preset, or ``repeats < 1``, before anything runs.
     """
-    if configs is None:
-        configs = _env_list("TINYACCEL_BENCH_RTL_CONFIGS", CONFIGS)
-    if parts is None:
-        parts = _env_list("TINYACCEL_BENCH_RTL_PARTS", PARTS)
-    if repeats is None:
-        repeats = int(os.environ.get("TINYACCEL_BENCH_RTL_REPEATS", REPEATS))
     unknown = set(parts) - set(PARTS)
     if unknown:
-        raise ValueError(f"unknown bench part(s) {sorted(unknown)}; available: {', '.join(PARTS)}")
+        raise ConfigError(f"unknown bench part(s) {sorted(unknown)}; parts: {', '.join(PARTS)}")
     for name in configs:
         get_config(name)  # an unknown name fails before anything runs
     if repeats < 1:
-        raise ValueError(f"repeats={repeats} must be at least 1")
+        raise ConfigError(f"repeats={repeats} must be at least 1")
     result: dict = {}
     if "verilator" in parts and configs:
         if primary is None:
@@ -194,31 +186,3 @@ def _verilator_metrics(configs, primary: str, progress, repeats: int) -> dict:
     for name in configs:
         result[f"host_width_bits_{name}"] = get_config(name).host_width
     return result
-
-
-def main(argv=None) -> None:
-    """``python -m tinyaccel.bench.rtl [--only verilator|pysim] [--configs a,b] [--repeats n]``."""
-    import argparse
-    import json
-    from pathlib import Path
-    ap = argparse.ArgumentParser(prog="python -m tinyaccel.bench.rtl", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=PARTS, action="append",
-                    help="measure only this part (repeatable; default: all)")
-    ap.add_argument("--configs", help=f"comma-separated presets (default: {','.join(CONFIGS)})")
-    ap.add_argument("--repeats", type=int, help=f"runs per program (default: {REPEATS})")
-    ap.add_argument("--json", type=Path, help="also write the metrics to this file")
-    args = ap.parse_args(argv)
-    configs = tuple(c for c in args.configs.split(",") if c) if args.configs else None
-    metrics = run(configs=configs, parts=tuple(args.only) if args.only else None,
-                  repeats=args.repeats)
-    width = max(map(len, metrics), default=0)
-    for key, value in metrics.items():
-        print(f"{key:<{width}}  {value}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(metrics, indent=2) + "\n")
-
-
-if __name__ == "__main__":
-    main()

@@ -7,13 +7,12 @@ JSON) Fmax, utilization and the peak INT8 rate.
 
 Command line::
 
-    python -m tinyaccel.boards.build icebreaker --json build/boards/icebreaker.json
-    python -m tinyaccel.boards.build ulx3s-85f --json build/boards/ulx3s-85f.json --clock-mhz 90
+    tinyaccel build --board icebreaker --json build/boards/icebreaker.json
+    tinyaccel build --board ulx3s-85f --json build/boards/ulx3s-85f.json --clock-mhz 90
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -28,7 +27,7 @@ from pathlib import Path
 
 from amaranth._toolchain import tool_env_var
 
-from tinyaccel.errors import BackendUnavailable, BuildError, ConfigError, TinyAccelError
+from tinyaccel.errors import BackendUnavailable, BuildError, ConfigError
 from tinyaccel.hw.config import AccelConfig
 
 from .board import BoardTop
@@ -550,38 +549,3 @@ def build(board: str, json_path: str | os.PathLike | None = None,
     })
     progress("done", total, total, "")
     return result
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tinyaccel.boards.build",
-                                     description="Build a board bitstream with the YoWASP tools.")
-    parser.add_argument("board", choices=sorted(BOARDS))
-    parser.add_argument("--json", dest="json_path", help="write the result JSON here")
-    parser.add_argument("--config", help="accelerator preset (default: the board's)")
-    parser.add_argument("--clock-mhz", type=float, help="PLL frequency; 0 = board clock")
-    parser.add_argument("--baud", type=int, help="UART rate of the host link")
-    parser.add_argument("--seed", type=int, default=1, help="nextpnr seed")
-    parser.add_argument("--synth-opts", help="extra options for synth_ice40 / synth_ecp5")
-    parser.add_argument("--build-root", default="build/boards")
-    args = parser.parse_args(argv)
-    kwargs = {} if args.baud is None else {"baud": args.baud}
-    try:
-        result = build(args.board, args.json_path, config=args.config, clock_mhz=args.clock_mhz,
-                       seed=args.seed, synth_opts=args.synth_opts, build_root=args.build_root,
-                       **kwargs)
-    except TinyAccelError as error:
-        if getattr(error, "result", None) is not None:
-            print(json.dumps(error.result, indent=2))
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(json.dumps(result, indent=2))
-    if not result["timing_met"]:
-        print(f"warning: Fmax {result['fmax_mhz']} MHz is below the {result['clock_mhz']} MHz "
-              f"clock; rebuild with --clock-mhz {int(result['fmax_mhz'])} for a safe bitstream",
-              file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-

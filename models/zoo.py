@@ -8,8 +8,8 @@
 
 Weights live in a cache directory, produced by a command and never committed::
 
-    python -m tinyaccel.models.zoo train digits-cnn mobilenet-block   # or: train --all
-    python -m tinyaccel.models.zoo list
+    tinyaccel zoo train digits-cnn mobilenet-block   # or: tinyaccel zoo train --all
+    tinyaccel zoo                                    # list the zoo
 
 The cache is ``$TINYACCEL_CACHE/models`` (default ``~/.cache/tinyaccel/models``); each file is an
 ``.npz`` (no pickles) holding the state dict and a JSON metadata record (model name, seed, epochs,
@@ -22,7 +22,6 @@ workers) wait on a lock file while one of them trains.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import inspect
@@ -40,7 +39,7 @@ from tinyaccel.errors import ShapeError, TinyAccelError
 from . import data, digits, mobilenet_block
 
 __all__ = ["ModelSpec", "MODELS", "get", "build", "train_fp32", "recipe", "cache_dir",
-           "cache_path", "save", "load", "load_or_train", "main"]
+           "cache_path", "save", "load", "load_or_train", "ensure_trained"]
 
 _META_KEY = "__meta__"
 
@@ -190,6 +189,20 @@ def load_or_train(name: str, seed: int = 0, epochs: int | None = None,
         return model, metrics
 
 
+def ensure_trained(name: str, seed: int = 0, epochs: int | None = None,
+                   directory: str | Path | None = None,
+                   force: bool = False) -> tuple[Path, dict]:
+    """Make sure the cache holds model ``name`` (``force``: train it again) -> ``(path, metrics)``.
+
+    What ``tinyaccel zoo train`` does for each model it is given.
+    """
+    path = cache_path(name, seed, epochs, directory)
+    if force:
+        path.unlink(missing_ok=True)
+    _, metrics = load_or_train(name, seed, epochs, directory)
+    return path, metrics
+
+
 @contextlib.contextmanager
 def _locked(lock: Path):
     """Hold an exclusive lock on ``lock`` (POSIX); elsewhere, no locking."""
@@ -205,38 +218,3 @@ def _locked(lock: Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m tinyaccel.models.zoo {list,train}``: list the zoo, or train and cache models."""
-    parser = argparse.ArgumentParser(prog="python -m tinyaccel.models.zoo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="list the registered models")
-    train = sub.add_parser("train", help="train models in FP32 and write their weights")
-    train.add_argument("names", nargs="*", help="model names (default: with --all, every model)")
-    train.add_argument("--all", action="store_true", help="train every model in the zoo")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--epochs", type=int, default=None)
-    train.add_argument("--out", type=Path, default=None, help="directory (default: the cache)")
-    train.add_argument("--force", action="store_true", help="retrain even when cached")
-    args = parser.parse_args(argv)
-
-    if args.command == "list":
-        for spec in MODELS.values():
-            print(f"{spec.name:18s} {spec.default_epochs:3d} epochs  {spec.description}")
-        return 0
-    names = list(MODELS) if args.all else args.names
-    if not names:
-        parser.error("name a model or pass --all")
-    for name in names:
-        path = cache_path(name, args.seed, args.epochs, args.out)
-        if args.force and path.exists():
-            path.unlink()
-        _, metrics = load_or_train(name, args.seed, args.epochs, args.out)
-        print(json.dumps({"model": name, "path": str(path), **metrics}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,7 +1,7 @@
 """The long RTL regression: many seeded random programs per configuration against the golden model.
 
-    python -m tinyaccel.sim.regress --config ice40 --programs 1000 [--seed S]
-    python -m tinyaccel.sim.regress --config ecp5 --replay 3735928559   # one program again
+    tinyaccel regress --config ice40 --programs 1000 [--seed S]
+    tinyaccel regress --config ecp5 --replay 3735928559   # one program again
 
 Every program runs on one persistent Verilator simulator per configuration (one launch serves
 them all) and on a golden machine kept in lockstep; every response byte is compared
@@ -15,28 +15,32 @@ reads only what it wrote, so it answers the same whatever ran before it. The nam
 programs of ``randprog.corner_programs`` run first.
 
 Mismatches are printed (offset, instruction, field, expected vs got), the failing streams saved
-under ``build/rtl_failures/``; the exit status is 1 when any program differs or hangs.
+under ``build/rtl_failures/``; ``tinyaccel regress`` exits with status 1 when any program
+differs or hangs. :func:`run` is the whole command as a library function.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import OpcodeError
 from ..hw.config import get_config
 from ..hw.isa import Buffer, Opcode
 from . import randprog
 from .rtl import RtlSession, build_root, rtl_opcodes
 from .scoreboard import Checker, isolated
 
-__all__ = ["RegressResult", "program_for_seed", "save_failure", "regress", "main"]
+__all__ = ["RegressResult", "program_for_seed", "save_failure", "regress", "run", "run_seed",
+           "parse_opcodes", "summary_line", "check_streams", "DEFAULT_CONFIGS"]
+
+#: The configurations ``tinyaccel regress`` runs when none is named: the two boards'.
+DEFAULT_CONFIGS = ("ice40", "ecp5")
 
 GAPS = (0.0, 0.0, 0.1, 0.3, 0.5, 0.8)
 
@@ -140,8 +144,8 @@ def regress(config, programs: int, seed: int, *, opcodes=None, corners: bool = T
                 result.failures.append(str(res))
                 path = save_failure(config.name, str(prog_seed), stream,
                                      f"{res}\noptions: {options}")
-                msg = (f"{res}\n  options {options}; stream saved to {path}; replay: python -m "
-                       f"tinyaccel.sim.regress --config {config.name} --replay {prog_seed}")
+                msg = (f"{res}\n  options {options}; stream saved to {path}; replay: "
+                       f"tinyaccel regress --config {config.name} --replay {prog_seed}")
                 (bar.write if progress else out)(msg)
             bar.set_postfix(bad=result.mismatches + result.hangs)
         bar.close()
@@ -150,82 +154,85 @@ def regress(config, programs: int, seed: int, *, opcodes=None, corners: bool = T
     return result
 
 
-def _check_streams(configs: list[str], paths: list[Path]) -> int:
-    """Run saved streams on the RTL and the golden model; print each verdict."""
+def check_streams(configs, paths: list[Path], out=print) -> int:
+    """Run saved host streams on the RTL and the golden model, at full rate and with gaps.
+
+    Prints each verdict through ``out``; returns how many runs differ or hang.
+    """
     bad = 0
     for name in configs:
         with RtlSession(name) as session:
             checker = Checker(session)
             for path in paths:
                 for gap in (0.0, 0.5):
-                    res = checker.check(path.read_bytes(), label=f"{name} {path} gaps {gap}",
+                    res = checker.check(Path(path).read_bytes(),
+                                        label=f"{name} {path} gaps {gap}",
                                         valid_gap=gap, ready_gap=gap, seed=1)
                     bad += not res.ok
-                    print(res, flush=True)
-    return 1 if bad else 0
+                    out(str(res))
+    return bad
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tinyaccel.sim.regress",
-        description="RTL vs golden model on seeded random programs, zero tolerance.")
-    parser.add_argument("--config", action="append", default=None,
-                        help="configuration preset (repeatable; default ice40 and ecp5)")
-    parser.add_argument("--programs", type=int, default=1000,
-                        help="random programs per configuration (default 1000)")
-    parser.add_argument("--seed", type=lambda s: int(s, 0), default=None,
-                        help="run seed (default: TINYACCEL_SEED or random; printed)")
-    parser.add_argument("--replay", type=lambda s: int(s, 0), action="append", default=None,
-                        help="run only the program drawn from this program seed (repeatable)")
-    parser.add_argument("--stream", type=Path, action="append", default=None,
-                        help="check a saved host stream (e.g. build/rtl_failures/*.bin) at full "
-                             "rate and with gaps, then stop (repeatable)")
-    parser.add_argument("--opcodes", default=None,
-                        help="comma-separated opcodes to draw from (default: what the RTL "
-                             "implements; 'all' for every opcode)")
-    parser.add_argument("--no-corners", action="store_true", help="skip the corner programs")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--json", type=Path, default=None, help="write the results as JSON")
-    args = parser.parse_args(argv)
+def run_seed(seed: int | None = None) -> int:
+    """The run seed: ``seed``, else ``$TINYACCEL_SEED`` (any integer literal), else a random one.
 
-    if args.seed is None:
-        env = os.environ.get("TINYACCEL_SEED")
-        args.seed = int(env, 0) if env else int(np.random.default_rng().integers(1 << 32))
-    opcodes = None
-    if args.opcodes == "all":
-        opcodes = list(Opcode)
-    elif args.opcodes:
-        opcodes = [Opcode[name.strip().upper()] for name in args.opcodes.split(",")]
-    configs = args.config or ["ice40", "ecp5"]
-    if args.stream:
-        return _check_streams(configs, args.stream)
-    print(f"TINYACCEL_SEED={args.seed}", flush=True)
+    The caller prints it, so a run replays.
+    """
+    if seed is not None:
+        return seed
+    env = os.environ.get("TINYACCEL_SEED")
+    return int(env, 0) if env else int(np.random.default_rng().integers(1 << 32))
+
+
+def parse_opcodes(text: str | None) -> list[Opcode] | None:
+    """``"GEMM,load"`` -> those opcodes; ``"all"`` -> every opcode; None/empty -> None (the
+    opcodes the RTL implements).
+
+    Raises
+    ------
+    OpcodeError
+        Naming the unknown name and the opcodes of the ISA.
+    """
+    if not text:
+        return None
+    if text.strip().lower() == "all":
+        return list(Opcode)
+    opcodes = []
+    for name in (n.strip() for n in text.split(",") if n.strip()):
+        try:
+            opcodes.append(Opcode[name.upper()])
+        except KeyError:
+            raise OpcodeError(f"unknown opcode {name!r}; opcodes: "
+                              f"{', '.join(op.name for op in Opcode)}, or 'all'") from None
+    return opcodes
+
+
+def summary_line(res: RegressResult, replay: list[int] | None = None) -> str:
+    """One line per configuration: programs, mismatches, hangs, how to replay, speed."""
+    rate = res.cycles / res.wall_s if res.wall_s else 0.0
+    seeds = (f"replayed program seeds {' '.join(map(str, replay))}" if replay
+             else f"run seed {res.seed} (program seeds = numpy default_rng({res.seed})"
+                  f".integers(0, 2**32, {res.programs}))")
+    return (f"{res.config}: {res.programs} random programs + {res.corners} corner programs, "
+            f"{res.mismatches} mismatches, {res.hangs} hangs; {seeds}; "
+            f"opcodes {','.join(res.opcodes)}; "
+            f"{res.cycles} cycles in {res.wall_s:.1f} s ({rate:,.0f} cycles/s incl. golden "
+            f"model and checking), {res.launches} simulator launch(es)")
+
+
+def run(configs=DEFAULT_CONFIGS, programs: int = 1000, seed: int = 0, *, opcodes=None,
+        corners: bool = True, progress: bool = True, replay: list[int] | None = None,
+        out=print) -> list[RegressResult]:
+    """:func:`regress` each configuration in turn; print a summary line per configuration.
+
+    ``seed`` is the run seed (see :func:`run_seed`); ``replay`` runs only these program seeds.
+    """
     results = []
     for name in configs:
-        res = regress(name, args.programs, args.seed, opcodes=opcodes,
-                      corners=not args.no_corners, progress=not args.no_progress,
-                      replay=args.replay)
+        res = regress(name, programs, seed, opcodes=opcodes, corners=corners,
+                      progress=progress, replay=replay, out=out)
         results.append(res)
-        rate = res.cycles / res.wall_s if res.wall_s else 0.0
-        seeds = (f"replayed program seeds {' '.join(map(str, args.replay))}" if args.replay
-                 else f"run seed {res.seed} (program seeds = numpy default_rng({res.seed})"
-                      f".integers(0, 2**32, {args.programs}))")
-        print(f"{res.config}: {res.programs} random programs + {res.corners} corner programs, "
-              f"{res.mismatches} mismatches, {res.hangs} hangs; {seeds}; "
-              f"opcodes {','.join(res.opcodes)}; "
-              f"{res.cycles} cycles in {res.wall_s:.1f} s ({rate:,.0f} cycles/s incl. golden "
-              f"model and checking), {res.launches} simulator launch(es)", flush=True)
+        out(summary_line(res, replay))
         if res.failing_seeds:
-            print(f"{res.config}: failing program seeds: "
-                  f"{' '.join(map(str, res.failing_seeds))}", flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
-    bad = sum(r.mismatches + r.hangs for r in results)
-    print(f"{'FAIL' if bad else 'PASS'}: {sum(r.programs for r in results)} random programs, "
-          f"{bad} failing", flush=True)
-    return 1 if bad else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+            out(f"{res.config}: failing program seeds: {' '.join(map(str, res.failing_seeds))}")
+    return results

@@ -139,14 +139,6 @@ def test_cache_location_follows_environment(monkeypatch, tmp_path):
         tmp_path / "models" / "mobilenet-block-seed3-e5.npz")
 
 
-def test_cli_trains_into_a_directory(tmp_path, capsys):
-    assert zoo.main(["train", "digits-cnn", "--epochs", "1", "--out", str(tmp_path)]) == 0
-    assert "digits-cnn" in capsys.readouterr().out
-    assert (tmp_path / "digits-cnn-seed0-e1.npz").exists()
-    assert zoo.main(["list"]) == 0
-    assert "mobilenet-block" in capsys.readouterr().out
-
-
 def test_unknown_model_is_named():
     with pytest.raises(TinyAccelError, match="'resnet50'.*digits-cnn"):
         zoo.build("resnet50")

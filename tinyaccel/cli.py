@@ -1,4 +1,9 @@
-"""The ``tinyaccel`` command line. A subcommand exists only when it works."""
+"""The ``tinyaccel`` command line: the one entry point of every tool in the kit.
+
+Commands only parse options, call one library function, print its result and write JSON; option
+choices are read from the project's registries (zoo models, backends, presets, boards, training
+methods, bench suites, opcodes), so a new entry there appears here without an edit.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,56 @@ import time
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from . import __version__
 from .errors import TinyAccelError
+
+
+class RegistryChoice(click.Choice):
+    """A choice among the names of a project registry (``module.attribute``, a dict or sequence).
+
+    The registry is imported when a command needs it, not when the CLI loads, so
+    ``tinyaccel --help`` does not import torch or Amaranth.
+    """
+
+    def __init__(self, module: str, registry: str, extra: tuple[str, ...] = (),
+                 envvar_separator: str | None = None):
+        self._module, self._registry, self._extra = module, registry, extra
+        self.case_sensitive = True
+        self.envvar_list_splitter = envvar_separator
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        names = getattr(importlib.import_module(self._module), self._registry)
+        return (*names, *self._extra)
+
+
+class IntLiteral(click.ParamType):
+    """An integer written as Python writes one: ``61``, ``0xDEADBEEF``, ``0b101``."""
+
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return int(value, 0)
+        except ValueError:
+            self.fail(f"{value!r} is not an integer", param, ctx)
+
+
+MODELS = RegistryChoice("tinyaccel.models.zoo", "MODELS")
+BACKENDS = RegistryChoice("tinyaccel.sw.runtime", "BACKENDS")
+PRESETS = RegistryChoice("tinyaccel.hw.config", "PRESETS")
+BOARDS = RegistryChoice("tinyaccel.boards.build", "BOARDS")
+
+
+def _write_json(path: Path | None, record) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        click.echo(f"wrote {path}", err=True)
 
 
 class _Group(click.Group):
@@ -25,7 +77,7 @@ class _Group(click.Group):
             sys.exit(1)
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, name="tinyaccel")
 @click.version_option(__version__, prog_name="tinyaccel")
 def main():
     """tinyaccel: INT8 accelerator for on-device learning — RTL, golden model, driver, boards."""
@@ -50,108 +102,87 @@ def spec(markdown: bool, update_docs: Path | None):
 
 
 @main.command()
-@click.argument("suites", nargs=-1)
+@click.argument("suites", nargs=-1, type=RegistryChoice("tinyaccel.bench", "SUITES"))
+@click.option("--rtl-part", "rtl_parts", multiple=True, show_envvar=True,
+              envvar="TINYACCEL_BENCH_RTL_PARTS",
+              type=RegistryChoice("tinyaccel.bench.rtl", "PARTS", envvar_separator=","),
+              help="rtl suite: measure only this part (repeatable; default: all).")
+@click.option("--rtl-config", "rtl_configs", multiple=True, show_envvar=True,
+              envvar="TINYACCEL_BENCH_RTL_CONFIGS",
+              type=RegistryChoice("tinyaccel.hw.config", "PRESETS", envvar_separator=","),
+              help="rtl suite: configuration preset (repeatable; default: ice40 and ecp5).")
+@click.option("--rtl-repeats", type=click.IntRange(min=1), show_envvar=True,
+              envvar="TINYACCEL_BENCH_RTL_REPEATS",
+              help="rtl suite: runs of each program, the fastest counts (default: 2).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the metrics as one flat JSON object to this file.")
-def bench(suites: tuple[str, ...], json_path: Path | None):
+@click.pass_context
+def bench(ctx, suites: tuple[str, ...], rtl_parts, rtl_configs, rtl_repeats,
+          json_path: Path | None):
     """Run benchmark SUITES (default: all) and print/write their metrics."""
     from tqdm import tqdm
 
-    from .bench import SUITES
-    names = list(suites) or list(SUITES)
-    unknown = [s for s in names if s not in SUITES]
-    if unknown:
-        raise click.BadParameter(f"unknown suite(s) {', '.join(unknown)}; "
-                                 f"available: {', '.join(SUITES)}", param_hint="SUITES")
-    metrics: dict = {}
-    for name in names:
-        click.echo(f"== bench {name}", err=True)
-        start = time.perf_counter()
-        result = importlib.import_module(SUITES[name]).run(progress=tqdm)
-        clash = set(result) & set(metrics)
-        if clash:
-            raise click.ClickException(f"suite {name} repeats metric(s) {sorted(clash)}")
-        metrics.update(result)
-        metrics[f"bench_{name}_wall_s"] = round(time.perf_counter() - start, 3)
+    from .bench import run_suites
+    rtl = {key: value for key, value in (("parts", rtl_parts), ("configs", rtl_configs),
+                                         ("repeats", rtl_repeats)) if value}
+    typed = [flag for flag, param in (("--rtl-part", "rtl_parts"), ("--rtl-config", "rtl_configs"),
+                                      ("--rtl-repeats", "rtl_repeats"))
+             if ctx.get_parameter_source(param) == ParameterSource.COMMANDLINE]
+    if typed and suites and "rtl" not in suites:
+        raise click.UsageError(f"{', '.join(typed)} apply to the rtl suite, which is not run")
+    metrics = run_suites(suites, progress=tqdm, options={"rtl": rtl},
+                         on_start=lambda name: click.echo(f"== bench {name}", err=True))
     width = max(map(len, metrics), default=0)
     for key, value in metrics.items():
         click.echo(f"{key:<{width}}  {value:.4g}" if isinstance(value, float)
                    else f"{key:<{width}}  {value}")
-    if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(metrics, indent=2) + "\n")
-        click.echo(f"wrote {json_path}", err=True)
+    _write_json(json_path, metrics)
 
 
 @main.command()
-@click.option("--model", "model_name", default="digits-cnn", show_default=True,
-              help="Model from the zoo (digits-cnn, mobilenet-block).")
-@click.option("--backend", type=click.Choice(["golden", "rtl", "board"]), default="golden",
-              show_default=True)
-@click.option("--config", "config_name", default="sim", show_default=True,
+@click.option("--model", "model_name", type=MODELS, default="digits-cnn", show_default=True,
+              help="Model from the zoo.")
+@click.option("--backend", type=BACKENDS, default="golden", show_default=True)
+@click.option("--config", "config_name", type=PRESETS, default="sim", show_default=True,
               help="Accelerator configuration preset.")
 @click.option("--port", help="Serial port of the board backend.")
 @click.option("--batch", "batch_size", default=120, show_default=True,
-              help="Images per accelerator program.")
+              type=click.IntRange(min=1), help="Images per accelerator program.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
 def infer(model_name, backend, config_name, port, batch_size, json_path):
     """Quantized inference of a zoo model on the digits test split, on a backend.
 
-    With --backend rtl the golden model runs the same programs too, and every logit is compared.
+    With a backend other than golden the golden model runs the same programs too, and every
+    logit is compared.
     """
-    import numpy as np
     from tqdm import tqdm
 
-    from .models import zoo
-    from .models.data import accuracy, calibration_batch, load_digits_split
-    from .sw.compiler import CompiledModel
-    from .sw.quant import quantize
-    from .sw.runtime import Device
-
-    split = load_digits_split()
-    model, _ = zoo.load_or_train(model_name)
-    acc_fp32 = accuracy(model, split.x_test, split.y_test)
-    qmodel = quantize(model, calibration_batch())
-    options = {"port": port} if backend == "board" else {}
-    with Device(backend, config_name, **options) as device:
-        compiled = CompiledModel(qmodel, device, batch_size)
-        logits = compiled(split.x_test, progress=tqdm)
-    acc_int8 = float((logits.argmax(1) == split.y_test).float().mean())
-    result = {"model": model_name, "backend": backend, "config": config_name,
-              "images": len(split.y_test), "acc_fp32": round(float(acc_fp32), 4),
-              "acc_int8": round(acc_int8, 4), "cycles": compiled.cycles,
-              "wall_s": round(compiled.wall_s, 3)}
-    if backend != "golden":
-        with Device("golden", config_name) as golden:
-            reference = CompiledModel(qmodel, golden, batch_size)(split.x_test)
-        result["golden_rtl_identical"] = bool(np.array_equal(logits.numpy(),
-                                                             reference.numpy()))
-    click.echo(f"{model_name} on {backend} ({config_name}, {device.config.macs} MACs): "
-               f"{result['images']} test images")
-    click.echo(f"  accuracy  fp32 {acc_fp32:.4f}   int8 {acc_int8:.4f}")
-    if "golden_rtl_identical" in result:
-        click.echo(f"  golden vs {backend} logits identical: {result['golden_rtl_identical']}")
+    from .sw.evaluate import evaluate
+    result = evaluate(model_name, backend, config_name, port=port, batch_size=batch_size,
+                      progress=tqdm)
+    click.echo(f"{result.model} on {result.backend} ({result.config}, {result.macs} MACs): "
+               f"{result.images} test images")
+    click.echo(f"  accuracy  fp32 {result.acc_fp32:.4f}   int8 {result.acc_int8:.4f}")
+    if result.golden_identical is not None:
+        click.echo(f"  golden vs {backend} logits identical: {result.golden_identical}")
     click.echo(f"  {'layer':<18}{'kind':<9}{'MACs':>12}{'cycles':>12}{'MAC util':>10}")
-    for st in compiled.stats.values():
+    for st in result.layers:
         util = f"{st.utilization:.3f}" if st.cycles else "-"
-        result[f"util_{st.name}"] = round(st.utilization, 4) if st.cycles else None
         click.echo(f"  {st.name:<18}{st.kind:<9}{st.macs:>12}{st.cycles:>12}{util:>10}")
-    click.echo(f"  total cycles {compiled.cycles}, wall {compiled.wall_s:.1f} s")
-    if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-        click.echo(f"wrote {json_path}", err=True)
+    click.echo(f"  total cycles {result.cycles}, wall {result.wall_s:.1f} s")
+    _write_json(json_path, result.as_dict())
 
 
 @main.command("train")
-@click.option("--model", "model_name", default="digits-cnn", show_default=True,
+@click.option("--model", "model_name", type=MODELS, default="digits-cnn", show_default=True,
               help="Model from the zoo.")
-@click.option("--method", type=click.Choice(["fp32", "int8-naive", "octo"]), default="octo",
+@click.option("--method", type=RegistryChoice("tinyaccel.sw.octo", "METHODS"), default="octo",
               show_default=True, help="fp32 (torch), int8-naive (RTN, no LAC/PRC) or octo.")
-@click.option("--backend", type=click.Choice(["golden", "rtl", "board", "host"]),
+# "host" is sw.train's own: exact GEMMs in NumPy, no Device
+@click.option("--backend", type=RegistryChoice("tinyaccel.sw.runtime", "BACKENDS", extra=("host",)),
               default="golden", show_default=True,
               help="Where the INT8 GEMMs run (host: exact NumPy GEMMs, no accelerator).")
-@click.option("--config", "config_name", default="sim", show_default=True,
+@click.option("--config", "config_name", type=PRESETS, default="sim", show_default=True,
               help="Accelerator configuration preset.")
 @click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=0, show_default=True, help="Seed of weights, batches and SR.")
@@ -234,33 +265,143 @@ def train_command(model_name, method, backend, config_name, epochs, seed, seeds,
         if len(results) > 1:
             out["runs"] = results
             out["summary"] = training.summarize_seeds(results)
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(out, indent=2) + "\n")
-        click.echo(f"wrote {json_path}", err=True)
+        _write_json(json_path, out)
 
 
 @main.command("build")
-@click.option("--board", type=click.Choice(["icebreaker", "ulx3s-85f"]), required=True)
-@click.option("--config", "config_name", help="Accelerator preset (default: the board's).")
-@click.option("--clock-mhz", type=float, help="PLL frequency (default: the board top's).")
+@click.option("--board", type=BOARDS, required=True)
+@click.option("--config", "config_name", type=PRESETS,
+              help="Accelerator preset (default: the board's).")
+@click.option("--clock-mhz", type=float, help="PLL frequency (default: the board top's); 0: no "
+              "PLL, the board clock.")
+@click.option("--baud", type=click.IntRange(min=1), help="UART rate of the host link "
+              "(default: the board top's).")
 @click.option("--seed", default=1, show_default=True, help="nextpnr placement seed.")
 @click.option("--synth-opts", help="Extra synth_ice40/synth_ecp5 options, e.g. -noabc9.")
 @click.option("--build-root", type=click.Path(file_okay=False, path_type=Path),
               default=Path("build/boards"), show_default=True,
               help="The build goes into BUILD_ROOT/BOARD/.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
-def build_cmd(board, config_name, clock_mhz, seed, synth_opts, build_root, json_path):
+def build_cmd(board, config_name, clock_mhz, baud, seed, synth_opts, build_root, json_path):
     """Build a bitstream with the YoWASP tools; report Fmax, resources and peak GOPS."""
     from .boards.build import build as build_board
-    result = build_board(board, json_path, config=config_name, clock_mhz=clock_mhz, seed=seed,
-                         synth_opts=synth_opts, build_root=build_root)
-    for key in ("board", "config", "macs", "fmax_mhz", "peak_gops", "dsp_used", "dsp_total",
-                "lut_used", "lut_total", "bram_used", "bram_total", "fits", "timing_met",
-                "bitstream", "wall_s"):
-        if key in result:
-            click.echo(f"{key:<11} {result[key]}")
+    from .errors import BuildError
+
+    def show(result):
+        for key in ("board", "config", "macs", "fmax_mhz", "clock_mhz", "peak_gops", "dsp_used",
+                    "dsp_total", "lut_used", "lut_total", "bram_used", "bram_total", "fits",
+                    "timing_met", "bitstream", "wall_s"):
+            if key in result:
+                click.echo(f"{key:<11} {result[key]}")
+
+    top = {} if baud is None else {"baud": baud}
+    try:
+        result = build_board(board, json_path, config=config_name, clock_mhz=clock_mhz,
+                             seed=seed, synth_opts=synth_opts, build_root=build_root, **top)
+    except BuildError as error:
+        if getattr(error, "result", None) is not None:  # does not fit: what it needs
+            show(error.result)
+        raise
+    show(result)
     if json_path:
         click.echo(f"wrote {json_path}", err=True)
+    if not result["timing_met"]:
+        click.secho(f"warning: Fmax {result['fmax_mhz']} MHz is below the "
+                    f"{result['clock_mhz']} MHz clock; rebuild with --clock-mhz "
+                    f"{int(result['fmax_mhz'])} for a safe bitstream", fg="yellow", err=True)
+
+
+def _opcodes(ctx, param, value):
+    from .sim.regress import parse_opcodes
+    try:
+        return parse_opcodes(value)
+    except TinyAccelError as error:
+        raise click.BadParameter(str(error), ctx, param) from None
+
+
+@main.command()
+@click.option("--config", "configs", type=PRESETS, multiple=True,
+              help="Configuration preset (repeatable; default: ice40 and ecp5).")
+@click.option("--programs", default=1000, show_default=True, type=click.IntRange(min=0),
+              help="Random programs per configuration.")
+@click.option("--seed", type=IntLiteral(),
+              help="Run seed (default: $TINYACCEL_SEED or random; printed, so the run replays).")
+@click.option("--replay", type=IntLiteral(), multiple=True,
+              help="Run only the program drawn from this program seed (repeatable).")
+@click.option("--stream", "streams", multiple=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Check a saved host stream (e.g. build/rtl_failures/*.bin) at full rate and "
+              "with gaps, then stop (repeatable).")
+@click.option("--opcodes", callback=_opcodes,
+              help="Comma-separated opcodes to draw from (default: what the RTL implements; "
+              "'all' for every opcode of the ISA).")
+@click.option("--no-corners", is_flag=True, help="Skip the corner programs.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the results of every configuration as JSON.")
+def regress(configs, programs, seed, replay, streams, opcodes, no_corners, no_progress,
+            json_path):
+    """RTL vs golden model on seeded random programs, zero tolerance (needs Verilator).
+
+    Exit status 1 when any program differs or hangs; failing streams are saved under
+    build/rtl_failures/ and each failure prints the command that replays it.
+    """
+    from dataclasses import asdict
+
+    from .sim import regress as regression
+    configs = configs or regression.DEFAULT_CONFIGS
+    if streams:
+        bad = regression.check_streams(configs, list(streams), out=click.echo)
+        sys.exit(1 if bad else 0)
+    seed = regression.run_seed(seed)
+    click.echo(f"TINYACCEL_SEED={seed}")
+    results = regression.run(configs, programs, seed, opcodes=opcodes, corners=not no_corners,
+                             progress=not no_progress, replay=list(replay) or None,
+                             out=click.echo)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps([asdict(r) for r in results], indent=1))
+    bad = sum(r.mismatches + r.hangs for r in results)
+    click.echo(f"{'FAIL' if bad else 'PASS'}: {sum(r.programs for r in results)} random "
+               f"programs, {bad} failing")
+    if bad:
+        sys.exit(1)
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def zoo(ctx):
+    """The model zoo: list it (the default) or train and cache the FP32 weights."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(zoo_list)
+
+
+@zoo.command("list")
+def zoo_list():
+    """List the registered models: name, default epochs, what it is."""
+    from .models.zoo import MODELS
+    for spec_ in MODELS.values():
+        click.echo(f"{spec_.name:18s} {spec_.default_epochs:3d} epochs  {spec_.description}")
+
+
+@zoo.command("train")
+@click.argument("names", nargs=-1, type=MODELS)
+@click.option("--all", "all_models", is_flag=True, help="Train every model in the zoo.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the weights and batches.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Default: the model's.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Directory (default: the cache, $TINYACCEL_CACHE/models).")
+@click.option("--force", is_flag=True, help="Retrain even when cached.")
+def zoo_train(names, all_models, seed, epochs, out, force):
+    """Train models in FP32 (deterministically) and cache their weights; one JSON line each."""
+    from .models import zoo as zoo_mod
+    if all_models:
+        names = tuple(zoo_mod.MODELS)
+    if not names:
+        raise click.UsageError("name a model or pass --all")
+    for name in names:
+        path, metrics = zoo_mod.ensure_trained(name, seed, epochs, out, force=force)
+        click.echo(json.dumps({"model": name, "path": str(path), **metrics}))
 
 
 if __name__ == "__main__":  # pragma: no cover

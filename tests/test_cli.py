@@ -1,0 +1,192 @@
+"""The ``tinyaccel`` command line: every command answers --help, option choices are the
+registries' names, commands print what the library returns."""
+
+from __future__ import annotations
+
+import json
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from tinyaccel.bench import SUITES
+from tinyaccel.boards.build import BOARDS
+from tinyaccel.cli import main
+from tinyaccel.hw.config import PRESETS, get_config
+from tinyaccel.hw.isa import Opcode
+from tinyaccel.models import zoo
+from tinyaccel.models.zoo import MODELS
+from tinyaccel.sw.octo import METHODS
+from tinyaccel.sw.runtime import BACKENDS
+
+
+def _invoke(*args, **kwargs):
+    return CliRunner().invoke(main, list(args), **kwargs)
+
+
+def _commands(group: click.Group, path=()):
+    """Every command path below ``group``, groups included."""
+    for name, command in group.commands.items():
+        yield (*path, name)
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+
+
+COMMANDS = sorted(_commands(main))
+
+
+def test_one_cli_holds_every_tool():
+    top = {path[0] for path in COMMANDS}
+    assert {"regress", "build", "zoo", "bench", "infer", "train", "spec"} <= top
+    assert ("zoo", "list") in COMMANDS and ("zoo", "train") in COMMANDS
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=" ".join)
+def test_help(path):
+    result = _invoke(*path, "--help")
+    assert result.exit_code == 0, result.output
+    assert f"Usage: tinyaccel {' '.join(path)}" in result.output
+
+
+# (arguments before the bad value, registry whose names are the valid choices)
+CHOICES = [
+    (("infer", "--model"), MODELS),
+    (("infer", "--backend"), BACKENDS),
+    (("infer", "--config"), PRESETS),
+    (("train", "--method"), METHODS),
+    (("train", "--model"), MODELS),
+    (("train", "--config"), PRESETS),
+    (("build", "--board"), BOARDS),
+    (("build", "--board", "icebreaker", "--config"), PRESETS),
+    (("regress", "--config"), PRESETS),
+    (("bench",), SUITES),
+    (("zoo", "train"), MODELS),
+]
+
+
+@pytest.mark.parametrize(("args", "registry"), CHOICES, ids=[" ".join(a) for a, _ in CHOICES])
+def test_choice_error_names_the_value_and_the_registry(args, registry):
+    result = _invoke(*args, "no-such-name")
+    assert result.exit_code == 2, result.output
+    assert "'no-such-name'" in result.output
+    for name in registry:
+        assert f"'{name}'" in result.output
+
+
+def test_training_backends_are_the_runtime_backends_and_host():
+    result = _invoke("train", "--backend", "no-such-name")
+    assert result.exit_code == 2
+    for name in (*BACKENDS, "host"):
+        assert f"'{name}'" in result.output
+
+
+def test_unknown_opcode_names_the_opcodes_of_the_isa():
+    result = _invoke("regress", "--opcodes", "gemm,frobnicate")
+    assert result.exit_code == 2
+    assert "'frobnicate'" in result.output
+    for op in Opcode:
+        assert op.name in result.output
+
+
+def test_rtl_bench_options_need_the_rtl_suite():
+    result = _invoke("bench", "golden", "--rtl-repeats", "3")
+    assert result.exit_code == 2
+    assert "--rtl-repeats" in result.output and "rtl suite" in result.output
+
+
+def test_zoo_lists_every_model():
+    result = _invoke("zoo")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == len(MODELS)
+    for line, spec in zip(lines, MODELS.values(), strict=True):
+        assert line.split()[0] == spec.name and spec.description in line
+    assert _invoke("zoo", "list").output == result.output
+
+
+def test_zoo_trains_into_a_directory(tmp_path):
+    result = _invoke("zoo", "train", "digits-cnn", "--epochs", "1", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output.splitlines()[-1])
+    assert record["model"] == "digits-cnn"
+    assert record["path"] == str(tmp_path / "digits-cnn-seed0-e1.npz")
+    assert (tmp_path / "digits-cnn-seed0-e1.npz").exists()
+    _, metrics = zoo.load("digits-cnn", tmp_path / "digits-cnn-seed0-e1.npz")
+    assert {k: v for k, v in record.items() if k not in ("model", "path")} == metrics
+    missing = _invoke("zoo", "train")
+    assert missing.exit_code == 2 and "name a model or pass --all" in missing.output
+
+
+def test_infer_prints_and_writes_what_evaluate_returns(tmp_path):
+    from tinyaccel.sw.evaluate import evaluate
+    out = tmp_path / "infer.json"
+    result = _invoke("infer", "--model", "digits-cnn", "--backend", "golden", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    written = json.loads(out.read_text())
+    expected = evaluate("digits-cnn", "golden", "sim")
+    reference = expected.as_dict()
+    assert written.pop("wall_s") >= 0 and reference.pop("wall_s") >= 0
+    assert written == reference
+    assert f"accuracy  fp32 {expected.acc_fp32:.4f}   int8 {expected.acc_int8:.4f}" \
+        in result.output
+    for st in expected.layers:
+        assert f"  {st.name:<18}{st.kind:<9}{st.macs:>12}" in result.output
+
+
+def test_library_errors_become_one_line_and_status_1():
+    result = _invoke("infer", "--backend", "board")  # no --port
+    assert result.exit_code == 1
+    assert "error: BackendUnavailable:" in result.output and "--port" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_regress_exit_status_follows_the_results(monkeypatch):
+    """The CLI's verdict (PASS/FAIL line, exit status) comes from the results it is given."""
+    from tinyaccel.sim import regress as regression
+
+    def fake_run(configs, programs, seed, **kwargs):
+        return [regression.RegressResult(name, seed, programs=programs,
+                                         mismatches=int(name == "ecp5"))
+                for name in configs]
+
+    monkeypatch.setattr(regression, "run", fake_run)
+    bad = _invoke("regress", "--config", "ice40", "--config", "ecp5", "--programs", "3",
+                  "--seed", "0x10")
+    assert bad.exit_code == 1
+    assert "TINYACCEL_SEED=16" in bad.output and "FAIL: 6 random programs, 1 failing" in bad.output
+    good = _invoke("regress", "--config", "ice40", "--programs", "3", "--seed", "16")
+    assert good.exit_code == 0 and "PASS: 3 random programs, 0 failing" in good.output
+
+
+@pytest.mark.rtl
+def test_regress_runs_and_replays(tmp_path, monkeypatch):
+    """A short real regression on ice40; the printed seed, given back, replays the same run."""
+    out = tmp_path / "regress.json"
+    first = _invoke("regress", "--programs", "2", "--config", "ice40", "--no-progress",
+                    "--json", str(out))
+    assert first.exit_code == 0, first.output
+    seed = int(first.output.split("TINYACCEL_SEED=")[1].split()[0])
+    [record] = json.loads(out.read_text())
+    assert record["config"] == "ice40" and record["seed"] == seed
+    assert record["programs"] == 2 and record["corners"] > 0
+    assert record["mismatches"] == 0 and record["hangs"] == 0
+    assert "PASS: 2 random programs, 0 failing" in first.output
+    monkeypatch.setenv("TINYACCEL_SEED", str(seed))
+    again = _invoke("regress", "--programs", "2", "--config", "ice40", "--no-progress",
+                    "--json", str(out))
+    assert again.exit_code == 0, again.output
+    assert f"TINYACCEL_SEED={seed}" in again.output
+    assert json.loads(out.read_text())[0]["cycles"] == record["cycles"]
+
+
+@pytest.mark.rtl
+def test_regress_checks_a_saved_stream(tmp_path):
+    from tinyaccel.sim.regress import program_for_seed
+    from tinyaccel.sim.rtl import rtl_opcodes
+    stream, _ = program_for_seed(get_config("ice40"), 12345, rtl_opcodes())
+    path = tmp_path / "program.bin"
+    path.write_bytes(stream)
+    result = _invoke("regress", "--config", "ice40", "--stream", str(path))
+    assert result.exit_code == 0, result.output
+    verdicts = [line for line in result.output.splitlines() if str(path) in line]
+    assert len(verdicts) == 2 and all(": ok (" in line for line in verdicts)
