@@ -55,7 +55,8 @@ class Evaluation:
 
 
 def evaluate(model: str = "digits-cnn", backend: str = "golden", config: str = "sim", *,
-             port: str | None = None, batch_size: int = 120, progress=None) -> Evaluation:
+             port: str | None = None, baud: int | None = None, batch_size: int = 120,
+             progress=None) -> Evaluation:
     """Quantize zoo model ``model`` and run the digits test split on ``backend``.
 
     Parameters
@@ -65,8 +66,9 @@ def evaluate(model: str = "digits-cnn", backend: str = "golden", config: str = "
     backend, config:
         A name in :data:`tinyaccel.sw.runtime.BACKENDS` and a preset of
         :data:`tinyaccel.hw.config.PRESETS`.
-    port:
-        Serial port of the ``board`` backend.
+    port, baud:
+        Serial port of the ``board`` backend and its rate (default: the rate a bitstream of
+        ``tinyaccel build`` listens at, :data:`tinyaccel.boards.board.DEFAULT_BAUD`).
     batch_size:
         Images per accelerator program.
     progress:
@@ -86,7 +88,10 @@ def evaluate(model: str = "digits-cnn", backend: str = "golden", config: str = "
     net, _ = zoo.load_or_train(model)
     acc_fp32 = accuracy(net, split.x_test, split.y_test)
     qmodel = quantize(net, calibration_batch())
-    options = {"port": port} if backend == "board" else {}
+    options = {}
+    if backend == "board":
+        from ..boards.board import DEFAULT_BAUD
+        options = {"port": port, "baud": DEFAULT_BAUD if baud is None else baud}
     with Device(backend, config, **options) as device:
         compiled = CompiledModel(qmodel, device, batch_size)
         logits = compiled(split.x_test, progress=progress)

@@ -190,3 +190,22 @@ def test_regress_checks_a_saved_stream(tmp_path):
     assert result.exit_code == 0, result.output
     verdicts = [line for line in result.output.splitlines() if str(path) in line]
     assert len(verdicts) == 2 and all(": ok (" in line for line in verdicts)
+
+
+@pytest.mark.parametrize("baud", [None, 115200])
+def test_board_backend_opens_the_port_at_the_bitstreams_rate(monkeypatch, baud):
+    """Without --baud the board backend listens at the rate `tinyaccel build` builds in."""
+    import serial
+
+    from tinyaccel.boards.board import DEFAULT_BAUD
+    opened = []
+
+    def fake_serial(port, baudrate, timeout):
+        opened.append((port, baudrate))
+        raise serial.SerialException("no such device (test)")
+
+    monkeypatch.setattr(serial, "Serial", fake_serial)
+    args = ["infer", "--backend", "board", "--config", "ice40", "--port", "/dev/ttyTEST"]
+    result = _invoke(*args, *(["--baud", str(baud)] if baud else []))
+    assert result.exit_code == 1 and "cannot open serial port '/dev/ttyTEST'" in result.output
+    assert opened == [("/dev/ttyTEST", DEFAULT_BAUD if baud is None else baud)]

@@ -145,11 +145,13 @@ def bench(ctx, suites: tuple[str, ...], rtl_parts, rtl_configs, rtl_repeats,
 @click.option("--backend", type=BACKENDS, default="golden", show_default=True)
 @click.option("--config", "config_name", type=PRESETS, default="sim", show_default=True,
               help="Accelerator configuration preset.")
-@click.option("--port", help="Serial port of the board backend.")
+@click.option("--port", help="Serial port of the board backend, e.g. /dev/ttyUSB1.")
+@click.option("--baud", type=click.IntRange(min=1),
+              help="UART rate of the board backend (default: what `tinyaccel build` builds).")
 @click.option("--batch", "batch_size", default=120, show_default=True,
               type=click.IntRange(min=1), help="Images per accelerator program.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
-def infer(model_name, backend, config_name, port, batch_size, json_path):
+def infer(model_name, backend, config_name, port, baud, batch_size, json_path):
     """Quantized inference of a zoo model on the digits test split, on a backend.
 
     With a backend other than golden the golden model runs the same programs too, and every
@@ -158,8 +160,8 @@ def infer(model_name, backend, config_name, port, batch_size, json_path):
     from tqdm import tqdm
 
     from .sw.evaluate import evaluate
-    result = evaluate(model_name, backend, config_name, port=port, batch_size=batch_size,
-                      progress=tqdm)
+    result = evaluate(model_name, backend, config_name, port=port, baud=baud,
+                      batch_size=batch_size, progress=tqdm)
     click.echo(f"{result.model} on {result.backend} ({result.config}, {result.macs} MACs): "
                f"{result.images} test images")
     click.echo(f"  accuracy  fp32 {result.acc_fp32:.4f}   int8 {result.acc_int8:.4f}")
