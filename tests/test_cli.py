@@ -209,3 +209,15 @@ def test_board_backend_opens_the_port_at_the_bitstreams_rate(monkeypatch, baud):
     result = _invoke(*args, *(["--baud", str(baud)] if baud else []))
     assert result.exit_code == 1 and "cannot open serial port '/dev/ttyTEST'" in result.output
     assert opened == [("/dev/ttyTEST", DEFAULT_BAUD if baud is None else baud)]
+
+
+def test_bench_prints_and_writes_the_suites_metrics(tmp_path):
+    """What is measured is not asserted here (bench/ measures); only that it is all reported."""
+    from tinyaccel.bench import golden
+    out = tmp_path / "bench.json"
+    result = _invoke("bench", "golden", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())
+    assert set(metrics) == {*golden.run(repeats=1, numpy_repeats=1), "bench_golden_wall_s"}
+    printed = {line.split()[0] for line in result.stdout.splitlines()}
+    assert printed == set(metrics)

@@ -129,7 +129,8 @@ def bench(ctx, suites: tuple[str, ...], rtl_parts, rtl_configs, rtl_repeats,
                                       ("--rtl-repeats", "rtl_repeats"))
              if ctx.get_parameter_source(param) == ParameterSource.COMMANDLINE]
     if typed and suites and "rtl" not in suites:
-        raise click.UsageError(f"{', '.join(typed)} apply to the rtl suite, which is not run")
+        raise click.UsageError(f"{', '.join(typed)}: only the rtl suite takes this, and it "
+                               f"is not among the suites run")
     metrics = run_suites(suites, progress=tqdm, options={"rtl": rtl},
                          on_start=lambda name: click.echo(f"== bench {name}", err=True))
     width = max(map(len, metrics), default=0)
@@ -142,7 +143,8 @@ def bench(ctx, suites: tuple[str, ...], rtl_parts, rtl_configs, rtl_repeats,
 @main.command()
 @click.option("--model", "model_name", type=MODELS, default="digits-cnn", show_default=True,
               help="Model from the zoo.")
-@click.option("--backend", type=BACKENDS, default="golden", show_default=True)
+@click.option("--backend", type=BACKENDS, default="golden", show_default=True,
+              help="Where the GEMMs run (board: give --port).")
 @click.option("--config", "config_name", type=PRESETS, default="sim", show_default=True,
               help="Accelerator configuration preset.")
 @click.option("--port", help="Serial port of the board backend, e.g. /dev/ttyUSB1.")
