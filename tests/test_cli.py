@@ -221,3 +221,21 @@ def test_bench_prints_and_writes_the_suites_metrics(tmp_path):
     assert set(metrics) == {*golden.run(repeats=1, numpy_repeats=1), "bench_golden_wall_s"}
     printed = {line.split()[0] for line in result.stdout.splitlines()}
     assert printed == set(metrics)
+
+
+def test_train_writes_its_run_folder_and_prints_its_table(tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "train.json"
+    result = _invoke("train", "--method", "int8-naive", "--backend", "host", "--epochs", "1",
+                     "--max-steps", "2", "--run-dir", str(run_dir), "--json", str(out))
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert (record["method"], record["backend"], record["epochs"]) == ("int8-naive", "host", 1)
+    table = (run_dir / "table.md").read_text()
+    assert table.strip() in result.stdout
+    assert "| int8-naive | host | 1 |" in table
+    assert (run_dir / "training.png").exists()
+
+
+def test_train_resume_needs_the_run_folder():
+    result = _invoke("train", "--resume")
+    assert result.exit_code == 2 and "--resume needs --run-dir" in result.output
