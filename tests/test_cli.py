@@ -239,3 +239,36 @@ def test_train_writes_its_run_folder_and_prints_its_table(tmp_path):
 def test_train_resume_needs_the_run_folder():
     result = _invoke("train", "--resume")
     assert result.exit_code == 2 and "--resume needs --run-dir" in result.output
+
+
+def test_build_passes_its_options_and_reports_the_result(monkeypatch, tmp_path):
+    """The board flow itself is tested in test_boards/test_build_ecp5; here: the command's
+    options reach it, its result is printed, a missed clock warns, an unfit design shows what
+    it needs."""
+    from tinyaccel.boards import build as board_build
+    from tinyaccel.errors import BuildError
+    calls = []
+
+    def fake_build(board, json_path, **kwargs):
+        calls.append((board, json_path, kwargs))
+        if kwargs["config"] == "sim":
+            error = BuildError("the design does not fit the icebreaker FPGA (test)")
+            error.result = {"board": board, "config": "sim", "fits": False, "dsp_used": 256}
+            raise error
+        return {"board": board, "config": kwargs["config"], "fmax_mhz": 27.5, "clock_mhz": 30.0,
+                "timing_met": False, "fits": True}
+
+    monkeypatch.setattr(board_build, "build", fake_build)
+    out = tmp_path / "b.json"
+    result = _invoke("build", "--board", "icebreaker", "--config", "ice40", "--baud", "115200",
+                     "--seed", "3", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    board, json_path, kwargs = calls[-1]
+    assert (board, json_path) == ("icebreaker", out)
+    assert kwargs["config"] == "ice40" and kwargs["seed"] == 3 and kwargs["baud"] == 115200
+    assert "fmax_mhz    27.5" in result.stdout
+    assert "--clock-mhz 27" in result.stderr
+    unfit = _invoke("build", "--board", "icebreaker", "--config", "sim")
+    assert unfit.exit_code == 1
+    assert "fits        False" in unfit.stdout and "dsp_used    256" in unfit.stdout
+    assert "error: BuildError: the design does not fit" in unfit.stderr
