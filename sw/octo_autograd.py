@@ -134,6 +134,18 @@ def _saved_x(x: torch.Tensor, q_x: torch.Tensor, s_x: torch.Tensor, opts: OctoOp
     return backward_quantize(x, opts)
 
 
+def _save_for_backward(ctx, rt: LayerRuntime, x, q_x, s_x, weight, bias,
+                       stochastic: bool) -> None:
+    """Keep what backward needs: the runtime, the weight and, for dW, the INT8 copy of ``x``."""
+    ctx.rt = rt
+    ctx.has_bias = bias is not None
+    if ctx.needs_input_grad[1]:
+        q_xb, s_xb = _saved_x(x, q_x, s_x, rt.options, stochastic)
+        ctx.save_for_backward(weight, q_xb, s_xb)
+    else:
+        ctx.save_for_backward(weight)
+
+
 def _bias_grad(dy: np.ndarray, axes: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(dy.astype(np.float64).sum(axis=axes).astype(np.float32))
 
@@ -156,13 +168,7 @@ class Int8LinearFn(torch.autograd.Function):
         y = _dequantize(acc, s_x, s_w)
         if bias is not None:
             y = y + bias.detach()
-        ctx.rt = rt
-        ctx.has_bias = bias is not None
-        if ctx.needs_input_grad[1]:
-            q_xb, s_xb = _saved_x(x, q_x, s_x, rt.options, stochastic)
-            ctx.save_for_backward(weight, q_xb, s_xb)
-        else:
-            ctx.save_for_backward(weight)
+        _save_for_backward(ctx, rt, x, q_x, s_x, weight, bias, stochastic)
         return y
 
     @staticmethod
@@ -229,13 +235,8 @@ class Int8Conv2dFn(torch.autograd.Function):
         if bias is not None:
             y = y + bias.detach().view(1, -1, 1, 1)
         y = y.contiguous()
-        ctx.rt, ctx.geometry = rt, (tuple(x.shape), (kh, kw), stride, padding, dilation)
-        ctx.has_bias = bias is not None
-        if ctx.needs_input_grad[1]:
-            q_xb, s_xb = _saved_x(x, q_x, s_x, rt.options, stochastic)
-            ctx.save_for_backward(weight, q_xb, s_xb)
-        else:
-            ctx.save_for_backward(weight)
+        ctx.geometry = (tuple(x.shape), (kh, kw), stride, padding, dilation)
+        _save_for_backward(ctx, rt, x, q_x, s_x, weight, bias, stochastic)
         return y
 
     @staticmethod

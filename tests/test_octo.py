@@ -127,21 +127,24 @@ def _exact_options(**kw):
     return OctoOptions(stochastic=False, prc=False, lac=False, **kw)
 
 
+def _nearest_codes(*tensors):
+    """Each tensor rounded half to even on its symmetric INT8 grid, dequantized in float64."""
+    return [quantize_nearest(t, symmetric_scale(t)).double() * float(symmetric_scale(t))
+            for t in tensors]
+
+
 @pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 2, 2), (1, 0, 1)])
 def test_int8_conv_gemms_match_float64_of_the_codes(stride, padding, dilation, seed):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(3, 4, 7, 7, generator=gen, requires_grad=True)
     conv = nn.Conv2d(4, 5, 3, stride, padding, dilation)
     rt = LayerRuntime("conv", _exact_options(), GemmExecutor(None))
-    y = Int8Conv2dFn.apply(x, conv.weight, conv.bias, rt, False, (stride,) * 2,
-                                (padding,) * 2, (dilation,) * 2)
+    y = Int8Conv2dFn.apply(x, conv.weight, conv.bias, rt, False, (stride,) * 2, (padding,) * 2,
+                           (dilation,) * 2)
     dy = torch.randn(y.shape, generator=gen)
     y.backward(dy)
     # Reference: float64 conv of the dequantized codes (what exact INT8 GEMMs must equal).
-    sx, sw, sdy = (symmetric_scale(t) for t in (x, conv.weight, dy))
-    xq = quantize_nearest(x, sx).double() * float(sx)
-    wq = quantize_nearest(conv.weight, sw).double() * float(sw)
-    dyq = quantize_nearest(dy, sdy).double() * float(sdy)
+    xq, wq, dyq = _nearest_codes(x, conv.weight, dy)
     y_ref = F.conv2d(xq, wq, conv.bias.double(), stride, padding, dilation)
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-6, atol=1e-6)
     xr, wr = xq.clone().requires_grad_(), wq.clone().requires_grad_()
@@ -175,10 +178,7 @@ def test_int8_linear_matches_float64_of_the_codes(seed):
     y = Int8LinearFn.apply(x, lin.weight, lin.bias, rt, False)
     dy = torch.randn(y.shape, generator=gen)
     y.backward(dy)
-    sx, sw, sdy = (symmetric_scale(t) for t in (x, lin.weight, dy))
-    xq = quantize_nearest(x, sx).double() * float(sx)
-    wq = quantize_nearest(lin.weight, sw).double() * float(sw)
-    dyq = quantize_nearest(dy, sdy).double() * float(sdy)
+    xq, wq, dyq = _nearest_codes(x, lin.weight, dy)
     torch.testing.assert_close(y.double(), xq @ wq.T + lin.bias.double(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(x.grad.double(), dyq @ wq, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(lin.weight.grad.double(), dyq.T @ xq, rtol=1e-6, atol=1e-6)
