@@ -29,9 +29,13 @@ from torch import nn
 
 from ..errors import ShapeError, UnsupportedLayerError
 from .octo_autograd import GemmExecutor, Int8Conv2dFn, Int8LinearFn, LayerRuntime, PackedReluFn
-from .octo_numerics import options_for
+from .octo_numerics import METHODS, OctoOptions, options_for
 
+# The training methods and their options are part of this public API (``convert(model, method)``
+# takes a key of METHODS; the CLI offers METHODS as --method choices); they are defined beside
+# the numerics they switch.
 __all__ = [
+    "METHODS", "OctoOptions", "options_for",
     "LossAwareCompensation", "OctoConv2d", "OctoLinear", "OctoReLU", "convert", "octo_layers",
     "lac_penalty", "octo_state", "load_octo_state", "executor_of", "SavedTensorMeter",
 ]
