@@ -1,6 +1,6 @@
 """RTL speed and MAC utilization: a whole 256x256x256 GEMM program on the Verilated accelerator.
 
-The program (:func:`tinyaccel.sim.workloads.gemm_program`) is the driver's double-buffered GEMM
+The program (:func:`tinyaccel.bench.workloads.gemm_program`) is the driver's double-buffered GEMM
 lowering between ``SYNC clear=1`` and ``SYNC counters=1``: every operand byte is LOADed over the
 host stream, the GEMM of a tile is issued before the LOAD of the next one, and the REQUANT +
 STORE of a finished tile run behind the next tile's GEMM. It runs through the RTL backend
@@ -31,7 +31,7 @@ import time
 
 from ..errors import ConfigError
 from ..hw.config import get_config
-from ..sim.workloads import GemmWorkload, random_gemm
+from .workloads import GemmWorkload, random_gemm
 
 __all__ = ["run"]
 

@@ -17,9 +17,8 @@ from ..errors import DTypeError, FieldError, ProtocolError, ShapeError
 from ..hw.isa import SGQ_MODE_BITS, ChannelParams, SgqMode, SgqStripeHeader, field_table
 
 __all__ = [
-    "exact_gemm", "GemmWorkspace", "im2col",
+    "exact_gemm", "GemmWorkspace",
     "saturating_rounding_doubling_high_mul", "rounding_divide_by_pot", "requantize",
-    "quantize_multiplier",
     "patch_skip",
     "sgq_encode", "sgq_decode", "sgq_payload_bytes", "sgq_stripe_modes", "sgq_max_error",
 ]
@@ -126,39 +125,6 @@ def exact_gemm(a: np.ndarray, b: np.ndarray, workspace: GemmWorkspace | None = N
     return c.astype(np.int32)
 
 
-def im2col(x: np.ndarray, kernel_size: int | tuple[int, int], stride: int | tuple = 1,
-           padding: int | tuple = 0, dilation: int | tuple = 1,
-           pad_value: int = 0) -> np.ndarray:
-    """Lower a 2-D convolution input to GEMM rows.
-
-    ``x`` is ``(N, C, H, W)``; the result is ``(N*Ho*Wo, C*kh*kw)`` with rows in ``(n, ho, wo)``
-    order and columns in ``(c, i, j)`` order, so ``im2col(x) @ w.reshape(Cout, -1).T`` is the
-    convolution (PyTorch's weight layout). Padding uses ``pad_value`` (the input zero point).
-    """
-    def pair(v):
-        return (int(v), int(v)) if np.isscalar(v) else (int(v[0]), int(v[1]))
-
-    x = np.asarray(x)
-    if x.ndim != 4:
-        raise ShapeError(f"im2col needs (N, C, H, W), got shape {x.shape}")
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = map(pair, (kernel_size, stride, padding, dilation))
-    n, c, h, w = x.shape
-    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    if ho <= 0 or wo <= 0:
-        raise ShapeError(f"im2col: kernel {kh}x{kw} (dilation {dh},{dw}) does not fit input "
-                         f"{h}x{w} with padding {ph},{pw}")
-    xp = np.full((n, c, h + 2 * ph, w + 2 * pw), pad_value, dtype=x.dtype)
-    xp[:, :, ph:ph + h, pw:pw + w] = x
-    cols = np.empty((n, ho, wo, c, kh, kw), dtype=x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            r0, c0 = i * dh, j * dw
-            win = xp[:, :, r0:r0 + sh * (ho - 1) + 1:sh, c0:c0 + sw * (wo - 1) + 1:sw]
-            cols[..., i, j] = win.transpose(0, 2, 3, 1)
-    return cols.reshape(n * ho * wo, c * kh * kw)
-
-
 # -- requantization (section 6) ----------------------------------------------------------------
 
 def _as_int64(name: str, value, lo: int, hi: int) -> np.ndarray:
@@ -248,41 +214,6 @@ def requantize(acc, bias, multiplier, shift, zero_point, clamp_min, clamp_max) -
     y = _rdbpot(y, np.maximum(-shift, 0))
     y = np.minimum(np.maximum(y + zero_point, clamp_min), clamp_max)
     return y.astype(np.int8)
-
-
-def quantize_multiplier(real_scale) -> tuple:
-    """Encode a real scale as ``(multiplier, shift)`` with ``scale ~= multiplier * 2^(shift-31)``.
-
-    TFLite's QuantizeMultiplier: ``frexp`` gives ``m in [0.5, 1)``, ``multiplier =
-    round(m * 2^31)`` (half away from zero), and a multiplier rounded up to ``2^31`` becomes
-    ``2^30`` with ``shift + 1``. Scale 0 gives ``(0, 0)``; scales too small for a shift of -31
-    flush to ``(0, 0)``; scales too large for +31 saturate to ``(2^31 - 1, 31)``. Scalars give
-    ints; arrays give an int32 and an int8 array.
-
-    Raises
-    ------
-    FieldError
-        For a negative or non-finite scale (named with the value).
-    """
-    scale = np.asarray(real_scale, dtype=np.float64)
-    if not np.all(np.isfinite(scale)) or np.any(scale < 0):
-        bad = scale[~np.isfinite(scale) | (scale < 0)].flat[0]
-        raise FieldError(f"real_scale={bad} must be finite and >= 0")
-    m, e = np.frexp(scale)
-    q = np.floor(m * 2.0 ** 31 + 0.5).astype(np.int64)  # m >= 0: floor(x+0.5) rounds half up
-    e = e.astype(np.int64)
-    up = q == 1 << 31
-    q = np.where(up, q >> 1, q)
-    e = np.where(up, e + 1, e)
-    zero = (scale == 0) | (e < -MAX_SHIFT)
-    q = np.where(zero, 0, q)
-    e = np.where(zero, 0, e)
-    big = e > MAX_SHIFT
-    q = np.where(big, INT32_MAX, q)
-    e = np.where(big, MAX_SHIFT, e)
-    if scale.ndim == 0:
-        return int(q), int(e)
-    return q.astype(np.int32), e.astype(np.int8)
 
 
 # -- PASS patch-skip (section 7) ---------------------------------------------------------------

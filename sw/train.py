@@ -23,7 +23,7 @@ Saved-activation memory is measured on the first step of a run with
 tensor autograd saved for backward (parameters excluded, each storage once).
 
 A NaN or infinity in the loss, in a layer's input or incoming gradient, or in any parameter's
-gradient stops the run with :class:`~tinyaccel.sw.octo.TrainingDivergedError` naming the step,
+gradient stops the run with :class:`~tinyaccel.errors.TrainingDivergedError` naming the step,
 the layer and the tensor; the last checkpoint stays in place for a resume.
 """
 
@@ -42,20 +42,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ResumeError, ShapeError
+from ..errors import ResumeError, ShapeError, TrainingDivergedError
 from ..models import zoo
 from ..models.data import load_digits_split, single_thread
 from .octo import (
     LossAwareCompensation,
     SavedTensorMeter,
-    TrainingDivergedError,
     convert,
     executor_of,
     lac_penalty,
     load_octo_state,
     octo_state,
-    options_for,
 )
+from .octo_numerics import options_for
 
 __all__ = ["TrainConfig", "ResumeError", "train", "compare", "comparison_table", "plot_runs",
            "summarize_seeds", "COMPARE_RUNS", "CHECKPOINT", "METRICS"]

@@ -15,12 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinyaccel.hw.isa import Opcode
-from tinyaccel.protocol import Program
+from tinyaccel.errors import UnsupportedLayerError
 from tinyaccel.sim.numerics import requantize
-from tinyaccel.sw.compiler import CompiledModel, layer_gemms
-from tinyaccel.sw.gemm import lower_gemm
-from tinyaccel.sw.quant import HOST_KINDS, LayerKind, UnsupportedLayerError, quantize
+from tinyaccel.sw.compiler import CompiledModel
+from tinyaccel.sw.gemm_run import Gemm, run_gemms
+from tinyaccel.sw.lowering import assemble, layer_gemms, useful_macs
+from tinyaccel.sw.quant import quantize
+from tinyaccel.sw.quant_ir import HOST_KINDS, LayerKind
+from tinyaccel.sw.reference import accumulate
 from tinyaccel.sw.runtime import Device
 
 SEED = int(os.environ.get("TINYACCEL_SEED", np.random.SeedSequence().entropy % 2**32))
@@ -72,20 +74,12 @@ def _torch_accumulators(layer, inputs):
 
 
 def _device_accumulators(layer, inputs, device):
-    """The layer's GEMMs on the device through the INT32 bypass, channels last."""
-    program = Program(device.config)
+    """The layer's GEMMs (packed as the compiler packs them) on the device through the INT32
+    bypass, channels last."""
     gemms = layer_gemms(layer, inputs, device.config.cols)
-    lowerings = [lower_gemm(device.config, program, a, b, out="int32") for a, b, _ in gemms]
-    responses = device.run(program.sync())
-    stores = [r for i, r in zip(program.instructions, responses, strict=True)
-              if i.opcode == Opcode.STORE]
-    parts, pos = [], 0
-    for lowering in lowerings:
-        parts.append(lowering.collect(stores[pos:pos + lowering.store_count]))
-        pos += lowering.store_count
-    acc = np.concatenate(parts, axis=1)
-    n = inputs[0].shape[0]
-    return acc if layer.kind == LayerKind.LINEAR else acc.reshape(n, *layer.output_shape[1:], -1)
+    run = run_gemms(device, [Gemm(a, b) for a, b, _ in gemms])
+    assert all(r.dtype == np.int32 for r in run.results)
+    return assemble(layer, gemms, run.results, inputs[0].shape[0])
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -116,6 +110,9 @@ def test_lowered_op_matches_pytorch(name, device):
         got_acc = _device_accumulators(layer, inputs, device)
         np.testing.assert_array_equal(got_acc, expected_acc.astype(np.int32),
                                       err_msg=f"{name}/{layer.name} INT32, seed {SEED}")
+        # the host reference executor (one GEMM per group, exact_gemm) gives the same integers
+        np.testing.assert_array_equal(accumulate(layer, inputs), expected_acc.astype(np.int32),
+                                      err_msg=f"{name}/{layer.name} reference, seed {SEED}")
         expected = requantize(expected_acc.astype(np.int32),
                               *(getattr(layer.requant, f) for f in layer.requant.FIELDS))
         if expected.ndim > 2:
@@ -160,7 +157,6 @@ def test_unsupported_layer_is_named():
 
 
 def test_useful_macs_counts_the_real_layer():
-    from tinyaccel.sw.compiler import useful_macs
     model = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.Conv2d(6, 4, 1)).eval()
     qmodel = quantize(model, torch.rand(2, 6, 8, 8))
     dw, pw = qmodel.layers

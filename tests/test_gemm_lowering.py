@@ -11,10 +11,10 @@ import pytest
 
 from tinyaccel.errors import DTypeError, ShapeError
 from tinyaccel.hw.config import AccelConfig, get_config
-from tinyaccel.hw.isa import Opcode
 from tinyaccel.protocol import Program
 from tinyaccel.sim.numerics import requantize
 from tinyaccel.sw.gemm import estimate_cycles, lower_gemm, plan_gemm
+from tinyaccel.sw.gemm_run import Gemm, run_gemms
 from tinyaccel.sw.runtime import Device
 
 SEED = int(os.environ.get("TINYACCEL_SEED", np.random.SeedSequence().entropy % 2**32))
@@ -36,14 +36,11 @@ def _params(rng, n):
 
 
 def _run(config, a, b, params, out):
-    prog = Program(config)
-    lowering = lower_gemm(config, prog, a, b, params, out=out)
-    prog.sync(counters=True, clear=True)
     with Device("golden", config) as dev:
-        responses = dev.run(prog)
-    stores = [r for instr, r in zip(prog.instructions, responses, strict=True)
-              if instr.opcode == Opcode.STORE]
-    return lowering, lowering.collect(stores), dev.stats
+        run = run_gemms(dev, [Gemm(a, b, params if out == "int8" else None)])
+    plan = plan_gemm(config, a.shape[0], b.shape[1], a.shape[1], out)
+    assert dev.stats.programs == 1 and run.macs_issued == dev.stats.macs
+    return plan, run.results[0], dev.stats
 
 
 @pytest.mark.parametrize("config", [TINY, get_config("ice40"), get_config("sim")],
@@ -59,7 +56,7 @@ def test_gemm_lowering_matches_integer_matmul(config, out):
         a = rng.integers(-128, 128, (M, K), dtype=np.int8)
         b = rng.integers(-128, 128, (K, N), dtype=np.int8)
         params = _params(rng, N)
-        lowering, got, stats = _run(config, a, b, params, out)
+        plan, got, stats = _run(config, a, b, params, out)
         acc = a.astype(np.int64) @ b.astype(np.int64)
         if out == "int32":
             expected = acc.astype(np.int32)
@@ -68,8 +65,37 @@ def test_gemm_lowering_matches_integer_matmul(config, out):
                                                            params.items()})
         assert got.dtype == expected.dtype
         np.testing.assert_array_equal(got, expected, err_msg=f"M,N,K={M},{N},{K} plan "
-                                      f"{lowering.plan} seed {SEED}")
-        assert stats.macs == lowering.plan.macs
+                                      f"{plan} seed {SEED}")
+        assert stats.macs == plan.macs
+
+
+def test_run_gemms_runs_several_gemms_in_one_program():
+    """INT8 and INT32 GEMMs in one program: each result equals NumPy on the golden model and on
+    the host path; the program's counter record covers all of them."""
+    print(f"TINYACCEL_SEED={SEED}")
+    rng = np.random.default_rng(SEED)
+    gemms, expected = [], []
+    for out in ("int8", "int32", "int8", "int32"):
+        M, N, K = (int(x) for x in rng.integers(1, 40, 3))
+        a = rng.integers(-128, 128, (M, K), dtype=np.int8)
+        b = rng.integers(-128, 128, (K, N), dtype=np.int8)
+        params = _params(rng, N) if out == "int8" else None
+        gemms.append(Gemm(a, b, params))
+        acc = (a.astype(np.int64) @ b.astype(np.int64)).astype(np.int32)
+        expected.append(acc if params is None else requantize(acc, **params))
+    with Device("golden", TINY) as dev:
+        run = run_gemms(dev, gemms)
+    host = run_gemms(None, gemms)
+    assert dev.stats.programs == 1
+    assert len(run.results) == len(host.results) == len(gemms)
+    for i, (got, on_host, want) in enumerate(zip(run.results, host.results, expected,
+                                                 strict=True)):
+        assert got.dtype == on_host.dtype == want.dtype, i
+        np.testing.assert_array_equal(got, want, err_msg=f"GEMM {i}, seed {SEED}")
+        np.testing.assert_array_equal(on_host, want, err_msg=f"host GEMM {i}, seed {SEED}")
+    assert run.macs_issued == sum(plan_gemm(TINY, g.a.shape[0], g.b.shape[1], g.a.shape[1],
+                                            g.out).macs for g in gemms)
+    assert host.macs_issued == host.cycles == 0
 
 
 def test_plan_respects_buffers_and_overlaps():

@@ -1,7 +1,5 @@
 """Golden numerics against independent references: PyTorch float64, scalar gemmlowp, hand bits."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -12,9 +10,7 @@ from tinyaccel.hw.isa import SGQ_MODE_BITS, SgqMode
 from tinyaccel.sim.numerics import (
     GemmWorkspace,
     exact_gemm,
-    im2col,
     patch_skip,
-    quantize_multiplier,
     requantize,
     rounding_divide_by_pot,
     saturating_rounding_doubling_high_mul,
@@ -23,6 +19,7 @@ from tinyaccel.sim.numerics import (
     sgq_payload_bytes,
 )
 from tinyaccel.sim.randprog import random_channel_params, seed_from_env
+from tinyaccel.sw.im2col import im2col
 
 I32_MIN, I32_MAX = -(2 ** 31), 2 ** 31 - 1
 
@@ -245,33 +242,6 @@ def test_requantize_checks_arguments():
         requantize(np.zeros(2, np.int32), 0, 0, 128, 0, -128, 127)
     with pytest.raises(FieldError, match="zero_point=-129"):
         requantize(np.zeros(2, np.int32), 0, 0, 0, -129, -128, 127)
-
-
-def test_quantize_multiplier_reconstructs_scales(rng):
-    scales = np.concatenate([2.0 ** rng.uniform(-30, 30, 500), [1.0, 0.5, 0.75, 2.0 ** -31]])
-    mult, shift = quantize_multiplier(scales)
-    for s, m, e in zip(scales, mult.tolist(), shift.tolist(), strict=True):
-        assert (1 << 30) <= m < (1 << 31), s
-        assert abs(m * 2.0 ** (e - 31) - s) <= s * 2.0 ** -31, s
-        assert (int(m), int(e)) == quantize_multiplier(float(s))
-    assert quantize_multiplier(1.0) == (1 << 30, 1)
-    assert quantize_multiplier(0.0) == (0, 0)
-    # m * 2^31 within 0.25 of 2^31 rounds up to 2^31: becomes 2^30 with shift + 1.
-    assert quantize_multiplier((1 - 2.0 ** -33) * 2.0 ** 5) == (1 << 30, 6)
-    assert quantize_multiplier(2.0 ** -40) == (0, 0)  # below a shift of -31: flushed
-    assert quantize_multiplier(2.0 ** 40) == (I32_MAX, 31)  # beyond +31: saturated
-    for bad in (-0.5, math.inf, math.nan):
-        with pytest.raises(FieldError, match=f"real_scale={bad}"):
-            quantize_multiplier(bad)
-
-
-def test_quantize_multiplier_drives_requantize(rng):
-    for scale in 2.0 ** rng.uniform(-12, -2, 40):
-        m, e = quantize_multiplier(scale)
-        acc = rng.integers(-(1 << 18), 1 << 18, 200).astype(np.int32)
-        got = requantize(acc, 0, m, e, 0, -128, 127).astype(np.int64)
-        ideal = np.clip(np.round(acc * scale), -128, 127)
-        assert np.abs(got - ideal).max() <= 1, scale
 
 
 # -- PASS patch-skip (section 7) ---------------------------------------------------------------

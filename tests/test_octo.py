@@ -14,32 +14,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinyaccel.errors import BackendUnavailable, ShapeError
+from tinyaccel.errors import (
+    BackendUnavailable,
+    ResumeError,
+    ShapeError,
+    TrainingDivergedError,
+    UnsupportedLayerError,
+)
 from tinyaccel.models import zoo
 from tinyaccel.models.data import load_digits_split, single_thread
-from tinyaccel.sim.numerics import im2col
-from tinyaccel.sw import octo
+from tinyaccel.sw import octo_autograd
 from tinyaccel.sw import train as training
+from tinyaccel.sw.im2col import col2im_int, im2col
 from tinyaccel.sw.octo import (
-    GemmExecutor,
     LossAwareCompensation,
     OctoConv2d,
     OctoLinear,
     OctoReLU,
     SavedTensorMeter,
-    TrainingDivergedError,
-    clip_range,
-    col2im_int,
     convert,
     executor_of,
     lac_penalty,
+)
+from tinyaccel.sw.octo_autograd import GemmExecutor, Int8Conv2dFn, Int8LinearFn, LayerRuntime
+from tinyaccel.sw.octo_numerics import (
+    OctoOptions,
+    clip_range,
     quantize_nearest,
     quantize_stochastic,
     symmetric_scale,
 )
-from tinyaccel.sw.quant import UnsupportedLayerError
 from tinyaccel.sw.runtime import Device
-from tinyaccel.sw.train import CHECKPOINT, METRICS, ResumeError, TrainConfig, train
+from tinyaccel.sw.train import CHECKPOINT, METRICS, TrainConfig, train
 
 
 @pytest.fixture
@@ -118,7 +124,13 @@ def test_col2im_is_the_exact_adjoint_of_im2col(geometry, seed):
 # -- autograd Functions against float64 references ----------------------------------------------
 
 def _exact_options(**kw):
-    return octo.OctoOptions(stochastic=False, prc=False, lac=False, **kw)
+    return OctoOptions(stochastic=False, prc=False, lac=False, **kw)
+
+
+def _nearest_codes(*tensors):
+    """Each tensor rounded half to even on its symmetric INT8 grid, dequantized in float64."""
+    return [quantize_nearest(t, symmetric_scale(t)).double() * float(symmetric_scale(t))
+            for t in tensors]
 
 
 @pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 2, 2), (1, 0, 1)])
@@ -126,16 +138,13 @@ def test_int8_conv_gemms_match_float64_of_the_codes(stride, padding, dilation, s
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(3, 4, 7, 7, generator=gen, requires_grad=True)
     conv = nn.Conv2d(4, 5, 3, stride, padding, dilation)
-    rt = octo._LayerRuntime("conv", _exact_options(), GemmExecutor(None))
-    y = octo.Int8Conv2dFn.apply(x, conv.weight, conv.bias, rt, False, (stride,) * 2,
-                                (padding,) * 2, (dilation,) * 2)
+    rt = LayerRuntime("conv", _exact_options(), GemmExecutor(None))
+    y = Int8Conv2dFn.apply(x, conv.weight, conv.bias, rt, False, (stride,) * 2, (padding,) * 2,
+                           (dilation,) * 2)
     dy = torch.randn(y.shape, generator=gen)
     y.backward(dy)
     # Reference: float64 conv of the dequantized codes (what exact INT8 GEMMs must equal).
-    sx, sw, sdy = (symmetric_scale(t) for t in (x, conv.weight, dy))
-    xq = quantize_nearest(x, sx).double() * float(sx)
-    wq = quantize_nearest(conv.weight, sw).double() * float(sw)
-    dyq = quantize_nearest(dy, sdy).double() * float(sdy)
+    xq, wq, dyq = _nearest_codes(x, conv.weight, dy)
     y_ref = F.conv2d(xq, wq, conv.bias.double(), stride, padding, dilation)
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-6, atol=1e-6)
     xr, wr = xq.clone().requires_grad_(), wq.clone().requires_grad_()
@@ -153,10 +162,10 @@ def test_dx_by_transposed_gemm_equals_host_col2im_bit_for_bit(monkeypatch, seed)
     grads = []
     for transposed in (True, False):
         if not transposed:
-            monkeypatch.setattr(octo, "_transposed_padding", lambda *a: None)
+            monkeypatch.setattr(octo_autograd, "_transposed_padding", lambda *a: None)
         xr = x.clone().requires_grad_()
-        rt = octo._LayerRuntime("c", _exact_options(), GemmExecutor(None))
-        octo.Int8Conv2dFn.apply(xr, w, None, rt, False, (1, 1), (1, 1), (1, 1)).backward(dy)
+        rt = LayerRuntime("c", _exact_options(), GemmExecutor(None))
+        Int8Conv2dFn.apply(xr, w, None, rt, False, (1, 1), (1, 1), (1, 1)).backward(dy)
         grads.append(xr.grad)
     assert torch.equal(grads[0], grads[1])
 
@@ -165,14 +174,11 @@ def test_int8_linear_matches_float64_of_the_codes(seed):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(6, 20, generator=gen, requires_grad=True)
     lin = nn.Linear(20, 7)
-    rt = octo._LayerRuntime("fc", _exact_options(), GemmExecutor(None))
-    y = octo.Int8LinearFn.apply(x, lin.weight, lin.bias, rt, False)
+    rt = LayerRuntime("fc", _exact_options(), GemmExecutor(None))
+    y = Int8LinearFn.apply(x, lin.weight, lin.bias, rt, False)
     dy = torch.randn(y.shape, generator=gen)
     y.backward(dy)
-    sx, sw, sdy = (symmetric_scale(t) for t in (x, lin.weight, dy))
-    xq = quantize_nearest(x, sx).double() * float(sx)
-    wq = quantize_nearest(lin.weight, sw).double() * float(sw)
-    dyq = quantize_nearest(dy, sdy).double() * float(sdy)
+    xq, wq, dyq = _nearest_codes(x, lin.weight, dy)
     torch.testing.assert_close(y.double(), xq @ wq.T + lin.bias.double(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(x.grad.double(), dyq @ wq, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(lin.weight.grad.double(), dyq.T @ xq, rtol=1e-6, atol=1e-6)

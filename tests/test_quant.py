@@ -30,12 +30,15 @@ import torch.nn.functional as F  # noqa: N812
 from amaranth.lib import data as adata
 from torch import nn
 
-from tinyaccel.errors import DTypeError, FieldError, ShapeError
+from tinyaccel.errors import DTypeError, FieldError, ShapeError, UnsupportedLayerError
 from tinyaccel.hw.isa import ChannelParams
 from tinyaccel.models import data, zoo
-from tinyaccel.sim.numerics import quantize_multiplier
-from tinyaccel.sw import quant
-from tinyaccel.sw.quant import Activation, LayerKind, QuantParams
+from tinyaccel.sim.numerics import requantize
+from tinyaccel.sim.randprog import seed_from_env
+from tinyaccel.sw import quant, reference
+from tinyaccel.sw.fx_frontend import float_layer
+from tinyaccel.sw.quant import quantize_multiplier
+from tinyaccel.sw.quant_ir import Activation, LayerKind, QuantLayer, QuantParams, RequantParams
 
 
 def deq64(qp: QuantParams, q: np.ndarray) -> np.ndarray:
@@ -104,6 +107,35 @@ def test_multiplier_reconstructs_real_scale():
     rebuilt = m.astype(np.float64) * np.exp2(shift.astype(np.float64) - 31)
     assert np.all(np.abs(rebuilt - scales) <= 2.0 ** -31 * scales)
     assert np.all((m >= 1 << 30) & (shift >= -31) & (shift <= 31))
+
+
+def test_quantize_multiplier_reconstructs_scales():
+    rng = np.random.default_rng(seed_from_env())
+    scales = np.concatenate([2.0 ** rng.uniform(-30, 30, 500), [1.0, 0.5, 0.75, 2.0 ** -31]])
+    mult, shift = quantize_multiplier(scales)
+    for s, m, e in zip(scales, mult.tolist(), shift.tolist(), strict=True):
+        assert (1 << 30) <= m < (1 << 31), s
+        assert abs(m * 2.0 ** (e - 31) - s) <= s * 2.0 ** -31, s
+        assert (int(m), int(e)) == quantize_multiplier(float(s))
+    assert quantize_multiplier(1.0) == (1 << 30, 1)
+    assert quantize_multiplier(0.0) == (0, 0)
+    # m * 2^31 within 0.25 of 2^31 rounds up to 2^31: becomes 2^30 with shift + 1.
+    assert quantize_multiplier((1 - 2.0 ** -33) * 2.0 ** 5) == (1 << 30, 6)
+    assert quantize_multiplier(2.0 ** -40) == (0, 0)  # below a shift of -31: flushed
+    assert quantize_multiplier(2.0 ** 40) == (2 ** 31 - 1, 31)  # beyond +31: saturated
+    for bad in (-0.5, math.inf, math.nan):
+        with pytest.raises(FieldError, match=f"real_scale={bad}"):
+            quantize_multiplier(bad)
+
+
+def test_quantize_multiplier_drives_requantize():
+    rng = np.random.default_rng(seed_from_env())
+    for scale in 2.0 ** rng.uniform(-12, -2, 40):
+        m, e = quantize_multiplier(scale)
+        acc = rng.integers(-(1 << 18), 1 << 18, 200).astype(np.int32)
+        got = requantize(acc, 0, m, e, 0, -128, 127).astype(np.int64)
+        ideal = np.clip(np.round(acc * scale), -128, 127)
+        assert np.abs(got - ideal).max() <= 1, scale
 
 
 def test_layer_requant_params_reconstruct_scale_and_pack(trained):
@@ -183,7 +215,7 @@ LAYER_CASES = {
 }
 
 
-def _layer_bound(layer: quant.QuantLayer, x: list[torch.Tensor], pre: torch.Tensor):
+def _layer_bound(layer: QuantLayer, x: list[torch.Tensor], pre: torch.Tensor):
     """Per-element bound (float64 tensor shaped like the output) derived in the module doc."""
     shape = (1, pre.shape[1]) + (1,) * (pre.ndim - 2)
     s_out = layer.output_q.scale
@@ -216,7 +248,7 @@ def test_layer_error_within_derived_bound(case):
     model = LAYER_CASES[case]().eval()
     x = torch.rand(48, 3, 7, 7) * 3 - 1  # signed input: input zero point is not -128
     qmodel = quant.quantize(model, x)
-    env = quant.run_quantized(qmodel, x, return_all=True)
+    env = reference.run_quantized(qmodel, x, return_all=True)
     kinds = set()
     for layer in qmodel.layers:
         kinds.add(layer.kind)
@@ -227,8 +259,8 @@ def test_layer_error_within_derived_bound(case):
             np.testing.assert_array_equal(got, xs[0].flatten(1).numpy())
             continue
         with torch.no_grad():
-            pre = quant.float_layer(dataclasses.replace(layer, activation=Activation.NONE), xs)
-            ref = quant.float_layer(layer, xs).clamp(layer.output_q.real_min,
+            pre = float_layer(dataclasses.replace(layer, activation=Activation.NONE), xs)
+            ref = float_layer(layer, xs).clamp(layer.output_q.real_min,
                                                      layer.output_q.real_max)
         bound = _layer_bound(layer, xs, pre).numpy()
         err = np.abs(got - ref.numpy())
@@ -246,7 +278,7 @@ def test_integer_accumulators_fold_zero_points(trained):
     """acc + ChannelParams.bias == sum (q - zp_in) w_q + bias_q, computed independently."""
     _, _, qmodel = trained["mobilenet-block"]
     x = data.load_digits_split().x_test[:24]
-    env = quant.run_quantized(qmodel, x, return_all=True)
+    env = reference.run_quantized(qmodel, x, return_all=True)
     for layer in qmodel.layers:
         if layer.kind == LayerKind.FLATTEN:
             continue
@@ -260,7 +292,7 @@ def test_integer_accumulators_fold_zero_points(trained):
             ref = centered[0] @ w.T
         else:
             ref = sum(c.movedim(1, -1) * w[:, i] for i, c in enumerate(centered))
-        acc = quant.accumulate(layer, [env[name] for name in layer.inputs])
+        acc = reference.accumulate(layer, [env[name] for name in layer.inputs])
         lhs = acc.astype(np.int64) + layer.requant.bias
         np.testing.assert_array_equal(lhs, ref.numpy().astype(np.int64) + layer.bias,
                                       err_msg=layer.name)
@@ -272,7 +304,7 @@ def test_integer_accumulators_fold_zero_points(trained):
 def test_int8_accuracy_within_1pp_of_fp32(trained, name, record_property):
     model, metrics, qmodel = trained[name]
     split = data.load_digits_split()
-    logits = quant.run_quantized(qmodel, split.x_test)
+    logits = reference.run_quantized(qmodel, split.x_test)
     acc_int8 = float((logits.argmax(1) == split.y_test.numpy()).mean())
     with torch.no_grad():
         fp32 = model(split.x_test).numpy()
@@ -283,7 +315,7 @@ def test_int8_accuracy_within_1pp_of_fp32(trained, name, record_property):
           f"top-1 agreement {agree:.4f} on {len(split.y_test)} test images")
     assert metrics["test_acc"] >= 0.95
     assert abs(acc_int8 - metrics["test_acc"]) <= 0.01
-    np.testing.assert_allclose(quant.run_float(qmodel, split.x_test), fp32, atol=1e-4)
+    np.testing.assert_allclose(reference.run_float(qmodel, split.x_test), fp32, atol=1e-4)
 
 
 def test_quantization_is_replayable(trained):
@@ -292,7 +324,7 @@ def test_quantization_is_replayable(trained):
     for a, b in zip(qmodel.layers, again.layers, strict=True):
         if a.weight is not None:
             np.testing.assert_array_equal(a.weight, b.weight)
-            for f in quant.RequantParams.FIELDS:
+            for f in RequantParams.FIELDS:
                 np.testing.assert_array_equal(getattr(a.requant, f), getattr(b.requant, f))
         assert a.output_q == b.output_q
 
@@ -358,7 +390,7 @@ class Sigmoid(nn.Module):
     (nn.Sequential(nn.ReLU(), nn.Conv2d(1, 2, 3)), r"layer '0' \(ReLU\): ReLU.*model input"),
 ])
 def test_unsupported_layers_are_named(model, message):
-    with pytest.raises(quant.UnsupportedLayerError, match=message):
+    with pytest.raises(UnsupportedLayerError, match=message):
         quant.quantize(model, torch.rand(4, 1, 8, 8))
 
 
@@ -376,7 +408,7 @@ class WithLSTM(nn.Module):
 
 
 def test_lstm_is_named_with_path_and_type():
-    with pytest.raises(quant.UnsupportedLayerError,
+    with pytest.raises(UnsupportedLayerError,
                        match=r"layer 'body.rnn' \(LSTM\): not supported by the INT8 quantizer; "
                              r"supported: Conv2d"):
         quant.quantize(WithLSTM(), torch.rand(4, 1, 8, 8))
@@ -394,10 +426,10 @@ def test_bias_overflow_names_the_layer():
 def test_executor_checks_its_inputs(trained):
     _, _, qmodel = trained["digits-cnn"]
     with pytest.raises(ShapeError, match=r"shape \(2, 1, 7, 7\); the model takes \(N, 1, 8, 8\)"):
-        quant.run_quantized(qmodel, np.zeros((2, 1, 7, 7)))
+        reference.run_quantized(qmodel, np.zeros((2, 1, 7, 7)))
     layer = qmodel.layer("conv1")
     with pytest.raises(DTypeError, match="layer 'conv1': input 0 has dtype float32"):
-        quant.execute_layer(layer, [np.zeros((1, 1, 8, 8), np.float32)])
+        reference.execute_layer(layer, [np.zeros((1, 1, 8, 8), np.float32)])
     with pytest.raises(KeyError, match="no layer 'conv9'"):
         qmodel.layer("conv9")
     assert math.isclose(qmodel.input_q.scale, 1 / 255) and qmodel.input_q.zero_point == -128

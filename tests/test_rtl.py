@@ -140,7 +140,7 @@ def test_cocotb_module():
 def test_gemm_workload(checker, out):
     """The double-buffered GEMM program of the benchmark (odd sizes: padding, several tiles)
     under gaps and back-pressure; INT32 results equal NumPy's matmul."""
-    from tinyaccel.sim.workloads import random_gemm
+    from tinyaccel.bench.workloads import random_gemm
     cfg = checker.config
     w = random_gemm(cfg, 3 * cfg.rows + 1, 2 * cfg.cols + 3, 70, seed=11, out=out)
     stream = w.to_bytes()

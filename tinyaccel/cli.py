@@ -16,7 +16,6 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from . import __version__
 from .errors import TinyAccelError
 
 
@@ -78,7 +77,7 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group, name="tinyaccel")
-@click.version_option(__version__, prog_name="tinyaccel")
+@click.version_option(package_name="tinyaccel", prog_name="tinyaccel")
 def main():
     """tinyaccel: INT8 accelerator for on-device learning — RTL, golden model, driver, boards."""
 
