@@ -182,14 +182,13 @@ def _announce_build(config: AccelConfig, waves: bool, where: Path) -> None:
 
     seconds = _last_build_seconds(config.name)
     if seconds is None:
-        took = f"about {TYPICAL_BUILD_S} s on 2 idle cores"
+        took = f"about {TYPICAL_BUILD_S} s on 2 idle cores, minutes on a busy machine"
     else:
-        took = f"the previous build of {config.name} took {seconds:.0f} s"
+        took = f"the previous build of {config.name} here took {seconds:.0f} s"
     what = (f"{config.rows}x{config.cols} MAC array, {config.host_width}-bit host stream"
             + (", with waveform tracing" if waves else ""))
     tqdm.write(f"tinyaccel: building the Verilator simulator of the {config.name!r} accelerator "
-               f"({what}) - needed once per RTL change, {took}; cached in {where}",
-               file=sys.stderr)
+               f"({what}), once per RTL change: {took}; cached in {where}", file=sys.stderr)
 
 
 def build(config: str | AccelConfig, *, waves: bool | None = None, verilog: str | None = None,
