@@ -59,7 +59,8 @@ class Segment:
 
     @property
     def opcode(self) -> int:
-        return self.word & 0xF
+        """The opcode code of the instruction (an int: it may be undefined)."""
+        return decode_fields(self.word)[0]
 
 
 def response_segments(config: AccelConfig | str, stream: bytes, expected: bytes) -> list[Segment]:

@@ -153,7 +153,9 @@ class RtlSession:
     Raises
     ------
     BackendUnavailable
-        Verilator or cocotb is missing.
+        Verilator, cocotb or a C++ compiler is missing (when the session starts).
+    SimulatorError
+        The build failed, or the simulator did not start, answer or stay alive.
     """
 
     def __init__(self, config: str | AccelConfig, *, valid_gap: float = 0.0,
