@@ -1,9 +1,10 @@
 """Seeded random instruction streams and named corner-case programs for RTL verification.
 
 Every generator takes a NumPy ``Generator`` (or a seed) and is deterministic for it;
-:func:`seed_from_env` gives tests a seed that is printed and can be replayed with
-``TINYACCEL_SEED=<n>``. The programs are plain :class:`~tinyaccel.protocol.Program` objects:
-run them on the golden model and on the RTL and compare the response bytes.
+:func:`seed_from_env` gives tests the run's seed, printed: fixed (:data:`DEFAULT_SEED`) unless
+``TINYACCEL_SEED`` sets it (an integer to replay or vary a run, ``random`` for a fresh one).
+The programs are plain :class:`~tinyaccel.protocol.Program` objects: run them on the golden
+model and on the RTL and compare the response bytes.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..errors import FieldError
+from ..errors import ConfigError, FieldError
 from ..hw.config import AccelConfig, get_config
 from ..hw.isa import Buffer, Opcode, Status, operand_fields
 from ..protocol import PARAM_DTYPE, Program, encode_fields, lane_dtype, lanes
 from .numerics import INT32_MAX, INT32_MIN
 
-__all__ = ["seed_from_env", "random_words", "random_channel_params", "random_program",
-           "corner_programs", "Corner", "UNDEFINED_OPCODES", "UNDEFINED_BUFFERS"]
+__all__ = ["SEED_ENV", "DEFAULT_SEED", "parse_seed", "seed_from_env", "random_words",
+           "random_channel_params", "random_program", "corner_programs", "Corner",
+           "UNDEFINED_OPCODES", "UNDEFINED_BUFFERS"]
 
 
 def _field(opcode: Opcode, name: str):
@@ -44,10 +46,38 @@ _MAX_SHIFT_MAX = _field(Opcode.SGQ, "max_shift").mask
 _INT8 = np.iinfo(np.int8)
 
 
-def seed_from_env(var: str = "TINYACCEL_SEED") -> int:
-    """The seed in environment variable ``var``, else a fresh one; printed for replay."""
-    text = os.environ.get(var)
-    seed = int(text, 0) if text else secrets.randbits(32)
+#: Environment variable that sets the seed of a test run: an integer (decimal or ``0x...``) to
+#: replay or vary a run, ``random`` for a fresh seed (printed, so that the run replays).
+SEED_ENV = "TINYACCEL_SEED"
+#: The seed when ``TINYACCEL_SEED`` is unset or empty, so that ``make test`` on one commit
+#: draws the same programs and data on every run.
+DEFAULT_SEED = 1
+
+
+def parse_seed(text: str | None) -> int:
+    """The seed ``text`` names: an integer, ``random`` (a fresh 32-bit seed) or unset/empty
+    (:data:`DEFAULT_SEED`).
+
+    Raises
+    ------
+    ConfigError
+        ``text`` is neither an integer nor ``random``.
+    """
+    text = (text or "").strip()
+    if not text:
+        return DEFAULT_SEED
+    if text.lower() == "random":
+        return secrets.randbits(32)
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise ConfigError(f"{SEED_ENV}={text!r} is not a seed: give an integer (e.g. "
+                          f"{SEED_ENV}=1234) or {SEED_ENV}=random") from None
+
+
+def seed_from_env(var: str = SEED_ENV) -> int:
+    """The seed in environment variable ``var`` (see :func:`parse_seed`); printed for replay."""
+    seed = parse_seed(os.environ.get(var))
     print(f"{var}={seed}")
     return seed
 

@@ -33,7 +33,7 @@ from ..errors import OpcodeError
 from ..hw.config import get_config
 from ..hw.isa import Buffer, Opcode
 from . import randprog
-from .rtl import RtlSession, build_root, rtl_opcodes
+from .rtl import RtlSession, build_root
 from .scoreboard import Checker, isolated
 
 __all__ = ["RegressResult", "program_for_seed", "save_failure", "regress", "run", "run_seed",
@@ -105,12 +105,8 @@ def regress(config, programs: int, seed: int, *, opcodes=None, corners: bool = T
     """Run ``programs`` random programs (plus the corner programs) on ``config``."""
     from tqdm import tqdm
     config = get_config(config)
-    ops = sorted(opcodes if opcodes is not None else rtl_opcodes(), key=lambda op: op.value)
+    ops = sorted(opcodes if opcodes is not None else Opcode, key=lambda op: op.value)
     result = RegressResult(config.name, seed, opcodes=[op.name for op in ops])
-    missing = sorted(set(Opcode) - set(ops), key=lambda op: op.value)
-    if missing:
-        out(f"{config.name}: NOTE: not in the RTL yet, excluded: "
-            f"{', '.join(op.name for op in missing)}")
     rng = np.random.default_rng(seed)
     seeds = replay if replay is not None else [int(s) for s in rng.integers(0, 1 << 32,
                                                                               programs)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import BackendUnavailable, FieldError, ProtocolError
+from ..errors import FieldError, ProtocolError, SimulatorError, SimulatorHang
 from ..hw.config import AccelConfig, get_config
 from ..hw.isa import (
     COUNTER_BITS,
@@ -59,7 +59,8 @@ class Segment:
 
     @property
     def opcode(self) -> int:
-        return self.word & 0xF
+        """The opcode code of the instruction (an int: it may be undefined)."""
+        return decode_fields(self.word)[0]
 
 
 def response_segments(config: AccelConfig | str, stream: bytes, expected: bytes) -> list[Segment]:
@@ -239,13 +240,10 @@ class Checker:
 
     def check(self, stream: bytes, label: str = "program", **run_kwargs) -> CheckResult:
         """Run ``stream`` on both; ``run_kwargs`` go to ``RtlSession.run_result``."""
-        from ..errors import SimulatorHang
         expected = self.golden.run(stream)
         try:
             result = self.session.run_result(stream, len(expected), **run_kwargs)
-        except BackendUnavailable:
-            raise
-        except RuntimeError as exc:  # the simulator died; the session restarts on the next run
+        except SimulatorError as exc:  # the simulator died; the session restarts on the next run
             self.golden.reset()
             return CheckResult(label, None, 0, hang=f"simulator crashed: {exc}")
         except SimulatorHang as exc:

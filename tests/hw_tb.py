@@ -1,6 +1,5 @@
 """Amaranth-simulator helpers shared by the tests/test_hw_*.py unit tests (not a test module)."""
 
-import os
 import random
 
 from amaranth.sim import Simulator
@@ -22,12 +21,11 @@ COMPACT = Implementation.compact()
 TIMING = (Counter.CYCLES, Counter.BUSY_CYCLES, Counter.COMPUTE_CYCLES)
 
 
-def seed_from_env(default: int | None = None) -> int:
-    """A random seed, or ``TINYACCEL_SEED`` to replay one. Tests print it."""
-    env = os.environ.get("TINYACCEL_SEED")
-    if env is not None:
-        return int(env, 0)
-    return default if default is not None else random.randrange(1 << 32)
+def seed_from_env() -> int:
+    """The run's seed: fixed unless ``TINYACCEL_SEED`` sets it (an integer, or ``random``);
+    printed. See :func:`tinyaccel.sim.randprog.seed_from_env`."""
+    from tinyaccel.sim.randprog import seed_from_env as run_seed
+    return run_seed()
 
 
 def small_config(**overrides) -> AccelConfig:

@@ -398,7 +398,6 @@ def test_board_top_parameters():
 def test_uart_accelerator_end_to_end():
     """Host bytes over the serial line into the real accelerator (ice40 preset) and back:
     LOAD, STORE, SYNC round-trip exactly, as a board would answer the driver."""
-    pytest.importorskip("tinyaccel.hw.top")
     import numpy as np
 
     from tinyaccel.boards.board import UARTAccelerator
@@ -428,7 +427,6 @@ def test_uart_accelerator_end_to_end():
 
 
 def test_real_accelerator_elaborates_on_icebreaker():
-    pytest.importorskip("tinyaccel.hw.top")
     plan = board_build.prepare("icebreaker")
     assert "top.il" in plan.files
 
@@ -504,11 +502,8 @@ def test_classic_abc_script(tmp_path):
 
 
 @pytest.mark.slow
-def test_build_ulx3s_bitstream(tmp_path, request):
+def test_build_ulx3s_bitstream(tmp_path):
     """Full ECP5 synthesis, place and route (minutes). ``make regress`` (``-m slow``)."""
-    if "slow" not in request.config.getoption("markexpr", ""):
-        pytest.skip("bitstream build takes minutes: select it with -m slow")
-    pytest.importorskip("tinyaccel.hw.top")
     result = board_build.build("ulx3s-85f", json_path=tmp_path / "ulx3s.json",
                                build_root=tmp_path)
     assert result["macs"] == get_config("ecp5").macs

@@ -2,14 +2,16 @@
 
 Every program runs on one persistent simulator per configuration with idle gaps on the input
 stream and back-pressure on the output stream, and every response byte is compared with the
-golden model (timing counters only for plausibility). Random programs print their seed; replay
-with ``TINYACCEL_SEED=<seed> pytest tests/test_rtl.py``. The long run is
-``python -m tinyaccel.sim.regress``.
+golden model (timing counters only for plausibility). Random programs draw from the run's seed
+(fixed; printed): ``TINYACCEL_SEED=<seed> pytest tests/test_rtl.py`` replays or varies it. The
+long run is ``python -m tinyaccel.sim.regress``.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -18,9 +20,9 @@ from tinyaccel.errors import BackendUnavailable, ProtocolError, SimulatorHang
 from tinyaccel.hw.config import get_config
 from tinyaccel.hw.isa import Buffer, Opcode
 from tinyaccel.protocol import Program, parse_responses
-from tinyaccel.sim import randprog
+from tinyaccel.sim import build_cache, randprog
 from tinyaccel.sim.regress import program_for_seed, save_failure
-from tinyaccel.sim.rtl import RtlSession, rtl_opcodes, run_cocotb_tests
+from tinyaccel.sim.rtl import RtlSession, build, build_root, estimate_work, run_cocotb_tests
 from tinyaccel.sim.scoreboard import Checker, compare_responses, isolated
 
 pytestmark = pytest.mark.rtl
@@ -40,15 +42,12 @@ def checker(request):
     session.close()
 
 
-def _opcodes() -> list[Opcode]:
-    return sorted(rtl_opcodes(), key=lambda op: op.value)
-
-
 def test_corner_programs(checker):
     """Every corner program of randprog, alternately at full rate and with gaps."""
     cfg = checker.config
-    corners = randprog.corner_programs(cfg, _opcodes())
-    assert corners
+    corners = randprog.corner_programs(cfg)
+    # every opcode of the ISA is implemented, so the corner programs exercise each one
+    assert {instr.opcode for c in corners for instr, _ in c.program} >= set(Opcode)
     failures = []
     for i, corner in enumerate(corners):
         gap = GAPS[i % len(GAPS)]
@@ -71,7 +70,7 @@ def test_random_programs(checker):
     failures = []
     for i in range(N_RANDOM):
         prog_seed = int(rng.integers(1 << 32))
-        stream, options = program_for_seed(cfg, prog_seed, _opcodes())
+        stream, options = program_for_seed(cfg, prog_seed, Opcode)
         res = checker.check(stream, label=f"TINYACCEL_SEED={seed} program {i} (replay alone: "
                                           f"python -m tinyaccel.sim.regress --config "
                                           f"{cfg.name} --replay {prog_seed}; {options})",
@@ -102,7 +101,7 @@ def test_hang_is_reported_and_session_recovers(checker):
     with pytest.raises(SimulatorHang, match="no beat moved"):
         checker.session.run(bad[:-cfg.beat_bytes], None, watchdog=2000)
     checker.golden.reset()
-    prog = randprog.random_program(cfg, 99, n_instr=16, opcodes=_opcodes())
+    prog = randprog.random_program(cfg, 99, n_instr=16)
     res = checker.check(isolated(cfg, prog), label="after hang")
     assert res.ok, str(res)
 
@@ -125,6 +124,55 @@ def test_stream_must_be_whole_beats():
     cfg = get_config("ice40")
     with pytest.raises(ProtocolError, match="whole number"):
         RtlSession(cfg).run(b"\0" * (cfg.beat_bytes + 1))
+
+
+def test_build_cache_hit_is_silent(checker, capfd):
+    """A first build announces itself on stderr; a cache hit says nothing."""
+    capfd.readouterr()
+    assert build(checker.config).build_dir == checker.session.build.build_dir
+    assert capfd.readouterr() == ("", "")
+
+
+def test_build_announcement_quotes_the_previous_build(tmp_path, monkeypatch, capsys):
+    """The first-run message names the configuration, the cache folder and a duration, taken
+    from the newest build of the configuration already in the cache."""
+    monkeypatch.setenv("TINYACCEL_BUILD_DIR", str(tmp_path))
+    cfg = get_config("ice40")
+    old = build_root() / f"{cfg.name}-0123456789abcdef"
+    old.mkdir(parents=True)
+    (old / "build.json").write_text(json.dumps({"seconds": 100.4, "verilog_seconds": 22.6}))
+    build_cache._announce_build(cfg, False, old.parent / "new")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"'{cfg.name}'" in err and str(old.parent / "new") in err
+    assert "took 123 s" in err
+
+
+def test_broken_project_import_fails_loudly(monkeypatch):
+    """An ImportError inside tinyaccel propagates: it is no missing tool (BackendUnavailable),
+    which would skip the RTL tests instead of failing them."""
+    from tinyaccel.sw.runtime import open_backend
+    monkeypatch.setitem(sys.modules, "tinyaccel.hw.top", None)  # importing it now fails
+    for name in ("tinyaccel.sim.rtl", "tinyaccel.sim.build_cache", "tinyaccel.sim.session"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(ImportError, match="tinyaccel.hw.top"):
+        open_backend("rtl", get_config("ice40"))
+
+
+def test_watchdog_estimate_walks_instructions_not_data():
+    """The watchdog's work estimate parses the stream as the decoder does: LOAD data that
+    happens to look like a huge GEMM is data, a truncated stream counts up to the cut, and
+    more GEMM blocks never shorten the estimate."""
+    cfg = get_config("sim")
+    gemm = Program(cfg).gemm(0, 0, 0, k=64, m_blocks=15, n_blocks=15).to_bytes()
+    assert len(gemm) == cfg.word_bytes(Buffer.WGT)
+    as_data = np.frombuffer(gemm, np.int8).reshape(1, cfg.cols)
+    load = Program(cfg).load(Buffer.WGT, 0, as_data).to_bytes()
+    assert estimate_work(cfg, load) == 0
+    assert estimate_work(cfg, gemm) > 0
+    assert estimate_work(cfg, gemm + load[:-1]) == estimate_work(cfg, gemm)
+    small = Program(cfg).gemm(0, 0, 0, k=64, m_blocks=1, n_blocks=1).to_bytes()
+    assert estimate_work(cfg, small) < estimate_work(cfg, gemm)
 
 
 def test_cocotb_module():
