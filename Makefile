@@ -35,9 +35,8 @@ test: lint
 	$(PY) -m pytest -n $(JOBS) --dist loadfile -m "not slow"
 
 regress: $(STAMP)
-	$(PY) -m pytest -n $(JOBS) --dist loadfile -m slow
-	$(PY) -m tinyaccel.sim.regress --config ice40 --programs 1000
-	$(PY) -m tinyaccel.sim.regress --config ecp5 --programs 1000
+	TINYACCEL_SEED=random $(PY) -m pytest -n $(JOBS) --dist loadfile -m slow
+	$(VENV)/bin/tinyaccel regress --config ice40 --config ecp5 --programs 1000
 
 bench: $(STAMP)
 	$(VENV)/bin/tinyaccel bench --json build/bench.json

@@ -182,8 +182,7 @@ def test_regress_runs_and_replays(tmp_path, monkeypatch):
 @pytest.mark.rtl
 def test_regress_checks_a_saved_stream(tmp_path):
     from tinyaccel.sim.regress import program_for_seed
-    from tinyaccel.sim.rtl import rtl_opcodes
-    stream, _ = program_for_seed(get_config("ice40"), 12345, rtl_opcodes())
+    stream, _ = program_for_seed(get_config("ice40"), 12345, list(Opcode))
     path = tmp_path / "program.bin"
     path.write_bytes(stream)
     result = _invoke("regress", "--config", "ice40", "--stream", str(path))

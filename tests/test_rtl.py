@@ -4,7 +4,7 @@ Every program runs on one persistent simulator per configuration with idle gaps 
 stream and back-pressure on the output stream, and every response byte is compared with the
 golden model (timing counters only for plausibility). Random programs draw from the run's seed
 (fixed; printed): ``TINYACCEL_SEED=<seed> pytest tests/test_rtl.py`` replays or varies it. The
-long run is ``python -m tinyaccel.sim.regress``.
+long run is ``tinyaccel regress``.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def test_random_programs(checker):
         prog_seed = int(rng.integers(1 << 32))
         stream, options = program_for_seed(cfg, prog_seed, Opcode)
         res = checker.check(stream, label=f"TINYACCEL_SEED={seed} program {i} (replay alone: "
-                                          f"python -m tinyaccel.sim.regress --config "
+                                          f"tinyaccel regress --config "
                                           f"{cfg.name} --replay {prog_seed}; {options})",
                             **options)
         if not res.ok:
