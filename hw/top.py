@@ -19,7 +19,8 @@ from .load_unit import LoadUnit
 from .patch_unit import PatchSkipUnit
 from .requant import RequantUnit
 from .scratchpads import Scratchpad, geometry
-from .sgq_encoder import StripeEncoder
+from .sgq_encoder import StripeEncoderPipeline
+from .sgq_serial import StripeEncoderSerial
 from .store_unit import StoreUnit
 
 __all__ = ["Implementation", "Accelerator", "generate_verilog"]
@@ -116,9 +117,8 @@ class Accelerator(wiring.Component):
                                             exclusive=not self.impl.overlap)
         m.submodules.requant = requant = RequantUnit(cfg, serial=self.impl.serial_requant)
         m.submodules.patch = patch = PatchSkipUnit(cfg, held_cmd=not self.impl.overlap)
-        m.submodules.sgq = sgq = StripeEncoder(cfg, serial=self.impl.serial_sgq,
-                                                   held_cmd=self.impl.serial_sgq
-                                                   and not self.impl.overlap)
+        m.submodules.sgq = sgq = (StripeEncoderSerial(cfg, held_cmd=not self.impl.overlap)
+                                  if self.impl.serial_sgq else StripeEncoderPipeline(cfg))
         units = {"load": load, "store": store, "gemm": gemm, "requant": requant, "patch": patch,
                  "sgq": sgq}
 
