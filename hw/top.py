@@ -11,7 +11,8 @@ from amaranth.lib.wiring import In, Out
 
 from .config import AccelConfig, get_config
 from .counters import PerfCounters
-from .decoder import Decoder
+from .decoder import DecoderParallel
+from .decoder_serial import DecoderSerial
 from .dispatcher import Dispatcher
 from .gemm_unit import GemmUnit
 from .isa import COUNT_BITS, COUNTER_RECORD_BYTES, STATUS_BYTES, Buffer, Counter
@@ -98,8 +99,8 @@ class Accelerator(wiring.Component):
         m = Module()
         cfg = self.config
 
-        m.submodules.decoder = decoder = Decoder(cfg, access=self.impl.overlap,
-                                                 serial=self.impl.serial_decode)
+        m.submodules.decoder = decoder = (DecoderSerial if self.impl.serial_decode
+                                          else DecoderParallel)(cfg, access=self.impl.overlap)
         m.submodules.dispatcher = disp = Dispatcher(cfg, overlap=self.impl.overlap)
         max_add = {c: 1 for c in Counter}
         max_add.update({

@@ -6,7 +6,8 @@ import pytest
 from amaranth.sim import Simulator
 from hw_tb import seed_from_env, small_config
 
-from tinyaccel.hw.decoder import Decoder
+from tinyaccel.hw.decoder import DecoderParallel
+from tinyaccel.hw.decoder_serial import DecoderSerial
 from tinyaccel.hw.isa import INSTR_BYTES, Buffer, Opcode, Status, operand_fields
 from tinyaccel.protocol import data_length
 from tinyaccel.sim.golden import check_instruction
@@ -78,7 +79,7 @@ def test_decoder_checks_random(serial):
     cfg = small_config()
     words = [random_word(cfg, rng) for _ in range(300)]
     bb = cfg.beat_bytes
-    dut = Decoder(cfg, access=not serial, serial=serial)
+    dut = (DecoderSerial if serial else DecoderParallel)(cfg, access=not serial)
     got = []
     fed = False
 
