@@ -49,7 +49,7 @@ from .isa import (
 )
 from .scratchpads import geometry
 
-__all__ = ["DecodedLayout", "Decoder", "DecoderParallel"]
+__all__ = ["DecodedLayout", "OPERAND_VIEW", "operands_of", "Decoder", "DecoderParallel"]
 
 
 def DecodedLayout(config: AccelConfig, *, access: bool = True) -> data.StructLayout:
@@ -82,9 +82,9 @@ class Decoder(wiring.Component):
     and :class:`~.decoder_serial.DecoderSerial`.
 
     ``access``: also compute access sets (builds with hazard tracking). Each design supplies
-    ``_checks(m, word, status, buf_ok)``: the checks of ``word``, acting in state CHECK only;
-    they load ``status`` and ``buf_ok`` (and ``self._access_reg``) and it returns their 'done'
-    pulse.
+    ``_checks(m, word, status, buf_ok)``, which adds the checks of ``word`` (acting in state
+    CHECK only) that load ``status`` and ``buf_ok`` (and ``self._access_reg``), and returns
+    their 'done' pulse.
     """
 
     def __init__(self, config: AccelConfig, *, access: bool = True):

@@ -36,7 +36,6 @@ class _Term:
     when: tuple | None = None
 
 
-
 def _factors(op: Opcode, extent: tuple[str, ...]) -> tuple[object, object]:
     """``extent`` as ``(x, y)`` of a term: ``x`` its leading block count (at most 255), if any,
     else 1; ``y`` the rest: 1, an operand, or ``"n_rows"`` (``n_blocks * rows``)."""

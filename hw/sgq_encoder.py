@@ -31,13 +31,6 @@ CODED = sorted(SGQ_MODE_BITS, key=SGQ_MODE_BITS.get)  # narrowest first
 NARROW = CODED[:-1]  # the widths that may not fit; the widest fits every span at shift 0
 
 
-def _total_shape(geom, cols):
-    """Enough bits for 15 + the payload bits of any group that fits OUT."""
-    stripes = geom.arch_depth
-    most = 2 * BASE_BITS - 1 + stripes * HEADER_BITS + geom.arch_depth * cols * 8
-    return unsigned(most.bit_length())
-
-
 class SgqCommand(data.Struct):
     """SGQ operands plus ``zero``: send a zero length instead of encoding (not executed)."""
     operands: SgqOperands
@@ -65,6 +58,13 @@ class StripeEncoder(wiring.Component):
             "rd_out": Out(ReadClient(self._geom)),
             "o_stream": Out(stream.Signature(unsigned(config.host_width))),
         })
+
+    def _total_shape(self):
+        """Enough bits for 15 + the payload bits of any group that fits OUT."""
+        geom, cols = self._geom, self._config.cols
+        stripes = geom.arch_depth
+        most = 2 * BASE_BITS - 1 + stripes * HEADER_BITS + geom.arch_depth * cols * 8
+        return unsigned(most.bit_length())
 
     def _respond_through(self, m, packer):
         """Adds ``packer`` (as ``packer``), whose beats are the response; returns the flop that
@@ -100,7 +100,6 @@ def _stripe_costs(stripe_len, cols):
     """Payload bits of a coded stripe per width (mode, offset, shift and ``L * b`` code bits)."""
     return {mode: HEADER_BITS + mul_const(stripe_len, cols * bits)
             for mode, bits in SGQ_MODE_BITS.items()}
-
 
 
 class BitPacker(wiring.Component):
@@ -348,7 +347,7 @@ class StripeEncoderPipeline(StripeEncoder):
             packer.i_nbits.eq(Mux(from_fifo, code_bits, hdr_bits)),
         ]
 
-        total = Signal(_total_shape(geom, cols))  # 15 + payload bits: length = total >> 3
+        total = Signal(self._total_shape())  # 15 + payload bits: length = total >> 3
         stripe_ptr, stripes_left = Signal(geom.addr_width), Signal(range(geom.depth + 1))
         empty = Signal()
         # a pass is over when every word was read and nothing was in flight a cycle ago (a

@@ -22,7 +22,6 @@ from .sgq_encoder import (
     OFFSET_BITS,
     SHIFT_BITS,
     StripeEncoder,
-    _total_shape,
 )
 
 __all__ = ["SerialPacker", "StripeEncoderSerial"]
@@ -184,7 +183,7 @@ class StripeEncoderSerial(StripeEncoder):
                 m.next = "SIZE_ADD"
 
         # -- size: total += mode bits [+ header bits + L * b, as b additions of L]
-        total = Signal(_total_shape(geom, cols))  # 15 + payload bits: length = total >> 3
+        total = Signal(self._total_shape())  # 15 + payload bits: length = total >> 3
         adds = Signal(range(9))  # additions of L still due after this one
         add_first, add_last = Signal(), Signal()  # flags: this add is the mode bits / the last
         group_end = Signal()  # the stripe just sized was the group's last
