@@ -243,6 +243,35 @@ class DecoderParallel(Decoder):
             r = acc[buf.name.lower()][kind]
             return [r.en.eq(1), r.lo.eq(lo), r.hi.eq(hi)]
 
+        def access_set(op, o, end):  # (hw/hazards.py) from the ends of the ranges of the rules
+            if op == Opcode.GEMM:
+                m.d.comb += [
+                    *rng(Buffer.INP, "r", o.inp_addr, end["inp_addr"]),
+                    *rng(Buffer.WGT, "r", o.wgt_addr, end["wgt_addr"]),
+                    *rng(Buffer.ACC, "w", o.acc_addr, end["acc_addr"]),
+                ]
+                with m.If(o.accumulate):
+                    m.d.comb += rng(Buffer.ACC, "r", o.acc_addr, end["acc_addr"])
+                with m.If(o.gate):
+                    m.d.comb += rng(Buffer.MASK, "r", 0, depth[Buffer.MASK])
+            elif op == Opcode.REQUANT:
+                m.d.comb += [
+                    *rng(Buffer.ACC, "r", o.acc_addr, end["acc_addr"]),
+                    *rng(Buffer.PARAM, "r", o.param_addr, o.param_addr + 1),
+                    *rng(Buffer.OUT, "w", o.out_addr, end["out_addr"]),
+                ]
+            elif op == Opcode.PATCH:
+                new_end, ref_end = end["new_addr"], end["ref_addr"]
+                m.d.comb += [
+                    *rng(Buffer.INP, "r", Mux(o.new_addr < o.ref_addr, o.new_addr, o.ref_addr),
+                         Mux(new_end > ref_end, new_end, ref_end)),
+                    *rng(Buffer.INP, "w", o.ref_addr, ref_end),
+                    *rng(Buffer.MASK, "r", 0, depth[Buffer.MASK]),
+                    *rng(Buffer.MASK, "w", 0, depth[Buffer.MASK]),
+                ]
+            elif op == Opcode.SGQ:
+                m.d.comb += rng(Buffer.OUT, "r", o.out_addr, end["out_addr"])
+
         with m.Switch(word.opcode):
             with m.Case(Opcode.NOP, Opcode.SYNC):
                 m.d.comb += status.eq(Status.OK)
@@ -264,45 +293,12 @@ class DecoderParallel(Decoder):
                                 m.d.comb += rng(buf, "w", o.addr, end)
                             with m.Else():
                                 m.d.comb += rng(buf, "r", o.addr, end)
-            with m.Case(Opcode.GEMM):
-                o = ops.gemm
-                end = self._ends(o, Opcode.GEMM, products)
-                self._verdict(m, Opcode.GEMM, o, end, div_r, status)
-                m.d.comb += [
-                    *rng(Buffer.INP, "r", o.inp_addr, end["inp_addr"]),
-                    *rng(Buffer.WGT, "r", o.wgt_addr, end["wgt_addr"]),
-                    *rng(Buffer.ACC, "w", o.acc_addr, end["acc_addr"]),
-                ]
-                with m.If(o.accumulate):
-                    m.d.comb += rng(Buffer.ACC, "r", o.acc_addr, end["acc_addr"])
-                with m.If(o.gate):
-                    m.d.comb += rng(Buffer.MASK, "r", 0, depth[Buffer.MASK])
-            with m.Case(Opcode.REQUANT):
-                o = ops.requant
-                end = self._ends(o, Opcode.REQUANT, products)
-                self._verdict(m, Opcode.REQUANT, o, end, div_r, status)
-                m.d.comb += [
-                    *rng(Buffer.ACC, "r", o.acc_addr, end["acc_addr"]),
-                    *rng(Buffer.PARAM, "r", o.param_addr, o.param_addr + 1),
-                    *rng(Buffer.OUT, "w", o.out_addr, end["out_addr"]),
-                ]
-            with m.Case(Opcode.PATCH):
-                o = ops.patch
-                end = self._ends(o, Opcode.PATCH, products)
-                new_end, ref_end = end["new_addr"], end["ref_addr"]
-                self._verdict(m, Opcode.PATCH, o, end, div_r, status)
-                m.d.comb += [
-                    *rng(Buffer.INP, "r", Mux(o.new_addr < o.ref_addr, o.new_addr, o.ref_addr),
-                         Mux(new_end > ref_end, new_end, ref_end)),
-                    *rng(Buffer.INP, "w", o.ref_addr, ref_end),
-                    *rng(Buffer.MASK, "r", 0, depth[Buffer.MASK]),
-                    *rng(Buffer.MASK, "w", 0, depth[Buffer.MASK]),
-                ]
-            with m.Case(Opcode.SGQ):
-                o = ops.sgq
-                end = self._ends(o, Opcode.SGQ, products)
-                self._verdict(m, Opcode.SGQ, o, end, div_r, status)
-                m.d.comb += rng(Buffer.OUT, "r", o.out_addr, end["out_addr"])
+            for op in (Opcode.GEMM, Opcode.REQUANT, Opcode.PATCH, Opcode.SGQ):
+                with m.Case(op):
+                    o = operands_of(word, op)
+                    end = self._ends(o, op, products)
+                    self._verdict(m, op, o, end, div_r, status)
+                    access_set(op, o, end)
             with m.Default():
                 m.d.comb += status.eq(Status.ILLEGAL_OPCODE)
 
