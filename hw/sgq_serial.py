@@ -151,13 +151,6 @@ class StripeEncoderSerial(StripeEncoder):
         gather = [lo.eq(Mux(first | (value < lo), value, lo)),
                   hi.eq(Mux(first | (value > hi), value, hi))]
 
-        def gather_scan(held, then):  # (in a state) min/max of each value of the scan, a value
-            m.d.comb += step.eq(held)  # per cycle while the port holds a word, then `then`
-            with m.If(held):
-                m.d.sync += gather
-                with m.If(scan_last):
-                    m.next = then
-
         # -- decision, one shift per cycle from s = 0: with u = span >> s and r = span[s-1],
         # (span + h(s)) >> s = u + r, so width b fits iff u + r <= 2^b - 1
         u, r = Signal(8), Signal()
@@ -246,7 +239,11 @@ class StripeEncoderSerial(StripeEncoder):
                 scan(group=1)
                 m.next = "BASE"
             with m.State("BASE"):  # pass 1: the group minimum
-                gather_scan(have, "BASE_DONE")
+                m.d.comb += step.eq(have)
+                with m.If(have):
+                    m.d.sync += gather
+                    with m.If(scan_last):
+                        m.next = "BASE_DONE"
             with m.State("BASE_DONE"):
                 m.d.sync += [base.eq(lo), sizing.eq(1)]
                 scan(group=1)
@@ -303,7 +300,11 @@ class StripeEncoderSerial(StripeEncoder):
                     scan(reload=0)
                     m.next = "RANGE"
             with m.State("RANGE"):  # pass 3: this stripe's min/max
-                gather_scan(have, "DECIDE_START")
+                m.d.comb += step.eq(have)
+                with m.If(have):
+                    m.d.sync += gather
+                    with m.If(scan_last):
+                        m.next = "DECIDE_START"
             with m.State("HEADER"):
                 header = Cat(mode.as_value(), (lo - base)[:OFFSET_BITS], shift)
                 with m.If(field(header, Mux(coded, HEADER_BITS, MODE_BITS))):
