@@ -6,45 +6,50 @@ the section-5 checks and, for builds with hazard tracking, computes the instruct
 LOAD's data beats on ``o_data`` before it reads the next instruction, so the input
 stream never loses its place.
 
-The checks need the products ``m_blocks*k``, ``n_blocks*k``, ``m_blocks*n_blocks`` (GEMM) and
-``blocks*k`` (PATCH) and ``count mod stripe_len`` (SGQ); the iCE40 has no DSP to spare for them.
+The checks are those of :data:`.decode_rules.RULES`. They need the products ``m_blocks*k``,
+``n_blocks*k``, ``m_blocks*n_blocks`` (GEMM) and ``blocks*k`` (PATCH) and ``count mod
+stripe_len`` (SGQ); the iCE40 has no DSP to spare for them. Two designs with one signature,
+:class:`Decoder`:
 
-- Parallel checks (default): the products by shift-and-add, one multiplier bit per cycle and
-  stopping early, the remainder by restoring division, then every range check at once.
-- Serial checks (compact builds): every check is a *term* ``A + x*y`` compared with a limit,
-  evaluated one after another on one 18-bit adder by repeated addition (``x`` is a count of at
-  most 255, stopping as soon as the limit is passed), and the remainder by the same restoring
-  division. Decode then takes up to a few hundred cycles, still far less than the 16 bytes of
-  an instruction take on a UART.
+- :class:`DecoderParallel` (here): the products by shift-and-add, one multiplier bit per cycle and
+  stopping early, the remainder by restoring division, then every check at once.
+- :class:`~.decoder_serial.DecoderSerial` (compact builds): every range check is a *term*
+  ``A + x*y`` compared with a limit, evaluated one after another on one 18-bit adder by repeated
+  addition (``x`` is a count of at most 255, stopping as soon as the limit is passed), and the
+  remainder by the same restoring division. Decode then takes up to a few hundred cycles, still
+  far less than the 16 bytes of an instruction take on a UART.
 
-Error priority when several checks fail: ILLEGAL_OPCODE, BAD_BUFFER, then the opcode's own checks
-in the order of section 5 (GEMM/PATCH ``k = 0`` BAD_SHAPE, PATCH overlap BAD_FIELD, SGQ
-``stripe_len = 0`` BAD_FIELD then ``count % stripe_len`` BAD_SHAPE), and ADDR_RANGE last.
+Error priority when several checks fail: ILLEGAL_OPCODE, then the opcode's rules in the order of
+:data:`~.decode_rules.RULES` (BAD_BUFFER; GEMM/PATCH ``k = 0`` BAD_SHAPE, PATCH overlap
+BAD_FIELD, SGQ ``stripe_len = 0`` BAD_FIELD then ``count % stripe_len`` BAD_SHAPE), and
+ADDR_RANGE last.
 """
 
-from dataclasses import dataclass
+from functools import reduce
+from operator import and_
 
-from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .arith import mul_const
 from .config import AccelConfig
+from .decode_rules import RULES, Disjoint, InRange, Multiple, NonZero
 from .hazards import AccessLayout
 from .isa import (
     BLOCKS_BITS,
     COUNT_BITS,
     INSTR_BITS,
-    OPCODE_BITS,
     OPERANDS,
     Buffer,
     InstructionLayout,
     Opcode,
+    OperandsLayout,
     Status,
 )
 from .scratchpads import geometry
 
-__all__ = ["DecodedLayout", "Decoder"]
+__all__ = ["DecodedLayout", "OPERAND_VIEW", "operands_of", "Decoder", "DecoderParallel"]
 
 
 def DecodedLayout(config: AccelConfig, *, access: bool = True) -> data.StructLayout:
@@ -59,63 +64,32 @@ def DecodedLayout(config: AccelConfig, *, access: bool = True) -> data.StructLay
     return data.StructLayout(fields)
 
 
-@dataclass(frozen=True)
-class _Term:
-    """One serial check: is ``a + x*y`` greater than ``b``?
-
-    Fields are ``(opcode, name)``; ``b`` is a field (PATCH overlap) or an int limit ``C``, in
-    which case the answer is an ADDR_RANGE fault (``a + x*y > C``). ``x`` and ``y`` may be 1;
-    ``y`` may be ``"n_rows"`` (``n_blocks * rows``). A term with ``when`` counts only when that
-    1-bit field is set.
-    """
-    a: tuple
-    b: object
-    x: object = 1
-    y: object = 1
-    when: tuple | None = None
+#: The member of the operand union that holds each opcode's operands (``ldst`` for LOAD/STORE).
+OPERAND_VIEW: dict[Opcode, str] = {
+    op: name for name, member in OperandsLayout for op, layout in OPERANDS.items()
+    if layout is not None and data.Layout.cast(member.shape) == layout
+}
 
 
-def _terms(cfg: AccelConfig) -> dict:
-    depth = cfg.depth
-    G, R, P = Opcode.GEMM, Opcode.REQUANT, Opcode.PATCH
-    return {
-        Opcode.LOAD: [_Term((Opcode.LOAD, "addr"), "buf_depth", 1, (Opcode.LOAD, "count"))],
-        Opcode.STORE: [_Term((Opcode.LOAD, "addr"), "buf_depth", 1, (Opcode.LOAD, "count"))],
-        G: [_Term((G, "inp_addr"), depth(Buffer.INP), (G, "m_blocks"), (G, "k")),
-            _Term((G, "wgt_addr"), depth(Buffer.WGT), (G, "n_blocks"), (G, "k")),
-            _Term((G, "acc_addr"), depth(Buffer.ACC), (G, "m_blocks"), "n_rows"),
-            _Term((G, "mask_idx"), cfg.mask_bits, (G, "m_blocks"), 1, when=(G, "gate"))],
-        R: [_Term((R, "acc_addr"), depth(Buffer.ACC), 1, (R, "count")),
-            _Term((R, "out_addr"), depth(Buffer.OUT), 1, (R, "count")),
-            _Term((R, "param_addr"), depth(Buffer.PARAM))],
-        # overlap of [new, new+n) and [ref, ref+n): ref + n > new and new + n > ref
-        P: [_Term((P, "ref_addr"), (P, "new_addr"), (P, "blocks"), (P, "k")),
-            _Term((P, "new_addr"), (P, "ref_addr"), (P, "blocks"), (P, "k")),
-            _Term((P, "new_addr"), depth(Buffer.INP), (P, "blocks"), (P, "k")),
-            _Term((P, "ref_addr"), depth(Buffer.INP), (P, "blocks"), (P, "k")),
-            _Term((P, "mask_idx"), cfg.mask_bits, (P, "blocks"), 1)],
-        Opcode.SGQ: [_Term((Opcode.SGQ, "out_addr"), depth(Buffer.OUT), 1,
-                           (Opcode.SGQ, "count"))],
-    }
-
-
-def _field_slice(op: Opcode, name: str) -> tuple[int, int]:
-    """(offset in the instruction word, width) of operand ``name`` of ``op``."""
-    f = OPERANDS[op][name]
-    return OPCODE_BITS + f.offset, f.shape.width
+def operands_of(word, op: Opcode) -> data.View:
+    """The operands of ``op`` in the instruction word ``word`` (an ``InstructionLayout`` view)."""
+    return word.operands[OPERAND_VIEW[op]]
 
 
 class Decoder(wiring.Component):
-    """Instruction fetch and decode-time checks (see module docstring).
+    """Instruction fetch, LOAD data pass-through and the decode-time checks (see the module
+    docstring): the signature and the fetch machine of both designs, :class:`DecoderParallel`
+    and :class:`~.decoder_serial.DecoderSerial`.
 
-    ``access``: also compute access sets (builds with hazard tracking). ``serial``: serial
-    checks (compact builds).
+    ``access``: also compute access sets (builds with hazard tracking). Each design supplies
+    ``_checks(m, word, status, buf_ok)``, which adds the checks of ``word`` (acting in state
+    CHECK only) that load ``status`` and ``buf_ok`` (and ``self._access_reg``), and returns
+    their 'done' pulse.
     """
 
-    def __init__(self, config: AccelConfig, *, access: bool = True, serial: bool = False):
+    def __init__(self, config: AccelConfig, *, access: bool = True):
         self._config = config
         self._access = access
-        self._serial = serial
         hw = config.host_width
         super().__init__({
             "i_stream": In(stream.Signature(unsigned(hw))),
@@ -162,8 +136,7 @@ class Decoder(wiring.Component):
                         m.d.sync += beat.eq(0)
                         m.next = "CHECK"
             with m.State("CHECK"):  # (statements of the checks only act in this state)
-                done = (self._serial_checks if self._serial else self._parallel_checks)(
-                    m, word, status, buf_ok)
+                done = self._checks(m, word, status, buf_ok)
                 with m.If(done):
                     m.next = "OFFER"
             with m.State("OFFER"):
@@ -189,9 +162,21 @@ class Decoder(wiring.Component):
                             m.next = "FETCH"
         return m
 
-    # -- parallel checks --------------------------------------------------------------------
+    @staticmethod
+    def _divider(m, word):
+        """The restoring divider of the :class:`~.decode_rules.Multiple` rule (SGQ ``count mod
+        stripe_len``) and the condition to start it on."""
+        ((op, rule),) = [(op, rule) for op, rules in RULES.items() for rule in rules
+                         if isinstance(rule, Multiple)]
+        o = operands_of(word, op)
+        return _Divider(m, o[rule.field], o[rule.of]), word.opcode == op
 
-    def _parallel_checks(self, m, word, status, buf_ok):
+
+class DecoderParallel(Decoder):
+    """The parallel design: products by shift-and-add, then every check at once (a few cycles
+    per instruction)."""
+
+    def _checks(self, m, word, status, buf_ok):
         """Products by shift-and-add, then all checks at once; returns the 'done' pulse.
 
         Cycles: 1 setup, ``bit_length(max(m_blocks, n_blocks))`` (GEMM, PATCH ``blocks``) or 16
@@ -205,7 +190,7 @@ class Decoder(wiring.Component):
         p_mk = Signal(COUNT_BITS + BLOCKS_BITS)  # m_blocks*k or blocks*k
         p_nk = Signal(COUNT_BITS + BLOCKS_BITS)  # n_blocks*k
         p_mn = Signal(2 * BLOCKS_BITS)  # m_blocks*n_blocks
-        div = _Divider(m, ops.sgq.count, ops.sgq.stripe_len)
+        div, div_start = self._divider(m, word)
         iter_done = (m_a == 0) & (m_b == 0) & div.done
 
         check = Signal(DecodedLayout(self._config, access=self._access))
@@ -219,7 +204,7 @@ class Decoder(wiring.Component):
                     p_mk.eq(0), p_nk.eq(0), p_mn.eq(0),
                     k_sh.eq(ops.gemm.k), n_sh.eq(ops.gemm.n_blocks),
                 ]
-                m.d.comb += div.start.eq(word.opcode == Opcode.SGQ)
+                m.d.comb += div.start.eq(div_start)
                 with m.Switch(word.opcode):
                     with m.Case(Opcode.GEMM):
                         m.d.sync += [m_a.eq(ops.gemm.m_blocks), m_b.eq(ops.gemm.n_blocks)]
@@ -251,17 +236,50 @@ class Decoder(wiring.Component):
         status = Signal(Status)
         buf_ok = Signal()
         acc = Signal(AccessLayout(cfg))
+        products = {("m_blocks", "k"): p_mk, ("blocks", "k"): p_mk, ("n_blocks", "k"): p_nk,
+                    ("m_blocks", "n_blocks"): p_mn}
 
         def rng(buf, kind, lo, hi):
             r = acc[buf.name.lower()][kind]
             return [r.en.eq(1), r.lo.eq(lo), r.hi.eq(hi)]
 
+        def access_set(op, o, end):  # (hw/hazards.py) from the ends of the ranges of the rules
+            if op == Opcode.GEMM:
+                m.d.comb += [
+                    *rng(Buffer.INP, "r", o.inp_addr, end["inp_addr"]),
+                    *rng(Buffer.WGT, "r", o.wgt_addr, end["wgt_addr"]),
+                    *rng(Buffer.ACC, "w", o.acc_addr, end["acc_addr"]),
+                ]
+                with m.If(o.accumulate):
+                    m.d.comb += rng(Buffer.ACC, "r", o.acc_addr, end["acc_addr"])
+                with m.If(o.gate):
+                    m.d.comb += rng(Buffer.MASK, "r", 0, depth[Buffer.MASK])
+            elif op == Opcode.REQUANT:
+                m.d.comb += [
+                    *rng(Buffer.ACC, "r", o.acc_addr, end["acc_addr"]),
+                    *rng(Buffer.PARAM, "r", o.param_addr, o.param_addr + 1),
+                    *rng(Buffer.OUT, "w", o.out_addr, end["out_addr"]),
+                ]
+            elif op == Opcode.PATCH:
+                new_end, ref_end = end["new_addr"], end["ref_addr"]
+                m.d.comb += [
+                    *rng(Buffer.INP, "r", Mux(o.new_addr < o.ref_addr, o.new_addr, o.ref_addr),
+                         Mux(new_end > ref_end, new_end, ref_end)),
+                    *rng(Buffer.INP, "w", o.ref_addr, ref_end),
+                    *rng(Buffer.MASK, "r", 0, depth[Buffer.MASK]),
+                    *rng(Buffer.MASK, "w", 0, depth[Buffer.MASK]),
+                ]
+            elif op == Opcode.SGQ:
+                m.d.comb += rng(Buffer.OUT, "r", o.out_addr, end["out_addr"])
+
         with m.Switch(word.opcode):
             with m.Case(Opcode.NOP, Opcode.SYNC):
                 m.d.comb += status.eq(Status.OK)
             with m.Case(Opcode.LOAD, Opcode.STORE):
+                # the rules of both (DefinedBuffer, then InRange up to the depth of `buf`), one
+                # buffer code per case
                 o = ops.ldst
-                end = o.addr + o.count
+                end = self._ends(o, Opcode.LOAD, products)["addr"]
                 kind = Mux(word.opcode == Opcode.LOAD, 1, 0)
                 m.d.comb += status.eq(Status.BAD_BUFFER)
                 with m.Switch(o.buf):
@@ -275,70 +293,12 @@ class Decoder(wiring.Component):
                                 m.d.comb += rng(buf, "w", o.addr, end)
                             with m.Else():
                                 m.d.comb += rng(buf, "r", o.addr, end)
-            with m.Case(Opcode.GEMM):
-                o = ops.gemm
-                inp_end = o.inp_addr + p_mk
-                wgt_end = o.wgt_addr + p_nk
-                acc_end = o.acc_addr + mul_const(p_mn, cfg.rows)
-                in_range = ((inp_end <= depth[Buffer.INP]) & (wgt_end <= depth[Buffer.WGT]) &
-                            (acc_end <= depth[Buffer.ACC]) &
-                            (~o.gate | (o.mask_idx + o.m_blocks <= cfg.mask_bits)))
-                with m.If(o.k == 0):
-                    m.d.comb += status.eq(Status.BAD_SHAPE)
-                with m.Elif(~in_range):
-                    m.d.comb += status.eq(Status.ADDR_RANGE)
-                m.d.comb += [
-                    *rng(Buffer.INP, "r", o.inp_addr, inp_end),
-                    *rng(Buffer.WGT, "r", o.wgt_addr, wgt_end),
-                    *rng(Buffer.ACC, "w", o.acc_addr, acc_end),
-                ]
-                with m.If(o.accumulate):
-                    m.d.comb += rng(Buffer.ACC, "r", o.acc_addr, acc_end)
-                with m.If(o.gate):
-                    m.d.comb += rng(Buffer.MASK, "r", 0, depth[Buffer.MASK])
-            with m.Case(Opcode.REQUANT):
-                o = ops.requant
-                acc_end = o.acc_addr + o.count
-                out_end = o.out_addr + o.count
-                in_range = ((acc_end <= depth[Buffer.ACC]) & (out_end <= depth[Buffer.OUT]) &
-                            (o.param_addr < depth[Buffer.PARAM]))
-                with m.If(~in_range):
-                    m.d.comb += status.eq(Status.ADDR_RANGE)
-                m.d.comb += [
-                    *rng(Buffer.ACC, "r", o.acc_addr, acc_end),
-                    *rng(Buffer.PARAM, "r", o.param_addr, o.param_addr + 1),
-                    *rng(Buffer.OUT, "w", o.out_addr, out_end),
-                ]
-            with m.Case(Opcode.PATCH):
-                o = ops.patch
-                new_end = o.new_addr + p_mk
-                ref_end = o.ref_addr + p_mk
-                overlap = (o.new_addr < ref_end) & (o.ref_addr < new_end)
-                in_range = ((new_end <= depth[Buffer.INP]) & (ref_end <= depth[Buffer.INP]) &
-                            (o.mask_idx + o.blocks <= cfg.mask_bits))
-                with m.If(o.k == 0):
-                    m.d.comb += status.eq(Status.BAD_SHAPE)
-                with m.Elif(overlap):
-                    m.d.comb += status.eq(Status.BAD_FIELD)
-                with m.Elif(~in_range):
-                    m.d.comb += status.eq(Status.ADDR_RANGE)
-                m.d.comb += [
-                    *rng(Buffer.INP, "r", Mux(o.new_addr < o.ref_addr, o.new_addr, o.ref_addr),
-                         Mux(new_end > ref_end, new_end, ref_end)),
-                    *rng(Buffer.INP, "w", o.ref_addr, ref_end),
-                    *rng(Buffer.MASK, "r", 0, depth[Buffer.MASK]),
-                    *rng(Buffer.MASK, "w", 0, depth[Buffer.MASK]),
-                ]
-            with m.Case(Opcode.SGQ):
-                o = ops.sgq
-                out_end = o.out_addr + o.count
-                with m.If(o.stripe_len == 0):
-                    m.d.comb += status.eq(Status.BAD_FIELD)
-                with m.Elif(div_r != 0):
-                    m.d.comb += status.eq(Status.BAD_SHAPE)
-                with m.Elif(out_end > depth[Buffer.OUT]):
-                    m.d.comb += status.eq(Status.ADDR_RANGE)
-                m.d.comb += rng(Buffer.OUT, "r", o.out_addr, out_end)
+            for op in (Opcode.GEMM, Opcode.REQUANT, Opcode.PATCH, Opcode.SGQ):
+                with m.Case(op):
+                    o = operands_of(word, op)
+                    end = self._ends(o, op, products)
+                    self._verdict(m, op, o, end, div_r, status)
+                    access_set(op, o, end)
             with m.Default():
                 m.d.comb += status.eq(Status.ILLEGAL_OPCODE)
 
@@ -346,175 +306,62 @@ class Decoder(wiring.Component):
         if self._access:
             m.d.comb += out.access.eq(acc)
 
-    # -- serial checks ----------------------------------------------------------------------
-
-    def _serial_checks(self, m, word, status, buf_ok):
-        """The terms of :func:`_terms`, one after another; returns the 'done' pulse.
-
-        Per term: ``acc = a + ~b`` (``= a - b - 1``, ``b`` a limit or a field), then
-        ``acc += y`` while ``x`` lasts and ``acc < 0``; the answer is ``acc >= 0``, i.e.
-        ``a + x*y > b``. Stopping at ``acc >= 0`` keeps every value within 18 bits signed:
-        ``acc < 0`` before each add and ``y < 2**16``. A term takes 6 cycles plus its
-        iterations (the operand is selected through two registers).
-        """
-        cfg = self._config
-        ops = word.operands
-        raw = word.as_value()
-        terms = _terms(cfg)
-        n_terms = max(len(t) for t in terms.values())
-
-        def field(spec):
-            offset, width = _field_slice(*spec)
-            return raw[offset:offset + width]
-
-        # operand sources: one per distinct (offset, width) of the word (fields of different
-        # opcodes often share their place), the computed ones, and the limit of a range term
-        sources = {}
-
-        def source(spec, invert=False):
-            if spec in (1, "n_rows"):
-                key = (spec,)
+    def _ends(self, o, op, products):
+        """``{base: base + extent}`` for every range the rules of ``op`` name (one adder each,
+        shared by the checks and the access set); ``o``: the operands of ``op``."""
+        ends = {}
+        for rule in RULES[op]:
+            if isinstance(rule, InRange) and rule.extent:
+                bases = (rule.base,)
+            elif isinstance(rule, Disjoint):
+                bases = (rule.a, rule.b)
             else:
-                key = (*_field_slice(*spec), invert)
-            if key not in sources:
-                if spec == 1:
-                    value = 1
-                elif spec == "n_rows":
-                    value = mul_const(ops.gemm.n_blocks, cfg.rows)
-                else:
-                    value = -1 - field(spec) if invert else field(spec)  # ~b = -b - 1
-                sources[key] = (len(sources), value)
-            return sources[key][0]
+                continue
+            for base in bases:
+                if base not in ends:
+                    ends[base] = o[base] + self._extent(o, rule.extent, products)
+        return ends
 
-        for op_terms in terms.values():
-            for term in op_terms:
-                source(term.a), source(term.y)
-                if isinstance(term.b, tuple):
-                    source(term.b, invert=True)
-        limit = Signal(signed(18))  # ~C of a range term
-        const_src = len(sources)
-        sources[("limit",)] = (const_src, limit)
+    def _extent(self, o, extent, products):
+        if extent[-1] == "rows":
+            return mul_const(self._extent(o, extent[:-1], products), self._config.rows)
+        if len(extent) == 1:
+            return o[extent[0]]
+        return products[extent]
 
-        t = Signal(range(n_terms + 1))
-        acc = Signal(signed(18))
-        xcnt = Signal(BLOCKS_BITS)
-        range_fail = Signal()  # some term found an access out of range
-        overlap = Signal()  # PATCH: every overlap term held
-        div = _Divider(m, ops.sgq.count, ops.sgq.stripe_len)
+    def _verdict(self, m, op, o, end, remainder, status):
+        """Drives ``status`` by the rules of ``op``, every one evaluated at once, the first that
+        fails winning; ``end`` from :meth:`_ends`, ``remainder`` for the :class:`Multiple` rule.
 
-        # -- term table: per (opcode, term) the sources of a, b, x, y ----------------------
-        # The operand source is selected into a register, and the operand into another (the
-        # table lookup, the dozen-way multiplexer and the add do not fit one iCE40 cycle), so it
-        # reaches the adder two phases after its phase selected it:
-        # phase 0 selects a; 1 selects ~b; 2 acc += a, selects y; 3 acc += ~b;
-        # 4 acc += y (x times); 5 records the answer
-        phase = Signal(range(6))
-        is_range = Signal()  # the term is a range term (else an overlap term)
-        active = Signal()  # the term exists and its `when` holds
-        x_val = Signal(BLOCKS_BITS)
-        a_sel, b_sel, y_sel = (Signal(range(len(sources)), name=f"{n}_sel") for n in "aby")
-        with m.Switch(word.opcode):
-            for op, op_terms in terms.items():
-                with m.Case(op):
-                    with m.Switch(t):
-                        for i, term in enumerate(op_terms):
-                            with m.Case(i):
-                                m.d.comb += [
-                                    active.eq(1 if term.when is None else field(term.when)),
-                                    a_sel.eq(source(term.a)),
-                                    y_sel.eq(source(term.y)),
-                                    x_val.eq(1 if term.x == 1 else field(term.x)),
-                                ]
-                                if isinstance(term.b, tuple):
-                                    m.d.comb += b_sel.eq(source(term.b, invert=True))
-                                else:
-                                    m.d.comb += [b_sel.eq(const_src), is_range.eq(1)]
-                                    if term.b == "buf_depth":
-                                        with m.Switch(ops.ldst.buf):
-                                            for buf in Buffer:
-                                                with m.Case(buf):
-                                                    m.d.comb += limit.eq(~cfg.depth(buf))
-                                    else:
-                                        m.d.comb += limit.eq(~term.b)
-        last_term = Signal()
-        with m.Switch(word.opcode):
-            for op, op_terms in terms.items():
-                with m.Case(op):
-                    m.d.comb += last_term.eq(t >= len(op_terms) - 1)
-            with m.Default():
-                m.d.comb += last_term.eq(1)
-
-        sel = Signal(range(len(sources)))
-        m.d.sync += sel.eq(Mux(phase == 0, a_sel, Mux(phase == 1, b_sel, y_sel)))
-        operand = Signal(signed(18))
-        with m.Switch(sel):
-            for index, value in sources.values():
-                with m.Case(index):
-                    m.d.sync += operand.eq(value)
-
-        nonneg = ~acc[-1]
-        done = Signal()
-        with m.FSM(name="checks"):
-            with m.State("START"):
-                m.d.sync += [t.eq(0), phase.eq(0), acc.eq(0), range_fail.eq(0),
-                             overlap.eq(1)]
-                m.d.comb += div.start.eq(word.opcode == Opcode.SGQ)
-                m.next = "TERMS"
-            with m.State("TERMS"):
-                with m.Switch(phase):
-                    with m.Case(0, 1):
-                        m.d.sync += phase.eq(phase + 1)
-                    with m.Case(2):
-                        m.d.sync += [acc.eq(acc + operand), xcnt.eq(x_val), phase.eq(3)]
-                    with m.Case(3):
-                        m.d.sync += [acc.eq(acc + operand), phase.eq(4)]
-                    with m.Case(4):
-                        with m.If((xcnt != 0) & ~nonneg):
-                            m.d.sync += [acc.eq(acc + operand), xcnt.eq(xcnt - 1)]
-                        with m.Else():
-                            m.d.sync += phase.eq(5)
-                    with m.Case(5):
-                        with m.If(active & is_range & nonneg):
-                            m.d.sync += range_fail.eq(1)
-                        with m.If(active & ~is_range & ~nonneg):
-                            m.d.sync += overlap.eq(0)
-                        m.d.sync += [acc.eq(0), phase.eq(0), t.eq(t + 1)]
-                        with m.If(last_term):
-                            m.next = "RESULT"
-            with m.State("RESULT"):
-                with m.If(div.done):
-                    m.d.sync += [status.eq(self._status(word, range_fail, overlap,
-                                                        div.remainder)),
-                                 buf_ok.eq(self._buf_ok(word))]
-                    m.d.comb += done.eq(1)
-                    m.next = "START"
-        return done
-
-    @staticmethod
-    def _buf_ok(word):
-        return (((word.opcode == Opcode.LOAD) | (word.opcode == Opcode.STORE)) &
-                (word.operands.ldst.buf.as_value() < len(Buffer)))
-
-    @staticmethod
-    def _status(word, range_fail, overlap, remainder):
-        ops = word.operands
-        fault = Mux(range_fail, Status.ADDR_RANGE, Status.OK)
-        shape = {
-            Opcode.NOP: Status.OK,
-            Opcode.SYNC: Status.OK,
-            Opcode.LOAD: Mux(Decoder._buf_ok(word), fault, Status.BAD_BUFFER),
-            Opcode.STORE: Mux(Decoder._buf_ok(word), fault, Status.BAD_BUFFER),
-            Opcode.GEMM: Mux(ops.gemm.k == 0, Status.BAD_SHAPE, fault),
-            Opcode.REQUANT: fault,
-            Opcode.PATCH: Mux(ops.patch.k == 0, Status.BAD_SHAPE,
-                              Mux(overlap, Status.BAD_FIELD, fault)),
-            Opcode.SGQ: Mux(ops.sgq.stripe_len == 0, Status.BAD_FIELD,
-                            Mux(remainder != 0, Status.BAD_SHAPE, fault)),
-        }
-        result = Status.ILLEGAL_OPCODE
-        for op, value in shape.items():
-            result = Mux(word.opcode == op, value, result)
-        return result
+        The range checks pass as ``end <= limit`` all together (``base < limit`` for an extent of
+        1) or, when there is just one, fail as ``end > limit``."""
+        cfg = self._config
+        limits = {buf: cfg.depth(buf) for buf in Buffer}
+        limits["mask_bits"] = cfg.mask_bits
+        checks, ranges = [], []
+        for rule in RULES[op]:
+            if isinstance(rule, NonZero):
+                checks.append((o[rule.field] == 0, rule.status))
+            elif isinstance(rule, Multiple):
+                checks.append((remainder != 0, rule.status))
+            elif isinstance(rule, Disjoint):
+                checks.append(((o[rule.a] < end[rule.b]) & (o[rule.b] < end[rule.a]),
+                               rule.status))
+            elif isinstance(rule, InRange):
+                ranges.append(rule)
+        if len(ranges) == 1:
+            (rule,) = ranges
+            checks.append((end[rule.base] > limits[rule.limit], rule.status))
+        elif ranges:
+            within = []
+            for rule in ranges:
+                limit = limits[rule.limit]
+                ok = (end[rule.base] <= limit) if rule.extent else (o[rule.base] < limit)
+                within.append(ok if rule.when is None else ~o[rule.when] | ok)
+            checks.append((~reduce(and_, within), InRange.status))
+        for i, (fails, verdict) in enumerate(checks):
+            with (m.Elif if i else m.If)(fails):
+                m.d.comb += status.eq(verdict)
 
 
 class _Divider:

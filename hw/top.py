@@ -11,7 +11,8 @@ from amaranth.lib.wiring import In, Out
 
 from .config import AccelConfig, get_config
 from .counters import PerfCounters
-from .decoder import Decoder
+from .decoder import DecoderParallel
+from .decoder_serial import DecoderSerial
 from .dispatcher import Dispatcher
 from .gemm_unit import GemmUnit
 from .isa import COUNT_BITS, COUNTER_RECORD_BYTES, STATUS_BYTES, Buffer, Counter
@@ -19,7 +20,8 @@ from .load_unit import LoadUnit
 from .patch_unit import PatchSkipUnit
 from .requant import RequantUnit
 from .scratchpads import Scratchpad, geometry
-from .sgq_encoder import StripeEncoder
+from .sgq_encoder import StripeEncoderPipeline
+from .sgq_serial import StripeEncoderSerial
 from .store_unit import StoreUnit
 
 __all__ = ["Implementation", "Accelerator", "generate_verilog"]
@@ -97,8 +99,8 @@ class Accelerator(wiring.Component):
         m = Module()
         cfg = self.config
 
-        m.submodules.decoder = decoder = Decoder(cfg, access=self.impl.overlap,
-                                                 serial=self.impl.serial_decode)
+        m.submodules.decoder = decoder = (DecoderSerial if self.impl.serial_decode
+                                          else DecoderParallel)(cfg, access=self.impl.overlap)
         m.submodules.dispatcher = disp = Dispatcher(cfg, overlap=self.impl.overlap)
         max_add = {c: 1 for c in Counter}
         max_add.update({
@@ -116,9 +118,8 @@ class Accelerator(wiring.Component):
                                             exclusive=not self.impl.overlap)
         m.submodules.requant = requant = RequantUnit(cfg, serial=self.impl.serial_requant)
         m.submodules.patch = patch = PatchSkipUnit(cfg, held_cmd=not self.impl.overlap)
-        m.submodules.sgq = sgq = StripeEncoder(cfg, serial=self.impl.serial_sgq,
-                                                   held_cmd=self.impl.serial_sgq
-                                                   and not self.impl.overlap)
+        m.submodules.sgq = sgq = (StripeEncoderSerial(cfg, held_cmd=not self.impl.overlap)
+                                  if self.impl.serial_sgq else StripeEncoderPipeline(cfg))
         units = {"load": load, "store": store, "gemm": gemm, "requant": requant, "patch": patch,
                  "sgq": sgq}
 

@@ -28,6 +28,18 @@ from ..errors import (
     TinyAccelError,
 )
 from ..hw.config import MASK_WORD_BITS, AccelConfig, get_config
+from ..hw.decode_rules import (
+    RULES,
+    DefinedBuffer,
+    Disjoint,
+    Multiple,
+    NonZero,
+    Rule,
+    extent_name,
+    extent_value,
+    limit_name,
+    limit_value,
+)
 from ..hw.isa import INSTR_BYTES, Buffer, Counter, Instruction, Opcode, Status
 from ..protocol import (
     PARAM_DTYPE,
@@ -68,11 +80,13 @@ STATUS_EXCEPTIONS: dict[Status, type[TinyAccelError]] = {
 
 @dataclass(frozen=True)
 class Fault:
-    """Why an instruction is illegal: the status it sets, its opcode code and a message."""
+    """Why an instruction is illegal: the status it sets, its opcode code, a message and the
+    operand of the rule it breaks (``"opcode"`` for an undefined opcode)."""
 
     status: Status
     opcode: int
     message: str
+    field: str | None = None
 
     def exception(self, pc: int | None = None) -> TinyAccelError:
         """The matching exception (see :data:`STATUS_EXCEPTIONS`)."""
@@ -80,89 +94,55 @@ class Fault:
         return STATUS_EXCEPTIONS[self.status](f"{self.message}{where}")
 
 
-def _over(op: str, base_name: str, base: int, ext_name: str, ext: int, limit: int,
-          what: str) -> str | None:
-    if base + ext <= limit:
-        return None
-    return (f"{op}: {base_name} {base} + {ext_name} {ext} = {base + ext} exceeds "
-            f"{what} {limit}")
-
-
 def check_instruction(config: AccelConfig, instr) -> Fault | None:
     """The error an instruction raises at decode (section 5), or ``None`` when it is legal.
 
-    When several rules are broken the first in this order is reported: ``ILLEGAL_OPCODE``,
-    ``BAD_BUFFER``, the opcode's own checks in the order of section 5 (GEMM/PATCH ``k = 0``,
-    PATCH overlap, SGQ ``stripe_len = 0``, SGQ ``count % stripe_len``), ``ADDR_RANGE`` last.
+    The rules are those of :data:`tinyaccel.hw.decode_rules.RULES`, the table the RTL decoders
+    are built from, evaluated on integers. When several are broken the first is reported:
+    ``ILLEGAL_OPCODE``, then the opcode's rules in the table's order (``BAD_BUFFER``; GEMM/PATCH
+    ``k = 0``, PATCH overlap, SGQ ``stripe_len = 0``, SGQ ``count % stripe_len``), ``ADDR_RANGE``
+    last. :attr:`Fault.field` names the operand of the broken rule.
     """
     config = get_config(config)
     code, f = decode_fields(as_word(instr))
     try:
         op = Opcode(code)
     except ValueError:
-        return Fault(Status.ILLEGAL_OPCODE, code, f"opcode={code} is not defined")
-    name = op.name
+        return Fault(Status.ILLEGAL_OPCODE, code, f"opcode={code} is not defined", "opcode")
+    for rule in RULES[op]:
+        broken = _broken(config, op.name, rule, f)
+        if broken is not None:
+            field, message = broken
+            return Fault(rule.status, code, message, field)
+    return None
 
-    def fault(status: Status, message: str | None) -> Fault | None:
-        return None if message is None else Fault(status, code, message)
 
-    def ranges(*checks) -> Fault | None:
-        for check in checks:
-            if check is not None:
-                return fault(Status.ADDR_RANGE, check)
-        return None
-
-    depth = config.depth
-    if op in (Opcode.LOAD, Opcode.STORE):
-        try:
-            buf = Buffer(f["buf"])
-        except ValueError:
-            return fault(Status.BAD_BUFFER, f"{name}: buf={f['buf']} is not a Buffer")
-        return ranges(_over(name, "addr", f["addr"], "count", f["count"], depth(buf),
-                            f"{buf.name} depth"))
-    if op == Opcode.GEMM:
-        k, mb, nb = f["k"], f["m_blocks"], f["n_blocks"]
-        if k == 0:
-            return fault(Status.BAD_SHAPE, f"{name}: k=0; a GEMM needs k >= 1")
-        return ranges(
-            _over(name, "inp_addr", f["inp_addr"], "m_blocks*k", mb * k, depth(Buffer.INP),
-                  "INP depth"),
-            _over(name, "wgt_addr", f["wgt_addr"], "n_blocks*k", nb * k, depth(Buffer.WGT),
-                  "WGT depth"),
-            _over(name, "acc_addr", f["acc_addr"], "m_blocks*n_blocks*rows",
-                  mb * nb * config.rows, depth(Buffer.ACC), "ACC depth"),
-            _over(name, "mask_idx", f["mask_idx"], "m_blocks", mb, config.mask_bits,
-                  "mask_bits") if f["gate"] else None)
-    if op == Opcode.REQUANT:
-        return ranges(
-            _over(name, "acc_addr", f["acc_addr"], "count", f["count"], depth(Buffer.ACC),
-                  "ACC depth"),
-            _over(name, "out_addr", f["out_addr"], "count", f["count"], depth(Buffer.OUT),
-                  "OUT depth"),
-            _over(name, "param_addr", f["param_addr"], "1", 1, depth(Buffer.PARAM),
-                  "PARAM depth"))
-    if op == Opcode.PATCH:
-        n = f["blocks"] * f["k"]
-        new, ref = f["new_addr"], f["ref_addr"]
-        if f["k"] == 0:
-            return fault(Status.BAD_SHAPE, f"{name}: k=0; a PATCH needs k >= 1")
-        if n and new < ref + n and ref < new + n:
-            return fault(Status.BAD_FIELD, f"{name}: new range {new}..{new + n - 1} overlaps "
-                                           f"ref range {ref}..{ref + n - 1}")
-        return ranges(
-            _over(name, "new_addr", new, "blocks*k", n, depth(Buffer.INP), "INP depth"),
-            _over(name, "ref_addr", ref, "blocks*k", n, depth(Buffer.INP), "INP depth"),
-            _over(name, "mask_idx", f["mask_idx"], "blocks", f["blocks"], config.mask_bits,
-                  "mask_bits"))
-    if op == Opcode.SGQ:
-        if f["stripe_len"] == 0:
-            return fault(Status.BAD_FIELD, f"{name}: stripe_len=0; stripes need >= 1 word")
-        if f["count"] % f["stripe_len"]:
-            return fault(Status.BAD_SHAPE, f"{name}: count={f['count']} is not a multiple of "
-                                           f"stripe_len={f['stripe_len']}")
-        return ranges(_over(name, "out_addr", f["out_addr"], "count", f["count"],
-                            depth(Buffer.OUT), "OUT depth"))
-    return None  # NOP, SYNC: every operand value is legal
+def _broken(config: AccelConfig, name: str, rule: Rule, f: dict) -> tuple[str, str] | None:
+    """``(operand, message)`` when the operand values ``f`` break ``rule``, else ``None``."""
+    if isinstance(rule, DefinedBuffer):
+        if f[rule.field] not in {buf.value for buf in Buffer}:
+            return rule.field, f"{name}: {rule.field}={f[rule.field]} is not a Buffer"
+    elif isinstance(rule, NonZero):
+        if f[rule.field] == 0:
+            return rule.field, f"{name}: {rule.field}=0; {rule.need.format(op=name)}"
+    elif isinstance(rule, Multiple):
+        if f[rule.field] % f[rule.of]:
+            return rule.field, (f"{name}: {rule.field}={f[rule.field]} is not a multiple of "
+                                f"{rule.of}={f[rule.of]}")
+    elif isinstance(rule, Disjoint):
+        n = extent_value(config, rule.extent, f)
+        a, b = f[rule.a], f[rule.b]
+        if a < b + n and b < a + n:
+            label = {side: side.removesuffix("_addr") for side in (rule.a, rule.b)}
+            return rule.a, (f"{name}: {label[rule.a]} range {a}..{a + n - 1} overlaps "
+                            f"{label[rule.b]} range {b}..{b + n - 1}")
+    elif rule.when is None or f[rule.when]:  # InRange
+        base, ext = f[rule.base], extent_value(config, rule.extent, f)
+        limit = limit_value(config, rule.limit, f)
+        if base + ext > limit:
+            return rule.base, (f"{name}: {rule.base} {base} + {extent_name(rule.extent)} {ext} = "
+                               f"{base + ext} exceeds {limit_name(rule.limit, f)} {limit}")
+    return None
 
 
 class GoldenMachine:

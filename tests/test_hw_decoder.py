@@ -1,14 +1,17 @@
-"""Decoder: decode-time checks against the golden model's check_instruction, LOAD data
-pass-through, and the access sets that hazard detection relies on."""
+"""DecoderParallel and DecoderSerial: the decode-time verdicts against the golden model's
+check_instruction (the rules of hw/decode_rules.RULES evaluated on integers, so the rules are not
+restated here), LOAD data pass-through, and the access sets that hazard detection relies on."""
 
 import numpy as np
 import pytest
 from amaranth.sim import Simulator
 from hw_tb import seed_from_env, small_config
 
-from tinyaccel.hw.decoder import Decoder
+from tinyaccel.hw.decode_rules import RULES, InRange, extent_value, limit_value
+from tinyaccel.hw.decoder import DecoderParallel
+from tinyaccel.hw.decoder_serial import DecoderSerial
 from tinyaccel.hw.isa import INSTR_BYTES, Buffer, Opcode, Status, operand_fields
-from tinyaccel.protocol import data_length
+from tinyaccel.protocol import data_length, decode_fields, encode_fields
 from tinyaccel.sim.golden import check_instruction
 
 
@@ -34,9 +37,29 @@ def random_word(cfg, rng) -> int:
     return word
 
 
+def at_a_limit(cfg, word: int, rng) -> int:
+    """``word`` with one of its range checks (hw/decode_rules.RULES) moved to the boundary:
+    ``base + extent`` one below, at or one above the limit (the off-by-one cases)."""
+    code, f = decode_fields(word)
+    if code >= len(Opcode):
+        return word
+    op = Opcode(code)
+    ranges = [rule for rule in RULES[op] if isinstance(rule, InRange)]
+    if not ranges or (op in (Opcode.LOAD, Opcode.STORE) and f["buf"] >= len(Buffer)):
+        return word
+    rule = ranges[int(rng.integers(len(ranges)))]
+    if rule.when is not None:
+        f[rule.when] = 1
+    base = (limit_value(cfg, rule.limit, f) - extent_value(cfg, rule.extent, f) +
+            int(rng.integers(-1, 2)))
+    width = {info.name: info.width for info in operand_fields(op)}[rule.base]
+    if not 0 <= base < 1 << width:
+        return word
+    return encode_fields(op, **{**f, rule.base: base})
+
+
 def expected_access(cfg, word):
     """{(buffer, 'r'|'w'): (lo, hi)} of a legal instruction (hw/hazards.py semantics)."""
-    from tinyaccel.protocol import decode_fields
     code, f = decode_fields(word)
     op = Opcode(code)
     if op in (Opcode.LOAD, Opcode.STORE):
@@ -77,8 +100,9 @@ def test_decoder_checks_random(serial):
     rng = np.random.default_rng(seed)
     cfg = small_config()
     words = [random_word(cfg, rng) for _ in range(300)]
+    words = [at_a_limit(cfg, word, rng) if rng.random() < 0.3 else word for word in words]
     bb = cfg.beat_bytes
-    dut = Decoder(cfg, access=not serial, serial=serial)
+    dut = (DecoderSerial if serial else DecoderParallel)(cfg, access=not serial)
     got = []
     fed = False
 
@@ -115,9 +139,11 @@ def test_decoder_checks_random(serial):
     data_seen = [beats for _, beats in got[1:]] + [None]
     for n, (word, (d, _)) in enumerate(zip(words, got, strict=True)):
         where = f"seed {seed}, word {n} {word:#034x}"
-        fault = check_instruction(cfg, word)
+        fault = check_instruction(cfg, word)  # the expected verdict: status, operand, why
         want = Status.OK if fault is None else fault.status
-        assert d.status == want, f"{where}: status {d.status}, expected {want} ({fault})"
+        assert d.status == want, (f"{where}: status {d.status}, expected {want}" +
+                                  ("" if fault is None else
+                                   f" for operand {fault.field}: {fault.message}"))
         assert d.word.as_value().value == word, where
         if data_seen[n] is not None:
             assert data_seen[n] * bb == data_length(cfg, word), f"{where}: data beats forwarded"

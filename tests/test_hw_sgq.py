@@ -1,5 +1,6 @@
-"""StripeEncoder (both datapaths) against tinyaccel.sim.numerics.sgq_encode (section 8), byte
-for byte, on an OUT memory of its own, with random back-pressure on the response stream."""
+"""StripeEncoderPipeline and StripeEncoderSerial against tinyaccel.sim.numerics.sgq_encode
+(section 8), byte for byte, on an OUT memory of its own, with random back-pressure on the
+response stream."""
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from hw_tb import seed_from_env, small_config
 
 from tinyaccel.hw.isa import Buffer
 from tinyaccel.hw.scratchpads import geometry
-from tinyaccel.hw.sgq_encoder import StripeEncoder
+from tinyaccel.hw.sgq_encoder import StripeEncoderPipeline
+from tinyaccel.hw.sgq_serial import StripeEncoderSerial
 from tinyaccel.protocol import sgq_frame
 from tinyaccel.sim.numerics import sgq_encode
 
@@ -23,7 +25,8 @@ CONFIGS = {
 
 class _Bench(Elaboratable):
     def __init__(self, config, words, serial, held_cmd=False):
-        self.dut = StripeEncoder(config, serial=serial, held_cmd=held_cmd)
+        self.dut = (StripeEncoderSerial(config, held_cmd=held_cmd) if serial
+                    else StripeEncoderPipeline(config))
         self._geom = geometry(config, Buffer.OUT)
         self._words = words
 
