@@ -9,8 +9,8 @@ them all) and on a golden machine kept in lockstep; every response byte is compa
 length, the share of illegal instructions, the idle-gap and back-pressure probabilities of the
 two streams and the program itself, so ``--replay <program seed>`` reproduces one program
 alone. One program in ten spans whole buffers (every address bit), two in ten use deeper
-GEMMs and longer transfers. Program seeds derive from the run's ``--seed``
-(``TINYACCEL_SEED``: an integer or ``random``; default random, printed). Each program starts with ``SYNC clear=1`` and
+GEMMs and longer transfers. Program seeds derive from the run's ``--seed`` (``TINYACCEL_SEED``:
+an integer or ``random``; default random, printed). Each program starts with ``SYNC clear=1`` and
 reads only what it wrote, so it answers the same whatever ran before it. The named corner
 programs of ``randprog.corner_programs`` run first.
 
@@ -176,7 +176,7 @@ def run_seed(seed: int | None = None) -> int:
     """
     if seed is not None:
         return seed
-    return parse_seed(os.environ.get(SEED_ENV) or "random")
+    return randprog.parse_seed(os.environ.get(randprog.SEED_ENV) or "random")
 
 
 def parse_opcodes(text: str | None) -> list[Opcode] | None:
