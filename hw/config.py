@@ -67,6 +67,18 @@ class Implementation:
         return cls(overlap=False, serial_requant=True, shadow=False, ram_counters=True,
                    serial_decode=True, serial_sgq=True)
 
+    @property
+    def name(self) -> str:
+        """``full``, ``compact``, or the nearer of them with the flags that differ from it
+        (``compact with shadow=True``)."""
+        diffs = {}
+        for base, profile in (("full", Implementation.full()),
+                              ("compact", Implementation.compact())):
+            diffs[base] = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
+                           if getattr(self, f.name) != getattr(profile, f.name)]
+        base = min(diffs, key=lambda b: len(diffs[b]))
+        return base if not diffs[base] else f"{base} with {', '.join(diffs[base])}"
+
     # -- couplings: what the flags mean for the individual blocks ---------------------------
 
     @property

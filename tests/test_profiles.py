@@ -162,3 +162,10 @@ def test_cycle_estimate_follows_the_profile(name):
             print(f"{name} {M}x{N}x{K} {out}: estimate {estimate}, measured {measured} "
                   f"({estimate / measured:.3f}), {len(w.program)} instructions")
             assert estimate <= measured <= estimate + slack, (name, M, N, K, out)
+
+
+def test_profile_names():
+    """The name in the preset table says the profile, or the nearer one and the flips."""
+    assert FULL.name == "full" and COMPACT.name == "compact"
+    assert VARIANTS["compact-shadow"].name == "compact with shadow=True"
+    assert VARIANTS["full-overlap"].name == "full with overlap=False"
