@@ -36,10 +36,12 @@ class Implementation:
     value per cycle and packs codes one bit per cycle (:class:`~.sgq_encoder.StripeEncoder`
     ``serial=``) instead of a host beat per cycle.
 
-    The two profiles are :meth:`full` and :meth:`compact`; each preset names one. No flag
-    combination is rejected (each single-flag flip of either profile is checked against the
-    golden model by ``tests/test_profiles.py``). Vary the profile of a configuration with
-    ``dataclasses.replace(config, impl=...)``.
+    The two profiles are :meth:`full` and :meth:`compact`; each preset names one. Vary the
+    profile of a configuration with ``dataclasses.replace(config, impl=...)``. One combination
+    is illegal and raises :class:`~tinyaccel.errors.ConfigError`: ``overlap`` with
+    ``serial_decode`` (the serial checks compute no access sets, and without them the hazard
+    tracking lets conflicting instructions run together). ``tests/test_profiles.py`` checks
+    every other single-flag flip of either profile against the golden model.
     """
     overlap: bool = True
     serial_requant: bool = False
@@ -53,6 +55,10 @@ class Implementation:
             value = getattr(self, f.name)
             if not isinstance(value, bool):
                 raise ConfigError(f"implementation flag {f.name}={value!r} must be a bool")
+        if self.overlap and self.serial_decode:
+            raise ConfigError("implementation overlap=True with serial_decode=True is not "
+                              "supported: the serial decoder computes no access sets, which "
+                              "the hazard tracking of overlap needs")
 
     @classmethod
     def full(cls) -> Implementation:

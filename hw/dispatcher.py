@@ -11,7 +11,8 @@ Instructions arrive checked from the :class:`~.decoder.Decoder`. The
 The :class:`ExclusiveDispatcher` (compact builds, no ``overlap``) lets an instruction wait until
 every unit is idle instead, keeps no access sets, and takes a GEMM, REQUANT, PATCH or SGQ from the
 decoder only when its unit is done: its operands (``cmd``) stay valid meanwhile, so the units keep
-no copy. Both have one signature; :class:`Dispatcher` holds what they share.
+no copy. Both have the same ports (the decoded instruction carries an access set only for the
+concurrent one, :attr:`Dispatcher.access_sets`); :class:`Dispatcher` holds what they share.
 
 Errors (section 5): the first instruction whose status is not OK sets the sticky error with its
 index and opcode; from then on nothing executes until SYNC, but a LOAD still has its data consumed
@@ -107,7 +108,7 @@ class Dispatcher(wiring.Component):
         with m.If(self.acc_saturated):
             m.d.sync += acc_saturated.eq(1)
 
-        # -- hazard slots -------------------------------------------------------------------
+        # -- the units and the issue rules' state (`issue`, for the subclass's methods) ----
         units = {
             "gemm": (self.gemm, 2), "requant": (self.requant, 1), "store": (self.store, 1),
             "patch": (self.patch, 1), "sgq": (self.sgq, 1),

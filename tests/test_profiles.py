@@ -32,26 +32,34 @@ def profile_program(cfg, seed):
                           illegal_rate=0.1, window=8, max_k=4, max_blocks=2, max_count=4)
 
 
-def _variants() -> dict[str, Implementation]:
-    variants = {"full": FULL, "compact": COMPACT}
-    for name, base in (("full", FULL), ("compact", COMPACT)):
-        for flag in FLAGS:
-            flipped = {flag: not getattr(base, flag)}
-            variants[f"{name}-{flag}"] = dataclasses.replace(base, **flipped)
-    return variants
-
-
-VARIANTS = _variants()
+#: The two profiles and their single-flag flips, as flag values.
+FLIPS = {"full": dataclasses.asdict(FULL), "compact": dataclasses.asdict(COMPACT)}
+for _name, _base in (("full", FULL), ("compact", COMPACT)):
+    for _flag in FLAGS:
+        FLIPS[f"{_name}-{_flag}"] = {**dataclasses.asdict(_base), _flag: not getattr(_base, _flag)}
+#: The flips that make the illegal combination overlap + serial_decode (see Implementation).
+ILLEGAL = {"full-serial_decode", "compact-overlap"}
+VARIANTS = {name: Implementation(**flags) for name, flags in FLIPS.items() if name not in ILLEGAL}
 
 
 def test_variants_are_distinct():
-    """Twelve flips plus the two profiles: fourteen different designs, each flip one flag."""
+    """Twelve flips plus the two profiles; each flip differs in one flag; two are illegal."""
     assert len(FLAGS) == 6
-    assert len(set(VARIANTS.values())) == 14
-    for name, impl in VARIANTS.items():
-        base = FULL if name.startswith("full") else COMPACT
-        differ = [f for f in FLAGS if getattr(impl, f) != getattr(base, f)]
+    assert len(FLIPS) == 14 and len({tuple(f.values()) for f in FLIPS.values()}) == 14
+    for name, flags in FLIPS.items():
+        base = dataclasses.asdict(FULL if name.startswith("full") else COMPACT)
+        differ = [f for f in FLAGS if flags[f] != base[f]]
         assert len(differ) == (0 if name in ("full", "compact") else 1), (name, differ)
+    assert len(VARIANTS) == 12
+
+
+@pytest.mark.parametrize("name", sorted(ILLEGAL))
+def test_illegal_flip_is_a_config_error(name):
+    """overlap with serial_decode: the serial checks compute no access sets (the hazard
+    tracking would see none, and a STORE of ACC would overtake the GEMM writing it)."""
+    from tinyaccel.errors import ConfigError
+    with pytest.raises(ConfigError, match="overlap=True with serial_decode=True"):
+        Implementation(**FLIPS[name])
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -169,3 +177,4 @@ def test_profile_names():
     assert FULL.name == "full" and COMPACT.name == "compact"
     assert VARIANTS["compact-shadow"].name == "compact with shadow=True"
     assert VARIANTS["full-overlap"].name == "full with overlap=False"
+    assert VARIANTS["compact-serial_decode"].name == "compact with serial_decode=False"
