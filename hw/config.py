@@ -3,19 +3,123 @@
 The same :class:`AccelConfig` object parameterizes the Amaranth hardware, the golden model and the
 driver (VTA's lesson: a parameter is never written twice). Word widths of every scratchpad follow
 from the array shape; the host stream width must divide every word width so that a LOAD or STORE
-moves whole words in whole beats.
+moves whole words in whole beats. The configuration also carries the :class:`Implementation`
+profile (area/speed choices that change cycle counts, never results), so that the driver's cycle
+model and the hardware read the same choice.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from ..errors import ConfigError
 from .isa import ADDR_BITS, CHANNEL_PARAMS_BITS, INSTR_BITS, MASK_IDX_BITS, Buffer
 
-__all__ = ["AccelConfig", "PRESETS", "get_config"]
+__all__ = ["Implementation", "AccelConfig", "PRESETS", "get_config"]
 
 MASK_WORD_BITS = 64
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """Area/speed choices of the hardware (the *implementation profile*). They change cycle
+    counts, never results.
+
+    ``overlap``: units run concurrently under hazard tracking (otherwise one instruction at a
+    time). ``serial_requant``: requantize with the small :class:`~.requant.RequantSerial`
+    engines (about 141 cycles per channel per lane, no DSP) instead of the DSP pipeline.
+    ``shadow``: the MAC array copies finished blocks into a shadow bank (otherwise ``rows``
+    idle cycles between blocks). ``ram_counters``: the performance counters live in a block RAM
+    behind narrow pending sums (:class:`~.counters.PerfCounters`), not in flip-flops.
+    ``serial_decode``: the decoder runs its checks one after another on one adder (up to a few
+    hundred cycles per instruction instead of a few). ``serial_sgq``: the SGQ encoder reads one
+    value per cycle and packs codes one bit per cycle (:class:`~.sgq_serial.StripeEncoderSerial`,
+    not a host beat per cycle as :class:`~.sgq_encoder.StripeEncoderPipeline`).
+
+    The two profiles are :meth:`full` and :meth:`compact`; each preset names one. Vary the
+    profile of a configuration with ``dataclasses.replace(config, impl=...)``. One combination
+    is illegal and raises :class:`~tinyaccel.errors.ConfigError`: ``overlap`` with
+    ``serial_decode`` (the serial checks compute no access sets, and without them the hazard
+    tracking lets conflicting instructions run together). ``tests/test_profiles.py`` checks
+    every other single-flag flip of either profile against the golden model.
+    """
+    overlap: bool = True
+    serial_requant: bool = False
+    shadow: bool = True
+    ram_counters: bool = False
+    serial_decode: bool = False
+    serial_sgq: bool = False
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, bool):
+                raise ConfigError(f"implementation flag {f.name}={value!r} must be a bool")
+        if self.overlap and self.serial_decode:
+            raise ConfigError("implementation overlap=True with serial_decode=True is not "
+                              "supported: the serial decoder computes no access sets, which "
+                              "the hazard tracking of overlap needs")
+
+    @classmethod
+    def full(cls) -> Implementation:
+        """Every speed choice: the profile of the ``sim`` and ``ecp5`` presets."""
+        return cls()
+
+    @classmethod
+    def compact(cls) -> Implementation:
+        """Every area-saving choice: the profile of the ``ice40`` preset (the iCE40 UP5K: its 8
+        DSPs hold the MAC array, its 5280 LUTs are tight, and its UART host link is far slower
+        than anything overlap could hide)."""
+        return cls(overlap=False, serial_requant=True, shadow=False, ram_counters=True,
+                   serial_decode=True, serial_sgq=True)
+
+    @property
+    def name(self) -> str:
+        """``full``, ``compact``, or the nearer of them with the flags that differ from it
+        (``compact with shadow=True``)."""
+        diffs = {}
+        for base, profile in (("full", Implementation.full()),
+                              ("compact", Implementation.compact())):
+            diffs[base] = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
+                           if getattr(self, f.name) != getattr(profile, f.name)]
+        base = min(diffs, key=lambda b: len(diffs[b]))
+        return base if not diffs[base] else f"{base} with {', '.join(diffs[base])}"
+
+    # -- couplings: what the flags mean for the individual blocks ---------------------------
+
+    @property
+    def exclusive(self) -> bool:
+        """One instruction executes at a time (no ``overlap``): the dispatcher issues when every
+        unit is idle, so the units share the scratchpad ports without hazard tracking
+        (:class:`~.dispatcher.ExclusiveDispatcher`, :class:`~.gemm_unit.ExclusiveGemmUnit`,
+        :class:`~.store_unit.ExclusiveStoreUnit`)."""
+        return not self.overlap
+
+    @property
+    def access_sets(self) -> bool:
+        """The decoder computes each instruction's scratchpad access set, which the dispatcher's
+        hazard tracking needs (only with ``overlap``)."""
+        return self.overlap
+
+    @property
+    def held_cmd(self) -> bool:
+        """The dispatcher keeps a GEMM's or PATCH's operands (``ctrl.cmd``) on offer until its
+        unit is done, so the unit keeps no copy: possible only when one instruction executes
+        at a time."""
+        return self.exclusive
+
+    @property
+    def sgq_held_cmd(self) -> bool:
+        """As :attr:`held_cmd` for the SGQ encoder, which uses it only with its serial
+        datapath."""
+        return self.serial_sgq and self.exclusive
+
+    @property
+    def scratchpad_lanes(self) -> bool:
+        """Each scratchpad is one memory per host beat of its word, so that each beat's read
+        register can be zeroed on its own: what the :class:`~.store_unit.ExclusiveStoreUnit`
+        reads through."""
+        return self.exclusive
 
 
 @dataclass(frozen=True)
@@ -36,6 +140,9 @@ class AccelConfig:
         Number of skip-mask bits (PASS); the MASK buffer holds them in 64-bit words.
     requant_lanes:
         Output channels the requant unit processes per cycle (divides ``cols``).
+    impl:
+        The :class:`Implementation` profile of the hardware (default: :meth:`~Implementation.
+        full`). It changes cycle counts, never results.
     """
 
     name: str
@@ -49,8 +156,12 @@ class AccelConfig:
     param_depth: int
     mask_bits: int
     requant_lanes: int
+    impl: Implementation = Implementation()
 
     def __post_init__(self):
+        if not isinstance(self.impl, Implementation):
+            raise ConfigError(f"config {self.name!r}: impl={self.impl!r} must be an "
+                              f"Implementation")
         for field in ("rows", "cols", "host_width", "inp_depth", "wgt_depth", "acc_depth",
                       "out_depth", "param_depth", "mask_bits", "requant_lanes"):
             value = getattr(self, field)
@@ -125,15 +236,19 @@ PRESETS: dict[str, AccelConfig] = {
     # Fast simulation and the benchmarks: a 16x16 array with roomy buffers.
     "sim": AccelConfig(name="sim", rows=16, cols=16, host_width=64,
                        inp_depth=8192, wgt_depth=8192, acc_depth=8192, out_depth=8192,
-                       param_depth=64, mask_bits=4096, requant_lanes=4),
+                       param_depth=64, mask_bits=4096, requant_lanes=4,
+                       impl=Implementation.full()),
     # ULX3S (ECP5-85F): 128 MACs on MULT18X18D, buffers in EBR.
     "ecp5": AccelConfig(name="ecp5", rows=8, cols=16, host_width=64,
                         inp_depth=4096, wgt_depth=4096, acc_depth=1024, out_depth=2048,
-                        param_depth=32, mask_bits=1024, requant_lanes=2),
-    # iCEBreaker (iCE40 UP5K): the array on the 8 SB_MAC16 DSPs, small EBR buffers.
+                        param_depth=32, mask_bits=1024, requant_lanes=2,
+                        impl=Implementation.full()),
+    # iCEBreaker (iCE40 UP5K): the array on the 8 SB_MAC16 DSPs, small EBR buffers, and every
+    # area-saving choice (its UART host link is far slower than anything overlap could hide).
     "ice40": AccelConfig(name="ice40", rows=2, cols=4, host_width=16,
                          inp_depth=512, wgt_depth=512, acc_depth=128, out_depth=256,
-                         param_depth=8, mask_bits=256, requant_lanes=1),
+                         param_depth=8, mask_bits=256, requant_lanes=1,
+                         impl=Implementation.compact()),
 }
 
 

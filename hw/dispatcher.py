@@ -1,16 +1,18 @@
-"""Dispatcher: in-order issue to concurrent units, error state, SYNC records.
+"""Dispatcher: in-order issue to the units, error state, SYNC records; two designs.
 
-Instructions arrive checked from the :class:`~.decoder.Decoder`. With ``overlap`` (the default)
-the dispatcher issues each one to its unit when
+Instructions arrive checked from the :class:`~.decoder.Decoder`. The
+:class:`ConcurrentDispatcher` (full builds, ``overlap``) issues each one to its unit when
 
 - the unit can take it (GEMM holds two instructions: one computing, one draining),
 - no instruction in flight conflicts with it (:mod:`.hazards`; the conflict is computed into a
   register, so an instruction waits at least one cycle after it arrives), and
 - for STORE and SGQ, no earlier response is still being sent: responses leave in order.
 
-Without ``overlap`` (compact builds) an instruction waits until every unit is idle instead, no
-access sets are kept, and a GEMM, REQUANT, PATCH or SGQ is taken from the decoder only when its
-unit is done: its operands (``cmd``) stay valid meanwhile, so the units keep no copy.
+The :class:`ExclusiveDispatcher` (compact builds, no ``overlap``) lets an instruction wait until
+every unit is idle instead, keeps no access sets, and takes a GEMM, REQUANT, PATCH or SGQ from the
+decoder only when its unit is done: its operands (``cmd``) stay valid meanwhile, so the units keep
+no copy. Both have the same ports (the decoded instruction carries an access set only for the
+concurrent one, :attr:`Dispatcher.access_sets`); :class:`Dispatcher` holds what they share.
 
 Errors (section 5): the first instruction whose status is not OK sets the sticky error with its
 index and opcode; from then on nothing executes until SYNC, but a LOAD still has its data consumed
@@ -24,8 +26,9 @@ the decoder only at the end, so no byte after it is read before its records are 
 
 from functools import reduce
 from operator import or_
+from types import SimpleNamespace
 
-from amaranth.hdl import Module, Mux, Signal, unsigned
+from amaranth.hdl import Const, Module, Mux, Signal, Value, unsigned
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -49,17 +52,24 @@ from .load_unit import LoadCommand
 from .sgq_encoder import SgqCommand
 from .store_unit import StoreCommand
 
-__all__ = ["Dispatcher"]
+__all__ = ["Dispatcher", "ConcurrentDispatcher", "ExclusiveDispatcher"]
 
 
 class Dispatcher(wiring.Component):
-    """See module docstring."""
+    """In-order issue, error state and SYNC records (see the module docstring).
 
-    def __init__(self, config: AccelConfig, *, overlap: bool = True):
+    The issue rules (when a unit may start, and what is recorded about it) differ between the
+    two designs: a subclass supplies them, and :attr:`access_sets` says whether it needs the
+    decoder's access sets.
+    """
+
+    #: The decoder supplies each instruction's access set (``DecodedLayout(access=)``).
+    access_sets: bool
+
+    def __init__(self, config: AccelConfig):
         self._config = config
-        self._overlap = overlap
         super().__init__({
-            "i_instr": In(stream.Signature(DecodedLayout(config, access=overlap))),
+            "i_instr": In(stream.Signature(DecodedLayout(config, access=self.access_sets))),
             "o_stream": Out(stream.Signature(unsigned(config.host_width))),
             "load": Out(UnitControl(LoadCommand)),
             "store": Out(UnitControl(StoreCommand)),
@@ -98,63 +108,24 @@ class Dispatcher(wiring.Component):
         with m.If(self.acc_saturated):
             m.d.sync += acc_saturated.eq(1)
 
-        # -- hazard slots -------------------------------------------------------------------
+        # -- the units and the issue rules' state (`issue`, for the subclass's methods) ----
         units = {
             "gemm": (self.gemm, 2), "requant": (self.requant, 1), "store": (self.store, 1),
             "patch": (self.patch, 1), "sgq": (self.sgq, 1),
         }
-        slots = []  # (unit name, slot index, access register)
-        for name, (_port, n) in units.items() if self._overlap else ():
-            for s in range(n):
-                slots.append((name, s, Signal(AccessLayout(cfg), name=f"{name}{s}_access")))
-
-        hazard_terms = []
-        for name, s, held in slots:
-            busy = units[name][0].busy[s]
-            accesses = UNIT_ACCESSES[name]
-            if name == "gemm":
-                c = Mux(op == Opcode.GEMM,
-                        conflict(instr.access, held, accesses, structural=False),
-                        conflict(instr.access, held, accesses))
-            else:
-                c = conflict(instr.access, held, accesses)
-            hazard_terms.append(busy & c)
-        hazard = Signal()
+        issue = SimpleNamespace(m=m, instr=instr, op=op, units=units)
+        issue.hazard = hazard = self.hazard(issue)
         fresh = Signal()  # `hazard` was computed for the instruction now offered
-        if self._overlap:
-            m.d.sync += hazard.eq(reduce(or_, hazard_terms))
-        else:  # one instruction at a time: wait until every unit (the load unit too) is idle
-            m.d.sync += hazard.eq(reduce(or_, [p.busy.any() for p, _ in units.values()]) |
-                                  self.load.busy[0])
         m.d.sync += fresh.eq(self.i_instr.valid & ~self.i_instr.ready)
 
-        def claim(name, s, execute):
-            if not self._overlap:
-                return []
-            held = dict((f"{n}{i}", h) for n, i, h in slots)[f"{name}{s}"]
-            stmts = []
-            for buf, kind in UNIT_ACCESSES[name]:
-                src = instr.access[buf.name.lower()][kind]
-                dst = held[buf.name.lower()][kind]
-                stmts += [dst.en.eq(src.en & execute), dst.lo.eq(src.lo), dst.hi.eq(src.hi)]
-            return stmts
-
         # -- issue --------------------------------------------------------------------------
-        execute = (instr.status == Status.OK) & ~err
-        clear_to_go = fresh & ~hazard
-        if self._overlap:
-            output_free = ~self.store.busy[0] & ~self.sgq.busy[0]
-            all_idle = ~reduce(or_, [p.busy.any() for p, _ in units.values()]) & ~self.load.busy[0]
-            load_free = ~self.load.busy[0]
-        else:
-            # Every decision from registers (`hazard` covers every unit), none from a unit's busy
-            # logic directly: the iCE40 cannot afford busy -> issue -> decoder in one cycle.
-            # Each instruction arrives several cycles after its predecessor was taken (fetch and
-            # checks), so `hazard` has seen any unit that predecessor started.
-            output_free = all_idle = load_free = ~hazard
+        issue.execute = execute = (instr.status == Status.OK) & ~err
+        issue.clear_to_go = clear_to_go = fresh & ~hazard
+        output_free, all_idle, load_free = self.availability(issue)
         accept = Signal()
-        accepted = Signal()  # (compact) accept, a cycle later
+        accepted = Signal()  # (the exclusive design's) accept, a cycle later: see below on why
         m.d.sync += accepted.eq(accept)
+        issue.accept, issue.accepted = accept, accepted
 
         m.d.comb += [
             self.load.cmd.buf.eq(ops.ldst.buf),
@@ -187,48 +158,17 @@ class Dispatcher(wiring.Component):
         rec_beat = Signal(range(max(status_beats, counter_beats)))
         sent = self.o_stream.valid & self.o_stream.ready
 
-        started = Signal()  # (compact) the offered instruction's unit has been started
-        # (compact) a unit's start is a flop, set with `started`: the decision (opcode, status,
-        # hazard) and the unit's reaction to its start are a cycle apart. Its busy shows a
-        # cycle after the start, in `hazard` a cycle later: `settled` waits for that.
+        # The exclusive design's launch state (:meth:`ExclusiveDispatcher.launch`). It is made for
+        # both designs, in this order, so that the Verilog of each is the one it had before the
+        # two were split (Amaranth numbers cells in order); the concurrent design never sets it,
+        # and synthesis removes it there.
+        started = Signal()  # the offered instruction's unit has been started
         start_q = {name: Signal(name=f"{name}_start_q") for name in ("gemm", "requant", "patch",
                                                                      "sgq")}
-        started1, settled = Signal(), Signal()
+        started1, settled = [Signal() for _ in range(2)]  # (unnamed in the Verilog)
         m.d.sync += [started1.eq(started), settled.eq(started1 & started)]
-        if not self._overlap:
-            for name, q in start_q.items():
-                m.d.sync += q.eq(0)
-                m.d.comb += units[name][0].start.eq(q)
-
-        def claims(name, s, execute):
-            def emit():
-                m.d.sync += claim(name, s, execute)
-            return emit
-
-        def launch(name, ready, claim_slot):
-            """Start ``port``'s unit when ``ready``. With overlap the instruction is taken at
-            once (``claim_slot()`` records its access set); without, only when every unit is
-            idle again, so that it (the unit's ``cmd``) stays on offer while it executes and the
-            unit needs no copy of its operands."""
-            port = units[name][0]
-            if self._overlap:
-                with m.If(ready):
-                    m.d.comb += [accept.eq(1), port.start.eq(1)]
-                    claim_slot()
-            else:
-                with m.If(started):
-                    # (`settled`: `hazard` has seen the unit's busy since the start)
-                    with m.If(settled & ~hazard):
-                        m.d.comb += accept.eq(1)
-                        m.d.sync += started.eq(0)
-                with m.Elif(ready):
-                    m.d.sync += [started.eq(1), start_q[name].eq(1)]
-
-        def gemm_claims():
-            with m.If(self.gemm.slot == 0):
-                m.d.sync += claim("gemm", 0, 1)
-            with m.Else():
-                m.d.sync += claim("gemm", 1, 1)
+        issue.started, issue.start_q, issue.settled = started, start_q, settled
+        self.prepare_launch(issue)
 
         with m.FSM():
             with m.State("ISSUE"):
@@ -240,24 +180,23 @@ class Dispatcher(wiring.Component):
                         with m.Case(Opcode.STORE):
                             with m.If(output_free & (~execute | clear_to_go)):
                                 m.d.comb += [accept.eq(1), self.store.start.eq(instr.buf_ok)]
-                                m.d.sync += claim("store", 0, execute)
+                                self.claim(issue, "store", execute)
                         with m.Case(Opcode.GEMM):
                             with m.If(~execute):
                                 m.d.comb += accept.eq(1)
                             with m.Else():
-                                launch("gemm", clear_to_go & (self.gemm.ready if self._overlap
-                                                              else 1), gemm_claims)
+                                self.launch(issue, "gemm",
+                                            clear_to_go & self.unit_free(issue, "gemm"), 1)
                         for name, code in (("requant", Opcode.REQUANT), ("patch", Opcode.PATCH)):
                             with m.Case(code):
-                                port = units[name][0]
                                 with m.If(~execute):
                                     m.d.comb += accept.eq(1)
                                 with m.Else():
-                                    launch(name, clear_to_go & (~port.busy[0] if self._overlap
-                                                                else 1), claims(name, 0, 1))
+                                    self.launch(issue, name,
+                                                clear_to_go & self.unit_free(issue, name), 1)
                         with m.Case(Opcode.SGQ):
-                            launch("sgq", output_free & (~execute | clear_to_go),
-                                   claims("sgq", 0, execute))
+                            self.launch(issue, "sgq", output_free & (~execute | clear_to_go),
+                                        execute)
                         with m.Case(Opcode.SYNC):
                             m.next = "SYNC_WAIT"
                         with m.Default():  # NOP and undefined opcodes
@@ -265,22 +204,7 @@ class Dispatcher(wiring.Component):
                 faulty = (instr.status != Status.OK) & ~err
                 err_fields = [err_status.eq(instr.status), err_pc.eq(window),
                               err_opcode.eq(instr.word.as_value()[:4])]
-                if self._overlap:
-                    with m.If(accept):
-                        m.d.sync += window.eq(window + 1)
-                        with m.If(faulty):
-                            m.d.sync += [err.eq(1)] + err_fields
-                else:
-                    # (compact) the wide registers load from registers only: the error fields
-                    # while a faulty instruction (not SYNC: it leaves ISSUE untaken) is offered,
-                    # as they are when it is taken; `window` a cycle after the accept (the next
-                    # instruction comes several cycles later)
-                    with m.If(self.i_instr.valid & faulty & (op != Opcode.SYNC)):
-                        m.d.sync += err_fields
-                    with m.If(accept & faulty):
-                        m.d.sync += err.eq(1)
-                    with m.If(accepted):
-                        m.d.sync += window.eq(window + 1)
+                self.count_issue(issue, faulty, err, err_fields, window)
                 with m.If(accept):
                     m.d.comb += [self.i_instr.ready.eq(1), self.count_instruction.eq(1)]
             with m.State("SYNC_WAIT"):
@@ -329,3 +253,168 @@ class Dispatcher(wiring.Component):
 
         m.d.comb += self.busy.eq(self.i_instr.valid)
         return m
+
+    # -- the issue rules, in which the two designs differ -------------------------------------
+
+    def hazard(self, issue) -> Signal:
+        """A register: the offered instruction must wait (computed a cycle after it arrives)."""
+        raise NotImplementedError
+
+    def availability(self, issue) -> tuple[Value, Value, Value]:
+        """``(output_free, all_idle, load_free)``: no response is being sent (STORE and SGQ may
+        issue), every unit is idle (SYNC may proceed), the load unit is idle."""
+        raise NotImplementedError
+
+    def prepare_launch(self, issue):
+        """Connections that :meth:`launch` needs, made once."""
+
+    def unit_free(self, issue, name: str) -> Value:
+        """Unit ``name`` (GEMM, REQUANT or PATCH) can take an instruction."""
+        raise NotImplementedError
+
+    def launch(self, issue, name: str, ready: Value, claim_execute):
+        """Start unit ``name`` with the offered instruction when ``ready``, and take it."""
+        raise NotImplementedError
+
+    def claim(self, issue, name: str, execute, slot: int = 0):
+        """Record the access set of the instruction taken by unit ``name`` (with its enables
+        gated by ``execute``) in the unit's hazard slot."""
+
+    def count_issue(self, issue, faulty: Value, err: Signal, err_fields: list, window: Signal):
+        """The error state and instruction window, for an instruction taken in ISSUE."""
+        raise NotImplementedError
+
+
+class ConcurrentDispatcher(Dispatcher):
+    """Units run concurrently; each taken instruction holds an access set in its unit's hazard
+    slot until the unit is done, and a new one waits only for conflicting slots (full builds)."""
+
+    access_sets = True
+
+    def hazard(self, issue):
+        m, instr, op, units = issue.m, issue.instr, issue.op, issue.units
+        slots = {}  # (unit name, slot index) -> access register
+        for name, (_port, n) in units.items():
+            for s in range(n):
+                slots[name, s] = Signal(AccessLayout(self._config), name=f"{name}{s}_access")
+        issue.slots = slots
+
+        hazard_terms = []
+        for (name, s), held in slots.items():
+            busy = units[name][0].busy[s]
+            accesses = UNIT_ACCESSES[name]
+            if name == "gemm":
+                c = Mux(op == Opcode.GEMM,
+                        conflict(instr.access, held, accesses, structural=False),
+                        conflict(instr.access, held, accesses))
+            else:
+                c = conflict(instr.access, held, accesses)
+            hazard_terms.append(busy & c)
+        hazard = Signal(name="hazard")
+        m.d.sync += hazard.eq(reduce(or_, hazard_terms))
+        return hazard
+
+    def availability(self, issue):
+        units = issue.units
+        output_free = ~self.store.busy[0] & ~self.sgq.busy[0]
+        all_idle = ~reduce(or_, [p.busy.any() for p, _ in units.values()]) & ~self.load.busy[0]
+        load_free = ~self.load.busy[0]
+        return output_free, all_idle, load_free
+
+    def unit_free(self, issue, name):
+        if name == "gemm":
+            return self.gemm.ready  # (it holds two instructions: one computing, one draining)
+        return ~issue.units[name][0].busy[0]
+
+    def launch(self, issue, name, ready, claim_execute):
+        """The instruction is taken at once and its access set recorded."""
+        m = issue.m
+        port = issue.units[name][0]
+        with m.If(ready):
+            m.d.comb += [issue.accept.eq(1), port.start.eq(1)]
+            if name == "gemm":
+                with m.If(self.gemm.slot == 0):
+                    self.claim(issue, "gemm", claim_execute, 0)
+                with m.Else():
+                    self.claim(issue, "gemm", claim_execute, 1)
+            else:
+                self.claim(issue, name, claim_execute)
+
+    def claim(self, issue, name, execute, slot=0):
+        instr = issue.instr
+        held = issue.slots[name, slot]
+        stmts = []
+        for buf, kind in UNIT_ACCESSES[name]:
+            src = instr.access[buf.name.lower()][kind]
+            dst = held[buf.name.lower()][kind]
+            stmts += [dst.en.eq(src.en & execute), dst.lo.eq(src.lo), dst.hi.eq(src.hi)]
+        issue.m.d.sync += stmts
+
+    def count_issue(self, issue, faulty, err, err_fields, window):
+        m = issue.m
+        with m.If(issue.accept):
+            m.d.sync += window.eq(window + 1)
+            with m.If(faulty):
+                m.d.sync += [err.eq(1)] + err_fields
+
+
+class ExclusiveDispatcher(Dispatcher):
+    """One instruction at a time: an instruction waits until every unit is idle, and a GEMM,
+    REQUANT, PATCH or SGQ is taken only when its unit is done, so that its operands stay on
+    offer (``cmd``) while it executes (compact builds).
+
+    Every decision comes from registers (``hazard`` covers every unit), none from a unit's busy
+    logic directly: the iCE40 cannot afford busy -> issue -> decoder in one cycle.
+    """
+
+    access_sets = False
+
+    def hazard(self, issue):
+        # wait until every unit (the load unit too) is idle
+        hazard = Signal(name="hazard")
+        issue.m.d.sync += hazard.eq(reduce(or_, [p.busy.any() for p, _ in issue.units.values()]) |
+                                    self.load.busy[0])
+        return hazard
+
+    def availability(self, issue):
+        # Each instruction arrives several cycles after its predecessor was taken (fetch and
+        # checks), so `hazard` has seen any unit that predecessor started.
+        free = ~issue.hazard
+        return free, free, free
+
+    def prepare_launch(self, issue):
+        # A unit's start is a flop (`start_q`), set with `started`: the decision (opcode,
+        # status, hazard) and the unit's reaction to its start are a cycle apart. Its busy
+        # shows a cycle after the start, in `hazard` a cycle later: `settled` waits for that.
+        m = issue.m
+        for name, q in issue.start_q.items():
+            m.d.sync += q.eq(0)
+            m.d.comb += issue.units[name][0].start.eq(q)
+
+    def unit_free(self, issue, name):
+        return Const(1)  # (`hazard` covers every unit)
+
+    def launch(self, issue, name, ready, claim_execute):
+        """The instruction is taken only when every unit is idle again, so that it (the unit's
+        ``cmd``) stays on offer while it executes and the unit needs no copy of its operands."""
+        m = issue.m
+        with m.If(issue.started):
+            # (`settled`: `hazard` has seen the unit's busy since the start)
+            with m.If(issue.settled & ~issue.hazard):
+                m.d.comb += issue.accept.eq(1)
+                m.d.sync += issue.started.eq(0)
+        with m.Elif(ready):
+            m.d.sync += [issue.started.eq(1), issue.start_q[name].eq(1)]
+
+    def count_issue(self, issue, faulty, err, err_fields, window):
+        m = issue.m
+        # The wide registers load from registers only: the error fields while a faulty
+        # instruction (not SYNC: it leaves ISSUE untaken) is offered, as they are when it is
+        # taken; `window` a cycle after the accept (the next instruction comes several cycles
+        # later)
+        with m.If(self.i_instr.valid & faulty & (issue.op != Opcode.SYNC)):
+            m.d.sync += err_fields
+        with m.If(issue.accept & faulty):
+            m.d.sync += err.eq(1)
+        with m.If(issue.accepted):
+            m.d.sync += window.eq(window + 1)

@@ -225,17 +225,22 @@ class RequantSerial(wiring.Component):
                 ("RND", 1), ("NEG", 1), ("RSH", MAX_SHIFT - 1), ("RSH1", 1), ("ZP", 1),
                 ("CMIN", 1), ("FLOOR", 1), ("ADDMIN", 1), ("CMAX", 1), ("OUT", 1))
 
+    #: cycles from the input's ``valid`` to its result (the schedule, then the execute stage)
+    LATENCY = sum(n for _, n in SCHEDULE) + 1
+    #: cycles from one input to the next (the cycle after the result): per channel per lane
+    INTERVAL = LATENCY + 1
+
     def __init__(self, lanes: int, tag_shape=0):
         self.lanes = lanes
         super().__init__(_engine_ports(lanes, tag_shape))
 
     @property
     def latency(self) -> int:
-        return sum(n for _, n in self.SCHEDULE) + 1  # + the execute stage
+        return self.LATENCY
 
     @property
     def interval(self) -> int:
-        return self.latency + 1
+        return self.INTERVAL
 
     def elaborate(self, platform):
         m = Module()

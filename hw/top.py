@@ -1,6 +1,5 @@
 """The accelerator top level: host streams in and out, every block wired together."""
 
-from dataclasses import dataclass
 from functools import reduce
 from operator import or_
 
@@ -9,12 +8,12 @@ from amaranth.hdl import Module, Mux, unsigned
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .config import AccelConfig, get_config
+from .config import AccelConfig, Implementation, get_config
 from .counters import PerfCounters
 from .decoder import DecoderParallel
 from .decoder_serial import DecoderSerial
-from .dispatcher import Dispatcher
-from .gemm_unit import GemmUnit
+from .dispatcher import ConcurrentDispatcher, ExclusiveDispatcher
+from .gemm_unit import ConcurrentGemmUnit, ExclusiveGemmUnit
 from .isa import COUNT_BITS, COUNTER_RECORD_BYTES, STATUS_BYTES, Buffer, Counter
 from .load_unit import LoadUnit
 from .patch_unit import PatchSkipUnit
@@ -22,53 +21,9 @@ from .requant import RequantUnit
 from .scratchpads import Scratchpad, geometry
 from .sgq_encoder import StripeEncoderPipeline
 from .sgq_serial import StripeEncoderSerial
-from .store_unit import StoreUnit
+from .store_unit import BufferedStoreUnit, ExclusiveStoreUnit
 
-__all__ = ["Implementation", "Accelerator", "generate_verilog"]
-
-
-@dataclass(frozen=True)
-class Implementation:
-    """Area/speed choices of the hardware. They change cycle counts, never results.
-
-    ``overlap``: units run concurrently under hazard tracking (otherwise one instruction at a
-    time). ``serial_requant``: requantize with the small :class:`~.requant.RequantSerial`
-    engines (about 141 cycles per channel per lane, no DSP) instead of the DSP pipeline.
-    ``shadow``: the MAC array copies finished blocks into a shadow bank (otherwise ``rows``
-    idle cycles between blocks). ``ram_counters``: the performance counters live in a block RAM
-    behind narrow pending sums (:class:`~.counters.PerfCounters`), not in flip-flops.
-    ``serial_decode``: the decoder runs its checks one after another on one adder (up to a few
-    hundred cycles per instruction instead of a few). ``serial_sgq``: the SGQ encoder reads one
-    value per cycle and packs codes one bit per cycle (:class:`~.sgq_encoder.StripeEncoder`
-    ``serial=``) instead of a host beat per cycle.
-    """
-    overlap: bool = True
-    serial_requant: bool = False
-    shadow: bool = True
-    ram_counters: bool = False
-    serial_decode: bool = False
-    serial_sgq: bool = False
-
-    @classmethod
-    def compact(cls) -> "Implementation":
-        """Every area-saving choice: the profile of the iCE40 UP5K."""
-        return cls(overlap=False, serial_requant=True, shadow=False, ram_counters=True,
-                   serial_decode=True, serial_sgq=True)
-
-    @classmethod
-    def for_config(cls, config: AccelConfig) -> "Implementation":
-        """The default: *compact* for arrays of at most :data:`COMPACT_MACS` MACs, else *full*.
-
-        Compact is for the iCE40 UP5K: its 8 DSPs hold the MAC array, its 5280 LUTs are tight,
-        and its UART host link is far slower than anything overlap could hide.
-        """
-        if config.macs <= COMPACT_MACS:
-            return cls.compact()
-        return cls()
-
-
-#: Arrays up to this many MACs get the compact implementation by default.
-COMPACT_MACS = 16
+__all__ = ["Accelerator", "generate_verilog"]
 
 
 class Accelerator(wiring.Component):
@@ -77,17 +32,17 @@ class Accelerator(wiring.Component):
     Parameters
     ----------
     config:
-        The :class:`~tinyaccel.hw.config.AccelConfig` that sizes every block, or a preset name.
-    impl:
-        :class:`Implementation` choices (default: :meth:`Implementation.for_config`).
+        The :class:`~tinyaccel.hw.config.AccelConfig` that sizes every block and names its
+        :class:`~tinyaccel.hw.config.Implementation` profile (``config.impl``), or a preset
+        name. Vary the profile with ``dataclasses.replace(config, impl=...)``.
 
     Ports: ``i_stream`` (host -> accelerator beats, byte 0 in bits 7..0), ``o_stream``
     (responses), ``busy`` (a unit executing or a response pending), ``error`` (sticky until SYNC).
     """
 
-    def __init__(self, config: AccelConfig | str, impl: Implementation | None = None):
+    def __init__(self, config: AccelConfig | str):
         self.config = config = get_config(config)
-        self.impl = impl if impl is not None else Implementation.for_config(config)
+        self.impl: Implementation = config.impl
         super().__init__({
             "i_stream": In(stream.Signature(unsigned(config.host_width))),
             "o_stream": Out(stream.Signature(unsigned(config.host_width))),
@@ -98,10 +53,14 @@ class Accelerator(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cfg = self.config
+        impl = self.impl
 
-        m.submodules.decoder = decoder = (DecoderSerial if self.impl.serial_decode
-                                          else DecoderParallel)(cfg, access=self.impl.overlap)
-        m.submodules.dispatcher = disp = Dispatcher(cfg, overlap=self.impl.overlap)
+        decoder = DecoderSerial if impl.serial_decode else DecoderParallel
+        m.submodules.decoder = decoder = decoder(cfg, access=impl.access_sets)
+        # (one instruction at a time: each block in its exclusive design)
+        exclusive = impl.exclusive
+        dispatcher = ExclusiveDispatcher if exclusive else ConcurrentDispatcher
+        m.submodules.dispatcher = disp = dispatcher(cfg)
         max_add = {c: 1 for c in Counter}
         max_add.update({
             Counter.MACS_ISSUED: cfg.macs,
@@ -110,16 +69,16 @@ class Accelerator(wiring.Component):
             Counter.BYTES_OUT: cfg.beat_bytes + STATUS_BYTES + COUNTER_RECORD_BYTES,
         })
         m.submodules.counters = counters = PerfCounters(cfg.host_width, max_add=max_add,
-                                                        ram=self.impl.ram_counters)
+                                                        ram=impl.ram_counters)
         m.submodules.load = load = LoadUnit(cfg)
-        m.submodules.store = store = StoreUnit(cfg, exclusive=not self.impl.overlap)
-        m.submodules.gemm = gemm = GemmUnit(cfg, shadow=self.impl.shadow,
-                                            held_cmd=not self.impl.overlap,
-                                            exclusive=not self.impl.overlap)
-        m.submodules.requant = requant = RequantUnit(cfg, serial=self.impl.serial_requant)
-        m.submodules.patch = patch = PatchSkipUnit(cfg, held_cmd=not self.impl.overlap)
-        m.submodules.sgq = sgq = (StripeEncoderSerial(cfg, held_cmd=not self.impl.overlap)
-                                  if self.impl.serial_sgq else StripeEncoderPipeline(cfg))
+        store_unit = ExclusiveStoreUnit if exclusive else BufferedStoreUnit
+        m.submodules.store = store = store_unit(cfg)
+        gemm_unit = ExclusiveGemmUnit if exclusive else ConcurrentGemmUnit
+        m.submodules.gemm = gemm = gemm_unit(cfg, shadow=impl.shadow)
+        m.submodules.requant = requant = RequantUnit(cfg, serial=impl.serial_requant)
+        m.submodules.patch = patch = PatchSkipUnit(cfg, held_cmd=impl.held_cmd)
+        m.submodules.sgq = sgq = (StripeEncoderSerial(cfg, held_cmd=impl.sgq_held_cmd)
+                                  if impl.serial_sgq else StripeEncoderPipeline(cfg))
         units = {"load": load, "store": store, "gemm": gemm, "requant": requant, "patch": patch,
                  "sgq": sgq}
 
@@ -144,7 +103,7 @@ class Accelerator(wiring.Component):
                        if u is not load and hasattr(u, f"wr_{name}")]
             writers.append(getattr(load, f"wr_{name}"))
             pad = Scratchpad(geometry(cfg, buf), readers=len(readers), writers=len(writers),
-                             lanes=not self.impl.overlap)  # (for the exclusive StoreUnit)
+                             lanes=impl.scratchpad_lanes)
             m.submodules[f"{name}_mem"] = pad
             for i, client in enumerate(readers):
                 wiring.connect(m, client, pad.rd[i])
@@ -187,7 +146,7 @@ class Accelerator(wiring.Component):
         return m
 
 
-def generate_verilog(config: AccelConfig, impl: Implementation | None = None) -> str:
+def generate_verilog(config: AccelConfig | str) -> str:
     """Verilog of :class:`Accelerator` for ``config``, top module ``tinyaccel_top``."""
-    top = Accelerator(config, impl)
+    top = Accelerator(config)
     return verilog.convert(top, name="tinyaccel_top")

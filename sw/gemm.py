@@ -12,9 +12,9 @@ instructions are emitted software-pipelined so the hardware's in-order dispatche
 where ``g`` walks the GEMM k-tiles of every step (an (m-tile, n-tile) pair) and ``drain`` is the
 REQUANT + STORE of a finished step. The LOAD of the next tile streams in while the GEMM of the
 current one computes; the drain of step ``s-1`` runs in the requant and store units while step
-``s`` computes. The plan is chosen by an instruction-level model of that pipeline
-(:func:`estimate_cycles`), which the hardware's dispatcher (stall on busy unit or range hazard)
-makes accurate to within the fixed latencies.
+``s`` computes (with the compact implementation profile the hardware runs them one at a time
+instead). The plan is chosen by an instruction-level model of the configuration's profile
+(:func:`estimate_cycles`), accurate to within the fixed latencies of each instruction.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ import numpy as np
 
 from ..errors import DTypeError, ShapeError
 from ..hw.config import AccelConfig
+from ..hw.gemm_unit import drain_group
 from ..hw.isa import INSTR_BYTES, Buffer
+from ..hw.requant import RequantSerial
 
 __all__ = ["GemmPlan", "plan_gemm", "lower_gemm", "GemmLowering"]
 
@@ -170,28 +172,61 @@ def _schedule(plan: GemmPlan, config: AccelConfig):
 
 
 def estimate_cycles(plan: GemmPlan, config: AccelConfig) -> int:
-    """Cycles of the plan on an in-order dispatcher with concurrent units (no fixed latencies)."""
+    """Cycles of the plan on ``config``, following its implementation profile (``config.impl``).
+
+    An instruction-level model of the in-order dispatcher without fixed latencies (decode,
+    pipeline fill): the host input stream carries every instruction word and LOAD beat, one
+    beat per cycle; each unit takes its work time, which the profile sets:
+
+    - GEMM: ``kt`` steps per block, plus ``rows * cols / group`` idle cycles between blocks
+      without the shadow bank (:func:`~tinyaccel.hw.gemm_unit.drain_group`);
+    - REQUANT: a cycle per lane group of each ACC word (``cols / requant_lanes`` groups), or
+      :attr:`RequantSerial.INTERVAL <tinyaccel.hw.requant.RequantSerial.INTERVAL>` (141)
+      cycles each with ``serial_requant``;
+    - STORE: a beat per cycle, or every other cycle in the exclusive design.
+
+    With ``overlap`` the units run concurrently: an instruction starts when its unit and the
+    buffer slots it uses are free, and the next instruction streams in meanwhile. Without
+    (exclusive issue) every instruction waits until all units are idle, and a GEMM or REQUANT
+    leaves the decoder only when it is done, so the next instruction word streams in after it.
+    """
+    impl = config.impl
+    exclusive = impl.exclusive
     beat = config.beat_bytes
     instr = INSTR_BYTES // beat
+    blocks = plan.mb * plan.nb
+    gap = 0 if impl.shadow else (config.rows * config.cols
+                                 // drain_group(config, shadow=impl.shadow, exclusive=exclusive))
+    gemm_cycles = blocks * plan.kt + (blocks - 1) * gap
+    rq_group = RequantSerial.INTERVAL if impl.serial_requant else 1
+    store_beat = 2 if exclusive else 1
     t_dec = 0  # decoder (and host input stream) free
     unit_free = {"gemm": 0, "requant": 0, "store": 0}
     slot_ready: dict = {}  # (buf, slot) -> time its last writer/reader finishes
     out_words = plan.mb * plan.nb * config.rows
+
+    def all_idle():
+        return max(unit_free.values()) if exclusive else 0
+
     for op in _schedule(plan, config):
         if op[0] == "load":
             _, buf, slot, key = op
             words = {Buffer.INP: plan.mb * plan.kt, Buffer.WGT: plan.nb * plan.kt,
                      Buffer.PARAM: plan.nb}[buf]
-            start = max(t_dec, slot_ready.get((buf, slot), 0))
-            t_dec = start + instr + words * config.word_bytes(buf) // beat
+            data = words * config.word_bytes(buf) // beat
+            if exclusive:
+                t_dec = max(t_dec + instr, all_idle()) + data
+            else:
+                start = max(t_dec, slot_ready.get((buf, slot), 0))
+                t_dec = start + instr + data
             slot_ready[(buf, slot)] = t_dec
         elif op[0] == "gemm":
             _, s, im, jn, kk, islot, wslot = op
             start = max(t_dec + instr, unit_free["gemm"], slot_ready.get((Buffer.INP, islot), 0),
                         slot_ready.get((Buffer.WGT, wslot), 0),
-                        slot_ready.get((Buffer.ACC, s % 2), 0))
-            t_dec = start
-            end = start + plan.mb * plan.nb * plan.kt
+                        slot_ready.get((Buffer.ACC, s % 2), 0), all_idle())
+            end = start + gemm_cycles
+            t_dec = end if exclusive else start
             unit_free["gemm"] = end
             for key in ((Buffer.INP, islot), (Buffer.WGT, wslot), (Buffer.ACC, s % 2)):
                 slot_ready[key] = end
@@ -200,17 +235,17 @@ def estimate_cycles(plan: GemmPlan, config: AccelConfig) -> int:
             acc_ready = slot_ready.get((Buffer.ACC, s % 2), 0)
             if plan.out == "int8":
                 start = max(t_dec + instr, unit_free["requant"], acc_ready,
-                            slot_ready.get((Buffer.OUT, s % 2), 0))
-                t_dec = start
-                rq_end = start + out_words * config.cols // config.requant_lanes
+                            slot_ready.get((Buffer.OUT, s % 2), 0), all_idle())
+                rq_end = start + out_words * config.cols // config.requant_lanes * rq_group
+                t_dec = rq_end if exclusive else start
                 unit_free["requant"] = rq_end
                 slot_ready[(Buffer.ACC, s % 2)] = rq_end
                 store_words, word_bytes, src = out_words, config.word_bytes(Buffer.OUT), rq_end
             else:
                 store_words, word_bytes, src = out_words, config.word_bytes(Buffer.ACC), acc_ready
-            start = max(t_dec + instr, unit_free["store"], src)
+            start = max(t_dec + instr, unit_free["store"], src, all_idle())
             t_dec = start
-            end = start + store_words * word_bytes // beat
+            end = start + store_words * word_bytes // beat * store_beat
             unit_free["store"] = end
             slot_ready[(Buffer.OUT if plan.out == "int8" else Buffer.ACC, s % 2)] = end
     return max([t_dec] + list(unit_free.values()))

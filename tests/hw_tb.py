@@ -1,20 +1,21 @@
 """Amaranth-simulator helpers shared by the tests/test_hw_*.py unit tests (not a test module)."""
 
+import dataclasses
 import random
 
 from amaranth.sim import Simulator
 
-from tinyaccel.hw.config import AccelConfig
+from tinyaccel.hw.config import AccelConfig, Implementation
 from tinyaccel.hw.isa import Counter
-from tinyaccel.hw.top import Accelerator, Implementation
+from tinyaccel.hw.top import Accelerator
 from tinyaccel.protocol import Program, StatusReport, parse_responses
 from tinyaccel.sim.golden import GoldenMachine
 
 __all__ = ["seed_from_env", "run_accelerator", "small_config", "check_against_golden", "FULL",
            "COMPACT"]
 
-#: The two implementation profiles (see hw/top.py): tests run the small configs in both.
-FULL = Implementation()
+#: The two implementation profiles (see hw/config.py): tests run the small configs in both.
+FULL = Implementation.full()
 COMPACT = Implementation.compact()
 
 #: Counters the golden model reports as 0 (timing); compared for plausibility only.
@@ -29,9 +30,11 @@ def seed_from_env() -> int:
 
 
 def small_config(**overrides) -> AccelConfig:
-    """A tiny configuration for fast end-to-end simulation."""
+    """A tiny configuration for fast end-to-end simulation: an iCE40-like 2 x 4 array with the
+    compact profile unless ``impl=`` says otherwise."""
     params = dict(name="tiny", rows=2, cols=4, host_width=16, inp_depth=64, wgt_depth=64,
-                  acc_depth=32, out_depth=32, param_depth=4, mask_bits=128, requant_lanes=2)
+                  acc_depth=32, out_depth=32, param_depth=4, mask_bits=128, requant_lanes=2,
+                  impl=COMPACT)
     params.update(overrides)
     return AccelConfig(**params)
 
@@ -99,13 +102,14 @@ def check_against_golden(config: AccelConfig, program: Program, *, seed: int = 0
     """Run ``program`` on the RTL and on the golden model; assert identical responses.
 
     Timing counters are checked for ``COMPUTE_CYCLES <= BUSY_CYCLES <= CYCLES`` and then
-    ignored. ``impl`` picks the :class:`Implementation` (default: the config's).
+    ignored. ``impl`` replaces the config's :class:`Implementation` profile (default: keep it).
     Returns (parsed RTL responses, cycles).
     """
+    if impl is not None:
+        config = dataclasses.replace(config, impl=impl)
     stream = program.to_bytes()
     want = GoldenMachine(config).run(stream)
-    got, cycles = run_accelerator(config, stream, seed=seed, dut=Accelerator(config, impl),
-                                  **kwargs)
+    got, cycles = run_accelerator(config, stream, seed=seed, dut=Accelerator(config), **kwargs)
     assert len(got) == len(want), f"seed {seed}: {len(got)} response bytes, expected {len(want)}"
     got_items = parse_responses(config, program, got)
     want_items = parse_responses(config, program, want)

@@ -77,7 +77,7 @@ def test_corner_programs():
 def test_unfolded_params_one_lane():
     """PARAM words that are not a whole number of beats per lane group stay unfolded."""
     seed = seed_from_env()
-    cfg = small_config(rows=8, cols=8, host_width=64, requant_lanes=1)
+    cfg = small_config(rows=8, cols=8, host_width=64, requant_lanes=1, impl=FULL)
     program = layer_program(cfg, np.random.default_rng(seed))
     check_against_golden(cfg, program, seed=seed, gaps=0.1, backpressure=0.1)
 
@@ -121,7 +121,7 @@ def test_sgq_encoder(wide):
     seed = seed_from_env()
     print(f"seed={seed}")
     rng = np.random.default_rng(seed)
-    cfg = small_config(rows=8, cols=8, host_width=64, requant_lanes=1) if wide else \
+    cfg = small_config(rows=8, cols=8, host_width=64, requant_lanes=1, impl=FULL) if wide else \
         small_config()
     n = 12
     out = rng.integers(-128, 128, (n, cfg.cols), dtype=np.int8)
@@ -199,7 +199,8 @@ def test_generate_verilog_ports():
 
 def test_accelerator_takes_a_preset_name():
     from tinyaccel.errors import ConfigError
-    from tinyaccel.hw.top import Accelerator, Implementation
+    from tinyaccel.hw.config import Implementation
+    from tinyaccel.hw.top import Accelerator
     accel = Accelerator("ice40")
     assert accel.config is PRESETS["ice40"]
     assert accel.impl == Implementation.compact()

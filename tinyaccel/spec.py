@@ -90,6 +90,7 @@ def config_table(configs: list[AccelConfig] | None = None) -> list[list[str]]:
         ["array (rows x cols)"] + [f"{c.rows} x {c.cols} = {c.macs} MACs" for c in configs],
         ["host stream"] + [f"{c.host_width} bits" for c in configs],
         ["requant lanes"] + [str(c.requant_lanes) for c in configs],
+        ["implementation profile"] + [c.impl.name for c in configs],
     ]
     for buf in Buffer:
         rows.append([f"{buf.name} words x bits"] + [
