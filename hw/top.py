@@ -23,7 +23,18 @@ from .sgq_encoder import StripeEncoderPipeline
 from .sgq_serial import StripeEncoderSerial
 from .store_unit import BufferedStoreUnit, ExclusiveStoreUnit
 
-__all__ = ["Accelerator", "generate_verilog"]
+__all__ = ["Accelerator", "generate_verilog", "host_signature"]
+
+
+def host_signature(config: AccelConfig) -> wiring.Signature:
+    """The accelerator's ports, which a board top drives: ``i_stream`` and ``o_stream`` of
+    ``host_width``-bit beats, ``busy`` and ``error``."""
+    return wiring.Signature({
+        "i_stream": In(stream.Signature(unsigned(config.host_width))),
+        "o_stream": Out(stream.Signature(unsigned(config.host_width))),
+        "busy": Out(1),
+        "error": Out(1),
+    })
 
 
 class Accelerator(wiring.Component):
@@ -43,12 +54,7 @@ class Accelerator(wiring.Component):
     def __init__(self, config: AccelConfig | str):
         self.config = config = get_config(config)
         self.impl: Implementation = config.impl
-        super().__init__({
-            "i_stream": In(stream.Signature(unsigned(config.host_width))),
-            "o_stream": Out(stream.Signature(unsigned(config.host_width))),
-            "busy": Out(1),
-            "error": Out(1),
-        })
+        super().__init__(host_signature(config))
 
     def elaborate(self, platform):
         m = Module()

@@ -8,9 +8,8 @@ import json
 import random
 
 import pytest
-from amaranth.hdl import Module, unsigned
-from amaranth.lib import stream, wiring
-from amaranth.lib.wiring import In, Out
+from amaranth.hdl import Module
+from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
 from tinyaccel.boards import build as board_build
@@ -27,6 +26,7 @@ from tinyaccel.boards.uart import (
 from tinyaccel.boards.ulx3s import ULX3STop
 from tinyaccel.errors import BackendUnavailable, ConfigError
 from tinyaccel.hw.config import get_config
+from tinyaccel.hw.top import host_signature
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -360,12 +360,7 @@ class StubAccelerator(wiring.Component):
 
     def __init__(self, config):
         self.config = config
-        super().__init__({
-            "i_stream": In(stream.Signature(unsigned(config.host_width))),
-            "o_stream": Out(stream.Signature(unsigned(config.host_width))),
-            "busy": Out(1),
-            "error": Out(1),
-        })
+        super().__init__(host_signature(config))
 
     def elaborate(self, platform):
         m = Module()
