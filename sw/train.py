@@ -56,8 +56,9 @@ from .octo import (
 )
 from .octo_numerics import options_for
 
-__all__ = ["TrainConfig", "ResumeError", "train", "compare", "comparison_table", "plot_runs",
-           "summarize_seeds", "COMPARE_RUNS", "CHECKPOINT", "METRICS"]
+__all__ = ["TrainConfig", "ResumeError", "train", "compare", "experiment", "Experiment",
+           "comparison_table", "plot_runs", "summarize_seeds", "COMPARE_RUNS", "CHECKPOINT",
+           "METRICS"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -372,6 +373,55 @@ def compare(base: TrainConfig, run_dir: str | Path, runs: list[tuple[str, str, d
     plot_runs(results, run_dir / "training.png")
     (run_dir / "table.md").write_text(comparison_table(results) + "\n")
     return results
+
+
+@dataclass
+class Experiment:
+    """What :func:`experiment` returns: every run's metrics and where they were written."""
+
+    run_dir: Path
+    seeds: list[int]
+    results: list[dict]
+    table: str  #: :func:`comparison_table` of every run (``table.md``)
+    plot: Path  #: ``training.png``
+
+    def first_seed_table(self) -> str:
+        """The comparison table of the first seed's runs alone."""
+        return comparison_table([r for r in self.results if r["seed"] == self.seeds[0]])
+
+    def record(self) -> dict:
+        """The JSON record: the Octo run (else the first) at the top level; with several runs
+        also every run and the per-label summary over seeds (:func:`summarize_seeds`)."""
+        head = next((r for r in self.results if r["label"] == "octo"), self.results[0])
+        out = {k: v for k, v in head.items() if k != "history"}
+        if len(self.results) > 1:
+            out["runs"] = self.results
+            out["summary"] = summarize_seeds(self.results)
+        return out
+
+
+def experiment(base: TrainConfig, run_dir: str | Path, seeds: list[int] | None = None,
+               compare_methods: bool = False, resume: bool = False,
+               progress: bool | Callable = False,
+               log: Callable[[str], None] | None = None) -> Experiment:
+    """Train ``base`` (or, with ``compare_methods``, every run of :func:`compare`) once per seed
+    of ``seeds`` (default: ``base.seed``), each seed in ``run_dir/seed<S>`` when there are
+    several; write ``table.md`` and ``training.png`` over all of them into ``run_dir``."""
+    run_dir = Path(run_dir)
+    seeds = list(seeds) if seeds else [base.seed]
+    results = []
+    for seed in seeds:
+        cfg = replace(base, seed=seed)
+        folder = run_dir / f"seed{seed}" if len(seeds) > 1 else run_dir
+        if compare_methods:
+            results += compare(cfg, folder, resume=resume, progress=progress, log=log)
+        else:
+            results.append(train(cfg, folder, resume=resume, progress=progress, log=log))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    table = comparison_table(results)
+    (run_dir / "table.md").write_text(table + "\n")
+    plot = plot_runs(results, run_dir / "training.png")
+    return Experiment(run_dir, seeds, results, table, plot)
 
 
 def summarize_seeds(results: list[dict]) -> list[dict]:

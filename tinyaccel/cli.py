@@ -215,7 +215,6 @@ def train_command(model_name, method, backend, config_name, epochs, seed, seeds,
     Writes a run folder with metrics.json, a checkpoint per epoch (resumable), training.png
     (loss and accuracy per epoch) and table.md, and prints the comparison table.
     """
-    from dataclasses import replace
 
     from .sw import train as training
 
@@ -244,31 +243,15 @@ def train_command(model_name, method, backend, config_name, epochs, seed, seeds,
     def log(line):
         click.echo(line, err=True)
 
-    results = []
-    for s in seed_list:
-        cfg = replace(base, seed=s)
-        folder = run_dir / f"seed{s}" if len(seed_list) > 1 else run_dir
-        if compare:
-            results += training.compare(cfg, folder, resume=resume, progress=True, log=log)
-        else:
-            results.append(training.train(cfg, folder, resume=resume, progress=True, log=log))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    table = training.comparison_table(results)
-    (run_dir / "table.md").write_text(table + "\n")
-    plot = training.plot_runs(results, run_dir / "training.png")
-    click.echo(table)
+    result = training.experiment(base, run_dir, seed_list, compare_methods=compare,
+                                 resume=resume, progress=True, log=log)
+    click.echo(result.table)
     if len(seed_list) > 1 and compare:
-        click.echo("\n" + training.comparison_table(
-            [r for r in results if r["seed"] == seed_list[0]]))
-    click.echo(f"run folder {run_dir} (metrics.json, checkpoint.pt per run; {plot.name})",
+        click.echo("\n" + result.first_seed_table())
+    click.echo(f"run folder {run_dir} (metrics.json, checkpoint.pt per run; {result.plot.name})",
                err=True)
     if json_path:
-        head = next((r for r in results if r["label"] == "octo"), results[0])
-        out = {k: v for k, v in head.items() if k != "history"}
-        if len(results) > 1:
-            out["runs"] = results
-            out["summary"] = training.summarize_seeds(results)
-        _write_json(json_path, out)
+        _write_json(json_path, result.record())
 
 
 @main.command("build")
