@@ -39,6 +39,7 @@ class FloatOp:
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
     activation: Activation = Activation.NONE
+    padding_end: tuple[int, int] | None = None  #: (bottom, right) when not equal to padding
     fused: list[str] = field(default_factory=list)
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)
     output_shape: tuple[int, ...] = ()
@@ -52,8 +53,11 @@ _RELU_FUNCS = {F.relu: Activation.RELU, torch.relu: Activation.RELU,
                F.relu6: Activation.RELU6}
 _ADD_FUNCS = {operator.add, operator.iadd, torch.add}
 _FLATTEN_FUNCS = {torch.flatten}
-SUPPORTED = ("Conv2d, Linear, BatchNorm2d (after a Conv2d), ReLU, ReLU6, AvgPool2d, MaxPool2d, "
-              "AdaptiveAvgPool2d, Flatten, Dropout, Identity, tensor + tensor")
+_RESHAPE_METHODS = ("view", "reshape")
+SUPPORTED = ("Conv2d, Linear, BatchNorm2d (after a Conv2d), BatchNorm1d (after a Linear), ReLU, "
+             "ReLU6, AvgPool2d, MaxPool2d, AdaptiveAvgPool2d, Flatten, x.view(x.size(0), -1), "
+             "zero padding (F.pad, ZeroPad2d) before a Conv2d, Dropout, Identity, "
+             "tensor + tensor")
 
 
 def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -98,6 +102,10 @@ class FxLowering:
         self.ops: dict[str, FloatOp] = {}
         self.alias: dict[str, str] = {}  # fx node name -> op name whose output it is
         self.tip: dict[str, fx.Node] = {}  # op name -> last fx node carrying its output
+        # fx node name of a zero pad -> (op name it pads, (left, right, top, bottom)); folded
+        # into the convolution that reads it (the pad value is then the input zero point)
+        self.pads: dict[str, tuple[str, tuple[int, int, int, int]]] = {}
+        self.scalars: set[str] = set()  # x.size(i) nodes: shapes, only for reshapes
         self.output: str | None = None
 
     def run(self) -> tuple[list[FloatOp], str]:
@@ -113,13 +121,17 @@ class FxLowering:
     def _src(self, node: fx.Node, arg) -> str:
         if not isinstance(arg, fx.Node):
             raise _unsupported(node, self.modules, f"input {arg!r} is not a tensor")
+        if arg.name in self.pads:
+            raise _unsupported(node, self.modules, f"its input {arg.name!r} is zero padding; "
+                                                   f"padding is supported only directly "
+                                                   f"before a Conv2d")
         if arg.name not in self.alias:
             raise _unsupported(node, self.modules, f"its input {arg.name!r} is not produced by "
                                                    f"a supported layer")
         return self.alias[arg.name]
 
     def _new(self, node: fx.Node, op: FloatOp) -> None:
-        op.input_shapes = [_shape(a) for a in node.all_input_nodes]
+        op.input_shapes = [_shape(a) for a in node.all_input_nodes if a.name not in self.scalars]
         op.output_shape = _shape(node)
         self.ops[op.name] = op
         self.alias[node.name] = op.name
@@ -187,11 +199,22 @@ class FxLowering:
                 raise _unsupported(node, self.modules, f"padding={m.padding!r}; give the "
                                                        f"padding as numbers")
             (arg,) = node.all_input_nodes
-            self._new(node, FloatOp(name, LayerKind.CONV2D, "Conv2d", [self._src(node, arg)],
+            ph, pw = _pair(m.padding)
+            start, end = (ph, pw), None
+            if arg.name in self.pads:  # F.pad / ZeroPad2d before: fold it into the padding
+                src, (left, right, top, bottom) = self.pads[arg.name]
+                start, end = (ph + top, pw + left), (ph + bottom, pw + right)
+                end = None if end == start else end
+                while arg.name in self.pads:  # the unpadded tensor, for the input shape
+                    arg = arg.args[0]
+            else:
+                src = self._src(node, arg)
+            self._new(node, FloatOp(name, LayerKind.CONV2D, "Conv2d", [src],
                                     m.weight.detach().clone(),
                                     None if m.bias is None else m.bias.detach().clone(),
-                                    _pair(m.kernel_size), _pair(m.stride), _pair(m.padding),
-                                    _pair(m.dilation), m.groups))
+                                    _pair(m.kernel_size), _pair(m.stride), start,
+                                    _pair(m.dilation), m.groups, padding_end=end))
+            self.ops[name].input_shapes = [_shape(arg)]
         elif isinstance(m, nn.Linear):
             (arg,) = node.all_input_nodes
             if len(_shape(arg)) != 1:
@@ -201,20 +224,24 @@ class FxLowering:
             self._new(node, FloatOp(name, LayerKind.LINEAR, "Linear", [self._src(node, arg)],
                                     m.weight.detach().clone(),
                                     None if m.bias is None else m.bias.detach().clone()))
-        elif isinstance(m, nn.BatchNorm2d):
-            op = self._fusable(node, "BatchNorm2d")
-            if op.kind != LayerKind.CONV2D or op.activation != Activation.NONE:
-                raise _unsupported(node, self.modules, f"BatchNorm2d folds only into a Conv2d "
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            what = type(m).__name__
+            into = LayerKind.CONV2D if isinstance(m, nn.BatchNorm2d) else LayerKind.LINEAR
+            op = self._fusable(node, what)
+            if op.kind != into or op.activation != Activation.NONE:
+                layer = "Conv2d" if into == LayerKind.CONV2D else "Linear"
+                raise _unsupported(node, self.modules, f"{what} folds only into a {layer} "
                                                        f"directly before it, not into "
                                                        f"{op.kind.value} {op.name!r}")
             if m.running_mean is None or m.running_var is None:
-                raise _unsupported(node, self.modules, "BatchNorm2d without running "
-                                                       "statistics cannot be folded")
+                raise _unsupported(node, self.modules, f"{what} without running "
+                                                       f"statistics cannot be folded")
             inv = (m.running_var + m.eps).rsqrt()
             gamma = m.weight.detach() if m.affine else torch.ones_like(inv)
             beta = m.bias.detach() if m.affine else torch.zeros_like(inv)
             bias = op.float_bias if op.float_bias is not None else torch.zeros_like(inv)
-            op.float_weight = op.float_weight * (gamma * inv).reshape(-1, 1, 1, 1)
+            per_channel = (gamma * inv).reshape(-1, *[1] * (op.float_weight.ndim - 1))
+            op.float_weight = op.float_weight * per_channel
             op.float_bias = (bias - m.running_mean) * gamma * inv + beta
             op.fused.append(name)
             self.alias[node.name] = op.name
@@ -241,6 +268,8 @@ class FxLowering:
             self._flatten(node, name, "Flatten")
         elif isinstance(m, (nn.Dropout, nn.Identity)):
             self._identity(node)
+        elif isinstance(m, (nn.ZeroPad2d, nn.ConstantPad2d)):
+            self._pad(node, m.padding, m.value)
         else:
             raise _unsupported(node, self.modules, f"not supported by the INT8 quantizer; "
                                                    f"supported: {SUPPORTED}")
@@ -268,12 +297,53 @@ class FxLowering:
                                 [self._src(node, arg)], weight, None, kernel, stride, groups=c))
 
     def _flatten(self, node: fx.Node, name: str, label: str) -> None:
-        (arg,) = node.all_input_nodes
+        arg = node.args[0]
         self._new(node, FloatOp(name, LayerKind.FLATTEN, label, [self._src(node, arg)]))
+        self.ops[name].input_shapes = [_shape(arg)]
+
+    def _pad(self, node: fx.Node, pad, value) -> None:
+        """A constant zero pad of the last two axes: kept until the Conv2d that reads it."""
+        pad = tuple(int(p) for p in pad)
+        if len(pad) == 2:
+            pad += (0, 0)
+        if len(pad) != 4 or min(pad) < 0 or value not in (None, 0, 0.0):
+            raise _unsupported(node, self.modules, f"padding {pad} with value {value}; only "
+                                                   f"non-negative zero padding of H and W "
+                                                   f"before a Conv2d is supported")
+        arg = node.args[0]
+        if isinstance(arg, fx.Node) and arg.name in self.pads:  # pad of a pad: add them
+            src, inner = self.pads[arg.name]
+            pad = tuple(a + b for a, b in zip(pad, inner, strict=True))
+        else:
+            src = self._src(node, arg)
+        self.pads[node.name] = (src, pad)
+
+    def _reshape(self, node: fx.Node) -> None:
+        """``x.view(x.size(0), -1)`` and the like: a flatten when it keeps the batch axis."""
+        x = node.args[0]
+        if isinstance(x, fx.Node) and x.name not in self.scalars:
+            meta_in, meta_out = x.meta.get("tensor_meta"), node.meta.get("tensor_meta")
+            dims = node.args[1:] if len(node.args) > 2 or not isinstance(
+                node.args[1], (tuple, list)) else tuple(node.args[1])
+            batch = dims[0] if dims else None
+            keeps_batch = (isinstance(batch, fx.Node) and batch.op == "call_method"
+                           and batch.target == "size" and batch.args[0] is x
+                           and tuple(batch.args[1:]) == (0,)) or batch == -1
+            if (meta_in is not None and meta_out is not None and keeps_batch and len(dims) == 2
+                    and len(meta_out.shape) == 2
+                    and int(np.prod(meta_in.shape[1:])) == int(meta_out.shape[1])):
+                return self._flatten(node, node.name, f"Tensor.{node.target}")
+        raise _unsupported(node, self.modules, "only a reshape to (batch, -1) that keeps the "
+                                               "batch axis, x.view(x.size(0), -1), is supported")
 
     def _function(self, node: fx.Node) -> None:
         target = node.target
         if node.op == "call_method":
+            if target == "size" and len(node.args) == 2:  # a shape, used by a reshape
+                self.scalars.add(node.name)
+                return None
+            if target in _RESHAPE_METHODS and len(node.args) >= 2 and not node.kwargs:
+                return self._reshape(node)
             if target == "relu" and len(node.args) == 1:
                 return self._activation(node, Activation.RELU, node.name)
             if target == "flatten" and tuple(node.args[1:]) in ((1,), (1, -1)) and not node.kwargs:
@@ -289,6 +359,11 @@ class FxLowering:
             return self._flatten(node, node.name, "torch.flatten")
         if target in _ADD_FUNCS and len(node.args) == 2 and not node.kwargs:
             return self._add(node)
+        if target is F.pad:
+            names = ("input", "pad", "mode", "value")[:len(node.args)]
+            args = dict(zip(names, node.args, strict=True)) | node.kwargs
+            if args.get("mode", "constant") == "constant":
+                return self._pad(node, args["pad"], args.get("value"))
         raise _unsupported(node, self.modules, f"not supported by the INT8 quantizer; "
                                                f"supported: {SUPPORTED}")
 
@@ -321,8 +396,12 @@ def float_layer(layer, inputs: list[torch.Tensor]) -> torch.Tensor:
     """The FP32 computation of a layer (a :class:`QuantLayer` or the quantizer's float op)."""
     w, b = _as_tensor(layer.float_weight), _as_tensor(layer.float_bias)
     if layer.kind in (LayerKind.CONV2D, LayerKind.AVGPOOL):
-        y = F.conv2d(inputs[0], w.to(inputs[0].dtype), None if b is None else b.to(inputs[0].dtype),
-                     layer.stride, layer.padding, layer.dilation, layer.groups)
+        x, padding = inputs[0], layer.padding
+        if getattr(layer, "padding_end", None) is not None:  # asymmetric: pad first
+            (top, left), (bottom, right) = layer.padding, layer.padding_end
+            x, padding = F.pad(x, (left, right, top, bottom)), (0, 0)
+        y = F.conv2d(x, w.to(x.dtype), None if b is None else b.to(x.dtype),
+                     layer.stride, padding, layer.dilation, layer.groups)
     elif layer.kind == LayerKind.LINEAR:
         y = F.linear(inputs[0], w.to(inputs[0].dtype), None if b is None else b.to(inputs[0].dtype))
     elif layer.kind == LayerKind.ADD:

@@ -83,7 +83,7 @@ def layer_gemms(layer: QuantLayer, inputs: list[np.ndarray], cols: int = 1) -> l
         cg, og = cin // layer.groups, cout // layer.groups
         w = layer.weight.reshape(cout, -1)
         parts = [(im2col(x[:, g * cg:(g + 1) * cg], layer.kernel_size, layer.stride,
-                         layer.padding, layer.dilation, pad_value=layer.pad_value),
+                         layer.pads, layer.dilation, pad_value=layer.pad_value),
                   np.ascontiguousarray(w[g * og:(g + 1) * og].T))
                  for g in range(layer.groups)]
         return [(a, b, slice(g * og, (g + n) * og))

@@ -28,7 +28,8 @@ Scheme
 - **Requantization**: per output channel ``c`` the real scale ``s_acc[c] / s_out`` (with
   ``s_acc[c] = s_in * s_w[c]``, the real value of one accumulator LSB) is encoded by
   :func:`quantize_multiplier` (TFLite's QuantizeMultiplier); the float
-  bias is rounded to INT32 at ``s_acc[c]`` (an error if it does not fit). ReLU sets
+  bias is rounded to INT32 at ``s_acc[c]``; a channel whose weights are so small next to its
+  bias that it would not fit gets a weight scale floor (:func:`bias_safe_weight_scale`). ReLU sets
   ``clamp_min = zp_out``, ReLU6 also ``clamp_max = zp_out + round(6 / s_out)``.
 - Rounding of weights, biases and activations is half away from zero, as the requant unit's.
 
@@ -67,7 +68,7 @@ from .quant_ir import (
 
 __all__ = [
     "quantize", "quantize_weight_per_channel", "quantize_bias", "add_weights",
-    "quantize_multiplier",
+    "quantize_multiplier", "bias_safe_weight_scale", "BIAS_LIMIT",
 ]
 
 
@@ -102,6 +103,38 @@ def quantize_bias(b, acc_scale, layer: str = "?") -> np.ndarray:
                          f"{acc_scale[c]:.6g} is {q[c]:.6g}, outside INT32; the weights or input "
                          f"scale of this channel are too small for its bias")
     return q.astype(np.int32)
+
+
+#: The largest |bias| in accumulator LSBs a weight scale floor aims for: 2^30, half of INT32, so
+#: the input zero point x weight sum and the GEMM's sum still fit the INT32 accumulator.
+BIAS_LIMIT = 1 << 30
+
+
+def bias_safe_weight_scale(w_scale, b, in_scale: float) -> np.ndarray:
+    """Raise the weight scale of channels whose bias would not fit INT32 at ``in_scale * s_w``.
+
+    A channel whose weights are vanishingly small next to its bias (a near-dead channel of a
+    random or pruned network, BatchNorm folded) gets ``s_w = max|w| / 127`` so small that
+    ``b / (s_in * s_w)`` overflows INT32. Only for those channels (``|round(b / s_acc)| >
+    2^31 - 1``) the scale is floored at ``|b| / (s_in * 2^30)``: the bias is then 2^30
+    accumulator LSBs, and the weights, re-rounded at the coarser scale, shrink (often to 0).
+    The error this adds is at most half a weight LSB per term, ``0.5 * K * s_w * max|x|``, which
+    is ``~ K * 255 / 2^31 * |b|``: below 1e-4 of the bias for any K the array runs. Every other
+    channel, and so every model that quantized before, is unchanged bit for bit.
+    """
+    w_scale = np.asarray(w_scale, dtype=np.float64)
+    b = np.abs(np.asarray(b, dtype=np.float64))
+    overflow = round_half_away(b / (in_scale * w_scale)) > INT32_MAX
+    return np.where(overflow, b / (in_scale * BIAS_LIMIT), w_scale)
+
+
+def _requantize_weight(w: np.ndarray, weight: np.ndarray, w_scale: np.ndarray) -> np.ndarray:
+    """``weight`` with the channels whose scale :func:`bias_safe_weight_scale` raised re-rounded."""
+    q = np.clip(round_half_away(w / w_scale.reshape((-1,) + (1,) * (w.ndim - 1))),
+                -WEIGHT_MAX, WEIGHT_MAX).astype(np.int8)
+    _, original = quantize_weight_per_channel(w)
+    changed = (w_scale != original).reshape((-1,) + (1,) * (w.ndim - 1))
+    return np.where(changed, q, weight)
 
 
 def add_weights(s_a: float, s_b: float) -> tuple[int, int, float]:
@@ -297,12 +330,14 @@ def _quantize_op(op: FloatOp, in_q: tuple[QuantParams, ...], out_q: QuantParams)
         weight, w_scale = np.ones(w.shape, np.int8), np.full(len(w), 1.0 / (kh * kw))
     else:
         weight, w_scale = quantize_weight_per_channel(w)
+        w_scale = bias_safe_weight_scale(w_scale, b, in_q[0].scale)
+        weight = _requantize_weight(w, weight, w_scale)
     acc_scale = in_q[0].scale * w_scale
     bias_q = quantize_bias(b, acc_scale, op.name)
     offset = in_q[0].zero_point * weight.reshape(len(weight), -1).astype(np.int64).sum(axis=1)
     return QuantLayer(**common, weight=weight, weight_scale=w_scale, bias=bias_q,
                       acc_scale=acc_scale, requant=_requant(op, acc_scale, bias_q, offset, out_q),
                       kernel_size=op.kernel_size, stride=op.stride, padding=op.padding,
-                      dilation=op.dilation, groups=op.groups,
+                      dilation=op.dilation, groups=op.groups, padding_end=op.padding_end,
                       float_weight=w.astype(np.float32),
                       float_bias=None if op.float_bias is None else b.astype(np.float32))

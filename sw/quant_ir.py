@@ -9,16 +9,16 @@ hardware's fixed-point form (``docs/architecture.md`` section 6, ``ChannelParams
 =========  ========================================================================================
 kind       float source
 =========  ========================================================================================
-conv2d     ``nn.Conv2d`` (any groups: depthwise is ``groups = C``; zero padding; + BatchNorm2d +
-           ReLU/ReLU6)
-linear     ``nn.Linear`` on ``(N, features)``
+conv2d     ``nn.Conv2d`` (any groups: depthwise is ``groups = C``; zero padding, asymmetric when
+           an ``F.pad`` / ``nn.ZeroPad2d`` precedes it; + BatchNorm2d + ReLU/ReLU6)
+linear     ``nn.Linear`` on ``(N, features)`` (+ BatchNorm1d + ReLU/ReLU6)
 avgpool    ``nn.AvgPool2d`` (no padding) and ``nn.AdaptiveAvgPool2d`` (output size dividing the
            input): a depthwise conv2d whose INT8 weights are all 1 and whose weight scale is
            ``1 / (kh * kw)`` -- exact, the division lives in the requant multiplier
 add        ``a + b`` of two same-shape tensors (residual): per channel ``acc = w_a (a - zp_a) +
            w_b (b - zp_b)``, INT8 ``(w_a, w_b)`` in ``weight`` (C, 2)
-flatten    ``nn.Flatten`` / ``torch.flatten(x, 1)``: a reshape in NCHW order, no arithmetic;
-           ``output_q == input_q``
+flatten    ``nn.Flatten`` / ``torch.flatten(x, 1)`` / ``x.view(x.size(0), -1)``: a reshape in
+           NCHW order, no arithmetic; ``output_q == input_q``
 maxpool    ``nn.MaxPool2d`` (host): the max of INT8 codes, ``output_q == input_q`` — exact, as
            the quantizer is monotonic
 =========  ========================================================================================
@@ -192,10 +192,19 @@ class QuantLayer:
     groups: int = 1
     float_weight: np.ndarray | None = None
     float_bias: np.ndarray | None = None
+    #: ``(bottom, right)`` padding when it differs from ``padding`` (``(top, left)``), as Keras'
+    #: 'same' padding with stride 2 on an even input (0 before, 1 after); None: symmetric
+    padding_end: tuple[int, int] | None = None
 
     @property
     def out_channels(self) -> int:
         return self.output_shape[0]
+
+    @property
+    def pads(self) -> tuple[int, int, int, int]:
+        """Convolution padding ``(top, bottom, left, right)``."""
+        (top, left), (bottom, right) = self.padding, self.padding_end or self.padding
+        return top, bottom, left, right
 
     @property
     def pad_value(self) -> int:

@@ -380,9 +380,30 @@ class Sigmoid(nn.Module):
         return torch.sigmoid(self.fc(x.flatten(1)))
 
 
+class ViewNotFlat(nn.Module):
+    """A view that splits the batch axis: not a flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc(x.view(-1, 32))
+
+
 @pytest.mark.parametrize("model, message", [
-    (nn.Sequential(nn.Flatten(), nn.Linear(64, 6), nn.BatchNorm1d(6)),
-     r"layer '2' \(BatchNorm1d\): not supported"),
+    (nn.Sequential(nn.Flatten(), nn.Linear(64, 6), nn.ReLU(), nn.BatchNorm1d(6)),
+     r"layer '3' \(BatchNorm1d\): BatchNorm1d folds only into a Linear directly before it, not "
+     r"into linear '1'"),
+    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.BatchNorm1d(72)),
+     r"layer '2' \(BatchNorm1d\): BatchNorm1d folds only into a Linear directly before it, not "
+     r"into flatten '1'"),
+    (nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.ReLU()),
+     r"layer '1' \(ReLU\): its input '_0' is zero padding; padding is supported only "
+     r"directly before a Conv2d"),
+    (nn.Sequential(nn.ConstantPad2d(1, 0.5), nn.Conv2d(1, 2, 3)),
+     r"layer '0' \(ConstantPad2d\): padding \(1, 1, 1, 1\) with value 0.5"),
+    (ViewNotFlat(), r"node 'view' \(method view\): only a reshape to \(batch, -1\)"),
     (Branchy(), r"node 'relu' .*cannot be fused into 'conv'.*feeds other layers"),
     (Sigmoid(), r"node 'sigmoid' \(function torch.sigmoid\): not supported"),
     (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")),
@@ -415,12 +436,33 @@ def test_lstm_is_named_with_path_and_type():
 
 
 def test_bias_overflow_names_the_layer():
+    with pytest.raises(FieldError, match=r"layer 'fc': bias\[1\]=1000 .*outside INT32"):
+        quant.quantize_bias(np.array([1.0, 1e3]), np.array([1.0, 1e-12]), "fc")
+
+
+def test_vanishing_weight_scale_is_floored_so_the_bias_fits():
+    """Channel 0: weights 1e-12 next to a bias of 1000 (an INT32 overflow at s_in * max|w| / 127);
+    channel 1: ordinary weights, which the floor must leave alone."""
     model = nn.Sequential(nn.Conv2d(1, 2, 1))
     with torch.no_grad():
-        model[0].weight.fill_(1e-12)
-        model[0].bias.fill_(1e3)
-    with pytest.raises(FieldError, match=r"layer '0': bias\[0\]=1000 .*outside INT32"):
-        quant.quantize(model, torch.rand(4, 1, 8, 8))
+        model[0].weight.copy_(torch.tensor([1e-12, 0.5]).reshape(2, 1, 1, 1))
+        model[0].bias.copy_(torch.tensor([1e3, 0.25]))
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    qmodel = quant.quantize(model, x)
+    layer = qmodel.layer("0")
+    s_in = qmodel.input_q.scale
+    # channel 0: the scale is the floor |b| / (s_in 2^30), so the bias is 2^30 LSBs exactly
+    assert layer.weight_scale[0] == pytest.approx(1e3 / (s_in * 2 ** 30), rel=1e-12)
+    assert layer.bias[0] == 2 ** 30 and layer.weight[0, 0, 0, 0] == 0
+    # channel 1: what the plain per-channel scheme gives
+    q, scale = quant.quantize_weight_per_channel(model[0].weight.detach().double().numpy())
+    assert layer.weight_scale[1] == scale[1] and layer.weight[1, 0, 0, 0] == q[1, 0, 0, 0] == 127
+    # the constant channel is exact to an output step, the other within the usual error
+    y_q = reference.run_quantized(qmodel, x)
+    y_f = model(x).detach().numpy()
+    step = qmodel.output_q.scale
+    assert np.abs(y_q - y_f).max() <= step
+    assert np.abs(y_q[:, 0] - 1e3).max() <= step / 2 + 1e3 * 2 ** -30
 
 
 def test_executor_checks_its_inputs(trained):
@@ -433,3 +475,94 @@ def test_executor_checks_its_inputs(trained):
     with pytest.raises(KeyError, match="no layer 'conv9'"):
         qmodel.layer("conv9")
     assert math.isclose(qmodel.input_q.scale, 1 / 255) and qmodel.input_q.zero_point == -128
+
+
+# -- front-end forms of the MLPerf Tiny models (issue 12) ----------------------------------------
+
+class PadThenConv(nn.Module):
+    """Keras 'same' with stride 2 on an even input: 0 rows/columns before, 1 after."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.functional = functional
+        self.pad = nn.ZeroPad2d((0, 1, 0, 1))
+        self.conv = nn.Conv2d(1, 4, 3, stride=2, padding=(1, 0))
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.functional else self.pad(x))
+
+
+@pytest.mark.parametrize("functional", [True, False], ids=["F.pad", "ZeroPad2d"])
+def test_asymmetric_padding_folds_into_the_conv_and_pads_with_the_zero_point(functional):
+    model = PadThenConv(functional).eval()
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(1)) - 0.3
+    qmodel = quant.quantize(model, x)
+    (layer,) = qmodel.layers
+    # conv padding (1, 0) plus the pad (top 0, bottom 1, left 0, right 1)
+    assert layer.padding == (1, 0) and layer.padding_end == (2, 1)
+    assert layer.pads == (1, 2, 0, 1) and layer.input_shapes == ((1, 8, 8),)
+    assert layer.output_shape == tuple(model(x[:1]).shape[1:]) == (4, 5, 4)
+    zp = qmodel.input_q.zero_point
+    assert zp != 0  # the input is signed: padding with 0 instead of zp would be wrong
+    xq = qmodel.input_q.quantize(x.numpy())
+    # independent integer convolution: (x - zp) padded with 0, by torch in float64 (exact here)
+    centred = torch.from_numpy(xq.astype(np.float64) - zp)
+    want = F.conv2d(F.pad(centred, (0, 1, 1, 2)), torch.from_numpy(layer.weight.astype(np.float64)),
+                    stride=2).permute(0, 2, 3, 1).numpy().astype(np.int64)
+    acc = reference.accumulate(layer, [xq]).astype(np.int64)
+    offset = zp * layer.weight.reshape(4, -1).astype(np.int64).sum(axis=1)
+    assert np.array_equal(acc - offset, want)
+    # the FP32 lowering computes what the model computes
+    np.testing.assert_allclose(reference.run_float(qmodel, x), model(x).detach().numpy(),
+                               atol=1e-6)
+
+
+class ViewFlatten(nn.Module):
+    """The common PyTorch flatten, ``x.view(x.size(0), -1)``."""
+
+    def __init__(self, reshape: bool = False):
+        super().__init__()
+        self.reshape = reshape
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.fc = nn.Linear(128, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        return self.fc(x.reshape(x.size(0), -1) if self.reshape else x.view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("reshape", [False, True], ids=["view", "reshape"])
+def test_view_flatten_is_a_flatten(reshape):
+    torch.manual_seed(4)
+    model = ViewFlatten(reshape)
+    twin = nn.Sequential(model.conv, nn.ReLU(), nn.Flatten(), model.fc)
+    x = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    qmodel, qtwin = quant.quantize(model, x), quant.quantize(twin, x)
+    kinds = [layer.kind for layer in qmodel.layers]
+    assert kinds == [LayerKind.CONV2D, LayerKind.FLATTEN, LayerKind.LINEAR]
+    assert qmodel.layers[1].input_shapes == ((2, 8, 8),) and qmodel.layers[1].output_shape == (128,)
+    # the same quantized numbers as with nn.Flatten
+    assert np.array_equal(reference.run_quantized(qmodel, x, return_int=True),
+                          reference.run_quantized(qtwin, x, return_int=True))
+
+
+def test_batchnorm1d_folds_into_the_linear_before_it():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(16, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    bn = model[1]
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    model.eval()
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(6))
+    qmodel = quant.quantize(model, x)
+    first = qmodel.layers[0]
+    assert [layer.kind for layer in qmodel.layers] == [LayerKind.LINEAR, LayerKind.LINEAR]
+    assert first.fused == ("1", "2") and first.activation == Activation.RELU
+    gain = (bn.weight / (bn.running_var + bn.eps).sqrt()).detach().numpy()
+    np.testing.assert_allclose(first.float_weight, model[0].weight.detach().numpy() * gain[:, None],
+                               rtol=1e-6)
+    np.testing.assert_allclose(reference.run_float(qmodel, x), model(x).detach().numpy(),
+                               atol=1e-5)
