@@ -6,6 +6,12 @@
     model, metrics = zoo.load_or_train("digits-cnn")       # trains once, then loads the cache
     model = zoo.MODELS["mobilenet-block"].build(seed=0)    # untrained
 
+The MLPerf Tiny reference models (:mod:`tinyaccel.models.mlperf_tiny`: ``ic-resnet8``,
+``kws-dscnn``, ``vww-mobilenet``, ``ad-autoencoder``) are registered with ``weights="random"``:
+their datasets cannot be downloaded here, so "training" them gives seeded random weights with
+BatchNorm calibrated on seeded random inputs, and no accuracy is claimed.
+:data:`DIGITS_MODELS` names the models trained on the digits split.
+
 Weights live in a cache directory, produced by a command and never committed::
 
     tinyaccel zoo train digits-cnn mobilenet-block   # or: tinyaccel zoo train --all
@@ -27,6 +33,7 @@ import hashlib
 import inspect
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +43,10 @@ from torch import nn
 
 from tinyaccel.errors import ShapeError, TinyAccelError
 
-from . import data, digits, mobilenet_block
+from . import data, digits, mlperf_tiny, mobilenet_block
 
-__all__ = ["ModelSpec", "MODELS", "get", "build", "train_fp32", "recipe", "cache_dir",
-           "cache_path", "save", "load", "load_or_train", "ensure_trained"]
+__all__ = ["ModelSpec", "MODELS", "DIGITS_MODELS", "get", "build", "train_fp32", "recipe",
+           "cache_dir", "cache_path", "save", "load", "load_or_train", "ensure_trained"]
 
 _META_KEY = "__meta__"
 
@@ -51,9 +58,12 @@ class ModelSpec:
     name: str
     module_class: type[nn.Module]  #: the network; constructed without arguments
     default_epochs: int
-    input_shape: tuple[int, int, int]  #: per-sample C x H x W
+    input_shape: tuple[int, ...]  #: per sample: C x H x W, or (features,)
     description: str
     lr: float = 1e-2
+    #: ``"digits"``: trained on the digits split; ``"random"``: no dataset here, seeded random
+    #: weights with BatchNorm calibrated on seeded random inputs (no accuracy is claimed)
+    weights: str = "digits"
 
     def build(self, seed: int = 0) -> nn.Module:
         """A freshly initialized model, its weights drawn from ``seed``."""
@@ -61,7 +71,18 @@ class ModelSpec:
         return self.module_class()
 
     def train_fp32(self, epochs: int | None = None, seed: int = 0) -> tuple[nn.Module, dict]:
-        """Train in FP32 on the fixed digits split -> ``(model, metrics)``; deterministic."""
+        """Train in FP32 on the fixed digits split -> ``(model, metrics)``; deterministic.
+
+        For ``weights="random"`` there is nothing to train: the seeded random model with its
+        BatchNorm statistics calibrated (:func:`tinyaccel.models.mlperf_tiny.seeded_random`).
+        """
+        if self.weights == "random":
+            start = time.perf_counter()
+            model = mlperf_tiny.seeded_random(self.build(seed), self.input_shape, seed)
+            return model, {"weights": "seeded random, BatchNorm calibrated on seeded random "
+                                      "inputs; no accuracy", "epochs": 0, "seed": seed,
+                           "bn_calibration_samples": mlperf_tiny.BN_CALIBRATION_SAMPLES,
+                           "seconds": time.perf_counter() - start}
         model = self.build(seed)
         epochs = self.default_epochs if epochs is None else epochs
         metrics = data.fit_classifier(model, data.load_digits_split(), epochs=epochs, seed=seed,
@@ -82,7 +103,25 @@ MODELS: dict[str, ModelSpec] = {
         mobilenet_block.NAME, mobilenet_block.MobileNetBlockNet, mobilenet_block.DEFAULT_EPOCHS,
         (1, 8, 8),
         "stem, inverted residual (depthwise, ReLU6, add), avgpool, separable conv, GAP, linear"),
+    "ic-resnet8": ModelSpec(
+        "ic-resnet8", mlperf_tiny.ResNet8, 0, (3, 32, 32),
+        "MLPerf Tiny image classification ResNet-8 (CIFAR-10 shape; random weights)",
+        weights="random"),
+    "kws-dscnn": ModelSpec(
+        "kws-dscnn", mlperf_tiny.DSCNN, 0, (1, 49, 10),
+        "MLPerf Tiny keyword spotting DS-CNN (49x10 MFCC; random weights)", weights="random"),
+    "vww-mobilenet": ModelSpec(
+        "vww-mobilenet", mlperf_tiny.MobileNetV1, 0, (3, 96, 96),
+        "MLPerf Tiny visual wake words MobileNetV1 0.25 (96x96; random weights)",
+        weights="random"),
+    "ad-autoencoder": ModelSpec(
+        "ad-autoencoder", mlperf_tiny.FCAutoencoder, 0, (640,),
+        "MLPerf Tiny anomaly detection FC autoencoder (640 features; random weights)",
+        weights="random"),
 }
+
+#: The models trained on the digits split (the others have seeded random weights).
+DIGITS_MODELS = tuple(name for name, spec in MODELS.items() if spec.weights == "digits")
 
 
 def get(name: str) -> ModelSpec:

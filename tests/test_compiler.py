@@ -53,6 +53,12 @@ def _models():
                                            nn.Conv2d(4, 4, 3)),
         "global-avgpool": nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1)),
         "residual-add-relu6": Residual(),
+        # Keras 'same' padding, stride 2 (issue 12): asymmetric, folded into the conv
+        "keras-same-pad": nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(3, 8, 3, stride=2),
+                                        nn.ReLU()),
+        "asymmetric-pad-even-kernel": nn.Sequential(nn.ZeroPad2d((1, 2, 0, 1)),
+                                                    nn.Conv2d(3, 6, (4, 2), stride=(2, 1),
+                                                              padding=(1, 0))),
     }
 
 
@@ -60,8 +66,8 @@ def _torch_accumulators(layer, inputs):
     """Exact INT32 accumulators from PyTorch in float64, channels last."""
     if layer.kind in (LayerKind.CONV2D, LayerKind.AVGPOOL):
         x = torch.from_numpy(inputs[0].astype(np.float64))
-        ph, pw = layer.padding
-        x = F.pad(x, (pw, pw, ph, ph), value=float(layer.pad_value))
+        top, bottom, left, right = layer.pads
+        x = F.pad(x, (left, right, top, bottom), value=float(layer.pad_value))
         w = torch.from_numpy(layer.weight.astype(np.float64))
         acc = F.conv2d(x, w, stride=layer.stride, dilation=layer.dilation, groups=layer.groups)
         return acc.permute(0, 2, 3, 1).numpy()

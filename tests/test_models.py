@@ -6,7 +6,7 @@ import torch
 from torch import fx, nn
 
 from tinyaccel.errors import ShapeError, TinyAccelError
-from tinyaccel.models import data, zoo
+from tinyaccel.models import data, mlperf_tiny, zoo
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,8 @@ def trained(pytestconfig, tmp_path_factory):
     """
     cache = getattr(pytestconfig, "cache", None)
     directory = cache.mkdir("tinyaccel-models") if cache else tmp_path_factory.mktemp("models")
-    return {name: zoo.load_or_train(name, seed=0, directory=directory) for name in zoo.MODELS}
+    return {name: zoo.load_or_train(name, seed=0, directory=directory)
+            for name in zoo.DIGITS_MODELS}
 
 
 def test_split_is_fixed_stratified_and_scaled():
@@ -60,7 +61,7 @@ def test_calibration_batch_comes_from_training_images():
         data.calibration_batch(5000)
 
 
-@pytest.mark.parametrize("name", list(zoo.MODELS))
+@pytest.mark.parametrize("name", list(zoo.DIGITS_MODELS))
 def test_models_reach_95_percent(trained, name):
     model, metrics = trained[name]
     split = data.load_digits_split()
@@ -70,7 +71,7 @@ def test_models_reach_95_percent(trained, name):
     assert metrics["test_acc"] >= 0.95
 
 
-@pytest.mark.parametrize("name", list(zoo.MODELS))
+@pytest.mark.parametrize("name", list(zoo.DIGITS_MODELS))
 def test_training_is_replayable(name):
     a, ma = zoo.train_fp32(name, epochs=1, seed=7)
     b, mb = zoo.train_fp32(name, epochs=1, seed=7)
@@ -142,3 +143,41 @@ def test_cache_location_follows_environment(monkeypatch, tmp_path):
 def test_unknown_model_is_named():
     with pytest.raises(TinyAccelError, match="'resnet50'.*digits-cnn"):
         zoo.build("resnet50")
+
+
+@pytest.mark.parametrize("name", [n for n in zoo.MODELS if n not in zoo.DIGITS_MODELS])
+def test_random_weight_models_are_seeded_and_batchnorm_calibrated(name):
+    """The MLPerf Tiny entries: no training; seeded weights, BatchNorm statistics equal to the
+    batch statistics of the seeded calibration inputs (measured here with hooks)."""
+    spec = zoo.get(name)
+    assert spec.weights == "random" and name not in zoo.DIGITS_MODELS
+    a, meta = spec.train_fp32(seed=3)
+    b, _ = spec.train_fp32(seed=3)
+    c, _ = spec.train_fp32(seed=4)
+    assert meta["epochs"] == 0 and "no accuracy" in meta["weights"]
+    for (key, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), key
+    assert any(not torch.equal(va, vc) for va, vc in
+               zip(a.state_dict().values(), c.state_dict().values(), strict=True))
+    # calibrated: in eval mode each BatchNorm normalizes the calibration batch exactly, i.e. its
+    # outputs have per-channel mean beta and (biased) variance gamma^2 v / (v + eps), v its
+    # running_var
+    x = mlperf_tiny.random_inputs(spec.input_shape, meta["bn_calibration_samples"], seed=4)
+    bns = [m for m in a.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    outputs = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.setdefault(m, o)) for m in bns]
+    with torch.no_grad():
+        a.eval()(x)
+    for h in hooks:
+        h.remove()
+    assert len(outputs) == len(bns) > 0
+    for bn in bns:
+        out = outputs[bn]
+        dims = [0] if out.ndim == 2 else [0, 2, 3]
+        v = bn.running_var
+        torch.testing.assert_close(out.mean(dims), bn.bias, rtol=0, atol=1e-4)
+        torch.testing.assert_close(out.var(dims, unbiased=False),
+                                   bn.weight ** 2 * v / (v + bn.eps), rtol=1e-3, atol=1e-6)
+        assert int(bn.num_batches_tracked) == 1
+    assert not a.training
+    assert a(torch.zeros(2, *spec.input_shape)).shape[0] == 2

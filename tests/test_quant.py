@@ -56,7 +56,7 @@ def trained(pytestconfig, tmp_path_factory):
     cache = getattr(pytestconfig, "cache", None)
     directory = cache.mkdir("tinyaccel-models") if cache else tmp_path_factory.mktemp("models")
     out = {}
-    for name in zoo.MODELS:
+    for name in zoo.DIGITS_MODELS:
         model, metrics = zoo.load_or_train(name, seed=0, directory=directory)
         out[name] = (model, metrics, quant.quantize(model, data.calibration_batch(256, seed=0)))
     return out
@@ -300,7 +300,7 @@ def test_integer_accumulators_fold_zero_points(trained):
 
 # -- whole models ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", list(zoo.MODELS))
+@pytest.mark.parametrize("name", list(zoo.DIGITS_MODELS))
 def test_int8_accuracy_within_1pp_of_fp32(trained, name, record_property):
     model, metrics, qmodel = trained[name]
     split = data.load_digits_split()
