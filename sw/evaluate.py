@@ -84,6 +84,12 @@ def evaluate(model: str = "digits-cnn", backend: str = "golden", config: str = "
     from .quant import quantize
     from .runtime import Device
 
+    spec = zoo.get(model)
+    if spec.weights != "digits":
+        from ..errors import ConfigError
+        raise ConfigError(f"model {model!r} has seeded random weights and takes input "
+                          f"{spec.input_shape}; infer runs the digits test split. Compile it "
+                          f"with tinyaccel.compile on inputs of that shape instead")
     split = load_digits_split()
     net, _ = zoo.load_or_train(model)
     acc_fp32 = accuracy(net, split.x_test, split.y_test)

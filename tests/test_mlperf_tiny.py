@@ -195,3 +195,12 @@ def test_rtl_equals_golden_on_ecp5(mlperf):
     macs = sum(s.macs for s in compiled.stats.values())
     print(f"\n{name} ecp5: {macs:,} MACs, {compiled.cycles:,} cycles, {rtl_bytes:,} link bytes")
     assert 0 < macs <= compiled.cycles * compiled.device.config.macs
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_infer_on_digits_refuses_a_random_weight_model_by_name(name):
+    from tinyaccel.errors import ConfigError
+    from tinyaccel.sw.evaluate import evaluate
+    with pytest.raises(ConfigError, match=rf"model '{name}' has seeded random weights and takes "
+                                          rf"input \({zoo.get(name).input_shape[0]},"):
+        evaluate(name)
