@@ -566,3 +566,23 @@ def test_batchnorm1d_folds_into_the_linear_before_it():
                                rtol=1e-6)
     np.testing.assert_allclose(reference.run_float(qmodel, x), model(x).detach().numpy(),
                                atol=1e-5)
+
+
+def test_vanishing_input_scale_is_floored_so_the_bias_fits():
+    """A layer after a near-dead one: its input scale (~1e-12) makes s_in * s_w vanish."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.Conv2d(2, 3, 1))
+    with torch.no_grad():
+        model[0].weight.fill_(1e-9)
+        model[0].bias.zero_()
+        model[1].weight.copy_(torch.linspace(-1, 1, 6).reshape(3, 2, 1, 1))
+        model[1].bias.copy_(torch.tensor([0.5, -0.25, 0.125]))
+    x = torch.rand(8, 1, 4, 4, generator=torch.Generator().manual_seed(7))
+    qmodel = quant.quantize(model, x)
+    layer = qmodel.layer("1")
+    s_in = layer.input_q[0].scale
+    assert s_in < 1e-10
+    assert np.array_equal(layer.bias, np.full(3, 2 ** 30, np.int32) * np.sign([1, -1, 1]))
+    np.testing.assert_allclose(layer.weight_scale, np.abs(model[1].bias.detach().numpy())
+                               / (s_in * 2 ** 30), rtol=1e-6)
+    y_q = reference.run_quantized(qmodel, x)
+    assert np.abs(y_q - model(x).detach().numpy()).max() <= qmodel.output_q.scale
