@@ -323,12 +323,13 @@ def plan_gemm(config: AccelConfig, M: int, N: int, K: int, out: str = "int8") ->
             break
     if best is None:
         # Long K: even 64 equal k-tiles are longer than the INP/WGT slots. Each tiling that fits
-        # gets the longest k-tile its slots hold, evened out over the k-tiles it needs.
+        # gets the longest k-tile its slots hold, evened out over the k-tiles it needs; again
+        # only the three largest m-tiles that fit.
         for nb in _candidates(n_blocks, 255):
-            for mb in _candidates(m_blocks, 255):
+            fitting = [mb for mb in _candidates(m_blocks, 255)
+                       if _longest_k_tile(config, mb, nb) and not _fits(config, mb, nb, 1, out)]
+            for mb in fitting[-3:]:
                 kt_max = _longest_k_tile(config, mb, nb)
-                if kt_max == 0 or _fits(config, mb, nb, 1, out):
-                    continue
                 consider(mb, nb, math.ceil(K / math.ceil(K / kt_max)))
     return best
 
