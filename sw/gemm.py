@@ -28,10 +28,15 @@ import numpy as np
 from ..errors import DTypeError, ShapeError
 from ..hw.config import AccelConfig
 from ..hw.gemm_unit import drain_group
-from ..hw.isa import INSTR_BYTES, Buffer
+from ..hw.isa import COUNT_BITS, INSTR_BYTES, Buffer
 from ..hw.requant import RequantSerial
 
-__all__ = ["GemmPlan", "plan_gemm", "lower_gemm", "GemmLowering"]
+__all__ = ["GemmPlan", "plan_gemm", "lower_gemm", "GemmLowering", "EXACT_K_MAX"]
+
+#: The longest k of one GEMM instruction (its 16-bit ``k`` field).
+K_FIELD_MAX = 2 ** COUNT_BITS - 1
+#: The longest K whose every partial sum of INT8 x INT8 products fits INT32: |a*b| <= 2^14.
+EXACT_K_MAX = (2 ** 31 - 1) // 2 ** 14
 
 
 @dataclass(frozen=True)
@@ -102,7 +107,8 @@ class GemmPlan:
 
 
 def _fits(config: AccelConfig, mb: int, nb: int, kt: int, out: str) -> list[str]:
-    """The buffers a tiling overflows, as 'BUF needs N words, has D' strings."""
+    """The buffers a tiling overflows (two slots each), as 'BUF needs N words (B bytes), has D
+    words (E bytes)' strings."""
     need = {
         Buffer.INP: 2 * mb * kt,
         Buffer.WGT: 2 * nb * kt,
@@ -110,8 +116,20 @@ def _fits(config: AccelConfig, mb: int, nb: int, kt: int, out: str) -> list[str]
         Buffer.PARAM: 2 * nb if out == "int8" else 0,
         Buffer.OUT: 2 * mb * nb * config.rows if out == "int8" else 0,
     }
-    return [f"{buf.name} needs {n} words, has {config.depth(buf)}"
-            for buf, n in need.items() if n > config.depth(buf)]
+    short = []
+    for buf, n in need.items():
+        depth, word = config.depth(buf), config.word_bytes(buf)
+        if n > depth:
+            short.append(f"{buf.name} needs {n} words ({n * word} bytes), "
+                         f"has {depth} words ({depth * word} bytes)")
+    return short
+
+
+def _longest_k_tile(config: AccelConfig, mb: int, nb: int) -> int:
+    """The longest k-tile whose two INP and two WGT slots fit beside ``mb`` x ``nb`` blocks, and
+    that one GEMM's 16-bit ``k`` field holds (0 when not even one K step fits)."""
+    return min(config.depth(Buffer.INP) // (2 * mb), config.depth(Buffer.WGT) // (2 * nb),
+               K_FIELD_MAX)
 
 
 def _candidates(n: int, limit: int) -> list[int]:
@@ -255,21 +273,44 @@ def estimate_cycles(plan: GemmPlan, config: AccelConfig) -> int:
 def plan_gemm(config: AccelConfig, M: int, N: int, K: int, out: str = "int8") -> GemmPlan:
     """Choose tile sizes for an M x N x K GEMM that fit ``config`` and minimize modelled cycles.
 
+    Any K is planned: K is split into k-tiles (at most the 16-bit ``k`` field each, and as long
+    as two INP and two WGT slots hold) whose GEMMs accumulate into the same ACC block; the
+    block is requantized (or stored) only after its last k-tile.
+
+    Every partial sum of ``K <= EXACT_K_MAX`` (131071) products of INT8 values fits INT32, so
+    up to there the result is exact for any operands. Beyond, the accumulate of a k-tile that
+    leaves INT32 saturates (``sat32``) and sets the sticky ``acc_saturated`` flag of the status
+    record (docs/architecture.md, GEMM); the result then is no longer the exact product, and
+    :func:`tinyaccel.sw.gemm_run.run_gemms` raises instead of returning it.
+
     Raises
     ------
     ShapeError
-        When a dimension is not positive, or no tiling fits (the message names the buffer and by
-        how much it is short for the smallest tile).
+        When a dimension is not positive, or no tiling fits: then a buffer cannot hold the two
+        slots of one 1 x 1 block with k = 1, and the message names it with the words and
+        bytes it needs and has.
     """
     for name, value in (("M", M), ("N", N), ("K", K)):
         if not isinstance(value, int) or value <= 0:
             raise ShapeError(f"GEMM {name}={value!r} must be a positive int")
     if out not in ("int8", "int32"):
         raise ShapeError(f"GEMM out={out!r} must be 'int8' or 'int32'")
+    short = _fits(config, 1, 1, 1, out)
+    if short:
+        raise ShapeError(f"GEMM {M}x{N}x{K} ({out}) does not fit configuration "
+                         f"{config.name!r} even with 1x1 blocks and k=1: {'; '.join(short)}")
     R, C = config.rows, config.cols
     m_blocks, n_blocks = math.ceil(M / R), math.ceil(N / C)
-    k_limit = min(K, 2 ** 16 - 1)
     best = None
+
+    def consider(mb: int, nb: int, kt: int) -> None:
+        nonlocal best
+        plan = GemmPlan(M, N, K, mb, nb, kt, out, R, C)
+        cycles = estimate_cycles(plan, config)
+        if best is None or cycles < best.est_cycles:
+            best = GemmPlan(M, N, K, mb, nb, kt, out, R, C, cycles)
+
+    k_limit = min(K, K_FIELD_MAX)
     for ks in range(1, 65):
         kt = math.ceil(k_limit / ks) if ks > 1 or K <= k_limit else k_limit
         for nb in _candidates(n_blocks, 255):
@@ -277,16 +318,19 @@ def plan_gemm(config: AccelConfig, M: int, N: int, K: int, out: str = "int8") ->
             fitting = [mb for mb in _candidates(m_blocks, 255)
                        if not _fits(config, mb, nb, kt, out)]
             for mb in fitting[-3:]:
-                plan = GemmPlan(M, N, K, mb, nb, kt, out, R, C)
-                cycles = estimate_cycles(plan, config)
-                if best is None or cycles < best.est_cycles:
-                    best = GemmPlan(M, N, K, mb, nb, kt, out, R, C, cycles)
+                consider(mb, nb, kt)
         if best is not None and ks >= 4:
             break
     if best is None:
-        short = _fits(config, 1, 1, 1, out)
-        raise ShapeError(f"GEMM {M}x{N}x{K} ({out}) does not fit configuration "
-                         f"{config.name!r} even with 1x1 blocks and k=1: {'; '.join(short)}")
+        # Long K: even 64 equal k-tiles are longer than the INP/WGT slots. Each tiling that fits
+        # gets the longest k-tile its slots hold, evened out over the k-tiles it needs; again
+        # only the three largest m-tiles that fit.
+        for nb in _candidates(n_blocks, 255):
+            fitting = [mb for mb in _candidates(m_blocks, 255)
+                       if _longest_k_tile(config, mb, nb) and not _fits(config, mb, nb, 1, out)]
+            for mb in fitting[-3:]:
+                kt_max = _longest_k_tile(config, mb, nb)
+                consider(mb, nb, math.ceil(K / math.ceil(K / kt_max)))
     return best
 
 

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import DeviceError
 from ..hw.config import AccelConfig, get_config
 from ..hw.isa import Counter, Opcode
 from ..protocol import Program
 from ..sim.numerics import exact_gemm, requantize
-from .gemm import GemmLowering, lower_gemm
+from .gemm import EXACT_K_MAX, GemmLowering, lower_gemm
 
 __all__ = ["Gemm", "GemmProgram", "GemmRun", "run_gemms"]
 
@@ -111,7 +112,10 @@ def run_gemms(device, gemms: Sequence[Gemm], clear_first: bool = False) -> GemmR
     Raises
     ------
     DeviceError
-        When the device reports a status other than OK.
+        When the device reports a status other than OK, or that an INT32 accumulator saturated
+        (only possible for K > :data:`~tinyaccel.sw.gemm.EXACT_K_MAX`): the result would not be
+        the exact product. The host path (``device=None``) returns
+        :func:`~tinyaccel.sim.numerics.exact_gemm`'s INT32 saturation of the whole sum instead.
     ShapeError, DTypeError
         For operands that are not int8 matrices of matching shapes, or a GEMM that fits no tiling.
     """
@@ -125,4 +129,9 @@ def run_gemms(device, gemms: Sequence[Gemm], clear_first: bool = False) -> GemmR
         return GemmRun(results)
     gp = GemmProgram(device.config, gemms, clear_first)
     responses = device.run(gp.program)
+    if responses[-1].acc_saturated:  # sticky over the program, cleared by its final SYNC
+        long_k = [g.a.shape[1] for g in gemms if g.a.shape[1] > EXACT_K_MAX]
+        raise DeviceError(f"accelerator ({device.backend.name}) saturated an INT32 accumulator "
+                          f"(K={long_k}, above {EXACT_K_MAX} products a sum can leave INT32): "
+                          "the results are not the exact products")
     return GemmRun(gp.results(responses), dict(responses[-1].counters))

@@ -119,7 +119,8 @@ def test_bad_shapes_and_dtypes_are_named():
         lower_gemm(cfg, Program(cfg), np.zeros((4, 4), np.int8), np.zeros((4, 4), np.int8))
     small = AccelConfig(name="small", rows=4, cols=4, host_width=32, inp_depth=1, wgt_depth=8,
                         acc_depth=8, out_depth=8, param_depth=2, mask_bits=64, requant_lanes=1)
-    with pytest.raises(ShapeError, match="INP needs 2 words, has 1"):
+    with pytest.raises(ShapeError,
+                       match=r"INP needs 2 words \(8 bytes\), has 1 words \(4 bytes\)"):
         plan_gemm(small, 4, 4, 4)
 
 
