@@ -17,6 +17,7 @@ __all__ = ["SUITES", "run_suites"]
 SUITES: dict[str, str] = {
     "golden": "tinyaccel.bench.golden",  # golden-model GEMM speed vs numpy's integer matmul
     "rtl": "tinyaccel.bench.rtl",  # Verilator / Amaranth-sim speed and MAC utilization
+    "mlperf-tiny": "tinyaccel.bench.mlperf_tiny",  # the four MLPerf Tiny models, golden and RTL
 }
 
 

@@ -1,0 +1,117 @@
+"""`tinyaccel bench mlperf-tiny` (issue 12 item 7): the metrics against independent counts.
+
+The suite runs on the smallest model (``ad``) on ``ecp5``; its cycles are compared with the
+CompiledModel's own stats of the same inference and its link bytes with the counting wrapper of
+tests/test_mlperf_tiny.py. No timing is asserted.
+"""
+
+import json
+import math
+import os
+
+import pytest
+from test_mlperf_tiny import LinkCounter as IndependentCounter
+
+from tinyaccel.bench import SUITES, mlperf_tiny
+from tinyaccel.boards.board import DEFAULT_BAUD
+from tinyaccel.boards.build import BOARDS
+from tinyaccel.errors import ConfigError
+from tinyaccel.hw.config import get_config
+from tinyaccel.models import zoo
+from tinyaccel.models.mlperf_tiny import random_inputs
+from tinyaccel.sw.compiler import CompiledModel
+from tinyaccel.sw.quant import quantize
+from tinyaccel.sw.runtime import Device, open_backend
+
+KEYS = ("cycles", "mac_util", "link_bytes", "resident", "golden_rtl_identical", "latency_ms",
+        "latency_with_link_ms")
+
+
+@pytest.mark.rtl
+def test_suite_on_the_autoencoder_matches_independent_counts(tmp_path):
+    metrics = mlperf_tiny.run(config="ecp5", models=("ad",), build_root=tmp_path, show=False)
+    for key in KEYS:
+        assert f"{key}_ad" in metrics
+    assert {"clock_mhz", "clock_source", "mlperf_config"} <= set(metrics)
+    assert metrics["mlperf_config"] == "ecp5"
+    assert metrics["golden_rtl_identical_ad"] is True
+    assert metrics["resident_ad"] is False
+
+    # The same inference, measured here: RTL backend, batch 1, counted by the tests' wrapper.
+    spec = zoo.get("ad-autoencoder")
+    model, _ = spec.train_fp32(seed=0)
+    qmodel = quantize(model, random_inputs(spec.input_shape, mlperf_tiny.CALIBRATION,
+                                           seed=mlperf_tiny.CALIBRATION_SEED))
+    x = random_inputs(spec.input_shape, 1, seed=mlperf_tiny.INPUT_SEED)
+    link = IndependentCounter(open_backend("rtl", get_config("ecp5")))
+    with Device(link, "ecp5") as device:
+        compiled = CompiledModel(qmodel, device, batch_size=1)
+        compiled(x)
+    cycles = sum(s.cycles for s in compiled.stats.values())
+    macs = sum(s.macs for s in compiled.stats.values())
+    assert cycles > 0
+    assert metrics["cycles_ad"] == cycles
+    assert metrics["link_bytes_ad"] == link.sent + link.received > 0
+    assert math.isclose(metrics["mac_util_ad"], macs / (device.config.macs * cycles))
+    assert 0 < metrics["mac_util_ad"] <= 1
+
+    # Latency: cycles at the clock, plus 10 bits per link byte at the default baud.
+    ulx3s = next(s for s in BOARDS.values() if s.top.default_config == "ecp5")
+    assert metrics["clock_source"] == mlperf_tiny.BOARD_DEFAULT  # no build under tmp_path
+    assert metrics["clock_mhz"] == ulx3s.top.default_clock_hz / 1e6
+    assert math.isclose(metrics["latency_ms_ad"], cycles / (metrics["clock_mhz"] * 1e3))
+    assert math.isclose(metrics["latency_with_link_ms_ad"] - metrics["latency_ms_ad"],
+                        metrics["link_bytes_ad"] * 10 / DEFAULT_BAUD * 1e3)
+
+
+def test_clock_from_the_newest_build_result(tmp_path):
+    board = next(s for s in BOARDS.values() if s.top.default_config == "ice40").name
+    old = tmp_path / f"{board}.json"
+    old.write_text(json.dumps({"board": board, "config": "ice40", "fmax_mhz": 20.0,
+                               "clock_mhz": 30.0}))
+    (tmp_path / board).mkdir()
+    new = tmp_path / board / "result.json"
+    new.write_text(json.dumps({"board": board, "config": "ice40", "fmax_mhz": 32.33,
+                               "clock_mhz": 30.019}))
+    (tmp_path / "other.json").write_text(json.dumps({"board": "ulx3s-85f", "config": "ecp5",
+                                                     "fmax_mhz": 1.0, "clock_mhz": 1.0}))
+    stamp = old.stat().st_mtime
+    os.utime(new, (stamp + 10, stamp + 10))
+    assert mlperf_tiny.board_clock("ice40", build_root=tmp_path) == (30.019, str(new))
+    os.utime(old, (stamp + 20, stamp + 20))  # now the slower build is the newest
+    assert mlperf_tiny.board_clock("ice40", build_root=tmp_path) == (20.0, str(old))
+
+
+def test_clock_option_and_board_default(tmp_path):
+    assert mlperf_tiny.board_clock("ecp5", 64.0, tmp_path) == (64.0, "clock_mhz option")
+    ulx3s = next(s for s in BOARDS.values() if s.top.default_config == "ecp5")
+    assert mlperf_tiny.board_clock("ecp5", build_root=tmp_path) == (
+        ulx3s.top.default_clock_hz / 1e6, mlperf_tiny.BOARD_DEFAULT)
+    with pytest.raises(ConfigError, match="no board builds the 'sim' preset"):
+        mlperf_tiny.board_clock("sim", build_root=tmp_path)
+    with pytest.raises(ConfigError, match="must be positive"):
+        mlperf_tiny.board_clock("ecp5", 0, tmp_path)
+
+
+def test_bad_options_fail_before_anything_runs(tmp_path):
+    assert SUITES["mlperf-tiny"] == "tinyaccel.bench.mlperf_tiny"
+    with pytest.raises(ConfigError, match="unknown MLPerf Tiny model"):
+        mlperf_tiny.run(models=("resnet",), build_root=tmp_path)
+    with pytest.raises(ConfigError):
+        mlperf_tiny.run(config="nope", models=("ad",), build_root=tmp_path)
+
+
+def test_tables_put_the_anchors_beside_our_latencies():
+    metrics = {"mlperf_config": "ecp5", "clock_mhz": 64.0, "clock_source": "x",
+               "link_baud": DEFAULT_BAUD}
+    for m in ("ic", "ad"):
+        metrics.update({f"cycles_{m}": 64_000, f"mac_util_{m}": 0.5, f"link_bytes_{m}": 1000,
+                        f"resident_{m}": False, f"golden_rtl_identical_{m}": True,
+                        f"latency_ms_{m}": 1.0, f"latency_with_link_ms_{m}": 11.0})
+    text = mlperf_tiny.format_tables(metrics)
+    assert "ic-resnet8" in text and "ad-autoencoder" in text and "kws-dscnn" not in text
+    ic = text.split("\n\n")[0]
+    for anchor in (a for a in mlperf_tiny.ANCHORS if a.model == "ic"):
+        assert anchor.system in ic and f"{anchor.latency_ms:.4g}" in ic
+    assert mlperf_tiny.ANCHOR_SOURCE in text
+    assert sum(a.model == "ic" for a in mlperf_tiny.ANCHORS) == 5
