@@ -10,11 +10,13 @@ import math
 import os
 
 import pytest
+from click.testing import CliRunner
 from test_mlperf_tiny import LinkCounter as IndependentCounter
 
 from tinyaccel.bench import SUITES, mlperf_tiny
 from tinyaccel.boards.board import DEFAULT_BAUD
 from tinyaccel.boards.build import BOARDS
+from tinyaccel.cli import main
 from tinyaccel.errors import ConfigError
 from tinyaccel.hw.config import get_config
 from tinyaccel.models import zoo
@@ -115,3 +117,22 @@ def test_tables_put_the_anchors_beside_our_latencies():
         assert anchor.system in ic and f"{anchor.latency_ms:.4g}" in ic
     assert mlperf_tiny.ANCHOR_SOURCE in text
     assert sum(a.model == "ic" for a in mlperf_tiny.ANCHORS) == 5
+
+
+def test_mlperf_options_need_the_mlperf_suite():
+    result = CliRunner().invoke(main, ["bench", "golden", "--mlperf-config", "ice40"])
+    assert result.exit_code == 2
+    assert "--mlperf-config" in result.output and "mlperf-tiny suite" in result.output
+
+
+@pytest.mark.rtl
+def test_cli_writes_the_metrics_and_prints_the_table(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no build/boards here: the board's default clock
+    out = tmp_path / "mlperf.json"
+    result = CliRunner().invoke(main, ["bench", "mlperf-tiny", "--mlperf-config", "ecp5",
+                                       "--mlperf-model", "ad", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())
+    assert {f"{key}_ad" for key in KEYS} <= set(metrics)
+    assert metrics["mlperf_config"] == "ecp5" and metrics["golden_rtl_identical_ad"] is True
+    assert "ad-autoencoder:" in result.stdout and "cycles_ic" not in metrics

@@ -113,11 +113,16 @@ def spec(markdown: bool, update_docs: Path | None):
 @click.option("--rtl-repeats", type=click.IntRange(min=1), show_envvar=True,
               envvar="TINYACCEL_BENCH_RTL_REPEATS",
               help="rtl suite: runs of each program, the fastest counts (default: 2).")
+@click.option("--mlperf-config", type=RegistryChoice("tinyaccel.hw.config", "PRESETS"),
+              help="mlperf-tiny suite: configuration preset (default: ecp5).")
+@click.option("--mlperf-model", "mlperf_models", multiple=True,
+              type=RegistryChoice("tinyaccel.bench.mlperf_tiny", "MODELS"),
+              help="mlperf-tiny suite: run only this model (repeatable; default: all four).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the metrics as one flat JSON object to this file.")
 @click.pass_context
-def bench(ctx, suites: tuple[str, ...], rtl_parts, rtl_configs, rtl_repeats,
-          json_path: Path | None):
+def bench(ctx, suites: tuple[str, ...], rtl_parts, rtl_configs, rtl_repeats, mlperf_config,
+          mlperf_models, json_path: Path | None):
     """Run benchmark SUITES (default: all) and print/write their metrics."""
     from tqdm import tqdm
 
@@ -130,7 +135,12 @@ def bench(ctx, suites: tuple[str, ...], rtl_parts, rtl_configs, rtl_repeats,
     if typed and suites and "rtl" not in suites:
         raise click.UsageError(f"{', '.join(typed)}: only the rtl suite takes this, and it "
                                f"is not among the suites run")
-    metrics = run_suites(suites, progress=tqdm, options={"rtl": rtl},
+    mlperf = {key: value for key, value in (("config", mlperf_config),
+                                            ("models", mlperf_models)) if value}
+    if mlperf and suites and "mlperf-tiny" not in suites:
+        raise click.UsageError("--mlperf-config, --mlperf-model: only the mlperf-tiny suite "
+                               "takes these, and it is not among the suites run")
+    metrics = run_suites(suites, progress=tqdm, options={"rtl": rtl, "mlperf-tiny": mlperf},
                          on_start=lambda name: click.echo(f"== bench {name}", err=True))
     width = max(map(len, metrics), default=0)
     for key, value in metrics.items():
