@@ -36,9 +36,9 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..hw.config import get_config
-from ..sw.runtime import Backend
+from ..sw.runtime import LinkCounter
 
-__all__ = ["MODELS", "ANCHORS", "ANCHOR_SOURCE", "LinkCounter", "board_clock", "run",
+__all__ = ["MODELS", "ANCHORS", "ANCHOR_SOURCE", "board_clock", "run",
            "format_tables"]
 
 #: Short key of the metrics -> zoo model name.
@@ -74,25 +74,6 @@ ANCHORS: tuple[Anchor, ...] = (
     Anchor("kws", "STM32L4R5 (iCE40 anchor, v1.2/1.3)", 43.0),
     Anchor("vww", "Syntiant NDP9120", 4.10),
 )
-
-
-class LinkCounter(Backend):
-    """A backend wrapper that counts the bytes over the host link (stream and responses)."""
-
-    def __init__(self, inner: Backend):
-        super().__init__(inner.config)
-        self.inner, self.name = inner, inner.name
-        self.sent = self.received = 0
-
-    def exchange(self, stream: bytes, response_bytes: int | None = None) -> bytes:
-        out = self.inner.exchange(stream, response_bytes)
-        self.sent += len(stream)
-        self.received += len(out)
-        self.cycles = self.inner.cycles
-        return out
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def _board_for(config: str):

@@ -19,8 +19,8 @@ from ..errors import BackendUnavailable, DeviceError
 from ..hw.config import AccelConfig, get_config
 from ..hw.isa import Counter, Opcode, Status
 
-__all__ = ["Backend", "GoldenBackend", "RtlBackend", "BoardBackend", "Device", "RunStats",
-           "BACKENDS", "open_backend"]
+__all__ = ["Backend", "LinkCounter", "GoldenBackend", "RtlBackend", "BoardBackend", "Device",
+           "RunStats", "BACKENDS", "open_backend"]
 
 
 class Backend(ABC):
@@ -48,6 +48,31 @@ class Backend(ABC):
 
     def __exit__(self, *exc):
         self.close()
+
+
+class LinkCounter(Backend):
+    """Wraps a backend and counts the bytes that cross the host link: ``sent`` (host streams)
+    and ``received`` (responses), over every exchange."""
+
+    def __init__(self, inner: Backend):
+        super().__init__(inner.config)
+        self.inner, self.name = inner, inner.name
+        self.sent = self.received = 0
+
+    @property
+    def link_bytes(self) -> int:
+        """Bytes in both directions so far."""
+        return self.sent + self.received
+
+    def exchange(self, stream: bytes, response_bytes: int | None = None) -> bytes:
+        out = self.inner.exchange(stream, response_bytes)
+        self.sent += len(stream)
+        self.received += len(out)
+        self.cycles = self.inner.cycles
+        return out
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 class GoldenBackend(Backend):

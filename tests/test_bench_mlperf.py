@@ -11,7 +11,6 @@ import os
 
 import pytest
 from click.testing import CliRunner
-from test_mlperf_tiny import LinkCounter as IndependentCounter
 
 from tinyaccel.bench import SUITES, mlperf_tiny
 from tinyaccel.boards.board import DEFAULT_BAUD
@@ -23,7 +22,7 @@ from tinyaccel.models import zoo
 from tinyaccel.models.mlperf_tiny import random_inputs
 from tinyaccel.sw.compiler import CompiledModel
 from tinyaccel.sw.quant import quantize
-from tinyaccel.sw.runtime import Device, open_backend
+from tinyaccel.sw.runtime import Device, LinkCounter, open_backend
 
 KEYS = ("cycles", "mac_util", "link_bytes", "resident", "golden_rtl_identical", "latency_ms",
         "latency_with_link_ms")
@@ -45,7 +44,7 @@ def test_suite_on_the_autoencoder_matches_independent_counts(tmp_path):
     qmodel = quantize(model, random_inputs(spec.input_shape, mlperf_tiny.CALIBRATION,
                                            seed=mlperf_tiny.CALIBRATION_SEED))
     x = random_inputs(spec.input_shape, 1, seed=mlperf_tiny.INPUT_SEED)
-    link = IndependentCounter(open_backend("rtl", get_config("ecp5")))
+    link = LinkCounter(open_backend("rtl", get_config("ecp5")))
     with Device(link, "ecp5") as device:
         compiled = CompiledModel(qmodel, device, batch_size=1)
         compiled(x)
@@ -136,3 +135,21 @@ def test_cli_writes_the_metrics_and_prints_the_table(tmp_path, monkeypatch):
     assert {f"{key}_ad" for key in KEYS} <= set(metrics)
     assert metrics["mlperf_config"] == "ecp5" and metrics["golden_rtl_identical_ad"] is True
     assert "ad-autoencoder:" in result.stdout and "cycles_ic" not in metrics
+
+
+def test_link_counter_counts_stream_and_responses():
+    """LinkCounter: the bytes sent are the program's stream, the bytes received the protocol's
+    response lengths (computed from the program, not from the counter)."""
+    from tinyaccel.hw.isa import Buffer
+    from tinyaccel.protocol import Program, response_length
+    cfg = get_config("ecp5")
+    program = Program(cfg).sync(clear=True)
+    program.store(Buffer.OUT, 0, 3).sync(counters=True)
+    link = LinkCounter(open_backend("golden", cfg))
+    with Device(link, cfg) as device:
+        device.run(program)
+        device.run(program)
+    stream = len(program.to_bytes())
+    responses = sum(response_length(cfg, instr) or 0 for instr, _ in program)
+    assert (link.sent, link.received) == (2 * stream, 2 * responses)
+    assert link.link_bytes == 2 * (stream + responses) and responses > 0

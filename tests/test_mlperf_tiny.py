@@ -26,7 +26,7 @@ from tinyaccel.sw.fx_frontend import float_layer
 from tinyaccel.sw.quant import quantize
 from tinyaccel.sw.quant_ir import HOST_KINDS, INPUT
 from tinyaccel.sw.reference import execute_layer, run_float, run_quantized
-from tinyaccel.sw.runtime import Backend, Device, open_backend
+from tinyaccel.sw.runtime import Device, LinkCounter, open_backend
 
 NAMES = list(mlperf_tiny.PUBLISHED_MACS)
 CALIBRATION, TEST = 256, 64
@@ -159,24 +159,6 @@ def test_int8_logits_are_close_to_fp32(mlperf):
     agree = float(np.mean(got.argmax(1) == want.argmax(1)))
     print(f"\n{name}: end-to-end NRMSE {error:.4f}, argmax agreement {agree:.3f}")
     assert error <= END_TO_END_NRMSE[name]
-
-
-class LinkCounter(Backend):
-    """A backend wrapper that counts the bytes over the host link (stream and response)."""
-
-    def __init__(self, inner: Backend):
-        super().__init__(inner.config)
-        self.inner, self.name = inner, inner.name
-        self.sent = self.received = 0
-
-    def exchange(self, stream: bytes, response_bytes: int | None = None) -> bytes:
-        out = self.inner.exchange(stream, response_bytes)
-        self.sent += len(stream)
-        self.received += len(out)
-        return out
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 @pytest.mark.rtl
