@@ -17,6 +17,7 @@ from torch import nn
 
 from tinyaccel.errors import UnsupportedLayerError
 from tinyaccel.sim.numerics import requantize
+from tinyaccel.sim.randprog import SEED_ENV, parse_seed
 from tinyaccel.sw.compiler import CompiledModel
 from tinyaccel.sw.gemm_run import Gemm, run_gemms
 from tinyaccel.sw.lowering import assemble, layer_gemms, useful_macs
@@ -25,7 +26,7 @@ from tinyaccel.sw.quant_ir import HOST_KINDS, LayerKind
 from tinyaccel.sw.reference import accumulate
 from tinyaccel.sw.runtime import Device
 
-SEED = int(os.environ.get("TINYACCEL_SEED", np.random.SeedSequence().entropy % 2**32))
+SEED = parse_seed(os.environ.get(SEED_ENV))  # fixed unless TINYACCEL_SEED says otherwise
 BACKENDS = [pytest.param("golden", id="golden"),
             pytest.param("rtl", id="rtl", marks=pytest.mark.rtl)]
 

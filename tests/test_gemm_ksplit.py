@@ -11,6 +11,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from test_gemm_lowering import _params
 from torch import nn
 
 import tinyaccel
@@ -21,17 +22,6 @@ from tinyaccel.sim.numerics import exact_gemm, requantize
 from tinyaccel.sw.gemm import EXACT_K_MAX, plan_gemm
 from tinyaccel.sw.gemm_run import Gemm, run_gemms
 from tinyaccel.sw.runtime import Device
-
-
-def _params(rng, n):
-    return {
-        "bias": rng.integers(-2**20, 2**20, n),
-        "multiplier": rng.integers(2**30, 2**31 - 1, n),
-        "shift": rng.integers(-16, 1, n),
-        "zero_point": rng.integers(-20, 20, n),
-        "clamp_min": np.full(n, -128),
-        "clamp_max": np.full(n, 127),
-    }
 
 
 def _k_step_limit(config) -> int:

@@ -13,11 +13,12 @@ from tinyaccel.errors import DTypeError, ShapeError
 from tinyaccel.hw.config import AccelConfig, get_config
 from tinyaccel.protocol import Program
 from tinyaccel.sim.numerics import requantize
+from tinyaccel.sim.randprog import SEED_ENV, parse_seed
 from tinyaccel.sw.gemm import estimate_cycles, lower_gemm, plan_gemm
 from tinyaccel.sw.gemm_run import Gemm, run_gemms
 from tinyaccel.sw.runtime import Device
 
-SEED = int(os.environ.get("TINYACCEL_SEED", np.random.SeedSequence().entropy % 2**32))
+SEED = parse_seed(os.environ.get(SEED_ENV))  # fixed unless TINYACCEL_SEED says otherwise
 
 # A small configuration whose buffers force K splits and many tiles.
 TINY = AccelConfig(name="tiny", rows=4, cols=4, host_width=32, inp_depth=64, wgt_depth=64,
