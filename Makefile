@@ -20,13 +20,16 @@ $(STAMP): pyproject.toml
 #     RTL, compare every logit with the golden model, print cycles and MAC utilization per layer;
 #  2. INT8 training: three epochs of fp32 / int8-naive / octo / LAC-only / PRC-only from one seed,
 #     forward and backward GEMMs on the RTL, the trained model evaluated on the RTL, and the
-#     comparison table (run folder with plot: build/demo-train/).
+#     comparison table (run folder with plot: build/demo-train/);
+#  3. the resident model: the same inference as ONE program per image (activations and weights on
+#     chip, docs/resident.md); the link bytes per image it prints stand beside those of step 1.
 DEMO_BACKEND ?= rtl
 DEMO_CONFIG  ?= ecp5
 DEMO_EPOCHS  ?= 3
 demo: $(STAMP)
 	$(VENV)/bin/tinyaccel infer --model digits-cnn --backend $(DEMO_BACKEND) --config $(DEMO_CONFIG) --json build/demo-infer.json
 	$(VENV)/bin/tinyaccel train --model digits-cnn --compare --backend $(DEMO_BACKEND) --config $(DEMO_CONFIG) --epochs $(DEMO_EPOCHS) --run-dir build/demo-train --json build/demo-train.json
+	$(VENV)/bin/tinyaccel infer --model digits-cnn --backend $(DEMO_BACKEND) --config $(DEMO_CONFIG) --placement resident --json build/demo-infer-resident.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,19 +1,26 @@
-"""MLPerf Tiny on today's per-layer path: one inference per model on the golden model and the RTL.
+"""MLPerf Tiny, resident and per-layer: one inference per model on the golden model and the RTL.
 
 For each of the zoo's four MLPerf Tiny models (:mod:`tinyaccel.models.mlperf_tiny`; seeded
 random weights, BatchNorm calibrated, no accuracy claimed) the suite quantizes on seeded random
 inputs, then runs ONE inference at batch 1 on the golden model and on the Verilated RTL of the
-configuration (default ``ecp5``) and reports, per model ``m`` in ``ic, kws, vww, ad``:
+configuration (default ``ecp5``), on the resident path (:mod:`tinyaccel.sw.resident`: one program
+per inference, activations on chip, weights loaded once by a setup program) and on the per-layer
+path, and reports, per model ``m`` in ``ic, kws, vww, ad``, the resident figures under the keys
+below and the per-layer ones beside them with the suffix ``_per_layer`` (the RTL resident run
+needs the RTL IM2COL; without it the suite fails loudly rather than report golden-only cycles):
 
 * ``cycles_<m>``: accelerator cycles of the RTL run, summed over the layers' programs;
 * ``mac_util_<m>``: useful MACs / (array MACs x cycles);
 * ``link_bytes_<m>``: host stream + responses of the inference (counted at the backend);
-* ``resident_<m>``: ``False``: today every layer round-trips through the host (the host builds
-  the im2col tiles, LOADs weights and operands, reads each layer's output back);
+* ``resident_<m>``: ``True`` (``resident_<m>_per_layer``: ``False``: every layer round-trips
+  through the host, which builds the im2col tiles and reads each layer's output back);
+* ``setup_link_bytes_<m>``: the resident setup program's bytes (weights loaded once);
+* ``est_cycles_<m>``: the resident planner's estimate (the busiest unit,
+  :meth:`~tinyaccel.sw.resident_plan.ResidentPlan.estimate_cycles`), beside the RTL's count;
 * ``golden_rtl_identical_<m>``: golden and RTL logits are equal;
-* ``latency_ms_<m>``: cycles at the clock, the on-device latency with the input loaded as MLPerf
-  Tiny measures it. Today's path is not that: every layer's operands cross the link, so this is
-  the accelerator's busy time only, and ``latency_with_link_ms_<m>`` is the honest figure;
+* ``latency_ms_<m>``: cycles at the clock, the on-device latency as MLPerf Tiny measures it (on
+  the per-layer path every layer's operands cross the link, so there it is the accelerator's busy
+  time only, and ``latency_with_link_ms_<m>_per_layer`` is the honest figure);
 * ``latency_with_link_ms_<m>``: adds ``link_bytes x 10 bits / baud`` (UART 8N1 at
   :data:`tinyaccel.boards.board.DEFAULT_BAUD`).
 
@@ -128,42 +135,71 @@ def board_clock(config: str, clock_mhz: float | None = None,
     return spec.top.default_clock_hz / 1e6, BOARD_DEFAULT
 
 
-def _infer(name: str, config: str) -> dict:
-    """One batch-1 inference of zoo model ``name`` on golden and RTL; cycles, MACs, bytes."""
+def _measure(qmodel, x, config: str, backend: str, placement: str) -> dict:
+    """One inference on ``backend`` with ``placement``: logits, cycles, useful MACs, link bytes
+    (the resident path: the inference program only; its setup program is ``setup_bytes``)."""
+    from ..sw.compiler import bind
+    from ..sw.runtime import Device, open_backend
+    link = LinkCounter(open_backend(backend, get_config(config)))
+    with Device(link, config) as device:
+        compiled = bind(qmodel, device, batch_size=1, placement=placement)
+        if placement == "resident":
+            compiled.setup()
+        setup_bytes = link.link_bytes
+        logits = compiled(x).numpy()
+    plan = getattr(compiled, "plan", None)
+    return {"logits": logits, "cycles": compiled.cycles,
+            "est_cycles": plan.estimate_cycles()["overlapped"] if plan else None,
+            "macs": sum(s.macs for s in compiled.stats.values()),
+            "link_bytes": link.link_bytes - setup_bytes, "setup_bytes": setup_bytes}
+
+
+def _infer(name: str, config: str, backends=("golden", "rtl")) -> dict:
+    """One batch-1 inference of zoo model ``name`` per placement (resident, per-layer) on each of
+    ``backends``; the RTL figures (cycles) when ``"rtl"`` is among them.
+
+    Raises
+    ------
+    AssertionError
+        When golden and RTL move different link bytes for the same programs.
+    """
     import numpy as np
 
     from ..models import mlperf_tiny, zoo
-    from ..sw.compiler import CompiledModel
     from ..sw.quant import quantize
-    from ..sw.runtime import Device, open_backend
     spec = zoo.get(name)
     model, _ = spec.train_fp32(seed=0)
     qmodel = quantize(model, mlperf_tiny.random_inputs(spec.input_shape, CALIBRATION,
                                                        seed=CALIBRATION_SEED))
     x = mlperf_tiny.random_inputs(spec.input_shape, 1, seed=INPUT_SEED)
-    runs = {}
-    for backend in ("golden", "rtl"):
-        link = LinkCounter(open_backend(backend, get_config(config)))
-        with Device(link, config) as device:
-            compiled = CompiledModel(qmodel, device, batch_size=1)
-            logits = compiled(x).numpy()
-        runs[backend] = (logits, compiled, link.sent + link.received)
-    (golden, _, golden_bytes), (rtl, compiled, rtl_bytes) = runs["golden"], runs["rtl"]
-    if golden_bytes != rtl_bytes:  # the same programs must give the same responses
-        raise AssertionError(f"{name} {config}: golden moved {golden_bytes} link bytes, "
-                             f"RTL {rtl_bytes}")
-    return {"identical": bool(np.array_equal(golden, rtl)), "cycles": compiled.cycles,
-            "macs": sum(s.macs for s in compiled.stats.values()), "link_bytes": rtl_bytes}
+    out = {}
+    for placement in ("resident", "per-layer"):
+        runs = {b: _measure(qmodel, x, config, b, placement) for b in backends}
+        golden = runs["golden"]
+        r = {"link_bytes": golden["link_bytes"], "setup_bytes": golden["setup_bytes"],
+             "est_cycles": golden["est_cycles"],
+             "macs": golden["macs"], "cycles": None, "identical": None}
+        if "rtl" in runs:
+            rtl = runs["rtl"]
+            if rtl["link_bytes"] != golden["link_bytes"]:  # same programs, same responses
+                raise AssertionError(f"{name} {config} {placement}: golden moved "
+                                     f"{golden['link_bytes']} link bytes, RTL "
+                                     f"{rtl['link_bytes']}")
+            r["cycles"] = rtl["cycles"]
+            r["identical"] = bool(np.array_equal(golden["logits"], rtl["logits"]))
+        out[placement] = r
+    return out
 
 
 def run(progress=None, config: str = "ecp5", models=tuple(MODELS), clock_mhz: float | None = None,
         build_root: str | Path = "build/boards", baud: int | None = None,
-        show: bool = True) -> dict:
+        show: bool = True, backends=("golden", "rtl")) -> dict:
     """One inference per MLPerf Tiny model on golden and RTL of ``config``; flat metrics.
 
     ``models`` are short keys of :data:`MODELS`; ``clock_mhz`` and ``build_root`` choose the clock
     (:func:`board_clock`); ``baud`` the link rate (default ``DEFAULT_BAUD``); ``show`` prints
-    the per-model tables (:func:`format_tables`).
+    the per-model tables (:func:`format_tables`); ``backends`` without ``"rtl"`` leaves the
+    cycle figures None (the golden model counts no cycles).
 
     Raises
     ------
@@ -185,38 +221,56 @@ def run(progress=None, config: str = "ecp5", models=tuple(MODELS), clock_mhz: fl
     if progress is not None:
         steps = progress(steps, desc=f"mlperf-tiny {cfg.name}", leave=False)
     for m in steps:
-        r = _infer(MODELS[m], cfg.name)
-        latency_ms = r["cycles"] / (mhz * 1e3)
-        link_ms = r["link_bytes"] * BITS_PER_BYTE / baud * 1e3
-        result[f"cycles_{m}"] = r["cycles"]
-        result[f"mac_util_{m}"] = r["macs"] / (cfg.macs * r["cycles"])
-        result[f"link_bytes_{m}"] = r["link_bytes"]
-        result[f"resident_{m}"] = False  # every layer round-trips through the host today
-        result[f"golden_rtl_identical_{m}"] = r["identical"]
-        result[f"latency_ms_{m}"] = latency_ms
-        result[f"latency_with_link_ms_{m}"] = latency_ms + link_ms
+        runs = _infer(MODELS[m], cfg.name, backends)
+        for placement, suffix in (("resident", ""), ("per-layer", "_per_layer")):
+            r = runs[placement]
+            cycles = r["cycles"]
+            latency_ms = None if cycles is None else cycles / (mhz * 1e3)
+            link_ms = r["link_bytes"] * BITS_PER_BYTE / baud * 1e3
+            result[f"cycles_{m}{suffix}"] = cycles
+            result[f"mac_util_{m}{suffix}"] = (r["macs"] / (cfg.macs * cycles) if cycles
+                                               else None)
+            result[f"link_bytes_{m}{suffix}"] = r["link_bytes"]
+            result[f"resident_{m}{suffix}"] = placement == "resident"
+            result[f"golden_rtl_identical_{m}{suffix}"] = r["identical"]
+            result[f"latency_ms_{m}{suffix}"] = latency_ms
+            result[f"latency_with_link_ms_{m}{suffix}"] = (None if latency_ms is None
+                                                           else latency_ms + link_ms)
+        result[f"setup_link_bytes_{m}"] = runs["resident"]["setup_bytes"]
+        result[f"est_cycles_{m}"] = runs["resident"]["est_cycles"]
     if show:
         print(format_tables(result))
     return result
 
 
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def format_tables(metrics: dict) -> str:
-    """One text table per model in ``metrics``: our latencies beside the published anchors."""
+    """One text table per model in ``metrics``: our latencies (resident and, when present,
+    per-layer) beside the published anchors; ``-`` where no RTL run measured cycles."""
     blocks = []
     ours = f"tinyaccel {metrics['mlperf_config']} @ {metrics['clock_mhz']:.4g} MHz"
     for m, name in MODELS.items():
         if f"cycles_{m}" not in metrics:
             continue
-        rows = [(f"{ours} (per-layer path, on device)", f"{metrics[f'latency_ms_{m}']:.4g}"),
-                (f"{ours} (with the link, {metrics['link_baud']:,} baud)",
-                 f"{metrics[f'latency_with_link_ms_{m}']:.4g}")]
+        rows, lines = [], []
+        for suffix in ("", "_per_layer"):
+            if f"cycles_{m}{suffix}" not in metrics:
+                continue
+            path = ("resident" if metrics[f"resident_{m}{suffix}"] else "per-layer") + " path"
+            rows += [(f"{ours} ({path}, on device)", _fmt(metrics[f"latency_ms_{m}{suffix}"],
+                                                          ".4g")),
+                     (f"{ours} ({path}, with the link, {metrics['link_baud']:,} baud)",
+                      _fmt(metrics[f"latency_with_link_ms_{m}{suffix}"], ".4g"))]
+            lines.append(f"  {path}: {_fmt(metrics[f'cycles_{m}{suffix}'], ',')} cycles, MAC "
+                         f"utilization {_fmt(metrics[f'mac_util_{m}{suffix}'], '.3f')}, "
+                         f"{metrics[f'link_bytes_{m}{suffix}']:,} link bytes, golden == RTL "
+                         f"{_fmt(metrics[f'golden_rtl_identical_{m}{suffix}'], '')}")
         rows += [(a.system, f"{a.latency_ms:.4g}") for a in ANCHORS if a.model == m]
         width = max(len(system) for system, _ in rows)
-        lines = [f"{name}: {metrics[f'cycles_{m}']:,} cycles, MAC utilization "
-                 f"{metrics[f'mac_util_{m}']:.3f}, {metrics[f'link_bytes_{m}']:,} link bytes, "
-                 f"resident {metrics[f'resident_{m}']}, golden == RTL "
-                 f"{metrics[f'golden_rtl_identical_{m}']}",
-                 f"  {'system':<{width}}  latency ms"]
+        lines = [f"{name}:", *lines, f"  {'system':<{width}}  latency ms"]
         lines += [f"  {system:<{width}}  {ms:>10}" for system, ms in rows]
         blocks.append("\n".join(lines))
     blocks.append(f"anchors: {ANCHOR_SOURCE}; clock: {metrics['clock_source']}")

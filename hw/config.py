@@ -238,9 +238,10 @@ PRESETS: dict[str, AccelConfig] = {
                        inp_depth=8192, wgt_depth=8192, acc_depth=8192, out_depth=8192,
                        param_depth=64, mask_bits=4096, requant_lanes=4,
                        impl=Implementation.full()),
-    # ULX3S (ECP5-85F): 128 MACs on MULT18X18D, buffers in EBR.
+    # ULX3S (ECP5-85F): 128 MACs on MULT18X18D, buffers in EBR (WGT and OUT sized for resident
+    # models: ResNet-8's weights and three live 32x32x16 activations).
     "ecp5": AccelConfig(name="ecp5", rows=8, cols=16, host_width=64,
-                        inp_depth=4096, wgt_depth=4096, acc_depth=1024, out_depth=2048,
+                        inp_depth=4096, wgt_depth=8192, acc_depth=1024, out_depth=4096,
                         param_depth=32, mask_bits=1024, requant_lanes=2,
                         impl=Implementation.full()),
     # iCEBreaker (iCE40 UP5K): the array on the 8 SB_MAC16 DSPs, small EBR buffers, and every

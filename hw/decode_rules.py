@@ -20,8 +20,9 @@ from typing import ClassVar
 from .config import AccelConfig
 from .isa import Buffer, Opcode, Status
 
-__all__ = ["DefinedBuffer", "NonZero", "Multiple", "Disjoint", "InRange", "Rule", "RULES",
-           "extent_name", "extent_value", "limit_name", "limit_value"]
+__all__ = ["DefinedBuffer", "NonZero", "Multiple", "Disjoint", "InRange", "StridedInRange",
+           "PixelFits", "TensorInRange", "Rule", "RULES", "strided_span", "tensor_span",
+           "pixel_fits", "extent_name", "extent_value", "limit_name", "limit_value"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,37 @@ class InRange:
     status: ClassVar[Status] = Status.ADDR_RANGE
 
 
-Rule = DefinedBuffer | NonZero | Multiple | Disjoint | InRange
+@dataclass(frozen=True)
+class StridedInRange:
+    """``ADDR_RANGE`` unless ``base + span <= limit`` for ``count`` words ``gap + 1`` apart:
+    ``span = (count - 1)*(gap + 1) + 1``, and 0 when ``count`` is 0 (with ``gap = 0`` this is
+    :class:`InRange` with extent ``(count,)``)."""
+    base: str
+    count: str
+    gap: str
+    limit: Buffer
+    status: ClassVar[Status] = Status.ADDR_RANGE
+
+
+@dataclass(frozen=True)
+class PixelFits:
+    """``BAD_FIELD`` unless an IM2COL pixel's ``channels`` fit its storage: ``channels <=
+    pitch*cols`` with ``pack = 0``; ``channels <= cols >> pack`` with ``pack > 0``, when
+    ``2**pack`` pixels share a word."""
+    status: ClassVar[Status] = Status.BAD_FIELD
+
+
+@dataclass(frozen=True)
+class TensorInRange:
+    """``ADDR_RANGE`` unless an IM2COL's input tensor lies in OUT: ``src + ceil(in_h*in_w /
+    2**pack)*pitch <= OUT depth``."""
+    base: str = "src"
+    limit: Buffer = Buffer.OUT
+    status: ClassVar[Status] = Status.ADDR_RANGE
+
+
+Rule = (DefinedBuffer | NonZero | Multiple | Disjoint | InRange | StridedInRange | PixelFits
+        | TensorInRange)
 
 _LOAD_STORE = (DefinedBuffer("buf"), InRange("addr", ("count",), "buf"))
 
@@ -94,7 +125,7 @@ RULES: dict[Opcode, tuple[Rule, ...]] = {
     ),
     Opcode.REQUANT: (
         InRange("acc_addr", ("count",), Buffer.ACC),
-        InRange("out_addr", ("count",), Buffer.OUT),
+        StridedInRange("out_addr", "count", "out_gap", Buffer.OUT),
         InRange("param_addr", (), Buffer.PARAM),
     ),
     Opcode.PATCH: (
@@ -109,11 +140,43 @@ RULES: dict[Opcode, tuple[Rule, ...]] = {
         Multiple("count", "stripe_len"),
         InRange("out_addr", ("count",), Buffer.OUT),
     ),
+    Opcode.IM2COL: (
+        NonZero("in_h", Status.BAD_SHAPE, "an {op} input has >= 1 row"),
+        NonZero("in_w", Status.BAD_SHAPE, "an {op} input has >= 1 column"),
+        NonZero("channels", Status.BAD_SHAPE, "an {op} input has >= 1 channel"),
+        NonZero("kh", Status.BAD_SHAPE, "an {op} window has >= 1 row"),
+        NonZero("kw", Status.BAD_SHAPE, "an {op} window has >= 1 column"),
+        NonZero("out_w", Status.BAD_SHAPE, "an {op} output has >= 1 column"),
+        NonZero("stride", Status.BAD_FIELD, "an {op} stride is >= 1"),
+        NonZero("dilation", Status.BAD_FIELD, "an {op} dilation is >= 1"),
+        NonZero("pitch", Status.BAD_FIELD, "an {op} pixel takes >= 1 word"),
+        PixelFits(),
+        InRange("dst", ("m_blocks", "kh", "kw", "channels"), Buffer.INP),
+        TensorInRange(),
+    ),
 }
 assert set(RULES) == set(Opcode)
 for _rules in RULES.values():  # ADDR_RANGE last
-    _kinds = [isinstance(rule, InRange) for rule in _rules]
+    _kinds = [isinstance(rule, (InRange, StridedInRange, TensorInRange)) for rule in _rules]
     assert _kinds == sorted(_kinds), _rules
+
+
+def strided_span(count: int, gap: int) -> int:
+    """Words from the first to past the last of ``count`` words ``gap + 1`` apart (0 for none)."""
+    return (count - 1) * (gap + 1) + 1 if count else 0
+
+
+def tensor_span(operands: dict) -> int:
+    """OUT words an IM2COL's input tensor spans from ``src`` (see :class:`TensorInRange`)."""
+    pixels = operands["in_h"] * operands["in_w"]
+    return -(-pixels >> operands["pack"]) * operands["pitch"]
+
+
+def pixel_fits(cols: int, operands: dict) -> bool:
+    """The :class:`PixelFits` rule on integers."""
+    if operands["pack"]:
+        return operands["channels"] <= cols >> operands["pack"]
+    return operands["channels"] <= operands["pitch"] * cols
 
 
 def extent_name(extent: tuple[str, ...]) -> str:

@@ -24,10 +24,10 @@ from amaranth.lib import data, enum
 from ..errors import FieldError, OpcodeError
 
 __all__ = [
-    "INSTR_BITS", "INSTR_BYTES", "ADDR_BITS", "MASK_IDX_BITS", "CHANNEL_PARAMS_BITS",
+    "INSTR_BITS", "INSTR_BYTES", "ADDR_BITS", "PITCH_BITS", "MASK_IDX_BITS", "CHANNEL_PARAMS_BITS",
     "Opcode", "Buffer", "Status", "Counter",
     "LoadStoreOperands", "GemmOperands", "RequantOperands", "PatchOperands", "SgqOperands",
-    "SyncOperands", "ChannelParams", "StatusRecord", "SgqStripeHeader", "SgqMode",
+    "SyncOperands", "Im2colOperands", "ChannelParams", "StatusRecord", "SgqStripeHeader", "SgqMode",
     "InstructionLayout", "OPERANDS", "Instruction", "field_table", "operand_fields",
     "STATUS_MAGIC", "STATUS_BYTES", "COUNTER_BITS", "COUNTER_RECORD_BYTES", "SGQ_MODE_BITS",
 ]
@@ -38,6 +38,7 @@ ADDR_BITS = 16
 COUNT_BITS = 16
 BLOCKS_BITS = 8
 MASK_IDX_BITS = 12
+PITCH_BITS = 6
 OPCODE_BITS = 4
 
 
@@ -51,6 +52,7 @@ class Opcode(enum.Enum, shape=OPCODE_BITS):
     PATCH = 5  #: PASS patch-skip: compare tiles with their reference, set mask bits, update ref
     SGQ = 6  #: SGQ stripe encoder: OUT rows -> packed wire format on the host stream
     SYNC = 7  #: wait for all units idle, send the status record (and counters), clear errors
+    IM2COL = 8  #: window address generator: an OUT activation tensor -> GEMM input words in INP
 
 
 class Buffer(enum.Enum, shape=3):
@@ -116,11 +118,16 @@ class GemmOperands(data.Struct):
 
 
 class RequantOperands(data.Struct):
-    """REQUANT ``count`` ACC rows into OUT rows with the channel parameters in PARAM word."""
+    """REQUANT ``count`` ACC rows into OUT rows with the channel parameters in PARAM word.
+
+    ACC row ``r`` goes to OUT word ``out_addr + r*(out_gap + 1)``: with ``out_gap`` the rows land
+    one pixel apart in a channels-last activation tensor of ``out_gap + 1`` words per pixel.
+    """
     acc_addr: unsigned(ADDR_BITS)
     out_addr: unsigned(ADDR_BITS)
     param_addr: unsigned(ADDR_BITS)
     count: unsigned(COUNT_BITS)
+    out_gap: unsigned(PITCH_BITS)
 
 
 class PatchOperands(data.Struct):
@@ -142,6 +149,38 @@ class SgqOperands(data.Struct):
     max_shift: unsigned(3)
 
 
+class Im2colOperands(data.Struct):
+    """IM2COL: the GEMM input words of ``m_blocks`` blocks of a convolution window, read from an
+    activation tensor in OUT (section 5; the host never builds im2col).
+
+    The tensor is ``in_h x in_w`` pixels of ``channels`` INT8 values, channels last: pixel ``q``
+    channel ``c`` is lane ``(q mod 2**pack)*(cols >> pack) + c mod cols`` of OUT word
+    ``src + (q >> pack)*pitch + c // cols`` (``pack > 0``: ``2**pack`` small pixels share a word).
+    Block ``i`` row ``r`` is output pixel ``p = oy0*out_w + i*rows + r``, ``(oy, ox) =
+    divmod(p, out_w)``; tap ``t = (ky*kw + kx)*channels + c`` reads input pixel ``(oy*stride -
+    pad_top + ky*dilation, ox*stride - pad_left + kx*dilation)``, or ``pad_value`` (the input
+    zero point, two's complement) outside the tensor. It lands in lane ``r`` of INP word
+    ``dst + i*K + t``, ``K = kh*kw*channels``: the GEMM layout of section 4.
+    """
+    src: unsigned(ADDR_BITS)
+    dst: unsigned(ADDR_BITS)
+    pitch: unsigned(PITCH_BITS)
+    channels: unsigned(10)
+    in_h: unsigned(8)
+    in_w: unsigned(8)
+    kh: unsigned(5)
+    kw: unsigned(5)
+    stride: unsigned(3)
+    dilation: unsigned(3)
+    pad_top: unsigned(4)
+    pad_left: unsigned(4)
+    pad_value: unsigned(8)
+    oy0: unsigned(8)
+    out_w: unsigned(8)
+    m_blocks: unsigned(BLOCKS_BITS)
+    pack: unsigned(2)
+
+
 class SyncOperands(data.Struct):
     """SYNC: ``counters`` appends the counter record; ``clear`` zeroes the counters after."""
     counters: unsigned(1)
@@ -157,6 +196,7 @@ OPERANDS: dict[Opcode, data.StructLayout | None] = {
     Opcode.PATCH: data.Layout.cast(PatchOperands),
     Opcode.SGQ: data.Layout.cast(SgqOperands),
     Opcode.SYNC: data.Layout.cast(SyncOperands),
+    Opcode.IM2COL: data.Layout.cast(Im2colOperands),
 }
 
 OperandsLayout = data.UnionLayout({
@@ -166,6 +206,7 @@ OperandsLayout = data.UnionLayout({
     "patch": PatchOperands,
     "sgq": SgqOperands,
     "sync": SyncOperands,
+    "im2col": Im2colOperands,
 })
 
 #: The 128-bit instruction word.

@@ -34,11 +34,17 @@ from ..hw.decode_rules import (
     Disjoint,
     Multiple,
     NonZero,
+    PixelFits,
     Rule,
+    StridedInRange,
+    TensorInRange,
     extent_name,
     extent_value,
     limit_name,
     limit_value,
+    pixel_fits,
+    strided_span,
+    tensor_span,
 )
 from ..hw.isa import INSTR_BYTES, Buffer, Counter, Instruction, Opcode, Status
 from ..protocol import (
@@ -64,6 +70,7 @@ from .numerics import (
     patch_skip,
     requantize,
     sgq_encode,
+    window_gather,
 )
 
 __all__ = ["GoldenMachine", "Fault", "check_instruction", "STATUS_EXCEPTIONS"]
@@ -136,6 +143,27 @@ def _broken(config: AccelConfig, name: str, rule: Rule, f: dict) -> tuple[str, s
             label = {side: side.removesuffix("_addr") for side in (rule.a, rule.b)}
             return rule.a, (f"{name}: {label[rule.a]} range {a}..{a + n - 1} overlaps "
                             f"{label[rule.b]} range {b}..{b + n - 1}")
+    elif isinstance(rule, PixelFits):
+        if not pixel_fits(config.cols, f):
+            room = (f"cols >> pack = {config.cols >> f['pack']}" if f["pack"] else
+                    f"pitch*cols = {f['pitch'] * config.cols}")
+            return "channels", (f"{name}: channels={f['channels']} do not fit a pixel of "
+                                f"{room} lanes")
+    elif isinstance(rule, StridedInRange):
+        base, span = f[rule.base], strided_span(f[rule.count], f[rule.gap])
+        limit = config.depth(rule.limit)
+        if base + span > limit:
+            return rule.base, (f"{name}: {rule.base} {base} + span {span} of {rule.count} "
+                               f"{f[rule.count]} rows {rule.gap} {f[rule.gap]} apart = "
+                               f"{base + span} exceeds {rule.limit.name} depth {limit}")
+    elif isinstance(rule, TensorInRange):
+        base, span = f[rule.base], tensor_span(f)
+        limit = config.depth(rule.limit)
+        if base + span > limit:
+            return rule.base, (f"{name}: input tensor {rule.base} {base} + {span} words "
+                               f"({f['in_h']}x{f['in_w']} pixels, pitch {f['pitch']}, pack "
+                               f"{f['pack']}) = {base + span} exceeds {rule.limit.name} depth "
+                               f"{limit}")
     elif rule.when is None or f[rule.when]:  # InRange
         base, ext = f[rule.base], extent_value(config, rule.extent, f)
         limit = limit_value(config, rule.limit, f)
@@ -344,11 +372,16 @@ class GoldenMachine:
         return b""
 
     def _exec_requant(self, f: dict, payload: bytes) -> bytes:
-        n = f["count"]
+        n, step = f["count"], f["out_gap"] + 1
         p = self.param[f["param_addr"]]
         acc = self.acc[f["acc_addr"]:f["acc_addr"] + n]
-        self.out[f["out_addr"]:f["out_addr"] + n] = requantize(
+        self.out[f["out_addr"]:f["out_addr"] + strided_span(n, f["out_gap"]):step] = requantize(
             acc, **{name: p[name] for name in PARAM_DTYPE.names})
+        return b""
+
+    def _exec_im2col(self, f: dict, payload: bytes) -> bytes:
+        words = window_gather(self.out, self.config.rows, **f)
+        self.inp[f["dst"]:f["dst"] + len(words)] = words
         return b""
 
     def _exec_patch(self, f: dict, payload: bytes) -> bytes:

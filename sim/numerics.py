@@ -19,7 +19,7 @@ from ..hw.isa import SGQ_MODE_BITS, ChannelParams, SgqMode, SgqStripeHeader, fie
 __all__ = [
     "exact_gemm", "GemmWorkspace",
     "saturating_rounding_doubling_high_mul", "rounding_divide_by_pot", "requantize",
-    "patch_skip",
+    "window_gather", "patch_skip",
     "sgq_encode", "sgq_decode", "sgq_payload_bytes", "sgq_stripe_modes", "sgq_max_error",
 ]
 
@@ -214,6 +214,38 @@ def requantize(acc, bias, multiplier, shift, zero_point, clamp_min, clamp_max) -
     y = _rdbpot(y, np.maximum(-shift, 0))
     y = np.minimum(np.maximum(y + zero_point, clamp_min), clamp_max)
     return y.astype(np.int8)
+
+
+# -- IM2COL window address generator (section 5) ---------------------------------------------
+
+def window_gather(out: np.ndarray, rows: int, *, src: int, pitch: int, channels: int, in_h: int,
+                  in_w: int, kh: int, kw: int, stride: int, dilation: int, pad_top: int,
+                  pad_left: int, pad_value: int, oy0: int, out_w: int, m_blocks: int,
+                  pack: int, **_) -> np.ndarray:
+    """IM2COL: the INP words (int8 ``(m_blocks*K, rows)``, ``K = kh*kw*channels``) that the
+    window of a convolution reads from the activation tensor in ``out`` (the OUT buffer, int8
+    ``(depth, cols)``), as :class:`~tinyaccel.hw.isa.Im2colOperands` defines them.
+
+    ``pad_value`` is the field's 8-bit code (two's complement). The operands must be legal
+    (:func:`tinyaccel.sim.golden.check_instruction`): every pixel read lies in ``out``.
+    """
+    cols = out.shape[1]
+    if m_blocks == 0:
+        return np.zeros((0, rows), np.int8)
+    ky, kx, c = (g.ravel() for g in np.meshgrid(np.arange(kh), np.arange(kw),
+                                                  np.arange(channels), indexing="ij"))
+    oy, ox = np.divmod(oy0 * out_w + np.arange(m_blocks * rows), out_w)
+    iy = oy[:, None] * stride - pad_top + ky[None, :] * dilation  # (pixels, K)
+    ix = ox[:, None] * stride - pad_left + kx[None, :] * dilation
+    inside = (iy >= 0) & (iy < in_h) & (ix >= 0) & (ix < in_w)
+    q = np.where(inside, iy * in_w + ix, 0)
+    word = src + (q >> pack) * pitch + c[None, :] // cols
+    lane = (q & ((1 << pack) - 1)) * (cols >> pack) + c[None, :] % cols
+    pad = np.int8(pad_value - 256 if pad_value >= 128 else pad_value)
+    values = np.where(inside, out[word, lane], pad)
+    k = kh * kw * channels
+    return np.ascontiguousarray(
+        values.reshape(m_blocks, rows, k).transpose(0, 2, 1).reshape(m_blocks * k, rows))
 
 
 # -- PASS patch-skip (section 7) ---------------------------------------------------------------

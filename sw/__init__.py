@@ -14,7 +14,12 @@ module             holds
 ``quant``          post-training quantization: calibration, weights, biases, fixed-point scales
 ``lowering``       the one layer-to-GEMM mapping (and the host layers)
 ``reference``      the host INT8 reference executor (and the FP32 one), through ``lowering``
-``compiler``       :class:`~tinyaccel.sw.compiler.CompiledModel`: a quantized model on a device
+``compiler``       :class:`~tinyaccel.sw.compiler.CompiledModel`: a quantized model on a device,
+                   layer by layer; :func:`~tinyaccel.sw.compiler.bind` chooses the placement
+``resident_plan``  :func:`~tinyaccel.sw.resident_plan.plan_resident`: arena, weight residency and
+                   the instructions of each layer for the resident path
+``resident``       :class:`~tinyaccel.sw.resident.ResidentModel`: the whole model as one program
+                   per inference, activations in OUT, weights loaded once (``docs/resident.md``)
 ``octo_numerics``  Octo training's options, rounding and range clipping
 ``octo_autograd``  Octo's autograd Functions and the training GEMM executor
 ``octo``           :func:`~tinyaccel.sw.octo.convert` and the INT8 training modules

@@ -35,7 +35,10 @@ from .lowering import assemble, host_layer, layer_gemms, useful_macs
 from .quant_ir import HOST_KINDS, INPUT, LayerKind, QuantLayer, QuantModel
 from .runtime import Device
 
-__all__ = ["LayerStats", "CompiledModel"]
+__all__ = ["LayerStats", "CompiledModel", "PLACEMENTS", "bind"]
+
+#: Where a model's activations and weights live (:func:`bind`).
+PLACEMENTS = ("per-layer", "resident", "auto")
 
 
 @dataclass
@@ -68,7 +71,10 @@ class CompiledModel:
         Images per device program (larger batches fill the array better).
     """
 
+    placement = "per-layer"
+
     def __init__(self, qmodel: QuantModel, device: Device, batch_size: int = 64):
+        self.placement_reason: str | None = None
         self.qmodel = qmodel
         self.device = device
         self.batch_size = batch_size
@@ -119,3 +125,37 @@ class CompiledModel:
     @property
     def cycles(self) -> int:
         return sum(s.cycles for s in self.stats.values())
+
+
+def bind(qmodel: QuantModel, device: Device, batch_size: int = 64, placement: str = "per-layer"):
+    """``qmodel`` on ``device`` with a placement: ``"per-layer"`` (:class:`CompiledModel`, every
+    layer round-trips through the host), ``"resident"``
+    (:class:`~tinyaccel.sw.resident.ResidentModel`: one program per inference, activations on
+    chip) or ``"auto"`` (resident when the planner accepts the model, else per-layer with the
+    planner's reason in ``placement_reason`` and a warning). Both compute the same integers.
+
+    Raises
+    ------
+    ConfigError
+        An unknown ``placement``.
+    UnsupportedLayerError, CapacityError
+        ``placement="resident"`` for a model the planner refuses (a maxpool, too big for OUT).
+    """
+    from ..errors import CapacityError, ConfigError, UnsupportedLayerError
+    from .resident import ResidentModel, plan_resident
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"placement={placement!r}; choose one of {', '.join(PLACEMENTS)}")
+    if placement == "per-layer":
+        return CompiledModel(qmodel, device, batch_size)
+    try:
+        plan = plan_resident(qmodel, device.config)
+    except (UnsupportedLayerError, CapacityError) as exc:
+        if placement == "resident":
+            raise
+        import warnings
+        warnings.warn(f"placement auto: per-layer path, as the resident planner refused: {exc}",
+                      stacklevel=2)
+        compiled = CompiledModel(qmodel, device, batch_size)
+        compiled.placement_reason = str(exc)
+        return compiled
+    return ResidentModel(qmodel, device, batch_size, plan=plan)

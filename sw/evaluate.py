@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .compiler import CompiledModel, LayerStats
+from .compiler import LayerStats, bind
 
 __all__ = ["Evaluation", "evaluate"]
 
@@ -39,6 +39,11 @@ class Evaluation:
     layers: list[LayerStats] = field(default_factory=list)  #: per layer, in program order
     #: RTL/board logits equal the golden model's on every image; None on the golden backend
     golden_identical: bool | None = None
+    placement: str = "per-layer"  #: where the model ran (``resident``: one program per image)
+    placement_reason: str | None = None  #: why ``auto`` fell back to per-layer
+    #: host-link bytes (both directions) per test image, the resident setup program excluded
+    link_bytes_per_image: float = 0.0
+    setup_link_bytes: int = 0  #: the resident setup program's bytes (weights loaded once)
 
     def as_dict(self) -> dict:
         """The flat JSON record: figures rounded to 4 digits, ``util_<layer>`` (None without
@@ -46,7 +51,11 @@ class Evaluation:
         record = {"model": self.model, "backend": self.backend, "config": self.config,
                   "images": self.images, "acc_fp32": round(self.acc_fp32, 4),
                   "acc_int8": round(self.acc_int8, 4), "cycles": self.cycles,
-                  "wall_s": round(self.wall_s, 3)}
+                  "wall_s": round(self.wall_s, 3), "placement": self.placement,
+                  "link_bytes_per_image": round(self.link_bytes_per_image, 1),
+                  "setup_link_bytes": self.setup_link_bytes}
+        if self.placement_reason:
+            record["placement_reason"] = self.placement_reason
         if self.golden_identical is not None:
             record["golden_rtl_identical"] = self.golden_identical
         for st in self.layers:
@@ -56,7 +65,7 @@ class Evaluation:
 
 def evaluate(model: str = "digits-cnn", backend: str = "golden", config: str = "sim", *,
              port: str | None = None, baud: int | None = None, batch_size: int = 120,
-             progress=None) -> Evaluation:
+             progress=None, placement: str = "per-layer") -> Evaluation:
     """Quantize zoo model ``model`` and run the digits test split on ``backend``.
 
     Parameters
@@ -73,6 +82,8 @@ def evaluate(model: str = "digits-cnn", backend: str = "golden", config: str = "
         Images per accelerator program.
     progress:
         A tqdm-like wrapper for the batches (optional).
+    placement:
+        ``per-layer``, ``resident`` or ``auto`` (:func:`tinyaccel.sw.compiler.bind`).
 
     Raises
     ------
@@ -98,16 +109,23 @@ def evaluate(model: str = "digits-cnn", backend: str = "golden", config: str = "
     if backend == "board":
         from ..boards.board import DEFAULT_BAUD
         options = {"port": port, "baud": DEFAULT_BAUD if baud is None else baud}
+    from .runtime import LinkCounter
     with Device(backend, config, **options) as device:
-        compiled = CompiledModel(qmodel, device, batch_size)
+        link = device.backend = LinkCounter(device.backend)
+        compiled = bind(qmodel, device, batch_size, placement)
         logits = compiled(split.x_test, progress=progress)
+    setup = getattr(compiled, "res_stats", None)
+    setup_bytes = setup.setup_link_bytes if setup else 0
     acc_int8 = float((logits.argmax(1) == split.y_test).float().mean())
     identical = None
     if backend != "golden":
         with Device("golden", config) as golden:
-            reference = CompiledModel(qmodel, golden, batch_size)(split.x_test)
+            reference = bind(qmodel, golden, batch_size, compiled.placement)(split.x_test)
         identical = bool(np.array_equal(logits.numpy(), reference.numpy()))
     return Evaluation(model=model, backend=backend, config=config, macs=device.config.macs,
                       images=len(split.y_test), acc_fp32=float(acc_fp32), acc_int8=acc_int8,
                       cycles=compiled.cycles, wall_s=compiled.wall_s,
-                      layers=list(compiled.stats.values()), golden_identical=identical)
+                      layers=list(compiled.stats.values()), golden_identical=identical,
+                      placement=compiled.placement, placement_reason=compiled.placement_reason,
+                      link_bytes_per_image=(link.link_bytes - setup_bytes) / len(split.y_test),
+                      setup_link_bytes=setup_bytes)

@@ -20,7 +20,7 @@ from tinyaccel.errors import ConfigError
 from tinyaccel.hw.config import get_config
 from tinyaccel.models import zoo
 from tinyaccel.models.mlperf_tiny import random_inputs
-from tinyaccel.sw.compiler import CompiledModel
+from tinyaccel.sw.compiler import CompiledModel, bind
 from tinyaccel.sw.quant import quantize
 from tinyaccel.sw.runtime import Device, LinkCounter, open_backend
 
@@ -36,7 +36,8 @@ def test_suite_on_the_autoencoder_matches_independent_counts(tmp_path):
     assert {"clock_mhz", "clock_source", "mlperf_config"} <= set(metrics)
     assert metrics["mlperf_config"] == "ecp5"
     assert metrics["golden_rtl_identical_ad"] is True
-    assert metrics["resident_ad"] is False
+    assert metrics["golden_rtl_identical_ad_per_layer"] is True
+    assert metrics["resident_ad"] is True and metrics["resident_ad_per_layer"] is False
 
     # The same inference, measured here: RTL backend, batch 1, counted by the tests' wrapper.
     spec = zoo.get("ad-autoencoder")
@@ -51,10 +52,10 @@ def test_suite_on_the_autoencoder_matches_independent_counts(tmp_path):
     cycles = sum(s.cycles for s in compiled.stats.values())
     macs = sum(s.macs for s in compiled.stats.values())
     assert cycles > 0
-    assert metrics["cycles_ad"] == cycles
-    assert metrics["link_bytes_ad"] == link.sent + link.received > 0
-    assert math.isclose(metrics["mac_util_ad"], macs / (device.config.macs * cycles))
-    assert 0 < metrics["mac_util_ad"] <= 1
+    assert metrics["cycles_ad_per_layer"] == cycles
+    assert metrics["link_bytes_ad_per_layer"] == link.sent + link.received > 0
+    assert math.isclose(metrics["mac_util_ad_per_layer"], macs / (device.config.macs * cycles))
+    assert 0 < metrics["mac_util_ad"] <= 1 and metrics["cycles_ad"] > 0
 
     # Latency: cycles at the clock, plus 10 bits per link byte at the default baud.
     ulx3s = next(s for s in BOARDS.values() if s.top.default_config == "ecp5")
@@ -122,6 +123,30 @@ def test_mlperf_options_need_the_mlperf_suite():
     result = CliRunner().invoke(main, ["bench", "golden", "--mlperf-config", "ice40"])
     assert result.exit_code == 2
     assert "--mlperf-config" in result.output and "mlperf-tiny suite" in result.output
+
+
+def test_golden_suite_reports_resident_and_per_layer_link_bytes(tmp_path):
+    """Without the RTL: link bytes of both placements, counted here independently."""
+    metrics = mlperf_tiny.run(config="ecp5", models=("ad",), build_root=tmp_path, show=False,
+                              backends=("golden",))
+    assert metrics["cycles_ad"] is None and metrics["latency_ms_ad"] is None
+    assert metrics["est_cycles_ad"] > 0
+    spec = zoo.get("ad-autoencoder")
+    model, _ = spec.train_fp32(seed=0)
+    qmodel = quantize(model, random_inputs(spec.input_shape, mlperf_tiny.CALIBRATION,
+                                           seed=mlperf_tiny.CALIBRATION_SEED))
+    x = random_inputs(spec.input_shape, 1, seed=mlperf_tiny.INPUT_SEED)
+    counts = {}
+    for placement in ("per-layer", "resident"):
+        link = LinkCounter(open_backend("golden", get_config("ecp5")))
+        with Device(link, "ecp5") as device:
+            compiled = bind(qmodel, device, batch_size=1, placement=placement)
+            compiled(x)
+        counts[placement] = link.sent + link.received
+    assert metrics["link_bytes_ad_per_layer"] == counts["per-layer"]
+    # the resident count excludes the setup program, reported on its own
+    assert metrics["link_bytes_ad"] + metrics["setup_link_bytes_ad"] == counts["resident"]
+    assert metrics["link_bytes_ad"] < metrics["link_bytes_ad_per_layer"]
 
 
 @pytest.mark.rtl

@@ -161,8 +161,12 @@ def bench(ctx, suites: tuple[str, ...], rtl_parts, rtl_configs, rtl_repeats, mlp
               help="UART rate of the board backend (default: what `tinyaccel build` builds).")
 @click.option("--batch", "batch_size", default=120, show_default=True,
               type=click.IntRange(min=1), help="Images per accelerator program.")
+@click.option("--placement", type=click.Choice(["per-layer", "resident", "auto"]),
+              default="per-layer", show_default=True,
+              help="resident: one program per image, activations and weights on chip; auto: "
+                   "resident when the planner accepts the model.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
-def infer(model_name, backend, config_name, port, baud, batch_size, json_path):
+def infer(model_name, backend, config_name, port, baud, batch_size, placement, json_path):
     """Quantized inference of a zoo model on the digits test split, on a backend.
 
     With a backend other than golden the golden model runs the same programs too, and every
@@ -172,9 +176,10 @@ def infer(model_name, backend, config_name, port, baud, batch_size, json_path):
 
     from .sw.evaluate import evaluate
     result = evaluate(model_name, backend, config_name, port=port, baud=baud,
-                      batch_size=batch_size, progress=tqdm)
+                      batch_size=batch_size, progress=tqdm, placement=placement)
     click.echo(f"{result.model} on {result.backend} ({result.config}, {result.macs} MACs): "
-               f"{result.images} test images")
+               f"{result.images} test images, placement {result.placement}"
+               + (f" ({result.placement_reason})" if result.placement_reason else ""))
     click.echo(f"  accuracy  fp32 {result.acc_fp32:.4f}   int8 {result.acc_int8:.4f}")
     if result.golden_identical is not None:
         click.echo(f"  golden vs {backend} logits identical: {result.golden_identical}")
@@ -183,6 +188,9 @@ def infer(model_name, backend, config_name, port, baud, batch_size, json_path):
         util = f"{st.utilization:.3f}" if st.cycles else "-"
         click.echo(f"  {st.name:<18}{st.kind:<9}{st.macs:>12}{st.cycles:>12}{util:>10}")
     click.echo(f"  total cycles {result.cycles}, wall {result.wall_s:.1f} s")
+    click.echo(f"  link bytes per image ({result.placement}): {result.link_bytes_per_image:,.0f}"
+               + (f" (+ {result.setup_link_bytes:,} once: resident weights)"
+                  if result.setup_link_bytes else ""))
     _write_json(json_path, result.as_dict())
 
 

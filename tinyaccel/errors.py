@@ -94,3 +94,8 @@ class TrainingDivergedError(TinyAccelError, FloatingPointError):
 
 class ResumeError(TinyAccelError):
     """A checkpoint cannot be resumed by this run (missing, or written by another recipe)."""
+
+
+class CapacityError(TinyAccelError):
+    """A model does not fit the accelerator's buffers (the message names the buffer and the bytes
+    short): a placement failure, not a malformed shape or address."""

@@ -565,10 +565,26 @@ class Program:
             m_blocks=m_blocks, n_blocks=n_blocks, accumulate=int(accumulate), gate=int(gate),
             mask_idx=mask_idx))
 
-    def requant(self, acc_addr: int, out_addr: int, param_addr: int, count: int) -> Program:
-        """REQUANT ``count`` ACC words into OUT with the channel parameters at ``param_addr``."""
+    def requant(self, acc_addr: int, out_addr: int, param_addr: int, count: int,
+                out_gap: int = 0) -> Program:
+        """REQUANT ``count`` ACC words into OUT (``out_gap`` words between rows) with the
+        channel parameters at ``param_addr``."""
         return self.append(Instruction(Opcode.REQUANT, acc_addr=acc_addr, out_addr=out_addr,
-                                       param_addr=param_addr, count=count))
+                                       param_addr=param_addr, count=count, out_gap=out_gap))
+
+    def im2col(self, src: int, dst: int, *, channels: int, in_h: int, in_w: int, kh: int,
+               kw: int, out_w: int, m_blocks: int, oy0: int = 0, pitch: int = 1,
+               stride: int = 1, dilation: int = 1, pad_top: int = 0, pad_left: int = 0,
+               pad_value: int = 0, pack: int = 0) -> Program:
+        """IM2COL: the GEMM input words of ``m_blocks`` blocks of a convolution window over the
+        OUT activation tensor at ``src`` (section 5); ``pad_value`` is an INT8 value."""
+        if not -128 <= pad_value <= 127:
+            raise FieldError(f"IM2COL.pad_value={pad_value} is not an INT8 value")
+        return self.append(Instruction(
+            Opcode.IM2COL, src=src, dst=dst, pitch=pitch, channels=channels, in_h=in_h,
+            in_w=in_w, kh=kh, kw=kw, stride=stride, dilation=dilation, pad_top=pad_top,
+            pad_left=pad_left, pad_value=pad_value & 0xFF, oy0=oy0, out_w=out_w,
+            m_blocks=m_blocks, pack=pack))
 
     def patch(self, new_addr: int, ref_addr: int, k: int, blocks: int, threshold: int,
               mask_idx: int = 0, merge: bool = False) -> Program:
