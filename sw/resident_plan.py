@@ -475,7 +475,10 @@ def _emit_layer(plan: ResidentPlan, lp: _LayerPlan, state: dict) -> None:
             else:
                 half = 1 - state["last_inp"]
                 content[half] = key
-                ops.append(("im2col", part.tensor, part.word, part.fields, half, oy0, mb))
+                rows_off, fields, oy0_w = _row_window(part.fields, plan.tensors[part.tensor],
+                                                      oy0, n_rows)
+                ops.append(("im2col", part.tensor, part.word + rows_off, fields, half, oy0_w,
+                            mb))
             state["last_inp"] = half
             wgt = (("res", lp.part_addr[j][n]) if lp.wgt_resident
                    else ("stream", chunk_slot, offset))
@@ -488,6 +491,27 @@ def _emit_layer(plan: ResidentPlan, lp: _LayerPlan, state: dict) -> None:
                  else plan.param_stream_base + state["pslot"])
         pending = ("requant", acc, lp.out, oy0 * lp.out_w, j, param, pixels)
     ops.append(pending)
+
+
+def _row_window(fields: dict, x: TensorPlacement, oy0: int, n_rows: int):
+    """An IM2COL of output rows ``oy0 .. oy0 + n_rows - 1`` restricted to the input rows they
+    read: ``(words, fields, oy0)`` with ``src`` moved ``words`` on to the first such row (the
+    first row whose first pixel starts a word, when pixels are packed), ``in_h`` cut to the rows
+    read and ``pad_top``/``oy0`` shifted to match. The INP words are the same except for the
+    spill pixels of a partial last m-block, which no REQUANT reads (they now see padding); the
+    access range the hazard tracking compares shrinks to the rows read, so a layer's first
+    tiles can start while the previous layer still writes its last rows."""
+    f = fields
+    lo = oy0 * f["stride"] - f["pad_top"]  # input row of output row oy0 at tap ky = 0
+    hi = (oy0 + n_rows - 1) * f["stride"] - f["pad_top"] + (f["kh"] - 1) * f["dilation"]
+    r0, r1 = max(lo, 0), min(hi, x.h - 1)
+    r0 -= r0 % ((1 << x.pack) // math.gcd(x.w, 1 << x.pack))
+    if r1 < r0:  # the tile reads padding only: keep the whole tensor
+        return 0, f, oy0
+    d = lo - r0  # window row of output row oy0 at tap 0: oy0'*stride - pad_top'
+    oy0_w = -(-d // f["stride"]) if d > 0 else 0
+    return ((r0 * x.w) >> x.pack) * x.pitch, dict(f, in_h=r1 - r0 + 1,
+                                                  pad_top=oy0_w * f["stride"] - d), oy0_w
 
 
 # -- in-place check ----------------------------------------------------------------------------

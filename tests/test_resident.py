@@ -243,3 +243,29 @@ def test_in_place_when_two_activations_do_not_fit_out():
     with Device("golden", "ice40") as dev:
         got = ResidentModel(q, dev, plan=plan).run_int(q.input_q.quantize(x.numpy()))
     assert np.array_equal(got, run_quantized(q, x, return_int=True))
+
+
+@pytest.mark.rtl
+@pytest.mark.parametrize("config", ["ice40", "ecp5"])
+def test_resident_models_on_the_rtl_equal_the_reference(config):
+    """The small models (every layer kind, tiles, channel-word splits, streamed weights on
+    ice40) and, on ecp5, the digits CNN: one program per inference on the Verilated RTL, every
+    output code equal to the host reference's, every cycle counted."""
+    cases = []
+    for name in SMALL:
+        if (name, config) in REFUSED:
+            continue
+        torch.manual_seed(0)
+        net = SMALL[name]().eval()
+        channels = {"residual-add-relu6": 4, "conv-groups": 4, "depthwise-mult2": 6}.get(name, 3)
+        cases.append((name, quantize(net, torch.randn(32, channels, 7, 7)),
+                      torch.randn(2, channels, 7, 7)))
+    if config == "ecp5":
+        q, x = _zoo_model("digits-cnn")
+        cases.append(("digits-cnn", q, x))
+    with Device("rtl", config) as dev:
+        for name, q, x in cases:
+            model = ResidentModel(q, dev)
+            got = model.run_int(q.input_q.quantize(x.numpy()))
+            assert np.array_equal(got, run_quantized(q, x, return_int=True)), name
+            assert model.res_stats.last_cycles > 0 and model.res_stats.macs_issued > 0, name
