@@ -1,0 +1,411 @@
+"""IM2COL unit: the window of a convolution, read from an activation tensor in OUT, written as
+GEMM input words to INP (section 5, :class:`~.isa.Im2colOperands`); two designs, one signature.
+
+Both walk the output pixels of a block with a *walker* instead of dividing: pixel ``p + 1`` is
+``(oy, ox + 1)``, or ``(oy + 1, 0)`` after the row's last column. The walker holds ``ox``,
+``iy0 = oy*stride - pad_top`` and ``ix0 = ox*stride - pad_left``; a tap adds ``dy = ky*dilation``
+and ``dx = kx*dilation``. A block's first pixel is kept (``bs_*``): each INP word (or tile)
+walks the block's pixels again from it, and the block after starts one step after its last
+pixel. The first block starts at ``(oy0, 0)``.
+"""
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import exact_log2
+
+from ..errors import ConfigError
+from .config import AccelConfig
+from .control import UnitControl
+from .isa import BLOCKS_BITS, Buffer, Im2colOperands
+from .scratchpads import ReadClient, WriteClient, geometry
+
+__all__ = ["Im2col", "Im2colTiled", "Im2colSerial"]
+
+#: Low bits of the input pixel index ``q = iy*in_w + ix``: a pixel inside the tensor has
+#: ``q < 2**16`` (``in_h, in_w <= 255``), so arithmetic modulo ``2**16`` gives it exactly.
+Q_BITS = 16
+
+
+class Im2col(wiring.Component):
+    """What both designs share: the ports (``ctrl``, ``rd_out``, ``wr_inp``) and the widths.
+
+    ``held_cmd``: the dispatcher keeps ``ctrl.cmd`` valid until the unit is idle again, so the
+    unit keeps no copy of it (compact builds; only :class:`Im2colSerial` uses it).
+    """
+
+    def __init__(self, config: AccelConfig, *, held_cmd: bool = False):
+        if config.cols & (config.cols - 1):
+            raise ConfigError(f"config {config.name!r}: the IM2COL unit needs a power-of-two "
+                              f"cols, not {config.cols}")
+        self._config = config
+        self._held_cmd = held_cmd
+        self._out = geometry(config, Buffer.OUT)
+        self._inp = geometry(config, Buffer.INP)
+        super().__init__({
+            "ctrl": In(UnitControl(Im2colOperands)),
+            "rd_out": Out(ReadClient(self._out)),
+            "wr_inp": Out(WriteClient(self._inp)),
+        })
+
+    def _widths(self):
+        """Signed widths of ``iy`` and ``ix``: exact for every operand value (``oy`` reaches
+        ``oy0 + m_blocks*rows - 1`` when ``out_w`` is 1)."""
+        rows = self._config.rows
+        tap = 31 * 7  # (kh - 1) * dilation at most
+        iy_max = (255 + 255 * rows) * 7 + tap
+        ix_max = 254 * 7 + tap
+        return iy_max.bit_length() + 1, ix_max.bit_length() + 1
+
+    def _walker(self, m, cmd, prefix):
+        """Walker registers ``(ox, iy0, ix0)`` and their step (the next pixel's values)."""
+        iyw, ixw = self._widths()
+        ox = Signal(8, name=f"{prefix}ox")
+        iy0 = Signal(signed(iyw), name=f"{prefix}iy0")
+        ix0 = Signal(signed(ixw), name=f"{prefix}ix0")
+        wrap = ox == cmd.out_w - 1
+        step = (Mux(wrap, 0, ox + 1)[:8],
+                Mux(wrap, iy0 + cmd.stride, iy0)[:iyw].as_signed(),
+                Mux(wrap, -cmd.pad_left, ix0 + cmd.stride)[:ixw].as_signed())
+        return (ox, iy0, ix0), step
+
+    @staticmethod
+    def _lane(pack, q_low, log2_cols):
+        """First lane of pixel ``q`` in its OUT word: ``(q mod 2**pack) * (cols >> pack)``."""
+        lane = Const(0, log2_cols)
+        for p in range(1, 4):
+            if p <= log2_cols:
+                mask = (1 << p) - 1
+                lane = Mux(pack == p, (q_low & mask) << (log2_cols - p), lane)
+        return lane[:log2_cols] if log2_cols else Const(0, 1)
+
+
+class Im2colTiled(Im2col):
+    """IM2COL in tiles, overlapping other units (full builds).
+
+    A tile is ``rows`` output pixels (a block) by one OUT word of channels (``g``, up to ``cols``
+    of them) of one tap: ``rows`` OUT reads, one a cycle, each rotated so that the tile row's lane
+    ``j`` is channel ``g*cols + j`` (or ``pad_value`` everywhere outside the tensor), then one INP
+    word per channel of it, one a cycle: lane ``r`` of the word is tile row ``r``. Two tile banks:
+    one fills while the other drains, so a tile costs ``max(rows, channels in it)`` cycles in
+    steady state (one INP word a cycle whenever a pixel's OUT word holds at least ``rows``
+    channels). Tiles go in INP order (block, tap, channel group), so the INP address only counts.
+
+    Read pipeline: (1) walker + tap offsets -> ``iy, ix`` and the row's ``q``; (2) inside test,
+    ``q``; (3) ``(q >> pack) * pitch``; (4) read OUT at ``src + that + g``; (5) the tile row.
+    Setup: 4 cycles after the start.
+    """
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self._config
+        rows, cols = cfg.rows, cfg.cols
+        lc = exact_log2(cols)
+        iyw, ixw = self._widths()
+        out_aw, inp_aw = self._out.addr_width, self._inp.addr_width
+
+        cmd = Signal(Im2colOperands)
+        (ox, iy0, ix0), step = self._walker(m, cmd, "")
+        qrow = Signal(Q_BITS)  # iy0 * in_w (mod 2**16)
+        bs_ox, bs_iy0, bs_ix0, bs_qrow = (Signal.like(s, name=f"bs_{s.name}")
+                                           for s in (ox, iy0, ix0, qrow))
+        srow = Signal(Q_BITS)  # stride * in_w: qrow's step to the next output row
+        drow = Signal(Q_BITS)  # dilation * in_w: the step of dyw to the next tap row
+        step_qrow = Mux(ox == cmd.out_w - 1, qrow + srow, qrow)[:Q_BITS]
+        t1 = Signal(11)  # oy0 * stride (setup)
+
+        # tap, channel group, block, pixel
+        ky, kx = Signal(5), Signal(5)
+        dy, dx = Signal(8), Signal(8)
+        dyw = Signal(Q_BITS)  # dy * in_w
+        g = Signal(10)
+        c_left = Signal(11)  # channels not in earlier groups
+        ccount = Mux(c_left > cols, cols, c_left)[:lc + 1]
+        i = Signal(BLOCKS_BITS)
+        r = Signal(range(rows))
+        wptr = Signal(inp_aw)
+
+        # two tile banks: used from the tile's first read until its last INP write; full once
+        # its last row has landed
+        tile = data.ArrayLayout(data.ArrayLayout(8, cols), rows)
+        banks = [Signal(tile, name=f"bank{b}") for b in range(2)]
+        used, full = Signal(2), Signal(2)
+        base = [Signal(inp_aw, name=f"base{b}") for b in range(2)]
+        count = [Signal(lc + 1, name=f"count{b}") for b in range(2)]
+        fs, ds = Signal(), Signal()  # bank being filled, bank being drained
+
+        # -- read pipeline -----------------------------------------------------------------
+        issue = Signal()
+        last_row = r == rows - 1
+        p1 = Signal(data.StructLayout({
+            "valid": 1, "iy": signed(iyw), "ix": signed(ixw), "qr": Q_BITS, "g": 10,
+            "r": range(rows), "bank": 1, "last": 1}))
+        p2 = Signal(data.StructLayout({
+            "valid": 1, "inside": 1, "q": Q_BITS, "g": 10, "r": range(rows), "bank": 1,
+            "last": 1}))
+        p3 = Signal(data.StructLayout({
+            "valid": 1, "inside": 1, "word": Q_BITS + 6, "q_low": 3, "g": 10, "r": range(rows),
+            "bank": 1, "last": 1}))
+        p4 = Signal(data.StructLayout({
+            "valid": 1, "inside": 1, "q_low": 3, "r": range(rows), "bank": 1, "last": 1}))
+        m.d.sync += [
+            p1.valid.eq(issue), p1.iy.eq(iy0 + dy), p1.ix.eq(ix0 + dx),
+            p1.qr.eq(qrow + dyw), p1.g.eq(g), p1.r.eq(r), p1.bank.eq(fs),
+            p1.last.eq(last_row),
+            p2.valid.eq(p1.valid),
+            p2.inside.eq((p1.iy >= 0) & (p1.iy < cmd.in_h) & (p1.ix >= 0) &
+                         (p1.ix < cmd.in_w)),
+            p2.q.eq(p1.qr + p1.ix[:Q_BITS]), p2.g.eq(p1.g), p2.r.eq(p1.r),
+            p2.bank.eq(p1.bank), p2.last.eq(p1.last),
+            p3.valid.eq(p2.valid), p3.inside.eq(p2.inside),
+            p3.word.eq((p2.q >> cmd.pack) * cmd.pitch), p3.q_low.eq(p2.q[:3]), p3.g.eq(p2.g),
+            p3.r.eq(p2.r), p3.bank.eq(p2.bank), p3.last.eq(p2.last),
+            p4.valid.eq(p3.valid), p4.inside.eq(p3.inside), p4.q_low.eq(p3.q_low),
+            p4.r.eq(p3.r), p4.bank.eq(p3.bank), p4.last.eq(p3.last),
+        ]
+        m.d.comb += [
+            self.rd_out.addr.eq((cmd.src + p3.word + p3.g)[:out_aw]),
+            self.rd_out.en.eq(p3.valid & p3.inside),
+        ]
+        # (5) the word read lands in its tile row, rotated to the pixel's first lane
+        shift = self._lane(cmd.pack, p4.q_low, lc)
+        rotated = self.rd_out.data >> Cat(Const(0, 3), shift)
+        pad = Cat(*[cmd.pad_value] * cols)
+        row_value = Mux(p4.inside, rotated, pad)[:8 * cols]
+        with m.If(p4.valid):
+            for b in range(2):
+                with m.If(p4.bank == b):
+                    with m.Switch(p4.r):
+                        for rr in range(rows):
+                            with m.Case(rr):
+                                m.d.sync += banks[b][rr].as_value().eq(row_value)
+            with m.If(p4.last):
+                m.d.sync += full.bit_select(p4.bank, 1).eq(1)
+
+        # -- drain: one INP word a cycle from the full bank ---------------------------------
+        j = Signal(lc + 1)
+        drain = Mux(ds, banks[1].as_value(), banks[0].as_value())
+        drain = data.View(tile, drain)
+        column = Cat(*[drain[rr][j[:lc] if lc else 0] for rr in range(rows)])
+        draining = full.bit_select(ds, 1)
+        m.d.comb += [
+            self.wr_inp.addr.eq((Mux(ds, base[1], base[0]) + j)[:inp_aw]),
+            self.wr_inp.data.eq(column),
+            self.wr_inp.en.eq(Mux(draining, (1 << len(self.wr_inp.en)) - 1, 0)),
+        ]
+        with m.If(draining):
+            m.d.sync += j.eq(j + 1)
+            with m.If(j == Mux(ds, count[1], count[0]) - 1):
+                m.d.sync += [j.eq(0), ds.eq(~ds), full.bit_select(ds, 1).eq(0),
+                             used.bit_select(ds, 1).eq(0)]
+
+        # -- the tile sequencer ---------------------------------------------------------------
+        busy = Signal()
+        m.d.comb += self.ctrl.busy[0].eq(busy)
+        last_g = c_left <= cols
+        last_kx = kx == cmd.kw - 1
+        last_ky = ky == cmd.kh - 1
+        last_i = i == cmd.m_blocks - 1
+        block_end = last_g & last_kx & last_ky
+        with m.FSM():
+            with m.State("IDLE"):
+                with m.If(self.ctrl.start):
+                    c = self.ctrl.cmd
+                    m.d.sync += cmd.eq(c)
+                    with m.If(c.m_blocks != 0):
+                        m.d.sync += busy.eq(1)
+                        m.next = "SETUP"
+            with m.State("SETUP"):
+                m.d.sync += [
+                    t1.eq(cmd.oy0 * cmd.stride),
+                    srow.eq(cmd.stride * cmd.in_w), drow.eq(cmd.dilation * cmd.in_w),
+                    bs_ox.eq(0), bs_ix0.eq(-cmd.pad_left),
+                    ky.eq(0), kx.eq(0), dy.eq(0), dx.eq(0), dyw.eq(0),
+                    g.eq(0), c_left.eq(cmd.channels), i.eq(0), r.eq(0), wptr.eq(cmd.dst),
+                    fs.eq(0), ds.eq(0), j.eq(0),
+                ]
+                m.next = "SETUP_IY"
+            with m.State("SETUP_IY"):
+                m.d.sync += bs_iy0.eq(t1 - cmd.pad_top)
+                m.next = "SETUP_Q"
+            with m.State("SETUP_Q"):
+                m.d.sync += [bs_qrow.eq(bs_iy0 * cmd.in_w), ox.eq(bs_ox), iy0.eq(bs_iy0),
+                             ix0.eq(bs_ix0)]
+                m.next = "LOAD"
+            with m.State("LOAD"):
+                m.d.sync += qrow.eq(bs_qrow)
+                m.next = "RUN"
+            with m.State("RUN"):
+                with m.If((r != 0) | ~used.bit_select(fs, 1)):
+                    m.d.comb += issue.eq(1)
+                    with m.If(r == 0):
+                        m.d.sync += [
+                            used.bit_select(fs, 1).eq(1), wptr.eq(wptr + ccount),
+                        ]
+                        for b in range(2):
+                            with m.If(fs == b):
+                                m.d.sync += [base[b].eq(wptr), count[b].eq(ccount)]
+                    nox, niy0, nix0 = step
+                    m.d.sync += [r.eq(r + 1), ox.eq(nox), iy0.eq(niy0), ix0.eq(nix0),
+                                 qrow.eq(step_qrow)]
+                    with m.If(last_row):
+                        m.d.sync += [r.eq(0), fs.eq(~fs)]
+                        with m.If(~block_end):  # the block again, for the next tile
+                            m.d.sync += [ox.eq(bs_ox), iy0.eq(bs_iy0), ix0.eq(bs_ix0),
+                                         qrow.eq(bs_qrow)]
+                        with m.Else():  # the next block starts after this one's last pixel
+                            m.d.sync += [bs_ox.eq(nox), bs_iy0.eq(niy0), bs_ix0.eq(nix0),
+                                         bs_qrow.eq(step_qrow), i.eq(i + 1)]
+                            with m.If(last_i):
+                                m.next = "FINISH"
+                        with m.If(~last_g):
+                            m.d.sync += [g.eq(g + 1), c_left.eq(c_left - cols)]
+                        with m.Else():
+                            m.d.sync += [g.eq(0), c_left.eq(cmd.channels)]
+                            with m.If(~last_kx):
+                                m.d.sync += [kx.eq(kx + 1), dx.eq(dx + cmd.dilation)]
+                            with m.Else():
+                                m.d.sync += [kx.eq(0), dx.eq(0)]
+                                with m.If(~last_ky):
+                                    m.d.sync += [ky.eq(ky + 1), dy.eq(dy + cmd.dilation),
+                                                 dyw.eq(dyw + drow)]
+                                with m.Else():
+                                    m.d.sync += [ky.eq(0), dy.eq(0), dyw.eq(0)]
+            with m.State("FINISH"):  # every tile read: wait for the banks to drain
+                with m.If(~used.any() & ~p1.valid & ~p2.valid & ~p3.valid & ~p4.valid):
+                    m.d.sync += busy.eq(0)
+                    m.next = "IDLE"
+        return m
+
+
+class Im2colSerial(Im2col):
+    """IM2COL one value at a time, for area (compact builds).
+
+    For each INP word (block, tap, channel) and each lane ``r`` of it: the walker's pixel plus
+    the tap gives ``iy, ix``; outside the tensor the value is ``pad_value`` (3 cycles); inside,
+    one adder computes ``q = ix + iy*in_w`` (8 cycles) and then the OUT address ``src + g +
+    (q >> pack)*pitch`` (6 cycles), shift-and-add from the least significant bit of ``in_w`` and
+    of ``pitch``; the value read (lane ``(q mod 2**pack)*(cols >> pack) + c mod cols``) is
+    shifted into the word, which is written when it has ``rows`` values: 18 cycles a value.
+    """
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self._config
+        rows, cols = cfg.rows, cfg.cols
+        lc = exact_log2(cols)
+        out_aw, inp_aw = self._out.addr_width, self._inp.addr_width
+
+        cmd = self.ctrl.cmd if self._held_cmd else Signal(Im2colOperands)
+        (ox, iy0, ix0), step = self._walker(m, cmd, "")
+        bs = [Signal.like(s, name=f"bs_{s.name}") for s in (ox, iy0, ix0)]
+        ky, kx = Signal(5), Signal(5)
+        dy, dx = Signal(8), Signal(8)
+        c = Signal(10)
+        i = Signal(BLOCKS_BITS)
+        r = Signal(range(rows))
+        wptr = Signal(inp_aw)
+        word = Signal(8 * rows)  # values shift in at the top: lane r ends in bits 8r..8r+7
+
+        # shift-and-add: acc += mcand while the multiplier bit `bit` is set; mcand <<= 1
+        acc = Signal(Q_BITS)
+        mcand = Signal(Q_BITS)
+        n = Signal(3)  # multiplier bit
+        q_low = Signal(3)
+        iy = iy0 + dy
+        ix = ix0 + dx
+        inside = (iy >= 0) & (iy < cmd.in_h) & (ix >= 0) & (ix < cmd.in_w)
+        lane = self._lane(cmd.pack, q_low, lc)
+        lane = (lane | c[:lc]) if lc else Const(0, 1)
+        value = self.rd_out.data.word_select(lane, 8) if cols > 1 else self.rd_out.data[:8]
+
+        busy = Signal()
+        m.d.comb += self.ctrl.busy[0].eq(busy)
+        last_r = r == rows - 1
+        nox, niy0, nix0 = step
+
+        def shift_in(v):
+            return word.eq(Cat(word[8:], v) if rows > 1 else v)
+
+        with m.FSM():
+            with m.State("IDLE"):
+                with m.If(self.ctrl.start):
+                    if not self._held_cmd:
+                        m.d.sync += cmd.eq(self.ctrl.cmd)
+                    with m.If(self.ctrl.cmd.m_blocks != 0):
+                        m.d.sync += busy.eq(1)
+                        m.next = "SETUP"
+            with m.State("SETUP"):  # iy0 of the first block = oy0*stride - pad_top
+                m.d.sync += [
+                    acc.eq(-cmd.pad_top), mcand.eq(cmd.oy0), n.eq(0),
+                    bs[0].eq(0), bs[2].eq(-cmd.pad_left), ky.eq(0), kx.eq(0), dy.eq(0),
+                    dx.eq(0), c.eq(0), i.eq(0), r.eq(0), wptr.eq(cmd.dst),
+                ]
+                m.next = "SETUP_MUL"
+            with m.State("SETUP_MUL"):
+                with m.If(cmd.stride.bit_select(n, 1)):
+                    m.d.sync += acc.eq(acc + mcand)
+                m.d.sync += [mcand.eq(mcand << 1), n.eq(n + 1)]
+                with m.If(n == 2):
+                    m.next = "SETUP_END"
+            with m.State("SETUP_END"):
+                m.d.sync += [bs[1].eq(acc.as_signed()), ox.eq(bs[0]), iy0.eq(acc.as_signed()),
+                             ix0.eq(bs[2])]
+                m.next = "CHECK"
+            with m.State("CHECK"):
+                m.d.sync += [acc.eq(ix[:Q_BITS]), mcand.eq(iy[:Q_BITS]), n.eq(0)]
+                with m.If(inside):
+                    m.next = "MUL_Q"
+                with m.Else():
+                    m.d.sync += shift_in(cmd.pad_value)
+                    m.next = "NEXT"
+            with m.State("MUL_Q"):  # q = ix + iy*in_w
+                with m.If(cmd.in_w.bit_select(n, 1)):
+                    m.d.sync += acc.eq(acc + mcand)
+                m.d.sync += [mcand.eq(mcand << 1), n.eq(n + 1)]
+                with m.If(n == 7):
+                    m.next = "Q"
+            with m.State("Q"):
+                m.d.sync += [acc.eq(cmd.src + (c >> lc)), mcand.eq(acc >> cmd.pack),
+                             q_low.eq(acc[:3]), n.eq(0)]
+                m.next = "MUL_ADDR"
+            with m.State("MUL_ADDR"):  # src + g + (q >> pack)*pitch
+                with m.If(cmd.pitch.bit_select(n, 1)):
+                    m.d.sync += acc.eq(acc + mcand)
+                m.d.sync += [mcand.eq(mcand << 1), n.eq(n + 1)]
+                with m.If(n == 5):
+                    m.next = "READ"
+            with m.State("READ"):
+                m.d.comb += [self.rd_out.addr.eq(acc[:out_aw]), self.rd_out.en.eq(1)]
+                m.next = "CAPTURE"
+            with m.State("CAPTURE"):
+                m.d.sync += shift_in(value)
+                m.next = "NEXT"
+            with m.State("NEXT"):
+                m.d.sync += [r.eq(r + 1), ox.eq(nox), iy0.eq(niy0), ix0.eq(nix0)]
+                m.next = "CHECK"
+                with m.If(last_r):
+                    m.d.comb += [
+                        self.wr_inp.addr.eq(wptr), self.wr_inp.data.eq(word),
+                        self.wr_inp.en.eq((1 << len(self.wr_inp.en)) - 1),
+                    ]
+                    m.d.sync += [r.eq(0), wptr.eq(wptr + 1),
+                                 ox.eq(bs[0]), iy0.eq(bs[1]), ix0.eq(bs[2])]
+                    with m.If(c != cmd.channels - 1):
+                        m.d.sync += c.eq(c + 1)
+                    with m.Else():
+                        m.d.sync += c.eq(0)
+                        with m.If(kx != cmd.kw - 1):
+                            m.d.sync += [kx.eq(kx + 1), dx.eq(dx + cmd.dilation)]
+                        with m.Else():
+                            m.d.sync += [kx.eq(0), dx.eq(0)]
+                            with m.If(ky != cmd.kh - 1):
+                                m.d.sync += [ky.eq(ky + 1), dy.eq(dy + cmd.dilation)]
+                            with m.Else():  # next block: one step after this one's last pixel
+                                m.d.sync += [ky.eq(0), dy.eq(0), i.eq(i + 1),
+                                             bs[0].eq(nox), bs[1].eq(niy0), bs[2].eq(nix0),
+                                             ox.eq(nox), iy0.eq(niy0), ix0.eq(nix0)]
+                                with m.If(i == cmd.m_blocks - 1):
+                                    m.d.sync += busy.eq(0)
+                                    m.next = "IDLE"
+        return m
