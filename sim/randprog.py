@@ -18,13 +18,14 @@ import numpy as np
 
 from ..errors import ConfigError, FieldError
 from ..hw.config import AccelConfig, get_config
+from ..hw.decode_rules import strided_span
 from ..hw.isa import Buffer, Opcode, Status, operand_fields
 from ..protocol import PARAM_DTYPE, Program, encode_fields, lane_dtype, lanes
 from .numerics import INT32_MAX, INT32_MIN
 
 __all__ = ["SEED_ENV", "DEFAULT_SEED", "parse_seed", "seed_from_env", "random_words",
            "random_channel_params", "random_program", "corner_programs", "Corner",
-           "UNDEFINED_OPCODES", "UNDEFINED_BUFFERS"]
+           "UNDEFINED_OPCODES", "UNDEFINED_BUFFERS", "random_im2col", "broken_im2col"]
 
 
 def _field(opcode: Opcode, name: str):
@@ -43,6 +44,7 @@ _K_MAX = _field(Opcode.GEMM, "k").mask
 _THRESHOLD_MAX = _field(Opcode.PATCH, "threshold").mask
 _STRIPE_MAX = _field(Opcode.SGQ, "stripe_len").mask
 _MAX_SHIFT_MAX = _field(Opcode.SGQ, "max_shift").mask
+_GAP_MAX = _field(Opcode.REQUANT, "out_gap").mask
 _INT8 = np.iinfo(np.int8)
 
 
@@ -146,6 +148,93 @@ def random_words(config: AccelConfig, buf: Buffer, n: int, rng) -> np.ndarray:
     return _with_extremes(rng, x, _INT8.min, _INT8.max).astype(np.int8)
 
 
+def random_im2col(config: AccelConfig | str, rng, *, out_window: int | None = None,
+                  inp_window: int | None = None) -> dict:
+    """Legal IM2COL operands (``Program.im2col`` keywords, ``pad_value`` an INT8 value) whose
+    tensor lies in the first ``out_window`` OUT words and whose words in the first
+    ``inp_window`` INP words (default: the whole buffers).
+
+    Besides layer-like windows they cover the corners: ``pack > 0`` lanes, ``pitch`` beyond the
+    channels' words, strides, dilations and pads up to their field maxima, pixels far below the
+    tensor (``oy0`` large: all padding), ``pad_value`` of either sign, ``m_blocks = 0``.
+    """
+    config, rng = get_config(config), _rng(rng)
+    cols = config.cols
+    out_window = min(out_window or config.out_depth, config.out_depth)
+    inp_window = min(inp_window or config.inp_depth, config.inp_depth)
+
+    def small(hi, p_max=0.15, top=None):  # mostly 1..hi, sometimes the field maximum
+        if top is not None and rng.random() < p_max:
+            return int(rng.integers(1, top + 1))
+        return int(rng.integers(1, hi + 1))
+
+    for _ in range(1000):
+        pack = 0
+        if cols > 1 and rng.random() < 0.3:
+            pack = int(rng.integers(1, min(3, cols.bit_length() - 1) + 1))
+            channels = int(rng.integers(1, (cols >> pack) + 1))
+            pitch = int(rng.integers(1, 3))
+        else:
+            channels = int(rng.integers(1, 4)) if rng.random() < 0.3 else \
+                int(rng.integers(1, 3 * cols + 1))
+            pitch = -(-channels // cols) + int(rng.integers(0, 2))
+        in_w = small(8, top=40)
+        in_h = small(8, top=40)
+        span = -(-in_h * in_w >> pack) * pitch
+        if span > out_window:
+            continue
+        kh, kw = small(3, 0.1, 31), small(3, 0.1, 31)
+        k = kh * kw * channels
+        blocks_max = min(inp_window // k, _BLOCKS_MAX, 4)
+        if blocks_max < 1:
+            continue
+        m_blocks = 0 if rng.random() < 0.04 else int(rng.integers(1, blocks_max + 1))
+        out_w = small(10, top=255)
+        oy0 = int(rng.integers(0, 4)) if rng.random() < 0.8 else int(rng.integers(0, 256))
+        return dict(
+            src=int(rng.integers(0, out_window - span + 1)),
+            dst=int(rng.integers(0, inp_window - m_blocks * k + 1)),
+            pitch=pitch, channels=channels, in_h=in_h, in_w=in_w, kh=kh, kw=kw,
+            stride=small(2, top=7), dilation=small(1, 0.2, 7),
+            pad_top=int(rng.integers(0, 3)) if rng.random() < 0.8 else int(rng.integers(0, 16)),
+            pad_left=int(rng.integers(0, 3)) if rng.random() < 0.8 else int(rng.integers(0, 16)),
+            pad_value=int(rng.integers(_INT8.min, _INT8.max + 1)), oy0=oy0, out_w=out_w,
+            m_blocks=m_blocks, pack=pack)
+    raise ConfigError(f"config {config.name!r}: no IM2COL fits {out_window} OUT and "
+                      f"{inp_window} INP words")
+
+
+#: The ways :func:`broken_im2col` breaks an IM2COL (each a rule of ``RULES[Opcode.IM2COL]``).
+_IM2COL_BREAKS = ("in_h", "in_w", "channels", "kh", "kw", "out_w", "stride", "dilation", "pitch",
+                  "pixel", "dst", "src")
+
+
+def broken_im2col(config: AccelConfig | str, rng) -> dict:
+    """IM2COL operands (as :func:`random_im2col`) that break one decode rule: a zero extent,
+    a pixel too wide for its storage, the INP words or the tensor beyond the buffer."""
+    config, rng = get_config(config), _rng(rng)
+    f = random_im2col(config, rng)
+    kind = str(rng.choice(_IM2COL_BREAKS))
+    if kind == "pixel":
+        if f["pack"] and rng.random() < 0.5:
+            f["channels"] = int(rng.integers((config.cols >> f["pack"]) + 1, 1024))
+        else:
+            f["pack"], f["pitch"] = 0, 1
+            f["channels"] = config.cols + int(rng.integers(1, config.cols + 1))
+    elif kind == "dst":
+        f["m_blocks"] = max(f["m_blocks"], 1)
+        k = f["kh"] * f["kw"] * f["channels"]
+        f["dst"] = int(rng.integers(max(0, config.inp_depth - f["m_blocks"] * k + 1),
+                                    min(_ADDR_MAX, config.inp_depth + 4) + 1))
+    elif kind == "src":
+        span = -(-f["in_h"] * f["in_w"] >> f["pack"]) * f["pitch"]
+        f["src"] = int(rng.integers(max(0, config.out_depth - span + 1),
+                                    min(_ADDR_MAX, config.out_depth + 4) + 1))
+    else:
+        f[kind] = 0
+    return f
+
+
 def _opcodes(opcodes: Iterable | None) -> list[Opcode]:
     if opcodes is None:
         return list(Opcode)
@@ -214,8 +303,12 @@ class _Generator:
                       mask_idx=self._int(0, self.mask_bits - mb))
         elif op == Opcode.REQUANT:
             n = self._size(min(self.max_count, win[Buffer.ACC], win[Buffer.OUT]))
-            prog.requant(self._place(Buffer.ACC, n), self._place(Buffer.OUT, n),
-                         self._place(Buffer.PARAM, 1), n)
+            gap = 0  # strided: rows one pixel apart in a channels-last tensor
+            if n > 1 and rng.random() < 0.4:
+                gap = self._int(0, min(_GAP_MAX, (win[Buffer.OUT] - 1) // (n - 1) - 1))
+            prog.requant(self._place(Buffer.ACC, n),
+                         self._place(Buffer.OUT, strided_span(n, gap)),
+                         self._place(Buffer.PARAM, 1), n, out_gap=gap)
         elif op == Opcode.PATCH:
             k = self._int(1, min(self.max_k, win[Buffer.INP] // 2))
             blocks = self._size(min(self.max_blocks, win[Buffer.INP] // (2 * k), _BLOCKS_MAX))
@@ -232,6 +325,9 @@ class _Generator:
             stripe = self._int(1, min(8, win[Buffer.OUT], _STRIPE_MAX))
             n = stripe * self._size(min(self.max_count, win[Buffer.OUT]) // stripe)
             prog.sgq(self._place(Buffer.OUT, n), n, stripe, self._int(0, _MAX_SHIFT_MAX))
+        elif op == Opcode.IM2COL:
+            prog.im2col(**random_im2col(cfg, rng, out_window=win[Buffer.OUT],
+                                        inp_window=win[Buffer.INP]))
         else:  # pragma: no cover - every Opcode is handled above
             raise FieldError(f"no generator for {op!r}")
 
@@ -246,6 +342,7 @@ class _Generator:
             Opcode.LOAD: ["buffer", "range"], Opcode.STORE: ["buffer", "range"],
             Opcode.GEMM: ["k0", "inp", "wgt", "acc", "mask"], Opcode.REQUANT: ["range"],
             Opcode.PATCH: ["k0", "overlap", "range"], Opcode.SGQ: ["stripe0", "multiple", "range"],
+            Opcode.IM2COL: ["rule"],
         }.get(op, [])
         kind = str(rng.choice(kinds + ["opcode"])) if kinds else "opcode"
         if kind == "opcode":
@@ -284,10 +381,13 @@ class _Generator:
         elif op == Opcode.REQUANT:
             which = self._int(0, 2)
             n = self._int(1, 4)
+            gap = self._int(0, _GAP_MAX) if which == 1 and rng.random() < 0.5 else 0
             addrs = [0, 0, 0]
             addrs[which] = self._beyond(depth([Buffer.ACC, Buffer.OUT, Buffer.PARAM][which]),
-                                        1 if which == 2 else n)
-            prog.requant(addrs[0], addrs[1], addrs[2], n)
+                                        [n, strided_span(n, gap), 1][which])
+            prog.requant(addrs[0], addrs[1], addrs[2], n, out_gap=gap)
+        elif op == Opcode.IM2COL:
+            prog.im2col(**broken_im2col(cfg, rng))
         elif op == Opcode.PATCH:
             k, blocks = self._int(1, 4), self._int(1, 3)
             if kind == "k0":

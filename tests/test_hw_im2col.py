@@ -1,0 +1,161 @@
+"""The IM2COL unit (hw/im2col.py), both designs, against ``sim.numerics.window_gather``; and the
+whole accelerator running IM2COL programs and a resident inference against the golden model."""
+
+import numpy as np
+import pytest
+from amaranth.sim import Simulator
+
+from tinyaccel.hw.config import PRESETS
+from tinyaccel.hw.im2col import Im2colSerial, Im2colTiled
+from tinyaccel.hw.isa import Buffer, Im2colOperands, Instruction, Opcode
+from tinyaccel.protocol import pack_words, unpack_words
+from tinyaccel.sim.golden import check_instruction
+from tinyaccel.sim.numerics import window_gather
+from tinyaccel.sim.randprog import random_im2col, random_words, seed_from_env
+
+from hw_tb import FULL, small_config
+
+DESIGNS = {"tiled": Im2colTiled, "serial": Im2colSerial}
+#: Configurations of the unit test: the presets' array shapes (small buffers: faster to fill).
+CONFIGS = {
+    "ice40": small_config(rows=2, cols=4, inp_depth=256, out_depth=128),
+    "ecp5": small_config(rows=8, cols=16, host_width=64, inp_depth=1024, out_depth=256,
+                         requant_lanes=2, impl=FULL),
+    "rows4": small_config(rows=4, cols=8, host_width=32, inp_depth=256, out_depth=128,
+                          requant_lanes=2),
+}
+
+
+def run_unit(design, config, cases, out_words, *, held_cmd=False):
+    """Run each IM2COL in ``cases`` (operand dicts, ``pad_value`` as a field code) on the unit
+    over the OUT contents ``out_words`` (int words): the INP contents after each and its cycles
+    from start to idle. The testbench models the scratchpad ports as section 3 defines them:
+    read data a cycle after the enable, held while it is low."""
+    unit = design(config, held_cmd=held_cmd)
+    depth = config.inp_depth
+    results = []
+
+    async def bench(ctx):
+        for f in cases:
+            inp = [None] * depth  # None: never written
+            ctx.set(unit.ctrl.cmd, Im2colOperands.const(f))
+            ctx.set(unit.ctrl.start, 1)
+            await ctx.tick()
+            ctx.set(unit.ctrl.start, 0)
+            cycles = 0
+            data = 0
+            while True:
+                en, addr = ctx.get(unit.rd_out.en), ctx.get(unit.rd_out.addr)
+                wen = ctx.get(unit.wr_inp.en)
+                waddr, wdata = ctx.get(unit.wr_inp.addr), ctx.get(unit.wr_inp.data)
+                busy = ctx.get(unit.ctrl.busy)
+                if cycles and not busy:
+                    assert not en and not wen, "a port used while not busy"
+                    break
+                if wen:
+                    assert wen == (1 << len(unit.wr_inp.en)) - 1, "partial INP write"
+                    assert inp[waddr] is None, f"INP word {waddr} written twice"
+                    inp[waddr] = wdata
+                if en:
+                    data = out_words[addr]
+                await ctx.tick()
+                ctx.set(unit.rd_out.data, data)
+                cycles += 1
+                assert cycles < 200_000, "IM2COL does not finish"
+            results.append((inp, cycles))
+            if not held_cmd:  # the unit keeps its own copy: the command may change at once
+                ctx.set(unit.ctrl.cmd, 0)
+            await ctx.tick()
+
+    sim = Simulator(unit)
+    sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()
+    return results
+
+
+def expected(config, out, f):
+    """INP words (int8 rows) of IM2COL ``f`` by the golden window gather."""
+    return window_gather(out, config.rows, **f)
+
+
+def random_cases(config, rng, n):
+    cases = []
+    while len(cases) < n:
+        f = random_im2col(config, rng)
+        f["pad_value"] &= 0xFF
+        assert check_instruction(config, Instruction(Opcode.IM2COL, **f)) is None
+        cases.append(f)
+    return cases
+
+
+def check(config, out, f, inp, cycles):
+    want = expected(config, out, f)
+    k = f["kh"] * f["kw"] * f["channels"]
+    n = f["m_blocks"] * k
+    written = [a for a, w in enumerate(inp) if w is not None]
+    assert written == list(range(f["dst"], f["dst"] + n)), f"writes outside {f}"
+    if n:
+        size = config.word_bytes(Buffer.INP)
+        got = unpack_words(config, Buffer.INP,
+                           b"".join(inp[a].to_bytes(size, "little") for a in written))
+        np.testing.assert_array_equal(got, want, err_msg=str(f))
+    else:
+        assert cycles <= 2, "m_blocks=0 must not raise busy"
+
+
+@pytest.mark.parametrize("config_name", CONFIGS)
+@pytest.mark.parametrize("design", DESIGNS)
+def test_unit_against_window_gather(design, config_name):
+    seed = seed_from_env()
+    rng = np.random.default_rng(seed)
+    config = CONFIGS[config_name]
+    out = random_words(config, Buffer.OUT, config.out_depth, rng)
+    out_words = [int.from_bytes(b, "little") for b in _word_bytes(config, out)]
+    n = 40 if design == "tiled" else 14
+    cases = random_cases(config, rng, n)
+    cases.append(dict(cases[0], m_blocks=0))
+    held = design == "serial" and config.impl.held_cmd
+    for f, (inp, cycles) in zip(cases, run_unit(DESIGNS[design], config, cases, out_words,
+                                                 held_cmd=held), strict=True):
+        check(config, out, f, inp, cycles)
+
+
+def _word_bytes(config, words):
+    data = pack_words(config, Buffer.OUT, words)
+    size = config.word_bytes(Buffer.OUT)
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+def _dense_case(config, channels, kh=3, kw=3, m_blocks=4):
+    """A layer-like IM2COL: 3x3 window, stride 1, pad 1, on an 8x8 tensor."""
+    pitch = -(-channels // config.cols)
+    return dict(src=0, dst=0, pitch=pitch, channels=channels, in_h=8, in_w=8, kh=kh, kw=kw,
+                stride=1, dilation=1, pad_top=1, pad_left=1, pad_value=0, oy0=0, out_w=8,
+                m_blocks=m_blocks, pack=0)
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_unit_cycles(design):
+    """Cycles per INP word on a layer-like window (printed for docs/architecture.md); the
+    results equal the window gather too. Tiled: about one INP word a cycle once a pixel's OUT
+    word holds at least ``rows`` channels (``cols`` channels here); serial: a handful of cycles
+    a value."""
+    config = CONFIGS["ecp5"] if design == "tiled" else CONFIGS["ice40"]
+    rng = np.random.default_rng(7)
+    out = random_words(config, Buffer.OUT, config.out_depth, rng)
+    out_words = [int.from_bytes(b, "little") for b in _word_bytes(config, out)]
+    cases = [_dense_case(config, config.cols), _dense_case(config, config.cols, m_blocks=1)]
+    for f in cases:
+        assert check_instruction(config, Instruction(Opcode.IM2COL, **f)) is None
+    (inp, cycles), (inp1, cycles1) = run_unit(DESIGNS[design], config, cases, out_words)
+    for f, (i, c) in zip(cases, ((inp, cycles), (inp1, cycles1)), strict=True):
+        check(config, out, f, i, c)
+    words = cases[0]["m_blocks"] * 9 * config.cols
+    per_word = (cycles - cycles1) / (words - words // 4)  # (three blocks more)
+    print(f"{design}: {cycles} cycles for {words} INP words ({cycles / words:.2f} per word, "
+          f"{per_word:.2f} per word after the first block, setup+first block {cycles1})")
+    if design == "tiled":
+        assert per_word < 1.1
+    else:
+        assert per_word / config.rows < 20  # cycles per value
