@@ -4,16 +4,14 @@ whole accelerator running IM2COL programs and a resident inference against the g
 import numpy as np
 import pytest
 from amaranth.sim import Simulator
+from hw_tb import FULL, small_config
 
-from tinyaccel.hw.config import PRESETS
 from tinyaccel.hw.im2col import Im2colSerial, Im2colTiled
 from tinyaccel.hw.isa import Buffer, Im2colOperands, Instruction, Opcode
 from tinyaccel.protocol import pack_words, unpack_words
 from tinyaccel.sim.golden import check_instruction
 from tinyaccel.sim.numerics import window_gather
 from tinyaccel.sim.randprog import random_im2col, random_words, seed_from_env
-
-from hw_tb import FULL, small_config
 
 DESIGNS = {"tiled": Im2colTiled, "serial": Im2colSerial}
 #: Configurations of the unit test: the presets' array shapes (small buffers: faster to fill).
