@@ -367,7 +367,8 @@ class RequantUnit(wiring.Component):
     next group is read in the cycle its predecessor's result leaves. Results are shifted into a
     register of one host beat (or one OUT word, when a lane group does not divide a beat), which
     is written with that beat's enable when its last group comes out; the write address counts
-    on its own, in order, ``out_gap + 1`` words per ACC word (the strided REQUANT). Read enables and addresses come from flops.
+    on its own, in order, ``out_gap + 1`` words per ACC word (the strided REQUANT). Read enables
+    and addresses come from flops.
     """
 
     def __init__(self, config: AccelConfig, *, serial: bool = False):
