@@ -28,19 +28,29 @@ ADDR_RANGE last.
 from functools import reduce
 from operator import and_
 
-from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .arith import mul_const
 from .config import AccelConfig
-from .decode_rules import RULES, Disjoint, InRange, Multiple, NonZero
+from .decode_rules import (
+    RULES,
+    Disjoint,
+    InRange,
+    Multiple,
+    NonZero,
+    PixelFits,
+    StridedInRange,
+    TensorInRange,
+)
 from .hazards import AccessLayout
 from .isa import (
     BLOCKS_BITS,
     COUNT_BITS,
     INSTR_BITS,
     OPERANDS,
+    PITCH_BITS,
     Buffer,
     InstructionLayout,
     Opcode,
@@ -49,7 +59,8 @@ from .isa import (
 )
 from .scratchpads import geometry
 
-__all__ = ["DecodedLayout", "OPERAND_VIEW", "operands_of", "Decoder", "DecoderParallel"]
+__all__ = ["DecodedLayout", "OPERAND_VIEW", "operands_of", "pixel_fits", "Decoder",
+           "DecoderParallel"]
 
 
 def DecodedLayout(config: AccelConfig, *, access: bool = True) -> data.StructLayout:
@@ -74,6 +85,20 @@ OPERAND_VIEW: dict[Opcode, str] = {
 def operands_of(word, op: Opcode) -> data.View:
     """The operands of ``op`` in the instruction word ``word`` (an ``InstructionLayout`` view)."""
     return word.operands[OPERAND_VIEW[op]]
+
+
+def pixel_fits(config: AccelConfig, o) -> Value:
+    """The :class:`~.decode_rules.PixelFits` rule on the IM2COL operands ``o`` (constants and one
+    shift-and-add of ``pitch``)."""
+    room = Mux(o.pack == 0, mul_const(o.pitch, config.cols),
+               Mux(o.pack == 1, config.cols >> 1,
+                   Mux(o.pack == 2, config.cols >> 2, config.cols >> 3)))
+    return o.channels <= room
+
+
+def _ranged(rule) -> bool:
+    """``rule`` is an ADDR_RANGE check (they come last)."""
+    return isinstance(rule, (InRange, StridedInRange, TensorInRange))
 
 
 class Decoder(wiring.Component):
@@ -174,13 +199,16 @@ class Decoder(wiring.Component):
 
 class DecoderParallel(Decoder):
     """The parallel design: products by shift-and-add, then every check at once (a few cycles
-    per instruction)."""
+    per instruction, a few tens for IM2COL)."""
 
     def _checks(self, m, word, status, buf_ok):
         """Products by shift-and-add, then all checks at once; returns the 'done' pulse.
 
-        Cycles: 1 setup, ``bit_length(max(m_blocks, n_blocks))`` (GEMM, PATCH ``blocks``) or 16
-        (SGQ) iterations (at least 1), 1 to register the result.
+        Cycles: 1 setup, then the first products: ``bit_length(max(m_blocks, n_blocks))`` (GEMM,
+        PATCH ``blocks``), 16 (SGQ), ``bit_length(out_gap + 1)`` (REQUANT) or
+        ``bit_length(max(kh, kw, in_h))`` (IM2COL) iterations plus 1; IM2COL then multiplies the
+        partial products (``bit_length(m_blocks*kh)`` iterations plus 1); 1 to register the
+        result. At most 25 cycles.
         """
         ops = word.operands
         m_a = Signal(BLOCKS_BITS)  # multiplier bits still to consume (m_blocks or blocks)
@@ -191,10 +219,13 @@ class DecoderParallel(Decoder):
         p_nk = Signal(COUNT_BITS + BLOCKS_BITS)  # n_blocks*k
         p_mn = Signal(2 * BLOCKS_BITS)  # m_blocks*n_blocks
         div, div_start = self._divider(m, word)
-        iter_done = (m_a == 0) & (m_b == 0) & div.done
+        spans, spans_done, stage1, stage2, stage2_done = self._spans(m, word)
+        iter_done = (m_a == 0) & (m_b == 0) & div.done & spans_done
 
         check = Signal(DecodedLayout(self._config, access=self._access))
-        self._check(m, word, check, p_mk, p_nk, p_mn, div.remainder)
+        products = {("m_blocks", "k"): p_mk, ("blocks", "k"): p_mk, ("n_blocks", "k"): p_nk,
+                    ("m_blocks", "n_blocks"): p_mn, **spans}
+        self._check(m, word, check, products, div.remainder)
 
         done = Signal()
         with m.FSM(name="checks"):
@@ -204,7 +235,7 @@ class DecoderParallel(Decoder):
                     p_mk.eq(0), p_nk.eq(0), p_mn.eq(0),
                     k_sh.eq(ops.gemm.k), n_sh.eq(ops.gemm.n_blocks),
                 ]
-                m.d.comb += div.start.eq(div_start)
+                m.d.comb += [div.start.eq(div_start), stage1.eq(1)]
                 with m.Switch(word.opcode):
                     with m.Case(Opcode.GEMM):
                         m.d.sync += [m_a.eq(ops.gemm.m_blocks), m_b.eq(ops.gemm.n_blocks)]
@@ -219,6 +250,13 @@ class DecoderParallel(Decoder):
                 with m.If(m_b[0]):
                     m.d.sync += p_nk.eq(p_nk + k_sh)
                 with m.If(iter_done):
+                    with m.If(word.opcode == Opcode.IM2COL):
+                        m.d.comb += stage2.eq(1)
+                        m.next = "ITERATE2"
+                    with m.Else():
+                        m.next = "RESULT"
+            with m.State("ITERATE2"):  # (IM2COL) the products of the partial products
+                with m.If(stage2_done):
                     m.next = "RESULT"
             with m.State("RESULT"):
                 m.d.sync += [status.eq(check.status), buf_ok.eq(check.buf_ok)]
@@ -228,7 +266,53 @@ class DecoderParallel(Decoder):
                 m.next = "SETUP"
         return done
 
-    def _check(self, m, word, out, p_mk, p_nk, p_mn, div_r):
+    def _spans(self, m, word):
+        """The spans of REQUANT's :class:`~.decode_rules.StridedInRange` and IM2COL's
+        4-factor :class:`~.decode_rules.InRange` and :class:`~.decode_rules.TensorInRange`, on
+        three shift-and-add multipliers started with the other products.
+
+        Returns ``({key: span}, first products done, stage-1 start, stage-2 start (both to
+        drive), stage 2 done)``;
+        keys are an extent tuple or a rule class. IM2COL's extent ``f0*f1*f2*f3`` is ``(f0*f1)
+        * (f2*f3)``; its tensor ``ceil(in_h*in_w / 2**pack) * pitch``.
+        """
+        (strided,) = [r for r in RULES[Opcode.REQUANT] if isinstance(r, StridedInRange)]
+        (extent,) = [r.extent for r in RULES[Opcode.IM2COL]
+                     if isinstance(r, InRange) and len(r.extent) == 4]
+        rq, ic = operands_of(word, Opcode.REQUANT), operands_of(word, Opcode.IM2COL)
+        f = [ic[name] for name in extent]
+        # the narrower factor is the multiplier (its bits are the iterations)
+        pair_a, pair_b = (sorted(f[i:i + 2], key=len, reverse=True) for i in (0, 2))
+        wa, wb = len(pair_a[0]) + len(pair_a[1]), len(pair_b[0]) + len(pair_b[1])
+        x = _Multiplier(m, max(wa, wb), min(wa, wb), "mul_x")  # f0*f1, then the extent
+        y = _Multiplier(m, *(len(v) for v in pair_b), "mul_y")  # f2*f3
+        count = rq[strided.count]
+        z = _Multiplier(m, max(len(count), len(ic.in_w)), PITCH_BITS + 2, "mul_z")
+        stage1, stage2 = Signal(), Signal()
+        tensor_words = Signal(len(ic.in_h) + len(ic.in_w))  # ceil(in_h*in_w / 2**pack)
+        m.d.comb += tensor_words.eq((z.product + (Const(1, 4) << ic.pack) - 1) >> ic.pack)
+        with m.If(stage2):
+            narrow, wide = (x.product, y.product) if wa <= wb else (y.product, x.product)
+            m.d.comb += [x.start.eq(1), x.a.eq(wide), x.b.eq(narrow),
+                         z.start.eq(1), z.a.eq(tensor_words), z.b.eq(ic.pitch)]
+        with m.Elif(stage1):  # (every instruction starts them, with 0 when unused)
+            m.d.comb += [x.start.eq(1), y.start.eq(1), z.start.eq(1)]
+            with m.Switch(word.opcode):
+                with m.Case(Opcode.IM2COL):
+                    m.d.comb += [x.a.eq(pair_a[0]), x.b.eq(pair_a[1]),
+                                 y.a.eq(pair_b[0]), y.b.eq(pair_b[1]),
+                                 z.a.eq(ic.in_w), z.b.eq(ic.in_h)]
+                with m.Case(Opcode.REQUANT):  # (count - 1)*(out_gap + 1)
+                    m.d.comb += [z.a.eq(count - 1),
+                                 z.b.eq(rq[strided.gap] + 1)]
+        spans = {
+            extent: x.product,
+            StridedInRange: Mux(count == 0, 0, z.product + 1),
+            TensorInRange: z.product,
+        }
+        return spans, x.done & y.done & z.done, stage1, stage2, x.done & z.done
+
+    def _check(self, m, word, out, products, div_r):
         """Drives status, buf_ok (and the access set) of ``word`` into ``out``."""
         cfg = self._config
         ops = word.operands
@@ -236,8 +320,6 @@ class DecoderParallel(Decoder):
         status = Signal(Status)
         buf_ok = Signal()
         acc = Signal(AccessLayout(cfg))
-        products = {("m_blocks", "k"): p_mk, ("blocks", "k"): p_mk, ("n_blocks", "k"): p_nk,
-                    ("m_blocks", "n_blocks"): p_mn}
 
         def rng(buf, kind, lo, hi):
             r = acc[buf.name.lower()][kind]
@@ -271,6 +353,11 @@ class DecoderParallel(Decoder):
                 ]
             elif op == Opcode.SGQ:
                 m.d.comb += rng(Buffer.OUT, "r", o.out_addr, end["out_addr"])
+            elif op == Opcode.IM2COL:
+                m.d.comb += [
+                    *rng(Buffer.OUT, "r", o.src, end["src"]),
+                    *rng(Buffer.INP, "w", o.dst, end["dst"]),
+                ]
 
         with m.Switch(word.opcode):
             with m.Case(Opcode.NOP, Opcode.SYNC):
@@ -293,7 +380,9 @@ class DecoderParallel(Decoder):
                                 m.d.comb += rng(buf, "w", o.addr, end)
                             with m.Else():
                                 m.d.comb += rng(buf, "r", o.addr, end)
-            for op in (Opcode.GEMM, Opcode.REQUANT, Opcode.PATCH, Opcode.SGQ):
+            for op in RULES:
+                if op in (Opcode.NOP, Opcode.SYNC, Opcode.LOAD, Opcode.STORE):
+                    continue
                 with m.Case(op):
                     o = operands_of(word, op)
                     end = self._ends(o, op, products)
@@ -307,19 +396,21 @@ class DecoderParallel(Decoder):
             m.d.comb += out.access.eq(acc)
 
     def _ends(self, o, op, products):
-        """``{base: base + extent}`` for every range the rules of ``op`` name (one adder each,
+        """``{base: base + span}`` for every range the rules of ``op`` name (one adder each,
         shared by the checks and the access set); ``o``: the operands of ``op``."""
         ends = {}
         for rule in RULES[op]:
             if isinstance(rule, InRange) and rule.extent:
-                bases = (rule.base,)
+                bases, span = (rule.base,), self._extent(o, rule.extent, products)
+            elif isinstance(rule, (StridedInRange, TensorInRange)):
+                bases, span = (rule.base,), products[type(rule)]
             elif isinstance(rule, Disjoint):
-                bases = (rule.a, rule.b)
+                bases, span = (rule.a, rule.b), self._extent(o, rule.extent, products)
             else:
                 continue
             for base in bases:
                 if base not in ends:
-                    ends[base] = o[base] + self._extent(o, rule.extent, products)
+                    ends[base] = o[base] + span
         return ends
 
     def _extent(self, o, extent, products):
@@ -347,7 +438,9 @@ class DecoderParallel(Decoder):
             elif isinstance(rule, Disjoint):
                 checks.append(((o[rule.a] < end[rule.b]) & (o[rule.b] < end[rule.a]),
                                rule.status))
-            elif isinstance(rule, InRange):
+            elif isinstance(rule, PixelFits):
+                checks.append((~pixel_fits(cfg, o), rule.status))
+            elif _ranged(rule):
                 ranges.append(rule)
         if len(ranges) == 1:
             (rule,) = ranges
@@ -356,12 +449,35 @@ class DecoderParallel(Decoder):
             within = []
             for rule in ranges:
                 limit = limits[rule.limit]
-                ok = (end[rule.base] <= limit) if rule.extent else (o[rule.base] < limit)
-                within.append(ok if rule.when is None else ~o[rule.when] | ok)
+                if isinstance(rule, InRange) and not rule.extent:
+                    ok = o[rule.base] < limit
+                else:
+                    ok = end[rule.base] <= limit
+                within.append(ok if getattr(rule, "when", None) is None else ~o[rule.when] | ok)
             checks.append((~reduce(and_, within), InRange.status))
         for i, (fails, verdict) in enumerate(checks):
             with (m.Elif if i else m.If)(fails):
                 m.d.comb += status.eq(verdict)
+
+
+class _Multiplier:
+    """``a * b`` by shift-and-add, one bit of ``b`` per cycle after ``start`` (``a`` and ``b``
+    are sampled with it), stopping when no bit of ``b`` is left: ``bit_length(b)`` cycles."""
+
+    def __init__(self, m, a_width, b_width, name):
+        self.start = Signal(name=f"{name}_start")
+        self.a = Signal(a_width, name=f"{name}_a")
+        self.b = Signal(b_width, name=f"{name}_b")
+        self.product = Signal(a_width + b_width, name=f"{name}_p")
+        shifted = Signal(a_width + b_width, name=f"{name}_sh")
+        rest = Signal(b_width, name=f"{name}_rest")  # multiplier bits still to consume
+        self.done = rest == 0
+        with m.If(self.start):
+            m.d.sync += [self.product.eq(0), shifted.eq(self.a), rest.eq(self.b)]
+        with m.Elif(~self.done):
+            m.d.sync += [shifted.eq(shifted << 1), rest.eq(rest >> 1)]
+            with m.If(rest[0]):
+                m.d.sync += self.product.eq(self.product + shifted)
 
 
 class _Divider:

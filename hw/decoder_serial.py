@@ -7,14 +7,24 @@ Same signature, verdicts and access sets as :class:`~.decoder.DecoderParallel` (
 
 from dataclasses import dataclass
 from functools import reduce
-from operator import or_
+from operator import and_, or_
 
 from amaranth.hdl import Mux, Signal, signed
 
 from .arith import mul_const
 from .config import AccelConfig
-from .decode_rules import RULES, DefinedBuffer, Disjoint, InRange, Multiple, NonZero
-from .decoder import Decoder, operands_of
+from .decode_rules import (
+    RULES,
+    DefinedBuffer,
+    Disjoint,
+    InRange,
+    Multiple,
+    NonZero,
+    PixelFits,
+    StridedInRange,
+    TensorInRange,
+)
+from .decoder import Decoder, _ranged, operands_of, pixel_fits
 from .isa import BLOCKS_BITS, OPCODE_BITS, OPERANDS, Buffer, Opcode, Status
 
 __all__ = ["DecoderSerial"]
@@ -24,38 +34,54 @@ __all__ = ["DecoderSerial"]
 class _Term:
     """One serial check: is ``a + x*y`` greater than ``b``?
 
-    Fields are ``(opcode, name)``; ``b`` is a field (PATCH overlap) or an int limit ``C``, in
-    which case the answer is an ADDR_RANGE fault (``a + x*y > C``). ``x`` and ``y`` may be 1;
-    ``y`` may be ``"n_rows"`` (``n_blocks * rows``). A term with ``when`` counts only when that
-    1-bit field is set.
+    Fields are ``(opcode, name)``. ``x`` is a tuple of factors, outermost first (``()`` is 1):
+    block counts and window sizes of at most 8 bits, counted down like the digits of an
+    odometer. ``y`` is 1, a field, ``"n_rows"`` (``n_blocks * rows``), ``("dec", field)``
+    (``field - 1``) or ``"q"`` (the tensor-words register). ``kind``:
+
+    - ``"range"``: ``b`` an int limit ``C`` or ``"buf_depth"`` (the LOAD/STORE buffer's depth);
+      the answer is an ADDR_RANGE fault. A term with ``when`` counts only when that 1-bit field
+      is set.
+    - ``"overlap"``: ``b`` a field (PATCH overlap).
+    - ``"strided"``: a :class:`~.decode_rules.StridedInRange` (``b`` its limit, ``x`` the gap,
+      ``y`` the count less 1, ``aux`` the count): ``a + 1 + (count - 1)*(gap + 1) > b``, or
+      ``a > b`` when the count is 0.
+    - ``"tensor_words"``: computes ``ceil(x*y / 2**pack)`` (``aux``: the pack field) into the
+      tensor-words register for the next term, no answer.
     """
-    a: tuple
+    a: object
     b: object
-    x: object = 1
+    x: tuple = ()
     y: object = 1
     when: tuple | None = None
+    kind: str = "range"
+    aux: tuple | None = None
 
 
-def _factors(op: Opcode, extent: tuple[str, ...]) -> tuple[object, object]:
-    """``extent`` as ``(x, y)`` of a term: ``x`` its leading block count (at most 255), if any,
-    else 1; ``y`` the rest: 1, an operand, or ``"n_rows"`` (``n_blocks * rows``)."""
-    x = 1
-    if extent and OPERANDS[op][extent[0]].shape.width <= BLOCKS_BITS:
-        x, extent = (op, extent[0]), extent[1:]
+def _factors(op: Opcode, extent: tuple[str, ...]) -> tuple[tuple, object]:
+    """``extent`` as ``(x, y)`` of a term: ``x`` its leading factors of at most 8 bits (block
+    counts, window sizes); ``y`` the rest: 1, an operand, or ``"n_rows"`` (``n_blocks *
+    rows``)."""
+    if extent[-2:] == ("n_blocks", "rows"):
+        return tuple((op, name) for name in extent[:-2]), "n_rows"
+    x = []
+    while extent and OPERANDS[op][extent[0]].shape.width <= BLOCKS_BITS:
+        x.append((op, extent[0]))
+        extent = extent[1:]
     if not extent:
-        return x, 1
-    if extent == ("n_blocks", "rows"):
-        return x, "n_rows"
+        return tuple(x), 1
     (factor,) = extent
-    return x, (op, factor)
+    return tuple(x), (op, factor)
 
 
 def _terms(cfg: AccelConfig) -> dict:
     """The :class:`_Term` s of :data:`~.decode_rules.RULES`, per opcode that has any.
 
-    An :class:`~.decode_rules.InRange` rule is one term (``b`` its limit; ``"buf_depth"``: the
-    depth of the LOAD/STORE buffer); a :class:`~.decode_rules.Disjoint` rule is two, since
-    ``[a, a+n)`` and ``[b, b+n)`` overlap iff ``b + n > a`` and ``a + n > b``.
+    An :class:`~.decode_rules.InRange` or :class:`~.decode_rules.StridedInRange` rule is one
+    term (``b`` its limit; ``"buf_depth"``: the depth of the LOAD/STORE buffer); a
+    :class:`~.decode_rules.Disjoint` rule is two, since ``[a, a+n)`` and ``[b, b+n)`` overlap
+    iff ``b + n > a`` and ``a + n > b``; a :class:`~.decode_rules.TensorInRange` rule is two:
+    the tensor's pixel words ``ceil(in_h*in_w / 2**pack)``, then ``src + pitch*words``.
     """
     terms = {}
     for op, rules in RULES.items():
@@ -63,15 +89,24 @@ def _terms(cfg: AccelConfig) -> dict:
         for rule in rules:
             if isinstance(rule, Disjoint):
                 x, y = _factors(op, rule.extent)
-                op_terms += [_Term((op, rule.b), (op, rule.a), x, y),
-                             _Term((op, rule.a), (op, rule.b), x, y)]
+                op_terms += [_Term((op, rule.b), (op, rule.a), x, y, kind="overlap"),
+                             _Term((op, rule.a), (op, rule.b), x, y, kind="overlap")]
             elif isinstance(rule, InRange):
-                x, y = _factors(op, rule.extent)
+                x, y = _factors(op, rule.extent) if rule.extent else ((), 1)
                 limit = {"buf": "buf_depth", "mask_bits": cfg.mask_bits}.get(rule.limit)
                 when = None if rule.when is None else (op, rule.when)
                 op_terms.append(_Term((op, rule.base),
                                       cfg.depth(rule.limit) if limit is None else limit,
                                       x, y, when=when))
+            elif isinstance(rule, StridedInRange):
+                op_terms.append(_Term((op, rule.base), cfg.depth(rule.limit), ((op, rule.gap),),
+                                      ("dec", (op, rule.count)), kind="strided",
+                                      aux=(op, rule.count)))
+            elif isinstance(rule, TensorInRange):
+                op_terms += [_Term(1, None, ((op, "in_h"),), (op, "in_w"), kind="tensor_words",
+                                   aux=(op, "pack")),
+                             _Term((op, rule.base), cfg.depth(rule.limit), ((op, "pitch"),),
+                                   "q")]
         if op_terms:
             terms[op] = op_terms
     return terms
@@ -91,16 +126,19 @@ class DecoderSerial(Decoder):
         """The terms of :func:`_terms`, one after another; returns the 'done' pulse.
 
         Per term: ``acc = a + ~b`` (``= a - b - 1``, ``b`` a limit or a field), then
-        ``acc += y`` while ``x`` lasts and ``acc < 0``; the answer is ``acc >= 0``, i.e.
-        ``a + x*y > b``. Stopping at ``acc >= 0`` keeps every value within 18 bits signed:
-        ``acc < 0`` before each add and ``y < 2**16``. A term takes 6 cycles plus its
-        iterations (the operand is selected through two registers).
+        ``acc += y`` while the factors of ``x`` last and ``acc < 0``; the answer is ``acc >= 0``,
+        i.e. ``a + x*y > b``. Stopping at ``acc >= 0`` keeps every value within 18 bits signed:
+        ``acc < 0`` before each add and ``y < 2**16``; so a product never overflows, however
+        large (IM2COL's ``m_blocks*kh*kw*channels``). A term takes 6 cycles plus its iterations
+        (the operand is selected through two registers): at most ``limit + 1`` iterations
+        (``y >= 1``), or the product of ``x``.
         """
         cfg = self._config
         ops = word.operands
         raw = word.as_value()
         terms = _terms(cfg)
         n_terms = max(len(t) for t in terms.values())
+        im2col = operands_of(word, Opcode.IM2COL)
 
         def field(spec):
             offset, width = _field_slice(*spec)
@@ -109,10 +147,13 @@ class DecoderSerial(Decoder):
         # operand sources: one per distinct (offset, width) of the word (fields of different
         # opcodes often share their place), the computed ones, and the limit of a range term
         sources = {}
+        q = Signal(len(im2col.in_h) + len(im2col.in_w))  # tensor words (of a "tensor_words")
 
         def source(spec, invert=False):
-            if spec in (1, "n_rows"):
+            if spec in (1, "n_rows", "q"):
                 key = (spec,)
+            elif spec[0] == "dec":
+                key = ("dec", *_field_slice(*spec[1]))
             else:
                 key = (*_field_slice(*spec), invert)
             if key not in sources:
@@ -120,6 +161,10 @@ class DecoderSerial(Decoder):
                     value = 1
                 elif spec == "n_rows":
                     value = mul_const(ops.gemm.n_blocks, cfg.rows)
+                elif spec == "q":
+                    value = q
+                elif spec[0] == "dec":
+                    value = field(spec[1]) - 1
                 else:
                     value = -1 - field(spec) if invert else field(spec)  # ~b = -b - 1
                 sources[key] = (len(sources), value)
@@ -128,15 +173,22 @@ class DecoderSerial(Decoder):
         for op_terms in terms.values():
             for term in op_terms:
                 source(term.a), source(term.y)
-                if isinstance(term.b, tuple):
+                if term.kind == "overlap":
                     source(term.b, invert=True)
         limit = Signal(signed(18))  # ~C of a range term
         const_src = len(sources)
         sources[("limit",)] = (const_src, limit)
 
+        # the factors of x, outermost first: an odometer of down-counting digits
+        n_digits = max(len(term.x) for op_terms in terms.values() for term in op_terms)
+        widths = [max(_field_slice(*term.x[i])[1] + (term.kind == "strided")
+                      for op_terms in terms.values() for term in op_terms if len(term.x) > i)
+                  for i in range(n_digits)]
+        digits = [Signal(w, name=f"x{i}") for i, w in enumerate(widths)]
+        x_val = [Signal(w, name=f"x{i}_val") for i, w in enumerate(widths)]
+
         t = Signal(range(n_terms + 1))
         acc = Signal(signed(18))
-        xcnt = Signal(BLOCKS_BITS)
         range_fail = Signal()  # some term found an access out of range
         overlap = Signal()  # PATCH: every overlap term held
         div, div_start = self._divider(m, word)
@@ -149,8 +201,8 @@ class DecoderSerial(Decoder):
         # 4 acc += y (x times); 5 records the answer
         phase = Signal(range(6))
         is_range = Signal()  # the term is a range term (else an overlap term)
+        latches = Signal()  # the term computes the tensor words (no answer)
         active = Signal()  # the term exists and its `when` holds
-        x_val = Signal(BLOCKS_BITS)
         a_sel, b_sel, y_sel = (Signal(range(len(sources)), name=f"{n}_sel") for n in "aby")
         with m.Switch(word.opcode):
             for op, op_terms in terms.items():
@@ -162,19 +214,42 @@ class DecoderSerial(Decoder):
                                     active.eq(1 if term.when is None else field(term.when)),
                                     a_sel.eq(source(term.a)),
                                     y_sel.eq(source(term.y)),
-                                    x_val.eq(1 if term.x == 1 else field(term.x)),
                                 ]
-                                if isinstance(term.b, tuple):
-                                    m.d.comb += b_sel.eq(source(term.b, invert=True))
-                                else:
-                                    m.d.comb += [b_sel.eq(const_src), is_range.eq(1)]
-                                    if term.b == "buf_depth":
-                                        with m.Switch(ops.ldst.buf):
-                                            for buf in Buffer:
-                                                with m.Case(buf):
-                                                    m.d.comb += limit.eq(~cfg.depth(buf))
+                                for digit, spec in zip(x_val, (term.x + (1,) * n_digits)[:n_digits],
+                                                       strict=True):
+                                    if spec == 1:
+                                        m.d.comb += digit.eq(1)
+                                    elif term.kind == "strided":  # gap + 1, none for count 0
+                                        m.d.comb += digit.eq(Mux(field(term.aux) == 0, 0,
+                                                                 field(spec) + 1))
                                     else:
-                                        m.d.comb += limit.eq(~term.b)
+                                        m.d.comb += digit.eq(field(spec))
+                                if term.kind == "overlap":
+                                    m.d.comb += b_sel.eq(source(term.b, invert=True))
+                                    continue
+                                m.d.comb += b_sel.eq(const_src)
+                                if term.kind == "tensor_words":
+                                    # acc = 1 + ~C + x*y ends as x*y + 2**p - 1 - 2**16
+                                    # (< 0): bits 0-15 hold x*y + 2**p - 1 (< 2**16, x and y
+                                    # 8 bits), ceil(x*y / 2**p) from bit p up
+                                    m.d.comb += latches.eq(1)
+                                    with m.Switch(field(term.aux)):
+                                        for p in range(4):
+                                            with m.Case(p):
+                                                m.d.comb += limit.eq(
+                                                    ~((1 << 16) - (1 << p) + 1))
+                                    continue
+                                m.d.comb += is_range.eq(1)
+                                if term.b == "buf_depth":
+                                    with m.Switch(ops.ldst.buf):
+                                        for buf in Buffer:
+                                            with m.Case(buf):
+                                                m.d.comb += limit.eq(~cfg.depth(buf))
+                                elif term.kind == "strided":  # a + 1 + ... > C: ... > C - 1
+                                    m.d.comb += limit.eq(Mux(field(term.aux) == 0, ~term.b,
+                                                             ~(term.b - 1)))
+                                else:
+                                    m.d.comb += limit.eq(~term.b)
         last_term = Signal()
         with m.Switch(word.opcode):
             for op, op_terms in terms.items():
@@ -191,7 +266,18 @@ class DecoderSerial(Decoder):
                 with m.Case(index):
                     m.d.sync += operand.eq(value)
 
+        def count_down(i):  # the odometer's next value: the innermost digit counts first
+            if i == 0:
+                m.d.sync += digits[0].eq(digits[0] - 1)
+                return
+            with m.If(digits[i] == 1):
+                m.d.sync += digits[i].eq(x_val[i])
+                count_down(i - 1)
+            with m.Else():
+                m.d.sync += digits[i].eq(digits[i] - 1)
+
         nonneg = ~acc[-1]
+        x_left = reduce(and_, [digit != 0 for digit in digits])
         done = Signal()
         with m.FSM(name="checks"):
             with m.State("START"):
@@ -204,19 +290,23 @@ class DecoderSerial(Decoder):
                     with m.Case(0, 1):
                         m.d.sync += phase.eq(phase + 1)
                     with m.Case(2):
-                        m.d.sync += [acc.eq(acc + operand), xcnt.eq(x_val), phase.eq(3)]
+                        m.d.sync += [acc.eq(acc + operand), phase.eq(3)]
+                        m.d.sync += [d.eq(val) for d, val in zip(digits, x_val, strict=True)]
                     with m.Case(3):
                         m.d.sync += [acc.eq(acc + operand), phase.eq(4)]
                     with m.Case(4):
-                        with m.If((xcnt != 0) & ~nonneg):
-                            m.d.sync += [acc.eq(acc + operand), xcnt.eq(xcnt - 1)]
+                        with m.If(x_left & ~nonneg):
+                            m.d.sync += acc.eq(acc + operand)
+                            count_down(n_digits - 1)
                         with m.Else():
                             m.d.sync += phase.eq(5)
                     with m.Case(5):
                         with m.If(active & is_range & nonneg):
                             m.d.sync += range_fail.eq(1)
-                        with m.If(active & ~is_range & ~nonneg):
+                        with m.If(active & ~is_range & ~latches & ~nonneg):
                             m.d.sync += overlap.eq(0)
+                        with m.If(latches):
+                            m.d.sync += q.eq(acc[:16] >> im2col.pack)
                         m.d.sync += [acc.eq(0), phase.eq(0), t.eq(t + 1)]
                         with m.If(last_term):
                             m.next = "RESULT"
@@ -238,22 +328,24 @@ class DecoderSerial(Decoder):
         return (reduce(or_, [word.opcode == op for op, _ in checked]) &
                 (operands_of(word, op)[rule.field].as_value() < len(Buffer)))
 
-    @staticmethod
-    def _status(word, range_fail, overlap, remainder):
+    def _status(self, word, range_fail, overlap, remainder):
         """The verdict: per opcode the first failing rule of :data:`~.decode_rules.RULES`, from
         the flags the terms and the divider left."""
         fault = Mux(range_fail, Status.ADDR_RANGE, Status.OK)
         result = Status.ILLEGAL_OPCODE
         for op, rules in RULES.items():
-            value = fault if any(isinstance(rule, InRange) for rule in rules) else Status.OK
+            o = operands_of(word, op) if op in OPERANDS and OPERANDS[op] is not None else None
+            value = fault if any(_ranged(rule) for rule in rules) else Status.OK
             for rule in reversed(rules):
                 if isinstance(rule, DefinedBuffer):
                     value = Mux(DecoderSerial._buf_ok(word), value, rule.status)
                 elif isinstance(rule, NonZero):
-                    value = Mux(operands_of(word, op)[rule.field] == 0, rule.status, value)
+                    value = Mux(o[rule.field] == 0, rule.status, value)
                 elif isinstance(rule, Disjoint):
                     value = Mux(overlap, rule.status, value)
                 elif isinstance(rule, Multiple):
                     value = Mux(remainder != 0, rule.status, value)
+                elif isinstance(rule, PixelFits):
+                    value = Mux(pixel_fits(self._config, o), value, rule.status)
             result = Mux(word.opcode == op, value, result)
         return result

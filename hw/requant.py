@@ -367,7 +367,8 @@ class RequantUnit(wiring.Component):
     next group is read in the cycle its predecessor's result leaves. Results are shifted into a
     register of one host beat (or one OUT word, when a lane group does not divide a beat), which
     is written with that beat's enable when its last group comes out; the write address counts
-    on its own, in order. Read enables and addresses come from flops.
+    on its own, in order, ``out_gap + 1`` words per ACC word (the strided REQUANT). Read enables
+    and addresses come from flops.
     """
 
     def __init__(self, config: AccelConfig, *, serial: bool = False):
@@ -473,8 +474,11 @@ class RequantUnit(wiring.Component):
         shifted = Cat(buf[group_bits:], o.payload.out) if per_chunk > 1 else o.payload.out
         chunk_done = o.valid & (slot == per_chunk - 1)
         last_chunk = chunk == chunks - 1
+        step = Signal(len(cmd.out_gap) + 1)  # out_gap + 1: row r goes to out_addr + r*step
+        with m.If(start):
+            m.d.sync += step.eq(cmd.out_gap + 1)
         with m.If(start | (chunk_done & last_chunk)):
-            m.d.sync += out_ptr.eq(Mux(start, cmd.out_addr, out_ptr + 1))
+            m.d.sync += out_ptr.eq(Mux(start, cmd.out_addr, out_ptr + step))
         with m.If(start | o.valid):
             m.d.sync += slot.eq(Mux(start | (slot == per_chunk - 1), 0, slot + 1))
         with m.If(start | chunk_done):

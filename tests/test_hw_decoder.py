@@ -7,7 +7,17 @@ import pytest
 from amaranth.sim import Simulator
 from hw_tb import seed_from_env, small_config
 
-from tinyaccel.hw.decode_rules import RULES, InRange, extent_value, limit_value
+from tinyaccel.hw.decode_rules import (
+    RULES,
+    InRange,
+    PixelFits,
+    StridedInRange,
+    TensorInRange,
+    extent_value,
+    limit_value,
+    strided_span,
+    tensor_span,
+)
 from tinyaccel.hw.decoder import DecoderParallel
 from tinyaccel.hw.decoder_serial import DecoderSerial
 from tinyaccel.hw.isa import INSTR_BYTES, Buffer, Opcode, Status, operand_fields
@@ -17,13 +27,16 @@ from tinyaccel.sim.golden import check_instruction
 
 def random_word(cfg, rng) -> int:
     """A random instruction word whose fields sit near the limits the checks care about."""
-    code = int(rng.integers(16)) if rng.random() < 0.1 else int(rng.integers(8))
+    code = int(rng.integers(16)) if rng.random() < 0.1 else int(rng.integers(len(Opcode)))
     word = code
     if code >= len(Opcode):
         return word | int(rng.integers(1 << 60)) << 4
     for info in operand_fields(Opcode(code)):
         limit = {"buf": 8, "k": 40, "m_blocks": 5, "n_blocks": 5, "blocks": 5,
-                 "count": 40, "stripe_len": 6}.get(info.name)
+                 "count": 40, "stripe_len": 6, "out_gap": 4,
+                 # IM2COL: small shapes, so that its ranges sit near the depths
+                 "src": 40, "dst": 70, "pitch": 4, "channels": 12, "in_h": 7, "in_w": 7,
+                 "kh": 4, "kw": 4, "stride": 3, "dilation": 3}.get(info.name)
         if info.name.endswith("addr"):
             limit = 70
         if info.name == "mask_idx":
@@ -39,23 +52,75 @@ def random_word(cfg, rng) -> int:
 
 def at_a_limit(cfg, word: int, rng) -> int:
     """``word`` with one of its range checks (hw/decode_rules.RULES) moved to the boundary:
-    ``base + extent`` one below, at or one above the limit (the off-by-one cases)."""
+    ``base + span`` one below, at or one above the limit (the off-by-one cases); or, for
+    IM2COL, ``channels`` one below, at or one above what fits a pixel (PixelFits)."""
     code, f = decode_fields(word)
     if code >= len(Opcode):
         return word
     op = Opcode(code)
-    ranges = [rule for rule in RULES[op] if isinstance(rule, InRange)]
-    if not ranges or (op in (Opcode.LOAD, Opcode.STORE) and f["buf"] >= len(Buffer)):
+    moved = [rule for rule in RULES[op]
+             if isinstance(rule, (InRange, StridedInRange, TensorInRange, PixelFits))]
+    if not moved or (op in (Opcode.LOAD, Opcode.STORE) and f["buf"] >= len(Buffer)):
         return word
-    rule = ranges[int(rng.integers(len(ranges)))]
-    if rule.when is not None:
-        f[rule.when] = 1
-    base = (limit_value(cfg, rule.limit, f) - extent_value(cfg, rule.extent, f) +
-            int(rng.integers(-1, 2)))
-    width = {info.name: info.width for info in operand_fields(op)}[rule.base]
-    if not 0 <= base < 1 << width:
+    rule = moved[int(rng.integers(len(moved)))]
+    width = {info.name: info.width for info in operand_fields(op)}
+    delta = int(rng.integers(-1, 2))
+    if isinstance(rule, PixelFits):
+        room = cfg.cols >> f["pack"] if f["pack"] else f["pitch"] * cfg.cols
+        field, value = "channels", room + delta
+    else:
+        if getattr(rule, "when", None) is not None:
+            f[rule.when] = 1
+        if isinstance(rule, StridedInRange):
+            span = strided_span(f[rule.count], f[rule.gap])
+        elif isinstance(rule, TensorInRange):
+            span = tensor_span(f)
+        else:
+            span = extent_value(cfg, rule.extent, f)
+        field, value = rule.base, limit_value(cfg, rule.limit, f) - span + delta
+    if not 0 <= value < 1 << width[field]:
         return word
-    return encode_fields(op, **{**f, rule.base: base})
+    return encode_fields(op, **{**f, field: value})
+
+
+def edge_words(cfg) -> list[int]:
+    """Hand-picked IM2COL and strided REQUANT words: zero fields, huge products (which must not
+    wrap around), PixelFits with every ``pack``, ranges exactly at the depth and one past."""
+    inp, out = cfg.depth(Buffer.INP), cfg.depth(Buffer.OUT)
+    base = dict(src=0, dst=0, pitch=1, channels=cfg.cols, in_h=2, in_w=3, kh=1, kw=1, stride=1,
+                dilation=1, pad_top=0, pad_left=0, pad_value=0, oy0=0, out_w=3, m_blocks=1,
+                pack=0)
+    big = dict(base, pitch=63, channels=63 * cfg.cols, kh=31, kw=31, m_blocks=255)
+    words = [encode_fields(Opcode.IM2COL, **base),
+             encode_fields(Opcode.IM2COL, **big),  # 255*31*31*252 INP words
+             encode_fields(Opcode.IM2COL, **dict(big, m_blocks=0)),  # (no INP word: legal)
+             encode_fields(Opcode.IM2COL, **dict(big, m_blocks=0, dst=inp)),
+             encode_fields(Opcode.IM2COL, **dict(big, m_blocks=0, dst=inp + 1)),
+             encode_fields(Opcode.IM2COL, **dict(base, in_h=255, in_w=255)),
+             encode_fields(Opcode.IM2COL, **dict(base, in_h=255, in_w=255, pitch=0)),
+             encode_fields(Opcode.IM2COL, **{name: 0 for name in base}),
+             encode_fields(Opcode.IM2COL, **dict(big, channels=0, pitch=0, stride=0))]
+    for name in base:  # each field 0 alone
+        words.append(encode_fields(Opcode.IM2COL, **dict(base, **{name: 0})))
+    for pack in range(4):
+        for delta in (-1, 0, 1):
+            room = cfg.cols >> pack if pack else 2 * cfg.cols
+            fields = dict(base, pack=pack, pitch=2, channels=max(0, room + delta), in_h=5, in_w=3)
+            pixel_words = -(-15 >> pack) * 2
+            words.append(encode_fields(Opcode.IM2COL, **fields))
+            words.append(encode_fields(Opcode.IM2COL, **dict(
+                fields, channels=1, src=out - pixel_words + delta)))
+    k = 2 * 3 * cfg.cols
+    for delta in (-1, 0, 1):  # 2 blocks of a 2x3 window, cols channels: 2k words
+        words.append(encode_fields(Opcode.IM2COL, **dict(base, kh=2, kw=3, m_blocks=2,
+                                                         dst=inp - 2 * k + delta)))
+    for count, gap in ((0, 0), (0, 63), (1, 63), (3, 5), (cfg.depth(Buffer.ACC), 0),
+                       (2, 63), (40000, 63)):
+        for delta in (-1, 0, 1):
+            words.append(encode_fields(Opcode.REQUANT, acc_addr=0, param_addr=0, count=count,
+                                       out_gap=gap,
+                                       out_addr=max(0, out - strided_span(count, gap) + delta)))
+    return words
 
 
 def expected_access(cfg, word):
@@ -80,7 +145,7 @@ def expected_access(cfg, word):
         n = f["count"]
         return {(Buffer.ACC, "r"): (f["acc_addr"], f["acc_addr"] + n),
                 (Buffer.PARAM, "r"): (f["param_addr"], f["param_addr"] + 1),
-                (Buffer.OUT, "w"): (f["out_addr"], f["out_addr"] + n)}
+                (Buffer.OUT, "w"): (f["out_addr"], f["out_addr"] + strided_span(n, f["out_gap"]))}
     if op == Opcode.PATCH:
         n = f["blocks"] * f["k"]
         new, ref = f["new_addr"], f["ref_addr"]
@@ -90,6 +155,10 @@ def expected_access(cfg, word):
                 (Buffer.MASK, "r"): whole, (Buffer.MASK, "w"): whole}
     if op == Opcode.SGQ:
         return {(Buffer.OUT, "r"): (f["out_addr"], f["out_addr"] + f["count"])}
+    if op == Opcode.IM2COL:
+        n = f["m_blocks"] * f["kh"] * f["kw"] * f["channels"]
+        return {(Buffer.OUT, "r"): (f["src"], f["src"] + tensor_span(f)),
+                (Buffer.INP, "w"): (f["dst"], f["dst"] + n)}
     return {}
 
 
@@ -101,6 +170,7 @@ def test_decoder_checks_random(serial):
     cfg = small_config()
     words = [random_word(cfg, rng) for _ in range(300)]
     words = [at_a_limit(cfg, word, rng) if rng.random() < 0.3 else word for word in words]
+    words += edge_words(cfg)
     bb = cfg.beat_bytes
     dut = (DecoderSerial if serial else DecoderParallel)(cfg, access=not serial)
     got = []
