@@ -35,6 +35,10 @@ class Implementation:
     hundred cycles per instruction instead of a few). ``serial_sgq``: the SGQ encoder reads one
     value per cycle and packs codes one bit per cycle (:class:`~.sgq_serial.StripeEncoderSerial`,
     not a host beat per cycle as :class:`~.sgq_encoder.StripeEncoderPipeline`).
+    ``serial_im2col``: IM2COL gathers one value at a time on one shift-and-add adder
+    (:class:`~.im2col.Im2colSerial`, about 19 cycles per value inside the tensor, 2 per padding
+    value) instead of in tiles of ``rows`` pixels at up to one INP word per cycle
+    (:class:`~.im2col.Im2colTiled`).
 
     The two profiles are :meth:`full` and :meth:`compact`; each preset names one. Vary the
     profile of a configuration with ``dataclasses.replace(config, impl=...)``. One combination
@@ -49,6 +53,7 @@ class Implementation:
     ram_counters: bool = False
     serial_decode: bool = False
     serial_sgq: bool = False
+    serial_im2col: bool = False
 
     def __post_init__(self):
         for f in fields(self):
@@ -71,7 +76,7 @@ class Implementation:
         DSPs hold the MAC array, its 5280 LUTs are tight, and its UART host link is far slower
         than anything overlap could hide)."""
         return cls(overlap=False, serial_requant=True, shadow=False, ram_counters=True,
-                   serial_decode=True, serial_sgq=True)
+                   serial_decode=True, serial_sgq=True, serial_im2col=True)
 
     @property
     def name(self) -> str:

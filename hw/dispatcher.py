@@ -11,7 +11,8 @@ Instructions arrive checked from the :class:`~.decoder.Decoder`. The
 The :class:`ExclusiveDispatcher` (compact builds, no ``overlap``) lets an instruction wait until
 every unit is idle instead, keeps no access sets, and takes a GEMM, REQUANT, PATCH or SGQ from the
 decoder only when its unit is done: its operands (``cmd``) stay valid meanwhile, so the units keep
-no copy. Both have the same ports (the decoded instruction carries an access set only for the
+no copy. IM2COL is issued as REQUANT and PATCH are (in the concurrent design its access set,
+OUT read and INP write, holds off a GEMM that reads the INP words it writes). Both have the same ports (the decoded instruction carries an access set only for the
 concurrent one, :attr:`Dispatcher.access_sets`); :class:`Dispatcher` holds what they share.
 
 Errors (section 5): the first instruction whose status is not OK sets the sticky error with its
@@ -42,6 +43,7 @@ from .isa import (
     STATUS_BYTES,
     STATUS_MAGIC,
     GemmOperands,
+    Im2colOperands,
     Opcode,
     PatchOperands,
     RequantOperands,
@@ -77,6 +79,7 @@ class Dispatcher(wiring.Component):
             "requant": Out(UnitControl(RequantOperands)),
             "patch": Out(UnitControl(PatchOperands)),
             "sgq": Out(UnitControl(SgqCommand)),
+            "im2col": Out(UnitControl(Im2colOperands)),
             "i_counters": In(stream.Signature(unsigned(config.host_width))),  # counter record
             "acc_saturated": In(1),  # pulse from the GEMM drain
             "count_instruction": Out(1),
@@ -111,7 +114,7 @@ class Dispatcher(wiring.Component):
         # -- the units and the issue rules' state (`issue`, for the subclass's methods) ----
         units = {
             "gemm": (self.gemm, 2), "requant": (self.requant, 1), "store": (self.store, 1),
-            "patch": (self.patch, 1), "sgq": (self.sgq, 1),
+            "patch": (self.patch, 1), "sgq": (self.sgq, 1), "im2col": (self.im2col, 1),
         }
         issue = SimpleNamespace(m=m, instr=instr, op=op, units=units)
         issue.hazard = hazard = self.hazard(issue)
@@ -141,6 +144,7 @@ class Dispatcher(wiring.Component):
             self.patch.cmd.eq(ops.patch),
             self.sgq.cmd.operands.eq(ops.sgq),
             self.sgq.cmd.zero.eq(~execute),
+            self.im2col.cmd.eq(ops.im2col),
         ]
 
         # status and counter records
@@ -164,7 +168,7 @@ class Dispatcher(wiring.Component):
         # and synthesis removes it there.
         started = Signal()  # the offered instruction's unit has been started
         start_q = {name: Signal(name=f"{name}_start_q") for name in ("gemm", "requant", "patch",
-                                                                     "sgq")}
+                                                                     "sgq", "im2col")}
         started1, settled = [Signal() for _ in range(2)]  # (unnamed in the Verilog)
         m.d.sync += [started1.eq(started), settled.eq(started1 & started)]
         issue.started, issue.start_q, issue.settled = started, start_q, settled
@@ -187,7 +191,8 @@ class Dispatcher(wiring.Component):
                             with m.Else():
                                 self.launch(issue, "gemm",
                                             clear_to_go & self.unit_free(issue, "gemm"), 1)
-                        for name, code in (("requant", Opcode.REQUANT), ("patch", Opcode.PATCH)):
+                        for name, code in (("requant", Opcode.REQUANT), ("patch", Opcode.PATCH),
+                                           ("im2col", Opcode.IM2COL)):
                             with m.Case(code):
                                 with m.If(~execute):
                                     m.d.comb += accept.eq(1)

@@ -14,6 +14,7 @@ from .decoder import DecoderParallel
 from .decoder_serial import DecoderSerial
 from .dispatcher import ConcurrentDispatcher, ExclusiveDispatcher
 from .gemm_unit import ConcurrentGemmUnit, ExclusiveGemmUnit
+from .im2col import Im2colSerial, Im2colTiled
 from .isa import COUNT_BITS, COUNTER_RECORD_BYTES, STATUS_BYTES, Buffer, Counter
 from .load_unit import LoadUnit
 from .patch_unit import PatchSkipUnit
@@ -85,8 +86,10 @@ class Accelerator(wiring.Component):
         m.submodules.patch = patch = PatchSkipUnit(cfg, held_cmd=impl.held_cmd)
         m.submodules.sgq = sgq = (StripeEncoderSerial(cfg, held_cmd=impl.sgq_held_cmd)
                                   if impl.serial_sgq else StripeEncoderPipeline(cfg))
+        m.submodules.im2col = im2col = (Im2colSerial(cfg, held_cmd=impl.held_cmd)
+                                        if impl.serial_im2col else Im2colTiled(cfg))
         units = {"load": load, "store": store, "gemm": gemm, "requant": requant, "patch": patch,
-                 "sgq": sgq}
+                 "sgq": sgq, "im2col": im2col}
 
         # After reset the load unit clears the scratchpads; no input is taken meanwhile.
         m.d.comb += [

@@ -85,7 +85,7 @@ def estimate_work(config: AccelConfig, stream: bytes) -> int:
     """A generous bound on the cycles of the longest compute instruction in ``stream``.
 
     Walks the host stream with the protocol's parser (LOAD data skipped) and returns the largest
-    cycle estimate of one GEMM, PATCH, REQUANT, SGQ or STORE; sizes the hang watchdog. A stream
+    cycle estimate of one GEMM, PATCH, REQUANT, SGQ, IM2COL or STORE; sizes the hang watchdog. A stream
     that ends early (a hang test) is estimated up to where it ends.
     """
     worst = 0
@@ -100,6 +100,8 @@ def estimate_work(config: AccelConfig, stream: bytes) -> int:
                 work = f["count"] * (config.cols + 64)
             elif code == Opcode.STORE.value:
                 work = f["count"] * 8
+            elif code == Opcode.IM2COL.value:  # the serial design: ~19 cycles a value
+                work = f["m_blocks"] * f["kh"] * f["kw"] * f["channels"] * (24 * config.rows + 8)
             else:
                 work = 0
             worst = max(worst, work)

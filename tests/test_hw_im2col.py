@@ -4,14 +4,20 @@ whole accelerator running IM2COL programs and a resident inference against the g
 import numpy as np
 import pytest
 from amaranth.sim import Simulator
-from hw_tb import FULL, small_config
+from hw_tb import COMPACT, FULL, check_against_golden, small_config
 
 from tinyaccel.hw.im2col import Im2colSerial, Im2colTiled
-from tinyaccel.hw.isa import Buffer, Im2colOperands, Instruction, Opcode
-from tinyaccel.protocol import pack_words, unpack_words
+from tinyaccel.hw.isa import Buffer, Im2colOperands, Instruction, Opcode, Status
+from tinyaccel.protocol import Program, pack_words, unpack_words
 from tinyaccel.sim.golden import check_instruction
 from tinyaccel.sim.numerics import window_gather
-from tinyaccel.sim.randprog import random_im2col, random_words, seed_from_env
+from tinyaccel.sim.randprog import (
+    random_channel_params,
+    random_im2col,
+    random_program,
+    random_words,
+    seed_from_env,
+)
 
 DESIGNS = {"tiled": Im2colTiled, "serial": Im2colSerial}
 #: Configurations of the unit test: the presets' array shapes (small buffers: faster to fill).
@@ -157,3 +163,50 @@ def test_unit_cycles(design):
         assert per_word < 1.1
     else:
         assert per_word / config.rows < 20  # cycles per value
+
+
+# -- the whole accelerator ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", [FULL, COMPACT], ids=["full", "compact"])
+def test_top_random_im2col_programs(impl):
+    """Random programs of IM2COL (legal and faulting), strided REQUANT, GEMM, LOAD, STORE on the
+    whole accelerator (Amaranth simulation) equal the golden model byte for byte."""
+    seed = seed_from_env()
+    rng = np.random.default_rng(seed)
+    cfg = small_config(impl=impl)
+    ops = [Opcode.IM2COL, Opcode.IM2COL, Opcode.GEMM, Opcode.REQUANT, Opcode.STORE, Opcode.LOAD,
+           Opcode.SGQ, Opcode.PATCH, Opcode.SYNC]
+    for _ in range(2):
+        program = random_program(cfg, rng, n_instr=20, opcodes=ops, illegal_rate=0.1, window=16,
+                                 max_k=8)
+        assert any(i.opcode == Opcode.IM2COL for i, _ in program)
+        check_against_golden(cfg, program, seed=seed, gaps=0.3, backpressure=0.4)
+
+
+@pytest.mark.parametrize("impl", [FULL, COMPACT], ids=["full", "compact"])
+def test_top_conv_layer(impl):
+    """A convolution as the resident model runs it: LOAD an activation tensor into OUT, IM2COL
+    into INP, GEMM reading those words at once (a RAW hazard on INP), REQUANT back into OUT with
+    ``out_gap`` (pixels of two words), a second IM2COL over that tensor with ``pitch`` 2, STORE."""
+    seed = seed_from_env()
+    rng = np.random.default_rng(seed)
+    cfg = small_config(impl=impl, inp_depth=128, wgt_depth=128, acc_depth=64, out_depth=64)
+    rows, cols = cfg.rows, cfg.cols
+    h = w = 4
+    p = Program(cfg)
+    p.load(Buffer.OUT, 0, rng.integers(-128, 128, (h * w, cols), dtype=np.int8))
+    p.load(Buffer.WGT, 0, rng.integers(-128, 128, (9 * cols, cols), dtype=np.int8))
+    p.load(Buffer.PARAM, 0, random_channel_params(rng, (1, cols)))
+    k = 9 * cols
+    mb = h * w // rows
+    p.im2col(0, 0, channels=cols, in_h=h, in_w=w, kh=3, kw=3, out_w=w, m_blocks=mb,
+             pad_top=1, pad_left=1, pad_value=-3)
+    p.gemm(0, 0, 0, k=k, m_blocks=2, n_blocks=1)  # the first two blocks: IM2COL still running
+    p.requant(0, 16, 0, count=2 * rows, out_gap=1)  # pixels 0..3 of a 2-word-per-pixel tensor
+    p.im2col(16, k * mb, channels=cols, pitch=2, in_h=1, in_w=2 * rows, kh=1, kw=2, out_w=3,
+             stride=2, m_blocks=1, pad_value=5)
+    p.store(Buffer.INP, 0, k * mb + 2 * cols)
+    p.store(Buffer.OUT, 16, 4 * rows)
+    p.sync(counters=True)
+    items, _ = check_against_golden(cfg, p, seed=seed)
+    assert items[-1].status == Status.OK
