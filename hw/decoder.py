@@ -7,22 +7,25 @@ LOAD's data beats on ``o_data`` before it reads the next instruction, so the inp
 stream never loses its place.
 
 The checks are those of :data:`.decode_rules.RULES`. They need the products ``m_blocks*k``,
-``n_blocks*k``, ``m_blocks*n_blocks`` (GEMM) and ``blocks*k`` (PATCH) and ``count mod
-stripe_len`` (SGQ); the iCE40 has no DSP to spare for them. Two designs with one signature,
-:class:`Decoder`:
+``n_blocks*k``, ``m_blocks*n_blocks`` (GEMM), ``blocks*k`` (PATCH), ``(count - 1)*(out_gap + 1)``
+(the strided REQUANT), ``m_blocks*kh*kw*channels`` and ``ceil(in_h*in_w / 2**pack)*pitch``
+(IM2COL), and ``count mod stripe_len`` (SGQ); the iCE40 has no DSP to spare for them. Two designs
+with one signature, :class:`Decoder`:
 
 - :class:`DecoderParallel` (here): the products by shift-and-add, one multiplier bit per cycle and
-  stopping early, the remainder by restoring division, then every check at once.
+  stopping early (IM2COL's in two rounds, at full width: no product wraps), the remainder by
+  restoring division, then every check at once; at most 25 cycles (IM2COL).
 - :class:`~.decoder_serial.DecoderSerial` (compact builds): every range check is a *term*
   ``A + x*y`` compared with a limit, evaluated one after another on one 18-bit adder by repeated
-  addition (``x`` is a count of at most 255, stopping as soon as the limit is passed), and the
-  remainder by the same restoring division. Decode then takes up to a few hundred cycles, still
-  far less than the 16 bytes of an instruction take on a UART.
+  addition (``x`` a product of counts of at most 8 bits each, stopping as soon as the limit is
+  passed, so that no product overflows), and the remainder by the same restoring division.
+  Decode then takes up to a few hundred cycles (IM2COL: up to about the INP depth plus 340),
+  still far less than the 16 bytes of an instruction take on a UART.
 
 Error priority when several checks fail: ILLEGAL_OPCODE, then the opcode's rules in the order of
 :data:`~.decode_rules.RULES` (BAD_BUFFER; GEMM/PATCH ``k = 0`` BAD_SHAPE, PATCH overlap
-BAD_FIELD, SGQ ``stripe_len = 0`` BAD_FIELD then ``count % stripe_len`` BAD_SHAPE), and
-ADDR_RANGE last.
+BAD_FIELD, SGQ ``stripe_len = 0`` BAD_FIELD then ``count % stripe_len`` BAD_SHAPE, IM2COL's
+zero fields then PixelFits), and ADDR_RANGE last.
 """
 
 from functools import reduce

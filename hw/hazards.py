@@ -48,6 +48,7 @@ UNIT_ACCESSES = {
     "store": [(buf, "r") for buf in Buffer],
     "patch": [(Buffer.INP, "r"), (Buffer.INP, "w"), (Buffer.MASK, "r"), (Buffer.MASK, "w")],
     "sgq": [(Buffer.OUT, "r")],
+    "im2col": [(Buffer.OUT, "r"), (Buffer.INP, "w")],
 }
 
 

@@ -227,3 +227,52 @@ def test_decoder_checks_random(serial):
                             f"{where}: access {buf.name}.{kind}"
                     else:
                         assert not r.en, f"{where}: unexpected access {buf.name}.{kind}"
+
+
+def decode_cycles(cfg, dut, word) -> tuple[int, Status]:
+    """Cycles from the instruction's last beat to its offer, and the status offered."""
+    bb = cfg.beat_bytes
+    result = []
+
+    async def tb(ctx):
+        stream = word.to_bytes(INSTR_BYTES, "little")
+        ctx.set(dut.o_instr.ready, 1)
+        for i in range(0, len(stream), bb):
+            ctx.set(dut.i_stream.valid, 1)
+            ctx.set(dut.i_stream.payload, int.from_bytes(stream[i:i + bb], "little"))
+            await ctx.tick().until(dut.i_stream.ready)
+        ctx.set(dut.i_stream.valid, 0)
+        n = 0
+        while not ctx.get(dut.o_instr.valid):
+            await ctx.tick()
+            n += 1
+        result.append((n, Status(ctx.get(dut.o_instr.payload.status))))
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(tb)
+    sim.run()
+    return result[0]
+
+
+@pytest.mark.parametrize("serial", [False, True])
+def test_decoder_im2col_cycles(serial):
+    """IM2COL decode time: DecoderParallel within its documented 25 cycles for the widest
+    fields, DecoderSerial within its documented bound (6 cycles a term plus the iterations: at
+    most INP depth + 1 for the window, in_h for the tensor words, pitch for the tensor); the
+    verdicts those of the golden model."""
+    cfg = small_config()
+    inp = cfg.depth(Buffer.INP)
+    widest = dict(src=0, dst=0, pitch=63, channels=1, in_h=255, in_w=255, kh=31, kw=31,
+                  stride=1, dilation=1, pad_top=0, pad_left=0, pad_value=0, oy0=0, out_w=1,
+                  m_blocks=255, pack=0)
+    legal = dict(widest, pitch=1, channels=2, in_h=4, in_w=4, kh=3, kw=3, m_blocks=1)
+    bound = 25 if not serial else 1 + 3 * 6 + (inp + 1) + 255 + 63 + 1
+    for fields in (widest, legal):
+        word = encode_fields(Opcode.IM2COL, **fields)
+        fault = check_instruction(cfg, word)
+        dut = (DecoderSerial if serial else DecoderParallel)(cfg, access=not serial)
+        cycles, status = decode_cycles(cfg, dut, word)
+        print(f"{type(dut).__name__} {fields}: {cycles} cycles, {status.name}")
+        assert status == (Status.OK if fault is None else fault.status), fields
+        assert cycles <= bound, f"{fields}: {cycles} cycles, documented bound {bound}"

@@ -1,11 +1,16 @@
-"""RequantPipeline against tinyaccel.sim.numerics.requantize (section 6), lane by lane."""
+"""RequantPipeline and RequantSerial against tinyaccel.sim.numerics.requantize (section 6), lane by
+lane; the strided REQUANT (out_gap) end to end against the golden model."""
 
 import numpy as np
 import pytest
 from amaranth.sim import Simulator
-from hw_tb import seed_from_env
+from hw_tb import COMPACT, FULL, check_against_golden, seed_from_env, small_config
 
+from tinyaccel.hw.config import PRESETS
+from tinyaccel.hw.decode_rules import strided_span
+from tinyaccel.hw.isa import Buffer, Status
 from tinyaccel.hw.requant import RequantPipeline, RequantSerial
+from tinyaccel.protocol import Program, channel_params
 from tinyaccel.sim.numerics import requantize
 
 I32 = np.iinfo(np.int32)
@@ -113,3 +118,41 @@ def test_requant_engine(vectors, engine):
             f"seed {seed}, input {s}: acc={list(acc[s])} "
             f"params={[{f: int(params[f][s, lane]) for f in FIELDS} for lane in range(lanes)]}"
             f" -> {out}, expected {list(want[s])}")
+
+
+@pytest.mark.parametrize("name,impl", [("ice40", None), ("tiny", FULL), ("tiny", COMPACT)],
+                         ids=["ice40", "tiny-full", "tiny-compact"])
+def test_requant_out_gap(name, impl):
+    """Strided REQUANT (out_gap) end to end against the golden model: ACC row r lands in OUT word
+    out_addr + r*(out_gap + 1) and the words between keep what a LOAD put there; a REQUANT whose
+    last row is the last OUT word is legal, one word further is ADDR_RANGE."""
+    seed = seed_from_env()
+    print(f"seed={seed}")
+    rng = np.random.default_rng(seed)
+    cfg = PRESETS["ice40"] if name == "ice40" else small_config()
+    out_depth = cfg.depth(Buffer.OUT)
+    acc_depth = cfg.depth(Buffer.ACC)
+    n_params = 2
+    p = Program(cfg)
+    p.load(Buffer.ACC, 0, rng.integers(-(1 << 20), 1 << 20, (acc_depth, cfg.cols),
+                                       dtype=np.int32))
+    p.load(Buffer.PARAM, 0, channel_params({
+        "bias": rng.integers(-5000, 5000, (n_params, cfg.cols)),
+        "multiplier": rng.integers(1 << 29, 1 << 31, (n_params, cfg.cols)),
+        "shift": rng.integers(-12, 2, (n_params, cfg.cols)),
+        "zero_point": rng.integers(-10, 10, (n_params, cfg.cols)),
+        "clamp_min": np.full((n_params, cfg.cols), -128),
+        "clamp_max": np.full((n_params, cfg.cols), 127)}, (n_params, cfg.cols)))
+    p.load(Buffer.OUT, 0, rng.integers(-128, 128, (out_depth, cfg.cols), dtype=np.int8))
+    for count, gap in ((3, 0), (4, 1), (2, 5), (1, 63), (3, 2)):
+        out_addr = int(rng.integers(out_depth - strided_span(count, gap) + 1))
+        acc_addr = int(rng.integers(acc_depth - count + 1))
+        p.requant(acc_addr, out_addr, int(rng.integers(n_params)), count, out_gap=gap)
+        p.store(Buffer.OUT, 0, out_depth)
+    count, gap = 3, 4
+    p.requant(1, out_depth - strided_span(count, gap), 1, count, out_gap=gap)  # up to the end
+    p.store(Buffer.OUT, 0, out_depth)
+    p.requant(1, out_depth - strided_span(count, gap) + 1, 1, count, out_gap=gap)  # one past
+    p.sync()
+    items, _ = check_against_golden(cfg, p, seed=seed, impl=impl)
+    assert items[-1].status == Status.ADDR_RANGE
