@@ -190,7 +190,7 @@ def test_top_conv_layer(impl):
     ``out_gap`` (pixels of two words), a second IM2COL over that tensor with ``pitch`` 2, STORE."""
     seed = seed_from_env()
     rng = np.random.default_rng(seed)
-    cfg = small_config(impl=impl, inp_depth=128, wgt_depth=128, acc_depth=64, out_depth=64)
+    cfg = small_config(impl=impl, inp_depth=512, wgt_depth=64, acc_depth=16, out_depth=32)
     rows, cols = cfg.rows, cfg.cols
     h = w = 4
     p = Program(cfg)
