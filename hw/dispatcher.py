@@ -12,8 +12,9 @@ The :class:`ExclusiveDispatcher` (compact builds, no ``overlap``) lets an instru
 every unit is idle instead, keeps no access sets, and takes a GEMM, REQUANT, PATCH or SGQ from the
 decoder only when its unit is done: its operands (``cmd``) stay valid meanwhile, so the units keep
 no copy. IM2COL is issued as REQUANT and PATCH are (in the concurrent design its access set,
-OUT read and INP write, holds off a GEMM that reads the INP words it writes). Both have the same ports (the decoded instruction carries an access set only for the
-concurrent one, :attr:`Dispatcher.access_sets`); :class:`Dispatcher` holds what they share.
+OUT read and INP write, holds off a GEMM that reads the INP words it writes). Both have the same
+ports (the decoded instruction carries an access set only for the concurrent one,
+:attr:`Dispatcher.access_sets`); :class:`Dispatcher` holds what they share.
 
 Errors (section 5): the first instruction whose status is not OK sets the sticky error with its
 index and opcode; from then on nothing executes until SYNC, but a LOAD still has its data consumed

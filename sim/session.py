@@ -85,8 +85,8 @@ def estimate_work(config: AccelConfig, stream: bytes) -> int:
     """A generous bound on the cycles of the longest compute instruction in ``stream``.
 
     Walks the host stream with the protocol's parser (LOAD data skipped) and returns the largest
-    cycle estimate of one GEMM, PATCH, REQUANT, SGQ, IM2COL or STORE; sizes the hang watchdog. A stream
-    that ends early (a hang test) is estimated up to where it ends.
+    cycle estimate of one GEMM, PATCH, REQUANT, SGQ, IM2COL or STORE; sizes the hang watchdog.
+    A stream that ends early (a hang test) is estimated up to where it ends.
     """
     worst = 0
     try:
