@@ -57,13 +57,15 @@ class Im2col(wiring.Component):
         ix_max = 254 * 7 + tap
         return iy_max.bit_length() + 1, ix_max.bit_length() + 1
 
-    def _walker(self, m, cmd, prefix):
-        """Walker registers ``(ox, iy0, ix0)`` and their step (the next pixel's values)."""
+    def _walker(self, m, cmd, prefix, wrap=None):
+        """Walker registers ``(ox, iy0, ix0)`` and their step (the next pixel's values); ``wrap``:
+        ``ox`` is the row's last column (computed here unless given)."""
         iyw, ixw = self._widths()
         ox = Signal(8, name=f"{prefix}ox")
         iy0 = Signal(signed(iyw), name=f"{prefix}iy0")
         ix0 = Signal(signed(ixw), name=f"{prefix}ix0")
-        wrap = ox == cmd.out_w - 1
+        if wrap is None:
+            wrap = ox == cmd.out_w - 1
         step = (Mux(wrap, 0, ox + 1)[:8],
                 Mux(wrap, iy0 + cmd.stride, iy0)[:iyw].as_signed(),
                 Mux(wrap, -cmd.pad_left, ix0 + cmd.stride)[:ixw].as_signed())
@@ -297,7 +299,13 @@ class Im2colSerial(Im2col):
         out_aw, inp_aw = self._out.addr_width, self._inp.addr_width
 
         cmd = self.ctrl.cmd if self._held_cmd else Signal(Im2colOperands)
-        (ox, iy0, ix0), step = self._walker(m, cmd, "")
+        # The ends of the loops are compared into flags in PIXEL, two cycles or more before NEXT
+        # uses them: compares on the state logic do not fit an iCE40 cycle at 30 MHz.
+        wrap_q, last_r_q, last_c, last_kx, last_ky, last_i = (
+            Signal(name=n) for n in ("wrap_q", "last_r_q", "last_c", "last_kx", "last_ky",
+                                     "last_i"))
+        (ox, iy0, ix0), step = self._walker(m, cmd, "", wrap=wrap_q)
+        wrap = ox == cmd.out_w - 1
         bs = [Signal.like(s, name=f"bs_{s.name}") for s in (ox, iy0, ix0)]
         ky, kx = Signal(5), Signal(5)
         dy, dx = Signal(8), Signal(8)
@@ -314,7 +322,6 @@ class Im2colSerial(Im2col):
         q_low = Signal(3)
         iy = iy0 + dy
         ix = ix0 + dx
-        inside = (iy >= 0) & (iy < cmd.in_h) & (ix >= 0) & (ix < cmd.in_w)
         lane = self._lane(cmd.pack, q_low, lc)
         lane = (lane | c[:lc]) if lc else Const(0, 1)
         value = self.rd_out.data.word_select(lane, 8) if cols > 1 else self.rd_out.data[:8]
@@ -351,10 +358,17 @@ class Im2colSerial(Im2col):
             with m.State("SETUP_END"):
                 m.d.sync += [bs[1].eq(acc.as_signed()), ox.eq(bs[0]), iy0.eq(acc.as_signed()),
                              ix0.eq(bs[2])]
+                m.next = "PIXEL"
+            with m.State("PIXEL"):
+                # iy, ix into the multiplier's registers; the loop ends for NEXT into flags
+                m.d.sync += [acc.eq(ix[:Q_BITS]), mcand.eq(iy[:Q_BITS]), n.eq(0),
+                             wrap_q.eq(wrap), last_r_q.eq(last_r), last_c.eq(c == cmd.channels - 1),
+                             last_kx.eq(kx == cmd.kw - 1), last_ky.eq(ky == cmd.kh - 1),
+                             last_i.eq(i == cmd.m_blocks - 1)]
                 m.next = "CHECK"
             with m.State("CHECK"):
-                m.d.sync += [acc.eq(ix[:Q_BITS]), mcand.eq(iy[:Q_BITS]), n.eq(0)]
-                with m.If(inside):
+                # (as unsigned 16-bit values a negative iy or ix is beyond any in_h, in_w)
+                with m.If((mcand < cmd.in_h) & (acc < cmd.in_w)):
                     m.next = "MUL_Q"
                 with m.Else():
                     m.d.sync += shift_in(cmd.pad_value)
@@ -383,29 +397,29 @@ class Im2colSerial(Im2col):
                 m.next = "NEXT"
             with m.State("NEXT"):
                 m.d.sync += [r.eq(r + 1), ox.eq(nox), iy0.eq(niy0), ix0.eq(nix0)]
-                m.next = "CHECK"
-                with m.If(last_r):
+                m.next = "PIXEL"
+                with m.If(last_r_q):
                     m.d.comb += [
                         self.wr_inp.addr.eq(wptr), self.wr_inp.data.eq(word),
                         self.wr_inp.en.eq((1 << len(self.wr_inp.en)) - 1),
                     ]
                     m.d.sync += [r.eq(0), wptr.eq(wptr + 1),
                                  ox.eq(bs[0]), iy0.eq(bs[1]), ix0.eq(bs[2])]
-                    with m.If(c != cmd.channels - 1):
+                    with m.If(~last_c):
                         m.d.sync += c.eq(c + 1)
                     with m.Else():
                         m.d.sync += c.eq(0)
-                        with m.If(kx != cmd.kw - 1):
+                        with m.If(~last_kx):
                             m.d.sync += [kx.eq(kx + 1), dx.eq(dx + cmd.dilation)]
                         with m.Else():
                             m.d.sync += [kx.eq(0), dx.eq(0)]
-                            with m.If(ky != cmd.kh - 1):
+                            with m.If(~last_ky):
                                 m.d.sync += [ky.eq(ky + 1), dy.eq(dy + cmd.dilation)]
                             with m.Else():  # next block: one step after this one's last pixel
                                 m.d.sync += [ky.eq(0), dy.eq(0), i.eq(i + 1),
                                              bs[0].eq(nox), bs[1].eq(niy0), bs[2].eq(nix0),
                                              ox.eq(nox), iy0.eq(niy0), ix0.eq(nix0)]
-                                with m.If(i == cmd.m_blocks - 1):
+                                with m.If(last_i):
                                     m.d.sync += busy.eq(0)
                                     m.next = "IDLE"
         return m
