@@ -275,9 +275,9 @@ class DecoderParallel(Decoder):
         three shift-and-add multipliers started with the other products.
 
         Returns ``({key: span}, first products done, stage-1 start, stage-2 start (both to
-        drive), stage 2 done)``;
-        keys are an extent tuple or a rule class. IM2COL's extent ``f0*f1*f2*f3`` is ``(f0*f1)
-        * (f2*f3)``; its tensor ``ceil(in_h*in_w / 2**pack) * pitch``.
+        drive), stage 2 done)``; keys are an extent tuple or a rule class. IM2COL's extent
+        ``f0*f1*f2*f3`` is ``(f0*f1) * (f2*f3)``, at full width; its tensor ``ceil(in_h*in_w /
+        2**pack) * pitch``.
         """
         (strided,) = [r for r in RULES[Opcode.REQUANT] if isinstance(r, StridedInRange)]
         (extent,) = [r.extent for r in RULES[Opcode.IM2COL]
@@ -290,7 +290,9 @@ class DecoderParallel(Decoder):
         x = _Multiplier(m, max(wa, wb), min(wa, wb), "mul_x")  # f0*f1, then the extent
         y = _Multiplier(m, *(len(v) for v in pair_b), "mul_y")  # f2*f3
         count = rq[strided.count]
-        z = _Multiplier(m, max(len(count), len(ic.in_w)), PITCH_BITS + 2, "mul_z")
+        # z: in_w*in_h then tensor_words*pitch; REQUANT (count - 1)*(out_gap + 1)
+        z = _Multiplier(m, max(len(count), len(ic.in_w)), max(len(ic.in_h), PITCH_BITS + 1),
+                        "mul_z")
         stage1, stage2 = Signal(), Signal()
         tensor_words = Signal(len(ic.in_h) + len(ic.in_w))  # ceil(in_h*in_w / 2**pack)
         m.d.comb += tensor_words.eq((z.product + (Const(1, 4) << ic.pack) - 1) >> ic.pack)
