@@ -288,7 +288,8 @@ class Im2colSerial(Im2col):
     one adder computes ``q = ix + iy*in_w`` (8 cycles) and then the OUT address ``src + g +
     (q >> pack)*pitch`` (6 cycles), shift-and-add from the least significant bit of ``in_w`` and
     of ``pitch``; the value read (lane ``(q mod 2**pack)*(cols >> pack) + c mod cols``) is
-    shifted into the word, which is written when it has ``rows`` values: 18 cycles a value.
+    shifted into the word, which is written when it has ``rows`` values: 20 cycles a value.
+    Setup: the walker steps from row 0 down to row ``oy0`` (``oy0 + 2`` cycles, no multiplier).
     """
 
     def elaborate(self, platform):
@@ -305,7 +306,6 @@ class Im2colSerial(Im2col):
             Signal(name=n) for n in ("wrap_q", "last_r_q", "last_c", "last_kx", "last_ky",
                                      "last_i"))
         (ox, iy0, ix0), step = self._walker(m, cmd, "", wrap=wrap_q)
-        wrap = ox == cmd.out_w - 1
         bs = [Signal.like(s, name=f"bs_{s.name}") for s in (ox, iy0, ix0)]
         ky, kx = Signal(5), Signal(5)
         dy, dx = Signal(8), Signal(8)
@@ -314,6 +314,8 @@ class Im2colSerial(Im2col):
         r = Signal(range(rows))
         wptr = Signal(inp_aw)
         word = Signal(8 * rows)  # values shift in at the top: lane r ends in bits 8r..8r+7
+        # the counters' increments, shared by their loop-end compares (no subtractors)
+        ox1, c1, kx1, ky1, i1 = ox + 1, c + 1, kx + 1, ky + 1, i + 1
 
         # shift-and-add: acc += mcand while the multiplier bit `bit` is set; mcand <<= 1
         acc = Signal(Q_BITS)
@@ -342,29 +344,25 @@ class Im2colSerial(Im2col):
                     with m.If(self.ctrl.cmd.m_blocks != 0):
                         m.d.sync += busy.eq(1)
                         m.next = "SETUP"
-            with m.State("SETUP"):  # iy0 of the first block = oy0*stride - pad_top
+            with m.State("SETUP"):
                 m.d.sync += [
-                    acc.eq(-cmd.pad_top), mcand.eq(cmd.oy0), n.eq(0),
-                    bs[0].eq(0), bs[2].eq(-cmd.pad_left), ky.eq(0), kx.eq(0), dy.eq(0),
-                    dx.eq(0), c.eq(0), i.eq(0), r.eq(0), wptr.eq(cmd.dst),
+                    ox.eq(0), iy0.eq(-cmd.pad_top), ix0.eq(-cmd.pad_left), wrap_q.eq(1),
+                    ky.eq(0), kx.eq(0), dy.eq(0), dx.eq(0), c.eq(0), i.eq(0), r.eq(0),
+                    wptr.eq(cmd.dst),
                 ]
-                m.next = "SETUP_MUL"
-            with m.State("SETUP_MUL"):
-                with m.If(cmd.stride.bit_select(n, 1)):
-                    m.d.sync += acc.eq(acc + mcand)
-                m.d.sync += [mcand.eq(mcand << 1), n.eq(n + 1)]
-                with m.If(n == 2):
-                    m.next = "SETUP_END"
-            with m.State("SETUP_END"):
-                m.d.sync += [bs[1].eq(acc.as_signed()), ox.eq(bs[0]), iy0.eq(acc.as_signed()),
-                             ix0.eq(bs[2])]
-                m.next = "PIXEL"
+                m.next = "SETUP_ROWS"
+            with m.State("SETUP_ROWS"):  # the walker steps down oy0 rows (no multiplier)
+                with m.If(i == cmd.oy0):
+                    m.d.sync += [bs[0].eq(ox), bs[1].eq(iy0), bs[2].eq(ix0), i.eq(0)]
+                    m.next = "PIXEL"
+                with m.Else():
+                    m.d.sync += [ox.eq(nox), iy0.eq(niy0), ix0.eq(nix0), i.eq(i1)]
             with m.State("PIXEL"):
                 # iy, ix into the multiplier's registers; the loop ends for NEXT into flags
                 m.d.sync += [acc.eq(ix[:Q_BITS]), mcand.eq(iy[:Q_BITS]), n.eq(0),
-                             wrap_q.eq(wrap), last_r_q.eq(last_r), last_c.eq(c == cmd.channels - 1),
-                             last_kx.eq(kx == cmd.kw - 1), last_ky.eq(ky == cmd.kh - 1),
-                             last_i.eq(i == cmd.m_blocks - 1)]
+                             wrap_q.eq(ox1 == cmd.out_w), last_r_q.eq(last_r),
+                             last_c.eq(c1 == cmd.channels), last_kx.eq(kx1 == cmd.kw),
+                             last_ky.eq(ky1 == cmd.kh), last_i.eq(i1 == cmd.m_blocks)]
                 m.next = "CHECK"
             with m.State("CHECK"):
                 # (as unsigned 16-bit values a negative iy or ix is beyond any in_h, in_w)
@@ -406,17 +404,17 @@ class Im2colSerial(Im2col):
                     m.d.sync += [r.eq(0), wptr.eq(wptr + 1),
                                  ox.eq(bs[0]), iy0.eq(bs[1]), ix0.eq(bs[2])]
                     with m.If(~last_c):
-                        m.d.sync += c.eq(c + 1)
+                        m.d.sync += c.eq(c1)
                     with m.Else():
                         m.d.sync += c.eq(0)
                         with m.If(~last_kx):
-                            m.d.sync += [kx.eq(kx + 1), dx.eq(dx + cmd.dilation)]
+                            m.d.sync += [kx.eq(kx1), dx.eq(dx + cmd.dilation)]
                         with m.Else():
                             m.d.sync += [kx.eq(0), dx.eq(0)]
                             with m.If(~last_ky):
-                                m.d.sync += [ky.eq(ky + 1), dy.eq(dy + cmd.dilation)]
+                                m.d.sync += [ky.eq(ky1), dy.eq(dy + cmd.dilation)]
                             with m.Else():  # next block: one step after this one's last pixel
-                                m.d.sync += [ky.eq(0), dy.eq(0), i.eq(i + 1),
+                                m.d.sync += [ky.eq(0), dy.eq(0), i.eq(i1),
                                              bs[0].eq(nox), bs[1].eq(niy0), bs[2].eq(nix0),
                                              ox.eq(nox), iy0.eq(niy0), ix0.eq(nix0)]
                                 with m.If(last_i):
