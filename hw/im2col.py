@@ -48,14 +48,15 @@ class Im2col(wiring.Component):
             "wr_inp": Out(WriteClient(self._inp)),
         })
 
+    #: ``iy0`` and ``ix0`` stop growing once they reach this: every pixel from there on is
+    #: outside the tensor (``in_h, in_w <= 255``), so they need not be exact beyond it.
+    FAR = 256
+
     def _widths(self):
-        """Signed widths of ``iy`` and ``ix``: exact for every operand value (``oy`` reaches
-        ``oy0 + m_blocks*rows - 1`` when ``out_w`` is 1)."""
-        rows = self._config.rows
-        tap = 31 * 7  # (kh - 1) * dilation at most
-        iy_max = (255 + 255 * rows) * 7 + tap
-        ix_max = 254 * 7 + tap
-        return iy_max.bit_length() + 1, ix_max.bit_length() + 1
+        """Signed widths of ``iy`` and ``ix``: ``iy0, ix0`` lie in ``[-15, FAR + 7)`` (they stop
+        at ``FAR``), a tap adds up to ``31*7``."""
+        top = self.FAR + 7 + 31 * 7
+        return top.bit_length() + 1, top.bit_length() + 1
 
     def _walker(self, m, cmd, prefix, wrap=None):
         """Walker registers ``(ox, iy0, ix0)`` and their step (the next pixel's values); ``wrap``:
@@ -67,8 +68,9 @@ class Im2col(wiring.Component):
         if wrap is None:
             wrap = ox == cmd.out_w - 1
         step = (Mux(wrap, 0, ox + 1)[:8],
-                Mux(wrap, iy0 + cmd.stride, iy0)[:iyw].as_signed(),
-                Mux(wrap, -cmd.pad_left, ix0 + cmd.stride)[:ixw].as_signed())
+                Mux(wrap & (iy0 < self.FAR), iy0 + cmd.stride, iy0)[:iyw].as_signed(),
+                Mux(wrap, -cmd.pad_left,
+                    Mux(ix0 < self.FAR, ix0 + cmd.stride, ix0))[:ixw].as_signed())
         return (ox, iy0, ix0), step
 
     @staticmethod
@@ -228,7 +230,8 @@ class Im2colTiled(Im2col):
                 ]
                 m.next = "SETUP_IY"
             with m.State("SETUP_IY"):
-                m.d.sync += bs_iy0.eq(t1 - cmd.pad_top)
+                first = t1 - cmd.pad_top
+                m.d.sync += bs_iy0.eq(Mux(first > self.FAR, self.FAR, first))
                 m.next = "SETUP_Q"
             with m.State("SETUP_Q"):
                 m.d.sync += [bs_qrow.eq(bs_iy0 * cmd.in_w), ox.eq(bs_ox), iy0.eq(bs_iy0),
