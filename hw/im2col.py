@@ -58,13 +58,13 @@ class Im2col(wiring.Component):
         top = self.FAR + 7 + 31 * 7
         return top.bit_length() + 1, top.bit_length() + 1
 
-    def _walker(self, m, cmd, prefix, wrap=None):
+    def _walker(self, cmd, wrap=None):
         """Walker registers ``(ox, iy0, ix0)`` and their step (the next pixel's values); ``wrap``:
         ``ox`` is the row's last column (computed here unless given)."""
         iyw, ixw = self._widths()
-        ox = Signal(8, name=f"{prefix}ox")
-        iy0 = Signal(signed(iyw), name=f"{prefix}iy0")
-        ix0 = Signal(signed(ixw), name=f"{prefix}ix0")
+        ox = Signal(8, name="ox")
+        iy0 = Signal(signed(iyw), name="iy0")
+        ix0 = Signal(signed(ixw), name="ix0")
         if wrap is None:
             wrap = ox == cmd.out_w - 1
         step = (Mux(wrap, 0, ox + 1)[:8],
@@ -109,7 +109,7 @@ class Im2colTiled(Im2col):
         out_aw, inp_aw = self._out.addr_width, self._inp.addr_width
 
         cmd = Signal(Im2colOperands)
-        (ox, iy0, ix0), step = self._walker(m, cmd, "")
+        (ox, iy0, ix0), step = self._walker(cmd)
         qrow = Signal(Q_BITS)  # iy0 * in_w (mod 2**16)
         bs_ox, bs_iy0, bs_ix0, bs_qrow = (Signal.like(s, name=f"bs_{s.name}")
                                            for s in (ox, iy0, ix0, qrow))
@@ -308,7 +308,7 @@ class Im2colSerial(Im2col):
         wrap_q, last_r_q, last_c, last_kx, last_ky, last_i = (
             Signal(name=n) for n in ("wrap_q", "last_r_q", "last_c", "last_kx", "last_ky",
                                      "last_i"))
-        (ox, iy0, ix0), step = self._walker(m, cmd, "", wrap=wrap_q)
+        (ox, iy0, ix0), step = self._walker(cmd, wrap=wrap_q)
         bs = [Signal.like(s, name=f"bs_{s.name}") for s in (ox, iy0, ix0)]
         ky, kx = Signal(5), Signal(5)
         dy, dx = Signal(8), Signal(8)
