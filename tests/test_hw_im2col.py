@@ -119,6 +119,18 @@ def test_unit_against_window_gather(design, config_name):
     n = 40 if design == "tiled" else 14
     cases = random_cases(config, rng, n)
     cases.append(dict(cases[0], m_blocks=0))
+    # a tall tensor whose rows the walker steps past the last one (iy0 stops beyond it)
+    pack = min(3, config.cols.bit_length() - 1)
+    cases.append(dict(src=0, dst=0, pitch=1, channels=1, in_h=255, in_w=1, kh=3, kw=1, stride=7,
+                      dilation=7, pad_top=3, pad_left=0, pad_value=0x80, oy0=30, out_w=1,
+                      m_blocks=-(-12 // config.rows), pack=pack))
+    cases.append(dict(cases[-1], stride=1, oy0=240, kh=31, dilation=1, in_w=2, out_w=2, kw=2,
+                      m_blocks=2, pad_left=1))
+    # and a wide one whose columns it steps past (ix0 stops beyond it)
+    cases.append(dict(cases[-2], in_h=1, in_w=255, kh=1, kw=3, oy0=0, out_w=60, pad_left=5,
+                      m_blocks=-(-60 // config.rows)))
+    for f in cases[-3:]:
+        assert check_instruction(config, Instruction(Opcode.IM2COL, **f)) is None, f
     held = design == "serial" and config.impl.held_cmd
     for f, (inp, cycles) in zip(cases, run_unit(DESIGNS[design], config, cases, out_words,
                                                  held_cmd=held), strict=True):
