@@ -36,16 +36,16 @@ class _Term:
 
     Fields are ``(opcode, name)``. ``x`` is a tuple of factors, outermost first (``()`` is 1):
     block counts and window sizes of at most 8 bits, counted down like the digits of an
-    odometer. ``y`` is 1, a field, ``"n_rows"`` (``n_blocks * rows``), ``("dec", field)``
-    (``field - 1``) or ``"q"`` (the tensor-words register). ``kind``:
+    odometer. ``y`` is 1, a field, ``"n_rows"`` (``n_blocks * rows``) or ``"q"`` (the
+    tensor-words register). ``kind``:
 
     - ``"range"``: ``b`` an int limit ``C`` or ``"buf_depth"`` (the LOAD/STORE buffer's depth);
       the answer is an ADDR_RANGE fault. A term with ``when`` counts only when that 1-bit field
       is set.
     - ``"overlap"``: ``b`` a field (PATCH overlap).
     - ``"strided"``: a :class:`~.decode_rules.StridedInRange` (``b`` its limit, ``x`` the gap,
-      ``y`` the count less 1, ``aux`` the count): ``a + 1 + (count - 1)*(gap + 1) > b``, or
-      ``a > b`` when the count is 0.
+      counted as ``gap + 1``, ``y`` the count, ``aux`` the gap): ``a + 1 + (count - 1)*(gap +
+      1) > b``, i.e. ``a + count*(gap + 1) > b + gap``; ``a > b`` when the count is 0.
     - ``"tensor_words"``: computes ``ceil(x*y / 2**pack)`` (``aux``: the pack field) into the
       tensor-words register for the next term, no answer.
     """
@@ -100,8 +100,7 @@ def _terms(cfg: AccelConfig) -> dict:
                                       x, y, when=when))
             elif isinstance(rule, StridedInRange):
                 op_terms.append(_Term((op, rule.base), cfg.depth(rule.limit), ((op, rule.gap),),
-                                      ("dec", (op, rule.count)), kind="strided",
-                                      aux=(op, rule.count)))
+                                      (op, rule.count), kind="strided", aux=(op, rule.gap)))
             elif isinstance(rule, TensorInRange):
                 # (the tensor-words term needs in_h*in_w + 7 < 2**16)
                 assert sum(OPERANDS[op][n].shape.width for n in ("in_h", "in_w")) <= 16
@@ -158,8 +157,6 @@ class DecoderSerial(Decoder):
         def source(spec, invert=False):
             if spec in (1, "n_rows", "q"):
                 key = (spec,)
-            elif spec[0] == "dec":
-                key = ("dec", *_field_slice(*spec[1]))
             else:
                 key = (*_field_slice(*spec), invert)
             if key not in sources:
@@ -169,8 +166,6 @@ class DecoderSerial(Decoder):
                     value = mul_const(ops.gemm.n_blocks, cfg.rows)
                 elif spec == "q":
                     value = q
-                elif spec[0] == "dec":
-                    value = field(spec[1]) - 1
                 else:
                     value = -1 - field(spec) if invert else field(spec)  # ~b = -b - 1
                 sources[key] = (len(sources), value)
@@ -225,9 +220,8 @@ class DecoderSerial(Decoder):
                                                        strict=True):
                                     if spec == 1:
                                         m.d.comb += digit.eq(1)
-                                    elif term.kind == "strided":  # gap + 1, none for count 0
-                                        m.d.comb += digit.eq(Mux(field(term.aux) == 0, 0,
-                                                                 field(spec) + 1))
+                                    elif term.kind == "strided":  # gap + 1
+                                        m.d.comb += digit.eq(field(spec) + 1)
                                     else:
                                         m.d.comb += digit.eq(field(spec))
                                 if term.kind == "overlap":
@@ -251,9 +245,9 @@ class DecoderSerial(Decoder):
                                         for buf in Buffer:
                                             with m.Case(buf):
                                                 m.d.comb += limit.eq(~cfg.depth(buf))
-                                elif term.kind == "strided":  # a + 1 + ... > C: ... > C - 1
-                                    m.d.comb += limit.eq(Mux(field(term.aux) == 0, ~term.b,
-                                                             ~(term.b - 1)))
+                                elif term.kind == "strided":  # (see _Term)
+                                    m.d.comb += limit.eq(Mux(field(term.y) == 0, ~term.b,
+                                                             ~term.b - field(term.aux)))
                                 else:
                                     m.d.comb += limit.eq(~term.b)
         last_term = Signal()

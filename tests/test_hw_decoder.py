@@ -7,6 +7,7 @@ import pytest
 from amaranth.sim import Simulator
 from hw_tb import seed_from_env, small_config
 
+from tinyaccel.hw.config import PRESETS
 from tinyaccel.hw.decode_rules import (
     RULES,
     InRange,
@@ -163,11 +164,12 @@ def expected_access(cfg, word):
 
 
 @pytest.mark.parametrize("serial", [False, True])
-def test_decoder_checks_random(serial):
+@pytest.mark.parametrize("name", ["tiny", "ice40"])
+def test_decoder_checks_random(name, serial):
     seed = seed_from_env()
     print(f"seed={seed}")
     rng = np.random.default_rng(seed)
-    cfg = small_config()
+    cfg = PRESETS["ice40"] if name == "ice40" else small_config()
     words = [random_word(cfg, rng) for _ in range(300)]
     words = [at_a_limit(cfg, word, rng) if rng.random() < 0.3 else word for word in words]
     words += edge_words(cfg)
