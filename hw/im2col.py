@@ -48,25 +48,29 @@ class Im2col(wiring.Component):
             "wr_inp": Out(WriteClient(self._inp)),
         })
 
-    def _widths(self):
-        """Signed widths of ``iy`` and ``ix``: exact for every operand value (``oy`` reaches
-        ``oy0 + m_blocks*rows - 1`` when ``out_w`` is 1)."""
-        rows = self._config.rows
-        tap = 31 * 7  # (kh - 1) * dilation at most
-        iy_max = (255 + 255 * rows) * 7 + tap
-        ix_max = 254 * 7 + tap
-        return iy_max.bit_length() + 1, ix_max.bit_length() + 1
+    #: ``iy0`` and ``ix0`` stop growing once they reach this: every pixel from there on is
+    #: outside the tensor (``in_h, in_w <= 255``), so they need not be exact beyond it.
+    FAR = 256
 
-    def _walker(self, m, cmd, prefix):
-        """Walker registers ``(ox, iy0, ix0)`` and their step (the next pixel's values)."""
+    def _widths(self):
+        """Signed widths of ``iy`` and ``ix``: ``iy0, ix0`` lie in ``[-15, FAR + 7)`` (they stop
+        at ``FAR``), a tap adds up to ``31*7``."""
+        top = self.FAR + 7 + 31 * 7
+        return top.bit_length() + 1, top.bit_length() + 1
+
+    def _walker(self, cmd, wrap=None):
+        """Walker registers ``(ox, iy0, ix0)`` and their step (the next pixel's values); ``wrap``:
+        ``ox`` is the row's last column (computed here unless given)."""
         iyw, ixw = self._widths()
-        ox = Signal(8, name=f"{prefix}ox")
-        iy0 = Signal(signed(iyw), name=f"{prefix}iy0")
-        ix0 = Signal(signed(ixw), name=f"{prefix}ix0")
-        wrap = ox == cmd.out_w - 1
+        ox = Signal(8, name="ox")
+        iy0 = Signal(signed(iyw), name="iy0")
+        ix0 = Signal(signed(ixw), name="ix0")
+        if wrap is None:
+            wrap = ox == cmd.out_w - 1
         step = (Mux(wrap, 0, ox + 1)[:8],
-                Mux(wrap, iy0 + cmd.stride, iy0)[:iyw].as_signed(),
-                Mux(wrap, -cmd.pad_left, ix0 + cmd.stride)[:ixw].as_signed())
+                Mux(wrap & (iy0 < self.FAR), iy0 + cmd.stride, iy0)[:iyw].as_signed(),
+                Mux(wrap, -cmd.pad_left,
+                    Mux(ix0 < self.FAR, ix0 + cmd.stride, ix0))[:ixw].as_signed())
         return (ox, iy0, ix0), step
 
     @staticmethod
@@ -105,7 +109,7 @@ class Im2colTiled(Im2col):
         out_aw, inp_aw = self._out.addr_width, self._inp.addr_width
 
         cmd = Signal(Im2colOperands)
-        (ox, iy0, ix0), step = self._walker(m, cmd, "")
+        (ox, iy0, ix0), step = self._walker(cmd)
         qrow = Signal(Q_BITS)  # iy0 * in_w (mod 2**16)
         bs_ox, bs_iy0, bs_ix0, bs_qrow = (Signal.like(s, name=f"bs_{s.name}")
                                            for s in (ox, iy0, ix0, qrow))
@@ -226,7 +230,8 @@ class Im2colTiled(Im2col):
                 ]
                 m.next = "SETUP_IY"
             with m.State("SETUP_IY"):
-                m.d.sync += bs_iy0.eq(t1 - cmd.pad_top)
+                first = t1 - cmd.pad_top
+                m.d.sync += bs_iy0.eq(Mux(first > self.FAR, self.FAR, first))
                 m.next = "SETUP_Q"
             with m.State("SETUP_Q"):
                 m.d.sync += [bs_qrow.eq(bs_iy0 * cmd.in_w), ox.eq(bs_ox), iy0.eq(bs_iy0),
@@ -286,7 +291,8 @@ class Im2colSerial(Im2col):
     one adder computes ``q = ix + iy*in_w`` (8 cycles) and then the OUT address ``src + g +
     (q >> pack)*pitch`` (6 cycles), shift-and-add from the least significant bit of ``in_w`` and
     of ``pitch``; the value read (lane ``(q mod 2**pack)*(cols >> pack) + c mod cols``) is
-    shifted into the word, which is written when it has ``rows`` values: 18 cycles a value.
+    shifted into the word, which is written when it has ``rows`` values: 20 cycles a value.
+    Setup: the walker steps from row 0 down to row ``oy0`` (``oy0 + 2`` cycles, no multiplier).
     """
 
     def elaborate(self, platform):
@@ -297,7 +303,12 @@ class Im2colSerial(Im2col):
         out_aw, inp_aw = self._out.addr_width, self._inp.addr_width
 
         cmd = self.ctrl.cmd if self._held_cmd else Signal(Im2colOperands)
-        (ox, iy0, ix0), step = self._walker(m, cmd, "")
+        # The ends of the loops are compared into flags in PIXEL, two cycles or more before NEXT
+        # uses them: compares on the state logic do not fit an iCE40 cycle at 30 MHz.
+        wrap_q, last_r_q, last_c, last_kx, last_ky, last_i = (
+            Signal(name=n) for n in ("wrap_q", "last_r_q", "last_c", "last_kx", "last_ky",
+                                     "last_i"))
+        (ox, iy0, ix0), step = self._walker(cmd, wrap=wrap_q)
         bs = [Signal.like(s, name=f"bs_{s.name}") for s in (ox, iy0, ix0)]
         ky, kx = Signal(5), Signal(5)
         dy, dx = Signal(8), Signal(8)
@@ -306,6 +317,8 @@ class Im2colSerial(Im2col):
         r = Signal(range(rows))
         wptr = Signal(inp_aw)
         word = Signal(8 * rows)  # values shift in at the top: lane r ends in bits 8r..8r+7
+        # the counters' increments, shared by their loop-end compares (no subtractors)
+        ox1, c1, kx1, ky1, i1 = ox + 1, c + 1, kx + 1, ky + 1, i + 1
 
         # shift-and-add: acc += mcand while the multiplier bit `bit` is set; mcand <<= 1
         acc = Signal(Q_BITS)
@@ -314,7 +327,6 @@ class Im2colSerial(Im2col):
         q_low = Signal(3)
         iy = iy0 + dy
         ix = ix0 + dx
-        inside = (iy >= 0) & (iy < cmd.in_h) & (ix >= 0) & (ix < cmd.in_w)
         lane = self._lane(cmd.pack, q_low, lc)
         lane = (lane | c[:lc]) if lc else Const(0, 1)
         value = self.rd_out.data.word_select(lane, 8) if cols > 1 else self.rd_out.data[:8]
@@ -335,26 +347,29 @@ class Im2colSerial(Im2col):
                     with m.If(self.ctrl.cmd.m_blocks != 0):
                         m.d.sync += busy.eq(1)
                         m.next = "SETUP"
-            with m.State("SETUP"):  # iy0 of the first block = oy0*stride - pad_top
+            with m.State("SETUP"):
                 m.d.sync += [
-                    acc.eq(-cmd.pad_top), mcand.eq(cmd.oy0), n.eq(0),
-                    bs[0].eq(0), bs[2].eq(-cmd.pad_left), ky.eq(0), kx.eq(0), dy.eq(0),
-                    dx.eq(0), c.eq(0), i.eq(0), r.eq(0), wptr.eq(cmd.dst),
+                    ox.eq(0), iy0.eq(-cmd.pad_top), ix0.eq(-cmd.pad_left), wrap_q.eq(1),
+                    ky.eq(0), kx.eq(0), dy.eq(0), dx.eq(0), c.eq(0), i.eq(0), r.eq(0),
+                    wptr.eq(cmd.dst),
                 ]
-                m.next = "SETUP_MUL"
-            with m.State("SETUP_MUL"):
-                with m.If(cmd.stride.bit_select(n, 1)):
-                    m.d.sync += acc.eq(acc + mcand)
-                m.d.sync += [mcand.eq(mcand << 1), n.eq(n + 1)]
-                with m.If(n == 2):
-                    m.next = "SETUP_END"
-            with m.State("SETUP_END"):
-                m.d.sync += [bs[1].eq(acc.as_signed()), ox.eq(bs[0]), iy0.eq(acc.as_signed()),
-                             ix0.eq(bs[2])]
+                m.next = "SETUP_ROWS"
+            with m.State("SETUP_ROWS"):  # the walker steps down oy0 rows (no multiplier)
+                with m.If(i == cmd.oy0):
+                    m.d.sync += [bs[0].eq(ox), bs[1].eq(iy0), bs[2].eq(ix0), i.eq(0)]
+                    m.next = "PIXEL"
+                with m.Else():
+                    m.d.sync += [ox.eq(nox), iy0.eq(niy0), ix0.eq(nix0), i.eq(i1)]
+            with m.State("PIXEL"):
+                # iy, ix into the multiplier's registers; the loop ends for NEXT into flags
+                m.d.sync += [acc.eq(ix[:Q_BITS]), mcand.eq(iy[:Q_BITS]), n.eq(0),
+                             wrap_q.eq(ox1 == cmd.out_w), last_r_q.eq(last_r),
+                             last_c.eq(c1 == cmd.channels), last_kx.eq(kx1 == cmd.kw),
+                             last_ky.eq(ky1 == cmd.kh), last_i.eq(i1 == cmd.m_blocks)]
                 m.next = "CHECK"
             with m.State("CHECK"):
-                m.d.sync += [acc.eq(ix[:Q_BITS]), mcand.eq(iy[:Q_BITS]), n.eq(0)]
-                with m.If(inside):
+                # (as unsigned 16-bit values a negative iy or ix is beyond any in_h, in_w)
+                with m.If((mcand < cmd.in_h) & (acc < cmd.in_w)):
                     m.next = "MUL_Q"
                 with m.Else():
                     m.d.sync += shift_in(cmd.pad_value)
@@ -383,29 +398,29 @@ class Im2colSerial(Im2col):
                 m.next = "NEXT"
             with m.State("NEXT"):
                 m.d.sync += [r.eq(r + 1), ox.eq(nox), iy0.eq(niy0), ix0.eq(nix0)]
-                m.next = "CHECK"
-                with m.If(last_r):
+                m.next = "PIXEL"
+                with m.If(last_r_q):
                     m.d.comb += [
                         self.wr_inp.addr.eq(wptr), self.wr_inp.data.eq(word),
                         self.wr_inp.en.eq((1 << len(self.wr_inp.en)) - 1),
                     ]
                     m.d.sync += [r.eq(0), wptr.eq(wptr + 1),
                                  ox.eq(bs[0]), iy0.eq(bs[1]), ix0.eq(bs[2])]
-                    with m.If(c != cmd.channels - 1):
-                        m.d.sync += c.eq(c + 1)
+                    with m.If(~last_c):
+                        m.d.sync += c.eq(c1)
                     with m.Else():
                         m.d.sync += c.eq(0)
-                        with m.If(kx != cmd.kw - 1):
-                            m.d.sync += [kx.eq(kx + 1), dx.eq(dx + cmd.dilation)]
+                        with m.If(~last_kx):
+                            m.d.sync += [kx.eq(kx1), dx.eq(dx + cmd.dilation)]
                         with m.Else():
                             m.d.sync += [kx.eq(0), dx.eq(0)]
-                            with m.If(ky != cmd.kh - 1):
-                                m.d.sync += [ky.eq(ky + 1), dy.eq(dy + cmd.dilation)]
+                            with m.If(~last_ky):
+                                m.d.sync += [ky.eq(ky1), dy.eq(dy + cmd.dilation)]
                             with m.Else():  # next block: one step after this one's last pixel
-                                m.d.sync += [ky.eq(0), dy.eq(0), i.eq(i + 1),
+                                m.d.sync += [ky.eq(0), dy.eq(0), i.eq(i1),
                                              bs[0].eq(nox), bs[1].eq(niy0), bs[2].eq(nix0),
                                              ox.eq(nox), iy0.eq(niy0), ix0.eq(nix0)]
-                                with m.If(i == cmd.m_blocks - 1):
+                                with m.If(last_i):
                                     m.d.sync += busy.eq(0)
                                     m.next = "IDLE"
         return m

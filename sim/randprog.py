@@ -578,6 +578,40 @@ def corner_programs(config: AccelConfig | str,
             p.sgq(0, 4, 1, shift)
         add("sgq_modes", p.sgq(0, 4, 2, 1).sync(counters=True))
 
+    # IM2COL: a padded strided window, packed pixels with dilation, a pixel of two words, a tile
+    # entirely below the tensor (all padding at the largest strides and pads), m_blocks = 0; then
+    # a strided REQUANT (out_gap) into a tensor and an IM2COL reading it back.
+    if depth(Buffer.OUT) >= 32 and depth(Buffer.INP) >= 64 and depth(Buffer.ACC) >= 4:
+        out = ((np.arange(16 * cols).reshape(16, cols) * 37) % 256 - 128).astype(np.int8)
+        p = new().load(Buffer.OUT, 0, out)
+        dst = 0
+        ch = min(cols, 3)
+        mb = -(-4 // rows)
+        p.im2col(0, dst, channels=ch, in_h=4, in_w=4, kh=3, kw=3, out_w=2, m_blocks=mb,
+                 stride=2, pad_top=1, pad_left=1, pad_value=_INT8.min)
+        dst += mb * 9 * ch
+        pack = min(3, cols.bit_length() - 1)
+        p.im2col(0, dst, channels=1, pack=pack, in_h=4, in_w=4, kh=2, kw=2, dilation=2,
+                 out_w=3, m_blocks=1)
+        dst += 4
+        p.im2col(4, dst, channels=cols + 1, pitch=2, in_h=2, in_w=2, kh=1, kw=2, out_w=2,
+                 m_blocks=1, pad_left=1, pad_value=-1)
+        dst += 2 * (cols + 1)
+        p.im2col(0, dst, channels=1, in_h=1, in_w=1, kh=2, kw=2, stride=7, dilation=7,
+                 pad_top=15, pad_left=15, oy0=255, out_w=255, m_blocks=1, pad_value=_INT8.max)
+        dst += 4
+        p.im2col(0, dst, channels=1, in_h=1, in_w=1, kh=1, kw=1, out_w=1, m_blocks=0)
+        params = np.zeros((1, cols), PARAM_DTYPE)
+        params["multiplier"], params["clamp_min"], params["clamp_max"] = 1 << 30, -128, 127
+        acc = (np.arange(3 * cols).reshape(3, cols) * 29 - 40).astype(np.int32)
+        p.load(Buffer.ACC, 0, acc).load(Buffer.PARAM, 0, params)
+        p.requant(0, 16, 0, 3, out_gap=4)  # pixels of 5 words at OUT 16, 21, 26
+        p.im2col(16, dst, channels=cols, pitch=5, in_h=1, in_w=3, kh=1, kw=3, out_w=1,
+                 m_blocks=1, pad_left=1)
+        dst += 3 * cols
+        add("im2col_windows", p.store(Buffer.INP, 0, dst).store(Buffer.OUT, 16, 11).sync(
+            counters=True))
+
     # Errors: a legal LOAD (so error_pc = 1), the fault, instructions that must not execute,
     # a SYNC that reports the fault, then a STORE proving the buffers are intact.
     word = np.full((1, rows), 11, np.int8)
@@ -618,5 +652,14 @@ def corner_programs(config: AccelConfig | str,
     error("error_bad_shape_sgq_count", s.BAD_SHAPE, lambda p: p.sgq(0, 3, 2, 0))
     error("error_bad_field_sgq_stripe_len", s.BAD_FIELD, lambda p: p.sgq(0, 2, 0, 0))
     error("error_bad_field_patch_overlap", s.BAD_FIELD, lambda p: p.patch(0, 1, 2, 1, 0))
+    error("error_addr_range_requant_gap", s.ADDR_RANGE,
+          lambda p: p.requant(0, depth(Buffer.OUT) - 2, 0, 2, out_gap=1))
+    error("error_bad_shape_im2col_kh0", s.BAD_SHAPE, lambda p: p.im2col(
+        0, 0, channels=1, in_h=1, in_w=1, kh=0, kw=1, out_w=1, m_blocks=1))
+    error("error_bad_field_im2col_pixel", s.BAD_FIELD, lambda p: p.im2col(
+        0, 0, channels=cols + 1, in_h=1, in_w=1, kh=1, kw=1, out_w=1, m_blocks=1))
+    error("error_addr_range_im2col_src", s.ADDR_RANGE, lambda p: p.im2col(
+        depth(Buffer.OUT) - 1, 0, channels=1, pitch=2, in_h=1, in_w=1, kh=1, kw=1, out_w=1,
+        m_blocks=1))
     return corners
 
