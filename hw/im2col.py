@@ -347,7 +347,6 @@ class Im2colSerial(Im2col):
         word = Signal(8 * rows)  # values shift in at the top: lane r ends in bits 8r..8r+7
         first_tap = Signal(init=1)  # (pool: the tap opens a value; else always set)
         tap = Signal(8)  # the tap's value: the value read (CAPTURE) or padding (CHECK)
-        top = word[-8:]  # the newest value
         # the counters' increments, shared by their loop-end compares (no subtractors)
         ox1, c1, kx1, ky1, i1 = ox + 1, c + 1, kx + 1, ky + 1, i + 1
 
@@ -367,13 +366,13 @@ class Im2colSerial(Im2col):
         last_r = r == rows - 1
         nox, niy0, nix0 = step
 
-        def take():
-            """The tap's value into the word: shifted in, or with pool the larger of it and the
-            newest value."""
-            with m.If(first_tap):
-                m.d.sync += word.eq(Cat(word[8:], tap) if rows > 1 else tap)
-            with m.Elif(tap.as_signed() > top.as_signed()):
-                m.d.sync += top.eq(tap)
+        # the word with the tap taken (in NEXT): shifted in, or with pool after the first tap
+        # the larger (signed) of it and the word's newest value (the tap is registered first: a
+        # compare after the OUT read and its lane multiplexer does not fit an iCE40 cycle)
+        top = word[-8:]
+        larger = Mux(tap.as_signed() > top.as_signed(), tap, top)
+        taken = Mux(first_tap, Cat(word[8:], tap), Cat(word[:-8], larger)) if rows > 1 else \
+            Mux(first_tap, tap, larger)
 
         with m.FSM():
             with m.State("IDLE"):
@@ -404,12 +403,11 @@ class Im2colSerial(Im2col):
                              last_ky.eq(ky1 == cmd.kh), last_i.eq(i1 == cmd.m_blocks)]
                 m.next = "CHECK"
             with m.State("CHECK"):
+                m.d.sync += tap.eq(cmd.pad_value)  # (replaced in CAPTURE when inside)
                 # (as unsigned 16-bit values a negative iy or ix is beyond any in_h, in_w)
                 with m.If((mcand < cmd.in_h) & (acc < cmd.in_w)):
                     m.next = "MUL_Q"
                 with m.Else():
-                    m.d.comb += tap.eq(cmd.pad_value)
-                    take()
                     m.next = "NEXT"
             with m.State("MUL_Q"):  # q = ix + iy*in_w
                 with m.If(cmd.in_w.bit_select(n, 1)):
@@ -431,11 +429,11 @@ class Im2colSerial(Im2col):
                 m.d.comb += [self.rd_out.addr.eq(acc[:out_aw]), self.rd_out.en.eq(1)]
                 m.next = "CAPTURE"
             with m.State("CAPTURE"):
-                m.d.comb += tap.eq(value)
-                take()
+                m.d.sync += tap.eq(value)
                 m.next = "NEXT"
             with m.State("NEXT"):
                 last_tap = last_kx & last_ky
+                m.d.sync += word.eq(taken)
                 m.next = "PIXEL"
                 with m.If(Mux(cmd.pool, 1, last_r_q & last_c)):  # the next tap
                     with m.If(~last_kx):
@@ -453,7 +451,7 @@ class Im2colSerial(Im2col):
                                  r.eq(r + 1), ox.eq(nox), iy0.eq(niy0), ix0.eq(nix0)]
                 with m.If(last_r_q & (~cmd.pool | last_tap)):
                     m.d.comb += [
-                        self.wr_inp.addr.eq(wptr), self.wr_inp.data.eq(word),
+                        self.wr_inp.addr.eq(wptr), self.wr_inp.data.eq(taken),
                         self.wr_inp.en.eq((1 << len(self.wr_inp.en)) - 1),
                     ]
                     m.d.sync += [r.eq(0), wptr.eq(wptr + 1),
