@@ -61,8 +61,8 @@ class Disjoint:
 
 @dataclass(frozen=True)
 class InRange:
-    """``ADDR_RANGE`` unless ``base + extent <= limit`` (checked only while operand ``when`` is
-    set, if given).
+    """``ADDR_RANGE`` unless ``base + extent <= limit`` (checked only while 1-bit operand
+    ``when`` is set and ``unless`` is clear, for those given).
 
     ``extent``: the product of its factors, operand names or ``"rows"`` (the array's rows);
     ``()`` is 1. ``limit``: a :class:`~.isa.Buffer` (its depth in words), ``"buf"`` (the depth of
@@ -72,7 +72,13 @@ class InRange:
     extent: tuple[str, ...]
     limit: Buffer | str
     when: str | None = None
+    unless: str | None = None
     status: ClassVar[Status] = Status.ADDR_RANGE
+
+    def applies(self, operands: dict) -> bool:
+        """The rule is checked for these operand values (``when`` set, ``unless`` clear)."""
+        return ((self.when is None or bool(operands[self.when]))
+                and (self.unless is None or not operands[self.unless]))
 
 
 @dataclass(frozen=True)
@@ -151,7 +157,8 @@ RULES: dict[Opcode, tuple[Rule, ...]] = {
         NonZero("dilation", Status.BAD_FIELD, "an {op} dilation is >= 1"),
         NonZero("pitch", Status.BAD_FIELD, "an {op} pixel takes >= 1 word"),
         PixelFits(),
-        InRange("dst", ("m_blocks", "kh", "kw", "channels"), Buffer.INP),
+        InRange("dst", ("m_blocks", "kh", "kw", "channels"), Buffer.INP, unless="pool"),
+        InRange("dst", ("m_blocks", "channels"), Buffer.INP, when="pool"),
         TensorInRange(),
     ),
 }

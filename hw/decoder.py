@@ -8,9 +8,9 @@ stream never loses its place.
 
 The checks are those of :data:`.decode_rules.RULES`. They need the products ``m_blocks*k``,
 ``n_blocks*k``, ``m_blocks*n_blocks`` (GEMM), ``blocks*k`` (PATCH), ``(count - 1)*(out_gap + 1)``
-(the strided REQUANT), ``m_blocks*kh*kw*channels`` and ``ceil(in_h*in_w / 2**pack)*pitch``
-(IM2COL), and ``count mod stripe_len`` (SGQ); the iCE40 has no DSP to spare for them. Two designs
-with one signature, :class:`Decoder`:
+(the strided REQUANT), ``m_blocks*kh*kw*channels`` (``m_blocks*channels`` with ``pool``) and
+``ceil(in_h*in_w / 2**pack)*pitch`` (IM2COL), and ``count mod stripe_len`` (SGQ); the iCE40 has
+no DSP to spare for them. Two designs with one signature, :class:`Decoder`:
 
 - :class:`DecoderParallel` (here): the products by shift-and-add, one multiplier bit per cycle and
   stopping early (IM2COL's in two rounds, at full width: no product wraps), the remainder by
@@ -29,7 +29,7 @@ zero fields then PixelFits), and ADDR_RANGE last.
 """
 
 from functools import reduce
-from operator import and_
+from operator import and_, or_
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value, unsigned
 from amaranth.lib import data, stream, wiring
@@ -62,7 +62,7 @@ from .isa import (
 )
 from .scratchpads import geometry
 
-__all__ = ["DecodedLayout", "OPERAND_VIEW", "operands_of", "pixel_fits", "Decoder",
+__all__ = ["DecodedLayout", "OPERAND_VIEW", "operands_of", "pixel_fits", "applies", "Decoder",
            "DecoderParallel"]
 
 
@@ -97,6 +97,17 @@ def pixel_fits(config: AccelConfig, o) -> Value:
                Mux(o.pack == 1, config.cols >> 1,
                    Mux(o.pack == 2, config.cols >> 2, config.cols >> 3)))
     return o.channels <= room
+
+
+def applies(rule, o) -> Value | None:
+    """Whether the (:class:`~.decode_rules.InRange`) ``rule`` is checked for the operands
+    ``o``: its ``when`` set and its ``unless`` clear; ``None`` when it always is."""
+    terms = []
+    if getattr(rule, "when", None) is not None:
+        terms.append(Value.cast(o[rule.when]))
+    if getattr(rule, "unless", None) is not None:
+        terms.append(~Value.cast(o[rule.unless]))
+    return reduce(and_, terms) if terms else None
 
 
 def _ranged(rule) -> bool:
@@ -209,9 +220,10 @@ class DecoderParallel(Decoder):
 
         Cycles: 1 setup, then the first products: ``bit_length(max(m_blocks, n_blocks))`` (GEMM,
         PATCH ``blocks``), 16 (SGQ), ``bit_length(out_gap + 1)`` (REQUANT) or
-        ``bit_length(max(kh, kw, in_h))`` (IM2COL) iterations plus 1; IM2COL then multiplies the
-        partial products (``bit_length(m_blocks*kh)`` iterations plus 1); 1 to register the
-        result. At most 25 cycles.
+        ``bit_length(max(kh, kw, in_h))`` (IM2COL; ``kh``, ``kw`` taken as 1 with ``pool``)
+        iterations plus 1; IM2COL then multiplies the partial products
+        (``bit_length(m_blocks*kh)`` iterations plus 1); 1 to register the result. At most 25
+        cycles.
         """
         ops = word.operands
         m_a = Signal(BLOCKS_BITS)  # multiplier bits still to consume (m_blocks or blocks)
@@ -280,10 +292,18 @@ class DecoderParallel(Decoder):
         2**pack) * pitch``.
         """
         (strided,) = [r for r in RULES[Opcode.REQUANT] if isinstance(r, StridedInRange)]
-        (extent,) = [r.extent for r in RULES[Opcode.IM2COL]
-                     if isinstance(r, InRange) and len(r.extent) == 4]
+        windows = [r for r in RULES[Opcode.IM2COL] if isinstance(r, InRange) and r.extent]
+        (extent,) = [r.extent for r in windows if len(r.extent) == 4]
         rq, ic = operands_of(word, Opcode.REQUANT), operands_of(word, Opcode.IM2COL)
-        f = [ic[name] for name in extent]
+        # the other window extents (pool's m_blocks*channels) are products of some of these
+        # factors: while such a rule applies (the rules of one base exclude each other), the
+        # factors it lacks are 1, and x.product is its extent
+        others = [r for r in windows if r.extent != extent]
+        assert all(set(r.extent) < set(extent) and applies(r, ic) is not None for r in others)
+        f = []
+        for name in extent:
+            lacking = [applies(r, ic) for r in others if name not in r.extent]
+            f.append(Mux(reduce(or_, lacking), 1, ic[name]) if lacking else ic[name])
         # the narrower factor is the multiplier (its bits are the iterations)
         pair_a, pair_b = (sorted(f[i:i + 2], key=len, reverse=True) for i in (0, 2))
         wa, wb = len(pair_a[0]) + len(pair_a[1]), len(pair_b[0]) + len(pair_b[1])
@@ -311,7 +331,7 @@ class DecoderParallel(Decoder):
                     m.d.comb += [z.a.eq(count - 1),
                                  z.b.eq(rq[strided.gap] + 1)]
         spans = {
-            extent: x.product,
+            **{r.extent: x.product for r in windows},
             StridedInRange: Mux(count == 0, 0, z.product + 1),
             TensorInRange: z.product,
         }
@@ -458,7 +478,8 @@ class DecoderParallel(Decoder):
                     ok = o[rule.base] < limit
                 else:
                     ok = end[rule.base] <= limit
-                within.append(ok if getattr(rule, "when", None) is None else ~o[rule.when] | ok)
+                checked = applies(rule, o)
+                within.append(ok if checked is None else ~checked | ok)
             checks.append((~reduce(and_, within), InRange.status))
         for i, (fails, verdict) in enumerate(checks):
             with (m.Elif if i else m.If)(fails):

@@ -40,8 +40,8 @@ class _Term:
     tensor-words register). ``kind``:
 
     - ``"range"``: ``b`` an int limit ``C`` or ``"buf_depth"`` (the LOAD/STORE buffer's depth);
-      the answer is an ADDR_RANGE fault. A term with ``when`` counts only when that 1-bit field
-      is set.
+      the answer is an ADDR_RANGE fault. A term with ``when`` (``unless``) counts only when
+      that 1-bit field is set (clear); an inactive term does not iterate.
     - ``"overlap"``: ``b`` a field (PATCH overlap).
     - ``"strided"``: a :class:`~.decode_rules.StridedInRange` (``b`` its limit, ``x`` the gap,
       counted as ``gap + 1``, ``y`` the count, ``aux`` the gap): ``a + 1 + (count - 1)*(gap +
@@ -54,6 +54,7 @@ class _Term:
     x: tuple = ()
     y: object = 1
     when: tuple | None = None
+    unless: tuple | None = None
     kind: str = "range"
     aux: tuple | None = None
 
@@ -94,10 +95,11 @@ def _terms(cfg: AccelConfig) -> dict:
             elif isinstance(rule, InRange):
                 x, y = _factors(op, rule.extent) if rule.extent else ((), 1)
                 limit = {"buf": "buf_depth", "mask_bits": cfg.mask_bits}.get(rule.limit)
-                when = None if rule.when is None else (op, rule.when)
+                when, unless = (None if name is None else (op, name)
+                                for name in (rule.when, rule.unless))
                 op_terms.append(_Term((op, rule.base),
                                       cfg.depth(rule.limit) if limit is None else limit,
-                                      x, y, when=when))
+                                      x, y, when=when, unless=unless))
             elif isinstance(rule, StridedInRange):
                 op_terms.append(_Term((op, rule.base), cfg.depth(rule.limit), ((op, rule.gap),),
                                       (op, rule.count), kind="strided", aux=(op, rule.gap)))
@@ -123,9 +125,9 @@ class DecoderSerial(Decoder):
     """The serial design: the terms of :func:`_terms` one after another on one 18-bit adder (up
     to a few hundred cycles per instruction), for builds where every LUT counts.
 
-    IM2COL takes at most ``1 + 3*6 + (INP depth + 1) + 255 + 63 + 1`` cycles (its window term
-    stops once past the depth, ``in_h`` iterations for the tensor words, ``pitch`` for the
-    tensor): 851 on the iCE40 preset."""
+    IM2COL takes at most ``1 + 4*6 + (INP depth + 1) + 255 + 63 + 1`` cycles (one of its two
+    window terms, by ``pool``, iterates and stops once past the depth; ``in_h`` iterations for
+    the tensor words, ``pitch`` for the tensor): 857 on the iCE40 preset."""
 
     def _checks(self, m, word, status, buf_ok):
         """The terms of :func:`_terms`, one after another; returns the 'done' pulse.
@@ -203,7 +205,7 @@ class DecoderSerial(Decoder):
         phase = Signal(range(6))
         is_range = Signal()  # the term is a range term (else an overlap term)
         latches = Signal()  # the term computes the tensor words (no answer)
-        active = Signal()  # the term exists and its `when` holds
+        active = Signal()  # the term exists, its `when` holds and its `unless` does not
         a_sel, b_sel, y_sel = (Signal(range(len(sources)), name=f"{n}_sel") for n in "aby")
         with m.Switch(word.opcode):
             for op, op_terms in terms.items():
@@ -212,7 +214,9 @@ class DecoderSerial(Decoder):
                         for i, term in enumerate(op_terms):
                             with m.Case(i):
                                 m.d.comb += [
-                                    active.eq(1 if term.when is None else field(term.when)),
+                                    active.eq((1 if term.when is None else field(term.when)) &
+                                              (1 if term.unless is None
+                                               else ~field(term.unless))),
                                     a_sel.eq(source(term.a)),
                                     y_sel.eq(source(term.y)),
                                 ]
@@ -295,7 +299,7 @@ class DecoderSerial(Decoder):
                     with m.Case(3):
                         m.d.sync += [acc.eq(acc + operand), phase.eq(4)]
                     with m.Case(4):
-                        with m.If(x_left & ~nonneg):
+                        with m.If(x_left & ~nonneg & active):
                             m.d.sync += acc.eq(acc + operand)
                             count_down(n_digits - 1)
                         with m.Else():

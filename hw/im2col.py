@@ -98,6 +98,11 @@ class Im2colTiled(Im2col):
     Read pipeline: (1) walker + tap offsets -> ``iy, ix`` and the row's ``q``; (2) inside test,
     ``q``; (3) ``(q >> pack) * pitch``; (4) read OUT at ``src + that + g``; (5) the tile row.
     Setup: 4 cycles after the start.
+
+    With ``pool`` the taps are the innermost loop (block, channel group, tap): a tile is read
+    ``kh*kw`` times into the same bank, the first tap written, each later one lane by lane the
+    larger (signed) of it and what the row holds; the bank is full after the last tap. A pooled
+    tile costs ``kh*kw*rows`` read cycles (its drain overlaps the next tile's reads).
     """
 
     def elaborate(self, platform):
@@ -120,6 +125,9 @@ class Im2colTiled(Im2col):
 
         # tap, channel group, block, pixel
         ky, kx = Signal(5), Signal(5)
+        last_kx = kx == cmd.kw - 1
+        last_ky = ky == cmd.kh - 1
+        first_tap, last_tap = (kx == 0) & (ky == 0), last_kx & last_ky
         dy, dx = Signal(8), Signal(8)
         dyw = Signal(Q_BITS)  # dy * in_w
         g = Signal(10)
@@ -143,29 +151,31 @@ class Im2colTiled(Im2col):
         last_row = r == rows - 1
         p1 = Signal(data.StructLayout({
             "valid": 1, "iy": signed(iyw), "ix": signed(ixw), "qr": Q_BITS, "g": 10,
-            "r": range(rows), "bank": 1, "last": 1}))
+            "r": range(rows), "bank": 1, "last": 1, "fresh": 1}))
         p2 = Signal(data.StructLayout({
             "valid": 1, "inside": 1, "q": Q_BITS, "g": 10, "r": range(rows), "bank": 1,
-            "last": 1}))
+            "last": 1, "fresh": 1}))
         p3 = Signal(data.StructLayout({
             "valid": 1, "inside": 1, "word": Q_BITS + 6, "q_low": 3, "g": 10, "r": range(rows),
-            "bank": 1, "last": 1}))
+            "bank": 1, "last": 1, "fresh": 1}))
         p4 = Signal(data.StructLayout({
-            "valid": 1, "inside": 1, "q_low": 3, "r": range(rows), "bank": 1, "last": 1}))
+            "valid": 1, "inside": 1, "q_low": 3, "r": range(rows), "bank": 1, "last": 1,
+            "fresh": 1}))
         m.d.sync += [
             p1.valid.eq(issue), p1.iy.eq(iy0 + dy), p1.ix.eq(ix0 + dx),
             p1.qr.eq(qrow + dyw), p1.g.eq(g), p1.r.eq(r), p1.bank.eq(fs),
-            p1.last.eq(last_row),
+            # (pool: the bank is full after the last tap; the first tap overwrites its rows)
+            p1.last.eq(last_row & (~cmd.pool | last_tap)), p1.fresh.eq(~cmd.pool | first_tap),
             p2.valid.eq(p1.valid),
             p2.inside.eq((p1.iy >= 0) & (p1.iy < cmd.in_h) & (p1.ix >= 0) &
                          (p1.ix < cmd.in_w)),
             p2.q.eq(p1.qr + p1.ix[:Q_BITS]), p2.g.eq(p1.g), p2.r.eq(p1.r),
-            p2.bank.eq(p1.bank), p2.last.eq(p1.last),
+            p2.bank.eq(p1.bank), p2.last.eq(p1.last), p2.fresh.eq(p1.fresh),
             p3.valid.eq(p2.valid), p3.inside.eq(p2.inside),
             p3.word.eq((p2.q >> cmd.pack) * cmd.pitch), p3.q_low.eq(p2.q[:3]), p3.g.eq(p2.g),
-            p3.r.eq(p2.r), p3.bank.eq(p2.bank), p3.last.eq(p2.last),
+            p3.r.eq(p2.r), p3.bank.eq(p2.bank), p3.last.eq(p2.last), p3.fresh.eq(p2.fresh),
             p4.valid.eq(p3.valid), p4.inside.eq(p3.inside), p4.q_low.eq(p3.q_low),
-            p4.r.eq(p3.r), p4.bank.eq(p3.bank), p4.last.eq(p3.last),
+            p4.r.eq(p3.r), p4.bank.eq(p3.bank), p4.last.eq(p3.last), p4.fresh.eq(p3.fresh),
         ]
         m.d.comb += [
             self.rd_out.addr.eq((cmd.src + p3.word + p3.g)[:out_aw]),
@@ -176,13 +186,21 @@ class Im2colTiled(Im2col):
         rotated = self.rd_out.data >> Cat(Const(0, 3), shift)
         pad = Cat(*[cmd.pad_value] * cols)
         row_value = Mux(p4.inside, rotated, pad)[:8 * cols]
+        # pool, after the first tap: lane by lane the larger of the tap and the row so far
+        held = Mux(p4.bank, banks[1][p4.r].as_value(), banks[0][p4.r].as_value())
+        larger = []
+        for lane in range(cols):
+            new, old = row_value[8 * lane:8 * lane + 8], held[8 * lane:8 * lane + 8]
+            larger.append(Mux(new.as_signed() > old.as_signed(), new, old))
+        larger = Cat(*larger)
+        row_new = Mux(p4.fresh, row_value, larger)
         with m.If(p4.valid):
             for b in range(2):
                 with m.If(p4.bank == b):
                     with m.Switch(p4.r):
                         for rr in range(rows):
                             with m.Case(rr):
-                                m.d.sync += banks[b][rr].as_value().eq(row_value)
+                                m.d.sync += banks[b][rr].as_value().eq(row_new)
             with m.If(p4.last):
                 m.d.sync += full.bit_select(p4.bank, 1).eq(1)
 
@@ -207,10 +225,10 @@ class Im2colTiled(Im2col):
         busy = Signal()
         m.d.comb += self.ctrl.busy[0].eq(busy)
         last_g = c_left <= cols
-        last_kx = kx == cmd.kw - 1
-        last_ky = ky == cmd.kh - 1
         last_i = i == cmd.m_blocks - 1
-        block_end = last_g & last_kx & last_ky
+        block_end = last_g & last_tap
+        # a tile's first read claims a bank (pool: at its first tap only)
+        opening = (r == 0) & (~cmd.pool | first_tap)
         with m.FSM():
             with m.State("IDLE"):
                 with m.If(self.ctrl.start):
@@ -241,9 +259,9 @@ class Im2colTiled(Im2col):
                 m.d.sync += qrow.eq(bs_qrow)
                 m.next = "RUN"
             with m.State("RUN"):
-                with m.If((r != 0) | ~used.bit_select(fs, 1)):
+                with m.If(~opening | ~used.bit_select(fs, 1)):
                     m.d.comb += issue.eq(1)
-                    with m.If(r == 0):
+                    with m.If(opening):
                         m.d.sync += [
                             used.bit_select(fs, 1).eq(1), wptr.eq(wptr + ccount),
                         ]
@@ -254,7 +272,9 @@ class Im2colTiled(Im2col):
                     m.d.sync += [r.eq(r + 1), ox.eq(nox), iy0.eq(niy0), ix0.eq(nix0),
                                  qrow.eq(step_qrow)]
                     with m.If(last_row):
-                        m.d.sync += [r.eq(0), fs.eq(~fs)]
+                        m.d.sync += r.eq(0)
+                        with m.If(~cmd.pool | last_tap):
+                            m.d.sync += fs.eq(~fs)
                         with m.If(~block_end):  # the block again, for the next tile
                             m.d.sync += [ox.eq(bs_ox), iy0.eq(bs_iy0), ix0.eq(bs_ix0),
                                          qrow.eq(bs_qrow)]
@@ -263,10 +283,14 @@ class Im2colTiled(Im2col):
                                          bs_qrow.eq(step_qrow), i.eq(i + 1)]
                             with m.If(last_i):
                                 m.next = "FINISH"
-                        with m.If(~last_g):
-                            m.d.sync += [g.eq(g + 1), c_left.eq(c_left - cols)]
-                        with m.Else():
-                            m.d.sync += [g.eq(0), c_left.eq(cmd.channels)]
+                        # the next channel group (pool: after the last tap), the next tap
+                        # (without pool: after the last group)
+                        with m.If(~cmd.pool | last_tap):
+                            with m.If(~last_g):
+                                m.d.sync += [g.eq(g + 1), c_left.eq(c_left - cols)]
+                            with m.Else():
+                                m.d.sync += [g.eq(0), c_left.eq(cmd.channels)]
+                        with m.If(cmd.pool | last_g):
                             with m.If(~last_kx):
                                 m.d.sync += [kx.eq(kx + 1), dx.eq(dx + cmd.dilation)]
                             with m.Else():
@@ -293,6 +317,10 @@ class Im2colSerial(Im2col):
     of ``pitch``; the value read (lane ``(q mod 2**pack)*(cols >> pack) + c mod cols``) is
     shifted into the word, which is written when it has ``rows`` values: 20 cycles a value.
     Setup: the walker steps from row 0 down to row ``oy0`` (``oy0 + 2`` cycles, no multiplier).
+
+    With ``pool`` the taps are the innermost loop (block, channel, lane, tap): the first tap's
+    value is shifted into the word, each later one replaces the word's newest value if larger
+    (signed); per pooled value ``kh*kw`` taps of 20 cycles (3 if padding).
     """
 
     def elaborate(self, platform):
@@ -317,6 +345,8 @@ class Im2colSerial(Im2col):
         r = Signal(range(rows))
         wptr = Signal(inp_aw)
         word = Signal(8 * rows)  # values shift in at the top: lane r ends in bits 8r..8r+7
+        first_tap = Signal(init=1)  # (pool: the tap opens a value; else always set)
+        tap = Signal(8)  # the tap's value: the value read (CAPTURE) or padding (CHECK)
         # the counters' increments, shared by their loop-end compares (no subtractors)
         ox1, c1, kx1, ky1, i1 = ox + 1, c + 1, kx + 1, ky + 1, i + 1
 
@@ -336,8 +366,13 @@ class Im2colSerial(Im2col):
         last_r = r == rows - 1
         nox, niy0, nix0 = step
 
-        def shift_in(v):
-            return word.eq(Cat(word[8:], v) if rows > 1 else v)
+        # the word with the tap taken (in NEXT): shifted in, or with pool after the first tap
+        # the larger (signed) of it and the word's newest value (the tap is registered first: a
+        # compare after the OUT read and its lane multiplexer does not fit an iCE40 cycle)
+        top = word[-8:]
+        larger = Mux(tap.as_signed() > top.as_signed(), tap, top)
+        taken = Mux(first_tap, Cat(word[8:], tap), Cat(word[:-8], larger)) if rows > 1 else \
+            Mux(first_tap, tap, larger)
 
         with m.FSM():
             with m.State("IDLE"):
@@ -368,11 +403,11 @@ class Im2colSerial(Im2col):
                              last_ky.eq(ky1 == cmd.kh), last_i.eq(i1 == cmd.m_blocks)]
                 m.next = "CHECK"
             with m.State("CHECK"):
+                m.d.sync += tap.eq(cmd.pad_value)  # (replaced in CAPTURE when inside)
                 # (as unsigned 16-bit values a negative iy or ix is beyond any in_h, in_w)
                 with m.If((mcand < cmd.in_h) & (acc < cmd.in_w)):
                     m.next = "MUL_Q"
                 with m.Else():
-                    m.d.sync += shift_in(cmd.pad_value)
                     m.next = "NEXT"
             with m.State("MUL_Q"):  # q = ix + iy*in_w
                 with m.If(cmd.in_w.bit_select(n, 1)):
@@ -394,14 +429,29 @@ class Im2colSerial(Im2col):
                 m.d.comb += [self.rd_out.addr.eq(acc[:out_aw]), self.rd_out.en.eq(1)]
                 m.next = "CAPTURE"
             with m.State("CAPTURE"):
-                m.d.sync += shift_in(value)
+                m.d.sync += tap.eq(value)
                 m.next = "NEXT"
             with m.State("NEXT"):
-                m.d.sync += [r.eq(r + 1), ox.eq(nox), iy0.eq(niy0), ix0.eq(nix0)]
+                last_tap = last_kx & last_ky
+                m.d.sync += word.eq(taken)
                 m.next = "PIXEL"
-                with m.If(last_r_q):
+                with m.If(Mux(cmd.pool, 1, last_r_q & last_c)):  # the next tap
+                    with m.If(~last_kx):
+                        m.d.sync += [kx.eq(kx1), dx.eq(dx + cmd.dilation)]
+                    with m.Else():
+                        m.d.sync += [kx.eq(0), dx.eq(0)]
+                        with m.If(~last_ky):
+                            m.d.sync += [ky.eq(ky1), dy.eq(dy + cmd.dilation)]
+                        with m.Else():
+                            m.d.sync += [ky.eq(0), dy.eq(0)]
+                with m.If(cmd.pool & ~last_tap):  # pool: the same pixel's next tap
+                    m.d.sync += first_tap.eq(0)
+                with m.Else():
+                    m.d.sync += [first_tap.eq(1),
+                                 r.eq(r + 1), ox.eq(nox), iy0.eq(niy0), ix0.eq(nix0)]
+                with m.If(last_r_q & (~cmd.pool | last_tap)):
                     m.d.comb += [
-                        self.wr_inp.addr.eq(wptr), self.wr_inp.data.eq(word),
+                        self.wr_inp.addr.eq(wptr), self.wr_inp.data.eq(taken),
                         self.wr_inp.en.eq((1 << len(self.wr_inp.en)) - 1),
                     ]
                     m.d.sync += [r.eq(0), wptr.eq(wptr + 1),
@@ -410,17 +460,12 @@ class Im2colSerial(Im2col):
                         m.d.sync += c.eq(c1)
                     with m.Else():
                         m.d.sync += c.eq(0)
-                        with m.If(~last_kx):
-                            m.d.sync += [kx.eq(kx1), dx.eq(dx + cmd.dilation)]
-                        with m.Else():
-                            m.d.sync += [kx.eq(0), dx.eq(0)]
-                            with m.If(~last_ky):
-                                m.d.sync += [ky.eq(ky1), dy.eq(dy + cmd.dilation)]
-                            with m.Else():  # next block: one step after this one's last pixel
-                                m.d.sync += [ky.eq(0), dy.eq(0), i.eq(i1),
-                                             bs[0].eq(nox), bs[1].eq(niy0), bs[2].eq(nix0),
-                                             ox.eq(nox), iy0.eq(niy0), ix0.eq(nix0)]
-                                with m.If(last_i):
-                                    m.d.sync += busy.eq(0)
-                                    m.next = "IDLE"
+                        with m.If(cmd.pool | last_tap):
+                            # next block: one step after this one's last pixel
+                            m.d.sync += [i.eq(i1),
+                                         bs[0].eq(nox), bs[1].eq(niy0), bs[2].eq(nix0),
+                                         ox.eq(nox), iy0.eq(niy0), ix0.eq(nix0)]
+                            with m.If(last_i):
+                                m.d.sync += busy.eq(0)
+                                m.next = "IDLE"
         return m

@@ -161,6 +161,10 @@ class Im2colOperands(data.Struct):
     pad_top + ky*dilation, ox*stride - pad_left + kx*dilation)``, or ``pad_value`` (the input
     zero point, two's complement) outside the tensor. It lands in lane ``r`` of INP word
     ``dst + i*K + t``, ``K = kh*kw*channels``: the GEMM layout of section 4.
+
+    With ``pool`` the window is max-pooled instead: lane ``r`` of INP word ``dst + i*channels +
+    c`` is the largest of the ``kh*kw`` taps of channel ``c`` (``K = channels``; padding taps read
+    ``pad_value``, and -128 never wins), the input of a GEMM with unit weights.
     """
     src: unsigned(ADDR_BITS)
     dst: unsigned(ADDR_BITS)
@@ -179,6 +183,7 @@ class Im2colOperands(data.Struct):
     out_w: unsigned(8)
     m_blocks: unsigned(BLOCKS_BITS)
     pack: unsigned(2)
+    pool: unsigned(1)
 
 
 class SyncOperands(data.Struct):

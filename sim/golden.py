@@ -164,7 +164,7 @@ def _broken(config: AccelConfig, name: str, rule: Rule, f: dict) -> tuple[str, s
                                f"({f['in_h']}x{f['in_w']} pixels, pitch {f['pitch']}, pack "
                                f"{f['pack']}) = {base + span} exceeds {rule.limit.name} depth "
                                f"{limit}")
-    elif rule.when is None or f[rule.when]:  # InRange
+    elif rule.applies(f):  # InRange
         base, ext = f[rule.base], extent_value(config, rule.extent, f)
         limit = limit_value(config, rule.limit, f)
         if base + ext > limit:

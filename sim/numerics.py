@@ -221,10 +221,11 @@ def requantize(acc, bias, multiplier, shift, zero_point, clamp_min, clamp_max) -
 def window_gather(out: np.ndarray, rows: int, *, src: int, pitch: int, channels: int, in_h: int,
                   in_w: int, kh: int, kw: int, stride: int, dilation: int, pad_top: int,
                   pad_left: int, pad_value: int, oy0: int, out_w: int, m_blocks: int,
-                  pack: int, **_) -> np.ndarray:
-    """IM2COL: the INP words (int8 ``(m_blocks*K, rows)``, ``K = kh*kw*channels``) that the
-    window of a convolution reads from the activation tensor in ``out`` (the OUT buffer, int8
-    ``(depth, cols)``), as :class:`~tinyaccel.hw.isa.Im2colOperands` defines them.
+                  pack: int, pool: int = 0, **_) -> np.ndarray:
+    """IM2COL: the INP words (int8 ``(m_blocks*K, rows)``, ``K = kh*kw*channels``; with
+    ``pool`` ``K = channels``, the max over the taps) that the window of a convolution reads
+    from the activation tensor in ``out`` (the OUT buffer, int8 ``(depth, cols)``), as
+    :class:`~tinyaccel.hw.isa.Im2colOperands` defines them.
 
     ``pad_value`` is the field's 8-bit code (two's complement). The operands must be legal
     (:func:`tinyaccel.sim.golden.check_instruction`): every pixel read lies in ``out``.
@@ -243,7 +244,9 @@ def window_gather(out: np.ndarray, rows: int, *, src: int, pitch: int, channels:
     lane = (q & ((1 << pack) - 1)) * (cols >> pack) + c[None, :] % cols
     pad = np.int8(pad_value - 256 if pad_value >= 128 else pad_value)
     values = np.where(inside, out[word, lane], pad)
-    k = kh * kw * channels
+    if pool:
+        values = values.reshape(m_blocks * rows, kh * kw, channels).max(axis=1)
+    k = channels if pool else kh * kw * channels
     return np.ascontiguousarray(
         values.reshape(m_blocks, rows, k).transpose(0, 2, 1).reshape(m_blocks * k, rows))
 

@@ -156,7 +156,9 @@ def random_im2col(config: AccelConfig | str, rng, *, out_window: int | None = No
 
     Besides layer-like windows they cover the corners: ``pack > 0`` lanes, ``pitch`` beyond the
     channels' words, strides, dilations and pads up to their field maxima, pixels far below the
-    tensor (``oy0`` large: all padding), ``pad_value`` of either sign, ``m_blocks = 0``.
+    tensor (``oy0`` large: all padding), ``pad_value`` of either sign, ``m_blocks = 0``; and
+    ``pool`` (a quarter of them: max pooling, windows up to 7x7, mostly padding -128 as the
+    compiler emits it).
     """
     config, rng = get_config(config), _rng(rng)
     cols = config.cols
@@ -183,14 +185,20 @@ def random_im2col(config: AccelConfig | str, rng, *, out_window: int | None = No
         span = -(-in_h * in_w >> pack) * pitch
         if span > out_window:
             continue
-        kh, kw = small(3, 0.1, 31), small(3, 0.1, 31)
-        k = kh * kw * channels
+        pool = bool(rng.random() < 0.25)
+        # (pooled: kh*kw taps a value on the serial design; smaller windows keep that short)
+        kh, kw = (small(3, 0.1, 7), small(3, 0.1, 7)) if pool else (small(3, 0.1, 31),
+                                                                  small(3, 0.1, 31))
+        k = channels if pool else kh * kw * channels
         blocks_max = min(inp_window // k, _BLOCKS_MAX, 4)
         if blocks_max < 1:
             continue
         m_blocks = 0 if rng.random() < 0.04 else int(rng.integers(1, blocks_max + 1))
         out_w = small(10, top=255)
         oy0 = int(rng.integers(0, 4)) if rng.random() < 0.8 else int(rng.integers(0, 256))
+        pad_value = int(rng.integers(_INT8.min, _INT8.max + 1))
+        if pool and rng.random() < 0.7:
+            pad_value = _INT8.min
         return dict(
             src=int(rng.integers(0, out_window - span + 1)),
             dst=int(rng.integers(0, inp_window - m_blocks * k + 1)),
@@ -198,8 +206,7 @@ def random_im2col(config: AccelConfig | str, rng, *, out_window: int | None = No
             stride=small(2, top=7), dilation=small(1, 0.2, 7),
             pad_top=int(rng.integers(0, 3)) if rng.random() < 0.8 else int(rng.integers(0, 16)),
             pad_left=int(rng.integers(0, 3)) if rng.random() < 0.8 else int(rng.integers(0, 16)),
-            pad_value=int(rng.integers(_INT8.min, _INT8.max + 1)), oy0=oy0, out_w=out_w,
-            m_blocks=m_blocks, pack=pack)
+            pad_value=pad_value, oy0=oy0, out_w=out_w, m_blocks=m_blocks, pack=pack, pool=pool)
     raise ConfigError(f"config {config.name!r}: no IM2COL fits {out_window} OUT and "
                       f"{inp_window} INP words")
 
@@ -211,7 +218,8 @@ _IM2COL_BREAKS = ("in_h", "in_w", "channels", "kh", "kw", "out_w", "stride", "di
 
 def broken_im2col(config: AccelConfig | str, rng) -> dict:
     """IM2COL operands (as :func:`random_im2col`) that break one decode rule: a zero extent,
-    a pixel too wide for its storage, the INP words or the tensor beyond the buffer."""
+    a pixel too wide for its storage, the INP words (``pool``: ``m_blocks*channels`` of them) or
+    the tensor beyond the buffer."""
     config, rng = get_config(config), _rng(rng)
     f = random_im2col(config, rng)
     kind = str(rng.choice(_IM2COL_BREAKS))
@@ -223,7 +231,7 @@ def broken_im2col(config: AccelConfig | str, rng) -> dict:
             f["channels"] = config.cols + int(rng.integers(1, config.cols + 1))
     elif kind == "dst":
         f["m_blocks"] = max(f["m_blocks"], 1)
-        k = f["kh"] * f["kw"] * f["channels"]
+        k = f["channels"] if f["pool"] else f["kh"] * f["kw"] * f["channels"]
         f["dst"] = int(rng.integers(max(0, config.inp_depth - f["m_blocks"] * k + 1),
                                     min(_ADDR_MAX, config.inp_depth + 4) + 1))
     elif kind == "src":
@@ -609,6 +617,17 @@ def corner_programs(config: AccelConfig | str,
         p.im2col(16, dst, channels=cols, pitch=5, in_h=1, in_w=3, kh=1, kw=3, out_w=1,
                  m_blocks=1, pad_left=1)
         dst += 3 * cols
+        # pooled: a padded strided 3x3 max pool (padding -128 never wins), one whose padding
+        # of +5 wins over the negative values, a dilated one of packed pixels
+        p.im2col(0, dst, channels=ch, in_h=4, in_w=4, kh=3, kw=3, out_w=2, m_blocks=mb,
+                 stride=2, pad_top=1, pad_left=1, pad_value=_INT8.min, pool=True)
+        dst += mb * ch
+        p.im2col(0, dst, channels=ch, in_h=4, in_w=4, kh=2, kw=3, out_w=3, m_blocks=mb,
+                 pad_top=1, pad_left=2, pad_value=5, pool=True)
+        dst += mb * ch
+        p.im2col(0, dst, channels=1, pack=pack, in_h=4, in_w=4, kh=2, kw=2, dilation=2,
+                 out_w=3, m_blocks=1, pool=True)
+        dst += 1
         add("im2col_windows", p.store(Buffer.INP, 0, dst).store(Buffer.OUT, 16, 11).sync(
             counters=True))
 
@@ -658,6 +677,17 @@ def corner_programs(config: AccelConfig | str,
         0, 0, channels=1, in_h=1, in_w=1, kh=0, kw=1, out_w=1, m_blocks=1))
     error("error_bad_field_im2col_pixel", s.BAD_FIELD, lambda p: p.im2col(
         0, 0, channels=cols + 1, in_h=1, in_w=1, kh=1, kw=1, out_w=1, m_blocks=1))
+    # a pooled IM2COL ending at the INP depth is legal (its K is channels, not kh*kw*channels);
+    # one word more is not
+    pooled = dict(channels=cols, in_h=3, in_w=3, kh=3, kw=3, out_w=3, m_blocks=2, pool=True)
+    if depth(Buffer.OUT) >= 9 and depth(Buffer.INP) >= 2 * cols:
+        end = depth(Buffer.INP) - 2 * cols
+        p = new().load(Buffer.OUT, 0, ((np.arange(9 * cols).reshape(9, cols) * 53) % 256
+                                        - 128).astype(np.int8))
+        add("im2col_pool_at_inp_end", p.im2col(0, end, **pooled).store(
+            Buffer.INP, end, 2 * cols).sync(counters=True))
+        error("error_addr_range_im2col_pool_dst", s.ADDR_RANGE,
+              lambda p: p.im2col(0, end + 1, **pooled))
     error("error_addr_range_im2col_src", s.ADDR_RANGE, lambda p: p.im2col(
         depth(Buffer.OUT) - 1, 0, channels=1, pitch=2, in_h=1, in_w=1, kh=1, kw=1, out_w=1,
         m_blocks=1))

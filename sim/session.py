@@ -100,7 +100,9 @@ def estimate_work(config: AccelConfig, stream: bytes) -> int:
                 work = f["count"] * (config.cols + 64)
             elif code == Opcode.STORE.value:
                 work = f["count"] * 8
-            elif code == Opcode.IM2COL.value:  # the serial design: ~19 cycles a value
+            elif code == Opcode.IM2COL.value:
+                # the serial design: ~20 cycles a tap value; with pool as many taps (kh*kw a
+                # value of the m_blocks*channels words), so the same bound
                 work = f["m_blocks"] * f["kh"] * f["kw"] * f["channels"] * (24 * config.rows + 8)
             else:
                 work = 0

@@ -12,6 +12,7 @@ linear     GEMM + REQUANT                                                       
 avgpool    a depthwise conv with unit weights; the 1/(kh*kw) lives in the multiplier   accelerator
 add        ``[a | b] @ blockdiag(w_a, w_b)`` (K = 2C) + REQUANT                         accelerator
 maxpool    max over windows of INT8 codes (exact: max commutes with quantization)       host
+           (resident placement: on the device, IM2COL ``pool``)
 flatten    reshape                                                                     host
 =========  =========================================================================  ==========
 
@@ -139,7 +140,8 @@ def bind(qmodel: QuantModel, device: Device, batch_size: int = 64, placement: st
     ConfigError
         An unknown ``placement``.
     UnsupportedLayerError, CapacityError
-        ``placement="resident"`` for a model the planner refuses (a maxpool, too big for OUT).
+        ``placement="resident"`` for a model the planner refuses (a stride differing between
+        the axes, too big for OUT).
     """
     from ..errors import CapacityError, ConfigError, UnsupportedLayerError
     from .resident import ResidentModel, plan_resident

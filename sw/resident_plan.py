@@ -16,9 +16,11 @@ of each layer (:func:`plan_resident`; the runtime is :mod:`tinyaccel.sw.resident
 Every layer computes exactly the integers of :mod:`tinyaccel.sw.lowering` (the oracle): conv2d
 and avgpool as there (block-diagonal weights for groups), linear as a conv whose kernel covers its
 whole input (flatten is a view: the weight rows are permuted from torch's NCHW flatten order to the
-``(ky, kx, c)`` tap order), add as two GEMMs into one accumulator with diagonal weights. maxpool has
-no device op: the planner refuses the model (:class:`~tinyaccel.errors.UnsupportedLayerError`,
-naming the layer) and the caller falls back to the per-layer path.
+``(ky, kx, c)`` tap order), add as two GEMMs into one accumulator with diagonal weights, maxpool
+as an IM2COL with ``pool`` (the window's max per channel), a unit-weight GEMM and an identity
+REQUANT. A layer the instruction fields cannot hold makes the planner refuse the model
+(:class:`~tinyaccel.errors.UnsupportedLayerError`, naming the layer) and the caller falls back to
+the per-layer path.
 """
 
 from __future__ import annotations
@@ -283,6 +285,41 @@ def _conv_parts(layer: QuantLayer, x: TensorPlacement, w4: np.ndarray, groups: i
     return blocks
 
 
+#: REQUANT that passes a unit-weight GEMM's INT8 codes through: (2v * 2^30) / 2^31 = v
+_IDENTITY = dict(bias=0, multiplier=1 << 30, shift=1, zero_point=0, clamp_min=-128,
+                 clamp_max=127)
+
+
+def _pool_parts(layer: QuantLayer, x: TensorPlacement, cols: int, rows: int, k_max: int,
+                out_hw: tuple[int, int]):
+    """Max pooling: per column block (``cols`` channels) one IM2COL with ``pool`` (the max of
+    each window, padding -128 never wins) and unit weights; the REQUANT is :data:`_IDENTITY`."""
+    (kh, kw), stride, dilation = layer.kernel_size, layer.stride, layer.dilation
+    top, _, left, _ = layer.pads
+    stride = tuple(s if n > 1 else 0 for s, n in zip(stride, out_hw, strict=True))
+    stride = (max(stride[0], stride[1], 1),) * 2 if 0 in stride else stride
+    if stride[0] != stride[1] or dilation[0] != dilation[1]:
+        _refuse(layer, f"stride {stride} / dilation {dilation} differ between axes (IM2COL has "
+                       f"one of each)")
+    fields = dict(pitch=x.pitch, in_h=x.h, in_w=x.w, kh=kh, kw=kw, stride=stride[0],
+                  dilation=dilation[0], pad_top=top, pad_left=left, pad_value=-128,
+                  pack=x.pack, pool=1)
+    for name in ("pitch", "in_h", "in_w", "kh", "kw", "stride", "dilation", "pad_top",
+                 "pad_left"):
+        _check_field(layer, name, fields[name])
+    words = 1 if x.pack else x.pitch
+    blocks = []
+    for j in range(words):
+        chans = x.c if x.pack else min(cols, x.c - j * cols)
+        if math.ceil(out_hw[1] / rows) * chans > k_max:
+            _refuse(layer, f"one output row of {chans} channels needs more than {k_max} INP "
+                           f"words (half of INP)")
+        b = np.zeros((chans, cols), np.int8)
+        b[np.arange(chans), np.arange(chans) % cols] = 1  # channel c -> output lane c
+        blocks.append([_Part(x.name, j, chans, dict(fields, channels=chans), b)])
+    return blocks
+
+
 def _add_parts(layer: QuantLayer, a: TensorPlacement, b: TensorPlacement, cols: int):
     blocks = []
     for j in range(a.pitch):
@@ -325,8 +362,6 @@ def _layer_plans(qmodel: QuantModel, config: AccelConfig):
         ins = [tensors[views[i]] for i in layer.inputs]
         for t in ins:
             t.end = index
-        if layer.kind == LayerKind.MAXPOOL:
-            _refuse(layer, "max pooling has no device op (the per-layer path runs it on the host)")
         if layer.kind == LayerKind.FLATTEN:
             views[layer.name] = views[layer.inputs[0]]
             flat_from[layer.name] = layer.input_shapes[0]
@@ -346,6 +381,9 @@ def _layer_plans(qmodel: QuantModel, config: AccelConfig):
         elif layer.kind == LayerKind.ADD:
             blocks = _add_parts(layer, ins[0], ins[1], cols)
             out_h, out_w = out_shape[1:]
+        elif layer.kind == LayerKind.MAXPOOL:
+            blocks = _pool_parts(layer, x, cols, rows, k_max, tuple(out_shape[1:]))
+            out_h, out_w = out_shape[1:]
         else:  # conv2d, avgpool
             _check_field(layer, "pad_value", layer.pad_value & 0xFF)
             blocks = _conv_parts(layer, x, layer.weight, layer.groups, layer.kernel_size,
@@ -357,9 +395,12 @@ def _layer_plans(qmodel: QuantModel, config: AccelConfig):
         views[layer.name] = layer.name
         if tensors[layer.name].pitch > _GAP_MAX + 1:
             _refuse(layer, f"its output pitch {tensors[layer.name].pitch} exceeds REQUANT.out_gap")
-        n = layer.requant.bias.shape[0]
-        params = channel_params_words({f: getattr(layer.requant, f) for f in layer.requant.FIELDS},
-                                      n, len(blocks) * cols, cols)
+        if layer.kind == LayerKind.MAXPOOL:
+            n, requant = out_shape[0], _IDENTITY
+        else:
+            n, requant = layer.requant.bias.shape[0], {
+                f: getattr(layer.requant, f) for f in layer.requant.FIELDS}
+        params = channel_params_words(requant, n, len(blocks) * cols, cols)
         lp = _LayerPlan(layer, index, layer.name, out_h, out_w, blocks, params)
         k_part = max(p.k for parts in blocks for p in parts)
         lp.mb_max = min(_IM2COL_MAX["m_blocks"], k_max // k_part, acc_half // rows)
@@ -603,7 +644,7 @@ def plan_resident(qmodel: QuantModel, config: AccelConfig) -> ResidentPlan:
     Raises
     ------
     UnsupportedLayerError
-        A layer without a device op (maxpool) or beyond an instruction field; the message
+        A layer beyond an instruction field or half of INP; the message
         names the layer: the caller falls back to the per-layer path.
     CapacityError
         The model cannot be placed: the message names the buffer and the bytes short.

@@ -94,6 +94,41 @@ def test_im2col_equals_unfold(name, rng):
         done += 1
 
 
+@pytest.mark.parametrize("name", ["ecp5", "ice40"])
+def test_im2col_pool_equals_max_pool2d(name, rng):
+    """``pool``: the max over each window of every channel, padding -128 (never wins), against
+    torch's ``max_pool2d`` (which pads with -inf) on the codes."""
+    machine = GoldenMachine(name)
+    cfg = machine.config
+    done = 0
+    while done < 20:
+        c = int(rng.integers(1, 2 * cfg.cols + 1))
+        h, w = (int(v) for v in rng.integers(2, 11, 2))
+        k, stride, dilation = int(rng.integers(1, 4)), int(rng.integers(1, 4)), 1
+        if rng.random() < 0.3:
+            dilation = 2
+        pad = int(rng.integers(0, k // 2 + 1))
+        oh = (h + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+        ow = (w + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+        pitch = -(-c // cfg.cols)
+        m_blocks = -(-oh * ow // cfg.rows)
+        if oh < 1 or ow < 1 or h * w * pitch > cfg.out_depth or m_blocks * c > cfg.inp_depth:
+            continue
+        x = rng.integers(-128, 128, (h, w, c)).astype(np.int8)
+        machine.out[:] = rng.integers(-128, 128, machine.out.shape)
+        place(machine, x, 0, pitch, 0)
+        prog = Program(cfg).im2col(
+            0, 0, channels=c, in_h=h, in_w=w, kh=k, kw=k, out_w=ow, m_blocks=m_blocks,
+            pitch=pitch, stride=stride, dilation=dilation, pad_top=pad, pad_left=pad,
+            pad_value=-128, pool=True)
+        machine.run(prog.to_bytes(), strict=True)
+        got = machine.inp[:m_blocks * c].reshape(m_blocks, c, cfg.rows).transpose(0, 2, 1)
+        t = torch.from_numpy(x.astype(np.float32)).permute(2, 0, 1)[None]
+        want = F.max_pool2d(t, k, stride, pad, dilation)[0].permute(1, 2, 0).reshape(-1, c)
+        np.testing.assert_array_equal(got.reshape(-1, c)[:oh * ow], want.numpy())
+        done += 1
+
+
 def test_im2col_depthwise_reads_one_channel_word(rng):
     """Reading channel word j of a wider pixel (``src + j``, ``channels = cols``): the input of
     the j-th group block of a depthwise convolution."""
@@ -159,6 +194,15 @@ def test_im2col_rules_at_the_boundaries(name):
     edge = dict(kh=3, kw=2, channels=5, pitch=2, m_blocks=m)
     assert check_instruction(cfg, im2col_word(dst=cfg.inp_depth - m * k, **edge)) is None
     fault = check_instruction(cfg, im2col_word(dst=cfg.inp_depth - m * k + 1, **edge))
+    assert (fault.status, fault.field) == (Status.ADDR_RANGE, "dst")
+    # with pool: dst + m_blocks*channels <= INP depth (the window taps are reduced)
+    c = 7
+    m = min(255, cfg.inp_depth // c)
+    edge = dict(kh=3, kw=2, channels=c, pitch=2, m_blocks=m, pool=1)
+    dst = cfg.inp_depth - m * c
+    assert check_instruction(cfg, im2col_word(dst=dst, **edge)) is None
+    assert check_instruction(cfg, im2col_word(dst=dst, **{**edge, "pool": 0})) is not None
+    fault = check_instruction(cfg, im2col_word(dst=dst + 1, **edge))
     assert (fault.status, fault.field) == (Status.ADDR_RANGE, "dst")
     # src + ceil(in_h*in_w / 2**pack)*pitch <= OUT depth (7*5 = 35 pixels, 4 per word: 9 words)
     tensor = dict(in_h=7, in_w=5, pack=2, channels=1, pitch=3)

@@ -72,6 +72,8 @@ def at_a_limit(cfg, word: int, rng) -> int:
     else:
         if getattr(rule, "when", None) is not None:
             f[rule.when] = 1
+        if getattr(rule, "unless", None) is not None:
+            f[rule.unless] = 0
         if isinstance(rule, StridedInRange):
             span = strided_span(f[rule.count], f[rule.gap])
         elif isinstance(rule, TensorInRange):
@@ -111,10 +113,17 @@ def edge_words(cfg) -> list[int]:
             words.append(encode_fields(Opcode.IM2COL, **fields))
             words.append(encode_fields(Opcode.IM2COL, **dict(
                 fields, channels=1, src=out - pixel_words + delta)))
+    words.append(encode_fields(Opcode.IM2COL, **dict(big, pool=1)))  # 255*252 words pooled
     k = 2 * 3 * cfg.cols
     for delta in (-1, 0, 1):  # 2 blocks of a 2x3 window, cols channels: 2k words
         words.append(encode_fields(Opcode.IM2COL, **dict(base, kh=2, kw=3, m_blocks=2,
                                                          dst=inp - 2 * k + delta)))
+        # pooled: 2 blocks of cols words, whatever the window
+        for pool in (0, 1):
+            words.append(encode_fields(Opcode.IM2COL, **dict(
+                base, kh=2, kw=3, m_blocks=2, pool=pool, dst=inp - 2 * cfg.cols + delta)))
+        words.append(encode_fields(Opcode.IM2COL, **dict(
+            big, pool=1, m_blocks=1, channels=cfg.cols, dst=inp - cfg.cols + delta)))
     for count, gap in ((0, 0), (0, 63), (1, 63), (3, 5), (cfg.depth(Buffer.ACC), 0),
                        (2, 63), (40000, 63)):
         for delta in (-1, 0, 1):
@@ -157,7 +166,7 @@ def expected_access(cfg, word):
     if op == Opcode.SGQ:
         return {(Buffer.OUT, "r"): (f["out_addr"], f["out_addr"] + f["count"])}
     if op == Opcode.IM2COL:
-        n = f["m_blocks"] * f["kh"] * f["kw"] * f["channels"]
+        n = f["m_blocks"] * f["channels"] * (1 if f["pool"] else f["kh"] * f["kw"])
         return {(Buffer.OUT, "r"): (f["src"], f["src"] + tensor_span(f)),
                 (Buffer.INP, "w"): (f["dst"], f["dst"] + n)}
     return {}
@@ -269,8 +278,8 @@ def test_decoder_im2col_cycles(serial):
                   stride=1, dilation=1, pad_top=0, pad_left=0, pad_value=0, oy0=0, out_w=1,
                   m_blocks=255, pack=0)
     legal = dict(widest, pitch=1, channels=2, in_h=4, in_w=4, kh=3, kw=3, m_blocks=1)
-    bound = 25 if not serial else 1 + 3 * 6 + (inp + 1) + 255 + 63 + 1
-    for fields in (widest, legal):
+    bound = 25 if not serial else 1 + 4 * 6 + (inp + 1) + 255 + 63 + 1
+    for fields in (widest, legal, dict(widest, pool=1), dict(legal, pool=1)):
         word = encode_fields(Opcode.IM2COL, **fields)
         fault = check_instruction(cfg, word)
         dut = (DecoderSerial if serial else DecoderParallel)(cfg, access=not serial)

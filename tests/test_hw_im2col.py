@@ -95,7 +95,7 @@ def random_cases(config, rng, n):
 
 def check(config, out, f, inp, cycles):
     want = expected(config, out, f)
-    k = f["kh"] * f["kw"] * f["channels"]
+    k = f["channels"] if f.get("pool") else f["kh"] * f["kw"] * f["channels"]
     n = f["m_blocks"] * k
     written = [a for a, w in enumerate(inp) if w is not None]
     assert written == list(range(f["dst"], f["dst"] + n)), f"writes outside {f}"
@@ -175,6 +175,83 @@ def test_unit_cycles(design):
         assert per_word < 1.1
     else:
         assert per_word / config.rows < 20  # cycles per value
+
+
+def _pool_cases(config, rng, n):
+    """``n`` random pooled IM2COLs (as :func:`random_cases` draws them), then the hand-picked
+    ones: the compiler's 2x2 stride-2 and padded 3x3 stride-2 max pools (padding -128), a
+    padding that wins (+127, and -1 over the negative values), a 1x1 window (a copy), channels in
+    two OUT words (``pitch`` 2), packed pixels with dilation."""
+    cases = []
+    while len(cases) < n:
+        f = random_cases(config, rng, 1)[0]
+        if f["pool"]:
+            cases.append(f)
+    cols, rows = config.cols, config.rows
+    base = dict(src=0, dst=3, pitch=1, channels=cols, in_h=6, in_w=6, kh=2, kw=2, stride=2,
+                dilation=1, pad_top=0, pad_left=0, pad_value=0x80, oy0=0, out_w=3,
+                m_blocks=-(-9 // rows), pack=0, pool=1)
+    cases += [
+        base,
+        dict(base, kh=3, kw=3, pad_top=1, pad_left=1),
+        dict(base, kh=3, kw=3, pad_top=1, pad_left=1, pad_value=127),
+        dict(base, kh=3, kw=2, pad_top=2, pad_left=1, pad_value=0xFF, stride=1, out_w=6,
+             m_blocks=-(-12 // rows), oy0=2),
+        dict(base, kh=1, kw=1, stride=1, out_w=6, m_blocks=2),
+        dict(base, channels=cols + 3, pitch=2, in_h=4, in_w=4, out_w=2, m_blocks=-(-4 // rows)),
+        dict(base, channels=1, pack=min(3, cols.bit_length() - 1), dilation=2, stride=1,
+             in_h=5, in_w=5, out_w=3, kh=2, kw=3),
+    ]
+    for f in cases:
+        assert check_instruction(config, Instruction(Opcode.IM2COL, **f)) is None, f
+    return cases
+
+
+@pytest.mark.parametrize("config_name", CONFIGS)
+@pytest.mark.parametrize("design", DESIGNS)
+def test_unit_pool_against_window_gather(design, config_name):
+    """``pool``: lane ``r`` of INP word ``dst + i*channels + c`` is the signed maximum of the
+    window's ``kh*kw`` taps of channel ``c`` (padding taps read ``pad_value``), both designs,
+    against the window gather; only ``m_blocks*channels`` words are written."""
+    seed = seed_from_env()
+    rng = np.random.default_rng(seed)
+    config = CONFIGS[config_name]
+    out = random_words(config, Buffer.OUT, config.out_depth, rng)
+    out_words = [int.from_bytes(b, "little") for b in _word_bytes(config, out)]
+    cases = _pool_cases(config, rng, 20 if design == "tiled" else 6)
+    held = design == "serial" and config.impl.held_cmd
+    for f, (inp, cycles) in zip(cases, run_unit(DESIGNS[design], config, cases, out_words,
+                                                 held_cmd=held), strict=True):
+        check(config, out, f, inp, cycles)
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_unit_pool_cycles(design):
+    """Cycles of a pooled window (printed for docs/architecture.md): tiled ``kh*kw*rows`` read
+    cycles a tile (one OUT word of channels for a block), its drain overlapping the next tile;
+    serial ``kh*kw`` taps of at most 20 cycles a value."""
+    config = CONFIGS["ecp5"] if design == "tiled" else CONFIGS["ice40"]
+    rng = np.random.default_rng(7)
+    out = random_words(config, Buffer.OUT, config.out_depth, rng)
+    out_words = [int.from_bytes(b, "little") for b in _word_bytes(config, out)]
+    # the compiler's maxpool 2x2 stride 2 and a padded 3x3 stride 2 over 8x8 pixels, cols
+    # channels; 4 rows of output pixels
+    two = dict(_dense_case(config, config.cols), kh=2, kw=2, stride=2, pad_top=0, pad_left=0,
+               pad_value=0x80, out_w=4, m_blocks=16 // config.rows, pool=1)
+    three = dict(two, kh=3, kw=3, pad_top=1, pad_left=1)
+    cases = [two, three]
+    results = run_unit(DESIGNS[design], config, cases, out_words)
+    for f, (inp, cycles) in zip(cases, results, strict=True):
+        check(config, out, f, inp, cycles)
+        taps = f["kh"] * f["kw"]
+        words = f["m_blocks"] * f["channels"]
+        print(f"{design} pool {f['kh']}x{f['kw']}: {cycles} cycles for {words} INP words "
+              f"({cycles / words:.2f} per word, {cycles / (words * config.rows * taps):.2f} per "
+              f"tap value)")
+        if design == "tiled":  # one OUT word of channels: a tile per block
+            assert cycles <= f["m_blocks"] * taps * config.rows + config.cols + 12
+        else:
+            assert cycles <= words * config.rows * taps * 20 + f["oy0"] + 4
 
 
 # -- the whole accelerator ------------------------------------------------------------------------

@@ -141,6 +141,12 @@ SMALL = {
     "global-avgpool": lambda: nn.Sequential(nn.Conv2d(3, 12, 1), nn.AdaptiveAvgPool2d(1),
                                             nn.Flatten(), nn.Linear(12, 5)),
     "residual-add-relu6": _Residual,
+    "maxpool": lambda: nn.Sequential(nn.Conv2d(3, 6, 1), nn.ReLU(), nn.MaxPool2d(2),
+                                     nn.Conv2d(6, 4, 3, padding=1)),
+    "maxpool-wide-pad-stride": lambda: nn.Sequential(nn.Conv2d(3, 10, 3, padding=1),
+                                                     nn.MaxPool2d(3, stride=2, padding=1)),
+    "maxpool-dilated-input": lambda: nn.Sequential(nn.MaxPool2d(2, stride=1, dilation=2),
+                                                   nn.Conv2d(3, 5, 1)),
     "keras-same-pad": lambda: nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)),
                                             nn.Conv2d(3, 8, 3, stride=2), nn.ReLU()),
 }
@@ -186,17 +192,17 @@ def test_streaming_on_a_small_config_and_one_program_per_inference():
         assert model.res_stats.macs_issued > 0
 
 
-def test_maxpool_falls_back_with_its_reason():
+def test_unequal_strides_fall_back_with_their_reason():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3)).eval()
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3, stride=(1, 2))).eval()
     q = quantize(net, torch.randn(16, 3, 8, 8))
-    maxpool = next(layer.name for layer in q.layers if layer.kind.value == "maxpool")
+    conv = q.layers[-1].name
     with Device("golden", "ecp5") as dev:
-        with pytest.raises(UnsupportedLayerError, match=rf"'{maxpool}' \(maxpool\)"):
+        with pytest.raises(UnsupportedLayerError, match=rf"'{conv}' \(conv2d\).*stride"):
             bind(q, dev, placement="resident")
         with pytest.warns(UserWarning, match="per-layer"):
             model = bind(q, dev, placement="auto")
-    assert isinstance(model, CompiledModel) and maxpool in model.placement_reason
+    assert isinstance(model, CompiledModel) and conv in model.placement_reason
 
 
 def test_activation_bigger_than_out_raises_capacity_error():

@@ -575,16 +575,17 @@ class Program:
     def im2col(self, src: int, dst: int, *, channels: int, in_h: int, in_w: int, kh: int,
                kw: int, out_w: int, m_blocks: int, oy0: int = 0, pitch: int = 1,
                stride: int = 1, dilation: int = 1, pad_top: int = 0, pad_left: int = 0,
-               pad_value: int = 0, pack: int = 0) -> Program:
+               pad_value: int = 0, pack: int = 0, pool: bool = False) -> Program:
         """IM2COL: the GEMM input words of ``m_blocks`` blocks of a convolution window over the
-        OUT activation tensor at ``src`` (section 5); ``pad_value`` is an INT8 value."""
+        OUT activation tensor at ``src`` (section 5); ``pad_value`` is an INT8 value; ``pool``
+        max-pools the window (``K = channels``)."""
         if not -128 <= pad_value <= 127:
             raise FieldError(f"IM2COL.pad_value={pad_value} is not an INT8 value")
         return self.append(Instruction(
             Opcode.IM2COL, src=src, dst=dst, pitch=pitch, channels=channels, in_h=in_h,
             in_w=in_w, kh=kh, kw=kw, stride=stride, dilation=dilation, pad_top=pad_top,
             pad_left=pad_left, pad_value=pad_value & 0xFF, oy0=oy0, out_w=out_w,
-            m_blocks=m_blocks, pack=pack))
+            m_blocks=m_blocks, pack=pack, pool=int(pool)))
 
     def patch(self, new_addr: int, ref_addr: int, k: int, blocks: int, threshold: int,
               mask_idx: int = 0, merge: bool = False) -> Program:
