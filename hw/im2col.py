@@ -323,6 +323,10 @@ class Im2colSerial(Im2col):
     (signed); per pooled value ``kh*kw`` taps of 20 cycles (3 if padding).
     """
 
+    #: Cycles of one value (one tap of one lane) inside the tensor, and of a padding value.
+    VALUE_CYCLES = 20
+    PAD_CYCLES = 3
+
     def elaborate(self, platform):
         m = Module()
         cfg = self._config

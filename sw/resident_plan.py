@@ -37,7 +37,8 @@ from ..hw.isa import Buffer, Im2colOperands, RequantOperands
 from ..protocol import Program, channel_params_words
 from .quant_ir import INPUT, LayerKind, QuantLayer, QuantModel
 
-__all__ = ["TensorPlacement", "ResidentPlan", "plan_resident", "resident_reason"]
+__all__ = ["TensorPlacement", "ResidentPlan", "plan_resident", "resident_reason",
+           "im2col_cycles"]
 
 _IM2COL_MAX = {name: (1 << f.shape.width) - 1 for name, f in data.Layout.cast(Im2colOperands)}
 _GAP_MAX = (1 << data.Layout.cast(RequantOperands)["out_gap"].shape.width) - 1
@@ -175,7 +176,7 @@ class ResidentPlan:
 
         A model with assumptions, not a measurement (the RTL's counters are): the host stream
         carries a beat per cycle (every instruction word, the input, the streamed WGT/PARAM
-        words, the result); IM2COL writes one INP word per cycle; a GEMM takes ``k`` cycles per
+        words, the result); IM2COL as :func:`im2col_cycles`; a GEMM takes ``k`` cycles per
         block (plus ``drain_group``'s idle cycles between blocks without the shadow bank);
         REQUANT ``cols / requant_lanes`` cycles per row (:data:`RequantSerial.INTERVAL` each with
         ``serial_requant``). ``overlapped``: the busiest unit (a full build overlaps the units);
@@ -197,8 +198,7 @@ class ResidentPlan:
             for op in lp.ops:
                 n_instr += 1
                 if op[0] == "im2col":
-                    f = op[3]
-                    busy["im2col"] += op[6] * f["kh"] * f["kw"] * f["channels"]
+                    busy["im2col"] += im2col_cycles(cfg, op[3], op[6])
                 elif op[0] == "gemm":
                     busy["gemm"] += op[5] * op[4] + (op[5] - 1) * gap
                 elif op[0] == "requant":
@@ -218,6 +218,23 @@ class ResidentPlan:
                 f"{c.depth(Buffer.WGT)} words ({self.resident_weight_bytes} B resident, "
                 f"{self.streamed_weight_bytes} B streamed per inference), PARAM "
                 f"{self.param_words}/{c.depth(Buffer.PARAM)} words")
+
+
+def im2col_cycles(config: AccelConfig, fields: dict, m_blocks: int) -> int:
+    """Busy cycles of one IM2COL, as docs/architecture.md section 11.8 measures the designs:
+    the tiled one reads ``rows`` pixels of a tap per tile and drains a tile's channels one INP
+    word a cycle (with ``pool`` it reads all ``kh*kw`` taps into one tile), so a tile costs the
+    larger of the two; the serial one takes ``Im2colSerial.VALUE_CYCLES`` a value (padding is
+    cheaper, counted as inside: an upper bound)."""
+    from ..hw.im2col import Im2colSerial
+    f, rows, cols = fields, config.rows, config.cols
+    taps, c = f["kh"] * f["kw"], f["channels"]
+    if config.impl.serial_im2col:
+        return m_blocks * rows * taps * c * Im2colSerial.VALUE_CYCLES
+    groups = [c] if f["pack"] else [min(cols, c - g) for g in range(0, c, cols)]
+    if f.get("pool"):
+        return m_blocks * sum(max(taps * rows, n) for n in groups)
+    return m_blocks * taps * sum(max(rows, n) for n in groups)
 
 
 # -- planning ----------------------------------------------------------------------------------
