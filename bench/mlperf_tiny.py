@@ -6,15 +6,18 @@ inputs, then runs ONE inference at batch 1 on the golden model and on the Verila
 configuration (default ``ecp5``), on the resident path (:mod:`tinyaccel.sw.resident`: one program
 per inference, activations on chip, weights loaded once by a setup program) and on the per-layer
 path, and reports, per model ``m`` in ``ic, kws, vww, ad``, the resident figures under the keys
-below and the per-layer ones beside them with the suffix ``_per_layer`` (the RTL resident run
-needs the RTL IM2COL; without it the suite fails loudly rather than report golden-only cycles):
+below and the per-layer ones beside them with the suffix ``_per_layer`` (a model the resident
+planner refuses on the configuration reports its per-layer run under both, ``resident_<m>``
+False and the planner's reason in ``resident_reason_<m>``):
 
 * ``cycles_<m>``: accelerator cycles of the RTL run, summed over the layers' programs;
 * ``mac_util_<m>``: useful MACs / (array MACs x cycles);
 * ``link_bytes_<m>``: host stream + responses of the inference (counted at the backend);
-* ``resident_<m>``: ``True`` (``resident_<m>_per_layer``: ``False``: every layer round-trips
-  through the host, which builds the im2col tiles and reads each layer's output back);
-* ``setup_link_bytes_<m>``: the resident setup program's bytes (weights loaded once);
+* ``resident_<m>``: ``True`` when the model runs resident (``resident_<m>_per_layer``:
+  ``False``: every layer round-trips through the host, which builds the im2col tiles and reads
+  each layer's output back);
+* ``setup_link_bytes_<m>``: the resident setup program's bytes (weights loaded once; None when
+  the model does not run resident);
 * ``est_cycles_<m>``: the resident planner's estimate (the busiest unit,
   :meth:`~tinyaccel.sw.resident_plan.ResidentPlan.estimate_cycles`), beside the RTL's count;
 * ``golden_rtl_identical_<m>``: golden and RTL logits are equal;
@@ -156,7 +159,9 @@ def _measure(qmodel, x, config: str, backend: str, placement: str) -> dict:
 
 def _infer(name: str, config: str, backends=("golden", "rtl")) -> dict:
     """One batch-1 inference of zoo model ``name`` per placement (resident, per-layer) on each of
-    ``backends``; the RTL figures (cycles) when ``"rtl"`` is among them.
+    ``backends``; the RTL figures (cycles) when ``"rtl"`` is among them. A model the resident
+    planner refuses on ``config`` reports its per-layer run under ``"resident"`` too, with
+    ``resident`` False and the planner's ``reason``.
 
     Raises
     ------
@@ -172,11 +177,14 @@ def _infer(name: str, config: str, backends=("golden", "rtl")) -> dict:
     qmodel = quantize(model, mlperf_tiny.random_inputs(spec.input_shape, CALIBRATION,
                                                        seed=CALIBRATION_SEED))
     x = mlperf_tiny.random_inputs(spec.input_shape, 1, seed=INPUT_SEED)
+    from ..sw.resident_plan import resident_reason
+    reason = resident_reason(qmodel, get_config(config))
     out = {}
-    for placement in ("resident", "per-layer"):
+    for placement in ("resident", "per-layer") if reason is None else ("per-layer",):
         runs = {b: _measure(qmodel, x, config, b, placement) for b in backends}
         golden = runs["golden"]
-        r = {"link_bytes": golden["link_bytes"], "setup_bytes": golden["setup_bytes"],
+        r = {"resident": placement == "resident", "reason": reason,
+             "link_bytes": golden["link_bytes"], "setup_bytes": golden["setup_bytes"],
              "est_cycles": golden["est_cycles"],
              "macs": golden["macs"], "cycles": None, "identical": None}
         if "rtl" in runs:
@@ -188,6 +196,7 @@ def _infer(name: str, config: str, backends=("golden", "rtl")) -> dict:
             r["cycles"] = rtl["cycles"]
             r["identical"] = bool(np.array_equal(golden["logits"], rtl["logits"]))
         out[placement] = r
+    out.setdefault("resident", {**out["per-layer"], "setup_bytes": None})
     return out
 
 
@@ -231,11 +240,13 @@ def run(progress=None, config: str = "ecp5", models=tuple(MODELS), clock_mhz: fl
             result[f"mac_util_{m}{suffix}"] = (r["macs"] / (cfg.macs * cycles) if cycles
                                                else None)
             result[f"link_bytes_{m}{suffix}"] = r["link_bytes"]
-            result[f"resident_{m}{suffix}"] = placement == "resident"
+            result[f"resident_{m}{suffix}"] = r["resident"]
             result[f"golden_rtl_identical_{m}{suffix}"] = r["identical"]
             result[f"latency_ms_{m}{suffix}"] = latency_ms
             result[f"latency_with_link_ms_{m}{suffix}"] = (None if latency_ms is None
                                                            else latency_ms + link_ms)
+        if runs["resident"]["reason"] is not None:
+            result[f"resident_reason_{m}"] = runs["resident"]["reason"]
         result[f"setup_link_bytes_{m}"] = runs["resident"]["setup_bytes"]
         result[f"est_cycles_{m}"] = runs["resident"]["est_cycles"]
     if show:

@@ -182,3 +182,14 @@ def test_link_counter_counts_stream_and_responses():
     responses = sum(response_length(cfg, instr) or 0 for instr, _ in program)
     assert (link.sent, link.received) == (2 * stream, 2 * responses)
     assert link.link_bytes == 2 * (stream + responses) and responses > 0
+
+
+def test_a_model_the_planner_refuses_reports_its_per_layer_run(tmp_path):
+    """ice40 cannot hold the autoencoder resident: the suite says so and why, and the figures
+    under the unsuffixed keys are the per-layer run's."""
+    metrics = mlperf_tiny.run(config="ice40", models=("ad",), build_root=tmp_path, show=False,
+                              backends=("golden",))
+    assert metrics["resident_ad"] is False
+    assert "cannot run resident" in metrics["resident_reason_ad"]
+    assert metrics["setup_link_bytes_ad"] is None and metrics["est_cycles_ad"] is None
+    assert metrics["link_bytes_ad"] == metrics["link_bytes_ad_per_layer"] > 0
