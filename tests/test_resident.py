@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_compiler import Residual
 from torch import nn
 
 import tinyaccel
@@ -115,17 +116,6 @@ def test_zoo_model_link_bytes_and_arena(zoo_case):
     assert plan.param_words <= config.depth(Buffer.PARAM)
 
 
-class _Residual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(4, 8, 3, padding=1)
-        self.b = nn.Conv2d(4, 8, 1)
-        self.act = nn.ReLU6()
-
-    def forward(self, x):
-        return self.act(self.a(x) + self.b(x))
-
-
 SMALL = {
     "conv-stride2-pad": lambda: nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU()),
     "conv-dilated-5x5": lambda: nn.Sequential(nn.Conv2d(3, 6, 5, padding=4, dilation=2)),
@@ -140,7 +130,7 @@ SMALL = {
     "avgpool": lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.AvgPool2d(2)),
     "global-avgpool": lambda: nn.Sequential(nn.Conv2d(3, 12, 1), nn.AdaptiveAvgPool2d(1),
                                             nn.Flatten(), nn.Linear(12, 5)),
-    "residual-add-relu6": _Residual,
+    "residual-add-relu6": Residual,
     "maxpool": lambda: nn.Sequential(nn.Conv2d(3, 6, 1), nn.ReLU(), nn.MaxPool2d(2),
                                      nn.Conv2d(6, 4, 3, padding=1)),
     "maxpool-wide-pad-stride": lambda: nn.Sequential(nn.Conv2d(3, 10, 3, padding=1),
