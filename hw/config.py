@@ -13,11 +13,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from ..errors import ConfigError
-from .isa import ADDR_BITS, CHANNEL_PARAMS_BITS, INSTR_BITS, MASK_IDX_BITS, Buffer
+from .isa import ADDR_BITS, CHANNEL_PARAMS_BITS, INSTR_BITS, MASK_IDX_BITS, MASK_WORD_BITS, Buffer
 
-__all__ = ["Implementation", "AccelConfig", "PRESETS", "get_config"]
-
-MASK_WORD_BITS = 64
+__all__ = ["Implementation", "AccelConfig", "PRESETS", "get_config", "MASK_WORD_BITS"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +36,10 @@ class Implementation:
     ``serial_im2col``: IM2COL gathers one value at a time on one shift-and-add adder
     (:class:`~.im2col.Im2colSerial`, about 19 cycles per value inside the tensor, 2 per padding
     value) instead of in tiles of ``rows`` pixels at up to one INP word per cycle
-    (:class:`~.im2col.Im2colTiled`).
+    (:class:`~.im2col.Im2colTiled`). ``pass_unit``: the PASS instructions (PATCH, DILATE) and
+    the PASS fields of IM2COL (``tiled``, ``gate``) and REQUANT (``gate``) are implemented;
+    without it PATCH and DILATE are ``ILLEGAL_OPCODE`` and those fields ``BAD_FIELD`` (section
+    5). This one flag changes what is legal, not only cycle counts.
 
     The two profiles are :meth:`full` and :meth:`compact`; each preset names one. Vary the
     profile of a configuration with ``dataclasses.replace(config, impl=...)``. One combination
@@ -54,6 +55,7 @@ class Implementation:
     serial_decode: bool = False
     serial_sgq: bool = False
     serial_im2col: bool = False
+    pass_unit: bool = True
 
     def __post_init__(self):
         for f in fields(self):
@@ -76,7 +78,7 @@ class Implementation:
         DSPs hold the MAC array, its 5280 LUTs are tight, and its UART host link is far slower
         than anything overlap could hide)."""
         return cls(overlap=False, serial_requant=True, shadow=False, ram_counters=True,
-                   serial_decode=True, serial_sgq=True, serial_im2col=True)
+                   serial_decode=True, serial_sgq=True, serial_im2col=True, pass_unit=False)
 
     @property
     def name(self) -> str:
@@ -202,6 +204,17 @@ class AccelConfig:
     def beat_bytes(self) -> int:
         """Bytes per host-stream beat."""
         return self.host_width // 8
+
+    @property
+    def patch_shape(self) -> tuple[int, int]:
+        """``(ph, pw)``: the PASS patch, ``ph`` pixel rows of ``pw`` pixels, ``ph*pw = rows`` (one
+        GEMM block), as square as a power of two allows: 4x4 for 16 rows, 2x4 for 8. A *tiled*
+        tensor (section 7) stores its pixels patch by patch, row-major inside a patch."""
+        if self.rows & (self.rows - 1):
+            raise ConfigError(f"config {self.name!r}: PASS patches need a power-of-two rows, "
+                              f"not {self.rows}")
+        pw = 1 << -(-(self.rows.bit_length() - 1) // 2)
+        return self.rows // pw, pw
 
     def word_bits(self, buf: Buffer) -> int:
         """Width in bits of one word of scratchpad ``buf``."""

@@ -18,11 +18,16 @@ from math import prod
 from typing import ClassVar
 
 from .config import AccelConfig
-from .isa import Buffer, Opcode, Status
+from .isa import MASK_WORD_BITS, Buffer, Opcode, Status
 
 __all__ = ["DefinedBuffer", "NonZero", "Multiple", "Disjoint", "InRange", "StridedInRange",
-           "PixelFits", "TensorInRange", "Rule", "RULES", "strided_span", "tensor_span",
-           "pixel_fits", "extent_name", "extent_value", "limit_name", "limit_value"]
+           "PixelFits", "TensorInRange", "NeedsPassUnit", "TiledFits", "GateInRange", "Rule",
+           "RULES", "PASS_OPCODES", "strided_span", "tensor_span", "pixel_fits", "tiled_fits",
+           "gate_span", "extent_name", "extent_value", "limit_name", "limit_value"]
+
+#: Opcodes of the PASS unit: ``ILLEGAL_OPCODE`` on a configuration without it
+#: (``Implementation.pass_unit``).
+PASS_OPCODES = frozenset({Opcode.PATCH, Opcode.DILATE})
 
 
 @dataclass(frozen=True)
@@ -51,12 +56,21 @@ class Multiple:
 
 @dataclass(frozen=True)
 class Disjoint:
-    """``BAD_FIELD`` when the ranges ``[a, a + n)`` and ``[b, b + n)`` overlap, with ``n`` the
-    product of ``extent`` (see :class:`InRange`)."""
+    """``BAD_FIELD`` when the ranges ``[a, a + n)`` and ``[b, b + m)`` overlap (both non-empty),
+    with ``n`` the product of ``extent`` (see :class:`InRange`) and ``m`` that of ``extent_b``
+    (``extent`` when not given)."""
     a: str
     b: str
     extent: tuple[str, ...]
+    extent_b: tuple[str, ...] | None = None
     status: ClassVar[Status] = Status.BAD_FIELD
+
+    def overlap(self, config: AccelConfig, operands: dict) -> bool:
+        n = extent_value(config, self.extent, operands)
+        m = extent_value(config, self.extent if self.extent_b is None else self.extent_b,
+                         operands)
+        a, b = operands[self.a], operands[self.b]
+        return n > 0 and m > 0 and a < b + m and b < a + n
 
 
 @dataclass(frozen=True)
@@ -110,8 +124,31 @@ class TensorInRange:
     status: ClassVar[Status] = Status.ADDR_RANGE
 
 
+@dataclass(frozen=True)
+class NeedsPassUnit:
+    """``BAD_FIELD`` when 1-bit operand ``field`` is set on a configuration without the PASS
+    unit (``Implementation.pass_unit``)."""
+    field: str
+    status: ClassVar[Status] = Status.BAD_FIELD
+
+
+@dataclass(frozen=True)
+class TiledFits:
+    """``BAD_FIELD`` unless an IM2COL's PASS fields are consistent: ``gate`` needs ``tiled``;
+    ``tiled`` needs whole patches (``AccelConfig.patch_shape`` ``(ph, pw)``): ``in_h`` and
+    ``oy0`` multiples of ``ph``, ``in_w`` and ``out_w`` multiples of ``pw``."""
+    status: ClassVar[Status] = Status.BAD_FIELD
+
+
+@dataclass(frozen=True)
+class GateInRange:
+    """``ADDR_RANGE`` unless the MASK bits a gated instruction reads lie in MASK (checked only
+    with ``gate``): see :func:`gate_span`."""
+    status: ClassVar[Status] = Status.ADDR_RANGE
+
+
 Rule = (DefinedBuffer | NonZero | Multiple | Disjoint | InRange | StridedInRange | PixelFits
-        | TensorInRange)
+        | TensorInRange | NeedsPassUnit | TiledFits | GateInRange)
 
 _LOAD_STORE = (DefinedBuffer("buf"), InRange("addr", ("count",), "buf"))
 
@@ -130,16 +167,27 @@ RULES: dict[Opcode, tuple[Rule, ...]] = {
         InRange("mask_idx", ("m_blocks",), "mask_bits", when="gate"),
     ),
     Opcode.REQUANT: (
+        NeedsPassUnit("gate"),
         InRange("acc_addr", ("count",), Buffer.ACC),
         StridedInRange("out_addr", "count", "out_gap", Buffer.OUT),
         InRange("param_addr", (), Buffer.PARAM),
+        GateInRange(),
     ),
     Opcode.PATCH: (
         NonZero("k", Status.BAD_SHAPE, "a {op} needs k >= 1"),
         Disjoint("new_addr", "ref_addr", ("blocks", "k")),
-        InRange("new_addr", ("blocks", "k"), Buffer.INP),
-        InRange("ref_addr", ("blocks", "k"), Buffer.INP),
+        InRange("new_addr", ("blocks", "k"), Buffer.OUT),
+        InRange("ref_addr", ("blocks", "k"), Buffer.OUT),
         InRange("mask_idx", ("blocks",), "mask_bits"),
+    ),
+    Opcode.DILATE: (
+        NonZero("kh", Status.BAD_SHAPE, "a {op} window has >= 1 row"),
+        NonZero("kw", Status.BAD_SHAPE, "a {op} window has >= 1 column"),
+        NonZero("stride_y", Status.BAD_FIELD, "a {op} stride is >= 1"),
+        NonZero("stride_x", Status.BAD_FIELD, "a {op} stride is >= 1"),
+        Disjoint("src", "dst", ("in_h", "in_w"), ("out_h", "out_w")),
+        InRange("src", ("in_h", "in_w"), "mask_bits"),
+        InRange("dst", ("out_h", "out_w"), "mask_bits"),
     ),
     Opcode.SGQ: (
         NonZero("stripe_len", Status.BAD_FIELD, "stripes need >= 1 word"),
@@ -157,14 +205,19 @@ RULES: dict[Opcode, tuple[Rule, ...]] = {
         NonZero("dilation", Status.BAD_FIELD, "an {op} dilation is >= 1"),
         NonZero("pitch", Status.BAD_FIELD, "an {op} pixel takes >= 1 word"),
         PixelFits(),
+        NeedsPassUnit("tiled"),
+        NeedsPassUnit("gate"),
+        TiledFits(),
         InRange("dst", ("m_blocks", "kh", "kw", "channels"), Buffer.INP, unless="pool"),
         InRange("dst", ("m_blocks", "channels"), Buffer.INP, when="pool"),
         TensorInRange(),
+        GateInRange(),
     ),
 }
 assert set(RULES) == set(Opcode)
 for _rules in RULES.values():  # ADDR_RANGE last
-    _kinds = [isinstance(rule, (InRange, StridedInRange, TensorInRange)) for rule in _rules]
+    _kinds = [isinstance(rule, (InRange, StridedInRange, TensorInRange, GateInRange))
+              for rule in _rules]
     assert _kinds == sorted(_kinds), _rules
 
 
@@ -184,6 +237,25 @@ def pixel_fits(cols: int, operands: dict) -> bool:
     if operands["pack"]:
         return operands["channels"] <= cols >> operands["pack"]
     return operands["channels"] <= operands["pitch"] * cols
+
+
+def tiled_fits(config: AccelConfig, operands: dict) -> bool:
+    """The :class:`TiledFits` rule on integers."""
+    if not operands["tiled"]:
+        return not operands["gate"]
+    ph, pw = config.patch_shape
+    return not (operands["in_h"] % ph or operands["oy0"] % ph or operands["in_w"] % pw
+                or operands["out_w"] % pw)
+
+
+def gate_span(config: AccelConfig, op: Opcode, operands: dict) -> tuple[int, int]:
+    """``(first, n)``: the MASK bits a gated instruction reads. REQUANT: ``mask_idx`` and one
+    bit per started block of ``rows`` rows, ``ceil(count / rows)``; IM2COL: its first patch's
+    bit ``mask_word*64 + oy0*out_w/rows`` and ``m_blocks``."""
+    if op == Opcode.REQUANT:
+        return operands["mask_idx"], -(-operands["count"] // config.rows)
+    first_patch = operands["oy0"] * operands["out_w"] // config.rows
+    return operands["mask_word"] * MASK_WORD_BITS + first_patch, operands["m_blocks"]
 
 
 def extent_name(extent: tuple[str, ...]) -> str:

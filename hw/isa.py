@@ -27,7 +27,7 @@ __all__ = [
     "INSTR_BITS", "INSTR_BYTES", "ADDR_BITS", "PITCH_BITS", "MASK_IDX_BITS", "CHANNEL_PARAMS_BITS",
     "Opcode", "Buffer", "Status", "Counter",
     "LoadStoreOperands", "GemmOperands", "RequantOperands", "PatchOperands", "SgqOperands",
-    "SyncOperands", "Im2colOperands", "ChannelParams", "StatusRecord", "SgqStripeHeader", "SgqMode",
+    "SyncOperands", "Im2colOperands", "DilateOperands", "TILE_ADDR_BITS", "MASK_WORD_BITS", "ChannelParams", "StatusRecord", "SgqStripeHeader", "SgqMode",
     "InstructionLayout", "OPERANDS", "Instruction", "field_table", "operand_fields",
     "STATUS_MAGIC", "STATUS_BYTES", "COUNTER_BITS", "COUNTER_RECORD_BYTES", "SGQ_MODE_BITS",
 ]
@@ -39,6 +39,9 @@ COUNT_BITS = 16
 BLOCKS_BITS = 8
 MASK_IDX_BITS = 12
 PITCH_BITS = 6
+#: IM2COL's ``src``/``dst``: every preset's OUT and INP depth is below ``2**14`` words.
+TILE_ADDR_BITS = 14
+MASK_WORD_BITS = 64  #: MASK bits per word
 OPCODE_BITS = 4
 
 
@@ -53,6 +56,7 @@ class Opcode(enum.Enum, shape=OPCODE_BITS):
     SGQ = 6  #: SGQ stripe encoder: OUT rows -> packed wire format on the host stream
     SYNC = 7  #: wait for all units idle, send the status record (and counters), clear errors
     IM2COL = 8  #: window address generator: an OUT activation tensor -> GEMM input words in INP
+    DILATE = 9  #: PASS mask dilation: OR of a window of MASK bits (a change mask -> block mask)
 
 
 class Buffer(enum.Enum, shape=3):
@@ -122,16 +126,27 @@ class RequantOperands(data.Struct):
 
     ACC row ``r`` goes to OUT word ``out_addr + r*(out_gap + 1)``: with ``out_gap`` the rows land
     one pixel apart in a channels-last activation tensor of ``out_gap + 1`` words per pixel.
+    With ``gate`` set, row ``r`` is skipped (its OUT word keeps its value) when MASK bit
+    ``mask_idx + r // rows`` is 0: the rows of a GEMM block skipped by the same bit.
     """
     acc_addr: unsigned(ADDR_BITS)
     out_addr: unsigned(ADDR_BITS)
     param_addr: unsigned(ADDR_BITS)
     count: unsigned(COUNT_BITS)
     out_gap: unsigned(PITCH_BITS)
+    gate: unsigned(1)
+    mask_idx: unsigned(MASK_IDX_BITS)
 
 
 class PatchOperands(data.Struct):
-    """PATCH: for each of ``blocks`` tiles of ``k`` INP words compare new vs reference."""
+    """PATCH (PASS change detection, section 7): ``blocks`` tiles of ``k`` OUT words, the new
+    ones at ``new_addr`` and their references at ``ref_addr``.
+
+    Tile ``b`` is *changed* when some lane of some word differs from its reference by more than
+    ``threshold``; MASK bit ``mask_idx + b`` becomes ``changed or (merge and the bit)``, and a
+    changed tile is copied over its reference. With ``given`` nothing is compared: the tile is
+    changed when its MASK bit is already set (a mask the host wrote), and the bits stay.
+    """
     new_addr: unsigned(ADDR_BITS)
     ref_addr: unsigned(ADDR_BITS)
     k: unsigned(COUNT_BITS)
@@ -139,6 +154,7 @@ class PatchOperands(data.Struct):
     threshold: unsigned(8)
     mask_idx: unsigned(MASK_IDX_BITS)
     merge: unsigned(1)
+    given: unsigned(1)
 
 
 class SgqOperands(data.Struct):
@@ -165,25 +181,58 @@ class Im2colOperands(data.Struct):
     With ``pool`` the window is max-pooled instead: lane ``r`` of INP word ``dst + i*channels +
     c`` is the largest of the ``kh*kw`` taps of channel ``c`` (``K = channels``; padding taps read
     ``pad_value``, and -128 never wins), the input of a GEMM with unit weights.
+
+    With ``tiled`` both pixel indices (the input's ``q`` and the output's ``p``) are *tiled*: the
+    tensors are stored patch by patch (``AccelConfig.patch_shape``, one patch = one block of
+    ``rows`` pixels, section 7). With ``gate`` (needs ``tiled``) block ``i`` is skipped (its INP
+    words keep their values) when MASK bit ``mask_word*64 + oy0*out_w/rows + i`` is 0: the bit
+    of its patch in a block mask that starts at a MASK word.
     """
-    src: unsigned(ADDR_BITS)
-    dst: unsigned(ADDR_BITS)
+    src: unsigned(TILE_ADDR_BITS)
+    dst: unsigned(TILE_ADDR_BITS)
     pitch: unsigned(PITCH_BITS)
     channels: unsigned(10)
     in_h: unsigned(8)
     in_w: unsigned(8)
-    kh: unsigned(5)
-    kw: unsigned(5)
+    kh: unsigned(4)
+    kw: unsigned(4)
     stride: unsigned(3)
     dilation: unsigned(3)
-    pad_top: unsigned(4)
-    pad_left: unsigned(4)
+    pad_top: unsigned(3)
+    pad_left: unsigned(3)
     pad_value: unsigned(8)
     oy0: unsigned(8)
     out_w: unsigned(8)
     m_blocks: unsigned(BLOCKS_BITS)
     pack: unsigned(2)
     pool: unsigned(1)
+    tiled: unsigned(1)
+    gate: unsigned(1)
+    mask_word: unsigned(MASK_IDX_BITS - 6)
+
+
+class DilateOperands(data.Struct):
+    """DILATE (PASS, section 7): a mask of ``out_h x out_w`` bits at ``dst``, each the OR of a
+    ``kh x kw`` window of the ``in_h x in_w`` mask at ``src`` (bits row-major).
+
+    Bit ``(y, x)`` is the OR of input bits ``(y*stride_y - pad_top + ky, x*stride_x - pad_left +
+    kx)`` for ``ky < kh``, ``kx < kw``; bits outside the input count as 0. With ``merge`` the
+    result is ORed into what ``dst`` holds. It turns the change mask of a layer's input patches
+    into the mask of the output blocks whose receptive field changed.
+    """
+    src: unsigned(MASK_IDX_BITS)
+    dst: unsigned(MASK_IDX_BITS)
+    in_h: unsigned(8)
+    in_w: unsigned(8)
+    out_h: unsigned(8)
+    out_w: unsigned(8)
+    kh: unsigned(3)
+    kw: unsigned(3)
+    stride_y: unsigned(2)
+    stride_x: unsigned(2)
+    pad_top: unsigned(2)
+    pad_left: unsigned(2)
+    merge: unsigned(1)
 
 
 class SyncOperands(data.Struct):
@@ -202,6 +251,7 @@ OPERANDS: dict[Opcode, data.StructLayout | None] = {
     Opcode.SGQ: data.Layout.cast(SgqOperands),
     Opcode.SYNC: data.Layout.cast(SyncOperands),
     Opcode.IM2COL: data.Layout.cast(Im2colOperands),
+    Opcode.DILATE: data.Layout.cast(DilateOperands),
 }
 
 OperandsLayout = data.UnionLayout({
@@ -212,6 +262,7 @@ OperandsLayout = data.UnionLayout({
     "sgq": SgqOperands,
     "sync": SyncOperands,
     "im2col": Im2colOperands,
+    "dilate": DilateOperands,
 })
 
 #: The 128-bit instruction word.

@@ -29,22 +29,28 @@ from ..errors import (
 )
 from ..hw.config import MASK_WORD_BITS, AccelConfig, get_config
 from ..hw.decode_rules import (
+    PASS_OPCODES,
     RULES,
     DefinedBuffer,
     Disjoint,
+    GateInRange,
     Multiple,
+    NeedsPassUnit,
     NonZero,
     PixelFits,
     Rule,
     StridedInRange,
     TensorInRange,
+    TiledFits,
     extent_name,
     extent_value,
+    gate_span,
     limit_name,
     limit_value,
     pixel_fits,
     strided_span,
     tensor_span,
+    tiled_fits,
 )
 from ..hw.isa import INSTR_BYTES, Buffer, Counter, Instruction, Opcode, Status
 from ..protocol import (
@@ -67,6 +73,7 @@ from .numerics import (
     INT32_MIN,
     GemmWorkspace,
     exact_gemm,
+    dilate_mask,
     patch_skip,
     requantize,
     sgq_encode,
@@ -116,16 +123,20 @@ def check_instruction(config: AccelConfig, instr) -> Fault | None:
         op = Opcode(code)
     except ValueError:
         return Fault(Status.ILLEGAL_OPCODE, code, f"opcode={code} is not defined", "opcode")
+    if op in PASS_OPCODES and not config.impl.pass_unit:
+        return Fault(Status.ILLEGAL_OPCODE, code, f"{op.name} needs the PASS unit, which "
+                     f"config {config.name!r} ({config.impl.name}) does not have", "opcode")
     for rule in RULES[op]:
-        broken = _broken(config, op.name, rule, f)
+        broken = _broken(config, op, rule, f)
         if broken is not None:
             field, message = broken
             return Fault(rule.status, code, message, field)
     return None
 
 
-def _broken(config: AccelConfig, name: str, rule: Rule, f: dict) -> tuple[str, str] | None:
+def _broken(config: AccelConfig, op: Opcode, rule: Rule, f: dict) -> tuple[str, str] | None:
     """``(operand, message)`` when the operand values ``f`` break ``rule``, else ``None``."""
+    name = op.name
     if isinstance(rule, DefinedBuffer):
         if f[rule.field] not in {buf.value for buf in Buffer}:
             return rule.field, f"{name}: {rule.field}={f[rule.field]} is not a Buffer"
@@ -137,12 +148,31 @@ def _broken(config: AccelConfig, name: str, rule: Rule, f: dict) -> tuple[str, s
             return rule.field, (f"{name}: {rule.field}={f[rule.field]} is not a multiple of "
                                 f"{rule.of}={f[rule.of]}")
     elif isinstance(rule, Disjoint):
-        n = extent_value(config, rule.extent, f)
-        a, b = f[rule.a], f[rule.b]
-        if a < b + n and b < a + n:
+        if rule.overlap(config, f):
+            n = extent_value(config, rule.extent, f)
+            m = extent_value(config, rule.extent_b or rule.extent, f)
+            a, b = f[rule.a], f[rule.b]
             label = {side: side.removesuffix("_addr") for side in (rule.a, rule.b)}
             return rule.a, (f"{name}: {label[rule.a]} range {a}..{a + n - 1} overlaps "
-                            f"{label[rule.b]} range {b}..{b + n - 1}")
+                            f"{label[rule.b]} range {b}..{b + m - 1}")
+    elif isinstance(rule, NeedsPassUnit):
+        if f[rule.field] and not config.impl.pass_unit:
+            return rule.field, (f"{name}: {rule.field}=1 needs the PASS unit, which config "
+                                f"{config.name!r} ({config.impl.name}) does not have")
+    elif isinstance(rule, TiledFits):
+        if not tiled_fits(config, f):
+            if not f["tiled"]:
+                return "gate", f"{name}: gate=1 needs tiled=1 (the gate bits are per patch)"
+            ph, pw = config.patch_shape
+            return "tiled", (f"{name}: tiled=1 needs whole {ph}x{pw} patches: in_h={f['in_h']}"
+                             f" and oy0={f['oy0']} multiples of {ph}, in_w={f['in_w']} and "
+                             f"out_w={f['out_w']} multiples of {pw}")
+    elif isinstance(rule, GateInRange):
+        first, n = gate_span(config, op, f)
+        if f["gate"] and first + n > config.mask_bits:
+            return "mask_word" if op == Opcode.IM2COL else "mask_idx", (
+                f"{name}: gated MASK bits {first}..{first + n - 1} exceed mask_bits "
+                f"{config.mask_bits}")
     elif isinstance(rule, PixelFits):
         if not pixel_fits(config.cols, f):
             room = (f"cols >> pack = {config.cols >> f['pack']}" if f["pack"] else
@@ -371,30 +401,66 @@ class GoldenMachine:
             acc[active] = c
         return b""
 
+    def _gate_bits(self, op: Opcode, f: dict) -> np.ndarray | None:
+        """The MASK bits a gated instruction reads (``None`` without ``gate``)."""
+        if not f["gate"]:
+            return None
+        first, n = gate_span(self.config, op, f)
+        return self.mask[first:first + n]
+
     def _exec_requant(self, f: dict, payload: bytes) -> bytes:
         n, step = f["count"], f["out_gap"] + 1
         p = self.param[f["param_addr"]]
         acc = self.acc[f["acc_addr"]:f["acc_addr"] + n]
-        self.out[f["out_addr"]:f["out_addr"] + strided_span(n, f["out_gap"]):step] = requantize(
-            acc, **{name: p[name] for name in PARAM_DTYPE.names})
+        values = requantize(acc, **{name: p[name] for name in PARAM_DTYPE.names})
+        out = self.out[f["out_addr"]:f["out_addr"] + strided_span(n, f["out_gap"]):step]
+        bits = self._gate_bits(Opcode.REQUANT, f)
+        if bits is None:
+            out[...] = values
+        else:  # a row of a skipped block keeps its OUT word
+            keep = np.repeat(bits, self.config.rows)[:n]
+            out[keep] = values[keep]
         return b""
 
     def _exec_im2col(self, f: dict, payload: bytes) -> bytes:
-        words = window_gather(self.out, self.config.rows, **f)
-        self.inp[f["dst"]:f["dst"] + len(words)] = words
+        words = window_gather(self.out, self.config.rows, patch_shape=self._patch_shape(f),
+                              **f)
+        bits = self._gate_bits(Opcode.IM2COL, f)
+        dst = self.inp[f["dst"]:f["dst"] + len(words)]
+        if bits is None:
+            dst[...] = words
+        else:  # the INP words of a skipped block keep their values
+            k = len(words) // max(f["m_blocks"], 1)
+            keep = np.repeat(bits, k)
+            dst[keep] = words[keep]
         return b""
 
+    def _patch_shape(self, f: dict) -> tuple[int, int] | None:
+        return self.config.patch_shape if f["tiled"] else None
+
     def _exec_patch(self, f: dict, payload: bytes) -> bytes:
-        rows, k, blocks = self.config.rows, f["k"], f["blocks"]
+        cols, k, blocks = self.config.cols, f["k"], f["blocks"]
         if blocks == 0:
             return b""
         n = blocks * k
-        new = self.inp[f["new_addr"]:f["new_addr"] + n].reshape(blocks, k, rows)
-        ref = self.inp[f["ref_addr"]:f["ref_addr"] + n].reshape(blocks, k, rows)
-        changed, new_ref = patch_skip(new, ref, f["threshold"])
-        ref[...] = new_ref
+        new = self.out[f["new_addr"]:f["new_addr"] + n].reshape(blocks, k, cols)
+        ref = self.out[f["ref_addr"]:f["ref_addr"] + n].reshape(blocks, k, cols)
         bits = self.mask[f["mask_idx"]:f["mask_idx"] + blocks]
-        bits[...] = changed | (bool(f["merge"]) & bits)
+        if f["given"]:
+            changed = bits.copy()
+        else:
+            changed, _ = patch_skip(new, ref, f["threshold"])
+            bits[...] = changed | (bool(f["merge"]) & bits)
+        ref[changed] = new[changed]
+        return b""
+
+    def _exec_dilate(self, f: dict, payload: bytes) -> bytes:
+        n_in, n_out = f["in_h"] * f["in_w"], f["out_h"] * f["out_w"]
+        src = self.mask[f["src"]:f["src"] + n_in].reshape(f["in_h"], f["in_w"])
+        bits = dilate_mask(src, **{name: f[name] for name in (
+            "out_h", "out_w", "kh", "kw", "stride_y", "stride_x", "pad_top", "pad_left")})
+        dst = self.mask[f["dst"]:f["dst"] + n_out]
+        dst[...] = bits.ravel() | (bool(f["merge"]) & dst)
         return b""
 
     def _exec_sgq(self, f: dict, payload: bytes) -> bytes:

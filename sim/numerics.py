@@ -19,7 +19,7 @@ from ..hw.isa import SGQ_MODE_BITS, ChannelParams, SgqMode, SgqStripeHeader, fie
 __all__ = [
     "exact_gemm", "GemmWorkspace",
     "saturating_rounding_doubling_high_mul", "rounding_divide_by_pot", "requantize",
-    "window_gather", "patch_skip",
+    "window_gather", "tiled_index", "patch_skip", "dilate_mask",
     "sgq_encode", "sgq_decode", "sgq_payload_bytes", "sgq_stripe_modes", "sgq_max_error",
 ]
 
@@ -218,14 +218,33 @@ def requantize(acc, bias, multiplier, shift, zero_point, clamp_min, clamp_max) -
 
 # -- IM2COL window address generator (section 5) ---------------------------------------------
 
+def tiled_index(y, x, width: int, patch_shape: tuple[int, int]):
+    """The index of pixel ``(y, x)`` of a ``width``-wide *tiled* tensor (section 7): patches of
+    ``ph x pw`` pixels in row-major order, pixels row-major inside a patch. ``width`` must be a
+    multiple of ``pw``. Works elementwise on arrays."""
+    ph, pw = patch_shape
+    return ((y // ph) * (width // pw) + x // pw) * (ph * pw) + (y % ph) * pw + x % pw
+
+
+def _tiled_position(p, width: int, patch_shape: tuple[int, int]):
+    """``(y, x)`` of tiled pixel index ``p`` (the inverse of :func:`tiled_index`)."""
+    ph, pw = patch_shape
+    patch, r = np.divmod(p, ph * pw)
+    py, px = np.divmod(patch, width // pw)
+    return py * ph + r // pw, px * pw + r % pw
+
+
 def window_gather(out: np.ndarray, rows: int, *, src: int, pitch: int, channels: int, in_h: int,
                   in_w: int, kh: int, kw: int, stride: int, dilation: int, pad_top: int,
                   pad_left: int, pad_value: int, oy0: int, out_w: int, m_blocks: int,
-                  pack: int, pool: int = 0, **_) -> np.ndarray:
+                  pack: int, pool: int = 0, patch_shape: tuple[int, int] | None = None,
+                  **_) -> np.ndarray:
     """IM2COL: the INP words (int8 ``(m_blocks*K, rows)``, ``K = kh*kw*channels``; with
     ``pool`` ``K = channels``, the max over the taps) that the window of a convolution reads
     from the activation tensor in ``out`` (the OUT buffer, int8 ``(depth, cols)``), as
-    :class:`~tinyaccel.hw.isa.Im2colOperands` defines them.
+    :class:`~tinyaccel.hw.isa.Im2colOperands` defines them; with ``patch_shape`` (the ``tiled``
+    field set) pixel indices are tiled (:func:`tiled_index`). Every block is gathered: the
+    ``gate`` field is applied by the caller.
 
     ``pad_value`` is the field's 8-bit code (two's complement). The operands must be legal
     (:func:`tinyaccel.sim.golden.check_instruction`): every pixel read lies in ``out``.
@@ -235,11 +254,18 @@ def window_gather(out: np.ndarray, rows: int, *, src: int, pitch: int, channels:
         return np.zeros((0, rows), np.int8)
     ky, kx, c = (g.ravel() for g in np.meshgrid(np.arange(kh), np.arange(kw),
                                                   np.arange(channels), indexing="ij"))
-    oy, ox = np.divmod(oy0 * out_w + np.arange(m_blocks * rows), out_w)
+    p = oy0 * out_w + np.arange(m_blocks * rows)
+    if patch_shape is None:
+        oy, ox = np.divmod(p, out_w)
+    else:
+        oy, ox = _tiled_position(p, out_w, patch_shape)
     iy = oy[:, None] * stride - pad_top + ky[None, :] * dilation  # (pixels, K)
     ix = ox[:, None] * stride - pad_left + kx[None, :] * dilation
     inside = (iy >= 0) & (iy < in_h) & (ix >= 0) & (ix < in_w)
-    q = np.where(inside, iy * in_w + ix, 0)
+    if patch_shape is None:
+        q = np.where(inside, iy * in_w + ix, 0)
+    else:
+        q = np.where(inside, tiled_index(iy, ix, in_w, patch_shape), 0)
     word = src + (q >> pack) * pitch + c[None, :] // cols
     lane = (q & ((1 << pack) - 1)) * (cols >> pack) + c[None, :] % cols
     pad = np.int8(pad_value - 256 if pad_value >= 128 else pad_value)
@@ -256,7 +282,7 @@ def window_gather(out: np.ndarray, rows: int, *, src: int, pitch: int, channels:
 def patch_skip(new: np.ndarray, ref: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray]:
     """Compare tiles with their references: ``(changed, new_ref)``.
 
-    ``new`` and ``ref`` are int8 ``(blocks, k, rows)``; ``changed[b]`` is ``max |new - ref| >
+    ``new`` and ``ref`` are int8 ``(blocks, k, lanes)``; ``changed[b]`` is ``max |new - ref| >
     threshold`` over block ``b``; ``new_ref`` is ``ref`` with the changed blocks replaced by
     ``new``.
     """
@@ -272,6 +298,23 @@ def patch_skip(new: np.ndarray, ref: np.ndarray, threshold: int) -> tuple[np.nda
     d = diff.reshape(new.shape[0], -1).max(axis=1, initial=0)
     changed = d > threshold
     return changed, np.where(changed[:, None, None], new, ref)
+
+
+def dilate_mask(bits: np.ndarray, *, out_h: int, out_w: int, kh: int, kw: int, stride_y: int,
+                stride_x: int, pad_top: int, pad_left: int) -> np.ndarray:
+    """DILATE: bool ``(out_h, out_w)``, bit ``(y, x)`` the OR of ``bits[y*stride_y - pad_top +
+    ky, x*stride_x - pad_left + kx]`` over ``ky < kh, kx < kw`` (outside ``bits``: 0)."""
+    bits = np.asarray(bits, bool)
+    in_h, in_w = bits.shape
+    padded = np.zeros((pad_top + max(in_h, out_h * stride_y) + kh,
+                       pad_left + max(in_w, out_w * stride_x) + kw), bool)
+    padded[pad_top:pad_top + in_h, pad_left:pad_left + in_w] = bits
+    result = np.zeros((out_h, out_w), bool)
+    for ky in range(kh):
+        for kx in range(kw):
+            result |= padded[ky:ky + out_h * stride_y:stride_y,
+                             kx:kx + out_w * stride_x:stride_x][:out_h, :out_w]
+    return result
 
 
 # -- SGQ stripe encoder (section 8) ------------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import ConfigError, FieldError
 from ..hw.config import AccelConfig, get_config
-from ..hw.decode_rules import strided_span
+from ..hw.decode_rules import PASS_OPCODES, strided_span
 from ..hw.isa import Buffer, Opcode, Status, operand_fields
 from ..protocol import PARAM_DTYPE, Program, encode_fields, lane_dtype, lanes
 from .numerics import INT32_MAX, INT32_MIN
@@ -45,6 +45,9 @@ _THRESHOLD_MAX = _field(Opcode.PATCH, "threshold").mask
 _STRIPE_MAX = _field(Opcode.SGQ, "stripe_len").mask
 _MAX_SHIFT_MAX = _field(Opcode.SGQ, "max_shift").mask
 _GAP_MAX = _field(Opcode.REQUANT, "out_gap").mask
+_KH_MAX = _field(Opcode.IM2COL, "kh").mask
+_PAD_MAX = _field(Opcode.IM2COL, "pad_top").mask
+_MASK_IDX_MAX = _field(Opcode.GEMM, "mask_idx").mask
 _INT8 = np.iinfo(np.int8)
 
 
@@ -149,7 +152,7 @@ def random_words(config: AccelConfig, buf: Buffer, n: int, rng) -> np.ndarray:
 
 
 def random_im2col(config: AccelConfig | str, rng, *, out_window: int | None = None,
-                  inp_window: int | None = None) -> dict:
+                  inp_window: int | None = None, mask_bits: int | None = None) -> dict:
     """Legal IM2COL operands (``Program.im2col`` keywords, ``pad_value`` an INT8 value) whose
     tensor lies in the first ``out_window`` OUT words and whose words in the first
     ``inp_window`` INP words (default: the whole buffers).
@@ -158,10 +161,12 @@ def random_im2col(config: AccelConfig | str, rng, *, out_window: int | None = No
     channels' words, strides, dilations and pads up to their field maxima, pixels far below the
     tensor (``oy0`` large: all padding), ``pad_value`` of either sign, ``m_blocks = 0``; and
     ``pool`` (a quarter of them: max pooling, windows up to 7x7, mostly padding -128 as the
-    compiler emits it).
+    compiler emits it). On a configuration with the PASS unit a third are ``tiled`` (whole
+    patches), half of those ``gate``d by bits in the first ``mask_bits`` MASK bits.
     """
     config, rng = get_config(config), _rng(rng)
     cols = config.cols
+    mask_bits = min(mask_bits or config.mask_bits, config.mask_bits)
     out_window = min(out_window or config.out_depth, config.out_depth)
     inp_window = min(inp_window or config.inp_depth, config.inp_depth)
 
@@ -182,13 +187,17 @@ def random_im2col(config: AccelConfig | str, rng, *, out_window: int | None = No
             pitch = -(-channels // cols) + int(rng.integers(0, 2))
         in_w = small(8, top=40)
         in_h = small(8, top=40)
+        tiled = config.impl.pass_unit and rng.random() < 0.33
+        if tiled:
+            ph, pw = config.patch_shape
+            in_h, in_w = -(-in_h // ph) * ph, -(-in_w // pw) * pw
         span = -(-in_h * in_w >> pack) * pitch
         if span > out_window:
             continue
         pool = bool(rng.random() < 0.25)
         # (pooled: kh*kw taps a value on the serial design; smaller windows keep that short)
-        kh, kw = (small(3, 0.1, 7), small(3, 0.1, 7)) if pool else (small(3, 0.1, 31),
-                                                                  small(3, 0.1, 31))
+        kh, kw = (small(3, 0.1, 7), small(3, 0.1, 7)) if pool else (small(3, 0.1, _KH_MAX),
+                                                                  small(3, 0.1, _KH_MAX))
         k = channels if pool else kh * kw * channels
         blocks_max = min(inp_window // k, _BLOCKS_MAX, 4)
         if blocks_max < 1:
@@ -196,16 +205,27 @@ def random_im2col(config: AccelConfig | str, rng, *, out_window: int | None = No
         m_blocks = 0 if rng.random() < 0.04 else int(rng.integers(1, blocks_max + 1))
         out_w = small(10, top=255)
         oy0 = int(rng.integers(0, 4)) if rng.random() < 0.8 else int(rng.integers(0, 256))
+        pass_fields = {}
+        if tiled:
+            out_w = max(pw, out_w - out_w % pw)
+            oy0 -= oy0 % ph
+            pass_fields = dict(tiled=True)
+            first = oy0 * out_w // config.rows
+            if rng.random() < 0.5 and first + m_blocks <= mask_bits:
+                words = (mask_bits - first - m_blocks) // 64
+                pass_fields.update(gate=True, mask_word=int(rng.integers(0, words + 1)))
         pad_value = int(rng.integers(_INT8.min, _INT8.max + 1))
         if pool and rng.random() < 0.7:
             pad_value = _INT8.min
-        return dict(
+        return dict(**pass_fields,
             src=int(rng.integers(0, out_window - span + 1)),
             dst=int(rng.integers(0, inp_window - m_blocks * k + 1)),
             pitch=pitch, channels=channels, in_h=in_h, in_w=in_w, kh=kh, kw=kw,
             stride=small(2, top=7), dilation=small(1, 0.2, 7),
-            pad_top=int(rng.integers(0, 3)) if rng.random() < 0.8 else int(rng.integers(0, 16)),
-            pad_left=int(rng.integers(0, 3)) if rng.random() < 0.8 else int(rng.integers(0, 16)),
+            pad_top=int(rng.integers(0, 3)) if rng.random() < 0.8 else int(
+                rng.integers(0, _PAD_MAX + 1)),
+            pad_left=int(rng.integers(0, 3)) if rng.random() < 0.8 else int(
+                rng.integers(0, _PAD_MAX + 1)),
             pad_value=pad_value, oy0=oy0, out_w=out_w, m_blocks=m_blocks, pack=pack, pool=pool)
     raise ConfigError(f"config {config.name!r}: no IM2COL fits {out_window} OUT and "
                       f"{inp_window} INP words")
@@ -243,9 +263,11 @@ def broken_im2col(config: AccelConfig | str, rng) -> dict:
     return f
 
 
-def _opcodes(opcodes: Iterable | None) -> list[Opcode]:
+def _opcodes(opcodes: Iterable | None, config: AccelConfig | None = None) -> list[Opcode]:
+    """The opcodes named (default: every opcode ``config`` implements)."""
     if opcodes is None:
-        return list(Opcode)
+        return [op for op in Opcode
+                if config is None or config.impl.pass_unit or op not in PASS_OPCODES]
     out = []
     for op in opcodes:
         try:
@@ -314,30 +336,61 @@ class _Generator:
             gap = 0  # strided: rows one pixel apart in a channels-last tensor
             if n > 1 and rng.random() < 0.4:
                 gap = self._int(0, min(_GAP_MAX, (win[Buffer.OUT] - 1) // (n - 1) - 1))
+            gated = {}
+            bits = -(-n // cfg.rows)
+            if cfg.impl.pass_unit and rng.random() < 0.3 and bits <= self.mask_bits:
+                gated = dict(gate=True, mask_idx=self._int(0, self.mask_bits - bits))
             prog.requant(self._place(Buffer.ACC, n),
                          self._place(Buffer.OUT, strided_span(n, gap)),
-                         self._place(Buffer.PARAM, 1), n, out_gap=gap)
+                         self._place(Buffer.PARAM, 1), n, out_gap=gap, **gated)
         elif op == Opcode.PATCH:
-            k = self._int(1, min(self.max_k, win[Buffer.INP] // 2))
-            blocks = self._size(min(self.max_blocks, win[Buffer.INP] // (2 * k), _BLOCKS_MAX))
+            k = self._int(1, min(self.max_k, win[Buffer.OUT] // 2))
+            blocks = self._size(min(self.max_blocks * 4, win[Buffer.OUT] // (2 * k), _BLOCKS_MAX,
+                                    self.mask_bits))
             n = blocks * k
-            a = self._int(0, win[Buffer.INP] - 2 * n)
-            b = self._int(a + n, win[Buffer.INP] - n)
+            a = self._int(0, win[Buffer.OUT] - 2 * n)
+            b = self._int(a + n, win[Buffer.OUT] - n)
             new, ref = (a, b) if rng.random() < 0.5 else (b, a)
             r = rng.random()
             threshold = 0 if r < 0.2 else self._int(0, 8) if r < 0.7 else self._int(
                 0, _THRESHOLD_MAX)
             prog.patch(new, ref, k, blocks, threshold,
-                       mask_idx=self._int(0, self.mask_bits - blocks), merge=rng.random() < 0.3)
+                       mask_idx=self._int(0, self.mask_bits - blocks), merge=rng.random() < 0.3,
+                       given=rng.random() < 0.2)
+        elif op == Opcode.DILATE:
+            prog.dilate(**self.random_dilate())
         elif op == Opcode.SGQ:
             stripe = self._int(1, min(8, win[Buffer.OUT], _STRIPE_MAX))
             n = stripe * self._size(min(self.max_count, win[Buffer.OUT]) // stripe)
             prog.sgq(self._place(Buffer.OUT, n), n, stripe, self._int(0, _MAX_SHIFT_MAX))
         elif op == Opcode.IM2COL:
             prog.im2col(**random_im2col(cfg, rng, out_window=win[Buffer.OUT],
-                                        inp_window=win[Buffer.INP]))
+                                        inp_window=win[Buffer.INP], mask_bits=self.mask_bits))
         else:  # pragma: no cover - every Opcode is handled above
             raise FieldError(f"no generator for {op!r}")
+
+    def random_dilate(self) -> dict:
+        """Legal DILATE operands: grids up to 12x12 (sometimes empty), windows up to the field
+        maxima, disjoint source and destination inside the MASK window."""
+        rng = self.rng
+        for _ in range(1000):
+            in_h, in_w, out_h, out_w = (self._size(12) for _ in range(4))
+            n_in, n_out = in_h * in_w, out_h * out_w
+            if n_in + n_out > self.mask_bits:
+                continue
+            f = dict(in_h=in_h, in_w=in_w, out_h=out_h, out_w=out_w,
+                     kh=self._int(1, 3) if rng.random() < 0.8 else self._int(1, 7),
+                     kw=self._int(1, 3) if rng.random() < 0.8 else self._int(1, 7),
+                     stride_y=self._int(1, 3), stride_x=self._int(1, 3),
+                     pad_top=self._int(0, 3), pad_left=self._int(0, 3),
+                     merge=rng.random() < 0.3)
+            a = self._int(0, self.mask_bits - n_in - n_out)
+            b = self._int(a + n_in, self.mask_bits - n_out)
+            if rng.random() < 0.5:  # destination first
+                b = self._int(0, self.mask_bits - n_in - n_out)
+                a = self._int(b + n_out, self.mask_bits - n_in)
+            return dict(src=a, dst=b, **f)
+        raise ConfigError(f"config {self.cfg.name!r}: no DILATE fits {self.mask_bits} bits")
 
     def _beyond(self, limit: int, ext: int) -> int:
         """A base address with ``base + ext > limit`` that fits the 16-bit field."""
@@ -350,7 +403,7 @@ class _Generator:
             Opcode.LOAD: ["buffer", "range"], Opcode.STORE: ["buffer", "range"],
             Opcode.GEMM: ["k0", "inp", "wgt", "acc", "mask"], Opcode.REQUANT: ["range"],
             Opcode.PATCH: ["k0", "overlap", "range"], Opcode.SGQ: ["stripe0", "multiple", "range"],
-            Opcode.IM2COL: ["rule"],
+            Opcode.IM2COL: ["rule"], Opcode.DILATE: ["k0", "stride0", "overlap", "range"],
         }.get(op, [])
         kind = str(rng.choice(kinds + ["opcode"])) if kinds else "opcode"
         if kind == "opcode":
@@ -404,7 +457,23 @@ class _Generator:
                 new = self._int(0, 16)
                 prog.patch(new, new + self._int(0, blocks * k - 1), k, blocks, 0)
             else:
-                prog.patch(self._beyond(depth(Buffer.INP), blocks * k), 0, k, blocks, 0)
+                prog.patch(self._beyond(depth(Buffer.OUT), blocks * k), 0, k, blocks, 0)
+        elif op == Opcode.DILATE:
+            f = self.random_dilate()
+            f.update(in_h=max(f["in_h"], 1), in_w=max(f["in_w"], 1), out_h=max(f["out_h"], 1),
+                     out_w=max(f["out_w"], 1))
+            if kind == "k0":
+                f[str(rng.choice(["kh", "kw"]))] = 0
+            elif kind == "stride0":
+                f[str(rng.choice(["stride_y", "stride_x"]))] = 0
+            elif kind == "overlap":
+                f["dst"] = f["src"] + self._int(0, f["in_h"] * f["in_w"] - 1)
+                f["dst"] = min(f["dst"], _MASK_IDX_MAX)
+            else:
+                side = str(rng.choice(["src", "dst"]))
+                n = f["in_h"] * f["in_w"] if side == "src" else f["out_h"] * f["out_w"]
+                f[side] = self._int(max(0, cfg.mask_bits - n + 1), _MASK_IDX_MAX)
+            prog.dilate(**f)
         else:  # SGQ
             stripe = self._int(2, 4)
             if kind == "stripe0":
@@ -431,7 +500,7 @@ def random_program(config: AccelConfig | str, rng, n_instr: int = 64,
     A ``SYNC counters=1`` always ends the program (even when SYNC is not in ``opcodes``).
     """
     config, rng = get_config(config), _rng(rng)
-    ops = _opcodes(opcodes)
+    ops = _opcodes(opcodes, config)
     gen = _Generator(config, rng, window, max_k, max_blocks, max_count)
     prog = Program(config)
     if prelude and Opcode.LOAD in ops:
@@ -496,7 +565,7 @@ def corner_programs(config: AccelConfig | str,
     second SYNC that shows the machine recovered).
     """
     config = get_config(config)
-    ops = set(_opcodes(opcodes))
+    ops = set(_opcodes(opcodes, config))
     rows, cols, depth = config.rows, config.cols, config.depth
     corners: list[Corner] = []
 
@@ -543,7 +612,9 @@ def corner_programs(config: AccelConfig | str,
         p.store(buf, 0, 0)
     p.gemm(0, 0, 0, 1, m_blocks=0, n_blocks=1).gemm(0, 0, 0, 1, m_blocks=1, n_blocks=0)
     p.gemm(0, 0, 0, 1, m_blocks=0, n_blocks=0, gate=True)
-    p.requant(0, 0, 0, 0).patch(0, 1, 1, 0, 0).sgq(0, 0, 1, 0)
+    p.requant(0, 0, 0, 0).sgq(0, 0, 1, 0)
+    if config.impl.pass_unit:
+        p.patch(0, 1, 1, 0, 0).dilate(0, 1, in_h=0, in_w=0, out_h=0, out_w=0, kh=1, kw=1)
     add("zero_size", p.sync(counters=True))
 
     # Accumulate saturation both ways; the flag is sticky until the SYNC, then cleared.
@@ -566,13 +637,46 @@ def corner_programs(config: AccelConfig | str,
     p.gemm(0, 0, 0, 2, m_blocks=mb, gate=True)
     add("gemm_gated", p.store(Buffer.ACC, 0, mb * rows).sync(counters=True))
 
-    # PATCH: a changed tile, an unchanged one, merge keeps an old bit; threshold 255 never fires.
-    tiles = np.zeros((8, rows), np.int8)
+    # PATCH: a changed tile, an unchanged one, merge keeps an old bit; threshold 255 never fires;
+    # a given mask copies the marked tile only.
+    tiles = np.zeros((8, cols), np.int8)
     tiles[1, 0] = 5  # tile 0 (words 0..1) differs from its reference by 5
-    p = new().load(Buffer.INP, 0, tiles).load(Buffer.MASK, 0, np.zeros((1, 64), bool))
+    tiles[6, cols - 1] = _INT8.min  # tile 3 (words 6..7): 128 from its reference 0
+    p = new().load(Buffer.OUT, 0, tiles).load(Buffer.MASK, 0, np.zeros((1, 64), bool))
     p.patch(0, 4, 2, 2, _THRESHOLD_MAX, mask_idx=2).patch(0, 4, 2, 2, 4, mask_idx=0)
-    p.patch(0, 4, 2, 2, 0, mask_idx=0, merge=True)
-    add("patch", p.store(Buffer.MASK, 0, 1).store(Buffer.INP, 0, 8).sync(counters=True))
+    p.patch(0, 4, 2, 2, 0, mask_idx=0, merge=True).patch(0, 8, 2, 2, 127, mask_idx=4)
+    p.patch(2, 12, 2, 2, 0, mask_idx=0, given=True)
+    add("patch", p.store(Buffer.MASK, 0, 1).store(Buffer.OUT, 0, 16).sync(counters=True))
+
+    # DILATE: a 3x3 window at stride 1 and 2 with padding, a merge, bits at the grid's edges.
+    if config.impl.pass_unit and config.mask_bits >= 256:
+        bits = np.zeros((4, 64), bool)
+        bits[0, [0, 7, 18, 35, 63]] = True
+        p = new().load(Buffer.MASK, 0, bits)
+        p.dilate(0, 64, in_h=8, in_w=8, out_h=8, out_w=8, kh=3, kw=3, pad_top=1, pad_left=1)
+        p.dilate(0, 128, in_h=8, in_w=8, out_h=4, out_w=4, kh=3, kw=3, stride_y=2, stride_x=2,
+                 pad_top=1, pad_left=1)
+        p.dilate(0, 128, in_h=8, in_w=8, out_h=3, out_w=5, kh=7, kw=1, stride_y=3, pad_top=3,
+                 merge=True)
+        add("dilate", p.store(Buffer.MASK, 0, 4).sync(counters=True))
+
+    # Tiled and gated IM2COL into a gated GEMM and REQUANT: the PASS layer (section 7).
+    if config.impl.pass_unit and depth(Buffer.OUT) >= 64 and depth(Buffer.INP) >= 64:
+        ph, pw = config.patch_shape
+        h, w = 2 * ph, 2 * pw
+        out = ((np.arange(h * w * cols).reshape(h * w, cols) * 41) % 256 - 128).astype(np.int8)
+        mask = np.zeros((1, 64), bool)
+        mask[0, [1, 2]] = True
+        p = new().load(Buffer.OUT, 0, out).load(Buffer.MASK, 0, mask)
+        p.load(Buffer.WGT, 0, _alternating(9, cols, 1))
+        p.load(Buffer.PARAM, 0, np.zeros((1, cols), PARAM_DTYPE))
+        geo = dict(channels=1, in_h=h, in_w=w, kh=3, kw=3, out_w=w, pad_top=1, pad_left=1,
+                   pad_value=-1, tiled=True)
+        p.im2col(0, 0, m_blocks=4, **geo).im2col(0, 36, m_blocks=2, oy0=ph, gate=True, **geo)
+        p.gemm(0, 0, 0, 9, m_blocks=4, gate=True, mask_idx=0)
+        p.requant(0, h * w, 0, 4 * rows, gate=True, mask_idx=0)
+        add("pass_layer", p.store(Buffer.INP, 0, 54).store(Buffer.OUT, h * w, 4 * rows).sync(
+            counters=True))
 
     # SGQ: BASE, 2-, 4- and 8-bit stripes, lossless and with the largest shift.
     if depth(Buffer.OUT) >= 4:
@@ -606,7 +710,8 @@ def corner_programs(config: AccelConfig | str,
                  m_blocks=1, pad_left=1, pad_value=-1)
         dst += 2 * (cols + 1)
         p.im2col(0, dst, channels=1, in_h=1, in_w=1, kh=2, kw=2, stride=7, dilation=7,
-                 pad_top=15, pad_left=15, oy0=255, out_w=255, m_blocks=1, pad_value=_INT8.max)
+                 pad_top=_PAD_MAX, pad_left=_PAD_MAX, oy0=255, out_w=255, m_blocks=1,
+                 pad_value=_INT8.max)
         dst += 4
         p.im2col(0, dst, channels=1, in_h=1, in_w=1, kh=1, kw=1, out_w=1, m_blocks=0)
         params = np.zeros((1, cols), PARAM_DTYPE)
@@ -663,7 +768,7 @@ def corner_programs(config: AccelConfig | str,
     error("error_addr_range_requant", s.ADDR_RANGE,
           lambda p: p.requant(0, 0, depth(Buffer.PARAM), 1))
     error("error_addr_range_patch", s.ADDR_RANGE,
-          lambda p: p.patch(0, depth(Buffer.INP) - 1, 2, 1, 0))
+          lambda p: p.patch(0, depth(Buffer.OUT) - 1, 2, 1, 0))
     error("error_addr_range_sgq", s.ADDR_RANGE,
           lambda p: p.sgq(depth(Buffer.OUT) - 1, 2, 1, 0))
     error("error_bad_shape_gemm_k0", s.BAD_SHAPE, lambda p: p.gemm(0, 0, 0, 0))
@@ -688,6 +793,30 @@ def corner_programs(config: AccelConfig | str,
             Buffer.INP, end, 2 * cols).sync(counters=True))
         error("error_addr_range_im2col_pool_dst", s.ADDR_RANGE,
               lambda p: p.im2col(0, end + 1, **pooled))
+    if config.impl.pass_unit:
+        error("error_bad_field_dilate_overlap", s.BAD_FIELD, lambda p: p.dilate(
+            0, 1, in_h=1, in_w=2, out_h=1, out_w=1, kh=1, kw=1))
+        error("error_addr_range_dilate", s.ADDR_RANGE, lambda p: p.dilate(
+            0, config.mask_bits - 1, in_h=1, in_w=1, out_h=1, out_w=2, kh=1, kw=1))
+        error("error_bad_field_im2col_gate_untiled", s.BAD_FIELD, lambda p: p.im2col(
+            0, 0, channels=1, in_h=1, in_w=1, kh=1, kw=1, out_w=1, m_blocks=1, gate=True))
+        error("error_addr_range_requant_gate", s.ADDR_RANGE, lambda p: p.requant(
+            0, 0, 0, rows + 1, gate=True, mask_idx=config.mask_bits - 1))
+    else:  # the PASS instructions and fields are not there
+        pass_ops = set(_opcodes(None))  # (add() filters by the config's opcodes)
+        for name, status, fault in [
+                ("error_illegal_patch", s.ILLEGAL_OPCODE, lambda p: p.raw(encode_fields(
+                    Opcode.PATCH, new_addr=0, ref_addr=8, k=1, blocks=1))),
+                ("error_illegal_dilate", s.ILLEGAL_OPCODE, lambda p: p.raw(encode_fields(
+                    Opcode.DILATE, src=0, dst=8, kh=1, kw=1, stride_y=1, stride_x=1))),
+                ("error_bad_field_requant_gate", s.BAD_FIELD,
+                 lambda p: p.requant(0, 0, 0, 1, gate=True))]:
+            p = new().load(Buffer.INP, 0, word)
+            fault(p)
+            p.load(Buffer.INP, 0, np.full((1, rows), -3, np.int8)).store(Buffer.INP, 0, 1)
+            p.sync(counters=True).store(Buffer.INP, 0, 1).sync(counters=True)
+            if {Opcode.LOAD, Opcode.STORE, Opcode.SYNC, Opcode.REQUANT} <= ops | pass_ops:
+                corners.append(Corner(name, p, status))
     error("error_addr_range_im2col_src", s.ADDR_RANGE, lambda p: p.im2col(
         depth(Buffer.OUT) - 1, 0, channels=1, pitch=2, in_h=1, in_w=1, kh=1, kw=1, out_w=1,
         m_blocks=1))

@@ -566,33 +566,49 @@ class Program:
             mask_idx=mask_idx))
 
     def requant(self, acc_addr: int, out_addr: int, param_addr: int, count: int,
-                out_gap: int = 0) -> Program:
+                out_gap: int = 0, gate: bool = False, mask_idx: int = 0) -> Program:
         """REQUANT ``count`` ACC words into OUT (``out_gap`` words between rows) with the
-        channel parameters at ``param_addr``."""
+        channel parameters at ``param_addr``; ``gate``: skip the rows of blocks whose MASK bit
+        ``mask_idx + row // rows`` is 0."""
         return self.append(Instruction(Opcode.REQUANT, acc_addr=acc_addr, out_addr=out_addr,
-                                       param_addr=param_addr, count=count, out_gap=out_gap))
+                                       param_addr=param_addr, count=count, out_gap=out_gap,
+                                       gate=int(gate), mask_idx=mask_idx))
 
     def im2col(self, src: int, dst: int, *, channels: int, in_h: int, in_w: int, kh: int,
                kw: int, out_w: int, m_blocks: int, oy0: int = 0, pitch: int = 1,
                stride: int = 1, dilation: int = 1, pad_top: int = 0, pad_left: int = 0,
-               pad_value: int = 0, pack: int = 0, pool: bool = False) -> Program:
+               pad_value: int = 0, pack: int = 0, pool: bool = False, tiled: bool = False,
+               gate: bool = False, mask_word: int = 0) -> Program:
         """IM2COL: the GEMM input words of ``m_blocks`` blocks of a convolution window over the
         OUT activation tensor at ``src`` (section 5); ``pad_value`` is an INT8 value; ``pool``
-        max-pools the window (``K = channels``)."""
+        max-pools the window (``K = channels``); ``tiled``: tensors stored patch by patch;
+        ``gate``: skip the blocks whose patch bit (from MASK word ``mask_word``) is 0."""
         if not -128 <= pad_value <= 127:
             raise FieldError(f"IM2COL.pad_value={pad_value} is not an INT8 value")
         return self.append(Instruction(
             Opcode.IM2COL, src=src, dst=dst, pitch=pitch, channels=channels, in_h=in_h,
             in_w=in_w, kh=kh, kw=kw, stride=stride, dilation=dilation, pad_top=pad_top,
             pad_left=pad_left, pad_value=pad_value & 0xFF, oy0=oy0, out_w=out_w,
-            m_blocks=m_blocks, pack=pack, pool=int(pool)))
+            m_blocks=m_blocks, pack=pack, pool=int(pool), tiled=int(tiled), gate=int(gate),
+            mask_word=mask_word))
 
     def patch(self, new_addr: int, ref_addr: int, k: int, blocks: int, threshold: int,
-              mask_idx: int = 0, merge: bool = False) -> Program:
-        """PATCH (PASS patch-skip) over ``blocks`` INP tiles of ``k`` words (section 7)."""
+              mask_idx: int = 0, merge: bool = False, given: bool = False) -> Program:
+        """PATCH (PASS change detection) over ``blocks`` OUT tiles of ``k`` words (section 7);
+        ``given``: copy the tiles whose MASK bit is set instead of comparing."""
         return self.append(Instruction(Opcode.PATCH, new_addr=new_addr, ref_addr=ref_addr, k=k,
                                        blocks=blocks, threshold=threshold, mask_idx=mask_idx,
-                                       merge=int(merge)))
+                                       merge=int(merge), given=int(given)))
+
+    def dilate(self, src: int, dst: int, *, in_h: int, in_w: int, out_h: int, out_w: int,
+               kh: int, kw: int, stride_y: int = 1, stride_x: int = 1, pad_top: int = 0,
+               pad_left: int = 0, merge: bool = False) -> Program:
+        """DILATE: the MASK bits at ``dst`` (``out_h x out_w``), each the OR of a ``kh x kw``
+        window of the ``in_h x in_w`` bits at ``src`` (section 7)."""
+        return self.append(Instruction(
+            Opcode.DILATE, src=src, dst=dst, in_h=in_h, in_w=in_w, out_h=out_h, out_w=out_w,
+            kh=kh, kw=kw, stride_y=stride_y, stride_x=stride_x, pad_top=pad_top,
+            pad_left=pad_left, merge=int(merge)))
 
     def sgq(self, out_addr: int, count: int, stripe_len: int, max_shift: int = 0) -> Program:
         """SGQ-encode ``count`` OUT words in stripes of ``stripe_len`` words (section 8)."""
