@@ -316,6 +316,8 @@ class FrameStats:
     changed_tiles: int  # frame patches whose reference moved
     computed: list  # per layer: output patches recomputed
     patches: list  # per layer: output patches in all
+    masks: list = field(default_factory=list)  # per layer: bool (grid_h, grid_w), recomputed
+    tile_mask: np.ndarray | None = None  # bool frame patch grid: the patches that moved
 
     @property
     def computed_fraction(self) -> float:
@@ -439,8 +441,8 @@ class PassStream:
 
     def step_int(self, codes: np.ndarray, dense: bool = False) -> np.ndarray:
         """One frame of int8 codes ``(C, H, W)`` -> int8 output codes; :attr:`history` gets its
-        :class:`FrameStats`. ``dense``: run the dense baseline instead (the PASS state is then
-        stale: call :meth:`reset`)."""
+        :class:`FrameStats`. ``dense``: run the dense baseline instead (it leaves a valid PASS
+        state: the reference is this frame)."""
         codes = np.asarray(codes)
         if codes.dtype != np.int8:
             raise DTypeError(f"frame codes dtype {codes.dtype}, expected int8")
@@ -473,22 +475,26 @@ class PassStream:
                 observed.append(np.asarray(resp).ravel())
                 observe_bytes += 16 + f["count"] * cfg.word_bytes(Buffer.MASK)
         sizes = [sl.grid[0] * sl.grid[1] for sl in plan.layers]
+        masks, tiles = [], None
         if dense or not self.observe:
             computed = sizes if dense else [-1] * len(sizes)
             changed = n if dense else -1
         else:
-            changed = int(observed[0][:n].sum())
-            computed = [int(bits[sl.mask % MASK_WORD_BITS:][:size].sum())
-                        for sl, bits, size in zip(plan.layers, observed[1:], sizes, strict=True)]
-        if not dense:
-            self.frames += 1
-            if self.gate == "host":
-                self._track_reference(codes, tile_mask)
+            tiles = observed[0][:n].reshape(plan.frame_grid)
+            changed = int(tiles.sum())
+            masks = [bits[sl.mask % MASK_WORD_BITS:][:size].reshape(sl.grid)
+                     for sl, bits, size in zip(plan.layers, observed[1:], sizes, strict=True)]
+            computed = [int(b.sum()) for b in masks]
+        # (a dense frame leaves a valid PASS state too: the reference is the frame, every
+        # output computed from it)
+        self.frames += 1
+        if self.gate == "host":
+            self._track_reference(codes, np.ones(n, bool) if dense else tile_mask)
         self.history.append(FrameStats(
             cycles=int(counters[Counter.CYCLES]), macs_issued=int(counters[Counter.MACS_ISSUED]),
             macs_skipped=int(counters[Counter.MACS_SKIPPED]),
             link_bytes=self.link.link_bytes - before - observe_bytes, changed_tiles=changed,
-            computed=computed, patches=sizes))
+            computed=computed, patches=sizes, masks=masks, tile_mask=tiles))
         return _untile_tensor(t_out, out_words, cfg.cols, cfg.patch_shape)
 
     def _track_reference(self, codes: np.ndarray, changed: np.ndarray) -> None:
