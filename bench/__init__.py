@@ -18,6 +18,7 @@ SUITES: dict[str, str] = {
     "golden": "tinyaccel.bench.golden",  # golden-model GEMM speed vs numpy's integer matmul
     "rtl": "tinyaccel.bench.rtl",  # Verilator / Amaranth-sim speed and MAC utilization
     "mlperf-tiny": "tinyaccel.bench.mlperf_tiny",  # the four MLPerf Tiny models, golden and RTL
+    "pass-video": "tinyaccel.bench.pass_video",  # PASS patch skipping on the default scene
 }
 
 

@@ -194,6 +194,69 @@ def infer(model_name, backend, config_name, port, baud, batch_size, placement, j
     _write_json(json_path, result.as_dict())
 
 
+@main.command()
+@click.option("--input", "input_path",
+              help="A video file (imageio) or 'gif' (scikit-image's 24-frame GIF); default: the "
+                   "offline static-camera scene with ground truth.")
+@click.option("--frames", type=click.IntRange(min=3), help="Frames of the clip (default 72).")
+@click.option("--backend", type=click.Choice(["golden", "rtl"]), default="golden",
+              show_default=True, help="golden: results and MACs; rtl: also measured cycles.")
+@click.option("--config", "config_name", type=PRESETS, default="ecp5", show_default=True,
+              help="Accelerator configuration preset (needs the PASS unit).")
+@click.option("--threshold", type=click.IntRange(0, 255),
+              help="PATCH threshold in INT8 codes of the input (default: the reported one).")
+@click.option("--sweep", is_flag=True, help="Also run every threshold of the trade-off curve.")
+@click.option("--gate", type=click.Choice(["threshold", "learned"]), default="threshold",
+              show_default=True, help="threshold: the PATCH comparator; learned: the host gate.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the default scene.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("build/video"), show_default=True,
+              help="Folder for tradeoff.png, frames.png and pass.gif.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
+def video(input_path, frames, backend, config_name, threshold, sweep, gate, seed, out_dir,
+          json_path):
+    """PASS on video: stream a clip through the perception model, dense against patch skipping.
+
+    Prints the speedup (cycles on the RTL, MACs on the golden model) beside the ideal and the
+    published anchors, the task metric dense and with PASS, the host bytes per frame, and
+    checks threshold 0 == dense (and RTL == golden); writes the plots and the animation.
+    """
+    from tqdm import tqdm
+
+    from .bench import pass_video
+    m = pass_video.run(progress=tqdm, config=config_name, backend=backend, threshold=threshold,
+                       sweep=sweep, gate=gate, frames=frames, input_path=input_path, seed=seed,
+                       out_dir=str(out_dir))
+    click.echo(f"PASS on {m['scene']}: {m['frames']} frames {m['frame_w']}x{m['frame_h']}, "
+               f"{m['config']} ({m['patch_shape']} patches), {backend}, gate {m['gate']}, "
+               f"threshold {m['threshold']}")
+    if "coverage" in m:
+        click.echo(f"  scene: digits cover {100 * m['coverage']:.1f} % of the frame, "
+                   f"{100 * m['changed_pixel_fraction']:.2f} % of pixels change per frame")
+    key = "speedup_cycles" if "speedup_cycles" in m else "speedup_macs"
+    line = f"  {key.replace('_', ' ')}: {m[key]:.2f}x"
+    if "ideal_speedup" in m:
+        line += (f"   ideal {m['ideal_speedup']:.2f}x   ratio {m['speedup_over_ideal']:.2f}")
+    click.echo(line)
+    for name, value in pass_video.ANCHORS.items():
+        click.echo(f"    anchor: {name} {value}x")
+    if f"{key}_learned" in m:
+        click.echo(f"  learned gate: {m[key + '_learned']:.2f}x"
+                   + (f", IoU {m['task_metric_pass_learned']:.4f}"
+                      if "task_metric_pass_learned" in m else ""))
+    if "task_metric_dense" in m:
+        click.echo(f"  {m['task_metric']}: dense {m['task_metric_dense']:.4f}, PASS "
+                   f"{m['task_metric_pass']:.4f}")
+    click.echo(f"  host bytes per frame: dense {m['host_bytes_dense']:,}, PASS "
+               f"{m['host_bytes_pass']:,.0f}")
+    click.echo(f"  threshold 0 identical to dense: {m['threshold0_identical']}"
+               + (f"   golden == RTL: {m['golden_rtl_identical']}"
+                  if "golden_rtl_identical" in m else ""))
+    click.echo(f"  wrote {out_dir}/frames.png, {out_dir}/pass.gif"
+               + (f", {out_dir}/tradeoff.png" if sweep else ""))
+    _write_json(json_path, m)
+
+
 @main.command("train")
 @click.option("--model", "model_name", type=MODELS, default="digits-cnn", show_default=True,
               help="Model from the zoo.")
