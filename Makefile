@@ -22,14 +22,19 @@ $(STAMP): pyproject.toml
 #     forward and backward GEMMs on the RTL, the trained model evaluated on the RTL, and the
 #     comparison table (run folder with plot: build/demo-train/);
 #  3. the resident model: the same inference as ONE program per image (activations and weights on
-#     chip, docs/resident.md); the link bytes per image it prints stand beside those of step 1.
+#     chip, docs/resident.md); the link bytes per image it prints stand beside those of step 1;
+#  4. PASS video: a static-camera clip through the segmentation model, one program per frame,
+#     unchanged patches skipped on the RTL; speedup, IoU dense vs PASS, threshold 0 == dense,
+#     RTL == golden; plots and an animation in build/demo-video/ (docs/pass.md).
 DEMO_BACKEND ?= rtl
 DEMO_CONFIG  ?= ecp5
 DEMO_EPOCHS  ?= 3
+DEMO_FRAMES  ?= 16
 demo: $(STAMP)
 	$(VENV)/bin/tinyaccel infer --model digits-cnn --backend $(DEMO_BACKEND) --config $(DEMO_CONFIG) --json build/demo-infer.json
 	$(VENV)/bin/tinyaccel train --model digits-cnn --compare --backend $(DEMO_BACKEND) --config $(DEMO_CONFIG) --epochs $(DEMO_EPOCHS) --run-dir build/demo-train --json build/demo-train.json
 	$(VENV)/bin/tinyaccel infer --model digits-cnn --backend $(DEMO_BACKEND) --config $(DEMO_CONFIG) --placement resident --json build/demo-infer-resident.json
+	$(VENV)/bin/tinyaccel video --backend $(DEMO_BACKEND) --config $(DEMO_CONFIG) --frames $(DEMO_FRAMES) --out build/demo-video --json build/demo-video.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -142,3 +142,28 @@ def test_a_stream_that_does_not_fit_names_the_buffer():
     q = quantize(big, torch.rand(2, 1, 64, 96))
     with pytest.raises(CapacityError, match=r"^OUT: .* bytes short"):
         plan_stream(q, PRESETS["ecp5"])
+
+
+@pytest.mark.rtl
+def test_stream_on_the_rtl_equals_golden_and_dense(qmodel):
+    """Frame by frame on the Verilated ecp5: threshold 0 == dense; threshold 8 == golden, with
+    fewer cycles than the dense first frame once patches are skipped."""
+    seed = seed_from_env()
+    clip = _clip(seed, frames=4)
+    with Device("rtl", "ecp5") as dev:
+        for threshold in (0, 8):
+            rtl = PassStream(qmodel, dev, threshold=threshold)
+            rtl.setup()
+            gold = PassStream(qmodel, Device("golden", "ecp5"), threshold=threshold)
+            for t, frame in enumerate(clip):
+                codes = rtl.quantize(frame)
+                out = rtl.step_int(codes, dense=(t == 0))
+                assert np.array_equal(out, gold.step_int(codes, dense=(t == 0))), (threshold, t)
+                if threshold == 0:
+                    expect = run_quantized(qmodel, frame[None], return_int=True)[0]
+                    assert np.array_equal(out, expect), t
+            dense_cycles = rtl.history[0].cycles
+            assert dense_cycles > 0
+            if threshold:
+                assert rtl.history[-1].macs_skipped > 0
+                assert min(h.cycles for h in rtl.history[1:]) < dense_cycles
