@@ -77,20 +77,29 @@ def _layer_shares(plan) -> np.ndarray:
 
 
 def _ideal_fractions(plan, change: np.ndarray) -> np.ndarray:
-    """``(T, layers)``: the fraction of each layer's output patches whose receptive field holds
-    a truly changed pixel (frame patches with a change, dilated as DILATE does)."""
-    from ..sim.numerics import dilate_mask
+    """``(T, layers)``: the fraction of each layer's output patches whose receptive field (in
+    frame pixels, exact: :attr:`Footprint`) holds a truly changed pixel."""
     ph, pw = plan.config.patch_shape
-    gh, gw = plan.frame_grid
-    out = np.zeros((len(change), len(plan.layers)))
-    for t, ch in enumerate(change):
-        bits = ch.reshape(gh, ph, gw, pw).any(axis=(1, 3))
-        for i, sl in enumerate(plan.layers):
-            f = sl.dilate
-            bits = dilate_mask(bits, out_h=f["out_h"], out_w=f["out_w"], kh=f["kh"], kw=f["kw"],
-                               stride_y=f["stride_y"], stride_x=f["stride_x"],
-                               pad_top=f["pad_top"], pad_left=f["pad_left"])
-            out[t, i] = bits.mean()
+    t_len, h, w = change.shape
+    # prefix sums: any change in a rectangle in O(1)
+    c = np.zeros((t_len, h + 1, w + 1), np.int64)
+    c[:, 1:, 1:] = change.cumsum(axis=1).cumsum(axis=2)
+    out = np.zeros((t_len, len(plan.layers)))
+    for i, sl in enumerate(plan.layers):
+        fy, fx = sl.footprint
+        gh, gw = sl.grid
+
+        def span(f, p, n, size):  # frame pixel range [lo, hi) of patch b, clipped
+            b = np.arange(n)
+            lo = b * p * f.stride - f.pad
+            hi = (b * p + p - 1) * f.stride - f.pad + f.extent + 1
+            return np.clip(lo, 0, size), np.clip(hi, 0, size)
+
+        y0, y1 = span(fy, ph, gh, h)
+        x0, x1 = span(fx, pw, gw, w)
+        total = (c[:, y1][:, :, x1] - c[:, y0][:, :, x1] - c[:, y1][:, :, x0]
+                 + c[:, y0][:, :, x0])
+        out[:, i] = (total > 0).mean(axis=(1, 2))
     return out
 
 

@@ -11,8 +11,9 @@ call. Per frame::
     PATCH new vs reference, tile by tile: MASK bit = changed (|new - ref| > threshold somewhere),
           changed tiles copied over the reference        (host gate: LOAD MASK, PATCH given)
     per layer:
-      DILATE  the input's change mask -> the mask of the output patches whose receptive field
-              changed (an OR window in the mask domain)
+      DILATE  the frame's change mask -> the mask of the layer's output patches whose receptive
+              field (through every layer so far) holds a changed frame patch (an OR window in
+              the mask domain: one patch quantization, not one per layer)
       per chunk of patch rows: IM2COL (tiled, gated) -> GEMM (gated) -> REQUANT (gated)
     STORE the output tensor; SYNC counters
 
@@ -39,7 +40,7 @@ from ..hw.isa import MASK_WORD_BITS, Buffer, Counter, DilateOperands, Opcode, Pa
 from ..protocol import Program, channel_params_words
 from ..sim.numerics import tiled_index
 from .quant_ir import INPUT, LayerKind, QuantLayer, QuantModel
-from .resident_plan import TensorPlacement, _conv_parts, _pack_for, _refuse
+from .resident_plan import TensorPlacement, _conv_parts, _pack_for
 from .runtime import Device, LinkCounter
 
 __all__ = ["StreamPlan", "plan_stream", "PassStream", "FrameStats", "THRESHOLD_MAX",
@@ -49,6 +50,12 @@ __all__ = ["StreamPlan", "plan_stream", "PassStream", "FrameStats", "THRESHOLD_M
 THRESHOLD_MAX = (1 << data.Layout.cast(PatchOperands)["threshold"].shape.width) - 1
 _DILATE = {n: (1 << f.shape.width) - 1 for n, f in data.Layout.cast(DilateOperands)}
 _PATCH_BLOCKS = (1 << data.Layout.cast(PatchOperands)["blocks"].shape.width) - 1
+_WINDOW_FIELDS = ("kh", "kw", "stride_y", "stride_x", "pad_top", "pad_left")
+
+
+def _refuse(layer: QuantLayer, why: str):
+    raise UnsupportedLayerError(f"layer {layer.name!r} ({layer.kind.value}) cannot stream with "
+                                f"PASS: {why}")
 
 
 def untile(words_px: np.ndarray, h: int, w: int, patch_shape: tuple[int, int]) -> np.ndarray:
@@ -91,8 +98,9 @@ class _StreamLayer:
     out_w: int
     blocks: list  # per column block: list of resident_plan._Part
     params: np.ndarray
-    dilate: dict  # DILATE fields (src/dst filled in by the planner)
+    dilate: dict  # DILATE fields: the frame's change mask -> this layer's patch mask
     mask: int = 0  # first MASK bit of the output patch mask (a multiple of 64)
+    footprint: tuple = ()  # (y, x) Footprint: where its output pixels look in the frame
     chunk_rows: int = 0  # patch rows per chunk
     wgt_addr: list = field(default_factory=list)  # per block, per part
     param_addr: int = 0
@@ -131,16 +139,31 @@ class StreamPlan:
                 f"frame {self.frame_grid[0]}x{self.frame_grid[1]} patches")
 
 
-def _dilate_window(n_in: int, n_out: int, p: int, s: int, pad: int, k: int, d: int) -> tuple:
-    """The patch window along one axis: output patch ``b`` (pixels ``b*p .. b*p + p - 1``) reads
-    input pixels ``b*p*s - pad .. (b*p + p - 1)*s - pad + (k - 1)*d``, i.e. input patches
-    ``b*s - P .. b*s - P + K - 1``: ``(K, s, P)``."""
-    pad_patches = -(-pad // p)
-    last = ((p - 1) * s - pad + (k - 1) * d) // p
-    return last + pad_patches + 1, s, pad_patches
+@dataclass(frozen=True)
+class Footprint:
+    """Where a layer's output pixel ``o`` looks in the *frame*, along one axis: frame pixels
+    ``o*stride - pad .. o*stride - pad + extent`` (the receptive field through every layer so
+    far: strides multiply, pads and kernel extents add up scaled by the strides before them)."""
+    stride: int = 1
+    pad: int = 0
+    extent: int = 0
+
+    def then(self, s: int, pad: int, k: int, d: int) -> Footprint:
+        """The footprint after one more layer (stride ``s``, padding ``pad``, kernel ``k``,
+        dilation ``d``)."""
+        return Footprint(self.stride * s, self.pad + pad * self.stride,
+                         self.extent + (k - 1) * d * self.stride)
+
+    def window(self, p: int) -> tuple[int, int, int]:
+        """The frame-patch window of output patch ``b`` (pixels ``b*p .. b*p + p - 1``): frame
+        patches ``b*stride - P .. b*stride - P + K - 1``, ``(K, stride, P)`` -- exact, as
+        ``stride*p`` frame pixels are whole frame patches."""
+        pads = -(-self.pad // p)
+        return ((p - 1) * self.stride - self.pad + self.extent) // p + pads + 1, self.stride, pads
 
 
-def _stream_layer(layer: QuantLayer, x: TensorPlacement, config: AccelConfig) -> _StreamLayer:
+def _stream_layer(layer: QuantLayer, x: TensorPlacement, config: AccelConfig,
+                  foot: tuple[Footprint, Footprint], frame_grid: tuple[int, int]):
     cols, rows = config.cols, config.rows
     ph, pw = config.patch_shape
     if layer.kind != LayerKind.CONV2D:
@@ -154,20 +177,29 @@ def _stream_layer(layer: QuantLayer, x: TensorPlacement, config: AccelConfig) ->
     blocks = _conv_parts(layer, x, layer.weight, layer.groups, layer.kernel_size, layer.stride,
                          layer.dilation, layer.pads, layer.pad_value, cols, rows, k_max,
                          (out_h, out_w))
-    (kh, kw), (s, _), (d, _) = layer.kernel_size, layer.stride, layer.dilation
+    (kh, kw), (sy, sx), (dy, dx) = layer.kernel_size, layer.stride, layer.dilation
     top, _, left, _ = layer.pads
-    wy = _dilate_window(x.h, out_h, ph, s, top, kh, d)
-    wx = _dilate_window(x.w, out_w, pw, s, left, kw, d)
-    dil = dict(in_h=x.h // ph, in_w=x.w // pw, out_h=out_h // ph, out_w=out_w // pw,
-               kh=wy[0], stride_y=wy[1], pad_top=wy[2], kw=wx[0], stride_x=wx[1],
-               pad_left=wx[2])
-    for name in ("kh", "kw", "stride_y", "stride_x", "pad_top", "pad_left"):
+    fy, fx = foot[0].then(sy, top, kh, dy), foot[1].then(sx, left, kw, dx)
+    # The DILATE reads the frame's change mask with the layer's whole footprint (one patch
+    # quantization, however deep the layer) when DILATE's fields hold that window; otherwise
+    # the previous layer's patch mask with this layer's own window (each layer then adds up to
+    # a patch of slack; both are supersets of what changed, so both are exact).
+    grid = dict(out_h=out_h // ph, out_w=out_w // pw)
+    wy, wx = fy.window(ph), fx.window(pw)
+    dil = dict(grid, in_h=frame_grid[0], in_w=frame_grid[1], kh=wy[0], stride_y=wy[1],
+               pad_top=wy[2], kw=wx[0], stride_x=wx[1], pad_left=wx[2], src="frame")
+    if any(dil[n] > _DILATE[n] for n in _WINDOW_FIELDS):
+        wy = Footprint().then(sy, top, kh, dy).window(ph)
+        wx = Footprint().then(sx, left, kw, dx).window(pw)
+        dil = dict(grid, in_h=x.h // ph, in_w=x.w // pw, kh=wy[0], stride_y=wy[1],
+                   pad_top=wy[2], kw=wx[0], stride_x=wx[1], pad_left=wx[2], src="previous")
+    for name in _WINDOW_FIELDS:
         if dil[name] > _DILATE[name]:
             _refuse(layer, f"its receptive field needs DILATE.{name}={dil[name]} (max "
                            f"{_DILATE[name]})")
     requant = {f: getattr(layer.requant, f) for f in layer.requant.FIELDS}
     params = channel_params_words(requant, out_c, len(blocks) * cols, cols)
-    return _StreamLayer(layer, x.name, layer.name, out_h, out_w, blocks, params, dil)
+    return _StreamLayer(layer, x.name, layer.name, out_h, out_w, blocks, params, dil), (fy, fx)
 
 
 def plan_stream(qmodel: QuantModel, config: AccelConfig) -> StreamPlan:
@@ -204,11 +236,15 @@ def plan_stream(qmodel: QuantModel, config: AccelConfig) -> StreamPlan:
 
     frame = tensor(INPUT, c, h, w, pack)
     ref = tensor("reference", c, h, w, pack)
-    layers, x = [], ref
+    if h % ph or w % pw:
+        raise UnsupportedLayerError(f"a {h}x{w} frame is not whole {ph}x{pw} patches")
+    frame_grid = (h // ph, w // pw)
+    layers, x, foot = [], ref, (Footprint(), Footprint())
     for layer in qmodel.layers:
         if layer.inputs != ((INPUT,) if not layers else (layers[-1].out,)):
             _refuse(layer, "the streaming compile runs a chain (each layer reads the previous one)")
-        sl = _stream_layer(layer, x, config)
+        sl, foot = _stream_layer(layer, x, config, foot, frame_grid)
+        sl.footprint = foot
         layers.append(sl)
         x = tensor(layer.name, *layer.output_shape)
     if qmodel.output != layers[-1].out:
@@ -221,24 +257,24 @@ def plan_stream(qmodel: QuantModel, config: AccelConfig) -> StreamPlan:
         raise CapacityError(f"OUT: the stream keeps {addr * wb} bytes across frames (frame, "
                             f"reference, {len(layers)} layer outputs), OUT has {depth * wb}: "
                             f"{(addr - depth) * wb} bytes short")
-    # MASK: the frame's change mask at 0, the layers' patch masks alternating between two
-    # regions (a DILATE reads the previous mask and writes the next)
-    frame_grid = (h // ph, w // pw)
-    regions = [0, -(-frame_grid[0] * frame_grid[1] // MASK_WORD_BITS) * MASK_WORD_BITS]
-    src = 0
+    # MASK: the frame's change mask at 0, kept through the frame; the layers' patch masks in
+    # two regions after it, alternating (so that a layer's DILATE need not wait for the
+    # previous layer's last gated REQUANT)
+    def words(bits):
+        return -(-bits // MASK_WORD_BITS) * MASK_WORD_BITS
+
+    biggest = max(words(sl.grid[0] * sl.grid[1]) for sl in layers)
+    regions = [words(frame_grid[0] * frame_grid[1])]
+    regions.append(regions[0] + biggest)
+    need = regions[0] + biggest * min(2, len(layers))
+    if need > config.mask_bits:
+        raise CapacityError(f"MASK: the frame's {frame_grid[0]}x{frame_grid[1]} change mask and "
+                            f"two layer masks of up to {biggest} bits need {need} bits, MASK has "
+                            f"{config.mask_bits} ({need - config.mask_bits} short)")
     for i, sl in enumerate(layers):
-        sl.mask = regions[(i + 1) % 2]
+        sl.mask = regions[i % 2]
+        src = 0 if sl.dilate["src"] == "frame" else layers[i - 1].mask
         sl.dilate.update(src=src, dst=sl.mask)
-        src = sl.mask
-        end = sl.mask + sl.grid[0] * sl.grid[1]
-        limit = regions[1] if sl.mask == 0 else config.mask_bits
-        if end > limit:
-            raise CapacityError(f"MASK: layer {sl.layer.name!r}'s {sl.grid[0]}x{sl.grid[1]} patch "
-                                f"mask needs bits {sl.mask}..{end - 1}, MASK has "
-                                f"{config.mask_bits} bits ({end - limit} short)")
-    if regions[1] > config.mask_bits:
-        raise CapacityError(f"MASK: the frame's {frame_grid[0]}x{frame_grid[1]} change mask needs "
-                            f"{frame_grid[0] * frame_grid[1]} bits, MASK has {config.mask_bits}")
     # weights and parameters resident
     wgt, param = 0, 0
     for sl in layers:
