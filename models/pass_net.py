@@ -39,13 +39,13 @@ __all__ = ["PassSegNet", "train", "predict", "NAME", "DEFAULT_EPOCHS", "INPUT_SH
            "FG_WEIGHT", "VAL_SEEDS", "TRAIN_CLIPS", "FRAMES_PER_CLIP"]
 
 NAME = "pass-segnet"
-DEFAULT_EPOCHS = 12
+DEFAULT_EPOCHS = 20
 #: The default scene's frame: 1 x 64 x 96.
 INPUT_SHAPE = (1, 64, 96)
 #: Weight of the digit class in the cross-entropy (background 1).
 FG_WEIGHT = 3.0
 #: Training data: clips x frames each (seeds video.TRAIN_SEED_BASE ...).
-TRAIN_CLIPS, FRAMES_PER_CLIP = 192, 8
+TRAIN_CLIPS, FRAMES_PER_CLIP = 256, 8
 #: Validation scenes: test seeds other than the default scene's, the default scene's settings.
 VAL_SEEDS = range(1, 5)
 

@@ -55,7 +55,8 @@ from tinyaccel.errors import DTypeError, ShapeError, TinyAccelError
 
 __all__ = ["Clip", "make_clip", "downsample_mask", "iou", "miou", "load_video", "sample_gif",
            "training_set", "training_frames", "VideoFileError", "BACKGROUNDS", "TEST_SEEDS",
-           "TRAIN_SEED_BASE", "INK", "INK_LEVEL", "BG_LOW", "BG_HIGH", "FACTOR", "GIF_PATH"]
+           "TRAIN_SEED_BASE", "VIDEO_SUFFIXES", "INK", "INK_LEVEL", "BG_LOW", "BG_HIGH", "FACTOR",
+           "GIF_PATH"]
 
 #: Photos of ``skimage.data`` (grayscale, shipped in the wheel) a scene can stand on.
 BACKGROUNDS = ("camera", "coins", "moon", "text", "page", "brick", "grass", "gravel")
@@ -340,20 +341,41 @@ def _gray(frame: np.ndarray, where: str) -> np.ndarray:
     return f
 
 
+#: File suffixes read with PyAV (video containers); everything else is read with Pillow first.
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ogv",
+                  ".flv", ".wmv", ".ts")
+
+
 def _frames_of(path: Path):
-    """Yield the decoded frames of a file, or of the image files in a folder (sorted by name)."""
+    """Yield the decoded frames of a file, or of the image files in a folder (sorted by name).
+
+    The plugin is chosen by the suffix (PyAV for video containers, Pillow for images), the other
+    tried second: imageio's fallback would probe its deprecated legacy plugins, which warn and
+    leave files open."""
     import imageio.v3 as iio
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     if not files:
         raise VideoFileError(f"{path}: an empty folder, no frames")
     for f in files:
-        try:
-            for frame in iio.imiter(f):
-                yield f, frame
-        except (OSError, ValueError, RuntimeError) as exc:
-            if isinstance(exc, TinyAccelError):
+        plugins = ("pyav", "pillow") if f.suffix.lower() in VIDEO_SUFFIXES else ("pillow", "pyav")
+        failures = []
+        for plugin in plugins:
+            try:
+                with iio.imopen(f, "r", plugin=plugin) as reader:
+                    # a reader that opens the file but decodes no frame is a failure too
+                    got = False
+                    for frame in reader.iter():
+                        got = True
+                        yield f, frame
+                    if got:
+                        break
+                    failures.append(f"{plugin}: no frames")
+            except TinyAccelError:
                 raise
-            raise VideoFileError(f"{f}: no reader of imageio understands it ({exc})") from exc
+            except Exception as exc:  # noqa: BLE001 - every decoder failure means "unreadable"
+                failures.append(f"{plugin}: {type(exc).__name__}: {exc}".split("\n")[0])
+        else:
+            raise VideoFileError(f"{f}: no reader understands it ({'; '.join(failures)})")
 
 
 def load_video(path: str | os.PathLike, size: tuple[int, int] | None = None,
