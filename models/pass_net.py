@@ -18,7 +18,8 @@ Training (:func:`train`, the zoo's trainer for ``pass-segnet``): frames of rando
 of :mod:`tinyaccel.models.video` (:func:`~tinyaccel.models.video.training_set`: seeds from
 ``TRAIN_SEED_BASE`` on, train digits, every background photo, 1-4 digits of 10-31 pixels, noise
 0.5-4 grey levels), targets the clips' masks at 1/4 resolution; Adam with a cosine learning rate,
-cross-entropy with the digit class weighted by :data:`FG_WEIGHT` (digits are ~5 % of the cells),
+cross-entropy with the digit class weighted by :data:`FG_WEIGHT` (digits are ~5 % of the cells;
+2 chosen over 3 on the validation scenes: IoU 0.817 against 0.814),
 seeded and single-threaded, so one seed gives the same weights bit for bit. Reported: the
 foreground IoU on validation scenes (test seeds :data:`VAL_SEEDS`, the default scene's settings)
 and on the default scene (seed 0, never used for any choice).
@@ -35,7 +36,7 @@ from torch import nn
 from . import video
 from .data import single_thread
 
-__all__ = ["PassSegNet", "train", "predict", "NAME", "DEFAULT_EPOCHS", "INPUT_SHAPE",
+__all__ = ["PassSegNet", "train", "predict", "evaluate", "NAME", "DEFAULT_EPOCHS", "INPUT_SHAPE",
            "FG_WEIGHT", "VAL_SEEDS", "TRAIN_CLIPS", "FRAMES_PER_CLIP"]
 
 NAME = "pass-segnet"
@@ -43,7 +44,7 @@ DEFAULT_EPOCHS = 20
 #: The default scene's frame: 1 x 64 x 96.
 INPUT_SHAPE = (1, 64, 96)
 #: Weight of the digit class in the cross-entropy (background 1).
-FG_WEIGHT = 3.0
+FG_WEIGHT = 2.0
 #: Training data: clips x frames each (seeds video.TRAIN_SEED_BASE ...).
 TRAIN_CLIPS, FRAMES_PER_CLIP = 256, 8
 #: Validation scenes: test seeds other than the default scene's, the default scene's settings.
@@ -140,3 +141,26 @@ def train(model: nn.Module, epochs: int = DEFAULT_EPOCHS, seed: int = 0, lr: flo
         }
     metrics["seconds"] = time.perf_counter() - start
     return metrics
+
+
+def evaluate(model: nn.Module, seed: int = 0, backend: str | None = "golden",
+             config: str = "ecp5", calibration: int = 64) -> dict:
+    """Foreground IoU of ``model`` on the scene ``make_clip(seed=seed)``: FP32 and, with a
+    ``backend``, INT8 after the existing PTQ (``tinyaccel.compile``, calibrated on
+    ``calibration`` training frames, never the scene's) with every layer on that backend.
+    -> ``{"iou_fp32", "miou_fp32", "iou_int8", "miou_int8", "int8_seconds"}``."""
+    clip = video.make_clip(seed=seed)
+    truth = clip.truth()
+    pred = predict(model, clip.frames)
+    out = {"iou_fp32": video.iou(pred, truth), "miou_fp32": video.miou(pred, truth)}
+    if backend is not None:
+        import tinyaccel
+        start = time.perf_counter()
+        _, h, w = clip.frames.shape
+        calib = torch.from_numpy(video.training_frames(calibration, h, w)[:, None])
+        accel = tinyaccel.compile(model, calib, backend=backend, config=config, batch_size=24)
+        logits = accel(clip.frames[:, None]).numpy()
+        pred8 = logits[:, 1] > logits[:, 0]
+        out.update(iou_int8=video.iou(pred8, truth), miou_int8=video.miou(pred8, truth),
+                   int8_seconds=time.perf_counter() - start)
+    return out
