@@ -23,6 +23,10 @@ cross-entropy with the digit class weighted by :data:`FG_WEIGHT` (digits are ~5 
 seeded and single-threaded, so one seed gives the same weights bit for bit. Reported: the
 foreground IoU on validation scenes (test seeds :data:`VAL_SEEDS`, the default scene's settings)
 and on the default scene (seed 0, never used for any choice).
+
+Measured (seed 0, 20 epochs on 2,048 frames, about a minute on one thread): validation IoU 0.817,
+default scene 0.884 in FP32 and 0.883 in INT8 (the existing PTQ calibrated on 64 training frames,
+every layer on the golden model, ecp5; :func:`evaluate`).
 """
 
 from __future__ import annotations

@@ -37,9 +37,24 @@ IoU.
 
 **Seeds.** One seed gives the same clip bit for bit. Test scenes use seeds 0..999
 (:data:`TEST_SEEDS`; the default scene is seed 0) and the digits of the *test* part of the split;
-training clips (:func:`training_set`, :func:`training_frames`) use seeds from
-:data:`TRAIN_SEED_BASE` on and the digits of the *train* part, so a model trained here has never
-seen the test scene's crop, noise or digit images.
+every seed from :data:`TRAIN_SEED_BASE` on makes a training scene from the digits of the *train*
+part, so a model trained on those has never seen a test scene's crop, noise or digit images:
+
+==========================  ============================================================
+seeds                       used by
+==========================  ============================================================
+0                           the default scene (``tinyaccel video``, reported figures)
+1 .. 4                      ``pass_net.VAL_SEEDS``: validation scenes (model choices)
+1000 + 10000 s ..           ``pass_net.train`` with seed ``s`` (256 clips: 1000..1255)
+5000 .. 5011                ``pass_gate.TRAIN_SEEDS``: the learned host gate
+901000 ..                   :func:`training_frames` (PTQ calibration batches)
+==========================  ============================================================
+
+**Files.** :func:`load_video` reads what imageio reads without extras -- GIF, PNG, TIFF, JPEG...
+through Pillow -- and video containers (MP4, AVI, MKV, MOV, WebM...) through PyAV (the pinned
+``av`` wheel, FFmpeg inside), or a folder of image files as frames. :func:`sample_gif` is the only
+multi-frame sample scikit-image ships in its wheel: ``no_time_for_that_tiny.gif``, 24 RGB frames of
+14 x 25 pixels (a moving figure), returned upscaled to 64 x 112.
 """
 
 from __future__ import annotations
