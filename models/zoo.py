@@ -10,7 +10,9 @@ The MLPerf Tiny reference models (:mod:`tinyaccel.models.mlperf_tiny`: ``ic-resn
 ``kws-dscnn``, ``vww-mobilenet``, ``ad-autoencoder``) are registered with ``weights="random"``:
 their datasets cannot be downloaded here, so "training" them gives seeded random weights with
 BatchNorm calibrated on seeded random inputs, and no accuracy is claimed.
-:data:`DIGITS_MODELS` names the models trained on the digits split.
+:data:`DIGITS_MODELS` names the models trained on the digits split. ``pass-segnet``
+(:mod:`tinyaccel.models.pass_net`, ``weights="video"``) segments the moving digits of the offline
+video clips (:mod:`tinyaccel.models.video`) and brings its own trainer (``ModelSpec.trainer``).
 
 Weights live in a cache directory, produced by a command and never committed::
 
@@ -34,6 +36,7 @@ import inspect
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +46,7 @@ from torch import nn
 
 from tinyaccel.errors import ShapeError, TinyAccelError
 
-from . import data, digits, mlperf_tiny, mobilenet_block
+from . import data, digits, mlperf_tiny, mobilenet_block, pass_net, video
 
 __all__ = ["ModelSpec", "MODELS", "DIGITS_MODELS", "get", "build", "train_fp32", "recipe",
            "cache_dir", "cache_path", "save", "load", "load_or_train", "ensure_trained"]
@@ -62,8 +65,14 @@ class ModelSpec:
     description: str
     lr: float = 1e-2
     #: ``"digits"``: trained on the digits split; ``"random"``: no dataset here, seeded random
-    #: weights with BatchNorm calibrated on seeded random inputs (no accuracy is claimed)
+    #: weights with BatchNorm calibrated on seeded random inputs (no accuracy is claimed);
+    #: ``"video"``: trained on the offline video clips by its ``trainer``
     weights: str = "digits"
+    #: the model's own training loop, ``trainer(model, epochs, seed) -> metrics`` (None: the
+    #: digits classifier loop); its module is part of the :func:`recipe`
+    trainer: Callable[[nn.Module, int, int], dict] | None = None
+    #: further modules whose source the weights depend on (the trainer's data), for the recipe
+    recipe_modules: tuple = ()
 
     def build(self, seed: int = 0) -> nn.Module:
         """A freshly initialized model, its weights drawn from ``seed``."""
@@ -85,6 +94,8 @@ class ModelSpec:
                            "seconds": time.perf_counter() - start}
         model = self.build(seed)
         epochs = self.default_epochs if epochs is None else epochs
+        if self.trainer is not None:
+            return model, self.trainer(model, epochs, seed)
         metrics = data.fit_classifier(model, data.load_digits_split(), epochs=epochs, seed=seed,
                                       lr=self.lr)
         return model, metrics
@@ -118,6 +129,11 @@ MODELS: dict[str, ModelSpec] = {
         "ad-autoencoder", mlperf_tiny.FCAutoencoder, 0, (640,),
         "MLPerf Tiny anomaly detection FC autoencoder (640 features; random weights)",
         weights="random"),
+    pass_net.NAME: ModelSpec(
+        pass_net.NAME, pass_net.PassSegNet, pass_net.DEFAULT_EPOCHS, pass_net.INPUT_SHAPE,
+        "PASS perception: 4 conv (2 stride-2) + 1x1 head, digit segmentation at 1/4 resolution "
+        "(video frames 96x64)", weights="video", trainer=pass_net.train,
+        recipe_modules=(pass_net, video)),
 }
 
 #: The models trained on the digits split (the others have seeded random weights).
@@ -145,11 +161,16 @@ def train_fp32(name: str, epochs: int | None = None, seed: int = 0) -> tuple[nn.
 
 
 def recipe(name: str) -> str:
-    """A hash of the code that trains model ``name`` (its module, the data split and the loop)."""
+    """A hash of the code that trains model ``name`` (its module, the data split and the loop,
+    its trainer's module and its ``recipe_modules``)."""
     spec = get(name)
     module = inspect.getmodule(spec.module_class)
     digest = hashlib.sha256()
-    for source in (module, data):
+    extra = tuple(m for m in spec.recipe_modules if m is not module)
+    if spec.trainer is not None:
+        trainer_module = inspect.getmodule(spec.trainer)
+        extra += (trainer_module,) if trainer_module not in (module, *extra) else ()
+    for source in (module, data, *extra):
         digest.update(inspect.getsource(source).encode())
     digest.update(torch.__version__.encode())
     return digest.hexdigest()[:16]

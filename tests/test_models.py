@@ -145,7 +145,7 @@ def test_unknown_model_is_named():
         zoo.build("resnet50")
 
 
-@pytest.mark.parametrize("name", [n for n in zoo.MODELS if n not in zoo.DIGITS_MODELS])
+@pytest.mark.parametrize("name", [n for n, s in zoo.MODELS.items() if s.weights == "random"])
 def test_random_weight_models_are_seeded_and_batchnorm_calibrated(name):
     """The MLPerf Tiny entries: no training; seeded weights, BatchNorm statistics equal to the
     batch statistics of the seeded calibration inputs (measured here with hooks)."""
