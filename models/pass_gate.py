@@ -7,8 +7,9 @@ looks at the whole patch instead -- four statistics of ``d = new - reference`` (
 ``max |d|``, ``mean |d|``, the fraction of pixels with ``|d| > 4`` and ``|mean d|`` -- and a
 logistic regression trained on clips of the offline video data (:mod:`tinyaccel.models.video`,
 training seeds only) to tell real motion (the noiseless frame changed inside the patch) from
-sensor noise. Its cut-off is set for a recall of :data:`RECALL` on the training patches: missing
-a real change costs accuracy, a false alarm only cycles.
+sensor noise. Its cut-off is set for a recall of :data:`RECALL` on the training patches whose
+noiseless content moved by more than :data:`VISIBLE` grey levels: missing a real change costs
+accuracy, a false alarm only cycles.
 
 The host then sends the mask (``LOAD MASK``) and the device copies the marked patches over the
 reference (``PATCH given``): :class:`~tinyaccel.sw.pass_stream.PassStream` with ``gate="host"``.
@@ -22,10 +23,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LearnedGate", "patch_features", "train_gate", "RECALL", "TRAIN_SEEDS"]
+__all__ = ["LearnedGate", "patch_features", "train_gate", "RECALL", "TRAIN_SEEDS", "VISIBLE"]
 
 #: Recall on real changes the cut-off is chosen for.
 RECALL = 0.99
+#: A real change: the noiseless frame moved by more than this many grey levels somewhere in the
+#: patch (sub-pixel motion also makes changes of one or two levels at a stroke's soft edge,
+#: which no gate can tell from the sensor noise; asking for those fires on every patch).
+VISIBLE = 8
 #: Clip seeds the gate trains on (the video data's training range; the test scene is seed 0).
 TRAIN_SEEDS = range(5000, 5012)
 _FEATURES = ("max|d|", "mean|d|", "frac|d|>4", "|mean d|")

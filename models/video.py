@@ -9,7 +9,7 @@ Everything here works offline: the backgrounds are real photographs shipped insi
     from tinyaccel.models import video
     clip = video.make_clip(seed=0)          # the default scene: 72 frames 96x64, 2 digits
     clip.frames, clip.masks                 # float32 (T, H, W) in [0, 1], bool (T, H, W)
-    truth = video.downsample_mask(clip.masks)          # (T, H/4, W/4): the task's ground truth
+    truth = video.downsample_mask(clip.masks)          # (T, H/2, W/2): the task's ground truth
     video.iou(prediction, truth), video.miou(prediction, truth)
     x = video.load_video("street.mp4", size=(64, 96), frames=100)   # any file imageio reads
     x = video.sample_gif()                  # scikit-image's real 24-frame GIF (no ground truth)
@@ -28,12 +28,12 @@ std ``noise`` grey levels (of 255), on every pixel of every frame, clips to [0, 
 to 1/255 (what an 8-bit camera gives). Background and ink are kept far enough from 0 and 1
 (:data:`BG_LOW`, :data:`INK`) that the clip almost never bites: the noise reaches every pixel.
 
-**The task and its metric.** Binary segmentation of the moving digits at 1/4 resolution.
+**The task and its metric.** Binary segmentation of the moving digits at 1/2 resolution.
 A pixel is *digit* when its alpha is at least :data:`INK_LEVEL` (``Clip.masks``);
-:func:`downsample_mask` makes a 4 x 4 cell foreground when at least half of its 16 pixels are
-digit. :func:`iou` is the foreground IoU over a whole clip (intersections and unions summed over
-every cell of every frame, then divided), :func:`miou` the mean of the background and foreground
-IoU.
+:func:`downsample_mask` makes a 2 x 2 cell (:data:`FACTOR`) foreground when at least half of its
+pixels are digit. :func:`iou` is the foreground IoU over a whole clip (intersections and unions
+summed over every cell of every frame, then divided), :func:`miou` the mean of the background
+and foreground IoU.
 
 **Seeds.** One seed gives the same clip bit for bit. Test scenes use seeds 0..999
 (:data:`TEST_SEEDS`; the default scene is seed 0) and the digits of the *test* part of the split;
@@ -83,7 +83,7 @@ BG_LOW, BG_HIGH = 0.06, 0.60
 #: The ink's grey level (alpha 1), and the alpha from which a pixel counts as digit.
 INK, INK_LEVEL = 0.94, 0.5
 #: The task's resolution: segmentation on FACTOR x FACTOR cells.
-FACTOR = 4
+FACTOR = 2
 #: scikit-image's real multi-frame sample: 24 RGB frames of 14 x 25 pixels (a GIF).
 GIF_PATH = "data/no_time_for_that_tiny.gif"
 

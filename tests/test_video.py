@@ -35,7 +35,7 @@ def test_same_seed_same_clip_bit_for_bit():
     x1, y1 = video.training_set(clips=2, frames_per_clip=2, seed=video.TRAIN_SEED_BASE + 3)
     x2, y2 = video.training_set(clips=2, frames_per_clip=2, seed=video.TRAIN_SEED_BASE + 3)
     assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
-    assert x1.shape == (4, 64, 96) and y1.shape == (4, 16, 24)
+    assert x1.shape == (4, 64, 96) and y1.shape == (4, 64 // video.FACTOR, 96 // video.FACTOR)
 
 
 def test_default_scene_is_honest(default_clip):
@@ -133,11 +133,13 @@ def test_downsample_mask_by_hand():
     m[0, 4:8] = True
     m[1, 4:7] = True  # right cell: 4 + 3 = 7 of 16 pixels -> background
     assert m[:, :4].sum() == 8 and m[:, 4:].sum() == 7
-    assert video.downsample_mask(m).tolist() == [[True, False]]
+    assert video.downsample_mask(m, 4).tolist() == [[True, False]]
     stack = np.stack([m, ~m])
-    assert video.downsample_mask(stack).tolist() == [[[True, False]], [[True, True]]]
+    assert video.downsample_mask(stack, 4).tolist() == [[[True, False]], [[True, True]]]
     with pytest.raises(ShapeError, match="4x6"):
-        video.downsample_mask(np.zeros((4, 6), bool))
+        video.downsample_mask(np.zeros((4, 6), bool), 4)
+    two = np.array([[1, 1, 1, 0], [0, 0, 0, 0]], bool)  # 2x2 cells: 2 of 4 -> yes, 1 of 4 -> no
+    assert video.downsample_mask(two, 2).tolist() == [[True, False]]
 
 
 def test_iou_and_miou_by_hand():
@@ -250,9 +252,8 @@ def test_model_shapes_fit_the_patches():
         mod.register_forward_hook(keep(name))
     with torch.no_grad():
         out = model(torch.zeros(2, 1, 64, 96))
-    assert tuple(out.shape) == (2, 2, 16, 24)
-    expect = {"c1": (8, 32, 48), "c2": (8, 32, 48), "c3": (16, 16, 24), "c4": (16, 16, 24),
-              "head": (2, 16, 24)}
+    assert tuple(out.shape) == (2, 2, 32, 48)
+    expect = {"c1": (16, 32, 48), "c2": (16, 32, 48), "c3": (16, 32, 48), "head": (2, 32, 48)}
     for name, shape in expect.items():
         assert tuple(shapes[name][1:]) == shape, name
         assert shape[1] % 4 == 0 and shape[2] % 4 == 0
