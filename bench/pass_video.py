@@ -354,7 +354,7 @@ def _write_outputs(out_dir: Path, m: dict, x, out, hist, plan, qmodel, gt, curve
         else:
             axes[1].set_title("dense (first frame)", fontsize=8)
         axes[2].imshow(_prediction(qmodel, out[t]), cmap="magma")
-        axes[2].set_title("prediction (digit mask, 1/4 res)", fontsize=8)
+        axes[2].set_title("prediction (digit mask, 1/2 res)", fontsize=8)
         return []
 
     anim = FuncAnimation(fig, draw, frames=len(x))
