@@ -15,7 +15,8 @@ call. Per frame::
               field (through every layer so far) holds a changed frame patch (an OR window in
               the mask domain: one patch quantization, not one per layer)
       per chunk of patch rows: IM2COL (tiled, gated) -> GEMM (gated) -> REQUANT (gated)
-    STORE the output tensor; SYNC counters
+    STORE the last layer's patch mask; SYNC counters
+    (second program) STORE the output patches that were recomputed; the host keeps the rest
 
 A skipped patch keeps its previous output, which is exactly what dense compute would give: its
 inputs did not change. So every frame's output equals dense compute on the *reference frame*,
@@ -401,6 +402,7 @@ class PassStream:
         self._ready = False
         self._shape: tuple[int, ...] | None = None
         self._ref_codes: np.ndarray | None = None  # host copy of the reference (host gate)
+        self._out_words: np.ndarray | None = None  # host copy of the output tensor
 
     # -- programs
     def setup(self) -> None:
@@ -412,6 +414,7 @@ class PassStream:
         """Forget the reference: the next frame is computed densely."""
         self.frames = 0
         self._ref_codes = None
+        self._out_words = None
 
     def frame_program(self, codes: np.ndarray, tile_mask: np.ndarray | None = None,
                       dense: bool = False) -> Program:
@@ -439,19 +442,36 @@ class PassStream:
                            self.threshold, mask_idx=b0, given=tile_mask is not None)
             self._observe(prog, 0, n)
         state = {"acc": 1, "inp": 1}
-        for sl in plan.layers:
+        for i, sl in enumerate(plan.layers):
+            last = i == len(plan.layers) - 1
             if not dense:
                 prog.dilate(**sl.dilate)
-                self._observe(prog, sl.mask, sl.grid[0] * sl.grid[1])
+                self._observe(prog, sl.mask, sl.grid[0] * sl.grid[1], needed=last)
             _layer_program(prog, plan, sl, not dense, state)
-        t_out = plan.tensors[plan.output]
-        prog.store(Buffer.OUT, t_out.base, t_out.words)
+        if dense:
+            t_out = plan.tensors[plan.output]
+            prog.store(Buffer.OUT, t_out.base, t_out.words)
         return prog.sync(counters=True, clear=True)
 
-    def _observe(self, prog: Program, first: int, n: int) -> None:
+    def readback_program(self, patches: np.ndarray) -> Program:
+        """The second program of a PASS frame: STORE the output patches that were recomputed
+        (``patches``: bool per output patch), one STORE per run of consecutive ones; the host
+        keeps the others from the frames before."""
+        plan, cfg = self.plan, self.plan.config
+        t = plan.tensors[plan.output]
+        per_patch = cfg.rows * t.pitch
+        prog = Program(cfg)
+        bits = np.concatenate([[False], np.asarray(patches, bool).ravel(), [False]])
+        edges = np.flatnonzero(np.diff(bits.astype(np.int8)))
+        for start, stop in zip(edges[::2], edges[1::2], strict=True):
+            prog.store(Buffer.OUT, int(t.base + start * per_patch), int((stop - start) * per_patch))
+        return prog.sync(counters=True, clear=True)
+
+    def _observe(self, prog: Program, first: int, n: int, needed: bool = False) -> None:
         """STORE the MASK words of bits ``first .. first + n - 1`` (what a layer recomputes):
-        for the figures only; :class:`FrameStats` counts their bytes apart."""
-        if self.observe:
+        for the figures (their bytes counted apart in :class:`FrameStats`), and for the last
+        layer always (``needed``: the host reads back the output patches it marks)."""
+        if self.observe or needed:
             w0, w1 = first // MASK_WORD_BITS, -(-(first + n) // MASK_WORD_BITS)
             prog.store(Buffer.MASK, w0, w1 - w0)
 
@@ -501,15 +521,32 @@ class PassStream:
         prog = self.frame_program(codes, tile_mask, dense)
         before = self.link.link_bytes
         responses = self.device.run(prog)
-        counters = responses[-1].counters
+        counters = dict(responses[-1].counters)
         t_out = plan.tensors[plan.output]
-        out_words = responses[-2]
         observed, observe_bytes = [], 0
         for instr, resp in zip(prog.instructions, responses, strict=True):
             if instr.opcode == Opcode.STORE and instr.fields["buf"] == Buffer.MASK:
                 f = instr.fields
                 observed.append(np.asarray(resp).ravel())
                 observe_bytes += 16 + f["count"] * cfg.word_bytes(Buffer.MASK)
+        last = plan.layers[-1]
+        if dense:
+            self._out_words = np.asarray(responses[-2]).copy()
+        else:
+            # the output patches recomputed come back; the host keeps the rest
+            observe_bytes -= 16 + len(observed[-1]) // MASK_WORD_BITS * cfg.word_bytes(Buffer.MASK)
+            live = observed[-1][last.mask % MASK_WORD_BITS:][:last.grid[0] * last.grid[1]]
+            back = self.readback_program(live)
+            got = self.device.run(back)
+            for key in (Counter.CYCLES, Counter.MACS_ISSUED, Counter.MACS_SKIPPED):
+                counters[key] += got[-1].counters[key]
+            if self._out_words is None:
+                self._out_words = np.zeros((t_out.words, cfg.cols), np.int8)
+            for instr, words in zip(back.instructions, got, strict=True):
+                if instr.opcode == Opcode.STORE:
+                    at = instr.fields["addr"] - t_out.base
+                    self._out_words[at:at + instr.fields["count"]] = words
+        out_words = self._out_words
         sizes = [sl.grid[0] * sl.grid[1] for sl in plan.layers]
         masks, tiles = [], None
         if dense or not self.observe:
