@@ -245,7 +245,8 @@ def broken_im2col(config: AccelConfig | str, rng) -> dict:
     kind = str(rng.choice(_IM2COL_BREAKS))
     if kind == "pixel":
         if f["pack"] and rng.random() < 0.5:
-            f["channels"] = int(rng.integers((config.cols >> f["pack"]) + 1, 1024))
+            f["channels"] = int(rng.integers((config.cols >> f["pack"]) + 1,
+                                             _field(Opcode.IM2COL, "channels").mask + 1))
         else:
             f["pack"], f["pitch"] = 0, 1
             f["channels"] = config.cols + int(rng.integers(1, config.cols + 1))
