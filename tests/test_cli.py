@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import click
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -37,7 +38,7 @@ COMMANDS = sorted(_commands(main))
 
 def test_one_cli_holds_every_tool():
     top = {path[0] for path in COMMANDS}
-    assert {"regress", "build", "zoo", "bench", "infer", "train", "spec"} <= top
+    assert {"regress", "build", "zoo", "bench", "infer", "train", "spec", "video"} <= top
     assert ("zoo", "list") in COMMANDS and ("zoo", "train") in COMMANDS
 
 
@@ -271,3 +272,30 @@ def test_build_passes_its_options_and_reports_the_result(monkeypatch, tmp_path):
     assert unfit.exit_code == 1
     assert "fits        False" in unfit.stdout and "dsp_used    256" in unfit.stdout
     assert "error: BuildError: the design does not fit" in unfit.stderr
+
+
+def test_video_writes_its_json_plots_and_animation(tmp_path):
+    """`tinyaccel video` end to end on the golden model (a short clip; the model trains once
+    into the cache when it is not there): the files, the checks it reports, and the figures it
+    prints equal those it writes."""
+    out, folder = tmp_path / "video.json", tmp_path / "video"
+    result = _invoke("video", "--frames", "4", "--sweep", "--json", str(out), "--out",
+                     str(folder))
+    assert result.exit_code == 0, result.output
+    m = json.loads(out.read_text())
+    assert m["threshold0_identical"] is True and m["frames"] == 4
+    assert (folder / "pass.gif").stat().st_size > 0 and (folder / "frames.png").exists()
+    assert (folder / "tradeoff.png").exists() and len(m["sweep"]) > 3
+    assert f"speedup macs: {m['speedup_macs']:.2f}x" in result.output
+    assert m["task_metric_dense"] > 0.5  # the model segments the digits at all
+
+
+def test_video_names_a_clip_too_short(tmp_path):
+    import imageio.v3 as iio
+    clip = tmp_path / "two.gif"
+    frames = np.zeros((2, 48, 64), np.uint8)
+    frames[1] = 200  # (two equal frames would be one in a GIF)
+    iio.imwrite(clip, frames)
+    result = _invoke("video", "--input", str(clip))
+    assert result.exit_code == 1
+    assert "ShapeError" in result.output and "2 frames" in result.output
