@@ -58,7 +58,6 @@ UNIT_ACCESSES = {
 }
 
 
-
 def _overlap(a, b) -> Value:
     return (a.lo < b.hi) & (b.lo < a.hi)
 
