@@ -421,3 +421,39 @@ def test_serial_decoder_has_no_pass_unit():
     with pytest.raises(ConfigError, match="DecoderSerial has no PASS checks"):
         DecoderSerial(small_config(impl=FULL), access=False)
     DecoderSerial(small_config(), access=False)  # compact: fine
+
+
+#: DecoderParallel's documented worst cases (its `_checks` docstring), in cycles from the last
+#: beat to the offer.
+PASS_DECODE_BOUND = {Opcode.DILATE: 11, Opcode.PATCH: 11, Opcode.IM2COL: 25}
+
+
+@pytest.mark.parametrize("name", ["ecp5", "sim"])
+def test_decoder_pass_cycles(name):
+    """DecoderParallel's decode time of the PASS instructions at their widest fields (every
+    multiplier bit set: the most shift-and-add iterations), within the documented bounds; the
+    verdicts those of the golden model."""
+    cfg = CONFIGS[name]()
+    ph, pw = cfg.patch_shape
+    dilate = dict(src=0, dst=0, in_h=255, in_w=255, out_h=255, out_w=255, kh=7, kw=7,
+                  stride_y=3, stride_x=3, pad_top=3, pad_left=3, merge=1)
+    patch = dict(new_addr=0, ref_addr=0, k=65535, blocks=255, threshold=255, mask_idx=0,
+                 merge=1, given=1)
+    im2col = dict(src=0, dst=0, pitch=63, channels=1023, in_h=255 // ph * ph,
+                  in_w=255 // pw * pw, kh=15, kw=15, stride=7, dilation=7, pad_top=7,
+                  pad_left=7, pad_value=0, oy0=255 // ph * ph, out_w=255 // pw * pw,
+                  m_blocks=255, pack=0, pool=0, tiled=1, gate=1, mask_word=63)
+    legal_im2col = dict(im2col, pitch=1, channels=2, in_h=2 * ph, in_w=2 * pw, kh=3, kw=3,
+                        stride=1, dilation=1, pad_top=1, pad_left=1, oy0=ph, out_w=2 * pw,
+                        m_blocks=1, mask_word=0)
+    cases = [(Opcode.DILATE, dilate), (Opcode.DILATE, dict(dilate, in_h=8, in_w=8, out_h=4,
+                                                           out_w=4, dst=64)),
+             (Opcode.PATCH, patch), (Opcode.PATCH, dict(patch, k=2, blocks=4, ref_addr=8)),
+             (Opcode.IM2COL, im2col), (Opcode.IM2COL, legal_im2col)]
+    for op, fields in cases:
+        word = encode_fields(op, **fields)
+        fault = check_instruction(cfg, word)
+        cycles, status = decode_cycles(cfg, DecoderParallel(cfg), word)
+        print(f"{name} {op.name} {fields}: {cycles} cycles, {status.name}")
+        assert status == (Status.OK if fault is None else fault.status), fields
+        assert cycles <= PASS_DECODE_BOUND[op], f"{op.name}: {cycles} cycles"
