@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """DecoderParallel and DecoderSerial: the decode-time verdicts against the golden model's
 check_instruction (the rules of hw/decode_rules.RULES evaluated on integers, so the rules are not
 restated here), LOAD data pass-through, and the access sets that hazard detection relies on
