@@ -418,10 +418,10 @@ class DecoderParallel(Decoder):
             r = acc[buf.name.lower()][kind]
             return [r.en.eq(1), r.lo.eq(lo), r.hi.eq(hi)]
 
-        ops = implemented(cfg)
+        rules = implemented(cfg)
 
         def gated(op):  # the opcode's `gate` is implemented
-            return any(isinstance(rule, GateInRange) for rule in ops[op])
+            return any(isinstance(rule, GateInRange) for rule in rules[op])
 
         # MASK ranges are in bits, the MASK buffer's depth in words: a MASK access is the whole
         # buffer (MASK's reader and writer need its single ports anyway, see hw/hazards.py)
@@ -492,7 +492,7 @@ class DecoderParallel(Decoder):
                                 m.d.comb += rng(buf, "w", o.addr, end)
                             with m.Else():
                                 m.d.comb += rng(buf, "r", o.addr, end)
-            for op in ops:  # (the PASS opcodes without the PASS unit: ILLEGAL_OPCODE)
+            for op in rules:  # (the PASS opcodes without the PASS unit: ILLEGAL_OPCODE)
                 if op in (Opcode.NOP, Opcode.SYNC, Opcode.LOAD, Opcode.STORE):
                     continue
                 with m.Case(op):
@@ -510,7 +510,7 @@ class DecoderParallel(Decoder):
     def _ends(self, o, op, products):
         """``{base: base + span}`` for every range the rules of ``op`` name (one adder each,
         shared by the checks and the access set); ``o``: the operands of ``op``."""
-        ends, extents = {}, {}
+        ends = {}
         for rule in RULES[op]:
             if isinstance(rule, InRange) and rule.extent:
                 pairs = [(rule.base, rule.extent)]
@@ -520,14 +520,11 @@ class DecoderParallel(Decoder):
                 pairs = [(rule.a, rule.extent), (rule.b, rule.extent_b or rule.extent)]
             else:
                 continue
-            for base, extent in pairs:
+            for base, extent in pairs:  # (the first rule of a base gives its span)
                 if base not in ends:
                     span = (products[extent] if not isinstance(extent, tuple)
                             else self._extent(o, extent, products))
-                    ends[base], extents[base] = o[base] + span, extent
-                # (a base shares its end: the rules of one base name one span, or exclude
-                # each other by when/unless, as IM2COL's dst: its span is a multiplexed product)
-                assert extents[base] == extent or isinstance(rule, InRange), (op, base)
+                    ends[base] = o[base] + span
         return ends
 
     def _gate_end(self, op, o, products):

@@ -20,7 +20,7 @@ from hw_tb import COMPACT, FULL, check_against_golden, seed_from_env, small_conf
 
 from tinyaccel.hw.config import PRESETS, Implementation
 from tinyaccel.hw.decode_rules import PASS_OPCODES
-from tinyaccel.hw.isa import Opcode, Status
+from tinyaccel.hw.isa import Buffer, Opcode, Status
 from tinyaccel.protocol import StatusReport, parse_responses
 from tinyaccel.sim.golden import GoldenMachine
 from tinyaccel.sim.randprog import random_program
@@ -33,9 +33,13 @@ SEED = 2036
 
 def profile_program(cfg, seed):
     """16 random instructions (10 % faulting) of the opcodes ``cfg`` implements, on small
-    windows: short enough for 13 designs."""
-    return random_program(cfg, np.random.default_rng(seed), n_instr=16, opcodes=None,
-                          illegal_rate=0.1, window=8, max_k=4, max_blocks=2, max_count=4)
+    windows: short enough for 13 designs; then every buffer a unit writes (INP, ACC, OUT, MASK)
+    stored whole, so that every instruction's effect is compared (the PASS units' too: MASK)."""
+    program = random_program(cfg, np.random.default_rng(seed), n_instr=16, opcodes=None,
+                             illegal_rate=0.1, window=8, max_k=4, max_blocks=2, max_count=4)
+    for buf in (Buffer.INP, Buffer.ACC, Buffer.OUT, Buffer.MASK):
+        program.store(buf, 0, cfg.depth(buf))
+    return program.sync(counters=True)
 
 
 #: The two profiles and their single-flag flips, as flag values.
