@@ -1,13 +1,17 @@
 """The IM2COL unit (hw/im2col.py), both designs, against ``sim.numerics.window_gather``; and the
 whole accelerator running IM2COL programs and a resident inference against the golden model."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from amaranth.sim import Simulator
 from hw_tb import COMPACT, FULL, check_against_golden, small_config
 
+from tinyaccel.hw.decode_rules import gate_span
 from tinyaccel.hw.im2col import Im2colSerial, Im2colTiled
 from tinyaccel.hw.isa import Buffer, Counter, Im2colOperands, Instruction, Opcode, Status
+from tinyaccel.hw.scratchpads import geometry
 from tinyaccel.protocol import Program, pack_words, unpack_words
 from tinyaccel.sim.golden import check_instruction
 from tinyaccel.sim.numerics import window_gather
@@ -30,13 +34,34 @@ CONFIGS = {
 }
 
 
-def run_unit(design, config, cases, out_words, *, held_cmd=False):
+def mask_words(config, bits):
+    """The physical MASK words (ints) holding the bools ``bits`` (``mask_bit``'s layout: bit
+    ``i`` is bit ``i % width`` of word ``i // width``)."""
+    width = geometry(config, Buffer.MASK).width
+    bits = np.asarray(bits, bool)
+    return [sum(int(b) << n for n, b in enumerate(bits[w:w + width]))
+            for w in range(0, len(bits), width)]
+
+
+def unit_config(design, config):
+    """``config`` for ``design``: the serial design never has the PASS unit (the compact
+    profile's; :class:`~tinyaccel.hw.config.Implementation` keeps it with the tiled one)."""
+    if design == "serial" and config.impl.pass_unit:
+        return replace(config, impl=replace(config.impl, pass_unit=False))
+    return config
+
+
+def run_unit(design, config, cases, out_words, *, held_cmd=False, mask=None):
     """Run each IM2COL in ``cases`` (operand dicts, ``pad_value`` as a field code) on the unit
-    over the OUT contents ``out_words`` (int words): the INP contents after each and its cycles
-    from start to idle. The testbench models the scratchpad ports as section 3 defines them:
-    read data a cycle after the enable, held while it is low."""
+    over the OUT contents ``out_words`` (int words) and the MASK bits ``mask`` (bools, default
+    all 0): the INP contents after each and its cycles from start to idle. The testbench models
+    the scratchpad ports as section 3 defines them: read data a cycle after the enable, held
+    while it is low."""
     unit = design(config, held_cmd=held_cmd)
     depth = config.inp_depth
+    gated = hasattr(unit, "rd_mask")
+    assert gated == config.impl.pass_unit
+    masks = mask_words(config, np.zeros(config.mask_bits, bool) if mask is None else mask)
     results = []
 
     async def bench(ctx):
@@ -47,15 +72,20 @@ def run_unit(design, config, cases, out_words, *, held_cmd=False):
             await ctx.tick()
             ctx.set(unit.ctrl.start, 0)
             cycles = 0
-            data = 0
+            data = mdata = 0
             while True:
                 en, addr = ctx.get(unit.rd_out.en), ctx.get(unit.rd_out.addr)
+                men = ctx.get(unit.rd_mask.en) if gated else 0
+                maddr = ctx.get(unit.rd_mask.addr) if gated else 0
                 wen = ctx.get(unit.wr_inp.en)
                 waddr, wdata = ctx.get(unit.wr_inp.addr), ctx.get(unit.wr_inp.data)
                 busy = ctx.get(unit.ctrl.busy)
                 if cycles and not busy:
-                    assert not en and not wen, "a port used while not busy"
+                    assert not en and not wen and not men, "a port used while not busy"
                     break
+                if men:
+                    assert f.get("gate"), "MASK read without gate"
+                    mdata = masks[maddr]
                 if wen:
                     assert wen == (1 << len(unit.wr_inp.en)) - 1, "partial INP write"
                     assert inp[waddr] is None, f"INP word {waddr} written twice"
@@ -64,6 +94,8 @@ def run_unit(design, config, cases, out_words, *, held_cmd=False):
                     data = out_words[addr]
                 await ctx.tick()
                 ctx.set(unit.rd_out.data, data)
+                if gated:
+                    ctx.set(unit.rd_mask.data, mdata)
                 cycles += 1
                 assert cycles < 200_000, "IM2COL does not finish"
             results.append((inp, cycles))
@@ -79,8 +111,20 @@ def run_unit(design, config, cases, out_words, *, held_cmd=False):
 
 
 def expected(config, out, f):
-    """INP words (int8 rows) of IM2COL ``f`` by the golden window gather."""
-    return window_gather(out, config.rows, **f)
+    """INP words (int8 rows) of IM2COL ``f`` by the golden window gather (every block, gated or
+    not)."""
+    return window_gather(out, config.rows, **f,
+                         patch_shape=config.patch_shape if f.get("tiled") else None)
+
+
+def live_blocks(config, f, mask):
+    """Per block of IM2COL ``f``: whether it is computed (the golden gate: MASK bit
+    ``mask_word*64 + oy0*out_w/rows + i``; every block without ``gate``)."""
+    if not f.get("gate"):
+        return np.ones(f["m_blocks"], bool)
+    first, n = gate_span(config, Opcode.IM2COL, f)
+    mask = np.zeros(config.mask_bits, bool) if mask is None else np.asarray(mask, bool)
+    return mask[first:first + n]
 
 
 def random_cases(config, rng, n):
@@ -93,18 +137,21 @@ def random_cases(config, rng, n):
     return cases
 
 
-def check(config, out, f, inp, cycles):
+def check(config, out, f, inp, cycles, mask=None):
+    """INP after IM2COL ``f`` (``inp``: words, None where unwritten) against the golden model:
+    exactly the words of the live blocks written, each equal to the window gather's."""
     want = expected(config, out, f)
     k = f["channels"] if f.get("pool") else f["kh"] * f["kw"] * f["channels"]
     n = f["m_blocks"] * k
+    live = np.repeat(live_blocks(config, f, mask), k) if n else np.zeros(0, bool)
     written = [a for a, w in enumerate(inp) if w is not None]
-    assert written == list(range(f["dst"], f["dst"] + n)), f"writes outside {f}"
-    if n:
+    assert written == [f["dst"] + a for a in np.flatnonzero(live)], f"writes outside {f}"
+    if written:
         size = config.word_bytes(Buffer.INP)
         got = unpack_words(config, Buffer.INP,
                            b"".join(inp[a].to_bytes(size, "little") for a in written))
-        np.testing.assert_array_equal(got, want, err_msg=str(f))
-    else:
+        np.testing.assert_array_equal(got, want[live], err_msg=str(f))
+    if not n:
         assert cycles <= 2, "m_blocks=0 must not raise busy"
 
 
@@ -113,7 +160,7 @@ def check(config, out, f, inp, cycles):
 def test_unit_against_window_gather(design, config_name):
     seed = seed_from_env()
     rng = np.random.default_rng(seed)
-    config = CONFIGS[config_name]
+    config = unit_config(design, CONFIGS[config_name])
     out = random_words(config, Buffer.OUT, config.out_depth, rng)
     out_words = [int.from_bytes(b, "little") for b in _word_bytes(config, out)]
     n = 40 if design == "tiled" else 14
@@ -124,7 +171,7 @@ def test_unit_against_window_gather(design, config_name):
     cases.append(dict(src=0, dst=0, pitch=1, channels=1, in_h=255, in_w=1, kh=3, kw=1, stride=7,
                       dilation=7, pad_top=3, pad_left=0, pad_value=0x80, oy0=30, out_w=1,
                       m_blocks=-(-12 // config.rows), pack=pack))
-    cases.append(dict(cases[-1], stride=1, oy0=240, kh=31, dilation=1, in_w=2, out_w=2, kw=2,
+    cases.append(dict(cases[-1], stride=1, oy0=240, kh=15, dilation=2, in_w=2, out_w=2, kw=2,
                       m_blocks=2, pad_left=1))
     # and a wide one whose columns it steps past (ix0 stops beyond it)
     cases.append(dict(cases[-2], in_h=1, in_w=255, kh=1, kw=3, oy0=0, out_w=60, pad_left=5,
@@ -132,9 +179,10 @@ def test_unit_against_window_gather(design, config_name):
     for f in cases[-3:]:
         assert check_instruction(config, Instruction(Opcode.IM2COL, **f)) is None, f
     held = design == "serial" and config.impl.held_cmd
+    mask = rng.random(config.mask_bits) < 0.5
     for f, (inp, cycles) in zip(cases, run_unit(DESIGNS[design], config, cases, out_words,
-                                                 held_cmd=held), strict=True):
-        check(config, out, f, inp, cycles)
+                                                 held_cmd=held, mask=mask), strict=True):
+        check(config, out, f, inp, cycles, mask)
 
 
 def _word_bytes(config, words):
@@ -215,7 +263,7 @@ def test_unit_pool_against_window_gather(design, config_name):
     against the window gather; only ``m_blocks*channels`` words are written."""
     seed = seed_from_env()
     rng = np.random.default_rng(seed)
-    config = CONFIGS[config_name]
+    config = unit_config(design, CONFIGS[config_name])
     out = random_words(config, Buffer.OUT, config.out_depth, rng)
     out_words = [int.from_bytes(b, "little") for b in _word_bytes(config, out)]
     cases = _pool_cases(config, rng, 20 if design == "tiled" else 6)
