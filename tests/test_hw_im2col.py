@@ -379,3 +379,66 @@ def test_top_im2col_overlaps_gemm():
                                                                n_blocks=1))
     print(f"GEMM {gemm} cycles, IM2COL {gather}, both {both}")
     assert both < gemm + gather - gather // 2
+
+
+# -- PASS: tiled and gate (full profile) ------------------------------------------------------
+
+#: Full-profile configurations: the ecp5 and sim patches (2x4, 4x4) and a 2x2 one.
+PASS_CONFIGS = {
+    "ecp5": CONFIGS["ecp5"],
+    "rows4": replace(CONFIGS["rows4"], impl=FULL),
+    "sim": small_config(rows=16, cols=16, host_width=64, inp_depth=1024, out_depth=1024,
+                        requant_lanes=2, mask_bits=256, impl=FULL),
+}
+
+
+def _tiled_cases(config, rng, n):
+    """``n`` random tiled IM2COLs (half gated, as ``random_im2col`` draws them), then hand-picked
+    ones, all gated: oy0 > 0 (a start inside the patch grid), packed pixels, pool (2x2 stride 2
+    and a padded 3x3), a row of patches that wraps several times, a mask_word > 0."""
+    ph, pw = config.patch_shape
+    cases = []
+    while len(cases) < n:
+        f = random_cases(config, rng, 1)[0]
+        if f.get("tiled"):
+            cases.append(f)
+    cols = config.cols
+    base = dict(src=0, dst=1, pitch=1, channels=cols, in_h=2 * ph, in_w=2 * pw, kh=3, kw=3,
+                stride=1, dilation=1, pad_top=1, pad_left=1, pad_value=0x05, oy0=ph,
+                out_w=2 * pw, m_blocks=2, pack=0, tiled=1, gate=1, mask_word=0)
+    cases += [
+        base,
+        dict(base, pack=min(3, cols.bit_length() - 1), channels=1, oy0=0, m_blocks=4,
+             kh=2, kw=3, dilation=2),
+        dict(base, pool=1, kh=2, kw=2, stride=2, pad_top=0, pad_left=0, pad_value=0x80,
+             in_h=4 * ph, in_w=4 * pw, oy0=0, m_blocks=4),
+        dict(base, pool=1, kh=3, kw=3, stride=2, pad_value=0x80, in_h=4 * ph, in_w=4 * pw,
+             oy0=ph, m_blocks=2, channels=cols + 1, pitch=2),
+        dict(base, in_h=ph, in_w=8 * pw, out_w=2 * pw, oy0=2 * ph, stride=2, m_blocks=6,
+             channels=3, mask_word=1),
+    ]
+    for f in cases:
+        assert check_instruction(config, Instruction(Opcode.IM2COL, **f)) is None, f
+    return cases
+
+
+@pytest.mark.parametrize("config_name", PASS_CONFIGS)
+def test_unit_tiled_gate(config_name):
+    """Tiled and gated IM2COLs on the tiled design against the window gather with
+    ``patch_shape`` and the golden gate (a skipped block's INP words untouched), over random
+    and alternating MASK bits of either polarity, all 0 and all 1."""
+    seed = seed_from_env()
+    print(f"seed={seed}")
+    rng = np.random.default_rng(seed)
+    config = PASS_CONFIGS[config_name]
+    out = random_words(config, Buffer.OUT, config.out_depth, rng)
+    out_words = [int.from_bytes(b, "little") for b in _word_bytes(config, out)]
+    n = config.mask_bits
+    alternate = np.arange(n) % 2 == 0
+    masks = {"random": rng.random(n) < 0.5, "live-first": alternate,
+             "skipped-first": ~alternate, "none": np.zeros(n, bool), "all": np.ones(n, bool)}
+    for name, mask in masks.items():
+        cases = _tiled_cases(config, rng, 12 if name == "random" else 4)
+        for f, (inp, cycles) in zip(cases, run_unit(Im2colTiled, config, cases, out_words,
+                                                     mask=mask), strict=True):
+            check(config, out, f, inp, cycles, mask)
