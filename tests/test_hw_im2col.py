@@ -442,3 +442,38 @@ def test_unit_tiled_gate(config_name):
         for f, (inp, cycles) in zip(cases, run_unit(Im2colTiled, config, cases, out_words,
                                                      mask=mask), strict=True):
             check(config, out, f, inp, cycles, mask)
+
+
+def test_unit_gate_cycles():
+    """Cycles of a gated layer-like IM2COL (3x3 window, pad 1, cols channels, 40 patches of the
+    ecp5 2x4 shape) with 0 %, 10 % and 100 % live blocks, and ungated (printed for
+    docs/architecture.md): a skipped block costs a cycle, a live one a cycle more than
+    ungated; the results equal the golden model."""
+    config = small_config(rows=8, cols=16, host_width=64, inp_depth=8192, out_depth=512,
+                          requant_lanes=2, mask_bits=256, impl=FULL)
+    rng = np.random.default_rng(11)
+    print("seed=11")
+    out = random_words(config, Buffer.OUT, config.out_depth, rng)
+    out_words = [int.from_bytes(b, "little") for b in _word_bytes(config, out)]
+    blocks = 40
+    f = dict(_dense_case(config, config.cols, m_blocks=blocks), in_h=16, in_w=20, out_w=20,
+             tiled=1, gate=1, mask_word=1)
+    assert check_instruction(config, Instruction(Opcode.IM2COL, **f)) is None
+    first = gate_span(config, Opcode.IM2COL, f)[0]
+    cycles = {}
+    for live in (0, 4, blocks):
+        mask = np.zeros(config.mask_bits, bool)
+        mask[first + np.linspace(0, blocks - 1, live).astype(int)] = True
+        assert mask.sum() == live
+        [(inp, c)] = run_unit(Im2colTiled, config, [f], out_words, mask=mask)
+        check(config, out, f, inp, c, mask)
+        cycles[live] = c
+    [(inp, ungated)] = run_unit(Im2colTiled, config, [dict(f, gate=0)], out_words)
+    check(config, out, dict(f, gate=0), inp, ungated)
+    words = 9 * config.cols
+    print(f"gated IM2COL, {blocks} blocks of {words} INP words: 0 % live {cycles[0]} cycles, "
+          f"10 % {cycles[4]}, 100 % {cycles[blocks]}; ungated {ungated}")
+    assert cycles[0] <= blocks + 12  # setup, a cycle a skipped block
+    assert cycles[blocks] <= ungated + blocks + 2
+    per_block = (ungated - cycles[0]) / blocks
+    assert cycles[4] <= cycles[0] + 4 * (per_block + 2)

@@ -322,3 +322,35 @@ def test_requant_unit_gate(config_name, serial):
             assert written == sorted(want_written), f"seed {seed}, mask {name}: {f}"
             np.testing.assert_array_equal(got, want, err_msg=f"seed {seed}, mask {name}: {f}")
             state = want
+
+
+def test_requant_unit_gate_cycles():
+    """Cycles of a gated REQUANT of 40 blocks (ecp5 shape: 8 rows, 8 lane groups a word) with
+    0 %, 10 % and 100 % live blocks, and ungated (printed for docs/architecture.md): a skipped
+    block costs 2 cycles, a live one nothing more than ungated."""
+    config = small_config(rows=8, cols=16, host_width=64, acc_depth=512, out_depth=512,
+                          param_depth=4, mask_bits=256, requant_lanes=2, impl=FULL)
+    rng = np.random.default_rng(12)
+    print("seed=12")
+    acc, param, out = requant_data(config, rng)
+    blocks = 40
+    f = dict(acc_addr=0, out_addr=0, param_addr=1, count=blocks * config.rows, out_gap=0,
+             gate=1, mask_idx=70)
+    cycles = {}
+    for live in (0, 4, blocks):
+        mask = np.zeros(config.mask_bits, bool)
+        mask[f["mask_idx"] + np.linspace(0, blocks - 1, live).astype(int)] = True
+        assert mask.sum() == live
+        [(got, _, c)] = run_requant_unit(config, [f], acc, param, out, mask)
+        np.testing.assert_array_equal(got, golden_requant(config, f, acc, param, out, mask)[0])
+        cycles[live] = c
+    [(got, _, ungated)] = run_requant_unit(config, [dict(f, gate=0)], acc, param, out,
+                                           np.zeros(config.mask_bits, bool))
+    np.testing.assert_array_equal(got, golden_requant(config, dict(f, gate=0), acc, param, out,
+                                                      None)[0])
+    print(f"gated REQUANT, {blocks} blocks of {config.rows} rows: 0 % live {cycles[0]} cycles, "
+          f"10 % {cycles[4]}, 100 % {cycles[blocks]}; ungated {ungated}")
+    assert cycles[0] <= 2 * blocks + 4
+    assert cycles[blocks] <= ungated + 4
+    per_block = (ungated - 20) / blocks
+    assert cycles[4] <= cycles[0] + 4 * per_block + 20
