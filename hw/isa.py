@@ -27,7 +27,8 @@ __all__ = [
     "INSTR_BITS", "INSTR_BYTES", "ADDR_BITS", "PITCH_BITS", "MASK_IDX_BITS", "CHANNEL_PARAMS_BITS",
     "Opcode", "Buffer", "Status", "Counter",
     "LoadStoreOperands", "GemmOperands", "RequantOperands", "PatchOperands", "SgqOperands",
-    "SyncOperands", "Im2colOperands", "DilateOperands", "TILE_ADDR_BITS", "MASK_WORD_BITS", "ChannelParams", "StatusRecord", "SgqStripeHeader", "SgqMode",
+    "SyncOperands", "Im2colOperands", "DilateOperands", "TILE_ADDR_BITS", "MASK_WORD_BITS",
+    "ChannelParams", "StatusRecord", "SgqStripeHeader", "SgqMode",
     "InstructionLayout", "OPERANDS", "Instruction", "field_table", "operand_fields",
     "STATUS_MAGIC", "STATUS_BYTES", "COUNTER_BITS", "COUNTER_RECORD_BYTES", "SGQ_MODE_BITS",
 ]
