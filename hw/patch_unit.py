@@ -27,11 +27,12 @@ class PatchSkipUnit(wiring.Component):
        ``changed | (old and merge)`` on the group's bits, the others kept. With ``given`` the
        word is only read: its bits of the group are the changed tiles.
     3. Copy: a scan over the group's bits copies each changed tile over its reference, one word
-       per cycle; it passes ``SCAN_SKIP`` unchanged tiles per cycle and stops at the last
-       changed one.
+       per cycle (the next changed tile at once); it passes up to ``SCAN_SKIP`` unchanged
+       tiles per cycle (runs of 8, 4, 2, 1) and stops after the last changed one.
 
-    Per group of ``n`` tiles: ``2nk`` compare cycles, 8 more, and ``k + 1`` per changed tile
-    plus about one per ``SCAN_SKIP`` tiles scanned past (see ``tests/test_hw_patch.py``).
+    Per group of ``n`` tiles: ``2nk`` compare cycles, 8 more, ``k`` per changed tile, and
+    for each run of unchanged tiles before a changed one about ``run/8 + 3`` (see
+    ``tests/test_hw_patch.py``).
     """
 
     def __init__(self, config: AccelConfig):
@@ -196,7 +197,6 @@ class PatchSkipUnit(wiring.Component):
                 # below the first group's first bit are passed without moving `cp`)
                 # (without `given` the compare has put `off` at the group's end already)
                 done = (covered == 0) | ((scan_bits == 0) & (~cmd.given | final))
-                low = (1 << skip) - 1
                 with m.If(done):
                     with m.If(cmd.given):
                         m.d.sync += off.eq(cp)
@@ -207,9 +207,15 @@ class PatchSkipUnit(wiring.Component):
                                  scan_bits.eq(Mux(far, scan_bits >> skip, scan_bits >> 1))]
                 with m.Elif(scan_bits[0]):
                     m.next = "COPY"
-                with m.Elif((scan_bits[:skip] == 0) & (covered[:skip] == low)):
-                    m.d.sync += [covered.eq(covered >> skip), scan_bits.eq(scan_bits >> skip),
-                                 cp.eq(cp + (k << (skip.bit_length() - 1)))]
+                # pass the longest run of unchanged tiles of `skip`, `skip/2`, ... 2, 1 tiles
+                step = skip
+                while step > 1:
+                    low = (1 << step) - 1
+                    with m.Elif((scan_bits[:step] == 0) & (covered[:step] == low)):
+                        m.d.sync += [covered.eq(covered >> step),
+                                     scan_bits.eq(scan_bits >> step),
+                                     cp.eq(cp + (k << (step.bit_length() - 1)))]
+                    step //= 2
                 with m.Else():
                     m.d.sync += [covered.eq(covered >> 1), scan_bits.eq(scan_bits >> 1),
                                  cp.eq(cp + k)]
@@ -220,7 +226,8 @@ class PatchSkipUnit(wiring.Component):
                 with m.If(last_t):
                     m.d.sync += [covered.eq(covered >> 1), scan_bits.eq(scan_bits >> 1),
                                  cp.eq(cp + k)]
-                    m.next = "SCAN"
+                    with m.If(~(scan_bits[1] & covered[1])):  # (else: the next tile at once)
+                        m.next = "SCAN"
             with m.State("NEXT"):
                 m.d.sync += [group_word.eq(group_word + 1), first_pos.eq(0), bit.eq(0),
                              res_bit.eq(0)]
