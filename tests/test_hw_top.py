@@ -160,6 +160,19 @@ def test_pass_layer(overlap):
     assert reports[2].counters[Counter.MACS_SKIPPED] == 4 * block_macs
 
 
+def test_without_pass_unit_pass_instructions_fault():
+    """A full configuration without the PASS unit builds without it and reports PATCH and DILATE
+    as ILLEGAL_OPCODE, a gated REQUANT as BAD_FIELD (each after a SYNC cleared the last)."""
+    cfg = dataclasses.replace(PASS_CONFIG, impl=dataclasses.replace(FULL, pass_unit=False))
+    p = Program(cfg)
+    p.patch(32, 0, k=4, blocks=2, threshold=0).sync()
+    p.dilate(0, 64, in_h=2, in_w=4, out_h=2, out_w=4, kh=3, kw=3).sync()
+    p.requant(0, 96, 0, count=4, gate=True).sync()
+    items, _ = check_against_golden(cfg, p, seed=3)
+    assert [i.status for i in items if hasattr(i, "status")] == [
+        Status.ILLEGAL_OPCODE, Status.ILLEGAL_OPCODE, Status.BAD_FIELD]
+
+
 @pytest.mark.parametrize("wide", [False, True])
 def test_sgq_encoder(wide):
     """SGQ groups with zero (BASE) stripes, narrow and wide ranges, every max_shift."""
