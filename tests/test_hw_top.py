@@ -84,12 +84,6 @@ def test_unfolded_params_one_lane():
     check_against_golden(cfg, program, seed=seed, gaps=0.1, backpressure=0.1)
 
 
-def far_from(x):
-    """INT8 values 64 away from ``x`` (far beyond any threshold used here)."""
-    x = np.asarray(x, np.int16)
-    return np.where(x >= 0, x - 64, x + 64).astype(np.int8)
-
-
 #: A configuration with the PASS unit and 2x2 patches (rows = 4), room for two 4x8 frames.
 PASS_CONFIG = small_config(rows=4, cols=4, host_width=16, inp_depth=512, wgt_depth=64,
                            acc_depth=64, out_depth=256, mask_bits=256, impl=FULL)
