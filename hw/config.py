@@ -42,11 +42,14 @@ class Implementation:
     5). This one flag changes what is legal, not only cycle counts.
 
     The two profiles are :meth:`full` and :meth:`compact`; each preset names one. Vary the
-    profile of a configuration with ``dataclasses.replace(config, impl=...)``. One combination
-    is illegal and raises :class:`~tinyaccel.errors.ConfigError`: ``overlap`` with
+    profile of a configuration with ``dataclasses.replace(config, impl=...)``. Some combinations
+    are illegal and raise :class:`~tinyaccel.errors.ConfigError`: ``overlap`` with
     ``serial_decode`` (the serial checks compute no access sets, and without them the hazard
-    tracking lets conflicting instructions run together). ``tests/test_profiles.py`` checks
-    every other single-flag flip of either profile against the golden model.
+    tracking lets conflicting instructions run together); ``pass_unit`` with ``serial_decode``,
+    ``serial_im2col`` or ``serial_requant`` (the PASS unit is built only with the full
+    datapaths: the serial designs implement neither the PASS checks nor ``tiled``/``gate``).
+    ``tests/test_profiles.py`` checks every other single-flag flip of either profile against
+    the golden model.
     """
     overlap: bool = True
     serial_requant: bool = False
@@ -66,6 +69,13 @@ class Implementation:
             raise ConfigError("implementation overlap=True with serial_decode=True is not "
                               "supported: the serial decoder computes no access sets, which "
                               "the hazard tracking of overlap needs")
+        serial = [name for name in ("serial_decode", "serial_im2col", "serial_requant")
+                  if getattr(self, name)]
+        if self.pass_unit and serial:
+            raise ConfigError(f"implementation pass_unit=True with "
+                              f"{', '.join(f'{name}=True' for name in serial)} is not "
+                              f"supported: the PASS unit is built only with the full datapaths "
+                              f"(the serial designs implement no PASS checks, tiled or gate)")
 
     @classmethod
     def full(cls) -> Implementation:

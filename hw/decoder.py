@@ -8,9 +8,14 @@ stream never loses its place.
 
 The checks are those of :data:`.decode_rules.RULES`. They need the products ``m_blocks*k``,
 ``n_blocks*k``, ``m_blocks*n_blocks`` (GEMM), ``blocks*k`` (PATCH), ``(count - 1)*(out_gap + 1)``
-(the strided REQUANT), ``m_blocks*kh*kw*channels`` (``m_blocks*channels`` with ``pool``) and
-``ceil(in_h*in_w / 2**pack)*pitch`` (IM2COL), and ``count mod stripe_len`` (SGQ); the iCE40 has
-no DSP to spare for them. Two designs with one signature, :class:`Decoder`:
+(the strided REQUANT), ``m_blocks*kh*kw*channels`` (``m_blocks*channels`` with ``pool``),
+``ceil(in_h*in_w / 2**pack)*pitch`` and, gated, ``oy0*out_w`` (IM2COL), ``in_h*in_w`` and
+``out_h*out_w`` (DILATE), and ``count mod stripe_len`` (SGQ); the iCE40 has no DSP to spare for
+them. The PASS rules (:class:`~.decode_rules.NeedsPassUnit`, :class:`~.decode_rules.TiledFits`,
+:class:`~.decode_rules.GateInRange`, the opcodes of :data:`~.decode_rules.PASS_OPCODES`) are
+built for the configuration's ``Implementation.pass_unit``: without it the PASS opcodes are
+``ILLEGAL_OPCODE`` and the PASS fields ``BAD_FIELD``, and nothing else of them is built. Two
+designs with one signature, :class:`Decoder`:
 
 - :class:`DecoderParallel` (here): the products by shift-and-add, one multiplier bit per cycle and
   stopping early (IM2COL's in two rounds, at full width: no product wraps), the remainder by
@@ -20,12 +25,15 @@ no DSP to spare for them. Two designs with one signature, :class:`Decoder`:
   addition (``x`` a product of counts of at most 8 bits each, stopping as soon as the limit is
   passed, so that no product overflows), and the remainder by the same restoring division.
   Decode then takes up to a few hundred cycles (IM2COL: up to about the INP depth plus 340),
-  still far less than the 16 bytes of an instruction take on a UART.
+  still far less than the 16 bytes of an instruction take on a UART. It is built only for
+  configurations without the PASS unit (``Implementation`` forbids ``pass_unit`` with
+  ``serial_decode``).
 
 Error priority when several checks fail: ILLEGAL_OPCODE, then the opcode's rules in the order of
 :data:`~.decode_rules.RULES` (BAD_BUFFER; GEMM/PATCH ``k = 0`` BAD_SHAPE, PATCH overlap
 BAD_FIELD, SGQ ``stripe_len = 0`` BAD_FIELD then ``count % stripe_len`` BAD_SHAPE, IM2COL's
-zero fields then PixelFits), and ADDR_RANGE last.
+zero fields, PixelFits, the PASS fields, then TiledFits; DILATE's zero fields then overlap), and
+ADDR_RANGE last.
 """
 
 from functools import reduce
@@ -38,20 +46,25 @@ from amaranth.lib.wiring import In, Out
 from .arith import mul_const
 from .config import AccelConfig
 from .decode_rules import (
+    PASS_OPCODES,
     RULES,
     Disjoint,
+    GateInRange,
     InRange,
     Multiple,
+    NeedsPassUnit,
     NonZero,
     PixelFits,
     StridedInRange,
     TensorInRange,
+    TiledFits,
 )
 from .hazards import AccessLayout
 from .isa import (
     BLOCKS_BITS,
     COUNT_BITS,
     INSTR_BITS,
+    MASK_WORD_BITS,
     OPERANDS,
     PITCH_BITS,
     Buffer,
@@ -62,8 +75,8 @@ from .isa import (
 )
 from .scratchpads import geometry
 
-__all__ = ["DecodedLayout", "OPERAND_VIEW", "operands_of", "pixel_fits", "applies", "Decoder",
-           "DecoderParallel"]
+__all__ = ["DecodedLayout", "OPERAND_VIEW", "operands_of", "pixel_fits", "applies",
+           "implemented", "Decoder", "DecoderParallel"]
 
 
 def DecodedLayout(config: AccelConfig, *, access: bool = True) -> data.StructLayout:
@@ -112,7 +125,30 @@ def applies(rule, o) -> Value | None:
 
 def _ranged(rule) -> bool:
     """``rule`` is an ADDR_RANGE check (they come last)."""
-    return isinstance(rule, (InRange, StridedInRange, TensorInRange))
+    return isinstance(rule, (InRange, StridedInRange, TensorInRange, GateInRange))
+
+
+def implemented(config: AccelConfig) -> dict:
+    """The opcodes ``config`` implements (the :data:`~.decode_rules.PASS_OPCODES` only with
+    ``Implementation.pass_unit``; the others are ``ILLEGAL_OPCODE``) and their rules, those that
+    can fail there: without the PASS unit :class:`~.decode_rules.TiledFits` and
+    :class:`~.decode_rules.GateInRange` cannot (their fields are 0 once the
+    :class:`~.decode_rules.NeedsPassUnit` rules before them pass); with it
+    :class:`~.decode_rules.NeedsPassUnit` cannot."""
+    passing = (NeedsPassUnit,) if config.impl.pass_unit else (TiledFits, GateInRange)
+    return {op: tuple(rule for rule in rules if not isinstance(rule, passing))
+            for op, rules in RULES.items() if config.impl.pass_unit or op not in PASS_OPCODES}
+
+
+def tiled_misfits(config: AccelConfig, o) -> Value:
+    """The :class:`~.decode_rules.TiledFits` rule fails on the IM2COL operands ``o``: ``gate``
+    without ``tiled``, or ``tiled`` with a field not a multiple of the patch side it must be
+    (powers of two: the low bits are 0)."""
+    ph, pw = config.patch_shape
+    misaligned = reduce(or_, [o[name][:side.bit_length() - 1] != 0 for name, side in
+                              (("in_h", ph), ("oy0", ph), ("in_w", pw), ("out_w", pw))
+                              if side > 1], Const(0))
+    return Mux(o.tiled, misaligned, o.gate)
 
 
 class Decoder(wiring.Component):
@@ -219,11 +255,11 @@ class DecoderParallel(Decoder):
         """Products by shift-and-add, then all checks at once; returns the 'done' pulse.
 
         Cycles: 1 setup, then the first products: ``bit_length(max(m_blocks, n_blocks))`` (GEMM,
-        PATCH ``blocks``), 16 (SGQ), ``bit_length(out_gap + 1)`` (REQUANT) or
-        ``bit_length(max(kh, kw, in_h))`` (IM2COL; ``kh``, ``kw`` taken as 1 with ``pool``)
-        iterations plus 1; IM2COL then multiplies the partial products
-        (``bit_length(m_blocks*kh)`` iterations plus 1); 1 to register the result. At most 25
-        cycles.
+        PATCH ``blocks``), 16 (SGQ), ``bit_length(out_gap + 1)`` (REQUANT),
+        ``bit_length(max(in_h, out_h))`` (DILATE) or ``bit_length(max(kh, kw, in_h))`` (IM2COL;
+        ``kh``, ``kw`` taken as 1 with ``pool``) iterations plus 1; IM2COL then multiplies the
+        partial products (``bit_length(max(m_blocks*kh, oy0))`` iterations plus 1); 1 to
+        register the result. At most 25 cycles (IM2COL); DILATE at most 11, PATCH 11.
         """
         ops = word.operands
         m_a = Signal(BLOCKS_BITS)  # multiplier bits still to consume (m_blocks or blocks)
@@ -238,8 +274,10 @@ class DecoderParallel(Decoder):
         iter_done = (m_a == 0) & (m_b == 0) & div.done & spans_done
 
         check = Signal(DecodedLayout(self._config, access=self._access))
-        products = {("m_blocks", "k"): p_mk, ("blocks", "k"): p_mk, ("n_blocks", "k"): p_nk,
+        products = {("m_blocks", "k"): p_mk, ("n_blocks", "k"): p_nk,
                     ("m_blocks", "n_blocks"): p_mn, **spans}
+        if Opcode.PATCH in implemented(self._config):
+            products["blocks", "k"] = p_mk
         self._check(m, word, check, products, div.remainder)
 
         done = Signal()
@@ -254,8 +292,9 @@ class DecoderParallel(Decoder):
                 with m.Switch(word.opcode):
                     with m.Case(Opcode.GEMM):
                         m.d.sync += [m_a.eq(ops.gemm.m_blocks), m_b.eq(ops.gemm.n_blocks)]
-                    with m.Case(Opcode.PATCH):
-                        m.d.sync += [m_a.eq(ops.patch.blocks), k_sh.eq(ops.patch.k)]
+                    if ("blocks", "k") in products:
+                        with m.Case(Opcode.PATCH):
+                            m.d.sync += [m_a.eq(ops.patch.blocks), k_sh.eq(ops.patch.k)]
                 m.next = "ITERATE"
             with m.State("ITERATE"):
                 m.d.sync += [m_a.eq(m_a >> 1), m_b.eq(m_b >> 1),
@@ -282,15 +321,19 @@ class DecoderParallel(Decoder):
         return done
 
     def _spans(self, m, word):
-        """The spans of REQUANT's :class:`~.decode_rules.StridedInRange` and IM2COL's
-        4-factor :class:`~.decode_rules.InRange` and :class:`~.decode_rules.TensorInRange`, on
+        """The spans of REQUANT's :class:`~.decode_rules.StridedInRange`, IM2COL's 4-factor
+        :class:`~.decode_rules.InRange`, :class:`~.decode_rules.TensorInRange` and (with the
+        PASS unit) :class:`~.decode_rules.GateInRange`, and DILATE's two 2-factor extents, on
         three shift-and-add multipliers started with the other products.
 
         Returns ``({key: span}, first products done, stage-1 start, stage-2 start (both to
         drive), stage 2 done)``; keys are an extent tuple or a rule class. IM2COL's extent
         ``f0*f1*f2*f3`` is ``(f0*f1) * (f2*f3)``, at full width; its tensor ``ceil(in_h*in_w /
-        2**pack) * pitch``.
+        2**pack) * pitch``; its gate's first patch needs ``oy0*out_w`` (stage 2, on the
+        multiplier of ``f2*f3``). DILATE's extents are ``x`` and ``z`` of stage 1.
         """
+        cfg = self._config
+        ops = implemented(cfg)
         (strided,) = [r for r in RULES[Opcode.REQUANT] if isinstance(r, StridedInRange)]
         windows = [r for r in RULES[Opcode.IM2COL] if isinstance(r, InRange) and r.extent]
         (extent,) = [r.extent for r in windows if len(r.extent) == 4]
@@ -307,12 +350,29 @@ class DecoderParallel(Decoder):
         # the narrower factor is the multiplier (its bits are the iterations)
         pair_a, pair_b = (sorted(f[i:i + 2], key=len, reverse=True) for i in (0, 2))
         wa, wb = len(pair_a[0]) + len(pair_a[1]), len(pair_b[0]) + len(pair_b[1])
+        gated = any(isinstance(r, GateInRange) for r in ops[Opcode.IM2COL])
+        # DILATE: the distinct extents of its ranges, two factors each (x and z)
+        dilate = []
+        if Opcode.DILATE in ops:
+            do = operands_of(word, Opcode.DILATE)
+            for rule in ops[Opcode.DILATE]:
+                for ext in ((rule.extent, rule.extent_b or rule.extent)
+                            if isinstance(rule, Disjoint) else
+                            (rule.extent,) if isinstance(rule, InRange) else ()):
+                    if ext not in dilate:
+                        dilate.append(ext)
+            assert len(dilate) == 2 and all(len(ext) == 2 for ext in dilate), dilate
         x = _Multiplier(m, max(wa, wb), min(wa, wb), "mul_x")  # f0*f1, then the extent
-        y = _Multiplier(m, *(len(v) for v in pair_b), "mul_y")  # f2*f3
+        # f2*f3; gated IM2COL: oy0*out_w (stage 2)
+        y = _Multiplier(m, max([len(pair_b[0])] + ([len(ic.out_w)] if gated else [])),
+                        max([len(pair_b[1])] + ([len(ic.oy0)] if gated else [])), "mul_y")
         count = rq[strided.count]
         # z: in_w*in_h then tensor_words*pitch; REQUANT (count - 1)*(out_gap + 1)
         z = _Multiplier(m, max(len(count), len(ic.in_w)), max(len(ic.in_h), PITCH_BITS + 1),
                         "mul_z")
+        dilate = dict(zip(dilate, (x, z)[:len(dilate)], strict=True))  # extent: multiplier
+        for (f_b, f_a), mul in dilate.items():
+            assert len(do[f_a]) <= len(mul.a) and len(do[f_b]) <= len(mul.b)
         stage1, stage2 = Signal(), Signal()
         tensor_words = Signal(len(ic.in_h) + len(ic.in_w))  # ceil(in_h*in_w / 2**pack)
         m.d.comb += tensor_words.eq((z.product + (Const(1, 4) << ic.pack) - 1) >> ic.pack)
@@ -320,6 +380,8 @@ class DecoderParallel(Decoder):
             narrow, wide = (x.product, y.product) if wa <= wb else (y.product, x.product)
             m.d.comb += [x.start.eq(1), x.a.eq(wide), x.b.eq(narrow),
                          z.start.eq(1), z.a.eq(tensor_words), z.b.eq(ic.pitch)]
+            if gated:
+                m.d.comb += [y.start.eq(1), y.a.eq(ic.out_w), y.b.eq(ic.oy0)]
         with m.Elif(stage1):  # (every instruction starts them, with 0 when unused)
             m.d.comb += [x.start.eq(1), y.start.eq(1), z.start.eq(1)]
             with m.Switch(word.opcode):
@@ -330,17 +392,23 @@ class DecoderParallel(Decoder):
                 with m.Case(Opcode.REQUANT):  # (count - 1)*(out_gap + 1)
                     m.d.comb += [z.a.eq(count - 1),
                                  z.b.eq(rq[strided.gap] + 1)]
+                if dilate:
+                    with m.Case(Opcode.DILATE):
+                        for (f_b, f_a), mul in dilate.items():
+                            m.d.comb += [mul.a.eq(do[f_a]), mul.b.eq(do[f_b])]
         spans = {
             **{r.extent: x.product for r in windows},
             StridedInRange: Mux(count == 0, 0, z.product + 1),
             TensorInRange: z.product,
+            **{ext: mul.product for ext, mul in dilate.items()},
         }
-        return spans, x.done & y.done & z.done, stage1, stage2, x.done & z.done
+        if gated:
+            spans[GateInRange] = y.product
+        return spans, x.done & y.done & z.done, stage1, stage2, x.done & y.done & z.done
 
     def _check(self, m, word, out, products, div_r):
         """Drives status, buf_ok (and the access set) of ``word`` into ``out``."""
         cfg = self._config
-        ops = word.operands
         depth = {buf: cfg.depth(buf) for buf in Buffer}
         status = Signal(Status)
         buf_ok = Signal()
@@ -350,6 +418,13 @@ class DecoderParallel(Decoder):
             r = acc[buf.name.lower()][kind]
             return [r.en.eq(1), r.lo.eq(lo), r.hi.eq(hi)]
 
+        rules = implemented(cfg)
+
+        def gated(op):  # the opcode's `gate` is implemented
+            return any(isinstance(rule, GateInRange) for rule in rules[op])
+
+        # MASK ranges are in bits, the MASK buffer's depth in words: a MASK access is the whole
+        # buffer (MASK's reader and writer need its single ports anyway, see hw/hazards.py)
         def access_set(op, o, end):  # (hw/hazards.py) from the ends of the ranges of the rules
             if op == Opcode.GEMM:
                 m.d.comb += [
@@ -367,12 +442,21 @@ class DecoderParallel(Decoder):
                     *rng(Buffer.PARAM, "r", o.param_addr, o.param_addr + 1),
                     *rng(Buffer.OUT, "w", o.out_addr, end["out_addr"]),
                 ]
+                if gated(op):
+                    with m.If(o.gate):
+                        m.d.comb += rng(Buffer.MASK, "r", 0, depth[Buffer.MASK])
             elif op == Opcode.PATCH:
+                # OUT: one read range, the hull of the new and the reference tiles
                 new_end, ref_end = end["new_addr"], end["ref_addr"]
                 m.d.comb += [
-                    *rng(Buffer.INP, "r", Mux(o.new_addr < o.ref_addr, o.new_addr, o.ref_addr),
+                    *rng(Buffer.OUT, "r", Mux(o.new_addr < o.ref_addr, o.new_addr, o.ref_addr),
                          Mux(new_end > ref_end, new_end, ref_end)),
-                    *rng(Buffer.INP, "w", o.ref_addr, ref_end),
+                    *rng(Buffer.OUT, "w", o.ref_addr, ref_end),
+                    *rng(Buffer.MASK, "r", 0, depth[Buffer.MASK]),
+                    *rng(Buffer.MASK, "w", 0, depth[Buffer.MASK]),
+                ]
+            elif op == Opcode.DILATE:
+                m.d.comb += [
                     *rng(Buffer.MASK, "r", 0, depth[Buffer.MASK]),
                     *rng(Buffer.MASK, "w", 0, depth[Buffer.MASK]),
                 ]
@@ -383,6 +467,9 @@ class DecoderParallel(Decoder):
                     *rng(Buffer.OUT, "r", o.src, end["src"]),
                     *rng(Buffer.INP, "w", o.dst, end["dst"]),
                 ]
+                if gated(op):
+                    with m.If(o.gate):
+                        m.d.comb += rng(Buffer.MASK, "r", 0, depth[Buffer.MASK])
 
         with m.Switch(word.opcode):
             with m.Case(Opcode.NOP, Opcode.SYNC):
@@ -390,7 +477,7 @@ class DecoderParallel(Decoder):
             with m.Case(Opcode.LOAD, Opcode.STORE):
                 # the rules of both (DefinedBuffer, then InRange up to the depth of `buf`), one
                 # buffer code per case
-                o = ops.ldst
+                o = word.operands.ldst
                 end = self._ends(o, Opcode.LOAD, products)["addr"]
                 kind = Mux(word.opcode == Opcode.LOAD, 1, 0)
                 m.d.comb += status.eq(Status.BAD_BUFFER)
@@ -405,13 +492,13 @@ class DecoderParallel(Decoder):
                                 m.d.comb += rng(buf, "w", o.addr, end)
                             with m.Else():
                                 m.d.comb += rng(buf, "r", o.addr, end)
-            for op in RULES:
+            for op in rules:  # (the PASS opcodes without the PASS unit: ILLEGAL_OPCODE)
                 if op in (Opcode.NOP, Opcode.SYNC, Opcode.LOAD, Opcode.STORE):
                     continue
                 with m.Case(op):
                     o = operands_of(word, op)
                     end = self._ends(o, op, products)
-                    self._verdict(m, op, o, end, div_r, status)
+                    self._verdict(m, op, o, end, products, div_r, status)
                     access_set(op, o, end)
             with m.Default():
                 m.d.comb += status.eq(Status.ILLEGAL_OPCODE)
@@ -426,17 +513,30 @@ class DecoderParallel(Decoder):
         ends = {}
         for rule in RULES[op]:
             if isinstance(rule, InRange) and rule.extent:
-                bases, span = (rule.base,), self._extent(o, rule.extent, products)
+                pairs = [(rule.base, rule.extent)]
             elif isinstance(rule, (StridedInRange, TensorInRange)):
-                bases, span = (rule.base,), products[type(rule)]
+                pairs = [(rule.base, type(rule))]
             elif isinstance(rule, Disjoint):
-                bases, span = (rule.a, rule.b), self._extent(o, rule.extent, products)
+                pairs = [(rule.a, rule.extent), (rule.b, rule.extent_b or rule.extent)]
             else:
                 continue
-            for base in bases:
+            for base, extent in pairs:  # (the first rule of a base gives its span)
                 if base not in ends:
+                    span = (products[extent] if not isinstance(extent, tuple)
+                            else self._extent(o, extent, products))
                     ends[base] = o[base] + span
         return ends
+
+    def _gate_end(self, op, o, products):
+        """The end of the MASK bits a gated ``op`` reads (:func:`~.decode_rules.gate_span`):
+        REQUANT ``mask_idx + ceil(count / rows)``, IM2COL ``mask_word*64 + oy0*out_w/rows +
+        m_blocks`` (``rows`` a power of two: the PASS patch)."""
+        ph, pw = self._config.patch_shape  # (raises for rows not a power of two)
+        shift = (ph * pw).bit_length() - 1
+        if op == Opcode.REQUANT:
+            return o.mask_idx + ((o.count + (self._config.rows - 1)) >> shift)
+        return ((o.mask_word * MASK_WORD_BITS) + (products[GateInRange] >> shift)
+                + o.m_blocks)
 
     def _extent(self, o, extent, products):
         if extent[-1] == "rows":
@@ -445,9 +545,10 @@ class DecoderParallel(Decoder):
             return o[extent[0]]
         return products[extent]
 
-    def _verdict(self, m, op, o, end, remainder, status):
-        """Drives ``status`` by the rules of ``op``, every one evaluated at once, the first that
-        fails winning; ``end`` from :meth:`_ends`, ``remainder`` for the :class:`Multiple` rule.
+    def _verdict(self, m, op, o, end, products, remainder, status):
+        """Drives ``status`` by the rules of ``op`` (those :func:`implemented` can fail), every
+        one evaluated at once, the first that fails winning; ``end`` from :meth:`_ends`,
+        ``remainder`` for the :class:`Multiple` rule.
 
         The range checks pass as ``end <= limit`` all together (``base < limit`` for an extent of
         1) or, when there is just one, fail as ``end > limit``."""
@@ -455,30 +556,41 @@ class DecoderParallel(Decoder):
         limits = {buf: cfg.depth(buf) for buf in Buffer}
         limits["mask_bits"] = cfg.mask_bits
         checks, ranges = [], []
-        for rule in RULES[op]:
+        for rule in implemented(cfg)[op]:
             if isinstance(rule, NonZero):
                 checks.append((o[rule.field] == 0, rule.status))
             elif isinstance(rule, Multiple):
                 checks.append((remainder != 0, rule.status))
             elif isinstance(rule, Disjoint):
-                checks.append(((o[rule.a] < end[rule.b]) & (o[rule.b] < end[rule.a]),
-                               rule.status))
+                overlap = (o[rule.a] < end[rule.b]) & (o[rule.b] < end[rule.a])
+                if rule.extent_b is not None:  # (one empty range overlaps nothing)
+                    overlap &= ((self._extent(o, rule.extent, products) != 0)
+                                & (self._extent(o, rule.extent_b, products) != 0))
+                checks.append((overlap, rule.status))
             elif isinstance(rule, PixelFits):
                 checks.append((~pixel_fits(cfg, o), rule.status))
+            elif isinstance(rule, NeedsPassUnit):  # (only without the PASS unit)
+                checks.append((o[rule.field] != 0, rule.status))
+            elif isinstance(rule, TiledFits):  # (only with the PASS unit)
+                checks.append((tiled_misfits(cfg, o), rule.status))
             elif _ranged(rule):
                 ranges.append(rule)
-        if len(ranges) == 1:
+        if len(ranges) == 1 and not isinstance(ranges[0], GateInRange):
             (rule,) = ranges
             checks.append((end[rule.base] > limits[rule.limit], rule.status))
         elif ranges:
             within = []
             for rule in ranges:
-                limit = limits[rule.limit]
-                if isinstance(rule, InRange) and not rule.extent:
-                    ok = o[rule.base] < limit
+                if isinstance(rule, GateInRange):
+                    ok = self._gate_end(op, o, products) <= cfg.mask_bits
+                    checked = o.gate
                 else:
-                    ok = end[rule.base] <= limit
-                checked = applies(rule, o)
+                    limit = limits[rule.limit]
+                    if isinstance(rule, InRange) and not rule.extent:
+                        ok = o[rule.base] < limit
+                    else:
+                        ok = end[rule.base] <= limit
+                    checked = applies(rule, o)
                 within.append(ok if checked is None else ~checked | ok)
             checks.append((~reduce(and_, within), InRange.status))
         for i, (fails, verdict) in enumerate(checks):

@@ -1,8 +1,11 @@
 """Decoder, the serial design (compact builds): the range checks one term at a time on one adder.
 
-Same signature, verdicts and access sets as :class:`~.decoder.DecoderParallel` (see the
-:mod:`.decoder` module docstring); the terms and the status priority come from
-:data:`~.decode_rules.RULES`.
+Same signature and verdicts as :class:`~.decoder.DecoderParallel` (see the :mod:`.decoder`
+module docstring), no access sets; the terms and the status priority come from
+:data:`~.decode_rules.RULES`. Built only for configurations without the PASS unit
+(``Implementation`` forbids ``pass_unit`` with ``serial_decode``): the PASS opcodes are
+``ILLEGAL_OPCODE`` and the PASS fields ``BAD_FIELD``, one multiplexer each in the status and no
+term.
 """
 
 from dataclasses import dataclass
@@ -11,6 +14,7 @@ from operator import and_, or_
 
 from amaranth.hdl import Mux, Signal, signed
 
+from ..errors import ConfigError
 from .arith import mul_const
 from .config import AccelConfig
 from .decode_rules import (
@@ -19,12 +23,13 @@ from .decode_rules import (
     Disjoint,
     InRange,
     Multiple,
+    NeedsPassUnit,
     NonZero,
     PixelFits,
     StridedInRange,
     TensorInRange,
 )
-from .decoder import Decoder, _ranged, operands_of, pixel_fits
+from .decoder import Decoder, _ranged, implemented, operands_of, pixel_fits
 from .isa import BLOCKS_BITS, OPCODE_BITS, OPERANDS, Buffer, Opcode, Status
 
 __all__ = ["DecoderSerial"]
@@ -76,7 +81,8 @@ def _factors(op: Opcode, extent: tuple[str, ...]) -> tuple[tuple, object]:
 
 
 def _terms(cfg: AccelConfig) -> dict:
-    """The :class:`_Term` s of :data:`~.decode_rules.RULES`, per opcode that has any.
+    """The :class:`_Term` s of :data:`~.decode_rules.RULES`, per opcode that has any (of the
+    opcodes ``cfg`` implements: :func:`~.decoder.implemented`).
 
     An :class:`~.decode_rules.InRange` or :class:`~.decode_rules.StridedInRange` rule is one
     term (``b`` its limit; ``"buf_depth"``: the depth of the LOAD/STORE buffer); a
@@ -85,10 +91,11 @@ def _terms(cfg: AccelConfig) -> dict:
     the tensor's pixel words ``ceil(in_h*in_w / 2**pack)``, then ``src + pitch*words``.
     """
     terms = {}
-    for op, rules in RULES.items():
+    for op, rules in implemented(cfg).items():
         op_terms = []
         for rule in rules:
             if isinstance(rule, Disjoint):
+                assert rule.extent_b is None, rule  # (DILATE's: a PASS opcode)
                 x, y = _factors(op, rule.extent)
                 op_terms += [_Term((op, rule.b), (op, rule.a), x, y, kind="overlap"),
                              _Term((op, rule.a), (op, rule.b), x, y, kind="overlap")]
@@ -127,7 +134,15 @@ class DecoderSerial(Decoder):
 
     IM2COL takes at most ``1 + 4*6 + (INP depth + 1) + 255 + 63 + 1`` cycles (one of its two
     window terms, by ``pool``, iterates and stops once past the depth; ``in_h`` iterations for
-    the tensor words, ``pitch`` for the tensor): 857 on the iCE40 preset."""
+    the tensor words, ``pitch`` for the tensor): 857 on the iCE40 preset.
+
+    Raises :class:`~tinyaccel.errors.ConfigError` for a configuration with the PASS unit."""
+
+    def __init__(self, config: AccelConfig, *, access: bool = True):
+        if config.impl.pass_unit:
+            raise ConfigError(f"config {config.name!r}: DecoderSerial has no PASS checks, and "
+                              f"the profile ({config.impl.name}) has the PASS unit")
+        super().__init__(config, access=access)
 
     def _checks(self, m, word, status, buf_ok):
         """The terms of :func:`_terms`, one after another; returns the 'done' pulse.
@@ -337,7 +352,7 @@ class DecoderSerial(Decoder):
         the flags the terms and the divider left."""
         fault = Mux(range_fail, Status.ADDR_RANGE, Status.OK)
         result = Status.ILLEGAL_OPCODE
-        for op, rules in RULES.items():
+        for op, rules in implemented(self._config).items():
             o = operands_of(word, op) if op in OPERANDS and OPERANDS[op] is not None else None
             value = fault if any(_ranged(rule) for rule in rules) else Status.OK
             for rule in reversed(rules):
@@ -351,5 +366,7 @@ class DecoderSerial(Decoder):
                     value = Mux(remainder != 0, rule.status, value)
                 elif isinstance(rule, PixelFits):
                     value = Mux(pixel_fits(self._config, o), value, rule.status)
+                elif isinstance(rule, NeedsPassUnit):
+                    value = Mux(o[rule.field], rule.status, value)
             result = Mux(word.opcode == op, value, result)
         return result

@@ -9,12 +9,18 @@ Instructions arrive checked from the :class:`~.decoder.Decoder`. The
 - for STORE and SGQ, no earlier response is still being sent: responses leave in order.
 
 The :class:`ExclusiveDispatcher` (compact builds, no ``overlap``) lets an instruction wait until
-every unit is idle instead, keeps no access sets, and takes a GEMM, REQUANT, PATCH or SGQ from the
-decoder only when its unit is done: its operands (``cmd``) stay valid meanwhile, so the units keep
-no copy. IM2COL is issued as REQUANT and PATCH are (in the concurrent design its access set,
-OUT read and INP write, holds off a GEMM that reads the INP words it writes). Both have the same
-ports (the decoded instruction carries an access set only for the concurrent one,
-:attr:`Dispatcher.access_sets`); :class:`Dispatcher` holds what they share.
+every unit is idle instead, keeps no access sets, and takes a GEMM, REQUANT, IM2COL, SGQ (or a
+PASS instruction) from the decoder only when its unit is done: its operands (``cmd``) stay valid
+meanwhile, so the units that rely on it keep no copy. IM2COL is issued as REQUANT is (in the
+concurrent design its access set, OUT read and INP write, holds off a GEMM that reads the INP
+words it writes). Both have the same ports (the decoded instruction carries an access set only
+for the concurrent one, :attr:`Dispatcher.access_sets`); :class:`Dispatcher` holds what they
+share.
+
+The PASS units (PATCH, DILATE: ``Implementation.pass_unit``) are issued as REQUANT is, under the
+hazard names ``"patch"`` and ``"dilate"`` of :data:`.hazards.UNIT_ACCESSES`; without the PASS
+unit they have no ports here, and their opcodes (``ILLEGAL_OPCODE`` from the decoder) are taken
+as undefined opcodes are.
 
 Errors (section 5): the first instruction whose status is not OK sets the sticky error with its
 index and opcode; from then on nothing executes until SYNC, but a LOAD still has its data consumed
@@ -43,6 +49,7 @@ from .isa import (
     INSTR_BITS,
     STATUS_BYTES,
     STATUS_MAGIC,
+    DilateOperands,
     GemmOperands,
     Im2colOperands,
     Opcode,
@@ -71,6 +78,13 @@ class Dispatcher(wiring.Component):
 
     def __init__(self, config: AccelConfig):
         self._config = config
+        self._pass_unit = config.impl.pass_unit
+        # the PASS units' ports only with the PASS unit (without it, the decoder reports PATCH
+        # and DILATE as ILLEGAL_OPCODE and they are taken as undefined opcodes are)
+        pass_ports = {
+            "patch": Out(UnitControl(PatchOperands)),
+            "dilate": Out(UnitControl(DilateOperands)),
+        } if self._pass_unit else {}
         super().__init__({
             "i_instr": In(stream.Signature(DecodedLayout(config, access=self.access_sets))),
             "o_stream": Out(stream.Signature(unsigned(config.host_width))),
@@ -78,7 +92,7 @@ class Dispatcher(wiring.Component):
             "store": Out(UnitControl(StoreCommand)),
             "gemm": Out(UnitControl(GemmOperands, slots=2)),
             "requant": Out(UnitControl(RequantOperands)),
-            "patch": Out(UnitControl(PatchOperands)),
+            **pass_ports,
             "sgq": Out(UnitControl(SgqCommand)),
             "im2col": Out(UnitControl(Im2colOperands)),
             "i_counters": In(stream.Signature(unsigned(config.host_width))),  # counter record
@@ -113,10 +127,16 @@ class Dispatcher(wiring.Component):
             m.d.sync += acc_saturated.eq(1)
 
         # -- the units and the issue rules' state (`issue`, for the subclass's methods) ----
-        units = {
-            "gemm": (self.gemm, 2), "requant": (self.requant, 1), "store": (self.store, 1),
-            "patch": (self.patch, 1), "sgq": (self.sgq, 1), "im2col": (self.im2col, 1),
-        }
+        units = {"gemm": (self.gemm, 2), "requant": (self.requant, 1), "store": (self.store, 1)}
+        if self._pass_unit:
+            units["patch"] = (self.patch, 1)
+        units.update({"sgq": (self.sgq, 1), "im2col": (self.im2col, 1)})
+        if self._pass_unit:
+            units["dilate"] = (self.dilate, 1)
+        # (PASS: the one-slot units that take an instruction as REQUANT does)
+        issued_like_requant = [("requant", Opcode.REQUANT), ("im2col", Opcode.IM2COL)]
+        if self._pass_unit:
+            issued_like_requant += [("patch", Opcode.PATCH), ("dilate", Opcode.DILATE)]
         issue = SimpleNamespace(m=m, instr=instr, op=op, units=units)
         issue.hazard = hazard = self.hazard(issue)
         fresh = Signal()  # `hazard` was computed for the instruction now offered
@@ -142,7 +162,6 @@ class Dispatcher(wiring.Component):
             self.store.cmd.zero.eq(~execute),
             self.gemm.cmd.eq(ops.gemm),
             self.requant.cmd.eq(ops.requant),
-            self.patch.cmd.eq(ops.patch),
             self.sgq.cmd.operands.eq(ops.sgq),
             self.sgq.cmd.zero.eq(~execute),
             self.im2col.cmd.eq(ops.im2col),
@@ -167,9 +186,10 @@ class Dispatcher(wiring.Component):
         # both designs, in this order, so that the Verilog of each is the one it had before the
         # two were split (Amaranth numbers cells in order); the concurrent design never sets it,
         # and synthesis removes it there.
+        if self._pass_unit:
+            m.d.comb += [self.patch.cmd.eq(ops.patch), self.dilate.cmd.eq(ops.dilate)]
         started = Signal()  # the offered instruction's unit has been started
-        start_q = {name: Signal(name=f"{name}_start_q") for name in ("gemm", "requant", "patch",
-                                                                     "sgq", "im2col")}
+        start_q = {name: Signal(name=f"{name}_start_q") for name in units if name != "store"}
         started1, settled = [Signal() for _ in range(2)]  # (unnamed in the Verilog)
         m.d.sync += [started1.eq(started), settled.eq(started1 & started)]
         issue.started, issue.start_q, issue.settled = started, start_q, settled
@@ -192,8 +212,7 @@ class Dispatcher(wiring.Component):
                             with m.Else():
                                 self.launch(issue, "gemm",
                                             clear_to_go & self.unit_free(issue, "gemm"), 1)
-                        for name, code in (("requant", Opcode.REQUANT), ("patch", Opcode.PATCH),
-                                           ("im2col", Opcode.IM2COL)):
+                        for name, code in issued_like_requant:
                             with m.Case(code):
                                 with m.If(~execute):
                                     m.d.comb += accept.eq(1)
@@ -275,7 +294,7 @@ class Dispatcher(wiring.Component):
         """Connections that :meth:`launch` needs, made once."""
 
     def unit_free(self, issue, name: str) -> Value:
-        """Unit ``name`` (GEMM, REQUANT or PATCH) can take an instruction."""
+        """Unit ``name`` (not LOAD or STORE) can take an instruction."""
         raise NotImplementedError
 
     def launch(self, issue, name: str, ready: Value, claim_execute):
@@ -366,8 +385,8 @@ class ConcurrentDispatcher(Dispatcher):
 
 class ExclusiveDispatcher(Dispatcher):
     """One instruction at a time: an instruction waits until every unit is idle, and a GEMM,
-    REQUANT, PATCH or SGQ is taken only when its unit is done, so that its operands stay on
-    offer (``cmd``) while it executes (compact builds).
+    REQUANT, IM2COL, SGQ, PATCH or DILATE is taken only when its unit is done, so that its
+    operands stay on offer (``cmd``) while it executes (compact builds).
 
     Every decision comes from registers (``hazard`` covers every unit), none from a unit's busy
     logic directly: the iCE40 cannot afford busy -> issue -> decoder in one cycle.

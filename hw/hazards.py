@@ -41,14 +41,20 @@ def AccessLayout(config: AccelConfig) -> data.StructLayout:
 
 
 #: Which (buffer, "r"/"w") ranges each in-flight unit can hold; the slots store only these.
+#: A MASK range is always the whole buffer (the decoder's access sets: MASK operands count
+#: bits, its depth words); PATCH's OUT read range is the hull of its new and reference tiles.
+#: The PASS units ("patch", "dilate") and the MASK reads of "im2col" and "requant" (their
+#: ``gate``) exist only with ``Implementation.pass_unit``; without it the decoder never enables
+#: those ranges (constant 0: the slots' flip-flops for them are optimized away).
 UNIT_ACCESSES = {
     "gemm": [(Buffer.INP, "r"), (Buffer.WGT, "r"), (Buffer.ACC, "r"), (Buffer.ACC, "w"),
              (Buffer.MASK, "r")],
-    "requant": [(Buffer.ACC, "r"), (Buffer.PARAM, "r"), (Buffer.OUT, "w")],
+    "requant": [(Buffer.ACC, "r"), (Buffer.PARAM, "r"), (Buffer.OUT, "w"), (Buffer.MASK, "r")],
     "store": [(buf, "r") for buf in Buffer],
-    "patch": [(Buffer.INP, "r"), (Buffer.INP, "w"), (Buffer.MASK, "r"), (Buffer.MASK, "w")],
+    "patch": [(Buffer.OUT, "r"), (Buffer.OUT, "w"), (Buffer.MASK, "r"), (Buffer.MASK, "w")],
+    "dilate": [(Buffer.MASK, "r"), (Buffer.MASK, "w")],
     "sgq": [(Buffer.OUT, "r")],
-    "im2col": [(Buffer.OUT, "r"), (Buffer.INP, "w")],
+    "im2col": [(Buffer.OUT, "r"), (Buffer.INP, "w"), (Buffer.MASK, "r")],
 }
 
 

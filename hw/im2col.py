@@ -17,8 +17,8 @@ from amaranth.utils import exact_log2
 from ..errors import ConfigError
 from .config import AccelConfig
 from .control import UnitControl
-from .isa import BLOCKS_BITS, Buffer, Im2colOperands
-from .scratchpads import ReadClient, WriteClient, geometry
+from .isa import BLOCKS_BITS, MASK_IDX_BITS, MASK_WORD_BITS, Buffer, Im2colOperands
+from .scratchpads import ReadClient, WriteClient, geometry, mask_bit
 
 __all__ = ["Im2col", "Im2colTiled", "Im2colSerial"]
 
@@ -28,7 +28,8 @@ Q_BITS = 16
 
 
 class Im2col(wiring.Component):
-    """What both designs share: the ports (``ctrl``, ``rd_out``, ``wr_inp``) and the widths.
+    """What both designs share: the ports (``ctrl``, ``rd_out``, ``wr_inp``; with the PASS unit
+    ``rd_mask``, the gate bits, used by :class:`Im2colTiled` only) and the widths.
 
     ``held_cmd``: the dispatcher keeps ``ctrl.cmd`` valid until the unit is idle again, so the
     unit keeps no copy of it (compact builds; only :class:`Im2colSerial` uses it).
@@ -42,20 +43,26 @@ class Im2col(wiring.Component):
         self._held_cmd = held_cmd
         self._out = geometry(config, Buffer.OUT)
         self._inp = geometry(config, Buffer.INP)
-        super().__init__({
+        self._mask = geometry(config, Buffer.MASK)
+        ports = {
             "ctrl": In(UnitControl(Im2colOperands)),
             "rd_out": Out(ReadClient(self._out)),
             "wr_inp": Out(WriteClient(self._inp)),
-        })
+        }
+        if config.impl.pass_unit:
+            ports["rd_mask"] = Out(ReadClient(self._mask))
+        super().__init__(ports)
 
     #: ``iy0`` and ``ix0`` stop growing once they reach this: every pixel from there on is
     #: outside the tensor (``in_h, in_w <= 255``), so they need not be exact beyond it.
     FAR = 256
 
     def _widths(self):
-        """Signed widths of ``iy`` and ``ix``: ``iy0, ix0`` lie in ``[-15, FAR + 7)`` (they stop
-        at ``FAR``), a tap adds up to ``31*7``."""
-        top = self.FAR + 7 + 31 * 7
+        """Signed widths of ``iy`` and ``ix``: ``iy0, ix0`` lie in ``[-15, FAR + 7*step)`` (they
+        stop at ``FAR``; a step is one pixel, or with the PASS unit up to a patch), a tap adds up
+        to ``31*7``."""
+        step = max(self._config.patch_shape) if self._config.impl.pass_unit else 1
+        top = self.FAR + 7 * step + 31 * 7
         return top.bit_length() + 1, top.bit_length() + 1
 
     def _walker(self, cmd, wrap=None):
@@ -122,6 +129,17 @@ class Im2colTiled(Im2col):
         drow = Signal(Q_BITS)  # dilation * in_w: the step of dyw to the next tap row
         step_qrow = Mux(ox == cmd.out_w - 1, qrow + srow, qrow)[:Q_BITS]
         t1 = Signal(11)  # oy0 * stride (setup)
+        pas = cfg.impl.pass_unit
+        if pas:  # tiled and gate (PASS)
+            ph, pw = cfg.patch_shape
+            lph, lpw = exact_log2(ph), exact_log2(pw)
+            tiled = cmd.tiled
+            last_bx = Signal(8)  # out_w - pw: bs_ox of a row's last patch
+            first_patch = Signal(16)  # oy0*out_w/rows (setup)
+            kk = Signal(8)  # kh*kw (setup)
+            k_words = Signal(inp_aw)  # INP words of a block (setup)
+            # gate: MASK bit mpos is the current block's; mnext = mpos + 1 is the one read
+            mpos, mnext = Signal(MASK_IDX_BITS), Signal(MASK_IDX_BITS)
 
         # tap, channel group, block, pixel
         ky, kx = Signal(5), Signal(5)
@@ -152,6 +170,10 @@ class Im2colTiled(Im2col):
         p1 = Signal(data.StructLayout({
             "valid": 1, "iy": signed(iyw), "ix": signed(ixw), "qr": Q_BITS, "g": 10,
             "r": range(rows), "bank": 1, "last": 1, "fresh": 1}))
+        if pas:  # (1m) tiled: the row base's multiply; ix with its patch bits moved
+            p1m = Signal(data.StructLayout({
+                "valid": 1, "inside": 1, "qr": Q_BITS, "ix": Q_BITS, "g": 10,
+                "r": range(rows), "bank": 1, "last": 1, "fresh": 1}))
         p2 = Signal(data.StructLayout({
             "valid": 1, "inside": 1, "q": Q_BITS, "g": 10, "r": range(rows), "bank": 1,
             "last": 1, "fresh": 1}))
@@ -166,11 +188,28 @@ class Im2colTiled(Im2col):
             p1.qr.eq(qrow + dyw), p1.g.eq(g), p1.r.eq(r), p1.bank.eq(fs),
             # (pool: the bank is full after the last tap; the first tap overwrites its rows)
             p1.last.eq(last_row & (~cmd.pool | last_tap)), p1.fresh.eq(~cmd.pool | first_tap),
-            p2.valid.eq(p1.valid),
-            p2.inside.eq((p1.iy >= 0) & (p1.iy < cmd.in_h) & (p1.ix >= 0) &
-                         (p1.ix < cmd.in_w)),
-            p2.q.eq(p1.qr + p1.ix[:Q_BITS]), p2.g.eq(p1.g), p2.r.eq(p1.r),
-            p2.bank.eq(p1.bank), p2.last.eq(p1.last), p2.fresh.eq(p1.fresh),
+        ]
+        inside1 = (p1.iy >= 0) & (p1.iy < cmd.in_h) & (p1.ix >= 0) & (p1.ix < cmd.in_w)
+        if pas:
+            # tiled q = ((iy & ~(ph-1)) * in_w) + ((ix & ~(pw-1)) << lph) + ((iy & (ph-1)) <<
+            # lpw) + (ix & (pw-1)): a multiply (a stage of its own), then the adder of stage 2;
+            # the second term is ix with iy's low bits put between its own (wiring)
+            row_base = Cat(Const(0, lph), p1.iy[lph:8] * cmd.in_w)[:Q_BITS]
+            ix_tiled = Cat(p1.ix[:lpw], p1.iy[:lph], p1.ix[lpw:8])
+            m.d.sync += [
+                p1m.valid.eq(p1.valid), p1m.inside.eq(inside1),
+                p1m.qr.eq(Mux(tiled, row_base, p1.qr)),
+                p1m.ix.eq(Mux(tiled, ix_tiled, p1.ix[:Q_BITS])),
+                p1m.g.eq(p1.g), p1m.r.eq(p1.r), p1m.bank.eq(p1.bank), p1m.last.eq(p1.last),
+                p1m.fresh.eq(p1.fresh),
+            ]
+            s1, inside = p1m, p1m.inside
+        else:
+            s1, inside = p1, inside1
+        m.d.sync += [
+            p2.valid.eq(s1.valid), p2.inside.eq(inside),
+            p2.q.eq(s1.qr + s1.ix[:Q_BITS]), p2.g.eq(s1.g), p2.r.eq(s1.r),
+            p2.bank.eq(s1.bank), p2.last.eq(s1.last), p2.fresh.eq(s1.fresh),
             p3.valid.eq(p2.valid), p3.inside.eq(p2.inside),
             p3.word.eq((p2.q >> cmd.pack) * cmd.pitch), p3.q_low.eq(p2.q[:3]), p3.g.eq(p2.g),
             p3.r.eq(p2.r), p3.bank.eq(p2.bank), p3.last.eq(p2.last), p3.fresh.eq(p2.fresh),
@@ -229,6 +268,37 @@ class Im2colTiled(Im2col):
         block_end = last_g & last_tap
         # a tile's first read claims a bank (pool: at its first tap only)
         opening = (r == 0) & (~cmd.pool | first_tap)
+        far = self.FAR
+        walker = (ox, iy0, ix0)
+        block_start = (bs_ox, bs_iy0, bs_ix0)
+        next_pixel = step  # the pixel after this one in the block, and the next block's first
+        next_block = step
+        if pas:
+            # tiled: within a patch the next column, or at the end of a patch row the patch's
+            # first column one row down; the next block is the next patch (from the block's
+            # first pixel: bs_iy0 only grows, so it may stop at FAR)
+            row_end = r[:lpw].all() if lpw else Const(1)
+            tiled_pixel = (
+                Mux(row_end, bs_ox, ox + 1)[:8],
+                Mux(row_end & (iy0 < far), iy0 + cmd.stride, iy0)[:iyw].as_signed(),
+                Mux(row_end, bs_ix0, Mux(ix0 < far, ix0 + cmd.stride, ix0))[:ixw].as_signed())
+            wrap = bs_ox == last_bx
+            next_patch = (
+                Mux(wrap, 0, bs_ox + pw)[:8],
+                Mux(wrap & (bs_iy0 < far), bs_iy0 + (cmd.stride << lph), bs_iy0)[:iyw].as_signed(),
+                Mux(wrap, -cmd.pad_left,
+                    Mux(bs_ix0 < far, bs_ix0 + (cmd.stride << lpw), bs_ix0))[:ixw].as_signed())
+            next_pixel = tuple(Mux(tiled, t, s) for t, s in zip(tiled_pixel, step, strict=True))
+            next_block = tuple(Mux(tiled, t, s) for t, s in zip(next_patch, step, strict=True))
+            mask_word, _ = mask_bit(self._mask, mnext)
+            _, mask_pos_bit = mask_bit(self._mask, mpos)
+            m.d.comb += self.rd_mask.addr.eq(mask_word[:self._mask.addr_width])
+
+            def next_gate_bit():
+                """Read MASK bit ``mnext`` (in the gate register next cycle: ``mpos``)."""
+                m.d.comb += self.rd_mask.en.eq(1)
+                m.d.sync += [mpos.eq(mnext), mnext.eq(mnext + 1)]
+
         with m.FSM():
             with m.State("IDLE"):
                 with m.If(self.ctrl.start):
@@ -246,10 +316,20 @@ class Im2colTiled(Im2col):
                     g.eq(0), c_left.eq(cmd.channels), i.eq(0), r.eq(0), wptr.eq(cmd.dst),
                     fs.eq(0), ds.eq(0), j.eq(0),
                 ]
+                if pas:
+                    m.d.sync += [
+                        last_bx.eq(cmd.out_w - pw), kk.eq(cmd.kh * cmd.kw),
+                        first_patch.eq((cmd.oy0 >> lph) * (cmd.out_w >> lpw)),
+                    ]
                 m.next = "SETUP_IY"
             with m.State("SETUP_IY"):
                 first = t1 - cmd.pad_top
                 m.d.sync += bs_iy0.eq(Mux(first > self.FAR, self.FAR, first))
+                if pas:
+                    m.d.sync += [
+                        k_words.eq(Mux(cmd.pool, cmd.channels, kk * cmd.channels)),
+                        mnext.eq(cmd.mask_word * MASK_WORD_BITS + first_patch),
+                    ]
                 m.next = "SETUP_Q"
             with m.State("SETUP_Q"):
                 m.d.sync += [bs_qrow.eq(bs_iy0 * cmd.in_w), ox.eq(bs_ox), iy0.eq(bs_iy0),
@@ -258,6 +338,10 @@ class Im2colTiled(Im2col):
             with m.State("LOAD"):
                 m.d.sync += qrow.eq(bs_qrow)
                 m.next = "RUN"
+                if pas:
+                    with m.If(cmd.gate):
+                        next_gate_bit()
+                        m.next = "GATE"
             with m.State("RUN"):
                 with m.If(~opening | ~used.bit_select(fs, 1)):
                     m.d.comb += issue.eq(1)
@@ -268,9 +352,8 @@ class Im2colTiled(Im2col):
                         for b in range(2):
                             with m.If(fs == b):
                                 m.d.sync += [base[b].eq(wptr), count[b].eq(ccount)]
-                    nox, niy0, nix0 = step
-                    m.d.sync += [r.eq(r + 1), ox.eq(nox), iy0.eq(niy0), ix0.eq(nix0),
-                                 qrow.eq(step_qrow)]
+                    m.d.sync += [r.eq(r + 1), qrow.eq(step_qrow)]
+                    m.d.sync += [w.eq(n) for w, n in zip(walker, next_pixel, strict=True)]
                     with m.If(last_row):
                         m.d.sync += r.eq(0)
                         with m.If(~cmd.pool | last_tap):
@@ -279,10 +362,17 @@ class Im2colTiled(Im2col):
                             m.d.sync += [ox.eq(bs_ox), iy0.eq(bs_iy0), ix0.eq(bs_ix0),
                                          qrow.eq(bs_qrow)]
                         with m.Else():  # the next block starts after this one's last pixel
-                            m.d.sync += [bs_ox.eq(nox), bs_iy0.eq(niy0), bs_ix0.eq(nix0),
-                                         bs_qrow.eq(step_qrow), i.eq(i + 1)]
+                            m.d.sync += [w.eq(n) for w, n in zip(walker, next_block,
+                                                                  strict=True)]
+                            m.d.sync += [w.eq(n) for w, n in zip(block_start, next_block,
+                                                                  strict=True)]
+                            m.d.sync += [bs_qrow.eq(step_qrow), i.eq(i + 1)]
                             with m.If(last_i):
                                 m.next = "FINISH"
+                            if pas:
+                                with m.Elif(cmd.gate):
+                                    next_gate_bit()
+                                    m.next = "GATE"
                         # the next channel group (pool: after the last tap), the next tap
                         # (without pool: after the last group)
                         with m.If(~cmd.pool | last_tap):
@@ -300,8 +390,25 @@ class Im2colTiled(Im2col):
                                                  dyw.eq(dyw + drow)]
                                 with m.Else():
                                     m.d.sync += [ky.eq(0), dy.eq(0), dyw.eq(0)]
+            if pas:
+                with m.State("GATE"):
+                    # MASK bit mpos (read last cycle) gates block i: set, run it; clear, skip it
+                    # in this cycle (walker to the next patch, its INP words passed over) and
+                    # look at the next bit, read meanwhile (wasted when this one is set)
+                    m.d.comb += self.rd_mask.en.eq(1)
+                    with m.If(self.rd_mask.data.bit_select(mask_pos_bit, 1)):
+                        m.next = "RUN"
+                    with m.Else():
+                        next_gate_bit()
+                        m.d.sync += [w.eq(n) for w, n in zip(walker, next_patch, strict=True)]
+                        m.d.sync += [w.eq(n) for w, n in zip(block_start, next_patch,
+                                                              strict=True)]
+                        m.d.sync += [i.eq(i + 1), wptr.eq(wptr + k_words)]
+                        with m.If(last_i):
+                            m.next = "FINISH"
             with m.State("FINISH"):  # every tile read: wait for the banks to drain
-                with m.If(~used.any() & ~p1.valid & ~p2.valid & ~p3.valid & ~p4.valid):
+                stages = [p1, p1m, p2, p3, p4] if pas else [p1, p2, p3, p4]
+                with m.If(~used.any() & ~Cat(*(p.valid for p in stages)).any()):
                     m.d.sync += busy.eq(0)
                     m.next = "IDLE"
         return m

@@ -3,13 +3,13 @@
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
-from amaranth.utils import ceil_log2
+from amaranth.utils import ceil_log2, exact_log2
 
 from .arith import mul_const
 from .config import AccelConfig
 from .control import UnitControl
-from .isa import Buffer, ChannelParams, RequantOperands
-from .scratchpads import ReadClient, WriteClient, geometry
+from .isa import MASK_IDX_BITS, Buffer, ChannelParams, RequantOperands
+from .scratchpads import ReadClient, WriteClient, geometry, mask_bit
 
 __all__ = ["RequantPipeline", "RequantSerial", "RequantUnit"]
 
@@ -369,18 +369,28 @@ class RequantUnit(wiring.Component):
     is written with that beat's enable when its last group comes out; the write address counts
     on its own, in order, ``out_gap + 1`` words per ACC word (the strided REQUANT). Read enables
     and addresses come from flops.
+
+    With the PASS unit (``rd_mask``) REQUANT has ``gate``: a block of ``rows`` ACC words whose
+    MASK bit is 0 is passed over whole in one cycle (its OUT words untouched). The bit of the
+    next block is read ahead while the current one issues, so a live block costs nothing more
+    and a skipped one 2 cycles (a read, then the next bit in a register). Then the OUT address of
+    each word is computed at issue and rides through the engine as its ``tag`` (the write
+    address counter above is not built).
     """
 
     def __init__(self, config: AccelConfig, *, serial: bool = False):
         self._config = config
         self._serial = serial
         self._geom = {buf: geometry(config, buf) for buf in Buffer}
-        super().__init__({
+        ports = {
             "ctrl": In(UnitControl(RequantOperands)),
             "rd_acc": Out(ReadClient(self._geom[Buffer.ACC])),
             "rd_param": Out(ReadClient(self._geom[Buffer.PARAM])),
             "wr_out": Out(WriteClient(self._geom[Buffer.OUT])),
-        })
+        }
+        if config.impl.pass_unit:
+            ports["rd_mask"] = Out(ReadClient(self._geom[Buffer.MASK]))
+        super().__init__(ports)
 
     def elaborate(self, platform):
         m = Module()
@@ -390,7 +400,10 @@ class RequantUnit(wiring.Component):
         pgeom, ogeom = self._geom[Buffer.PARAM], self._geom[Buffer.OUT]
         folded = pgeom.fold > 1
 
-        m.submodules.pipe = pipe = (RequantSerial if self._serial else RequantPipeline)(lanes)
+        pas = cfg.impl.pass_unit
+        tag_shape = ogeom.addr_width if pas else 0  # (PASS: the OUT address of the word)
+        m.submodules.pipe = pipe = (RequantSerial if self._serial else RequantPipeline)(
+            lanes, tag_shape)
         o = pipe.o_stream
 
         # -- issue: ACC word n, lane group g ----------------------------------------------
@@ -405,11 +418,13 @@ class RequantUnit(wiring.Component):
             go = issuing & (o.valid | ~(pipe.busy | v1))
         else:
             go = issuing
+        start, cmd = self.ctrl.start, self.ctrl.cmd
+        last_group = g == groups - 1
+        if pas:
+            go, skip = self._gate(m, start, cmd, issuing, go, g_first, last_group)
         m.d.sync += v1.eq(go)
         m.d.comb += [self.rd_acc.addr.eq(acc_ptr), self.rd_acc.en.eq(go & g_first)]
         # every counter loads from one place: at start, or when it moves on
-        start, cmd = self.ctrl.start, self.ctrl.cmd
-        last_group = g == groups - 1
         word_end = go & last_group
         with m.If(start | go):
             m.d.sync += [g.eq(Mux(start | last_group, 0, g + 1)), g_first.eq(start | last_group)]
@@ -420,6 +435,12 @@ class RequantUnit(wiring.Component):
                          left.eq(Mux(start, cmd.count, left - 1))]
         with m.If(start | (word_end & (left == 1))):
             m.d.sync += issuing.eq(start & (cmd.count != 0))
+        if pas:  # a skipped block: its rows (all that are left, if fewer) passed over
+            rows = cfg.rows
+            with m.If(skip):
+                m.d.sync += [acc_ptr.eq(acc_ptr + rows), left.eq(left - rows)]
+                with m.If(left <= rows):
+                    m.d.sync += issuing.eq(0)
         with m.If(start):
             m.d.sync += param_word.eq(cmd.param_addr)
         if not folded:
@@ -430,6 +451,19 @@ class RequantUnit(wiring.Component):
             param_ptr = mul_const(param_word, pgeom.fold) + g
         group_bits = len(self.rd_param.data) // groups
 
+        if pas:  # the OUT address of each word, at issue, then a tag through the engine
+            out_next = Signal(ogeom.addr_width)  # of the next word issued
+            tag1, tag2 = Signal.like(out_next), Signal.like(out_next)
+            step = Signal(len(cmd.out_gap) + 1)  # out_gap + 1: row r goes to out_addr + r*step
+            with m.If(start):
+                m.d.sync += step.eq(cmd.out_gap + 1)
+            with m.If(start | word_end | skip):
+                m.d.sync += out_next.eq(Mux(start, cmd.out_addr, out_next + Mux(
+                    skip, step << exact_log2(cfg.rows), step)))
+            with m.If(go):
+                m.d.sync += tag1.eq(out_next)
+            m.d.sync += tag2.eq(tag1)
+            m.d.comb += pipe.i_stream.payload.tag.eq(tag1 if self._serial else tag2)
         if self._serial:  # both ports read together and held; selection from the ports
             m.d.comb += [
                 self.rd_param.addr.eq(param_ptr),
@@ -467,18 +501,21 @@ class RequantUnit(wiring.Component):
         per_chunk = chunk_bits // group_bits  # lane groups per chunk
         chunks = ogeom.width // chunk_bits  # chunks per OUT word
         beats = chunk_bits // ogeom.host_width  # write enables per chunk
-        out_ptr = Signal(ogeom.addr_width)
         slot = Signal(range(per_chunk))  # of the next result in its chunk
         chunk = Signal(range(chunks))  # of the next result in its word
         buf = Signal(chunk_bits)
         shifted = Cat(buf[group_bits:], o.payload.out) if per_chunk > 1 else o.payload.out
         chunk_done = o.valid & (slot == per_chunk - 1)
         last_chunk = chunk == chunks - 1
-        step = Signal(len(cmd.out_gap) + 1)  # out_gap + 1: row r goes to out_addr + r*step
-        with m.If(start):
-            m.d.sync += step.eq(cmd.out_gap + 1)
-        with m.If(start | (chunk_done & last_chunk)):
-            m.d.sync += out_ptr.eq(Mux(start, cmd.out_addr, out_ptr + step))
+        if pas:
+            out_ptr = o.payload.tag
+        else:
+            out_ptr = Signal(ogeom.addr_width)
+            step = Signal(len(cmd.out_gap) + 1)  # out_gap + 1: row r goes to out_addr + r*step
+            with m.If(start):
+                m.d.sync += step.eq(cmd.out_gap + 1)
+            with m.If(start | (chunk_done & last_chunk)):
+                m.d.sync += out_ptr.eq(Mux(start, cmd.out_addr, out_ptr + step))
         with m.If(start | o.valid):
             m.d.sync += slot.eq(Mux(start | (slot == per_chunk - 1), 0, slot + 1))
         with m.If(start | chunk_done):
@@ -492,3 +529,41 @@ class RequantUnit(wiring.Component):
         with m.If(chunk_done):
             m.d.comb += self.wr_out.en.eq(Const((1 << beats) - 1, beats) << (beats * chunk))
         return m
+
+    def _gate(self, m, start, cmd, issuing, go, g_first, last_group):
+        """REQUANT ``gate`` (PASS): ``(go, skip)``, the issue enable with the gate applied and
+        the cycle a block is skipped (its first word is next, its MASK bit 0).
+
+        A one-bit look-ahead: the MASK bit ``pos`` of the next block is read (a cycle) into
+        ``bit`` (``known``); a block's first word waits for it, then issues or is skipped, and
+        in that cycle the read of the bit after it starts (so a skipped block costs 2 cycles,
+        and a live one reads its successor's bit while its own words issue)."""
+        rows = self._config.rows
+        mgeom = self._geom[Buffer.MASK]
+        gated = Signal()
+        row = Signal(range(rows))  # of the next word in its block
+        block_first = Signal()  # row == 0: the next word opens a block
+        pos, pos1 = Signal(MASK_IDX_BITS), Signal(MASK_IDX_BITS)  # pos1 = pos + 1
+        known, bit, pending = Signal(), Signal(), Signal()
+        opening = gated & block_first & g_first
+        go_gated = go & (~opening | (known & bit))
+        skip = issuing & opening & known & ~bit
+        consume = (go_gated & opening) | skip
+        fetch = issuing & gated & ~known & ~pending
+        word, bit_index = mask_bit(mgeom, pos)
+        word1, _ = mask_bit(mgeom, pos1)
+        m.d.comb += [
+            self.rd_mask.en.eq(fetch | consume),
+            self.rd_mask.addr.eq(Mux(consume, word1, word)[:mgeom.addr_width]),
+        ]
+        m.d.sync += pending.eq(fetch | consume)
+        with m.If(pending):
+            m.d.sync += [known.eq(1), bit.eq(self.rd_mask.data.bit_select(bit_index, 1))]
+        with m.If(consume):
+            m.d.sync += [known.eq(0), pos.eq(pos1), pos1.eq(pos1 + 1)]
+        with m.If(start | (go_gated & last_group)):
+            m.d.sync += [row.eq(Mux(start, 0, row + 1)), block_first.eq(start | (row == rows - 1))]
+        with m.If(start):
+            m.d.sync += [gated.eq(cmd.gate), pos.eq(cmd.mask_idx), pos1.eq(cmd.mask_idx + 1),
+                         known.eq(0), pending.eq(0)]
+        return go_gated, skip

@@ -12,6 +12,7 @@ from .config import AccelConfig, Implementation, get_config
 from .counters import PerfCounters
 from .decoder import DecoderParallel
 from .decoder_serial import DecoderSerial
+from .dilate import DilateUnit
 from .dispatcher import ConcurrentDispatcher, ExclusiveDispatcher
 from .gemm_unit import ConcurrentGemmUnit, ExclusiveGemmUnit
 from .im2col import Im2colSerial, Im2colTiled
@@ -83,13 +84,16 @@ class Accelerator(wiring.Component):
         gemm_unit = ExclusiveGemmUnit if exclusive else ConcurrentGemmUnit
         m.submodules.gemm = gemm = gemm_unit(cfg, shadow=impl.shadow)
         m.submodules.requant = requant = RequantUnit(cfg, serial=impl.serial_requant)
-        m.submodules.patch = patch = PatchSkipUnit(cfg, held_cmd=impl.held_cmd)
         m.submodules.sgq = sgq = (StripeEncoderSerial(cfg, held_cmd=impl.sgq_held_cmd)
                                   if impl.serial_sgq else StripeEncoderPipeline(cfg))
         m.submodules.im2col = im2col = (Im2colSerial(cfg, held_cmd=impl.held_cmd)
                                         if impl.serial_im2col else Im2colTiled(cfg))
-        units = {"load": load, "store": store, "gemm": gemm, "requant": requant, "patch": patch,
-                 "sgq": sgq, "im2col": im2col}
+        units = {"load": load, "store": store, "gemm": gemm, "requant": requant}
+        if impl.pass_unit:  # PATCH (OUT and MASK ports) and DILATE (MASK ports)
+            m.submodules.patch = units["patch"] = PatchSkipUnit(cfg)
+        units.update({"sgq": sgq, "im2col": im2col})
+        if impl.pass_unit:
+            m.submodules.dilate = units["dilate"] = DilateUnit(cfg)
 
         # After reset the load unit clears the scratchpads; no input is taken meanwhile.
         m.d.comb += [

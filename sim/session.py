@@ -85,7 +85,8 @@ def estimate_work(config: AccelConfig, stream: bytes) -> int:
     """A generous bound on the cycles of the longest compute instruction in ``stream``.
 
     Walks the host stream with the protocol's parser (LOAD data skipped) and returns the largest
-    cycle estimate of one GEMM, PATCH, REQUANT, SGQ, IM2COL or STORE; sizes the hang watchdog.
+    cycle estimate of one GEMM, PATCH, DILATE, REQUANT, SGQ, IM2COL or STORE; sizes the hang
+    watchdog.
     A stream that ends early (a hang test) is estimated up to where it ends.
     """
     worst = 0
@@ -94,8 +95,10 @@ def estimate_work(config: AccelConfig, stream: bytes) -> int:
             code, f = decode_fields(word)
             if code == Opcode.GEMM.value:
                 work = f["m_blocks"] * f["n_blocks"] * (f["k"] + 4 * config.rows + 64)
-            elif code == Opcode.PATCH.value:
-                work = f["blocks"] * (f["k"] * 2 + 64)
+            elif code == Opcode.PATCH.value:  # compare 2k, copy k, scan and MASK per group
+                work = f["blocks"] * (f["k"] * 3 + 64)
+            elif code == Opcode.DILATE.value:  # a read per window row (two if it straddles)
+                work = f["out_h"] * f["out_w"] * (2 * f["kh"] + 4) + 64
             elif code in (Opcode.REQUANT.value, Opcode.SGQ.value):
                 work = f["count"] * (config.cols + 64)
             elif code == Opcode.STORE.value:

@@ -5,13 +5,16 @@ import numpy as np
 import pytest
 from amaranth.sim import Simulator
 from hw_tb import COMPACT, FULL, check_against_golden, seed_from_env, small_config
+from test_hw_im2col import mask_words
 
 from tinyaccel.hw.config import PRESETS
 from tinyaccel.hw.decode_rules import strided_span
-from tinyaccel.hw.isa import Buffer, Status
-from tinyaccel.hw.requant import RequantPipeline, RequantSerial
-from tinyaccel.protocol import Program, channel_params
+from tinyaccel.hw.isa import Buffer, RequantOperands, Status
+from tinyaccel.hw.requant import RequantPipeline, RequantSerial, RequantUnit
+from tinyaccel.hw.scratchpads import geometry
+from tinyaccel.protocol import Program, channel_params, pack_words, unpack_words
 from tinyaccel.sim.numerics import requantize
+from tinyaccel.sim.randprog import random_words
 
 I32 = np.iinfo(np.int32)
 FIELDS = ("bias", "multiplier", "shift", "zero_point", "clamp_min", "clamp_max")
@@ -156,3 +159,198 @@ def test_requant_out_gap(name, impl):
     p.sync()
     items, _ = check_against_golden(cfg, p, seed=seed, impl=impl)
     assert items[-1].status == Status.ADDR_RANGE
+
+
+# -- the requant unit: the gate (PASS) ----------------------------------------------------------
+
+def physical_words(config, buf, words):
+    """The physical words (ints) of scratchpad ``buf`` holding ``words`` (the ``pack_words``
+    form): each architectural word's bytes cut into ``fold`` physical words, in order."""
+    size = geometry(config, buf).width // 8
+    data = pack_words(config, buf, words)
+    return [int.from_bytes(data[i:i + size], "little") for i in range(0, len(data), size)]
+
+
+def run_requant_unit(config, cases, acc, param, out, mask, *, serial=False):
+    """Run the REQUANTs ``cases`` (operand dicts) one after another on a :class:`RequantUnit`
+    over ACC ``acc``, PARAM ``param``, OUT ``out`` (``pack_words`` forms) and MASK bits
+    ``mask``; the ports behave as section 3 defines them (read data a cycle after the enable,
+    held while it is low). Returns per case the OUT words (int8 rows) after it, the addresses
+    written and its cycles from start to idle."""
+    unit = RequantUnit(config, serial=serial)
+    acc_w = physical_words(config, Buffer.ACC, acc)
+    param_w = physical_words(config, Buffer.PARAM, param)
+    mask_w = mask_words(config, mask)
+    out_w = physical_words(config, Buffer.OUT, out)
+    hw = config.host_width
+    results = []
+
+    async def bench(ctx):
+        for f in cases:
+            ctx.set(unit.ctrl.cmd, RequantOperands.const(f))
+            ctx.set(unit.ctrl.start, 1)
+            await ctx.tick()
+            ctx.set(unit.ctrl.start, 0)
+            ctx.set(unit.ctrl.cmd, 0)  # the unit keeps what it needs
+            cycles, written = 0, set()
+            reads = {}
+            while True:
+                busy = ctx.get(unit.ctrl.busy)
+                ports = {name: (ctx.get(port.en), ctx.get(port.addr)) for name, port, _ in (
+                    ("acc", unit.rd_acc, acc_w), ("param", unit.rd_param, param_w),
+                    ("mask", unit.rd_mask, mask_w))}
+                wen = ctx.get(unit.wr_out.en)
+                if cycles and not busy:
+                    assert not wen and not any(en for en, _ in ports.values()), \
+                        "a port used while not busy"
+                    break
+                if ports["mask"][0]:
+                    assert f["gate"], "MASK read without gate"
+                for name, words in (("acc", acc_w), ("param", param_w), ("mask", mask_w)):
+                    en, addr = ports[name]
+                    if en:  # (a look-ahead read may pass the last MASK word: any value)
+                        reads[name] = words[addr] if addr < len(words) else 0
+                if wen:
+                    addr, wdata = ctx.get(unit.wr_out.addr), ctx.get(unit.wr_out.data)
+                    written.add(addr)
+                    for beat in range(len(unit.wr_out.en)):
+                        if wen >> beat & 1:
+                            keep = out_w[addr] & ~(((1 << hw) - 1) << beat * hw)
+                            out_w[addr] = keep | (wdata & ((1 << hw) - 1) << beat * hw)
+                await ctx.tick()
+                for name, port in (("acc", unit.rd_acc), ("param", unit.rd_param),
+                                   ("mask", unit.rd_mask)):
+                    if name in reads:
+                        ctx.set(port.data, reads[name])
+                cycles += 1
+                assert cycles < 100_000, "REQUANT does not finish"
+            size = config.word_bytes(Buffer.OUT)
+            now = unpack_words(config, Buffer.OUT, b"".join(
+                w.to_bytes(size, "little") for w in out_w))
+            results.append((now, sorted(written), cycles))
+            await ctx.tick()
+
+    sim = Simulator(unit)
+    sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()
+    return results
+
+
+def golden_requant(config, f, acc, param, out, mask):
+    """OUT (int8 rows) after REQUANT ``f`` by the golden semantics: row ``n`` of the ACC words
+    requantized into OUT word ``out_addr + n*(out_gap + 1)`` unless ``gate`` and MASK bit
+    ``mask_idx + n // rows`` is 0; and the OUT addresses written."""
+    out = out.copy()
+    n = f["count"]
+    p = param[f["param_addr"]]
+    values = requantize(acc[f["acc_addr"]:f["acc_addr"] + n], **{name: p[name]
+                                                                 for name in FIELDS})
+    keep = np.ones(n, bool)
+    if f.get("gate"):
+        keep = np.repeat(mask[f["mask_idx"]:f["mask_idx"] + -(-n // config.rows)],
+                         config.rows)[:n]
+    addrs = f["out_addr"] + np.arange(n) * (f["out_gap"] + 1)
+    out[addrs[keep]] = values[keep]
+    return out, [int(a) for a in addrs[keep]]
+
+
+REQUANT_CONFIGS = {
+    "ecp5": small_config(rows=8, cols=16, host_width=64, acc_depth=128, out_depth=256,
+                         param_depth=4, mask_bits=512, requant_lanes=2, impl=FULL),
+    "tiny": small_config(impl=FULL),
+    "rows4": small_config(rows=4, cols=8, host_width=32, acc_depth=64, out_depth=128,
+                          mask_bits=256, requant_lanes=4, impl=FULL),
+}
+
+
+def random_requant(config, rng, *, gate=None):
+    """Legal REQUANT operands (``gate`` half the time unless given)."""
+    acc_depth, out_depth = config.depth(Buffer.ACC), config.depth(Buffer.OUT)
+    count = int(rng.integers(1, min(acc_depth, 6 * config.rows) + 1))
+    gap = int(rng.integers(0, 3)) if rng.random() < 0.7 else int(rng.integers(0, 64))
+    while strided_span(count, gap) > out_depth:
+        gap //= 2
+    gate = bool(rng.random() < 0.5) if gate is None else gate
+    blocks = -(-count // config.rows)
+    return dict(acc_addr=int(rng.integers(acc_depth - count + 1)),
+                out_addr=int(rng.integers(out_depth - strided_span(count, gap) + 1)),
+                param_addr=int(rng.integers(config.depth(Buffer.PARAM))), count=count,
+                out_gap=gap, gate=int(gate),
+                mask_idx=int(rng.integers(config.mask_bits - blocks + 1)))
+
+
+def requant_data(config, rng):
+    return (random_words(config, Buffer.ACC, config.depth(Buffer.ACC), rng),
+            random_words(config, Buffer.PARAM, config.depth(Buffer.PARAM), rng),
+            random_words(config, Buffer.OUT, config.depth(Buffer.OUT), rng))
+
+
+def mask_patterns(config, rng):
+    """MASK bit patterns: random, and both polarities of alternating bits (live first, skipped
+    first), all 0 and all 1."""
+    n = config.mask_bits
+    alternate = np.arange(n) % 2 == 0
+    return {"random": rng.random(n) < 0.5, "live-first": alternate, "skipped-first": ~alternate,
+            "none": np.zeros(n, bool), "all": np.ones(n, bool)}
+
+
+@pytest.mark.parametrize("serial", [False, True], ids=["pipeline", "serial"])
+@pytest.mark.parametrize("config_name", REQUANT_CONFIGS)
+def test_requant_unit_gate(config_name, serial):
+    """RequantUnit with the PASS unit against the golden REQUANT: random operands, gated or not,
+    over random and alternating MASK patterns of either polarity; a skipped block's OUT words
+    are never written."""
+    if serial and config_name != "tiny":
+        pytest.skip("the serial engine: one small configuration (141 cycles per channel)")
+    seed = seed_from_env()
+    print(f"seed={seed}")
+    rng = np.random.default_rng(seed)
+    config = REQUANT_CONFIGS[config_name]
+    acc, param, out = requant_data(config, rng)
+    for name, mask in mask_patterns(config, rng).items():
+        n = 3 if serial else 8
+        cases = [random_requant(config, rng, gate=k > 0) for k in range(n)]
+        # a partial last block, from a block start and right after it
+        cases.append(dict(cases[-1], count=2 * config.rows + 1, acc_addr=0, out_addr=0,
+                          out_gap=0, mask_idx=0))
+        cases.append(dict(cases[-1], mask_idx=1, count=config.rows - 1 or 1))
+        state = out
+        for f, (got, written, _) in zip(cases, run_requant_unit(
+                config, cases, acc, param, out, mask, serial=serial), strict=True):
+            want, want_written = golden_requant(config, f, acc, param, state, mask)
+            assert written == sorted(want_written), f"seed {seed}, mask {name}: {f}"
+            np.testing.assert_array_equal(got, want, err_msg=f"seed {seed}, mask {name}: {f}")
+            state = want
+
+
+def test_requant_unit_gate_cycles():
+    """Cycles of a gated REQUANT of 40 blocks (ecp5 shape: 8 rows, 8 lane groups a word) with
+    0 %, 10 % and 100 % live blocks, and ungated (printed for docs/architecture.md): a skipped
+    block costs 2 cycles, a live one nothing more than ungated."""
+    config = small_config(rows=8, cols=16, host_width=64, acc_depth=512, out_depth=512,
+                          param_depth=4, mask_bits=256, requant_lanes=2, impl=FULL)
+    rng = np.random.default_rng(12)
+    print("seed=12")
+    acc, param, out = requant_data(config, rng)
+    blocks = 40
+    f = dict(acc_addr=0, out_addr=0, param_addr=1, count=blocks * config.rows, out_gap=0,
+             gate=1, mask_idx=70)
+    cycles = {}
+    for live in (0, 4, blocks):
+        mask = np.zeros(config.mask_bits, bool)
+        mask[f["mask_idx"] + np.linspace(0, blocks - 1, live).astype(int)] = True
+        assert mask.sum() == live
+        [(got, _, c)] = run_requant_unit(config, [f], acc, param, out, mask)
+        np.testing.assert_array_equal(got, golden_requant(config, f, acc, param, out, mask)[0])
+        cycles[live] = c
+    [(got, _, ungated)] = run_requant_unit(config, [dict(f, gate=0)], acc, param, out,
+                                           np.zeros(config.mask_bits, bool))
+    np.testing.assert_array_equal(got, golden_requant(config, dict(f, gate=0), acc, param, out,
+                                                      None)[0])
+    print(f"gated REQUANT, {blocks} blocks of {config.rows} rows: 0 % live {cycles[0]} cycles, "
+          f"10 % {cycles[4]}, 100 % {cycles[blocks]}; ungated {ungated}")
+    assert cycles[0] <= 2 * blocks + 4
+    assert cycles[blocks] <= ungated + 4
+    per_block = (ungated - 20) / blocks
+    assert cycles[4] <= cycles[0] + 4 * per_block + 20

@@ -6,6 +6,8 @@ compared with ``GoldenMachine(config).run(stream)`` (timing counters only for pl
 The cocotb/Verilator harness runs the big random regressions; these are the fast smoke tests.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hw_tb import COMPACT, FULL, check_against_golden, seed_from_env, small_config
@@ -82,37 +84,87 @@ def test_unfolded_params_one_lane():
     check_against_golden(cfg, program, seed=seed, gaps=0.1, backpressure=0.1)
 
 
-def far_from(x):
-    """INT8 values 64 away from ``x`` (far beyond any threshold used here)."""
-    x = np.asarray(x, np.int16)
-    return np.where(x >= 0, x - 64, x + 64).astype(np.int8)
+#: A configuration with the PASS unit and 2x2 patches (rows = 4), room for two 4x8 frames.
+PASS_CONFIG = small_config(rows=4, cols=4, host_width=16, inp_depth=512, wgt_depth=64,
+                           acc_depth=64, out_depth=256, mask_bits=256, impl=FULL)
 
 
-def test_patch_then_gated_gemm():
-    """PASS: PATCH marks changed tiles (with merge), refreshes references; GEMM skips the rest."""
+def pass_frame(p, cfg, new, *, threshold, given=False):
+    """One PASS layer step on a 4x8 tiled frame of ``cols`` channels (8 patches of 2x2 pixels,
+    one OUT word each): PATCH the new frame (OUT 32) against the reference (OUT 0) into MASK bits
+    0..7, DILATE them by the 3x3 window into bits 64..71, then the gated tiled IM2COL (from the
+    reference, now the current frame where it changed), GEMM and REQUANT (into OUT 96)."""
+    rows = cfg.rows
+    p.load(Buffer.OUT, 32, new)
+    p.patch(32, 0, k=rows, blocks=8, threshold=threshold, mask_idx=0, given=given)
+    p.dilate(0, 64, in_h=2, in_w=4, out_h=2, out_w=4, kh=3, kw=3, pad_top=1, pad_left=1)
+    p.im2col(0, 0, channels=cfg.cols, in_h=4, in_w=8, kh=3, kw=3, out_w=8, m_blocks=8,
+             pad_top=1, pad_left=1, tiled=True, gate=True, mask_word=1)
+    p.gemm(0, 0, 0, k=9 * cfg.cols, m_blocks=8, n_blocks=1, gate=True, mask_idx=64)
+    return p.requant(0, 96, 0, count=8 * rows, gate=True, mask_idx=64)
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["concurrent", "exclusive"])
+def test_pass_layer(overlap):
+    """PASS end to end: PATCH on OUT -> DILATE -> gated tiled IM2COL -> gated GEMM -> gated
+    REQUANT, after a dense first frame, with a compared frame and a given-mask frame; every
+    buffer compared with the golden model, and the skipped MACs counted by hand."""
     seed = seed_from_env()
     print(f"seed={seed}")
     rng = np.random.default_rng(seed)
-    cfg = small_config()
-    k, blocks = 3, 5
-    ref = rng.integers(-128, 128, (blocks * k, cfg.rows), dtype=np.int8)
-    new = ref.copy()
-    new[1 * k + 2, 1] = np.clip(int(new[1 * k + 2, 1]) + 4, -128, 127)  # within threshold 4
-    # large changes: 64 away, towards zero so nothing wraps
-    new[2 * k, 0] = far_from(new[2 * k, 0])
-    new[4 * k + 1] = far_from(new[4 * k + 1])
+    cfg = dataclasses.replace(PASS_CONFIG, impl=dataclasses.replace(FULL, overlap=overlap))
+    rows, cols = cfg.rows, cfg.cols
+    frame0 = rng.integers(-100, 100, (8 * rows, cols), dtype=np.int8)
     p = Program(cfg)
-    p.load(Buffer.INP, 0, ref).load(Buffer.INP, 32, new)
-    p.load(Buffer.MASK, 0, np.array([0b1000_0000], np.uint64))
-    p.load(Buffer.WGT, 0, rng.integers(-128, 128, (k, cfg.cols), dtype=np.int8))
-    p.gemm(0, 0, 0, k=k, m_blocks=blocks, n_blocks=1)  # dense ACC of the references
-    p.patch(32, 0, k=k, blocks=blocks, threshold=4, mask_idx=5, merge=0)
-    p.patch(32, 0, k=k, blocks=2, threshold=4, mask_idx=7, merge=1)  # bit 7 stays set
-    p.store(Buffer.MASK, 0, 1).store(Buffer.INP, 0, blocks * k)
-    p.gemm(0, 0, 0, k=k, m_blocks=blocks, n_blocks=1, gate=1, mask_idx=5)
-    p.store(Buffer.ACC, 0, blocks * cfg.rows)
-    items, _ = check_against_golden(cfg, p.sync(counters=True), seed=seed, impl=FULL)
-    assert items[-1].counters[Counter.MACS_SKIPPED] == 3 * k * cfg.macs
+    p.load(Buffer.OUT, 0, frame0)
+    p.load(Buffer.WGT, 0, rng.integers(-128, 128, (9 * cols, cols), dtype=np.int8))
+    params = channel_params({
+        "bias": rng.integers(-500, 500, cols), "multiplier": rng.integers(1 << 29, 1 << 30, cols),
+        "shift": rng.integers(-10, -6, cols), "zero_point": rng.integers(-5, 5, cols),
+        "clamp_min": np.full(cols, -128), "clamp_max": np.full(cols, 127)}, (1, cols))
+    p.load(Buffer.PARAM, 0, params)
+    # the dense first frame
+    p.im2col(0, 0, channels=cols, in_h=4, in_w=8, kh=3, kw=3, out_w=8, m_blocks=8,
+             pad_top=1, pad_left=1, tiled=True)
+    p.gemm(0, 0, 0, k=9 * cols, m_blocks=8, n_blocks=1).requant(0, 96, 0, count=8 * rows)
+    p.sync(counters=True, clear=True)
+    # frame 1: noise within the threshold everywhere, a real change in patch 0 (tiled: OUT words
+    # 0..3) -> dilated: patches 0, 1, 4, 5 of the 2x4 grid live, 2, 3, 6, 7 skipped
+    frame1 = np.clip(frame0.astype(np.int16) + rng.integers(-2, 3, frame0.shape), -128, 127)
+    frame1[2, 1] = 120
+    pass_frame(p, cfg, frame1.astype(np.int8), threshold=2)
+    p.store(Buffer.MASK, 0, 2).store(Buffer.OUT, 0, 8 * rows).store(Buffer.OUT, 96, 8 * rows)
+    p.store(Buffer.INP, 0, 8 * 9 * cols).store(Buffer.ACC, 0, 8 * rows).sync(counters=True,
+                                                                             clear=True)
+    # frame 2: a host-given mask (patch 7 only: bits 0..7 = 0b1000_0000), no compare
+    mask = np.zeros((4, 64), bool)
+    mask[0, 7] = True
+    p.load(Buffer.MASK, 0, mask)
+    frame2 = rng.integers(-100, 100, (8 * rows, cols), dtype=np.int8)
+    pass_frame(p, cfg, frame2, threshold=0, given=True)
+    p.store(Buffer.MASK, 0, 4).store(Buffer.OUT, 0, 8 * rows).store(Buffer.OUT, 96, 8 * rows)
+    p.store(Buffer.ACC, 0, 8 * rows).sync(counters=True)
+    items, _ = check_against_golden(cfg, p, seed=seed, impl=cfg.impl)
+    reports = [i for i in items if hasattr(i, "status")]
+    assert [r.status for r in reports] == [Status.OK] * 3
+    block_macs = 9 * cols * cfg.macs
+    assert reports[0].counters[Counter.MACS_SKIPPED] == 0
+    assert reports[1].counters[Counter.MACS_SKIPPED] == 4 * block_macs
+    # patch 7 (grid (1, 3)) dilated: patches 2, 3, 6, 7 live
+    assert reports[2].counters[Counter.MACS_SKIPPED] == 4 * block_macs
+
+
+def test_without_pass_unit_pass_instructions_fault():
+    """A full configuration without the PASS unit builds without it and reports PATCH and DILATE
+    as ILLEGAL_OPCODE, a gated REQUANT as BAD_FIELD (each after a SYNC cleared the last)."""
+    cfg = dataclasses.replace(PASS_CONFIG, impl=dataclasses.replace(FULL, pass_unit=False))
+    p = Program(cfg)
+    p.patch(32, 0, k=4, blocks=2, threshold=0).sync()
+    p.dilate(0, 64, in_h=2, in_w=4, out_h=2, out_w=4, kh=3, kw=3).sync()
+    p.requant(0, 96, 0, count=4, gate=True).sync()
+    items, _ = check_against_golden(cfg, p, seed=3)
+    assert [i.status for i in items if hasattr(i, "status")] == [
+        Status.ILLEGAL_OPCODE, Status.ILLEGAL_OPCODE, Status.BAD_FIELD]
 
 
 @pytest.mark.parametrize("wide", [False, True])

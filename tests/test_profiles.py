@@ -1,10 +1,13 @@
 # amaranth: UnusedElaboratable=no
 """The implementation profile changes cycle counts, never results.
 
-One fixed-seed random program (every opcode, some faulting instructions) runs on the Amaranth
-simulation of a tiny configuration in both profiles and in every single-flag flip of each (full
-with one flag flipped, compact with one flag flipped), and every response byte is compared with
-the golden model (:func:`hw_tb.check_against_golden`: timing counters only for plausibility).
+One fixed-seed random program (every opcode the profile implements, some faulting instructions)
+runs on the Amaranth simulation of a tiny configuration in both profiles and in every legal
+single-flag flip of each (full with one flag flipped, compact with one flag flipped), and every
+response byte is compared with the golden model (:func:`hw_tb.check_against_golden`: timing
+counters only for plausibility). ``pass_unit`` changes what is legal (PASS opcodes and fields);
+the program is drawn per profile, so the flip full -> ``pass_unit=False`` runs the program of a
+configuration without the PASS unit.
 The program is fixed (its seed chosen once to reach every unit); the run seed (``TINYACCEL_SEED``,
 printed) draws the input gaps and output back-pressure.
 """
@@ -16,7 +19,8 @@ import pytest
 from hw_tb import COMPACT, FULL, check_against_golden, seed_from_env, small_config
 
 from tinyaccel.hw.config import PRESETS, Implementation
-from tinyaccel.hw.isa import Opcode, Status
+from tinyaccel.hw.decode_rules import PASS_OPCODES
+from tinyaccel.hw.isa import Buffer, Opcode, Status
 from tinyaccel.protocol import StatusReport, parse_responses
 from tinyaccel.sim.golden import GoldenMachine
 from tinyaccel.sim.randprog import random_program
@@ -24,13 +28,18 @@ from tinyaccel.sim.randprog import random_program
 FLAGS = [f.name for f in dataclasses.fields(Implementation)]
 #: The fixed default, so that `make test` runs the same program every time; chosen (once) so
 #: that the short program executes every unit and also faults (test_program_covers_every_unit).
-SEED = 78
+SEED = 2036
 
 
 def profile_program(cfg, seed):
-    """12 random instructions (10 % faulting) on small windows: short enough for 16 designs."""
-    return random_program(cfg, np.random.default_rng(seed), n_instr=12, opcodes=list(Opcode),
-                          illegal_rate=0.1, window=8, max_k=4, max_blocks=2, max_count=4)
+    """16 random instructions (10 % faulting) of the opcodes ``cfg`` implements, on small
+    windows: short enough for 13 designs; then every buffer a unit writes (INP, ACC, OUT, MASK)
+    stored whole, so that every instruction's effect is compared (the PASS units' too: MASK)."""
+    program = random_program(cfg, np.random.default_rng(seed), n_instr=16, opcodes=None,
+                             illegal_rate=0.1, window=8, max_k=4, max_blocks=2, max_count=4)
+    for buf in (Buffer.INP, Buffer.ACC, Buffer.OUT, Buffer.MASK):
+        program.store(buf, 0, cfg.depth(buf))
+    return program.sync(counters=True)
 
 
 #: The two profiles and their single-flag flips, as flag values.
@@ -38,29 +47,51 @@ FLIPS = {"full": dataclasses.asdict(FULL), "compact": dataclasses.asdict(COMPACT
 for _name, _base in (("full", FULL), ("compact", COMPACT)):
     for _flag in FLAGS:
         FLIPS[f"{_name}-{_flag}"] = {**dataclasses.asdict(_base), _flag: not getattr(_base, _flag)}
-#: The flips that make the illegal combination overlap + serial_decode (see Implementation).
-ILLEGAL = {"full-serial_decode", "compact-overlap"}
+#: The flips that make an illegal combination (see Implementation), and the error they raise:
+#: overlap + serial_decode; pass_unit + a serial datapath (decode, IM2COL, requant).
+ILLEGAL = {
+    "full-serial_decode": "overlap=True with serial_decode=True",
+    "compact-overlap": "overlap=True with serial_decode=True",
+    "full-serial_im2col": "pass_unit=True with serial_im2col=True is not",
+    "full-serial_requant": "pass_unit=True with serial_requant=True is not",
+    "compact-pass_unit": ("pass_unit=True with serial_decode=True, serial_im2col=True, "
+                          "serial_requant=True is not"),
+}
 VARIANTS = {name: Implementation(**flags) for name, flags in FLIPS.items() if name not in ILLEGAL}
 
 
 def test_variants_are_distinct():
-    """Fourteen flips plus the two profiles; each flip differs in one flag; two are illegal."""
-    assert len(FLAGS) == 7
-    assert len(FLIPS) == 16 and len({tuple(f.values()) for f in FLIPS.values()}) == 16
+    """Sixteen flips plus the two profiles; each flip differs in one flag; five are illegal;
+    the flip full -> pass_unit=False is legal (a full build without the PASS unit)."""
+    assert len(FLAGS) == 8
+    assert len(FLIPS) == 18 and len({tuple(f.values()) for f in FLIPS.values()}) == 18
     for name, flags in FLIPS.items():
         base = dataclasses.asdict(FULL if name.startswith("full") else COMPACT)
         differ = [f for f in FLAGS if flags[f] != base[f]]
         assert len(differ) == (0 if name in ("full", "compact") else 1), (name, differ)
-    assert len(VARIANTS) == 14
+    assert len(VARIANTS) == 13
+    assert "full-pass_unit" in VARIANTS and not VARIANTS["full-pass_unit"].pass_unit
 
 
 @pytest.mark.parametrize("name", sorted(ILLEGAL))
 def test_illegal_flip_is_a_config_error(name):
     """overlap with serial_decode: the serial checks compute no access sets (the hazard
-    tracking would see none, and a STORE of ACC would overtake the GEMM writing it)."""
+    tracking would see none, and a STORE of ACC would overtake the GEMM writing it). pass_unit
+    with a serial datapath: the PASS unit is built only with the full datapaths (the serial
+    decoder has no PASS checks, the serial IM2COL and requant no tiled/gate)."""
     from tinyaccel.errors import ConfigError
-    with pytest.raises(ConfigError, match="overlap=True with serial_decode=True"):
+    with pytest.raises(ConfigError, match=ILLEGAL[name]):
         Implementation(**FLIPS[name])
+
+
+@pytest.mark.parametrize("flag", ["serial_decode", "serial_im2col", "serial_requant"])
+def test_pass_unit_needs_the_full_datapaths(flag):
+    """Each serial datapath alone (without overlap, which serial_decode forbids anyway) refuses
+    the PASS unit, naming both flags; without the PASS unit it is legal."""
+    from tinyaccel.errors import ConfigError
+    with pytest.raises(ConfigError, match=f"pass_unit=True with {flag}=True is not"):
+        Implementation(overlap=False, pass_unit=True, **{flag: True})
+    assert not Implementation(overlap=False, pass_unit=False, **{flag: True}).pass_unit
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -74,13 +105,17 @@ def test_profile_never_changes_results(name):
 #: The work of an instruction of each unit (0: the unit is not started).
 WORK = {Opcode.GEMM: lambda i: i.m_blocks * i.n_blocks, Opcode.REQUANT: lambda i: i.count,
         Opcode.PATCH: lambda i: i.blocks, Opcode.SGQ: lambda i: i.count,
-        Opcode.STORE: lambda i: i.count, Opcode.IM2COL: lambda i: i.m_blocks}
+        Opcode.STORE: lambda i: i.count, Opcode.IM2COL: lambda i: i.m_blocks,
+        Opcode.DILATE: lambda i: i.out_h * i.out_w}
 
 
-def test_program_covers_every_unit():
-    """The fixed program executes a GEMM, REQUANT, PATCH, SGQ, IM2COL and STORE with work to
-    do (by the golden model: not in the shadow of a fault) and has a faulting instruction."""
-    cfg = small_config()
+@pytest.mark.parametrize("name", ["full", "compact", "full-pass_unit"])
+def test_program_covers_every_unit(name):
+    """The fixed program executes, on each base profile and on the full one without the PASS
+    unit, an instruction with work to do of every unit the profile has (GEMM, REQUANT, SGQ,
+    IM2COL, STORE; PATCH and DILATE with the PASS unit; by the golden model: not in the shadow
+    of a fault) and has a faulting instruction."""
+    cfg = small_config(impl=VARIANTS[name])
     program = profile_program(cfg, SEED)
     items = parse_responses(cfg, program, GoldenMachine(cfg).run(program.to_bytes()))
     executed, window, faulted = set(), [], False
@@ -92,7 +127,8 @@ def test_program_covers_every_unit():
             executed.update(i.opcode for i in done if i.opcode in WORK and WORK[i.opcode](i))
             window = []
     assert faulted
-    assert set(WORK) <= executed
+    units = {op for op in WORK if cfg.impl.pass_unit or op not in PASS_OPCODES}
+    assert units <= executed, units - executed
 
 
 def test_presets_name_their_profile():
