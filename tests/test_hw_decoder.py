@@ -35,6 +35,10 @@ from tinyaccel.protocol import data_length, decode_fields, encode_fields
 from tinyaccel.sim.golden import check_instruction
 
 
+def _field_max(name: str, opcode: Opcode = Opcode.IM2COL) -> int:
+    """The largest value operand ``name`` holds (from the layout: the ISA may narrow it)."""
+    return next(f for f in operand_fields(opcode) if f.name == name).mask
+
 def random_word(cfg, rng) -> int:
     """A random instruction word whose fields sit near the limits the checks care about."""
     code = int(rng.integers(16)) if rng.random() < 0.1 else int(rng.integers(len(Opcode)))
@@ -130,9 +134,10 @@ def edge_words(cfg) -> list[int]:
     base = dict(src=0, dst=0, pitch=1, channels=cfg.cols, in_h=2, in_w=3, kh=1, kw=1, stride=1,
                 dilation=1, pad_top=0, pad_left=0, pad_value=0, oy0=0, out_w=3, m_blocks=1,
                 pack=0)
-    big = dict(base, pitch=63, channels=63 * cfg.cols, kh=15, kw=15, m_blocks=255)
+    big = dict(base, pitch=63, channels=min(63 * cfg.cols, _field_max("channels")), kh=31,
+               kw=31, m_blocks=255)
     words = [encode_fields(Opcode.IM2COL, **base),
-             encode_fields(Opcode.IM2COL, **big),  # 255*15*15*252 INP words
+             encode_fields(Opcode.IM2COL, **big),  # 255*31*31*channels INP words
              encode_fields(Opcode.IM2COL, **dict(big, m_blocks=0)),  # (no INP word: legal)
              encode_fields(Opcode.IM2COL, **dict(big, m_blocks=0, dst=inp)),
              encode_fields(Opcode.IM2COL, **dict(big, m_blocks=0, dst=inp + 1)),
@@ -440,8 +445,8 @@ def test_decoder_pass_cycles(name):
                   stride_y=3, stride_x=3, pad_top=3, pad_left=3, merge=1)
     patch = dict(new_addr=0, ref_addr=0, k=65535, blocks=255, threshold=255, mask_idx=0,
                  merge=1, given=1)
-    im2col = dict(src=0, dst=0, pitch=63, channels=1023, in_h=255 // ph * ph,
-                  in_w=255 // pw * pw, kh=15, kw=15, stride=7, dilation=7, pad_top=7,
+    im2col = dict(src=0, dst=0, pitch=63, channels=_field_max("channels"), in_h=255 // ph * ph,
+                  in_w=255 // pw * pw, kh=31, kw=31, stride=7, dilation=7, pad_top=7,
                   pad_left=7, pad_value=0, oy0=255 // ph * ph, out_w=255 // pw * pw,
                   m_blocks=255, pack=0, pool=0, tiled=1, gate=1, mask_word=63)
     legal_im2col = dict(im2col, pitch=1, channels=2, in_h=2 * ph, in_w=2 * pw, kh=3, kw=3,
