@@ -25,7 +25,8 @@ from .numerics import INT32_MAX, INT32_MIN
 
 __all__ = ["SEED_ENV", "DEFAULT_SEED", "parse_seed", "seed_from_env", "random_words",
            "random_channel_params", "random_program", "corner_programs", "Corner",
-           "UNDEFINED_OPCODES", "UNDEFINED_BUFFERS", "random_im2col", "broken_im2col"]
+           "UNDEFINED_OPCODES", "UNDEFINED_BUFFERS", "random_im2col", "broken_im2col",
+           "implemented_opcodes"]
 
 
 def _field(opcode: Opcode, name: str):
@@ -264,11 +265,16 @@ def broken_im2col(config: AccelConfig | str, rng) -> dict:
     return f
 
 
+def implemented_opcodes(config: AccelConfig | str) -> list[Opcode]:
+    """The opcodes ``config`` implements (PATCH and DILATE need the PASS unit)."""
+    config = get_config(config)
+    return [op for op in Opcode if config.impl.pass_unit or op not in PASS_OPCODES]
+
+
 def _opcodes(opcodes: Iterable | None, config: AccelConfig | None = None) -> list[Opcode]:
     """The opcodes named (default: every opcode ``config`` implements)."""
     if opcodes is None:
-        return [op for op in Opcode
-                if config is None or config.impl.pass_unit or op not in PASS_OPCODES]
+        return list(Opcode) if config is None else implemented_opcodes(config)
     out = []
     for op in opcodes:
         try:

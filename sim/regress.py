@@ -105,7 +105,8 @@ def regress(config, programs: int, seed: int, *, opcodes=None, corners: bool = T
     """Run ``programs`` random programs (plus the corner programs) on ``config``."""
     from tqdm import tqdm
     config = get_config(config)
-    ops = sorted(opcodes if opcodes is not None else Opcode, key=lambda op: op.value)
+    ops = sorted(opcodes if opcodes is not None else randprog.implemented_opcodes(config),
+                 key=lambda op: op.value)
     result = RegressResult(config.name, seed, opcodes=[op.name for op in ops])
     rng = np.random.default_rng(seed)
     seeds = replay if replay is not None else [int(s) for s in rng.integers(0, 1 << 32,
