@@ -168,10 +168,15 @@ def run(progress=None, config: str = "ecp5", backend: str = "golden",
         scene = {"scene": f"default (seed {seed})", "coverage": round(float(clip.coverage()), 4),
                  "changed_pixel_fraction": round(float(clip.changed_fraction()), 4)}
     else:
-        x = (video.sample_gif() if input_path == "gif" else
-             video.load_video(input_path, frames=frames))
-        gt = clean = None
+        load = ((lambda size: video.sample_gif(size=size)[:frames]) if input_path == "gif" else
+                (lambda size: video.load_video(input_path, size=size, frames=frames)))
+        x = load(None if input_path != "gif" else (112, 64))
         scene = {"scene": str(input_path)}
+        size = _fit_size(cfg, *x.shape[1:])
+        if size != x.shape[1:]:  # the stream's state must fit OUT: scale the video down
+            x = load(size)
+            scene["resized_to"] = f"{size[1]}x{size[0]}"
+        gt = clean = None
     if len(x) < 3:
         raise ShapeError(f"the clip has {len(x)} frames: PASS needs at least 3 (one dense, then "
                          f"a steady state)")
@@ -279,6 +284,18 @@ def _fits(cfg, hw) -> bool:
     except CapacityError:
         return False
     return True
+
+
+def _fit_size(cfg, h: int, w: int) -> tuple[int, int]:
+    """The largest ``(h, w)`` at most the video's, of its aspect, whose stream fits ``cfg``:
+    sides multiples of twice the patch (the stride-2 layer's output is whole patches too)."""
+    ph, pw = cfg.patch_shape
+    for scale in np.linspace(1.0, 0.1, 46):
+        size = (max(2 * ph, int(h * scale) // (2 * ph) * 2 * ph),
+                max(2 * pw, int(w * scale) // (2 * pw) * 2 * pw))
+        if _fits(cfg, size):
+            return size if scale < 1 or size != (h, w) else (h, w)
+    return (2 * ph, 2 * pw)
 
 
 def _train_learned_gate(video, qmodel, plan, h, w):
