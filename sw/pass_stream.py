@@ -102,7 +102,8 @@ class _StreamLayer:
     dilate: dict  # DILATE fields: the frame's change mask -> this layer's patch mask
     mask: int = 0  # first MASK bit of the output patch mask (a multiple of 64)
     footprint: tuple = ()  # (y, x) Footprint: where its output pixels look in the frame
-    chunk_rows: int = 0  # patch rows per chunk
+    chunk_rows: int = 0  # patch rows per chunk (dense: halves of INP and ACC alternate)
+    chunk_rows_gated: int = 0  # patch rows per gated chunk (whole INP and ACC)
     wgt_addr: list = field(default_factory=list)  # per block, per part
     param_addr: int = 0
 
@@ -290,6 +291,10 @@ def plan_stream(qmodel: QuantModel, config: AccelConfig) -> StreamPlan:
         mb_max = min(_PATCH_BLOCKS, config.depth(Buffer.INP) // 2 // k_part,
                      config.depth(Buffer.ACC) // 2 // rows)
         sl.chunk_rows = mb_max // sl.grid[1]
+        # gated chunks serialize anyway (every gated unit reads MASK's one port: docs section
+        # 11.2), so they take whole INP and ACC: fewer, larger chunks, fewer instructions
+        sl.chunk_rows_gated = min(_PATCH_BLOCKS, config.depth(Buffer.INP) // k_part,
+                                  config.depth(Buffer.ACC) // rows) // sl.grid[1]
         if sl.chunk_rows < 1:
             _refuse(sl.layer, f"one row of {sl.grid[1]} patches needs more than {mb_max} m-blocks "
                               f"(half of INP/ACC)")
@@ -318,8 +323,8 @@ def _setup_program(plan: StreamPlan) -> Program:
 def _layer_program(prog: Program, plan: StreamPlan, sl: _StreamLayer, gated: bool,
                    state: dict) -> None:
     """One layer's instructions: per chunk of patch rows, per column block, IM2COL + GEMM per K
-    part (INP and ACC halves alternate so that the next IM2COL overlaps this GEMM), then
-    REQUANT."""
+    part (dense: INP and ACC halves alternate so that the next IM2COL overlaps this GEMM;
+    gated: whole buffers, see ``chunk_rows_gated``), then REQUANT."""
     cfg = plan.config
     rows = cfg.rows
     ph, _ = cfg.patch_shape
@@ -327,13 +332,14 @@ def _layer_program(prog: Program, plan: StreamPlan, sl: _StreamLayer, gated: boo
     x, y = plan.tensors[sl.x], plan.tensors[sl.out]
     grid_h, grid_w = sl.grid
     gate = dict(gate=True) if gated else {}
-    for pr0 in range(0, grid_h, sl.chunk_rows):
-        n_rows = min(sl.chunk_rows, grid_h - pr0)
+    chunk = sl.chunk_rows_gated if gated else sl.chunk_rows
+    for pr0 in range(0, grid_h, chunk):
+        n_rows = min(chunk, grid_h - pr0)
         mb, p0 = n_rows * grid_w, pr0 * grid_w
         for j, parts in enumerate(sl.blocks):
-            acc = state["acc"] = 1 - state["acc"]
+            acc = state["acc"] = 0 if gated else 1 - state["acc"]
             for n, part in enumerate(parts):
-                half = state["inp"] = 1 - state["inp"]
+                half = state["inp"] = 0 if gated else 1 - state["inp"]
                 prog.im2col(x.base + part.word, half * inp_half, oy0=pr0 * ph, out_w=sl.out_w,
                             m_blocks=mb, tiled=True, mask_word=sl.mask // MASK_WORD_BITS,
                             **gate, **part.fields)
