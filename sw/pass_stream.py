@@ -102,6 +102,7 @@ class _StreamLayer:
     dilate: dict  # DILATE fields: the frame's change mask -> this layer's patch mask
     mask: int = 0  # first MASK bit of the output patch mask (a multiple of 64)
     footprint: tuple = ()  # (y, x) Footprint: where its output pixels look in the frame
+    shares_mask: bool = False  # the previous layer's patch mask serves (no DILATE of its own)
     chunk_rows: int = 0  # patch rows per chunk (dense: halves of INP and ACC alternate)
     chunk_rows_gated: int = 0  # patch rows per gated chunk (whole INP and ACC)
     wgt_addr: list = field(default_factory=list)  # per block, per part
@@ -273,9 +274,19 @@ def plan_stream(qmodel: QuantModel, config: AccelConfig) -> StreamPlan:
         raise CapacityError(f"MASK: the frame's {frame_grid[0]}x{frame_grid[1]} change mask and "
                             f"two layer masks of up to {biggest} bits need {need} bits, MASK has "
                             f"{config.mask_bits} ({need - config.mask_bits} short)")
+    region = 1
     for i, sl in enumerate(layers):
-        sl.mask = regions[i % 2]
-        src = 0 if sl.dilate["src"] == "frame" else layers[i - 1].mask
+        prev = layers[i - 1] if i else None
+        if prev is not None and sl.dilate["src"] == "frame" and prev.dilate["src"] == 0 and all(
+                sl.dilate[n] == prev.dilate[n] for n in (*_WINDOW_FIELDS, "out_h", "out_w")):
+            # the same footprint in patches (a 1x1 layer after its input's): the same mask,
+            # no DILATE
+            sl.mask, sl.shares_mask = prev.mask, True
+            sl.dilate = dict(prev.dilate)
+            continue
+        region = 1 - region
+        sl.mask = regions[region]
+        src = 0 if sl.dilate["src"] == "frame" else prev.mask
         sl.dilate.update(src=src, dst=sl.mask)
     # weights and parameters resident
     wgt, param = 0, 0
@@ -450,8 +461,9 @@ class PassStream:
         state = {"acc": 1, "inp": 1}
         for i, sl in enumerate(plan.layers):
             last = i == len(plan.layers) - 1
-            if not dense:
+            if not dense and not sl.shares_mask:
                 prog.dilate(**sl.dilate)
+            if not dense:
                 self._observe(prog, sl.mask, sl.grid[0] * sl.grid[1], needed=last)
             _layer_program(prog, plan, sl, not dense, state)
         if dense:
