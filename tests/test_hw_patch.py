@@ -10,8 +10,8 @@ from hw_tb import FULL, seed_from_env, small_config
 from tinyaccel.hw.dilate import DilateUnit
 from tinyaccel.hw.isa import DilateOperands, Instruction, Opcode, PatchOperands
 from tinyaccel.hw.patch_unit import PatchSkipUnit
-from tinyaccel.sim.golden import check_instruction
-from tinyaccel.sim.numerics import dilate_mask, patch_skip
+from tinyaccel.sim.golden import GoldenMachine, check_instruction
+from tinyaccel.sim.numerics import patch_skip
 
 #: The presets' array shapes with the PASS unit; MASK physical words of 64 and 16 bits.
 CONFIGS = {
@@ -97,21 +97,14 @@ def out_rows(words, cols):
 
 # -- PATCH ------------------------------------------------------------------------------------
 
-def patch_expected(out, mask, f):
-    """The golden PATCH on int8 OUT rows and MASK bits (copies)."""
-    out, mask = out.copy(), mask.copy()
-    k, blocks = f["k"], f["blocks"]
-    n = k * blocks
-    new = out[f["new_addr"]:f["new_addr"] + n].reshape(blocks, k, -1)
-    ref = out[f["ref_addr"]:f["ref_addr"] + n].reshape(blocks, k, -1)
-    bits = mask[f["mask_idx"]:f["mask_idx"] + blocks]
-    if f["given"]:
-        changed = bits.copy()
-    else:
-        changed, _ = patch_skip(new, ref, f["threshold"])
-        bits[...] = changed | (bool(f["merge"]) & bits)
-    ref[changed] = new[changed]
-    return out, mask
+def golden_after(config, opcode, f, mask, out=None):
+    """MASK bits and OUT rows after the golden model executes the instruction (copies)."""
+    m = GoldenMachine(config)
+    m.mask[...] = mask
+    if out is not None:
+        m.out[...] = out
+    m.execute(Instruction(opcode, **f))
+    return m.mask.copy(), m.out.copy()
 
 
 def patch_case(config, rng, *, k, blocks, fraction, threshold=3, given=False, merge=None,
@@ -180,7 +173,7 @@ def test_patch_against_golden(config_name):
     cases.append(patch_case(config, rng, k=3, blocks=5, fraction=0.0, threshold=0))
     for (f, out, mask), (got_out, got_mask, _) in zip(cases, run_patch(config, cases),
                                                        strict=True):
-        want_out, want_mask = patch_expected(out, mask, f)
+        want_mask, want_out = golden_after(config, Opcode.PATCH, f, mask, out)
         np.testing.assert_array_equal(got_mask, want_mask, err_msg=str(f))
         np.testing.assert_array_equal(got_out, want_out, err_msg=str(f))
 
@@ -236,17 +229,6 @@ def dilate_case(config, rng, **fixed):
     return f, rng.random(config.mask_bits) < float(rng.choice([0.05, 0.3, 0.7]))
 
 
-def dilate_expected(mask, f):
-    mask = mask.copy()
-    n_in, n_out = f["in_h"] * f["in_w"], f["out_h"] * f["out_w"]
-    src = mask[f["src"]:f["src"] + n_in].reshape(f["in_h"], f["in_w"])
-    bits = dilate_mask(src, **{k: f[k] for k in ("out_h", "out_w", "kh", "kw", "stride_y",
-                                                 "stride_x", "pad_top", "pad_left")})
-    dst = mask[f["dst"]:f["dst"] + n_out]
-    dst[...] = bits.ravel() | (bool(f["merge"]) & dst)
-    return mask
-
-
 def run_dilate(config, f, mask):
     unit = DilateUnit(config)
     mems = {"mask": mask_words(mask, config.host_width)}
@@ -270,7 +252,8 @@ def test_dilate_against_golden(config_name):
     cases.append(dilate_case(config, rng, in_h=0, in_w=5, out_h=3, out_w=3, kh=2, kw=2))
     for f, mask in cases:
         got, _ = run_dilate(config, f, mask)
-        np.testing.assert_array_equal(got, dilate_expected(mask, f), err_msg=str(f))
+        want, _ = golden_after(config, Opcode.DILATE, f, mask)
+        np.testing.assert_array_equal(got, want, err_msg=str(f))
 
 
 def test_dilate_cycles():
@@ -283,7 +266,7 @@ def test_dilate_cycles():
                               kw=kw, stride_y=stride, stride_x=stride, pad_top=kh // 2,
                               pad_left=kw // 2, src=0, dst=512)
         got, cycles = run_dilate(config, f, mask)
-        np.testing.assert_array_equal(got, dilate_expected(mask, f))
+        np.testing.assert_array_equal(got, golden_after(config, Opcode.DILATE, f, mask)[0])
         n_out = out_hw * out_hw
         words = -(-n_out // config.host_width)
         print(f"DILATE {kh}x{kw} stride {stride} {out_hw}x{out_hw}: {cycles} cycles "
