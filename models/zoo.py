@@ -46,7 +46,7 @@ from torch import nn
 
 from tinyaccel.errors import ShapeError, TinyAccelError
 
-from . import data, digits, mlperf_tiny, mobilenet_block, pass_net, video
+from . import clutter, data, digits, mlperf_tiny, mobilenet_block, pass_net, video
 
 __all__ = ["ModelSpec", "MODELS", "DIGITS_MODELS", "get", "build", "train_fp32", "recipe",
            "cache_dir", "cache_path", "save", "load", "load_or_train", "ensure_trained"]
@@ -66,7 +66,8 @@ class ModelSpec:
     lr: float = 1e-2
     #: ``"digits"``: trained on the digits split; ``"random"``: no dataset here, seeded random
     #: weights with BatchNorm calibrated on seeded random inputs (no accuracy is claimed);
-    #: ``"video"``: trained on the offline video clips by its ``trainer``
+    #: ``"video"``: trained on the offline video clips by its ``trainer``; ``"clutter"``: on the
+    #: clutter digits (:mod:`tinyaccel.models.clutter`) by its ``trainer``
     weights: str = "digits"
     #: the model's own training loop, ``trainer(model, epochs, seed) -> metrics`` (None: the
     #: digits classifier loop); its module is part of the :func:`recipe`
@@ -131,9 +132,13 @@ MODELS: dict[str, ModelSpec] = {
         weights="random"),
     pass_net.NAME: ModelSpec(
         pass_net.NAME, pass_net.PassSegNet, pass_net.DEFAULT_EPOCHS, pass_net.INPUT_SHAPE,
-        "PASS perception: 4 conv (2 stride-2) + 1x1 head, digit segmentation at 1/4 resolution "
-        "(video frames 96x64)", weights="video", trainer=pass_net.train,
+        "PASS perception: 3 conv (the first stride-2) + 1x1 head, digit segmentation at 1/2 "
+        "resolution (video frames 96x64)", weights="video", trainer=pass_net.train,
         recipe_modules=(pass_net, video)),
+    clutter.NAME: ModelSpec(
+        clutter.NAME, clutter.ClutterCNN, clutter.DEFAULT_EPOCHS, (1, clutter.SIZE, clutter.SIZE),
+        "3 conv + linear on clutter digits (16x16 digits on photos, noise, occlusion)",
+        weights="clutter", trainer=clutter.train, recipe_modules=(clutter, video)),
 }
 
 #: The models trained on the digits split (the others have seeded random weights).

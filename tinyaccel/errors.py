@@ -99,3 +99,12 @@ class ResumeError(TinyAccelError):
 class CapacityError(TinyAccelError):
     """A model does not fit the accelerator's buffers (the message names the buffer and the bytes
     short): a placement failure, not a malformed shape or address."""
+
+
+class SplitError(TinyAccelError, ValueError):
+    """A model cannot be cut where asked: the split layer does not exist, or a value other than
+    the split layer's output (a residual branch) crosses the cut."""
+
+
+class BudgetError(TinyAccelError, ValueError):
+    """A link budget the encoder cannot meet (names the budget and the best the encoder reaches)."""

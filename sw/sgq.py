@@ -1,0 +1,281 @@
+"""The host side of SGQ: how a feature map becomes channel groups and stripes, the per-group shift
+budget, the device programs that encode, and the decoder.
+
+SGQ (stripe-wise group quantization, ``docs/architecture.md`` section 8) encodes one *channel
+group* per instruction: ``count`` OUT words in stripes of ``stripe_len`` words. The driver decides
+the hierarchy above the hardware, per split layer (:class:`SgqPlan`):
+
+- **channel order**: channels sorted by significance (their mean activation on calibration
+  features), so a group holds channels of like range and mostly-silent channels share groups
+  whose stripes cost a mode field only;
+- **group size** ``g`` (a divisor of the array's ``cols``): a word holds ``cols / g`` neighbouring
+  positions of the group's ``g`` channels, so a group is ``g`` channels x every position;
+- **stripes** of ``stripe_rows`` feature-map rows (the spatial axis);
+- **a shift budget per group**: each group's ``max_shift``, chosen by :func:`calibrate` to meet a
+  bit budget (bits per feature value on the wire) with the least squared error.
+
+The hardware then picks each stripe's code width and shift (section 8). :func:`encode_program`
+builds the program that LOADs a batch's INT8 features into OUT and SGQ-encodes every group;
+:func:`decode_responses` turns the payloads back into the feature batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import BudgetError, CapacityError, ShapeError
+from ..hw.config import AccelConfig
+from ..hw.isa import Buffer, Opcode, operand_fields
+from ..protocol import Program, sgq_response_length
+from ..sim.numerics import sgq_decode, sgq_payload_bytes, sgq_stripe_modes
+
+__all__ = ["SgqPlan", "calibrate", "encode_program", "decode_responses", "decode_payload",
+           "significance_order", "MAX_SHIFT", "reconstruction_error"]
+
+
+
+def _field_max(name: str) -> int:
+    return (1 << next(f.width for f in operand_fields(Opcode.SGQ) if f.name == name)) - 1
+
+
+MAX_SHIFT = _field_max("max_shift")
+_STRIPE_MAX = _field_max("stripe_len")
+_COUNT_MAX = _field_max("count")
+
+#: The decoder (one implementation, shared with the golden model's checks).
+decode_payload = sgq_decode
+
+
+@dataclass(frozen=True)
+class SgqPlan:
+    """How one split layer's ``(C, H, W)`` features are cut into SGQ groups and stripes."""
+
+    channels: int
+    height: int
+    width: int
+    cols: int  #: the array's columns (values per OUT word)
+    order: tuple[int, ...]  #: channel order: group j holds order[j*group:(j+1)*group]
+    group: int  #: channels per group (divides cols)
+    stripe_rows: int  #: feature-map rows per stripe
+    shifts: tuple[int, ...]  #: max_shift of each group
+
+    def __post_init__(self):
+        if sorted(self.order) != list(range(self.channels)):
+            raise ShapeError(f"SGQ plan: order {self.order} is not a permutation of "
+                             f"{self.channels} channels")
+        if self.cols % self.group:
+            raise ShapeError(f"SGQ plan: group size {self.group} does not divide cols={self.cols}")
+        if self.height % self.stripe_rows:
+            raise ShapeError(f"SGQ plan: stripe of {self.stripe_rows} rows does not divide the "
+                             f"feature height {self.height}")
+        if (self.stripe_rows * self.width) % self.positions_per_word:
+            raise ShapeError(f"SGQ plan: a stripe of {self.stripe_rows} x {self.width} positions "
+                             f"does not fill whole words of {self.positions_per_word} positions")
+        if not 1 <= self.stripe_len <= _STRIPE_MAX:
+            raise ShapeError(f"SGQ plan: stripe_len {self.stripe_len} words is outside "
+                             f"1..{_STRIPE_MAX}")
+        if len(self.shifts) != self.groups or not all(0 <= s <= MAX_SHIFT for s in self.shifts):
+            raise ShapeError(f"SGQ plan: shifts {self.shifts} must be {self.groups} values in "
+                             f"0..{MAX_SHIFT}")
+
+    @property
+    def groups(self) -> int:
+        return -(-self.channels // self.group)
+
+    @property
+    def positions_per_word(self) -> int:
+        return self.cols // self.group
+
+    @property
+    def words_per_sample(self) -> int:
+        return self.height * self.width // self.positions_per_word
+
+    @property
+    def stripe_len(self) -> int:
+        return self.stripe_rows * self.width // self.positions_per_word
+
+    @property
+    def values_per_sample(self) -> int:
+        return self.channels * self.height * self.width
+
+    def with_shifts(self, shifts) -> SgqPlan:
+        return SgqPlan(self.channels, self.height, self.width, self.cols, self.order,
+                       self.group, self.stripe_rows, tuple(int(s) for s in shifts))
+
+    def describe(self) -> dict:
+        """The plan as a JSON record."""
+        return {"groups": self.groups, "group_size": self.group, "stripe_rows": self.stripe_rows,
+                "stripe_len_words": self.stripe_len, "max_shift": list(self.shifts),
+                "order": list(self.order)}
+
+    # -- layout --------------------------------------------------------------------------------
+
+    def layout(self, q: np.ndarray) -> list[np.ndarray]:
+        """INT8 features ``(N, C, H, W)`` -> per group an ``int8 (N * words_per_sample, cols)``
+        array of OUT words (missing channels of a last partial group are zeros)."""
+        q = np.asarray(q)
+        if q.ndim != 4 or q.shape[1:] != (self.channels, self.height, self.width):
+            raise ShapeError(f"SGQ plan for features (N, {self.channels}, {self.height}, "
+                             f"{self.width}) got shape {q.shape}")
+        n = q.shape[0]
+        order = list(self.order) + [-1] * (self.groups * self.group - self.channels)
+        padded = np.concatenate([q, np.zeros((n, 1, self.height, self.width), q.dtype)], axis=1)
+        out = []
+        for j in range(self.groups):
+            idx = [c if c >= 0 else self.channels for c in order[j * self.group:
+                                                                 (j + 1) * self.group]]
+            block = padded[:, idx].transpose(0, 2, 3, 1)  # (N, H, W, g): position-major
+            out.append(np.ascontiguousarray(block.reshape(-1, self.cols)).astype(np.int8))
+        return out
+
+    def unlayout(self, words: list[np.ndarray], n: int) -> np.ndarray:
+        """The inverse of :meth:`layout`: per-group words -> ``int8 (N, C, H, W)``."""
+        out = np.zeros((n, self.channels, self.height, self.width), np.int8)
+        for j, w in enumerate(words):
+            block = np.asarray(w).reshape(n, self.height, self.width, self.group)
+            for k, c in enumerate(self.order[j * self.group:(j + 1) * self.group]):
+                out[:, c] = block[..., k]
+        return out
+
+    def chunk_samples(self, config: AccelConfig) -> int:
+        """Samples encoded per SGQ instruction: every group of a chunk sits in OUT at once."""
+        words = self.groups * self.words_per_sample
+        per = min(config.depth(Buffer.OUT) // words, _COUNT_MAX // self.words_per_sample)
+        if per < 1:
+            raise CapacityError(f"SGQ: one sample's features need {words} OUT words "
+                                f"({self.groups} groups x {self.words_per_sample}); OUT holds "
+                                f"{config.depth(Buffer.OUT)} on config {config.name!r}")
+        return per
+
+
+def significance_order(q: np.ndarray) -> tuple[int, ...]:
+    """Channels by decreasing mean |value| over calibration features ``(N, C, H, W)`` (ties by
+    index): channels of like range end up in the same group."""
+    mean = np.abs(np.asarray(q, np.float64)).mean(axis=(0, 2, 3))
+    return tuple(int(c) for c in np.lexsort((np.arange(len(mean)), -mean)))
+
+
+def _chunks(n: int, per: int):
+    for start in range(0, n, per):
+        yield start, min(n, start + per)
+
+
+def reconstruction_error(values: np.ndarray, stripe_len: int, max_shift: int) -> float:
+    """Sum of squared errors of one group's values after SGQ at ``max_shift`` (section 8: the
+    decoded value of a coded stripe is ``lo + q 2^s`` clamped to INT8, BASE stripes decode to
+    the base)."""
+    base, mode, lo, shift = sgq_stripe_modes(values, stripe_len, max_shift)
+    if len(mode) == 0:
+        return 0.0
+    stripes = values.reshape(len(mode), -1).astype(np.int64)
+    half = (np.int64(1) << shift) >> 1
+    q = (stripes - lo[:, None] + half[:, None]) >> shift[:, None]
+    rec = np.clip(lo[:, None] + (q << shift[:, None]), -128, 127)
+    rec = np.where((mode == 0)[:, None], base, rec)
+    return float(((rec - stripes) ** 2).sum())
+
+
+def _group_costs(plan: SgqPlan, q: np.ndarray, config: AccelConfig):
+    """Per group and shift: response bits on the wire and squared error, over the batch ``q``."""
+    groups = plan.layout(q)
+    per = plan.chunk_samples(config) * plan.words_per_sample
+    bits = np.zeros((plan.groups, MAX_SHIFT + 1))
+    err = np.zeros((plan.groups, MAX_SHIFT + 1))
+    for j, words in enumerate(groups):
+        for s in range(MAX_SHIFT + 1):
+            for a, b in _chunks(len(words), per):
+                chunk = words[a:b]
+                bits[j, s] += 8 * sgq_response_length(
+                    config, sgq_payload_bytes(chunk, plan.stripe_len, s))
+                err[j, s] += reconstruction_error(chunk, plan.stripe_len, s)
+    return bits, err
+
+
+def _allocate(bits: np.ndarray, err: np.ndarray, limit: float) -> tuple[np.ndarray, float] | None:
+    """Per-group shifts with total bits <= ``limit`` and the least total error (Lagrangian
+    sweep over the convex hull; every group's choice is one of its 8 shifts)."""
+    best = None
+    for lam in np.concatenate([[0.0], np.logspace(-6, 8, 300)]):
+        choice = np.argmin(err + lam * bits, axis=1)
+        total_bits = bits[np.arange(len(choice)), choice].sum()
+        if total_bits <= limit:
+            total_err = err[np.arange(len(choice)), choice].sum()
+            if best is None or total_err < best[1]:
+                best = (choice, total_err)
+            break  # larger lambdas only trade more error for fewer bits
+    return best
+
+
+def calibrate(q: np.ndarray, config: AccelConfig, budget_bits: float | None,
+              order: tuple[int, ...] | None = None) -> SgqPlan:
+    """The plan for INT8 features ``q (N, C, H, W)`` that meets ``budget_bits`` (wire bits per
+    feature value, SGQ responses included) with the least squared error, over every group size
+    and stripe height the hardware allows. ``budget_bits=None``: lossless (every shift 0), the
+    layout with the fewest bytes.
+
+    Raises
+    ------
+    BudgetError
+        When no plan meets the budget (names the budget and the fewest bits reached).
+    """
+    q = np.asarray(q)
+    n, c, h, w = q.shape
+    order = tuple(order) if order is not None else significance_order(q)
+    values = q.size
+    best, fewest = None, math.inf
+    for group in [g for g in range(config.cols, 0, -1) if config.cols % g == 0]:
+        for rows in [r for r in range(1, h + 1) if h % r == 0]:
+            try:
+                plan = SgqPlan(c, h, w, config.cols, order, group, rows,
+                               (0,) * -(-c // group))
+            except ShapeError:
+                continue  # this layout cannot hold the feature map
+            bits, err = _group_costs(plan, q, config)
+            fewest = min(fewest, bits[:, -1].sum() / values)
+            if budget_bits is None:
+                pick = (np.zeros(plan.groups, int), err[:, 0].sum())
+                score = bits[:, 0].sum()
+            else:
+                pick = _allocate(bits, err, budget_bits * values)
+                if pick is None:
+                    continue
+                score = pick[1]
+            if best is None or score < best[0]:
+                best = (score, plan.with_shifts(pick[0]))
+    if best is None:
+        raise BudgetError(f"SGQ budget {budget_bits} bits per value cannot be met on features "
+                          f"(N={n}, C={c}, H={h}, W={w}): the fewest reached is {fewest:.3f} "
+                          f"bits per value (every group at max_shift {MAX_SHIFT})")
+    return best[1]
+
+
+def encode_program(plan: SgqPlan, q: np.ndarray, config: AccelConfig) -> tuple[Program, list]:
+    """The program that SGQ-encodes the INT8 feature batch ``q (N, C, H, W)`` on the device, and
+    the per-SGQ ``(group, first sample, last sample, count)`` it emits, in program order."""
+    groups = plan.layout(q)
+    per = plan.chunk_samples(config)
+    wps = plan.words_per_sample
+    prog, emitted = Program(config), []
+    for a, b in _chunks(q.shape[0], per):
+        count = (b - a) * wps
+        for j, words in enumerate(groups):
+            prog.load(Buffer.OUT, j * per * wps, words[a * wps:b * wps])
+        for j in range(plan.groups):
+            prog.sgq(j * per * wps, count, plan.stripe_len, plan.shifts[j])
+            emitted.append((j, a, b, count))
+    return prog, emitted
+
+
+def decode_responses(plan: SgqPlan, payloads: list[bytes], emitted: list, n: int) -> np.ndarray:
+    """The payloads of :func:`encode_program`'s SGQs -> ``int8 (N, C, H, W)``."""
+    if len(payloads) != len(emitted):
+        raise ShapeError(f"SGQ decode: {len(payloads)} payloads for {len(emitted)} instructions")
+    words = [np.zeros((n * plan.words_per_sample, plan.cols), np.int8)
+             for _ in range(plan.groups)]
+    wps = plan.words_per_sample
+    for payload, (j, a, b, count) in zip(payloads, emitted, strict=True):
+        words[j][a * wps:b * wps] = decode_payload(payload, count, plan.cols, plan.stripe_len)
+    return plan.unlayout(words, n)
