@@ -74,6 +74,8 @@ DOWNLINKS = ("fp32", "int8")
 #: The SGQ budgets of :func:`experiment` (wire bits per feature value).
 DEFAULT_BUDGETS = (3.0, 2.0, 1.5, 1.2)
 SCALE_BYTES = 4  #: one FP32 scale (or min/max value) on the wire
+PAPER_REDUCTION = 15.97  #: SGQ's best published uplink reduction against FP32 features
+TARGET_REDUCTION = 20.0  #: this kit's target (docs/collab.md)
 CALIBRATION_SAMPLES = 256
 #: Default split layer and data set of each model.
 DEFAULT_SPLIT = {"digits-cnn": "relu2", "clutter-cnn": "relu2"}
@@ -611,6 +613,18 @@ def plot_tradeoff(summary: list[dict], path: str | Path, title: str = "") -> Pat
         ax.errorbar([r["uplink_bytes_per_sample"]], [100 * r["test_acc_mean"]],
                     yerr=[100 * r["test_acc_sd"]], marker="s", linestyle="none",
                     color=f"C{i % 3}" if i < 3 else f"C{i + 1}", label=r["label"], capsize=3)
+    fp32 = next((r for r in summary if r["codec"] == "fp32"), None)
+    ref = summary[0]["fp32_bytes_per_sample"] if summary else None
+    if ref:
+        for ratio, style, text in ((PAPER_REDUCTION, ":", "paper's best"), (TARGET_REDUCTION,
+                                                                            "--", "target")):
+            ax.axvline(ref / ratio, color="grey", linestyle=style, linewidth=1)
+            ax.annotate(f"{text} {ratio:g}x", (ref / ratio, 0.02), xycoords=("data", "axes "
+                        "fraction"), rotation=90, fontsize=7, color="grey", xytext=(-9, 0),
+                        textcoords="offset points")
+    if fp32 is not None:
+        ax.axhspan(100 * fp32["test_acc_mean"] - 1, 100 * fp32["test_acc_mean"], color="C0",
+                   alpha=0.08, label="within 1 pp of FP32 features")
     ax.set_xscale("log")
     ax.set(xlabel="uplink bytes per sample (log)", ylabel="test accuracy (%)",
            title=title or "collaborative learning: accuracy against uplink traffic")
