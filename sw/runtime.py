@@ -15,9 +15,9 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-from ..errors import BackendUnavailable, DeviceError
+from ..errors import BackendUnavailable, DeviceError, FieldError, ProtocolError
 from ..hw.config import AccelConfig, get_config
-from ..hw.isa import Counter, Opcode, Status
+from ..hw.isa import Counter, Instruction, Opcode, Status
 
 __all__ = ["Backend", "LinkCounter", "GoldenBackend", "RtlBackend", "BoardBackend", "Device",
            "RunStats", "BACKENDS", "open_backend"]
@@ -114,14 +114,30 @@ class RtlBackend(Backend):
 class BoardBackend(Backend):
     """An FPGA board running the accelerator behind its UART bridge (``tinyaccel.boards``).
 
-    The bytes are exactly those the RTL backend exchanges. ``port`` is a pyserial port name.
+    The bytes are exactly those the RTL backend exchanges. ``port`` is a pyserial port name,
+    opened at ``baud`` with a read ``timeout`` in seconds; or ``link`` is an already open
+    pyserial-like object (``write``, ``read(n)`` returning fewer bytes on a timeout, ``flush``,
+    ``reset_input_buffer``, ``in_waiting``, ``close``), e.g. the simulated board link
+    :class:`tinyaccel.sim.serial_link.SimulatedSerial`; its own ``timeout`` applies.
+
+    Responses are read instruction by instruction, following the host stream: a fixed number of
+    bytes for a STORE or SYNC, and for an SGQ first the length header, then the rest of its
+    frame (``sgq_response_length``), so programs with SGQ need no length in advance.
     """
 
     name = "board"
 
     def __init__(self, config: AccelConfig, port: str | None = None, baud: int = 115200,
-                 timeout: float = 5.0):
+                 timeout: float = 5.0, link=None):
         super().__init__(config)
+        if link is not None:
+            if port:
+                raise BackendUnavailable(f"the board backend takes a serial port or a link, not "
+                                         f"both (port={port!r}, link={link!r})")
+            self._port = link
+            self.port_name = getattr(link, "port", None) or repr(link)
+            self.timeout = getattr(link, "timeout", timeout)
+            return
         if not port:
             raise BackendUnavailable(
                 "the board backend needs a serial port: pass port='/dev/ttyUSB0' (Python) or "
@@ -140,22 +156,82 @@ class BoardBackend(Backend):
         self.timeout = timeout
 
     def exchange(self, stream: bytes, response_bytes: int | None = None) -> bytes:
-        if response_bytes is None:
-            raise BackendUnavailable("the board backend needs the response length in advance "
-                                     "(programs with SGQ are read incrementally — not yet)")
+        from ..protocol import iter_stream
+        words = [word for word, _ in iter_stream(self.config, stream)]  # before sending anything
         self._port.reset_input_buffer()
         self._port.write(stream)
         self._port.flush()
-        data = self._port.read(response_bytes)
-        if len(data) != response_bytes:
-            raise BackendUnavailable(
-                f"board on {self.port_name!r} did not answer: got {len(data)} of "
-                f"{response_bytes} response bytes within {self.timeout} s (is the bitstream "
-                f"loaded and the baud rate right?)")
+        data = self._read_responses(words)
+        if response_bytes is not None and len(data) != response_bytes:
+            raise ProtocolError(f"the program's responses hold {len(data)} bytes, the caller "
+                                f"expected {response_bytes}")
         return data
+
+    def _read_responses(self, words: list[int]) -> bytes:
+        """Read the response of each instruction word in turn (the only reader of the port)."""
+        from ..protocol import SGQ_LENGTH_BYTES, response_length, sgq_response_length
+        out = bytearray()
+        for index, word in enumerate(words):
+            size = response_length(self.config, word)
+            if size is not None:
+                out += self._read(size, index, word, "response")
+                continue
+            head = self._read(SGQ_LENGTH_BYTES, index, word, "SGQ length header")
+            length = int.from_bytes(head, "little")
+            self._check_sgq_length(index, word, length)
+            out += head
+            out += self._read(sgq_response_length(self.config, length) - SGQ_LENGTH_BYTES,
+                              index, word, f"SGQ frame after a length header of {length}")
+        waiting = self._port.in_waiting
+        if waiting:
+            raise ProtocolError(f"board on {self.port_name!r} sent {waiting} bytes more than the "
+                                f"{len(words)} instructions answer: the response stream is out "
+                                f"of sync")
+        return bytes(out)
+
+    def _read(self, size: int, index: int, word: int, part: str) -> bytes:
+        """Exactly ``size`` bytes from the port, gathered over as many reads as they take."""
+        data = bytearray()
+        while len(data) < size:
+            chunk = self._port.read(size - len(data))
+            if not chunk:  # nothing arrived within the timeout
+                raise BackendUnavailable(
+                    f"board on {self.port_name!r} did not answer instruction {index} "
+                    f"({_describe(word)}): got {len(data)} of {size} bytes of its {part} within "
+                    f"{self.timeout} s (is the bitstream loaded and the baud rate right?)")
+            data += chunk
+        return bytes(data)
+
+    def _check_sgq_length(self, index: int, word: int, length: int) -> None:
+        """Reject an SGQ length header no payload of this instruction can have, before waiting
+        for it: ``parse_responses`` judges a well-formed frame of that length (of at most
+        ``_SGQ_PROBE_BYTES``: a larger header that passes is left to the read and its timeout).
+        """
+        from ..protocol import parse_responses, sgq_frame
+        try:
+            parse_responses(self.config, [word],
+                            sgq_frame(self.config, bytes(min(length, _SGQ_PROBE_BYTES))))
+        except ProtocolError as exc:
+            raise ProtocolError(
+                f"board on {self.port_name!r}: instruction {index} ({_describe(word)}) sent SGQ "
+                f"length header {length}, more than its payload can be ({exc})") from exc
 
     def close(self) -> None:
         self._port.close()
+
+
+#: Largest well-formed SGQ frame built to check a length header (far above the largest payload a
+#: preset can produce); a header above it is checked by reading.
+_SGQ_PROBE_BYTES = 1 << 22
+
+
+def _describe(word: int) -> str:
+    """``SGQ(out_addr=0, ...)`` for a defined instruction word, the raw word otherwise."""
+    from ..protocol import RawInstruction
+    try:
+        return repr(Instruction.decode(word))
+    except FieldError:
+        return repr(RawInstruction(word))
 
 
 BACKENDS = {"golden": GoldenBackend, "rtl": RtlBackend, "board": BoardBackend}
