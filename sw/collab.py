@@ -194,6 +194,7 @@ class Link:
         from ..hw.config import get_config
         self.accel = get_config(cfg.config)
         self.plan: sgq.SgqPlan | None = None
+        self.pending_plan_bytes = 0  # a new plan rides on the next counted uplink message
         self.stats = _LinkStats()
         self.counting = True
 
@@ -203,6 +204,7 @@ class Link:
         if self.cfg.codec == "sgq":
             q, _ = _int8(features)
             self.plan = sgq.calibrate(q.numpy(), self.accel, self.cfg.budget)
+            self.pending_plan_bytes = self.plan.wire_bytes
 
     def uplink(self, f: torch.Tensor) -> torch.Tensor:
         """Encode ``f`` as the device sends it; return what the server decodes."""
@@ -221,7 +223,8 @@ class Link:
         if self.counting:
             self.stats.samples += n
             self.stats.values += f.numel()
-            self.stats.up_bytes += nbytes
+            self.stats.up_bytes += nbytes + self.pending_plan_bytes
+            self.pending_plan_bytes = 0
         return out
 
     def _sgq(self, f: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -105,6 +105,12 @@ class SgqPlan:
         return SgqPlan(self.channels, self.height, self.width, self.cols, self.order,
                        self.group, self.stripe_rows, tuple(int(s) for s in shifts))
 
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes that tell the server a new plan: the channel order (a byte each), one shift per
+        group, the group size and the stripe height."""
+        return self.channels + self.groups + 2
+
     def describe(self) -> dict:
         """The plan as a JSON record."""
         return {"groups": self.groups, "group_size": self.group, "stripe_rows": self.stripe_rows,
