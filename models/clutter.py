@@ -3,7 +3,7 @@
 A harder offline classification task than the 8 x 8 digits, for experiments where FP32 must sit
 clearly below 100 % so that a one-point loss means something (collaborative learning, training
 methods). Every image of the fixed digits split (:func:`tinyaccel.models.data.load_digits_split`:
-1437 train / 360 test) becomes one :data:`SIZE` x :data:`SIZE` grey image:
+1437 train / 360 test) becomes :data:`SIZE` x :data:`SIZE` grey images:
 
 - background: a seeded crop of one of scikit-image's photographs (:data:`video.BACKGROUNDS
   <tinyaccel.models.video.BACKGROUNDS>`), grey levels in [``BG_LOW``, ``BG_HIGH``];
@@ -14,11 +14,10 @@ methods). Every image of the fixed digits split (:func:`tinyaccel.models.data.lo
   the image (occlusion);
 - Gaussian noise (:data:`NOISE` sigma), then an 8-bit camera's rounding.
 
-Each training digit is rendered :data:`RENDERS` times (4311 training images), each test digit
-once (360). Render ``k`` of image ``i`` is drawn from its own generator seeded by
-``(seed, part, k, i)``, so the set
-is the same on every machine. Labels are the digits' labels. ``clutter-cnn``
-(:mod:`tinyaccel.models.zoo`) is the model trained on it.
+Each digit is rendered :data:`RENDERS` times: 4311 training and 1080 test images (one test image
+is 0.09 percentage points). Render ``k`` of image ``i`` is drawn from its own generator seeded by
+``(seed, part, k, i)``, so the set is the same on every machine. Labels are the digits' labels.
+``clutter-cnn`` (:mod:`tinyaccel.models.zoo`) is the model trained on it.
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ OCCLUDE_P = 0.3  #: probability of an occluding bar
 NOISE = 0.04  #: sigma of the additive Gaussian noise
 BG_HIGH = 0.5  #: the brightest background grey (the ink is video.INK)
 PHOTO_PX = 96  #: short side of the shrunk photographs crops are cut from
-RENDERS = 3  #: renders of each training digit (the test set has one per digit)
+RENDERS = 3  #: renders of each digit of the split (train and test)
 _PARTS = {"train": 1, "test": 2}
 
 
@@ -98,7 +97,7 @@ def load_clutter_split(seed: int = 0) -> DigitsSplit:
     parts = []
     for part in ("train", "test"):
         digits, labels = video._digit_images(part)
-        renders = RENDERS if part == "train" else 1
+        renders = RENDERS
         images = np.stack([render(d, np.random.default_rng((seed, _PARTS[part], k, i)))
                            for k in range(renders) for i, d in enumerate(digits)])
         labels = np.tile(labels.astype(np.int64), renders)

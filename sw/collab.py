@@ -77,8 +77,9 @@ SCALE_BYTES = 4  #: one FP32 scale (or min/max value) on the wire
 PAPER_REDUCTION = 15.97  #: SGQ's best published uplink reduction against FP32 features
 TARGET_REDUCTION = 20.0  #: this kit's target (docs/collab.md)
 CALIBRATION_SAMPLES = 256
+SIGNIFICANCE_DECAY = 0.9  #: running mean of the per-channel squared feature gradient
 #: Default split layer and data set of each model.
-DEFAULT_SPLIT = {"digits-cnn": "relu2", "clutter-cnn": "relu2"}
+DEFAULT_SPLIT = {"digits-cnn": "relu2", "clutter-cnn": "relu3"}
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,10 @@ class CollabConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     max_steps: int | None = None  #: cap on steps per epoch (short test runs)
+    #: SGQ's channel significance when it spends the budget: ``gradient`` weights each channel's
+    #: squared error by its running mean squared feature gradient (what the downlink brings),
+    #: ``none`` weights every channel alike
+    significance: str = "gradient"
     line_rate: float = 1e6  #: link line rate (bit/s) for the link-time figure
     clock_hz: float = 50e6  #: accelerator clock for the encoder-time figure
 
@@ -187,6 +192,9 @@ class Link:
         if cfg.codec not in CODECS:
             raise ShapeError(f"unknown uplink codec {cfg.codec!r}; choose one of "
                              f"{', '.join(CODECS)}")
+        if cfg.significance not in ("gradient", "none"):
+            raise ShapeError(f"unknown significance {cfg.significance!r}; choose gradient or "
+                             f"none")
         if cfg.downlink not in DOWNLINKS:
             raise ShapeError(f"unknown downlink {cfg.downlink!r}; choose one of "
                              f"{', '.join(DOWNLINKS)}")
@@ -195,6 +203,7 @@ class Link:
         self.accel = get_config(cfg.config)
         self.plan: sgq.SgqPlan | None = None
         self.pending_plan_bytes = 0  # a new plan rides on the next counted uplink message
+        self.significance: np.ndarray | None = None  # per channel, running mean squared gradient
         self.stats = _LinkStats()
         self.counting = True
 
@@ -203,7 +212,8 @@ class Link:
         """SGQ: choose the plan for features like ``features`` (a calibration batch)."""
         if self.cfg.codec == "sgq":
             q, _ = _int8(features)
-            self.plan = sgq.calibrate(q.numpy(), self.accel, self.cfg.budget)
+            self.plan = sgq.calibrate(q.numpy(), self.accel, self.cfg.budget,
+                                      weights=self.significance)
             self.pending_plan_bytes = self.plan.wire_bytes
 
     def uplink(self, f: torch.Tensor) -> torch.Tensor:
@@ -232,10 +242,12 @@ class Link:
             self.calibrate(f)
         q, s = _int8(f)
         q = q.numpy()
+        self.plan = sgq.allocate(self.plan, q, self.accel, self.cfg.budget, self.significance)
         prog, emitted = sgq.encode_program(self.plan, q, self.accel)
         payloads = self._run(prog)
         decoded = sgq.decode_responses(self.plan, payloads, emitted, q.shape[0])
-        nbytes = SCALE_BYTES + sum(sgq_response_length(self.accel, len(p)) for p in payloads)
+        nbytes = (SCALE_BYTES + self.plan.groups  # the scale, each group's shift
+                  + sum(sgq_response_length(self.accel, len(p)) for p in payloads))
         return torch.from_numpy(decoded.astype(np.float32)) * s, nbytes
 
     def _run(self, prog) -> list[bytes]:
@@ -263,6 +275,11 @@ class Link:
             out, nbytes = q.to(torch.float32) * s, q.numel() + SCALE_BYTES
         if self.counting:
             self.stats.down_bytes += nbytes
+            if self.cfg.significance == "gradient" and out.dim() >= 2:
+                energy = out.double().square().transpose(0, 1).reshape(out.shape[1], -1)
+                energy = energy.mean(dim=1).numpy()
+                self.significance = energy if self.significance is None else (
+                    SIGNIFICANCE_DECAY * self.significance + (1 - SIGNIFICANCE_DECAY) * energy)
         return out
 
 

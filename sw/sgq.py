@@ -11,8 +11,9 @@ the hierarchy above the hardware, per split layer (:class:`SgqPlan`):
 - **group size** ``g`` (a divisor of the array's ``cols``): a word holds ``cols / g`` neighbouring
   positions of the group's ``g`` channels, so a group is ``g`` channels x every position;
 - **stripes** of ``stripe_rows`` feature-map rows (the spatial axis);
-- **a shift budget per group**: each group's ``max_shift``, chosen by :func:`calibrate` to meet a
-  bit budget (bits per feature value on the wire) with the least squared error.
+- **a shift budget per group**: each group's ``max_shift``, chosen to meet a bit budget (bits per
+  feature value on the wire) with the least squared error — by :func:`calibrate` with the layout,
+  then by :func:`allocate` on every batch before it is encoded.
 
 The hardware then picks each stripe's code width and shift (section 8). :func:`encode_program`
 builds the program that LOADs a batch's INT8 features into OUT and SGQ-encodes every group;
@@ -32,8 +33,8 @@ from ..hw.isa import Buffer, Opcode, operand_fields
 from ..protocol import Program, sgq_response_length
 from ..sim.numerics import sgq_decode, sgq_payload_bytes, sgq_stripe_modes
 
-__all__ = ["SgqPlan", "calibrate", "encode_program", "decode_responses", "decode_payload",
-           "significance_order", "MAX_SHIFT", "reconstruction_error"]
+__all__ = ["SgqPlan", "calibrate", "allocate", "encode_program", "decode_responses",
+           "decode_payload", "significance_order", "MAX_SHIFT", "reconstruction_error"]
 
 
 
@@ -107,9 +108,9 @@ class SgqPlan:
 
     @property
     def wire_bytes(self) -> int:
-        """Bytes that tell the server a new plan: the channel order (a byte each), one shift per
-        group, the group size and the stripe height."""
-        return self.channels + self.groups + 2
+        """Bytes that tell the server a new layout: the channel order (a byte each), the group
+        size and the stripe height (the shifts go with every batch)."""
+        return self.channels + 2
 
     def describe(self) -> dict:
         """The plan as a JSON record."""
@@ -169,10 +170,11 @@ def _chunks(n: int, per: int):
         yield start, min(n, start + per)
 
 
-def reconstruction_error(values: np.ndarray, stripe_len: int, max_shift: int) -> float:
+def reconstruction_error(values: np.ndarray, stripe_len: int, max_shift: int,
+                         column_weights: np.ndarray | None = None) -> float:
     """Sum of squared errors of one group's values after SGQ at ``max_shift`` (section 8: the
     decoded value of a coded stripe is ``lo + q 2^s`` clamped to INT8, BASE stripes decode to
-    the base)."""
+    the base), each word column's errors weighted by ``column_weights`` (default 1)."""
     base, mode, lo, shift = sgq_stripe_modes(values, stripe_len, max_shift)
     if len(mode) == 0:
         return 0.0
@@ -181,22 +183,31 @@ def reconstruction_error(values: np.ndarray, stripe_len: int, max_shift: int) ->
     q = (stripes - lo[:, None] + half[:, None]) >> shift[:, None]
     rec = np.clip(lo[:, None] + (q << shift[:, None]), -128, 127)
     rec = np.where((mode == 0)[:, None], base, rec)
-    return float(((rec - stripes) ** 2).sum())
+    sq = ((rec - stripes) ** 2).reshape(-1, values.shape[1])
+    if column_weights is not None:
+        return float(sq.sum(axis=0) @ column_weights)
+    return float(sq.sum())
 
 
-def _group_costs(plan: SgqPlan, q: np.ndarray, config: AccelConfig):
-    """Per group and shift: response bits on the wire and squared error, over the batch ``q``."""
+def _group_costs(plan: SgqPlan, q: np.ndarray, config: AccelConfig, weights=None):
+    """Per group and shift: response bits on the wire and squared error (weighted per channel
+    by ``weights``), over the batch ``q``."""
     groups = plan.layout(q)
     per = plan.chunk_samples(config) * plan.words_per_sample
     bits = np.zeros((plan.groups, MAX_SHIFT + 1))
     err = np.zeros((plan.groups, MAX_SHIFT + 1))
     for j, words in enumerate(groups):
+        cw = None
+        if weights is not None:  # word column k holds channel order[j*g + k % g]
+            chans = list(plan.order[j * plan.group:(j + 1) * plan.group])
+            w = np.array([weights[c] for c in chans] + [0.0] * (plan.group - len(chans)))
+            cw = np.tile(w, plan.positions_per_word)
         for s in range(MAX_SHIFT + 1):
             for a, b in _chunks(len(words), per):
                 chunk = words[a:b]
                 bits[j, s] += 8 * sgq_response_length(
                     config, sgq_payload_bytes(chunk, plan.stripe_len, s))
-                err[j, s] += reconstruction_error(chunk, plan.stripe_len, s)
+                err[j, s] += reconstruction_error(chunk, plan.stripe_len, s, cw)
     return bits, err
 
 
@@ -215,12 +226,26 @@ def _allocate(bits: np.ndarray, err: np.ndarray, limit: float) -> tuple[np.ndarr
     return best
 
 
+def allocate(plan: SgqPlan, q: np.ndarray, config: AccelConfig,
+             budget_bits: float | None, weights: np.ndarray | None = None) -> SgqPlan:
+    """``plan`` with per-group shifts that meet ``budget_bits`` on the batch ``q`` itself with
+    the least squared error, each channel's weighted by ``weights`` (its significance; default
+    1) — the driver sees the features before the device encodes them. A batch that cannot meet
+    the budget gets every group's largest shift (the fewest bits there are)."""
+    if budget_bits is None:
+        return plan.with_shifts((0,) * plan.groups)
+    bits, err = _group_costs(plan, np.asarray(q), config, weights)
+    pick = _allocate(bits, err, budget_bits * np.asarray(q).size)
+    return plan.with_shifts(pick[0] if pick is not None else (MAX_SHIFT,) * plan.groups)
+
+
 def calibrate(q: np.ndarray, config: AccelConfig, budget_bits: float | None,
-              order: tuple[int, ...] | None = None) -> SgqPlan:
+              order: tuple[int, ...] | None = None,
+              weights: np.ndarray | None = None) -> SgqPlan:
     """The plan for INT8 features ``q (N, C, H, W)`` that meets ``budget_bits`` (wire bits per
-    feature value, SGQ responses included) with the least squared error, over every group size
-    and stripe height the hardware allows. ``budget_bits=None``: lossless (every shift 0), the
-    layout with the fewest bytes.
+    feature value, SGQ responses included) with the least squared error (each channel's weighted
+    by ``weights``, default 1), over every group size and stripe height the hardware allows.
+    ``budget_bits=None``: lossless (every shift 0), the layout with the fewest bytes.
 
     Raises
     ------
@@ -239,7 +264,7 @@ def calibrate(q: np.ndarray, config: AccelConfig, budget_bits: float | None,
                                (0,) * -(-c // group))
             except ShapeError:
                 continue  # this layout cannot hold the feature map
-            bits, err = _group_costs(plan, q, config)
+            bits, err = _group_costs(plan, q, config, weights)
             fewest = min(fewest, bits[:, -1].sum() / values)
             if budget_bits is None:
                 pick = (np.zeros(plan.groups, int), err[:, 0].sum())

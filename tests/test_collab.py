@@ -290,11 +290,11 @@ def test_summary_compares_against_fp32_on_the_same_seeds():
 
 def test_clutter_split_is_fixed_and_in_range():
     a = load_clutter_split()
-    assert a.x_train.shape[1:] == (1, SIZE, SIZE) and a.x_test.shape == (360, 1, SIZE, SIZE)
+    assert a.x_train.shape[1:] == (1, SIZE, SIZE) and a.x_test.shape == (3 * 360, 1, SIZE, SIZE)
     assert len(a.x_train) == 3 * 1437 and float(a.x_train.min()) >= 0 <= 1 >= float(
         a.x_train.max())
     load_clutter_split.cache_clear()
     b = load_clutter_split()
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
-    # the labels are the digits split's: the test set is the digits test set, drawn once
-    assert torch.equal(a.y_test, load_digits_split().y_test)
+    # the labels are the digits split's: the test set is the digits test set, drawn 3 times
+    assert torch.equal(a.y_test, load_digits_split().y_test.repeat(3))
