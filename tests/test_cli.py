@@ -299,3 +299,27 @@ def test_video_names_a_clip_too_short(tmp_path):
     result = _invoke("video", "--input", str(clip))
     assert result.exit_code == 1
     assert "ShapeError" in result.output and "2 frames" in result.output
+
+
+def test_collab_writes_its_json_table_and_plot(tmp_path):
+    out, js = tmp_path / "collab", tmp_path / "collab.json"
+    result = _invoke("collab", "--model", "digits-cnn", "--epochs", "1", "--max-steps", "2",
+                     "--seeds", "0,1", "--codec", "fp32", "--codec", "sgq", "--budget", "3",
+                     "--headline", "3", "--backend", "host", "--jobs", "1", "--out", str(out),
+                     "--json", str(js))
+    assert result.exit_code == 0, result.output
+    record = json.loads(js.read_text())
+    labels = [r["label"] for r in record["summary"]]
+    assert labels == ["fp32", "sgq-3b"]
+    assert len(record["runs"]) == 4 and {r["seed"] for r in record["runs"]} == {0, 1}
+    head = record["headline"]
+    assert head["label"] == "sgq-3b" and head["uplink_reduction_vs_fp32"] > 1
+    assert (out / "table.md").read_text().strip() in result.stdout
+    assert (out / "tradeoff.png").stat().st_size > 0
+    assert "headline SGQ at 3 bits/value" in result.stdout
+
+
+def test_collab_bad_split_names_the_layers():
+    result = _invoke("collab", "--model", "digits-cnn", "--split", "conv9")
+    assert result.exit_code != 0
+    assert "conv9" in result.output and "relu2" in result.output
