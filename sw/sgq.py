@@ -212,18 +212,40 @@ def _group_costs(plan: SgqPlan, q: np.ndarray, config: AccelConfig, weights=None
 
 
 def _allocate(bits: np.ndarray, err: np.ndarray, limit: float) -> tuple[np.ndarray, float] | None:
-    """Per-group shifts with total bits <= ``limit`` and the least total error (Lagrangian
-    sweep over the convex hull; every group's choice is one of its 8 shifts)."""
-    best = None
-    for lam in np.concatenate([[0.0], np.logspace(-6, 8, 300)]):
-        choice = np.argmin(err + lam * bits, axis=1)
-        total_bits = bits[np.arange(len(choice)), choice].sum()
-        if total_bits <= limit:
-            total_err = err[np.arange(len(choice)), choice].sum()
-            if best is None or total_err < best[1]:
-                best = (choice, total_err)
-            break  # larger lambdas only trade more error for fewer bits
-    return best
+    """Per-group shifts with total bits <= ``limit`` and little total error: the Lagrangian
+    choice ``argmin err + lambda bits`` at the smallest feasible ``lambda`` (bisected), then the
+    bits left over spent greedily where they buy the most error. ``None`` when infeasible."""
+    rows = np.arange(len(bits))
+
+    def choose(lam):
+        return np.argmin(err + lam * bits, axis=1)
+
+    def total(choice):
+        return bits[rows, choice].sum()
+
+    if total(choose(0.0)) <= limit:
+        choice = choose(0.0)
+    else:
+        lo, hi = 0.0, 1.0
+        while total(choose(hi)) > limit:
+            hi *= 4
+            if hi > 1e12:
+                return None
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if total(choose(mid)) <= limit else (mid, hi)
+        choice = choose(hi)
+    while True:  # spend what is left: the best error drop per extra bit that still fits
+        left = limit - total(choice)
+        gain = err[rows, choice][:, None] - err
+        cost = bits - bits[rows, choice][:, None]
+        ok = (gain > 0) & (cost <= left)
+        if not ok.any():
+            break
+        rate = np.where(ok, gain / np.maximum(cost, 1e-9), -np.inf)
+        j, s = np.unravel_index(np.argmax(rate), rate.shape)
+        choice[j] = s
+    return choice, float(err[rows, choice].sum())
 
 
 def allocate(plan: SgqPlan, q: np.ndarray, config: AccelConfig,
