@@ -298,3 +298,28 @@ def test_clutter_split_is_fixed_and_in_range():
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
     # the labels are the digits split's: the test set is the digits test set, drawn 3 times
     assert torch.equal(a.y_test, load_digits_split().y_test.repeat(3))
+
+
+def test_allocation_meets_the_limit_and_uses_it(seed):
+    """The per-group shift choice: within the limit, lossless when that fits, near the exhaustive
+    optimum on small random cases (every one of 8^3 choices tried), ``None`` when infeasible."""
+    import itertools
+
+    from tinyaccel.sw.sgq import _allocate
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for _ in range(40):
+        # bits fall and error rises with the shift, as in SGQ
+        bits = np.sort(rng.integers(10, 200, size=(3, 8)), axis=1)[:, ::-1].astype(float)
+        err = np.sort(rng.random((3, 8)) * 100, axis=1)
+        err[:, 0] = 0.0
+        limit = float(rng.uniform(bits[:, -1].sum(), bits[:, 0].sum()))
+        choice, total_err = _allocate(bits, err, limit)
+        assert bits[np.arange(3), choice].sum() <= limit
+        best = min(err[np.arange(3), c].sum() for c in itertools.product(range(8), repeat=3)
+                   if bits[np.arange(3), c].sum() <= limit)
+        worst = max(worst, total_err - best)
+        assert total_err <= best + 0.25 * err.max()  # a heuristic, but never far off
+    print(f"largest excess over the optimum: {worst:.3f}")
+    assert _allocate(bits, err, bits[:, 0].sum())[1] == 0.0
+    assert _allocate(bits, err, bits[:, -1].sum() - 1) is None
