@@ -643,7 +643,7 @@ def plot_tradeoff(summary: list[dict], path: str | Path, title: str = "") -> Pat
                         "fraction"), rotation=90, fontsize=7, color="grey", xytext=(-9, 0),
                         textcoords="offset points")
     if fp32 is not None:
-        ax.axhspan(100 * fp32["test_acc_mean"] - 1, 100 * fp32["test_acc_mean"], color="C0",
+        ax.axhspan(100 * fp32["test_acc_mean"] - 1, 100 * fp32["test_acc_mean"], color="grey",
                    alpha=0.08, label="within 1 pp of FP32 features")
     ax.set_xscale("log")
     ax.set(xlabel="uplink bytes per sample (log)", ylabel="test accuracy (%)",
