@@ -9,6 +9,7 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from ..errors import ConfigError
 from .arith import mul_const
 from .config import AccelConfig
 from .isa import SGQ_CRC, SGQ_MODE_BITS, SgqMode
@@ -227,11 +228,17 @@ class StripeEncoderSerial(StripeEncoder):
         c_in = Mux(bit_idx == 0, (shift != 0) & t.bit_select((shift - 1)[:SHIFT_BITS], 1), carry)
         t_bit = t.bit_select(shift + bit_idx, 1)
 
-        # -- the CRC trailer: a bit-serial CRC over every bit the packer takes, until the
-        # trailer starts (the CRC is reflected: bit by bit, LSB first, equals byte by byte)
+        # -- the CRC trailer: a bit-serial CRC over every bit the packer takes (the CRC is
+        # reflected: bit by bit, LSB first, equals byte by byte). While the trailer is sent the
+        # CRC takes each bit it sends complemented by the output XOR: its feedback is then 0
+        # and its register only shifts, so crc[0] is always the next bit to send (no
+        # multiplexer over the 32 bits).
+        if SGQ_CRC.xor_output not in (0, (1 << CRC_BITS) - 1):
+            raise ConfigError(f"{SGQ_CRC!r}: the serial trailer needs a uniform output XOR")
         m.submodules.crc = crc = SGQ_CRC(1).create()
-        trailer = Signal()  # the CRC is being sent: it takes no more bits
-        m.d.comb += [crc.data.eq(emit_bit), crc.valid.eq(took & ~trailer)]
+        trailer = Signal()  # the trailer (and the padding after it) is being sent
+        m.d.comb += [crc.data.eq(emit_bit ^ (trailer & SGQ_CRC.xor_output & 1)),
+                     crc.valid.eq(took)]
 
         with m.FSM():
             with m.State("IDLE"):
@@ -348,6 +355,8 @@ class StripeEncoderSerial(StripeEncoder):
                         m.d.sync += busy.eq(0)
                         m.next = "IDLE"
             with m.State("TRAILER"):  # the CRC of every bit before it, then PAD again
-                with m.If(field(crc.crc, CRC_BITS)):
+                m.d.comb += [emit.eq(1), emit_bit.eq(crc.crc[0]),
+                             field_done.eq(took & (bit_idx == CRC_BITS - 1))]
+                with m.If(field_done):
                     m.next = "PAD"
         return m
