@@ -685,17 +685,19 @@ def corner_programs(config: AccelConfig | str,
         add("pass_layer", p.store(Buffer.INP, 0, 54).store(Buffer.OUT, h * w, 4 * rows).sync(
             counters=True))
 
-    # SGQ: BASE, 2-, 4- and 8-bit stripes, lossless and with the largest shift.
-    if depth(Buffer.OUT) >= 4:
-        out = np.zeros((4, cols), np.int8)
-        out[0] = _INT8.min  # group base; stripe 0 is all base
-        out[1] = 3  # constant stripe != base: 2-bit codes
-        out[2] = np.arange(cols) % 12  # span 11: 4-bit codes
-        out[3] = np.where(np.arange(cols) % 2, _INT8.max, _INT8.min)  # span 255
+    # SGQ: BASE, 1-, 2-, 4- and 8-bit stripes (stripes of two words: the low value, then low +
+    # the largest span the width holds at shift 0), lossless and with the largest shift; then
+    # stripes of one (constant) word: BASE and 1-bit codes.
+    spans = (0, 1, 3, 15, 255)
+    if depth(Buffer.OUT) >= 2 * len(spans):
+        out = np.zeros((2 * len(spans), cols), np.int8)
+        for i, (span, lo) in enumerate(zip(spans, (_INT8.min, 7, -40, 100, _INT8.min),
+                                           strict=True)):
+            out[2 * i], out[2 * i + 1] = lo, lo + span  # the first stripe is the group base
         p = new().load(Buffer.OUT, 0, out)
-        for shift in (0, _MAX_SHIFT_MAX):
-            p.sgq(0, 4, 1, shift)
-        add("sgq_modes", p.sgq(0, 4, 2, 1).sync(counters=True))
+        for shift in (0, 2, _MAX_SHIFT_MAX):
+            p.sgq(0, len(out), 2, shift)
+        add("sgq_modes", p.sgq(0, len(out), 1, 0).sync(counters=True))
 
     # IM2COL: a padded strided window, packed pixels with dilation, a pixel of two words, a tile
     # entirely below the tensor (all padding at the largest strides and pads), m_blocks = 0; then
