@@ -55,8 +55,9 @@ class StripeEncoder(wiring.Component):
     bit is sent: (1) the group minimum ``base``; (2) each stripe's min/max and so its mode and
     size, summed into ``payload_bytes``; then, after the length and ``base``, per stripe (3) its
     min/max again for the header and (4) its codes. Mode choice per stripe: the narrowest width
-    b in {2, 4, 8} for which some shift s <= ``max_shift`` has ``(hi - lo + h(s)) >> s <=
-    2^b - 1``, with the smallest such s.
+    b in {1, 2, 4, 8} for which some shift s <= ``max_shift`` has ``(hi - lo + h(s)) >> s <=
+    2^b - 1``, with the smallest such s. The response ends with a CRC-32 trailer
+    (:data:`~.isa.SGQ_CRC`) over every beat sent before it, padded to a whole beat.
     """
 
     def __init__(self, config: AccelConfig):
@@ -190,7 +191,8 @@ class StripeEncoderPipeline(StripeEncoder):
 
     The read data go straight into a register, min/max trees have a register per level, the
     stripe decision is a four-stage pipeline, and pass 4 runs ahead of the :class:`BitPacker`
-    into a FIFO under credit control, so the read enable is always a flop.
+    into a FIFO under credit control, so the read enable is always a flop. A beat-wide CRC
+    takes the beats as they leave.
     """
 
     def elaborate(self, platform):

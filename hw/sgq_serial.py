@@ -65,7 +65,7 @@ class SerialPacker(wiring.Component):
 class StripeEncoderSerial(StripeEncoder):
     """The serial design: one value per cycle from the held read port passes one comparator
     pair, the decision tries one shift per cycle, and every field leaves one bit per cycle
-    through a :class:`SerialPacker`.
+    through a :class:`SerialPacker`; a bit-serial CRC takes the same bits.
 
     ``held_cmd``: the dispatcher keeps ``ctrl.cmd`` on offer until the unit is done (builds
     without overlap), so the encoder keeps no copy of the operands.
