@@ -233,8 +233,9 @@ class StripeEncoderSerial(StripeEncoder):
         # CRC takes each bit it sends complemented by the output XOR: its feedback is then 0
         # and its register only shifts, so crc[0] is always the next bit to send (no
         # multiplexer over the 32 bits).
-        if SGQ_CRC.xor_output not in (0, (1 << CRC_BITS) - 1):
-            raise ConfigError(f"{SGQ_CRC!r}: the serial trailer needs a uniform output XOR")
+        if not SGQ_CRC.reflect_output or SGQ_CRC.xor_output not in (0, (1 << CRC_BITS) - 1):
+            raise ConfigError(f"{SGQ_CRC!r}: the serial trailer needs a reflected output and a "
+                              f"uniform output XOR")
         m.submodules.crc = crc = SGQ_CRC(1).create()
         trailer = Signal()  # the trailer (and the padding after it) is being sent
         m.d.comb += [crc.data.eq(emit_bit ^ (trailer & SGQ_CRC.xor_output & 1)),
