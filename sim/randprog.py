@@ -24,7 +24,7 @@ from ..protocol import PARAM_DTYPE, Program, encode_fields, lane_dtype, lanes
 from .numerics import INT32_MAX, INT32_MIN
 
 __all__ = ["SEED_ENV", "DEFAULT_SEED", "parse_seed", "seed_from_env", "random_words",
-           "random_channel_params", "random_program", "corner_programs", "Corner",
+           "random_channel_params", "random_program", "corner_programs", "Corner", "sgq_group",
            "UNDEFINED_OPCODES", "UNDEFINED_BUFFERS", "random_im2col", "broken_im2col",
            "implemented_opcodes"]
 
@@ -150,6 +150,26 @@ def random_words(config: AccelConfig, buf: Buffer, n: int, rng) -> np.ndarray:
         return _with_extremes(rng, x, INT32_MIN, INT32_MAX).astype(np.int32)
     x = rng.integers(_INT8.min, _INT8.max, shape, endpoint=True)
     return _with_extremes(rng, x, _INT8.min, _INT8.max).astype(np.int8)
+
+
+def sgq_group(rng, stripes: int, stripe_len: int, cols: int) -> np.ndarray:
+    """OUT words ``int8 (stripes * stripe_len, cols)`` for an SGQ group whose stripes take every
+    mode: all the group base (BASE), two neighbouring levels (1-bit codes at shift 0), spans up
+    to 3 and 15, and the full range."""
+    rng = _rng(rng)
+    base = int(rng.integers(_INT8.min, _INT8.max - 16))
+    out = np.empty((stripes, stripe_len * cols), np.int64)
+    for i, kind in enumerate(rng.integers(0, 5, stripes)):
+        span = (0, 1, 3, 15, 255)[kind]
+        if kind == 0:
+            out[i] = base
+        elif kind == 4:
+            out[i] = rng.integers(base, _INT8.max, out.shape[1], endpoint=True)
+        else:
+            lo = int(rng.integers(base, _INT8.max - span, endpoint=True))
+            out[i] = rng.integers(lo, lo + span, out.shape[1], endpoint=True)
+    out[0, 0] = base  # the group minimum
+    return out.reshape(stripes * stripe_len, cols).astype(np.int8)
 
 
 def random_im2col(config: AccelConfig | str, rng, *, out_window: int | None = None,
@@ -369,7 +389,10 @@ class _Generator:
         elif op == Opcode.SGQ:
             stripe = self._int(1, min(8, win[Buffer.OUT], _STRIPE_MAX))
             n = stripe * self._size(min(self.max_count, win[Buffer.OUT]) // stripe)
-            prog.sgq(self._place(Buffer.OUT, n), n, stripe, self._int(0, _MAX_SHIFT_MAX))
+            addr = self._place(Buffer.OUT, n)
+            if n and rng.random() < 0.3:  # random words rarely make BASE or 1-bit stripes
+                prog.load(Buffer.OUT, addr, sgq_group(rng, n // stripe, stripe, cfg.cols))
+            prog.sgq(addr, n, stripe, self._int(0, _MAX_SHIFT_MAX))
         elif op == Opcode.IM2COL:
             prog.im2col(**random_im2col(cfg, rng, out_window=win[Buffer.OUT],
                                         inp_window=win[Buffer.INP], mask_bits=self.mask_bits))
