@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from amaranth.hdl import signed, unsigned
-from amaranth.lib import data, enum
+from amaranth.lib import crc, data, enum
 
 from ..errors import FieldError, OpcodeError
 
@@ -31,6 +31,7 @@ __all__ = [
     "ChannelParams", "StatusRecord", "SgqStripeHeader", "SgqMode",
     "InstructionLayout", "OPERANDS", "Instruction", "field_table", "operand_fields",
     "STATUS_MAGIC", "STATUS_BYTES", "COUNTER_BITS", "COUNTER_RECORD_BYTES", "SGQ_MODE_BITS",
+    "SGQ_CRC", "SGQ_CRC_BYTES",
 ]
 
 INSTR_BITS = 128
@@ -312,15 +313,23 @@ STATUS_BYTES = data.Layout.cast(StatusRecord).size // 8
 COUNTER_RECORD_BYTES = len(Counter) * COUNTER_BITS // 8
 
 
-class SgqMode(enum.Enum, shape=2):
-    """Per-stripe code width in the SGQ wire format."""
+class SgqMode(enum.Enum, shape=3):
+    """Per-stripe code width in the SGQ wire format. Codes 5..7 are reserved: never sent, and a
+    decoder that reads one rejects the stream."""
     BASE = 0  #: every value equals the group base (e.g. zero after ReLU): no payload
-    BITS2 = 1
-    BITS4 = 2
-    BITS8 = 3
+    BITS1 = 1  #: 1-bit codes
+    BITS2 = 2  #: 2-bit codes
+    BITS4 = 3  #: 4-bit codes
+    BITS8 = 4  #: 8-bit codes (fit any stripe at shift 0: lossless)
 
 
-SGQ_MODE_BITS = {SgqMode.BITS2: 2, SgqMode.BITS4: 4, SgqMode.BITS8: 8}
+SGQ_MODE_BITS = {SgqMode.BITS1: 1, SgqMode.BITS2: 2, SgqMode.BITS4: 4, SgqMode.BITS8: 8}
+
+#: The checksum that ends every SGQ response (section 8): CRC-32 (ISO-HDLC, as zlib and
+#: Ethernet), over every byte of the response before it. It is reflected, so the CRC over
+#: little-endian host beats of any width equals the CRC over the bytes in stream order.
+SGQ_CRC = crc.catalog.CRC32_ISO_HDLC
+SGQ_CRC_BYTES = SGQ_CRC.crc_width // 8  #: bytes of the CRC, little-endian on the wire
 
 
 class SgqStripeHeader(data.Struct):

@@ -16,12 +16,21 @@ from ..errors import ConfigError
 from .arith import mul_const
 from .config import AccelConfig
 from .control import UnitControl
-from .isa import SGQ_MODE_BITS, Buffer, SgqMode, SgqOperands, SgqStripeHeader
+from .isa import (
+    SGQ_CRC,
+    SGQ_CRC_BYTES,
+    SGQ_MODE_BITS,
+    Buffer,
+    SgqMode,
+    SgqOperands,
+    SgqStripeHeader,
+)
 from .scratchpads import ReadClient, geometry
 
 __all__ = ["SgqCommand", "StripeEncoder", "BitPacker", "StripeEncoderPipeline"]
 
 LENGTH_BITS = 32  # the little-endian payload length that precedes the payload
+CRC_BITS = 8 * SGQ_CRC_BYTES  # the trailer: CRC-32 of every byte before it, little-endian
 SHIFT_BITS = data.Layout.cast(SgqStripeHeader)["shift"].shape.width
 OFFSET_BITS = data.Layout.cast(SgqStripeHeader)["offset"].shape.width
 MODE_BITS = SgqMode.as_shape().width
@@ -46,8 +55,9 @@ class StripeEncoder(wiring.Component):
     bit is sent: (1) the group minimum ``base``; (2) each stripe's min/max and so its mode and
     size, summed into ``payload_bytes``; then, after the length and ``base``, per stripe (3) its
     min/max again for the header and (4) its codes. Mode choice per stripe: the narrowest width
-    b in {2, 4, 8} for which some shift s <= ``max_shift`` has ``(hi - lo + h(s)) >> s <=
-    2^b - 1``, with the smallest such s.
+    b in {1, 2, 4, 8} for which some shift s <= ``max_shift`` has ``(hi - lo + h(s)) >> s <=
+    2^b - 1``, with the smallest such s. The response ends with a CRC-32 trailer
+    (:data:`~.isa.SGQ_CRC`) over every beat sent before it, padded to a whole beat.
     """
 
     def __init__(self, config: AccelConfig):
@@ -181,7 +191,8 @@ class StripeEncoderPipeline(StripeEncoder):
 
     The read data go straight into a register, min/max trees have a register per level, the
     stripe decision is a four-stage pipeline, and pass 4 runs ahead of the :class:`BitPacker`
-    into a FIFO under credit control, so the read enable is always a flop.
+    into a FIFO under credit control, so the read enable is always a flop. A beat-wide CRC
+    takes the beats as they leave.
     """
 
     def elaborate(self, platform):
@@ -189,7 +200,7 @@ class StripeEncoderPipeline(StripeEncoder):
         cfg, geom = self._config, self._geom
         cols, hw = cfg.cols, cfg.host_width
         levels = ceil_log2(cols)
-        packer = BitPacker(hw, max(LENGTH_BITS, 8 * cols, HEADER_BITS))
+        packer = BitPacker(hw, max(LENGTH_BITS, CRC_BITS, 8 * cols, HEADER_BITS))
         busy = self._respond_through(m, packer)
         out_addr, count = Signal(geom.addr_width), Signal(range(geom.depth + 1))
         stripe_len, last_k = Signal(8), Signal(8)  # last_k = stripe_len - 1
@@ -300,10 +311,9 @@ class StripeEncoderPipeline(StripeEncoder):
             # its smallest shift is where its fits vector turns on
             with m.If(is_base2):
                 m.d.sync += [mode3.eq(SgqMode.BASE), shift3.eq(0)]
-            with m.Elif(fits[NARROW[0]].bit_select(max_shift, 1)):
-                m.d.sync += [mode3.eq(NARROW[0]), shift3.eq(_first_set(fits[NARROW[0]]))]
-            with m.Elif(fits[NARROW[1]].bit_select(max_shift, 1)):
-                m.d.sync += [mode3.eq(NARROW[1]), shift3.eq(_first_set(fits[NARROW[1]]))]
+            for b_mode in NARROW:  # narrowest first
+                with m.Elif(fits[b_mode].bit_select(max_shift, 1)):
+                    m.d.sync += [mode3.eq(b_mode), shift3.eq(_first_set(fits[b_mode]))]
             with m.Else():  # the widest codes fit at shift 0
                 m.d.sync += [mode3.eq(CODED[-1]), shift3.eq(0)]
         mode, shift = Signal(SgqMode), Signal(SHIFT_BITS)
@@ -339,7 +349,7 @@ class StripeEncoderPipeline(StripeEncoder):
         # the packer takes pass 4's codes from the FIFO, every other field from the FSM; the
         # choice is a flop (it fans out to every bit of the packer's input register)
         from_fifo = Signal()
-        hdr_valid, hdr_value = Signal(), Signal(LENGTH_BITS)
+        hdr_valid, hdr_value = Signal(), Signal(max(LENGTH_BITS, CRC_BITS))
         hdr_bits = Signal.like(packer.i_nbits)
         m.d.comb += [
             packer.i_valid.eq(Mux(from_fifo, fifo.r_rdy, hdr_valid)),
@@ -356,11 +366,19 @@ class StripeEncoderPipeline(StripeEncoder):
         m.d.sync += quiet.eq(~Cat(*valid, rd, ended, d1, d2, d3).any())
         drained = quiet & left_zero
 
+        # -- the CRC trailer: a beat-wide CRC over every beat sent before it (``trailer`` is
+        # set once they have all left)
+        m.submodules.crc = crc = SGQ_CRC(hw).create()
+        trailer = Signal()
+        m.d.comb += [crc.data.eq(self.o_stream.payload),
+                     crc.valid.eq(self.o_stream.valid & self.o_stream.ready & ~trailer)]
+
         with m.FSM():
             with m.State("IDLE"):
                 with m.If(self.ctrl.start):
                     c = self.ctrl.cmd
                     o = c.operands
+                    m.d.comb += crc.start.eq(1)
                     m.d.sync += [busy.eq(1), out_addr.eq(o.out_addr), count.eq(o.count),
                                  stripe_len.eq(o.stripe_len), max_shift.eq(o.max_shift),
                                  empty.eq(c.zero | (o.count == 0)),
@@ -432,8 +450,15 @@ class StripeEncoderPipeline(StripeEncoder):
                 with m.If(packer.settled & ~packer.o_stream.valid):
                     m.d.comb += [hdr_valid.eq(packer.fill != 0), hdr_bits.eq(hw - packer.fill)]
                     m.next = "DRAIN"
-            with m.State("DRAIN"):
+            with m.State("DRAIN"):  # every beat has left (and so entered the CRC)
                 with m.If(packer.settled & (packer.fill == 0)):
-                    m.d.sync += busy.eq(0)
-                    m.next = "IDLE"
+                    m.d.sync += trailer.eq(~trailer)
+                    m.next = "SEND_CRC"
+                    with m.If(trailer):
+                        m.d.sync += busy.eq(0)
+                        m.next = "IDLE"
+            with m.State("SEND_CRC"):  # the trailer, then padding to a whole beat again
+                m.d.comb += [hdr_valid.eq(1), hdr_bits.eq(CRC_BITS), hdr_value.eq(crc.crc)]
+                with m.If(packer.i_ready):
+                    m.next = "PAD"
         return m

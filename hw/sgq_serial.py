@@ -9,12 +9,14 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from ..errors import ConfigError
 from .arith import mul_const
 from .config import AccelConfig
-from .isa import SGQ_MODE_BITS, SgqMode
+from .isa import SGQ_CRC, SGQ_MODE_BITS, SgqMode
 from .sgq_encoder import (
     BASE_BITS,
     CODED,
+    CRC_BITS,
     HEADER_BITS,
     LENGTH_BITS,
     MODE_BITS,
@@ -63,7 +65,7 @@ class SerialPacker(wiring.Component):
 class StripeEncoderSerial(StripeEncoder):
     """The serial design: one value per cycle from the held read port passes one comparator
     pair, the decision tries one shift per cycle, and every field leaves one bit per cycle
-    through a :class:`SerialPacker`.
+    through a :class:`SerialPacker`; a bit-serial CRC takes the same bits.
 
     ``held_cmd``: the dispatcher keeps ``ctrl.cmd`` on offer until the unit is done (builds
     without overlap), so the encoder keeps no copy of the operands.
@@ -154,8 +156,11 @@ class StripeEncoderSerial(StripeEncoder):
         # -- decision, one shift per cycle from s = 0: with u = span >> s and r = span[s-1],
         # (span + h(s)) >> s = u + r, so width b fits iff u + r <= 2^b - 1
         u, r = Signal(8), Signal()
-        s, s_wide = Signal(SHIFT_BITS), Signal(SHIFT_BITS)
-        wide_fit = Signal()  # the wider narrow width fitted at shift s_wide <= s
+        s = Signal(SHIFT_BITS)
+        # per narrow width but the narrowest: it fitted at a shift <= s, the first at s_first
+        fitted = {mode: Signal(name=f"fitted_{SGQ_MODE_BITS[mode]}") for mode in NARROW[1:]}
+        s_first = {mode: Signal(SHIFT_BITS, name=f"s_first_{SGQ_MODE_BITS[mode]}")
+                   for mode in NARROW[1:]}
         mode, shift = Signal(SgqMode), Signal(SHIFT_BITS)
         coded = mode != SgqMode.BASE
 
@@ -200,11 +205,11 @@ class StripeEncoderSerial(StripeEncoder):
         took = emit & packer.i_ready
         field_done = Signal()  # strobe: the field's last bit is taken
         m.d.comb += [packer.i_valid.eq(emit), packer.i_bit.eq(emit_bit)]
-        # code_last: bit_idx == code_bits - 1, as a flop (codes have 2 bits or more; only CODES
-        # reads it, and it enters with bit_idx = 0)
+        # code_last: bit_idx == code_bits - 1, as a flop (only CODES reads it, and it enters
+        # with bit_idx = 0 after the header's field_done, when the mode is known)
         code_last = Signal()
         with m.If(field_done):
-            m.d.sync += [bit_idx.eq(0), code_last.eq(0)]
+            m.d.sync += [bit_idx.eq(0), code_last.eq(code_bits == 1)]
         with m.Elif(took):
             m.d.sync += [bit_idx.eq(bit_idx + 1), code_last.eq(bit_idx == code_bits - 2)]
 
@@ -223,11 +228,25 @@ class StripeEncoderSerial(StripeEncoder):
         c_in = Mux(bit_idx == 0, (shift != 0) & t.bit_select((shift - 1)[:SHIFT_BITS], 1), carry)
         t_bit = t.bit_select(shift + bit_idx, 1)
 
+        # -- the CRC trailer: a bit-serial CRC over every bit the packer takes (the CRC is
+        # reflected: bit by bit, LSB first, equals byte by byte). While the trailer is sent the
+        # CRC takes each bit it sends complemented by the output XOR: its feedback is then 0
+        # and its register only shifts, so crc[0] is always the next bit to send (no
+        # multiplexer over the 32 bits).
+        if not SGQ_CRC.reflect_output or SGQ_CRC.xor_output not in (0, (1 << CRC_BITS) - 1):
+            raise ConfigError(f"{SGQ_CRC!r}: the serial trailer needs a reflected output and a "
+                              f"uniform output XOR")
+        m.submodules.crc = crc = SGQ_CRC(1).create()
+        trailer = Signal()  # the trailer (and the padding after it) is being sent
+        m.d.comb += [crc.data.eq(emit_bit ^ (trailer & SGQ_CRC.xor_output & 1)),
+                     crc.valid.eq(took)]
+
         with m.FSM():
             with m.State("IDLE"):
                 with m.If(self.ctrl.start):
                     c = self.ctrl.cmd
                     o = c.operands
+                    m.d.comb += crc.start.eq(1)
                     m.d.sync += [busy.eq(1), stripe_ptr.eq(o.out_addr),
                                  empty.eq(c.zero | (o.count == 0)),
                                  total.eq(2 * BASE_BITS - 1)]
@@ -257,21 +276,23 @@ class StripeEncoderSerial(StripeEncoder):
                         m.next = "DECIDE_START"
             with m.State("DECIDE_START"):
                 set_u((hi - lo)[:8], 0)
-                m.d.sync += [s.eq(0), wide_fit.eq(0)]
+                m.d.sync += [s.eq(0), *(fitted[mode].eq(0) for mode in NARROW[1:])]
                 m.next = "DECIDE"
                 with m.If(hi == base):  # every value is the base
                     decided(SgqMode.BASE, 0)
-            with m.State("DECIDE"):
+            with m.State("DECIDE"):  # the narrowest width wins at its first fitting shift
                 with m.If(fits(NARROW[0])):
                     decided(NARROW[0], s)
                 with m.Else():
-                    with m.If(fits(NARROW[1]) & ~wide_fit):
-                        m.d.sync += [wide_fit.eq(1), s_wide.eq(s)]
+                    for b_mode in NARROW[1:]:
+                        with m.If(fits(b_mode) & ~fitted[b_mode]):
+                            m.d.sync += [fitted[b_mode].eq(1), s_first[b_mode].eq(s)]
                     with m.If(s == max_shift):
-                        with m.If(wide_fit):
-                            decided(NARROW[1], s_wide)
-                        with m.Elif(fits(NARROW[1])):
-                            decided(NARROW[1], s)
+                        # fits(b, s) is monotone in s: width b fits at some shift <= max_shift
+                        # iff it fits at max_shift
+                        for n, b_mode in enumerate(NARROW[1:]):  # narrowest first
+                            with (m.If if n == 0 else m.Elif)(fits(b_mode)):
+                                decided(b_mode, Mux(fitted[b_mode], s_first[b_mode], s))
                         with m.Else():  # the widest codes fit at shift 0
                             decided(CODED[-1], 0)
                     with m.Else():
@@ -325,10 +346,18 @@ class StripeEncoderSerial(StripeEncoder):
                             m.d.sync += t_ok.eq(0)
                             with m.If(scan_last):
                                 m.next = "STRIPE"
-            with m.State("PAD"):  # zero bits up to a whole beat; done when it has left
+            with m.State("PAD"):  # zero bits up to a whole beat; on when it has left
                 m.d.comb += [emit.eq(packer.fill != 0), emit_bit.eq(0)]
                 with m.If(packer.fill == 0):
                     m.d.comb += field_done.eq(1)
-                    m.d.sync += busy.eq(0)
-                    m.next = "IDLE"
+                    m.d.sync += trailer.eq(~trailer)
+                    m.next = "TRAILER"
+                    with m.If(trailer):
+                        m.d.sync += busy.eq(0)
+                        m.next = "IDLE"
+            with m.State("TRAILER"):  # the CRC of every bit before it, then PAD again
+                m.d.comb += [emit.eq(1), emit_bit.eq(crc.crc[0]),
+                             field_done.eq(took & (bit_idx == CRC_BITS - 1))]
+                with m.If(field_done):
+                    m.next = "PAD"
         return m

@@ -327,6 +327,8 @@ _SHIFT_BITS = _HEADER["shift"].width
 _VALUE_BITS = 8  # one INT8 OUT value: the group base
 #: Coded modes from narrowest to widest.
 _CODED = sorted(SGQ_MODE_BITS, key=SGQ_MODE_BITS.get)
+#: Mode codes a stream may carry (the others are reserved).
+_MODES = {SgqMode.BASE.value} | {m.value for m in SGQ_MODE_BITS}
 
 
 def _sgq_args(values, stripe_len: int, max_shift: int) -> tuple[np.ndarray, int, int]:
@@ -434,7 +436,8 @@ def sgq_decode(payload: bytes, count: int, cols: int, stripe_len: int) -> np.nda
     Raises
     ------
     ProtocolError
-        When the payload is shorter or longer than its stripes say.
+        When the payload is shorter or longer than its stripes say, or a stripe's mode field
+        holds a reserved code.
     """
     count, cols, stripe_len = int(count), int(cols), int(stripe_len)
     if stripe_len < 1:
@@ -466,6 +469,9 @@ def sgq_decode(payload: bytes, count: int, cols: int, stripe_len: int) -> np.nda
     lut = _code_bits(np.arange(1 << _MODE_BITS))
     for i in range(n_stripes):  # headers are sequential: each position depends on the last mode
         mode[i] = field(pos, _MODE_BITS)
+        if mode[i] not in _MODES:
+            raise ProtocolError(f"SGQ stripe {i} (payload bit {pos}): mode field {mode[i]} is "
+                                f"reserved (defined: {sorted(_MODES)}): corrupted payload")
         pos += _MODE_BITS
         if mode[i] != SgqMode.BASE.value:
             offset[i] = field(pos, _OFFSET_BITS)

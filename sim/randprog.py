@@ -24,7 +24,7 @@ from ..protocol import PARAM_DTYPE, Program, encode_fields, lane_dtype, lanes
 from .numerics import INT32_MAX, INT32_MIN
 
 __all__ = ["SEED_ENV", "DEFAULT_SEED", "parse_seed", "seed_from_env", "random_words",
-           "random_channel_params", "random_program", "corner_programs", "Corner",
+           "random_channel_params", "random_program", "corner_programs", "Corner", "sgq_group",
            "UNDEFINED_OPCODES", "UNDEFINED_BUFFERS", "random_im2col", "broken_im2col",
            "implemented_opcodes"]
 
@@ -150,6 +150,26 @@ def random_words(config: AccelConfig, buf: Buffer, n: int, rng) -> np.ndarray:
         return _with_extremes(rng, x, INT32_MIN, INT32_MAX).astype(np.int32)
     x = rng.integers(_INT8.min, _INT8.max, shape, endpoint=True)
     return _with_extremes(rng, x, _INT8.min, _INT8.max).astype(np.int8)
+
+
+def sgq_group(rng, stripes: int, stripe_len: int, cols: int) -> np.ndarray:
+    """OUT words ``int8 (stripes * stripe_len, cols)`` for an SGQ group whose stripes take every
+    mode: all the group base (BASE), two neighbouring levels (1-bit codes at shift 0), spans up
+    to 3 and 15, and the full range."""
+    rng = _rng(rng)
+    base = int(rng.integers(_INT8.min, _INT8.max - 16))
+    out = np.empty((stripes, stripe_len * cols), np.int64)
+    for i, kind in enumerate(rng.integers(0, 5, stripes)):
+        span = (0, 1, 3, 15, 255)[kind]
+        if kind == 0:
+            out[i] = base
+        elif kind == 4:
+            out[i] = rng.integers(base, _INT8.max, out.shape[1], endpoint=True)
+        else:
+            lo = int(rng.integers(base, _INT8.max - span, endpoint=True))
+            out[i] = rng.integers(lo, lo + span, out.shape[1], endpoint=True)
+    out[0, 0] = base  # the group minimum
+    return out.reshape(stripes * stripe_len, cols).astype(np.int8)
 
 
 def random_im2col(config: AccelConfig | str, rng, *, out_window: int | None = None,
@@ -369,7 +389,10 @@ class _Generator:
         elif op == Opcode.SGQ:
             stripe = self._int(1, min(8, win[Buffer.OUT], _STRIPE_MAX))
             n = stripe * self._size(min(self.max_count, win[Buffer.OUT]) // stripe)
-            prog.sgq(self._place(Buffer.OUT, n), n, stripe, self._int(0, _MAX_SHIFT_MAX))
+            addr = self._place(Buffer.OUT, n)
+            if n and rng.random() < 0.3:  # random words rarely make BASE or 1-bit stripes
+                prog.load(Buffer.OUT, addr, sgq_group(rng, n // stripe, stripe, cfg.cols))
+            prog.sgq(addr, n, stripe, self._int(0, _MAX_SHIFT_MAX))
         elif op == Opcode.IM2COL:
             prog.im2col(**random_im2col(cfg, rng, out_window=win[Buffer.OUT],
                                         inp_window=win[Buffer.INP], mask_bits=self.mask_bits))
@@ -685,17 +708,19 @@ def corner_programs(config: AccelConfig | str,
         add("pass_layer", p.store(Buffer.INP, 0, 54).store(Buffer.OUT, h * w, 4 * rows).sync(
             counters=True))
 
-    # SGQ: BASE, 2-, 4- and 8-bit stripes, lossless and with the largest shift.
-    if depth(Buffer.OUT) >= 4:
-        out = np.zeros((4, cols), np.int8)
-        out[0] = _INT8.min  # group base; stripe 0 is all base
-        out[1] = 3  # constant stripe != base: 2-bit codes
-        out[2] = np.arange(cols) % 12  # span 11: 4-bit codes
-        out[3] = np.where(np.arange(cols) % 2, _INT8.max, _INT8.min)  # span 255
+    # SGQ: BASE, 1-, 2-, 4- and 8-bit stripes (stripes of two words: the low value, then low +
+    # the largest span the width holds at shift 0), lossless and with the largest shift; then
+    # stripes of one (constant) word: BASE and 1-bit codes.
+    spans = (0, 1, 3, 15, 255)
+    if depth(Buffer.OUT) >= 2 * len(spans):
+        out = np.zeros((2 * len(spans), cols), np.int8)
+        for i, (span, lo) in enumerate(zip(spans, (_INT8.min, 7, -40, 100, _INT8.min),
+                                           strict=True)):
+            out[2 * i], out[2 * i + 1] = lo, lo + span  # the first stripe is the group base
         p = new().load(Buffer.OUT, 0, out)
-        for shift in (0, _MAX_SHIFT_MAX):
-            p.sgq(0, 4, 1, shift)
-        add("sgq_modes", p.sgq(0, 4, 2, 1).sync(counters=True))
+        for shift in (0, 2, _MAX_SHIFT_MAX):
+            p.sgq(0, len(out), 2, shift)
+        add("sgq_modes", p.sgq(0, len(out), 1, 0).sync(counters=True))
 
     # IM2COL: a padded strided window, packed pixels with dilation, a pixel of two words, a tile
     # entirely below the tensor (all padding at the largest strides and pads), m_blocks = 0; then

@@ -15,6 +15,7 @@ from ..errors import FieldError, ProtocolError, SimulatorError, SimulatorHang
 from ..hw.config import AccelConfig, get_config
 from ..hw.isa import (
     COUNTER_BITS,
+    SGQ_CRC_BYTES,
     STATUS_BYTES,
     Buffer,
     Counter,
@@ -110,8 +111,10 @@ class Mismatch:
                 f"got {self.got.hex(' ') or '(nothing)'}")
 
 
-def _where(config: AccelConfig, seg: Segment, rel: int) -> tuple[str, int, int]:
-    """Describe byte ``rel`` of a segment; return (text, field start, field length)."""
+def _where(config: AccelConfig, seg: Segment, rel: int, expected: bytes = b""
+           ) -> tuple[str, int, int]:
+    """Describe byte ``rel`` of a segment (``expected``: its golden bytes); return (text, field
+    start, field length)."""
     code, fields = decode_fields(seg.word)
     if code == Opcode.SYNC.value:
         if rel < STATUS_BYTES:
@@ -131,7 +134,16 @@ def _where(config: AccelConfig, seg: Segment, rel: int) -> tuple[str, int, int]:
     if code == Opcode.SGQ.value:
         if rel < SGQ_LENGTH_BYTES:
             return "SGQ length header", 0, SGQ_LENGTH_BYTES
-        return f"SGQ payload byte {rel - SGQ_LENGTH_BYTES}", rel, 1
+        length = int.from_bytes(expected[:SGQ_LENGTH_BYTES], "little")
+        beat = config.beat_bytes
+        body = -(-(SGQ_LENGTH_BYTES + length) // beat) * beat  # header, payload, padding
+        if rel < SGQ_LENGTH_BYTES + length:
+            return f"SGQ payload byte {rel - SGQ_LENGTH_BYTES}", rel, 1
+        if rel < body:
+            return "SGQ padding after the payload", rel, 1
+        if rel < body + SGQ_CRC_BYTES:
+            return "SGQ CRC-32 trailer", body, SGQ_CRC_BYTES
+        return "SGQ padding after the CRC trailer", rel, 1
     return "response", rel, 1
 
 
@@ -182,7 +194,7 @@ def compare_responses(config: AccelConfig | str, stream: bytes, expected: bytes,
         if e == r:
             continue
         rel = next((i for i in range(min(len(e), len(r))) if e[i] != r[i]), len(r))
-        where, lo, n = _where(config, seg, rel)
+        where, lo, n = _where(config, seg, rel, e)
         if rel >= len(r):
             where += " (the response ended here)"
         return Mismatch(seg.start + rel, seg.index, instr, where, e[lo:lo + n], r[lo:lo + n],

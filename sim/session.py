@@ -99,8 +99,14 @@ def estimate_work(config: AccelConfig, stream: bytes) -> int:
                 work = f["blocks"] * (f["k"] * 3 + 64)
             elif code == Opcode.DILATE.value:  # a read per window row (two if it straddles)
                 work = f["out_h"] * f["out_w"] * (2 * f["kh"] + 4) + 64
-            elif code in (Opcode.REQUANT.value, Opcode.SGQ.value):
+            elif code == Opcode.REQUANT.value:
                 work = f["count"] * (config.cols + 64)
+            elif code == Opcode.SGQ.value:
+                # the serial design: three passes at a value per cycle, then a cycle for t and
+                # up to 8 code bits per value; per stripe (at most one a word) two decisions of
+                # up to 8 shifts, up to 9 size additions, a 14-bit header; then length, base,
+                # padding and the CRC trailer a bit per cycle
+                work = f["count"] * (12 * config.cols + 64) + 4 * config.host_width + 128
             elif code == Opcode.STORE.value:
                 work = f["count"] * 8
             elif code == Opcode.IM2COL.value:

@@ -1,6 +1,7 @@
 """Golden machine, program level: byte streams in, response bytes out, per the contract."""
 
 import re
+import zlib
 
 import numpy as np
 import pytest
@@ -305,6 +306,49 @@ def test_bad_buffer_load_consumes_no_data():
     r, _ = run(SIM, prog)
     assert [s.status for s in syncs(r)] == [Status.BAD_BUFFER, Status.OK]
     assert r[2].shape == (1, 16)
+
+
+# -- SGQ responses (section 8) -----------------------------------------------------------------
+
+def _frame_by_hand(cfg, payload: bytes) -> bytes:
+    """Section 8's response, restated: length, payload, zeros to a beat; CRC-32 (zlib's), zeros
+    to a beat."""
+    beat = cfg.beat_bytes
+    body = len(payload).to_bytes(4, "little") + payload
+    body += bytes(-len(body) % beat)
+    return body + zlib.crc32(body).to_bytes(4, "little") + bytes(-4 % beat)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.name)
+def test_sgq_response_bytes(cfg, rng):
+    """One group with BASE, 1-, 2-, 4- and 8-bit stripes (stripes of 2 words: the low word and
+    the low word + span), framed with its CRC; a skipped SGQ after a fault sends the empty frame,
+    CRC included."""
+    cols = cfg.cols
+    spans = {0: 0, 1: 1, 2: 3, 4: 15, 8: 255}  # width -> a span it just fits at shift 0
+    out = np.zeros((2 * len(spans), cols), np.int8)
+    for i, (width, span) in enumerate(spans.items()):
+        lo = -128 if width in (0, 8) else int(rng.integers(-128, 127 - span))
+        out[2 * i], out[2 * i + 1] = lo, lo + span
+    prog = Program(cfg).load(Buffer.OUT, 0, out).sgq(0, len(out), 2, 0)
+    prog.sgq(0, 0, 1, 0).sync().sgq(0, 3, 2, 0).sgq(0, 2, 1, 0).sync()  # BAD_SHAPE, skipped
+    raw = GoldenMachine(cfg).run(prog.to_bytes())
+    r = parse_responses(cfg, prog, raw)
+    # mode fields (3 bits each) of the five stripes, read at their section-8 bit offsets
+    bits = int.from_bytes(r[1], "little")
+    pos, modes = 8, []
+    for width in spans:
+        modes.append(bits >> pos & 7)
+        pos += 3 + (11 + 2 * cols * width if width else 0)
+    assert modes == [0, 1, 2, 3, 4] and len(r[1]) == -(-pos // 8)
+    assert np.array_equal(sgq_decode(r[1], len(out), cols, 2), out)  # lossless at max_shift 0
+    frame, empty = _frame_by_hand(cfg, r[1]), _frame_by_hand(cfg, b"")
+    assert raw.startswith(frame + empty)  # the SGQ, then the empty group
+    status = syncs(r)[1]
+    # error_pc counts from the last SYNC: the faulting SGQ is the first instruction after it
+    assert (status.status, status.error_pc, status.error_opcode) == (Status.BAD_SHAPE, 0, 6)
+    assert r[4] == b"" == r[5]  # the faulting SGQ and the skipped one: empty frames
+    assert raw[len(frame) + len(empty) + 16:] == empty + empty + status.to_bytes()
 
 
 # -- counters (section 10) ---------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """StripeEncoderPipeline and StripeEncoderSerial against tinyaccel.sim.numerics.sgq_encode
-(section 8), byte for byte, on an OUT memory of its own, with random back-pressure on the
-response stream."""
+(section 8), byte for byte with the CRC-32 trailer, on an OUT memory of its own, with random
+back-pressure on the response stream."""
+
+import zlib
 
 import numpy as np
 import pytest
@@ -9,12 +11,12 @@ from amaranth.lib.memory import Memory
 from amaranth.sim import Simulator
 from hw_tb import seed_from_env, small_config
 
-from tinyaccel.hw.isa import Buffer
+from tinyaccel.hw.isa import SGQ_MODE_BITS, Buffer, SgqMode
 from tinyaccel.hw.scratchpads import geometry
 from tinyaccel.hw.sgq_encoder import StripeEncoderPipeline
 from tinyaccel.hw.sgq_serial import StripeEncoderSerial
 from tinyaccel.protocol import sgq_frame
-from tinyaccel.sim.numerics import sgq_encode
+from tinyaccel.sim.numerics import sgq_encode, sgq_stripe_modes
 
 CONFIGS = {
     "cols4": small_config(),  # 16-bit host beats, like the iCE40
@@ -41,12 +43,18 @@ class _Bench(Elaboratable):
         return m
 
 
+#: Words 0..9 of OUT: five stripes of two words (the low value, then low + span) whose spans
+#: just fit BASE (a group base of -128), 1-, 2-, 4- and 8-bit codes at shift 0.
+MODE_SPANS = (0, 1, 3, 15, 255)
+
+
 def _out_values(rng, cfg):
     """OUT contents with the cases the encoder distinguishes: BASE stripes (all zero after
-    ReLU), narrow ranges at various offsets, full range, constants at the extremes."""
+    ReLU), two neighbouring levels (1-bit codes), narrow ranges at various offsets, full range,
+    constants at the extremes; the first 10 words hold one stripe of each mode."""
     depth = geometry(cfg, Buffer.OUT).depth
     out = rng.integers(-128, 128, (depth, cfg.cols), dtype=np.int8)
-    kinds = rng.integers(0, 6, depth)
+    kinds = rng.integers(0, 7, depth)
     for w in range(depth):
         if kinds[w] == 0:
             out[w] = 0
@@ -57,12 +65,18 @@ def _out_values(rng, cfg):
             out[w] = rng.integers(lo, lo + rng.integers(1, 29), cfg.cols)
         elif kinds[w] == 3:
             out[w] = rng.choice([-128, 127])
+        elif kinds[w] == 4:
+            out[w] = rng.integers(0, 2, cfg.cols) + rng.integers(-128, 127)
+    for i, span in enumerate(MODE_SPANS):
+        lo = -128 if span in (0, 255) else int(rng.integers(-127, 128 - span))
+        out[2 * i], out[2 * i + 1] = lo, lo + span
     return out
 
 
 def _commands(rng, cfg, n):
     depth = geometry(cfg, Buffer.OUT).depth
     cmds = [(0, 0, 1, 3, 0), (0, 5, 5, 2, 1)]  # empty group; not executed (zero length)
+    cmds += [(0, 2 * len(MODE_SPANS), 2, 0, 0), (0, 2 * len(MODE_SPANS), 2, 7, 0)]  # all modes
     for _ in range(n):
         stripe_len = int(rng.choice([1, 1, 2, 3, 4, 8]))
         stripes = int(rng.integers(1, depth // stripe_len + 1))
@@ -120,10 +134,20 @@ def test_stripe_encoder(name, serial, held):
     sim.add_testbench(driver)
     sim.run()
 
+    widths = set()
     for (addr, count, stripe_len, max_shift, zero), response in zip(cmds, got, strict=True):
-        payload = b"" if zero else sgq_encode(out[addr:addr + count], stripe_len, max_shift)
+        values = out[addr:addr + count]
+        payload = b"" if zero else sgq_encode(values, stripe_len, max_shift)
         want = sgq_frame(cfg, payload)
         assert bytes(response) == want, (
             f"seed {seed}: SGQ out_addr={addr} count={count} stripe_len={stripe_len} "
             f"max_shift={max_shift} zero={zero}:\n{bytes(response).hex()}\n!= golden\n"
             f"{want.hex()}")
+        # the CRC trailer, checked on its own: zlib's CRC-32 of the beats before it
+        body = len(response) - max(bb, 4)
+        assert response[body:body + 4] == zlib.crc32(response[:body]).to_bytes(4, "little")
+        if not zero and count:
+            widths |= {SGQ_MODE_BITS.get(SgqMode(m), 0)
+                       for m in sgq_stripe_modes(values, stripe_len, max_shift)[1]}
+    print(f"code widths sent: {sorted(widths)}")
+    assert widths == {0, 1, 2, 4, 8}

@@ -1,12 +1,17 @@
 """Golden numerics against independent references: PyTorch float64, scalar gemmlowp, hand bits."""
 
+import re
+import zlib
+
 import numpy as np
 import pytest
 import torch
 from torch.nn import functional
 
-from tinyaccel.errors import DTypeError, FieldError, ProtocolError, ShapeError
-from tinyaccel.hw.isa import SGQ_MODE_BITS, SgqMode
+from tinyaccel.errors import DTypeError, FieldError, IntegrityError, ProtocolError, ShapeError
+from tinyaccel.hw.config import PRESETS
+from tinyaccel.hw.isa import SGQ_CRC, SGQ_MODE_BITS, Buffer, SgqMode
+from tinyaccel.protocol import sgq_frame, sgq_response_length, sgq_unframe
 from tinyaccel.sim.numerics import (
     GemmWorkspace,
     exact_gemm,
@@ -303,6 +308,12 @@ def test_patch_skip_checks_arguments():
 
 # -- SGQ (section 8) ---------------------------------------------------------------------------
 
+#: The section-8 wire format, restated: a 3-bit mode per stripe (codes 1..4: 1-, 2-, 4- and
+#: 8-bit codes; 5..7 reserved), an 8-bit offset and a 3-bit shift per coded stripe.
+MODE_FIELD_BITS = 3
+WIDTHS = (1, 2, 4, 8)
+
+
 def sgq_plan(values, stripe_len, max_shift):
     """The test's own stripe analysis: (base, [(mode bits or 0, lo, shift)]) and total bits."""
     flat = [[int(v) for v in values[i:i + stripe_len].ravel()]
@@ -313,14 +324,15 @@ def sgq_plan(values, stripe_len, max_shift):
         lo, hi = min(s), max(s)
         if hi == base:
             plan.append((0, lo, 0))
-            bits += 2
+            bits += MODE_FIELD_BITS
             continue
-        for b in (2, 4, 8):
-            shift = next(t for t in range(8) if (hi - lo + ((1 << t) >> 1)) >> t <= 2 ** b - 1)
+        for b in WIDTHS:
+            shift = next((t for t in range(8) if (hi - lo + ((1 << t) >> 1)) >> t <= 2 ** b - 1),
+                         8)  # 8: no 3-bit shift fits
             if shift <= max_shift:
                 break
         plan.append((b, lo, shift))
-        bits += 2 + 8 + 3 + len(s) * b
+        bits += MODE_FIELD_BITS + 8 + 3 + len(s) * b
     return base, plan, bits
 
 
@@ -336,12 +348,12 @@ def read_sgq(payload, count, cols, stripe_len):
 
     base = take(8)
     base -= 256 * (base >= 128)
-    width = {m.value: b for m, b in SGQ_MODE_BITS.items()}
+    width = dict(enumerate(WIDTHS, start=1))
     out, modes = [], []
     for _ in range(count // stripe_len):
-        mode = take(2)
+        mode = take(MODE_FIELD_BITS)
         modes.append(mode)
-        if mode == SgqMode.BASE.value:
+        if mode == 0:
             out += [base] * (stripe_len * cols)
             continue
         offset, shift = take(8), take(3)
@@ -351,23 +363,49 @@ def read_sgq(payload, count, cols, stripe_len):
     return np.array(out).reshape(count, cols), modes
 
 
-def test_sgq_hand_encoded_bits():
-    # base 0; stripe 0 all base (mode 00); stripe 1 = [3]: 2-bit mode 01, offset 3, shift 0, q 0.
-    values = np.array([[0], [3]], np.int8)
-    assert sgq_encode(values, 1, 0) == bytes([0x00, 0x34, 0x00, 0x00])
-    assert sgq_decode(bytes([0x00, 0x34, 0x00, 0x00]), 2, 1, 1).tolist() == [[0], [3]]
+def test_sgq_modes_are_the_contract():
+    # the numbering the tests above restate: BASE 0, then the widths in increasing order
+    assert SgqMode.as_shape().width == MODE_FIELD_BITS
+    assert {m.value: SGQ_MODE_BITS.get(m, 0) for m in SgqMode} == {0: 0, 1: 1, 2: 2, 3: 4, 4: 8}
+
+
+@pytest.mark.parametrize("values,stripe_len,max_shift,payload,decoded", [
+    # base 0; stripe 0 all base (mode 000); stripe 1 = [3]: span 0, 1-bit mode 001, offset 3,
+    # shift 0, q 0: bits 8-10 000, 11-13 100, 14-21 offset 11000000, 22-24 shift 000, 25 q 0
+    ([[0], [3]], 1, 0, [0x00, 0xC8, 0x00, 0x00], [[0], [3]]),
+    # base -5 (0xFB); stripe 0 BASE; stripe 1 = [10, 11]: span 1 -> 1-bit codes at shift 0,
+    # offset 15, codes 0, 1 at bits 25, 26
+    ([[-5, -5], [10, 11]], 1, 0, [0xFB, 0xC8, 0x03, 0x04], [[-5, -5], [10, 11]]),
+    # one stripe [0, 3], max_shift 2: 1-bit codes fit at s = 2 ((3 + 2) >> 2 = 1), narrower
+    # than 2-bit codes at s = 0; bits 8-10 mode 100, 11-18 offset 0, 19-21 shift 010, codes
+    # (0 + 2) >> 2 = 0 and (3 + 2) >> 2 = 1 at bits 22, 23; decodes to 0 and 0 + 1 * 4
+    ([[0, 3]], 1, 2, [0x00, 0x01, 0x90], [[0, 4]]),
+    # the same with max_shift 1: 1-bit codes need s = 2 > 1, so 2-bit codes (mode 010) at s = 0,
+    # codes 0 and 3 at bits 22-25
+    ([[0, 3]], 1, 1, [0x00, 0x02, 0x00, 0x03], [[0, 3]]),
+])
+def test_sgq_hand_encoded_bits(values, stripe_len, max_shift, payload, decoded):
+    values = np.array(values, np.int8)
+    assert sgq_encode(values, stripe_len, max_shift) == bytes(payload)
+    assert sgq_payload_bytes(values, stripe_len, max_shift) == len(payload)
+    count, cols = values.shape
+    assert sgq_decode(bytes(payload), count, cols, stripe_len).tolist() == decoded
 
 
 @pytest.mark.parametrize("max_shift", range(8))
 def test_sgq_round_trip_and_size(rng, max_shift):
-    for _ in range(6):
+    seen = set()
+    for i in range(8):
         cols, stripe_len = int(rng.integers(1, 9)), int(rng.integers(1, 6))
-        count = stripe_len * int(rng.integers(1, 9))
+        count = stripe_len * int(rng.integers(2, 9))
         values = int8(rng, (count, cols), 0.2)
-        kind = rng.random()
-        if kind < 0.3:  # narrow ranges: the 2- and 4-bit modes
+        kind = i % 4
+        if kind == 0:  # narrow ranges: the 2- and 4-bit modes
             values = (values // 40).astype(np.int8)
-        elif kind < 0.5:  # ReLU-like: many all-base stripes
+        elif kind == 1:  # two neighbouring levels: the 1-bit mode (and BASE)
+            values = (values > 0).astype(np.int8) + np.int8(rng.integers(-128, 127))
+            values[0, 0], values[-1, -1] = values.min(), values.min() + 1
+        elif kind == 2:  # ReLU-like: many all-base stripes
             values[rng.random(count) < 0.6] = values.min()
         payload = sgq_encode(values, stripe_len, max_shift)
         decoded = sgq_decode(payload, count, cols, stripe_len)
@@ -377,18 +415,21 @@ def test_sgq_round_trip_and_size(rng, max_shift):
         assert len(payload) == -(-bits // 8) == sgq_payload_bytes(values, stripe_len, max_shift)
         independent, modes = read_sgq(payload, count, cols, stripe_len)
         assert np.array_equal(independent, decoded)
-        width = {m.value: b for m, b in SGQ_MODE_BITS.items()} | {SgqMode.BASE.value: 0}
+        width = dict(enumerate(WIDTHS, start=1)) | {0: 0}
         assert [width[m] for m in modes] == [b for b, _, _ in plan]  # narrowest width chosen
+        seen |= {b for b, _, _ in plan}
+    print(f"max_shift={max_shift}: widths seen {sorted(seen)}")
+    assert 1 in seen  # the 1-bit mode is exercised at every max_shift
 
 
-def test_sgq_base_stripes_cost_two_bits(rng):
+def test_sgq_base_stripes_cost_their_mode_field(rng):
     stripe_len, cols, stripes = 3, 4, 9
     values = np.full((stripe_len * stripes, cols), -7, np.int8)
-    assert len(sgq_encode(values, stripe_len, 0)) == -(-(8 + 2 * stripes) // 8)
+    assert len(sgq_encode(values, stripe_len, 0)) == -(-(8 + MODE_FIELD_BITS * stripes) // 8)
     values[stripe_len:2 * stripe_len] = int8(rng, (stripe_len, cols)).clip(-6, 127)
     _, plan, _ = sgq_plan(values, stripe_len, 0)
     b = plan[1][0]
-    bits = 8 + 2 * stripes + 8 + 3 + stripe_len * cols * b
+    bits = 8 + MODE_FIELD_BITS * stripes + 8 + 3 + stripe_len * cols * b
     assert len(sgq_encode(values, stripe_len, 0)) == -(-bits // 8)
 
 
@@ -409,3 +450,114 @@ def test_sgq_errors():
         sgq_decode(payload + b"\x00", 4, 2, 1)
     assert sgq_encode(np.zeros((0, 2), np.int8), 1, 0) == b""
     assert sgq_decode(b"", 0, 2, 1).shape == (0, 2)
+
+
+@pytest.mark.parametrize("reserved", [5, 6, 7])
+def test_sgq_decode_rejects_reserved_modes(reserved):
+    # [[0], [3]]: stripe 0 BASE at bits 8-10, stripe 1's mode field at bits 11-13 (see above)
+    payload = int.from_bytes(bytes([0x00, 0xC8, 0x00, 0x00]), "little")
+    bad = (payload & ~(0b111 << 11) | reserved << 11).to_bytes(4, "little")
+    with pytest.raises(ProtocolError, match=rf"stripe 1 .*mode field {reserved} is reserved"):
+        sgq_decode(bad, 2, 1, 1)
+    # and in stripe 0 (bits 8-10), before any payload length is known
+    bad = (payload | reserved << 8).to_bytes(4, "little")
+    with pytest.raises(ProtocolError, match=rf"stripe 0 .*mode field {reserved} is reserved"):
+        sgq_decode(bad, 2, 1, 1)
+
+
+# -- SGQ response integrity (the CRC-32 trailer, section 8) -----------------------------------
+
+def _frame(rng, config):
+    values = int8(rng, (12, config.cols), 0.2)
+    values[:4] = values.min()  # some BASE stripes
+    payload = sgq_encode(values, 2, 2)
+    return payload, sgq_frame(config, payload)
+
+
+@pytest.mark.parametrize("name", ["ice40", "ecp5"])
+def test_sgq_frame_crc_detects_a_flipped_payload_bit(rng, name):
+    config = PRESETS[name]
+    payload, frame = _frame(rng, config)
+    assert sgq_unframe(config, frame, 3) == payload
+    for bit in range(8 * len(payload)):  # every payload bit in turn
+        bad = bytearray(frame)
+        bad[4 + bit // 8] ^= 1 << bit % 8
+        with pytest.raises(IntegrityError) as err:
+            sgq_unframe(config, bytes(bad), 3)
+    # the message names the instruction, the expected and the received CRC
+    body = len(frame) - -(-4 // config.beat_bytes) * config.beat_bytes
+    received = int.from_bytes(frame[body:body + 4], "little")
+    expected = zlib.crc32(bytes(bad[:body]))  # the standard CRC-32 of the corrupted bytes
+    assert expected != received
+    assert re.search(rf"instruction 3.*expected 0x{expected:08x}.*received 0x{received:08x}",
+                     str(err.value)), str(err.value)
+
+
+@pytest.mark.parametrize("name", ["ice40", "ecp5"])
+def test_sgq_frame_errors_and_truncation(rng, name):
+    config = PRESETS[name]
+    payload, frame = _frame(rng, config)
+    # any single flipped bit anywhere (length, payload, padding, CRC) is caught
+    for bit in range(8 * len(frame)):
+        bad = bytearray(frame)
+        bad[bit // 8] ^= 1 << bit % 8
+        with pytest.raises(ProtocolError):
+            sgq_unframe(config, bytes(bad))
+    # a truncated trailer (or frame) is caught by the length check, not mistaken for corruption
+    for cut in range(1, 4 + config.beat_bytes + 1):
+        with pytest.raises(ProtocolError, match="length header") as err:
+            sgq_unframe(config, frame[:-cut])
+        assert type(err.value) is ProtocolError
+    # a non-zero padding byte after the CRC is not part of the CRC: checked on its own
+    if config.beat_bytes > 4:
+        bad = bytearray(frame)
+        bad[-1] = 0x80
+        with pytest.raises(IntegrityError, match="padding byte"):
+            sgq_unframe(config, bytes(bad))
+    # an empty group still has its CRC trailer
+    empty = sgq_frame(config, b"")
+    assert sgq_unframe(config, empty) == b"" and any(empty)
+
+
+def _crc_detects(frame: bytes, body: int, flips) -> bool:
+    bad = bytearray(frame)
+    for bit in flips:
+        bad[bit // 8] ^= 1 << bit % 8
+    return zlib.crc32(bytes(bad[:body])) != int.from_bytes(bad[body:body + 4], "little")
+
+
+def test_sgq_crc_detection_claims(rng):
+    """What docs/architecture.md section 8 says the CRC detects: every burst of up to 32 bits
+    (tried at random places and patterns), every 2-bit error in the largest SGQ response of any
+    preset (x^d != 1 modulo the generator for every distance d it spans); and what it does not
+    claim: an odd number of bit errors in the generator's own pattern passes."""
+    config = PRESETS["ice40"]
+    _, frame = _frame(rng, config)
+    body = len(frame) - -(-4 // config.beat_bytes) * config.beat_bytes
+    n = 8 * (body + 4)
+    for _ in range(2000):
+        length = int(rng.integers(1, 33))
+        start = int(rng.integers(0, n - length + 1))
+        inner = [start + i for i in range(1, length - 1) if rng.random() < 0.5]
+        flips = sorted({start, start + length - 1, *inner})
+        assert _crc_detects(frame, body, flips), flips
+    # 2-bit errors: x^i + x^j = x^i (x^(j-i) + 1) is a multiple of G iff x^(j-i) = 1 mod G
+    poly = SGQ_CRC.polynomial  # G without its x^32 term, MSB first
+    largest = max(sgq_response_length(c, _largest_payload(c)) for c in PRESETS.values())
+    r = 1  # x^d mod G
+    for d in range(1, 8 * largest):
+        r <<= 1
+        if r >> 32:
+            r = (r ^ poly) & 0xFFFFFFFF
+        assert r != 1, f"x^{d} = 1 mod G: a 2-bit error {d} bits apart would pass"
+    # G has 15 terms (an odd weight): the error pattern G itself passes unnoticed
+    terms = [i for i in range(32) if poly >> i & 1] + [32]
+    assert len(terms) % 2 == 1
+    # reflected wire order: the coefficient of x^k sits at bit position (32 - k) from the start
+    pattern = [8 * 8 + (32 - k) for k in terms]
+    assert not _crc_detects(frame, body, pattern)
+
+
+def _largest_payload(config):
+    depth, cols = config.depth(Buffer.OUT), config.cols
+    return -(-(8 + depth * (MODE_FIELD_BITS + 11 + cols * 8)) // 8)

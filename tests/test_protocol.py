@@ -1,10 +1,12 @@
 """Host byte protocol: word layouts of section 4, records, response lengths, stream parsing."""
 
+import zlib
+
 import numpy as np
 import pytest
 from amaranth.lib import data
 
-from tinyaccel.errors import DTypeError, FieldError, ProtocolError, ShapeError
+from tinyaccel.errors import DTypeError, FieldError, IntegrityError, ProtocolError, ShapeError
 from tinyaccel.hw.config import PRESETS
 from tinyaccel.hw.isa import (
     COUNTER_RECORD_BYTES,
@@ -35,6 +37,7 @@ from tinyaccel.protocol import (
     response_length,
     sgq_frame,
     sgq_response_length,
+    sgq_unframe,
     unpack_words,
 )
 from tinyaccel.sim.randprog import (
@@ -182,14 +185,19 @@ def test_data_and_response_lengths(cfg):
         assert response_length(cfg, encode_fields(Opcode.STORE, buf=code, count=5)) == 0
     for code in UNDEFINED_OPCODES:
         assert response_length(cfg, code | 0xFFFF << 4) == 0 == data_length(cfg, code)
-    # SGQ: 4-byte header + payload, padded to whole host beats.
+    # SGQ (section 8): 4-byte length + payload, zero-padded to whole host beats; then the
+    # CRC-32 of all of that, 4 bytes little-endian, zero-padded to whole host beats.
     beat = cfg.host_width // 8
+    trailer = max(beat, 4)  # host beats are 2, 8 or 16 bytes: one beat or two 2-byte beats
     for n in range(0, 40):
-        total = sgq_response_length(cfg, n)
-        assert total % beat == 0 and 0 <= total - SGQ_LENGTH_BYTES - n < beat
+        body = SGQ_LENGTH_BYTES + n + (-(SGQ_LENGTH_BYTES + n) % beat)
+        assert sgq_response_length(cfg, n) == body + trailer
         frame = sgq_frame(cfg, bytes(range(n)))
-        assert len(frame) == total and int.from_bytes(frame[:4], "little") == n
-        assert frame[4:4 + n] == bytes(range(n)) and not any(frame[4 + n:])
+        assert len(frame) == body + trailer and int.from_bytes(frame[:4], "little") == n
+        assert frame[4:4 + n] == bytes(range(n)) and not any(frame[4 + n:body])
+        assert frame[body:body + 4] == zlib.crc32(frame[:body]).to_bytes(4, "little")
+        assert not any(frame[body + 4:])
+        assert sgq_unframe(cfg, frame, 0) == bytes(range(n))
 
 
 def test_raw_words_and_field_codec():
@@ -276,5 +284,24 @@ def test_parse_responses(cfg, rng):
     corrupt[at:at + 4] = (1 << 20).to_bytes(4, "little")
     with pytest.raises(ProtocolError, match="SGQ length header"):
         parse_responses(cfg, prog, bytes(corrupt))
+    # the SGQ response's integrity: a flipped payload bit fails the CRC (naming the instruction
+    # and both CRCs), as does a non-zero padding byte; a cut response is only "missing" bytes
+    body = at + -(-(SGQ_LENGTH_BYTES + len(payload)) // cfg.beat_bytes) * cfg.beat_bytes
+    crc = zlib.crc32(stream[at:body])
+    assert stream[body:body + 4] == crc.to_bytes(4, "little")
+    for where in (at + 4, at + 6, body - 1, body):  # payload, padding, the CRC itself
+        corrupt = bytearray(stream)
+        corrupt[where] ^= 0x10
+        with pytest.raises(IntegrityError, match=r"instruction 1: CRC-32 mismatch, expected "
+                                                  r"0x[0-9a-f]{8} .*received 0x[0-9a-f]{8}"):
+            parse_responses(cfg, prog, bytes(corrupt))
+    if cfg.beat_bytes > 4:  # padding after the CRC
+        corrupt = bytearray(stream)
+        corrupt[body + 5] = 1
+        with pytest.raises(IntegrityError, match="instruction 1: padding byte"):
+            parse_responses(cfg, prog, bytes(corrupt))
+    with pytest.raises(ProtocolError, match="missing") as err:
+        parse_responses(cfg, prog.instructions[:2], stream[:body + 2])
+    assert type(err.value) is ProtocolError
     undefined = Program(cfg).raw(encode_fields(Opcode.STORE, buf=UNDEFINED_BUFFERS[0], count=4))
     assert parse_responses(cfg, undefined, b"") == [b""]

@@ -33,6 +33,11 @@ class ProtocolError(TinyAccelError):
     """The host byte stream is malformed or out of sync."""
 
 
+class IntegrityError(ProtocolError):
+    """A response fails its integrity check (an SGQ CRC-32 or its zero padding): the bytes are
+    corrupted, not merely misaligned. Names the instruction, the expected and received values."""
+
+
 class DeviceError(TinyAccelError):
     """The accelerator reported an error status; ``status`` is a ``tinyaccel.hw.isa.Status``."""
 

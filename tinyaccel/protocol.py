@@ -28,19 +28,22 @@ MASK      ``bool (n, 64)`` — element ``[w, i]`` is mask bit ``64*(addr+w) + i`
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 from amaranth.lib import data, enum
 
-from .errors import DTypeError, FieldError, ProtocolError, ShapeError
+from .errors import DTypeError, FieldError, IntegrityError, ProtocolError, ShapeError
 from .hw.config import MASK_WORD_BITS, AccelConfig, get_config
 from .hw.isa import (
     COUNTER_BITS,
     COUNTER_RECORD_BYTES,
     INSTR_BITS,
     INSTR_BYTES,
+    SGQ_CRC,
+    SGQ_CRC_BYTES,
     SGQ_MODE_BITS,
     STATUS_BYTES,
     STATUS_MAGIC,
@@ -62,7 +65,8 @@ __all__ = [
     "PARAM_DTYPE", "SGQ_LENGTH_BYTES", "lanes", "lane_dtype",
     "pack_words", "unpack_words", "channel_params", "channel_params_words",
     "RawInstruction", "decode_fields", "encode_fields", "as_word",
-    "data_length", "response_length", "sgq_response_length", "sgq_frame",
+    "data_length", "response_length", "sgq_response_length", "sgq_frame", "sgq_unframe",
+    "sgq_crc",
     "StatusReport", "pack_counters", "unpack_counters",
     "Program", "iter_stream", "parse_responses",
 ]
@@ -340,17 +344,78 @@ def data_length(config: AccelConfig, instr) -> int:
     return 0 if buf is None else fields["count"] * config.word_bytes(buf)
 
 
-def sgq_response_length(config: AccelConfig, payload_bytes: int) -> int:
-    """Bytes of an SGQ response: length header + payload, zero-padded to whole host beats."""
+def _whole_beats(config: AccelConfig, n: int) -> int:
     beat = config.beat_bytes
-    return -(-(SGQ_LENGTH_BYTES + payload_bytes) // beat) * beat
+    return -(-n // beat) * beat
+
+
+def sgq_response_length(config: AccelConfig, payload_bytes: int) -> int:
+    """Bytes of an SGQ response (section 8): the length header and the payload, zero-padded to
+    whole host beats, then the CRC trailer, zero-padded to whole host beats."""
+    return (_whole_beats(config, SGQ_LENGTH_BYTES + payload_bytes)
+            + _whole_beats(config, SGQ_CRC_BYTES))
+
+
+def sgq_crc(data: bytes) -> int:
+    """The SGQ checksum (:data:`~tinyaccel.hw.isa.SGQ_CRC`) of ``data``."""
+    return _crc(bytes(data))
+
+
+def _sgq_crc_slow(data: bytes) -> int:
+    return SGQ_CRC(8).compute(data)
+
+
+# zlib computes CRC32_ISO_HDLC in C; use it when SGQ_CRC is that algorithm (checked on the
+# catalogue's check input and on a longer one), the definition itself otherwise.
+_CHECK = [b"123456789", bytes(range(256)) * 3]
+_crc = zlib.crc32 if all(zlib.crc32(d) == _sgq_crc_slow(d) for d in _CHECK) else _sgq_crc_slow
 
 
 def sgq_frame(config: AccelConfig, payload: bytes) -> bytes:
-    """The SGQ response bytes for ``payload``: little-endian length, payload, zero padding."""
-    total = sgq_response_length(config, len(payload))
-    head = len(payload).to_bytes(SGQ_LENGTH_BYTES, "little")
-    return head + payload + bytes(total - SGQ_LENGTH_BYTES - len(payload))
+    """The SGQ response bytes for ``payload``: little-endian length, payload, zero padding to a
+    whole host beat, the CRC of all of that (little-endian), zero padding to a whole beat."""
+    config = get_config(config)
+    body = len(payload).to_bytes(SGQ_LENGTH_BYTES, "little") + bytes(payload)
+    body += bytes(_whole_beats(config, len(body)) - len(body))
+    trailer = sgq_crc(body).to_bytes(SGQ_CRC_BYTES, "little")
+    return body + trailer + bytes(_whole_beats(config, SGQ_CRC_BYTES) - SGQ_CRC_BYTES)
+
+
+def sgq_unframe(config: AccelConfig, frame: bytes, index: int | None = None) -> bytes:
+    """The payload of one whole SGQ response ``frame``, after its checks (the inverse of
+    :func:`sgq_frame`). ``index`` (the instruction's) only goes into the messages.
+
+    Raises
+    ------
+    ProtocolError
+        When ``frame`` is not as long as its length header says (a truncated response).
+    IntegrityError
+        When the CRC trailer does not match the bytes before it, or a padding byte is not zero.
+    """
+    config = get_config(config)
+    frame = bytes(frame)
+    who = "SGQ response" + (f" of instruction {index}" if index is not None else "")
+    if len(frame) < SGQ_LENGTH_BYTES:
+        raise ProtocolError(f"{who} ends inside its length header: {len(frame)} bytes")
+    length = int.from_bytes(frame[:SGQ_LENGTH_BYTES], "little")
+    want = sgq_response_length(config, length)
+    if len(frame) != want:
+        raise ProtocolError(f"{who} has {len(frame)} bytes, its length header {length} says "
+                            f"{want}")
+    body = _whole_beats(config, SGQ_LENGTH_BYTES + length)
+    expected = sgq_crc(frame[:body])
+    received = int.from_bytes(frame[body:body + SGQ_CRC_BYTES], "little")
+    if received != expected:
+        raise IntegrityError(f"{who}: CRC-32 mismatch, expected 0x{expected:08x} (over its "
+                             f"{body} bytes), received 0x{received:08x}: corrupted payload")
+    for start, stop, what in ((SGQ_LENGTH_BYTES + length, body, "payload"),
+                              (body + SGQ_CRC_BYTES, len(frame), "CRC trailer")):
+        pad = frame[start:stop]
+        if any(pad):
+            at = start + next(i for i, b in enumerate(pad) if b)
+            raise IntegrityError(f"{who}: padding byte {at} after the {what} is "
+                                 f"0x{frame[at]:02x}, expected 0x00")
+    return frame[SGQ_LENGTH_BYTES:SGQ_LENGTH_BYTES + length]
 
 
 def response_length(config: AccelConfig, instr) -> int | None:
@@ -681,6 +746,8 @@ def parse_responses(config: AccelConfig | str, program: Iterable, data: bytes) -
     ------
     ProtocolError
         On missing or extra bytes, a bad status magic or an impossible SGQ length.
+    IntegrityError
+        When an SGQ response fails its CRC-32 (or has a padding byte that is not zero).
     """
     config = get_config(config)
     data = bytes(data)
@@ -712,9 +779,9 @@ def parse_responses(config: AccelConfig | str, program: Iterable, data: bytes) -
             if length > limit:
                 raise ProtocolError(f"SGQ length header {length} of instruction {index} exceeds "
                                     f"the largest possible payload {limit}: stream out of sync")
-            payload = take(length, what)
-            take(sgq_response_length(config, length) - SGQ_LENGTH_BYTES - length, what)
-            out.append(payload)
+            head = length.to_bytes(SGQ_LENGTH_BYTES, "little")
+            rest = take(sgq_response_length(config, length) - SGQ_LENGTH_BYTES, what)
+            out.append(sgq_unframe(config, head + rest, index))
         elif code == Opcode.SYNC.value:
             record = take(response_length(config, instr), what)
             out.append(StatusReport.from_bytes(record, counters=bool(fields["counters"])))
