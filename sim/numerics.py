@@ -13,14 +13,14 @@ import functools
 import numpy as np
 from amaranth.lib import data
 
-from ..errors import DTypeError, FieldError, ProtocolError, ShapeError
+from ..errors import DTypeError, FieldError, ShapeError
 from ..hw.isa import SGQ_MODE_BITS, ChannelParams, SgqMode, SgqStripeHeader, field_table
 
 __all__ = [
     "exact_gemm", "GemmWorkspace",
     "saturating_rounding_doubling_high_mul", "rounding_divide_by_pot", "requantize",
     "window_gather", "tiled_index", "patch_skip", "dilate_mask",
-    "sgq_encode", "sgq_decode", "sgq_payload_bytes", "sgq_stripe_modes", "sgq_max_error",
+    "sgq_encode", "sgq_payload_bytes", "sgq_stripe_modes", "sgq_max_error",
 ]
 
 INT32_MIN = int(np.iinfo(np.int32).min)
@@ -327,8 +327,6 @@ _SHIFT_BITS = _HEADER["shift"].width
 _VALUE_BITS = 8  # one INT8 OUT value: the group base
 #: Coded modes from narrowest to widest.
 _CODED = sorted(SGQ_MODE_BITS, key=SGQ_MODE_BITS.get)
-#: Mode codes a stream may carry (the others are reserved).
-_MODES = {SgqMode.BASE.value} | {m.value for m in SGQ_MODE_BITS}
 
 
 def _sgq_args(values, stripe_len: int, max_shift: int) -> tuple[np.ndarray, int, int]:
@@ -428,73 +426,6 @@ def sgq_encode(values: np.ndarray, stripe_len: int, max_shift: int) -> bytes:
     bit = np.arange(max(_VALUE_BITS, _OFFSET_BITS, max(SGQ_MODE_BITS.values())))
     bits = ((vals[:, None] >> bit) & 1)[bit < widths[:, None]]  # LSB first, field order
     return np.packbits(bits.astype(np.uint8), bitorder="little").tobytes()
-
-
-def sgq_decode(payload: bytes, count: int, cols: int, stripe_len: int) -> np.ndarray:
-    """Decode an SGQ payload back to ``int8 (count, cols)`` (values within half a step).
-
-    Raises
-    ------
-    ProtocolError
-        When the payload is shorter or longer than its stripes say, or a stripe's mode field
-        holds a reserved code.
-    """
-    count, cols, stripe_len = int(count), int(cols), int(stripe_len)
-    if stripe_len < 1:
-        raise FieldError(f"SGQ: stripe_len={stripe_len} must be >= 1")
-    if count % stripe_len:
-        raise ShapeError(f"SGQ: count={count} is not a multiple of stripe_len={stripe_len}")
-    payload = bytes(payload)
-    if count == 0:
-        if payload:
-            raise ProtocolError(f"SGQ payload of an empty group must be empty, got "
-                                f"{len(payload)} bytes")
-        return np.zeros((0, cols), np.int8)
-    bits = np.unpackbits(np.frombuffer(payload, np.uint8), bitorder="little").astype(np.int64)
-    n_stripes, length = count // stripe_len, stripe_len * cols
-
-    def field(pos: int, width: int) -> int:
-        if pos + width > len(bits):
-            raise ProtocolError(f"SGQ payload of {len(payload)} bytes is truncated: needs bit "
-                                f"{pos + width - 1}")
-        return int(bits[pos:pos + width] @ (1 << np.arange(width)))
-
-    base = field(0, _VALUE_BITS)
-    base -= (base >> (_VALUE_BITS - 1)) << _VALUE_BITS  # two's complement
-    pos = _VALUE_BITS
-    mode = np.zeros(n_stripes, np.int64)
-    offset = np.zeros(n_stripes, np.int64)
-    shift = np.zeros(n_stripes, np.int64)
-    start = np.zeros(n_stripes, np.int64)
-    lut = _code_bits(np.arange(1 << _MODE_BITS))
-    for i in range(n_stripes):  # headers are sequential: each position depends on the last mode
-        mode[i] = field(pos, _MODE_BITS)
-        if mode[i] not in _MODES:
-            raise ProtocolError(f"SGQ stripe {i} (payload bit {pos}): mode field {mode[i]} is "
-                                f"reserved (defined: {sorted(_MODES)}): corrupted payload")
-        pos += _MODE_BITS
-        if mode[i] != SgqMode.BASE.value:
-            offset[i] = field(pos, _OFFSET_BITS)
-            shift[i] = field(pos + _OFFSET_BITS, _SHIFT_BITS)
-            start[i] = pos + _HEADER_BITS
-            pos += _HEADER_BITS + length * int(lut[mode[i]])
-    if pos > len(bits):
-        raise ProtocolError(f"SGQ payload of {len(payload)} bytes is truncated: its stripes need "
-                            f"{-(-pos // 8)} bytes")
-    if -(-pos // 8) != len(payload):
-        raise ProtocolError(f"SGQ payload has {len(payload)} bytes, its stripes need "
-                            f"{-(-pos // 8)}")
-    out = np.full((n_stripes, length), base, np.int64)
-    for m in _CODED:
-        sel = np.flatnonzero(mode == m.value)
-        if not len(sel):
-            continue
-        width = SGQ_MODE_BITS[m]
-        idx = start[sel, None, None] + np.arange(length)[:, None] * width + np.arange(width)
-        q = bits[idx] @ (1 << np.arange(width))
-        out[sel] = base + offset[sel, None] + (q << shift[sel, None])
-    i8 = np.iinfo(np.int8)
-    return np.clip(out, i8.min, i8.max).astype(np.int8).reshape(count, cols)
 
 
 def sgq_max_error(max_shift: int) -> int:

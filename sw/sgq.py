@@ -27,11 +27,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import BudgetError, CapacityError, ShapeError
+from ..errors import BudgetError, CapacityError, FieldError, ProtocolError, ShapeError
 from ..hw.config import AccelConfig
-from ..hw.isa import Buffer, Opcode, operand_fields
+from ..hw.isa import (
+    SGQ_MODE_BITS,
+    Buffer,
+    Opcode,
+    SgqMode,
+    SgqStripeHeader,
+    field_table,
+    operand_fields,
+)
 from ..protocol import Program, sgq_response_length
-from ..sim.numerics import sgq_decode, sgq_payload_bytes, sgq_stripe_modes
+from ..sim.numerics import sgq_payload_bytes, sgq_stripe_modes
 
 __all__ = ["SgqPlan", "calibrate", "allocate", "encode_program", "decode_responses",
            "decode_payload", "significance_order", "MAX_SHIFT", "reconstruction_error"]
@@ -46,8 +54,17 @@ MAX_SHIFT = _field_max("max_shift")
 _STRIPE_MAX = _field_max("stripe_len")
 _COUNT_MAX = _field_max("count")
 
-#: The decoder (one implementation, shared with the golden model's checks).
-decode_payload = sgq_decode
+# -- the wire format's fields (section 8), from hw/isa.py ---------------------------------------
+_MODE_BITS = SgqMode.as_shape().width
+_HEADER = {info.name: info.width for info in field_table(SgqStripeHeader)}
+_OFFSET_BITS, _SHIFT_BITS = _HEADER["offset"], _HEADER["shift"]
+_HEADER_BITS = _OFFSET_BITS + _SHIFT_BITS
+_BASE_BITS = 8  # the group base, one INT8 value
+_CODE_BITS = np.zeros(1 << _MODE_BITS, np.int64)  # code width per mode value (0: BASE, reserved)
+for _mode, _bits in SGQ_MODE_BITS.items():
+    _CODE_BITS[_mode.value] = _bits
+#: Mode codes a stream may carry (the others are reserved).
+_MODES = {SgqMode.BASE.value} | {m.value for m in SGQ_MODE_BITS}
 
 
 @dataclass(frozen=True)
@@ -156,6 +173,75 @@ class SgqPlan:
                                 f"({self.groups} groups x {self.words_per_sample}); OUT holds "
                                 f"{config.depth(Buffer.OUT)} on config {config.name!r}")
         return per
+
+
+def decode_payload(payload: bytes, count: int, cols: int, stripe_len: int) -> np.ndarray:
+    """Decode one SGQ payload back to ``int8 (count, cols)`` (section 8; every value within
+    ``2^max_shift >> 1`` of the encoded one). The only SGQ decoder: the server's, and the
+    golden model's tests check the encoders against it.
+
+    Raises
+    ------
+    ProtocolError
+        When the payload is shorter or longer than its stripes say, or a stripe's mode field
+        holds a reserved code.
+    """
+    count, cols, stripe_len = int(count), int(cols), int(stripe_len)
+    if stripe_len < 1:
+        raise FieldError(f"SGQ: stripe_len={stripe_len} must be >= 1")
+    if count % stripe_len:
+        raise ShapeError(f"SGQ: count={count} is not a multiple of stripe_len={stripe_len}")
+    payload = bytes(payload)
+    if count == 0:
+        if payload:
+            raise ProtocolError(f"SGQ payload of an empty group must be empty, got "
+                                f"{len(payload)} bytes")
+        return np.zeros((0, cols), np.int8)
+    bits = np.unpackbits(np.frombuffer(payload, np.uint8), bitorder="little").astype(np.int64)
+    n_stripes, length = count // stripe_len, stripe_len * cols
+
+    def field(pos: int, width: int) -> int:
+        if pos + width > len(bits):
+            raise ProtocolError(f"SGQ payload of {len(payload)} bytes is truncated: needs bit "
+                                f"{pos + width - 1}")
+        return int(bits[pos:pos + width] @ (1 << np.arange(width)))
+
+    base = field(0, _BASE_BITS)
+    base -= (base >> (_BASE_BITS - 1)) << _BASE_BITS  # two's complement
+    pos = _BASE_BITS
+    mode = np.zeros(n_stripes, np.int64)
+    offset = np.zeros(n_stripes, np.int64)
+    shift = np.zeros(n_stripes, np.int64)
+    start = np.zeros(n_stripes, np.int64)
+    lut = _CODE_BITS
+    for i in range(n_stripes):  # headers are sequential: each position depends on the last mode
+        mode[i] = field(pos, _MODE_BITS)
+        if mode[i] not in _MODES:
+            raise ProtocolError(f"SGQ stripe {i} (payload bit {pos}): mode field {mode[i]} is "
+                                f"reserved (defined: {sorted(_MODES)}): corrupted payload")
+        pos += _MODE_BITS
+        if mode[i] != SgqMode.BASE.value:
+            offset[i] = field(pos, _OFFSET_BITS)
+            shift[i] = field(pos + _OFFSET_BITS, _SHIFT_BITS)
+            start[i] = pos + _HEADER_BITS
+            pos += _HEADER_BITS + length * int(lut[mode[i]])
+    if pos > len(bits):
+        raise ProtocolError(f"SGQ payload of {len(payload)} bytes is truncated: its stripes need "
+                            f"{-(-pos // 8)} bytes")
+    if -(-pos // 8) != len(payload):
+        raise ProtocolError(f"SGQ payload has {len(payload)} bytes, its stripes need "
+                            f"{-(-pos // 8)}")
+    out = np.full((n_stripes, length), base, np.int64)
+    for m in SGQ_MODE_BITS:
+        sel = np.flatnonzero(mode == m.value)
+        if not len(sel):
+            continue
+        width = SGQ_MODE_BITS[m]
+        idx = start[sel, None, None] + np.arange(length)[:, None] * width + np.arange(width)
+        q = bits[idx] @ (1 << np.arange(width))
+        out[sel] = base + offset[sel, None] + (q << shift[sel, None])
+    i8 = np.iinfo(np.int8)
+    return np.clip(out, i8.min, i8.max).astype(np.int8).reshape(count, cols)
 
 
 def significance_order(q: np.ndarray) -> tuple[int, ...]:

@@ -18,7 +18,7 @@ from tinyaccel.protocol import (
     sgq_response_length,
 )
 from tinyaccel.sim.golden import GoldenMachine, check_instruction
-from tinyaccel.sim.numerics import requantize, sgq_decode
+from tinyaccel.sim.numerics import requantize
 from tinyaccel.sim.randprog import (
     UNDEFINED_BUFFERS,
     UNDEFINED_OPCODES,
@@ -28,6 +28,7 @@ from tinyaccel.sim.randprog import (
     random_words,
     seed_from_env,
 )
+from tinyaccel.sw.sgq import decode_payload
 
 SIM, ICE40 = PRESETS["sim"], PRESETS["ice40"]
 CONFIGS = list(PRESETS.values())
@@ -341,7 +342,7 @@ def test_sgq_response_bytes(cfg, rng):
         modes.append(bits >> pos & 7)
         pos += 3 + (11 + 2 * cols * width if width else 0)
     assert modes == [0, 1, 2, 3, 4] and len(r[1]) == -(-pos // 8)
-    assert np.array_equal(sgq_decode(r[1], len(out), cols, 2), out)  # lossless at max_shift 0
+    assert np.array_equal(decode_payload(r[1], len(out), cols, 2), out)  # lossless at max_shift 0
     frame, empty = _frame_by_hand(cfg, r[1]), _frame_by_hand(cfg, b"")
     assert raw.startswith(frame + empty)  # the SGQ, then the empty group
     status = syncs(r)[1]
@@ -387,7 +388,7 @@ def test_counters_match_formulas(rng):
     assert (c[Counter.INSTRUCTIONS], c[Counter.BYTES_IN], c[Counter.BYTES_OUT]) == (1, 16, 0)
     assert c[Counter.MACS_ISSUED] == 0 == c[Counter.MACS_SKIPPED]
     # The SGQ payload decodes to the OUT words within half a step of max_shift 3.
-    assert np.abs(sgq_decode(r[8], 4, cols, 2).astype(int) - out).max() <= 4
+    assert np.abs(decode_payload(r[8], 4, cols, 2).astype(int) - out).max() <= 4
 
 
 # -- the byte stream ---------------------------------------------------------------------------

@@ -19,12 +19,12 @@ from tinyaccel.sim.numerics import (
     requantize,
     rounding_divide_by_pot,
     saturating_rounding_doubling_high_mul,
-    sgq_decode,
     sgq_encode,
     sgq_payload_bytes,
 )
 from tinyaccel.sim.randprog import random_channel_params, seed_from_env
 from tinyaccel.sw.im2col import im2col
+from tinyaccel.sw.sgq import decode_payload
 
 I32_MIN, I32_MAX = -(2 ** 31), 2 ** 31 - 1
 
@@ -389,7 +389,7 @@ def test_sgq_hand_encoded_bits(values, stripe_len, max_shift, payload, decoded):
     assert sgq_encode(values, stripe_len, max_shift) == bytes(payload)
     assert sgq_payload_bytes(values, stripe_len, max_shift) == len(payload)
     count, cols = values.shape
-    assert sgq_decode(bytes(payload), count, cols, stripe_len).tolist() == decoded
+    assert decode_payload(bytes(payload), count, cols, stripe_len).tolist() == decoded
 
 
 @pytest.mark.parametrize("max_shift", range(8))
@@ -408,7 +408,7 @@ def test_sgq_round_trip_and_size(rng, max_shift):
         elif kind == 2:  # ReLU-like: many all-base stripes
             values[rng.random(count) < 0.6] = values.min()
         payload = sgq_encode(values, stripe_len, max_shift)
-        decoded = sgq_decode(payload, count, cols, stripe_len)
+        decoded = decode_payload(payload, count, cols, stripe_len)
         err = np.abs(decoded.astype(int) - values)
         assert err.max() <= ((1 << max_shift) >> 1)  # half a step; exact for max_shift 0
         base, plan, bits = sgq_plan(values, stripe_len, max_shift)
@@ -445,11 +445,11 @@ def test_sgq_errors():
         sgq_encode(v.astype(np.int32), 1, 0)
     payload = sgq_encode(np.arange(8, dtype=np.int8).reshape(4, 2), 1, 0)
     with pytest.raises(ProtocolError):
-        sgq_decode(payload[:-1], 4, 2, 1)
+        decode_payload(payload[:-1], 4, 2, 1)
     with pytest.raises(ProtocolError):
-        sgq_decode(payload + b"\x00", 4, 2, 1)
+        decode_payload(payload + b"\x00", 4, 2, 1)
     assert sgq_encode(np.zeros((0, 2), np.int8), 1, 0) == b""
-    assert sgq_decode(b"", 0, 2, 1).shape == (0, 2)
+    assert decode_payload(b"", 0, 2, 1).shape == (0, 2)
 
 
 @pytest.mark.parametrize("reserved", [5, 6, 7])
@@ -458,11 +458,11 @@ def test_sgq_decode_rejects_reserved_modes(reserved):
     payload = int.from_bytes(bytes([0x00, 0xC8, 0x00, 0x00]), "little")
     bad = (payload & ~(0b111 << 11) | reserved << 11).to_bytes(4, "little")
     with pytest.raises(ProtocolError, match=rf"stripe 1 .*mode field {reserved} is reserved"):
-        sgq_decode(bad, 2, 1, 1)
+        decode_payload(bad, 2, 1, 1)
     # and in stripe 0 (bits 8-10), before any payload length is known
     bad = (payload | reserved << 8).to_bytes(4, "little")
     with pytest.raises(ProtocolError, match=rf"stripe 0 .*mode field {reserved} is reserved"):
-        sgq_decode(bad, 2, 1, 1)
+        decode_payload(bad, 2, 1, 1)
 
 
 # -- SGQ response integrity (the CRC-32 trailer, section 8) -----------------------------------
