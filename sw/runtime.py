@@ -204,25 +204,19 @@ class BoardBackend(Backend):
 
     def _check_sgq_length(self, index: int, word: int, length: int) -> None:
         """Reject an SGQ length header no payload of this instruction can have, before waiting
-        for it: ``parse_responses`` judges a well-formed frame of that length (of at most
-        ``_SGQ_PROBE_BYTES``: a larger header that passes is left to the read and its timeout).
-        """
-        from ..protocol import parse_responses, sgq_frame
-        try:
-            parse_responses(self.config, [word],
-                            sgq_frame(self.config, bytes(min(length, _SGQ_PROBE_BYTES))))
-        except ProtocolError as exc:
+        for it (the bound :func:`~tinyaccel.protocol.parse_responses` applies too)."""
+        from ..protocol import decode_fields, sgq_max_payload
+        _, fields = decode_fields(word)
+        limit = sgq_max_payload(self.config, fields["count"], fields["stripe_len"])
+        if length > limit:
             raise ProtocolError(
                 f"board on {self.port_name!r}: instruction {index} ({_describe(word)}) sent SGQ "
-                f"length header {length}, more than its payload can be ({exc})") from exc
+                f"length header {length}, more than its largest payload {limit}: stream out of "
+                f"sync")
 
     def close(self) -> None:
         self._port.close()
 
-
-#: Largest well-formed SGQ frame built to check a length header (far above the largest payload a
-#: preset can produce); a header above it is checked by reading.
-_SGQ_PROBE_BYTES = 1 << 22
 
 
 def _describe(word: int) -> str:

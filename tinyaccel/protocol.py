@@ -65,7 +65,8 @@ __all__ = [
     "PARAM_DTYPE", "SGQ_LENGTH_BYTES", "lanes", "lane_dtype",
     "pack_words", "unpack_words", "channel_params", "channel_params_words",
     "RawInstruction", "decode_fields", "encode_fields", "as_word",
-    "data_length", "response_length", "sgq_response_length", "sgq_frame", "sgq_unframe",
+    "data_length", "response_length", "sgq_response_length", "sgq_max_payload", "sgq_frame",
+    "sgq_unframe",
     "sgq_crc",
     "StatusReport", "pack_counters", "unpack_counters",
     "Program", "iter_stream", "parse_responses",
@@ -775,7 +776,7 @@ def parse_responses(config: AccelConfig | str, program: Iterable, data: bytes) -
                 out.append(unpack_words(config, buf, take(response_length(config, instr), what)))
         elif code == Opcode.SGQ.value:
             length = int.from_bytes(take(SGQ_LENGTH_BYTES, what), "little")
-            limit = _sgq_max_payload(config, fields["count"], fields["stripe_len"])
+            limit = sgq_max_payload(config, fields["count"], fields["stripe_len"])
             if length > limit:
                 raise ProtocolError(f"SGQ length header {length} of instruction {index} exceeds "
                                     f"the largest possible payload {limit}: stream out of sync")
@@ -793,7 +794,7 @@ def parse_responses(config: AccelConfig | str, program: Iterable, data: bytes) -
     return out
 
 
-def _sgq_max_payload(config: AccelConfig, count: int, stripe_len: int) -> int:
+def sgq_max_payload(config: AccelConfig, count: int, stripe_len: int) -> int:
     """Upper bound of an SGQ payload: every stripe coded at the widest mode (detects desync)."""
     if count == 0:
         return 0
