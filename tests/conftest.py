@@ -46,3 +46,19 @@ def _seed_global_generators(request):
     torch = sys.modules.get("torch")  # not yet imported: its generator is at its fixed default
     if torch is not None:
         torch.manual_seed(seed)
+
+
+#: The configuration the RTL tests of the training and collaborative paths run on (the one
+#: tests/test_rtl.py builds too: one cached Verilator build).
+RTL_CONFIG = "ecp5"
+
+
+@pytest.fixture(scope="module")
+def rtl_available():
+    """Skips the module's RTL tests when the Verilated accelerator cannot be built here."""
+    from tinyaccel.errors import BackendUnavailable
+    from tinyaccel.sim.rtl import RtlSession
+    try:
+        RtlSession(RTL_CONFIG).start().close()
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))

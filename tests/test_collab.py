@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from tinyaccel.errors import BackendUnavailable, BudgetError, ProtocolError, ShapeError, SplitError
+from tinyaccel.errors import BudgetError, ProtocolError, ShapeError, SplitError
 from tinyaccel.hw.config import get_config
 from tinyaccel.models import zoo
 from tinyaccel.models.clutter import SIZE, load_clutter_split
@@ -199,15 +199,6 @@ def test_corrupted_payload_is_never_decoded_silently(real_features):
         sgq.decode_payload(payloads[0][:-1], count, cfg.cols, plan.stripe_len)
     with pytest.raises(ProtocolError):
         sgq.decode_payload(payloads[0] + b"\0", count, cfg.cols, plan.stripe_len)
-
-
-@pytest.fixture(scope="module")
-def rtl_available():
-    from tinyaccel.sim.rtl import RtlSession
-    try:
-        RtlSession(RTL_CONFIG).start().close()
-    except BackendUnavailable as exc:
-        pytest.skip(str(exc))
 
 
 @pytest.mark.rtl

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinyaccel.errors import (
-    BackendUnavailable,
     ResumeError,
     ShapeError,
     TrainingDivergedError,
@@ -334,15 +333,6 @@ def test_training_is_deterministic_on_golden(tmp_path, seed):
 
 
 RTL_CONFIG = "ecp5"  # the configuration tests/test_rtl.py builds too (one cached Verilator build)
-
-
-@pytest.fixture(scope="module")
-def rtl_available():
-    from tinyaccel.sim.rtl import RtlSession
-    try:
-        RtlSession(RTL_CONFIG).start().close()
-    except BackendUnavailable as exc:
-        pytest.skip(str(exc))
 
 
 @pytest.mark.rtl
