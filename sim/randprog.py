@@ -312,6 +312,12 @@ class _Generator:
     def __init__(self, config: AccelConfig, rng: np.random.Generator, window: int, max_k: int,
                  max_blocks: int, max_count: int):
         self.cfg, self.rng = config, rng
+        # the structured SGQ groups draw from a stream of their own, so that adding them left
+        # every other instruction of a seed's program as it was
+        try:
+            (self.sgq_rng,) = rng.spawn(1)
+        except (TypeError, ValueError):  # a Generator made without a SeedSequence
+            self.sgq_rng = np.random.default_rng(int(rng.integers(0, 2**32)))
         self.win = {buf: min(config.depth(buf), window) for buf in Buffer}
         self.win[Buffer.ACC] = min(config.depth(Buffer.ACC), max(window, 4 * config.rows))
         self.mask_bits = self.win[Buffer.MASK] * lanes(config, Buffer.MASK)
@@ -390,8 +396,9 @@ class _Generator:
             stripe = self._int(1, min(8, win[Buffer.OUT], _STRIPE_MAX))
             n = stripe * self._size(min(self.max_count, win[Buffer.OUT]) // stripe)
             addr = self._place(Buffer.OUT, n)
-            if n and rng.random() < 0.3:  # random words rarely make BASE or 1-bit stripes
-                prog.load(Buffer.OUT, addr, sgq_group(rng, n // stripe, stripe, cfg.cols))
+            if n and self.sgq_rng.random() < 0.3:  # random words rarely make BASE or 1-bit
+                prog.load(Buffer.OUT, addr,  # stripes
+                          sgq_group(self.sgq_rng, n // stripe, stripe, cfg.cols))
             prog.sgq(addr, n, stripe, self._int(0, _MAX_SHIFT_MAX))
         elif op == Opcode.IM2COL:
             prog.im2col(**random_im2col(cfg, rng, out_window=win[Buffer.OUT],
