@@ -23,6 +23,7 @@ from .sgq_encoder import (
     NARROW,
     OFFSET_BITS,
     SHIFT_BITS,
+    SgqCrc,
     StripeEncoder,
 )
 
@@ -236,7 +237,7 @@ class StripeEncoderSerial(StripeEncoder):
         if not SGQ_CRC.reflect_output or SGQ_CRC.xor_output not in (0, (1 << CRC_BITS) - 1):
             raise ConfigError(f"{SGQ_CRC!r}: the serial trailer needs a reflected output and a "
                               f"uniform output XOR")
-        m.submodules.crc = crc = SGQ_CRC(1).create()
+        m.submodules.crc = crc = SgqCrc(1)
         trailer = Signal()  # the trailer (and the padding after it) is being sent
         m.d.comb += [crc.data.eq(emit_bit ^ (trailer & SGQ_CRC.xor_output & 1)),
                      crc.valid.eq(took)]
