@@ -113,3 +113,26 @@ class SplitError(TinyAccelError, ValueError):
 
 class BudgetError(TinyAccelError, ValueError):
     """A link budget the encoder cannot meet (names the budget and the best the encoder reaches)."""
+
+
+class LinkTimeout(BackendUnavailable):
+    """A board stopped answering: the bytes an instruction's response needs did not arrive within
+    the port's timeout (names the instruction, the bytes expected and received, the port)."""
+
+
+class BoardNotFound(BackendUnavailable):
+    """No board is attached where one was asked for (programmer or serial port)."""
+
+
+class GatewareMismatch(TinyAccelError):
+    """The board runs gateware of another configuration or ISA than the driver's: its status
+    record's ``config_id`` differs from the driver's (names both, and the config)."""
+
+
+class TimingError(BuildError):
+    """A bitstream was routed but does not meet timing at its clock (names Fmax and the clock);
+    ``result`` holds the build report."""
+
+    def __init__(self, message: str, result: dict | None = None):
+        super().__init__(message)
+        self.result = result
