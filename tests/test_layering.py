@@ -3,8 +3,8 @@
 The layers, lowest first (a module may import its own package and lower layers only; packages on
 the same level do not import each other)::
 
-    tinyaccel.errors < tinyaccel.hw < tinyaccel.protocol
-        < {tinyaccel.sim, tinyaccel.models, tinyaccel.boards} < tinyaccel.sw
+    tinyaccel.errors < tinyaccel.hw < tinyaccel.protocol < tinyaccel.boards
+        < {tinyaccel.sim, tinyaccel.models} < tinyaccel.sw
         < {tinyaccel.bench, tinyaccel.spec} < tinyaccel.cli < tinyaccel (the package __init__)
 
 and ``tinyaccel.hw`` imports nothing but Amaranth, the standard library and ``tinyaccel.errors``.
@@ -31,11 +31,14 @@ LAYERS: dict[str, int] = {
     "tinyaccel.errors": 0,
     "tinyaccel.hw": 1,
     "tinyaccel.protocol": 2,
-    "tinyaccel.sim": 3, "tinyaccel.models": 3, "tinyaccel.boards": 3,
-    "tinyaccel.sw": 4,
-    "tinyaccel.bench": 5, "tinyaccel.spec": 5,
-    "tinyaccel.cli": 6,
-    "tinyaccel": 7,
+    # the board gateware (UART bridge, tops, builds, link definitions) is hardware: the
+    # simulations below it may run it (sim.board_sim), the driver reads its link parameters
+    "tinyaccel.boards": 3,
+    "tinyaccel.sim": 4, "tinyaccel.models": 4,
+    "tinyaccel.sw": 5,
+    "tinyaccel.bench": 6, "tinyaccel.spec": 6,
+    "tinyaccel.cli": 7,
+    "tinyaccel": 8,
 }
 #: Third-party distributions hw/ may use besides the standard library.
 HW_THIRD_PARTY = {"amaranth"}
