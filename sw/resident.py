@@ -136,7 +136,7 @@ class ResidentModel:
         self.res_stats = ResidentStats(resident_weight_bytes=self.plan.resident_weight_bytes,
                                        streamed_weight_bytes=self.plan.streamed_weight_bytes)
         self.stats = {"resident": LayerStats("resident", "model", device.config.macs)}
-        self._ready = False
+        self._ready_generation: int | None = None  # backend generation the weights were loaded in
         self.wall_s = 0.0
         self.placement_reason: str | None = None
 
@@ -145,12 +145,12 @@ class ResidentModel:
         before = self.link.link_bytes
         self.device.run(self.plan.setup)
         self.res_stats.setup_link_bytes += self.link.link_bytes - before
-        self._ready = True
+        self._ready_generation = self.link.generation
 
     def run_one(self, x_int8: np.ndarray) -> np.ndarray:
         """One inference: int8 sample (per-sample input shape) -> int8 output codes."""
         from .lowering import useful_macs
-        if not self._ready:
+        if self._ready_generation != self.link.generation:  # never loaded, or the board resynced
             self.setup()
         prog = inference_program(self.plan, x_int8)
         before = self.link.link_bytes

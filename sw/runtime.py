@@ -11,11 +11,20 @@ in simulation byte for byte.
 
 from __future__ import annotations
 
+import os
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-from ..errors import BackendUnavailable, DeviceError, FieldError, ProtocolError
+from ..errors import (
+    BackendUnavailable,
+    BoardNotFound,
+    ConfigError,
+    DeviceError,
+    FieldError,
+    LinkTimeout,
+    ProtocolError,
+)
 from ..hw.config import AccelConfig, get_config
 from ..hw.isa import Counter, Instruction, Opcode, Status
 
@@ -27,6 +36,8 @@ class Backend(ABC):
     """A byte pipe to an accelerator of configuration ``config``."""
 
     name = "abstract"
+    #: The backend checks every SYNC's link trailer itself (else :class:`Device` does).
+    checks_link = False
 
     def __init__(self, config: AccelConfig):
         self.config = config
@@ -39,6 +50,17 @@ class Backend(ABC):
         ``response_bytes`` is the number of bytes the protocol says will come back when the host
         knows it (it always does unless the program contains SGQ instructions).
         """
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever the accelerator may have lost its state (a board's resync): what a
+        caller keeps resident on it must be loaded again."""
+        return 0
+
+    def program_pc(self, sync_index: int, pc: int) -> int:
+        """The ``error_pc`` that the program's SYNC ``sync_index`` reported, in the program's
+        own instruction indices (a backend that adds instructions maps it back)."""
+        return pc
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release simulator processes or ports."""
@@ -70,6 +92,17 @@ class LinkCounter(Backend):
         self.received += len(out)
         self.cycles = self.inner.cycles
         return out
+
+    @property
+    def checks_link(self) -> bool:
+        return self.inner.checks_link
+
+    @property
+    def generation(self) -> int:
+        return self.inner.generation
+
+    def program_pc(self, sync_index: int, pc: int) -> int:
+        return self.inner.program_pc(sync_index, pc)
 
     def close(self) -> None:
         self.inner.close()
@@ -114,22 +147,55 @@ class RtlBackend(Backend):
 class BoardBackend(Backend):
     """An FPGA board running the accelerator behind its UART bridge (``tinyaccel.boards``).
 
-    The bytes are exactly those the RTL backend exchanges. ``port`` is a pyserial port name,
-    opened at ``baud`` with a read ``timeout`` in seconds; or ``link`` is an already open
-    pyserial-like object (``write``, ``read(n)`` returning fewer bytes on a timeout, ``flush``,
-    ``reset_input_buffer``, ``in_waiting``, ``close``), e.g. the simulated board link
-    :class:`tinyaccel.sim.serial_link.SimulatedSerial`; its own ``timeout`` applies.
+    The bytes are those the RTL backend exchanges, paced for the board's receive FIFO and with a
+    flow-control probe (``SYNC keep=1``) where a stretch of the program has no response
+    (:mod:`tinyaccel.sw.link`, ``docs/architecture.md`` section 9). Every SYNC answer is checked:
+    the gateware's ``config_id`` and the CRCs of both directions. Responses are read while the
+    stream is written.
 
-    Responses are read instruction by instruction, following the host stream: a fixed number of
-    bytes for a STORE or SYNC, and for an SGQ first the length header, then the rest of its
-    frame (``sgq_response_length``), so programs with SGQ need no length in advance.
+    Parameters
+    ----------
+    config:
+        The accelerator configuration the board's bitstream was built for.
+    port:
+        pyserial port name (default: the ``TINYACCEL_PORT`` environment variable).
+    baud:
+        UART rate (default: the board's link, :data:`tinyaccel.boards.link.LINKS`).
+    timeout:
+        Seconds without a byte, while one is due, before :class:`LinkTimeout`.
+    link:
+        An already open pyserial-like object instead of ``port`` (``write``, ``read(n)``
+        returning fewer bytes on a timeout, ``flush``, ``reset_input_buffer``, ``in_waiting``,
+        ``close``), e.g. :class:`tinyaccel.sim.serial_link.SimulatedSerial`.
+    spec:
+        The link's :class:`~tinyaccel.boards.link.LinkSpec` (default: the board that runs
+        ``config``).
+
+    Opening resynchronizes the link (:meth:`resync`) and checks the gateware's identity. After a
+    fault (a timeout, an integrity error, an interrupted exchange) the next exchange starts with
+    a resync; :attr:`resyncs` counts them, since the board may have reset its accelerator (what
+    was resident on it is gone).
     """
 
     name = "board"
+    checks_link = True
+    #: Bytes written between two looks at the receive side.
+    CHUNK = 256
 
-    def __init__(self, config: AccelConfig, port: str | None = None, baud: int = 115200,
-                 timeout: float = 5.0, link=None):
+    def __init__(self, config: AccelConfig, port: str | None = None, baud: int | None = None,
+                 timeout: float = 5.0, link=None, *, spec=None):
         super().__init__(config)
+        from ..boards.link import LinkSpec, board_for_config, link_for
+        if spec is None:
+            try:
+                spec = link_for(board_for_config(config.name))
+            except ConfigError:
+                spec = LinkSpec()
+        self.spec = spec.with_baud(baud)
+        self.resyncs = 0
+        self.probes = 0  # probes inserted over all exchanges
+        self._spans: list = []
+        self._clean = False
         if link is not None:
             if port:
                 raise BackendUnavailable(f"the board backend takes a serial port or a link, not "
@@ -137,86 +203,218 @@ class BoardBackend(Backend):
             self._port = link
             self.port_name = getattr(link, "port", None) or repr(link)
             self.timeout = getattr(link, "timeout", timeout)
-            return
-        if not port:
-            raise BackendUnavailable(
-                "the board backend needs a serial port: pass port='/dev/ttyUSB0' (Python) or "
-                "--port /dev/ttyUSB0 (CLI); build and program the bitstream with "
-                "`tinyaccel build --board ...` first")
+        else:
+            self._port = _open_serial(port or os.environ.get(PORT_ENV), self.spec.baud, timeout)
+            self.port_name = self._port.port
+            self.timeout = timeout
         try:
-            import serial
-        except ImportError:  # pragma: no cover - pyserial is a dependency
-            raise BackendUnavailable(
-                "the board backend needs pyserial: pip install pyserial") from None
-        try:
-            self._port = serial.Serial(port, baudrate=baud, timeout=timeout)
-        except (serial.SerialException, OSError) as exc:
-            raise BackendUnavailable(f"cannot open serial port {port!r}: {exc}") from exc
-        self.port_name = port
-        self.timeout = timeout
+            self.identity = self.resync()
+        except BaseException:
+            self._port.close()
+            raise
+
+    # -- exchanges -------------------------------------------------------------------------------
 
     def exchange(self, stream: bytes, response_bytes: int | None = None) -> bytes:
-        from ..protocol import iter_stream
-        words = [word for word, _ in iter_stream(self.config, stream)]  # before sending anything
-        self._port.reset_input_buffer()
-        self._port.write(stream)
-        self._port.flush()
-        data = self._read_responses(words)
-        if response_bytes is not None and len(data) != response_bytes:
-            raise ProtocolError(f"the program's responses hold {len(data)} bytes, the caller "
+        if not self._clean:
+            self.resync()
+        self._clean = False  # until this exchange has ended well
+        out = self._paced_exchange(stream)
+        self._clean = True
+        if response_bytes is not None and len(out) != response_bytes:
+            raise ProtocolError(f"the program's responses hold {len(out)} bytes, the caller "
                                 f"expected {response_bytes}")
-        return data
+        return out
 
-    def _read_responses(self, words: list[int]) -> bytes:
-        """Read the response of each instruction word in turn (the only reader of the port)."""
-        from ..protocol import SGQ_LENGTH_BYTES, response_length, sgq_response_length
-        out = bytearray()
-        for index, word in enumerate(words):
-            size = response_length(self.config, word)
-            if size is not None:
-                out += self._read(size, index, word, "response")
-                continue
-            head = self._read(SGQ_LENGTH_BYTES, index, word, "SGQ length header")
-            length = int.from_bytes(head, "little")
-            self._check_sgq_length(index, word, length)
-            out += head
-            out += self._read(sgq_response_length(self.config, length) - SGQ_LENGTH_BYTES,
-                              index, word, f"SGQ frame after a length header of {length}")
-        waiting = self._port.in_waiting
+    def _paced_exchange(self, stream: bytes) -> bytes:
+        from ..hw.isa import Opcode
+        from .link import LinkChecker, ResponseWalker, pace
+        paced, spans = pace(self.config, stream, self.spec.window)
+        self._spans = spans
+        self.probes += sum(span.probe for span in spans)
+        walker = ResponseWalker(self.config, [span.word for span in spans])
+        checker = LinkChecker(self.config, f"board on {self.port_name!r}")
+        port, window = self._port, self.spec.window
+        waiting = port.in_waiting
         if waiting:
-            raise ProtocolError(f"board on {self.port_name!r} sent {waiting} bytes more than the "
-                                f"{len(words)} instructions answer: the response stream is out "
-                                f"of sync")
+            raise ProtocolError(f"board on {self.port_name!r} sent {waiting} bytes before the "
+                                f"program: the response stream is out of sync")
+        out = bytearray()
+        sent = base = checked = 0  # bytes written; acknowledged up to; spans given to checker
+        while not walker.done:
+            limit = min(len(paced), base + window)
+            if sent < limit:
+                n = min(limit - sent, self.CHUNK)
+                port.write(paced[sent:sent + n])
+                sent += n
+                data = port.read(port.in_waiting) if port.in_waiting else b""
+            else:
+                port.flush()
+                data = port.read(max(1, port.in_waiting))
+                if not data:
+                    raise self._timeout(walker, spans, sent, len(paced))
+            for pos, resp in walker.feed(data):
+                span = spans[pos]
+                for k in range(checked, pos + 1):
+                    checker.sent(paced[spans[k].start:spans[k].end])
+                checked = pos + 1
+                if span.opcode == Opcode.SYNC.value:
+                    checker.sync(resp, self._describe_span(spans, pos))
+                    nxt = pos + 1
+                    if nxt < len(spans) and spans[nxt].opcode == Opcode.LOAD.value:
+                        # an idle accelerator takes a LOAD's data as fast as the line brings it
+                        base = max(base, spans[nxt].end)
+                else:
+                    checker.received(resp)
+                if not span.probe:
+                    out += resp
+            if walker.started >= 0:
+                base = max(base, spans[walker.started].end)
         return bytes(out)
 
-    def _read(self, size: int, index: int, word: int, part: str) -> bytes:
-        """Exactly ``size`` bytes from the port, gathered over as many reads as they take."""
+    def _timeout(self, walker, spans, sent: int, total: int) -> LinkTimeout:
+        return LinkTimeout(
+            f"board on {self.port_name!r} did not answer {self._describe_span(spans, walker.pos)}"
+            f": {walker.missing} bytes of its response still due after {self.timeout} s "
+            f"without a byte ({sent} of {total} stream bytes sent); is the bitstream loaded "
+            f"and the baud rate {self.spec.baud} right? (`tinyaccel board check`)")
+
+    @staticmethod
+    def _describe_span(spans, pos: int) -> str:
+        span = spans[pos]
+        if span.probe:
+            before = next((s.index for s in reversed(spans[:pos]) if not s.probe), None)
+            return ("a flow-control probe (SYNC keep=1)" +
+                    (f" after instruction {before}" if before is not None else ""))
+        return f"instruction {span.index} ({_describe(span.word)})"
+
+    @property
+    def generation(self) -> int:
+        return self.resyncs
+
+    def program_pc(self, sync_index: int, pc: int) -> int:
+        """``error_pc`` reported by the program's instruction ``sync_index`` (a SYNC), counted
+        in the program's own instructions (the board's count includes the probes)."""
+        from ..hw.isa import Opcode
+        from ..protocol import decode_fields
+        positions = {span.index: k for k, span in enumerate(self._spans) if not span.probe}
+        at = positions.get(sync_index)
+        if at is None:
+            return pc
+        first = 0  # the board counts from the last SYNC that cleared its window
+        for k in range(at - 1, -1, -1):
+            span = self._spans[k]
+            if span.opcode == Opcode.SYNC.value and not span.probe and \
+                    not decode_fields(span.word)[1]["keep"]:
+                first = k + 1
+                break
+        fault = min(first + pc, at)
+        return sum(not span.probe for span in self._spans[first:fault])
+
+    # -- resync ----------------------------------------------------------------------------------
+
+    def resync(self):
+        """Bring the link to a known state; return the board's status report.
+
+        1. Send nothing for the board's resync silence (``LinkSpec.silence_s``) and a little
+           more, discarding what arrives: a board waiting in the middle of an instruction resets
+           its accelerator; then wait until the line has been quiet.
+        2. ``SYNC``: its answer must be a status record of the driver's configuration (else
+           :class:`ProtocolError` / :class:`GatewareMismatch`).
+        3. ``SYNC`` again: the answer must match exactly (status OK, one instruction, both link
+           CRCs over exactly this exchange) — both directions are aligned and clean.
+
+        Raises
+        ------
+        LinkTimeout
+            The board does not answer (or does not stop sending).
+        GatewareMismatch
+            The board's gateware is built for another configuration or ISA.
+        """
+        from ..hw.isa import LINK_TRAILER_BYTES, STATUS_BYTES, Instruction, Opcode
+        from ..protocol import StatusReport
+        from .link import LinkChecker, check_identity
+        self._clean = False
+        spec, port = self.spec, self._port
+        quiet = max(0.02, 64 * spec.byte_s)
+        self._drain(spec.silence_s * 1.25 + quiet, quiet)
+        word = Instruction(Opcode.SYNC).to_bytes()
+        answer_bytes = STATUS_BYTES + LINK_TRAILER_BYTES
+        port.write(word)
+        port.flush()
+        first = StatusReport.from_bytes(self._read_exact(answer_bytes, "the first resync SYNC"))
+        check_identity(self.config, first, f"board on {self.port_name!r}")
+        checker = LinkChecker(self.config, f"board on {self.port_name!r}")
+        port.write(word)
+        port.flush()
+        checker.sent(word)
+        report = checker.sync(self._read_exact(answer_bytes, "the second resync SYNC"),
+                              "the second resync SYNC")
+        if not report.ok or report.instructions != 1:
+            raise ProtocolError(f"board on {self.port_name!r}: a SYNC right after a SYNC "
+                                f"reported {report.status.name} after {report.instructions} "
+                                f"instructions, expected OK after 1")
+        if port.in_waiting:
+            raise ProtocolError(f"board on {self.port_name!r} keeps sending after the resync")
+        self.resyncs += 1
+        self._clean = True
+        return report
+
+    def _drain(self, hold_s: float, quiet_s: float, limit_s: float = 60.0) -> int:
+        """Read and discard for ``hold_s`` seconds and until nothing arrived for ``quiet_s``."""
+        port = self._port
+        start = last = time.monotonic()
+        discarded = 0
+        while True:
+            waiting = port.in_waiting
+            data = port.read(waiting) if waiting else b""
+            now = time.monotonic()
+            if data:
+                discarded += len(data)
+                last = now
+            elif now - start >= hold_s and now - last >= quiet_s:
+                return discarded
+            else:
+                time.sleep(min(quiet_s / 4, 0.01))
+            if now - start > limit_s:
+                raise LinkTimeout(f"board on {self.port_name!r} kept sending for {limit_s} s "
+                                  f"({discarded} bytes) during a resync")
+
+    def _read_exact(self, size: int, what: str) -> bytes:
         data = bytearray()
         while len(data) < size:
             chunk = self._port.read(size - len(data))
-            if not chunk:  # nothing arrived within the timeout
-                raise BackendUnavailable(
-                    f"board on {self.port_name!r} did not answer instruction {index} "
-                    f"({_describe(word)}): got {len(data)} of {size} bytes of its {part} within "
-                    f"{self.timeout} s (is the bitstream loaded and the baud rate right?)")
+            if not chunk:
+                raise LinkTimeout(
+                    f"board on {self.port_name!r} did not answer {what}: {len(data)} of {size} "
+                    f"bytes within {self.timeout} s (is the bitstream loaded, `tinyaccel "
+                    f"program`, and the baud rate {self.spec.baud} right?)")
             data += chunk
         return bytes(data)
-
-    def _check_sgq_length(self, index: int, word: int, length: int) -> None:
-        """Reject an SGQ length header no payload of this instruction can have, before waiting
-        for it (the bound :func:`~tinyaccel.protocol.parse_responses` applies too)."""
-        from ..protocol import decode_fields, sgq_max_payload
-        _, fields = decode_fields(word)
-        limit = sgq_max_payload(self.config, fields["count"], fields["stripe_len"])
-        if length > limit:
-            raise ProtocolError(
-                f"board on {self.port_name!r}: instruction {index} ({_describe(word)}) sent SGQ "
-                f"length header {length}, more than its largest payload {limit}: stream out of "
-                f"sync")
 
     def close(self) -> None:
         self._port.close()
 
+
+#: Environment variable naming the board's serial port when none is given.
+PORT_ENV = "TINYACCEL_PORT"
+
+
+def _open_serial(port: str | None, baud: int, timeout: float):
+    if not port:
+        raise BackendUnavailable(
+            f"the board backend needs a serial port: pass port='/dev/ttyUSB1' (Python), "
+            f"--port /dev/ttyUSB1 (CLI) or set {PORT_ENV}; build and program the bitstream with "
+            f"`tinyaccel build --board ...` and `tinyaccel program --board ...` first")
+    try:
+        import serial
+    except ImportError:  # pragma: no cover - pyserial is a dependency
+        raise BackendUnavailable("the board backend needs pyserial: pip install pyserial") \
+            from None
+    try:
+        return serial.Serial(port, baudrate=baud, timeout=timeout)
+    except (serial.SerialException, OSError) as exc:
+        raise BoardNotFound(f"cannot open serial port {port!r}: {exc}") from exc
 
 
 def _describe(word: int) -> str:
@@ -296,18 +494,22 @@ class Device:
         out = self.backend.exchange(stream, response_length(self.config, program))
         self.stats.wall_s += time.perf_counter() - start
         self.stats.programs += 1
+        if not self.backend.checks_link:
+            from .link import check_link
+            check_link(self.config, stream, out, f"the {self.backend.name} backend")
         responses = parse_responses(self.config, program, out)
-        for instr, resp in zip(program.instructions, responses, strict=True):
+        for index, (instr, resp) in enumerate(zip(program.instructions, responses, strict=True)):
             if instr.opcode != Opcode.SYNC:  # raw words carry a plain int opcode
                 continue
             if resp.counters:
                 for counter, value in resp.counters.items():
                     self.stats.counters[counter] += value
             if resp.status != Status.OK:
+                pc = self.backend.program_pc(index, resp.error_pc)
                 raise DeviceError(
                     f"accelerator ({self.backend.name}) reported {resp.status.name} at "
-                    f"instruction {resp.error_pc} (opcode {resp.error_opcode_name})",
-                    status=resp.status, pc=resp.error_pc)
+                    f"instruction {pc} (opcode {resp.error_opcode_name})",
+                    status=resp.status, pc=pc)
         return responses
 
     def close(self) -> None:
