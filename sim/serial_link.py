@@ -13,10 +13,12 @@ between writes, like a powered board.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import numpy as np
 
+from ..boards.link import LinkSpec
 from ..hw.config import AccelConfig, get_config
 from ..hw.isa import INSTR_BYTES
 from ..protocol import data_length
@@ -44,10 +46,20 @@ class SimulatedSerial:
     tamper:
         Applied to the answer to each :meth:`write` before it is delivered, to model a faulty
         line: e.g. ``lambda b: b[:-3]`` loses the last three bytes.
+    tamper_host:
+        Applied to the bytes of each :meth:`write` before the board sees them (a faulty line
+        the other way).
+    silence_s:
+        The board's resync (``LinkSpec.silence_s``, default the default link's): a write that
+        comes at least this long after the previous one, while that one ended in the middle of
+        an instruction, finds the accelerator reset — the partial instruction is gone and the
+        golden machine starts afresh (a reset clears the scratchpads, as the RTL's does).
     """
 
     def __init__(self, config: AccelConfig | str = "sim", *, seed: int = 0, max_chunk: int = 64,
-                 timeout: float = 1.0, tamper: Callable[[bytes], bytes] | None = None):
+                 timeout: float = 1.0, tamper: Callable[[bytes], bytes] | None = None,
+                 tamper_host: Callable[[bytes], bytes] | None = None,
+                 silence_s: float | None = None):
         if max_chunk < 1:
             raise ValueError(f"max_chunk={max_chunk} must be >= 1")
         self.config = get_config(config)
@@ -56,6 +68,10 @@ class SimulatedSerial:
         self.timeout = timeout
         self.max_chunk = max_chunk
         self.tamper = tamper
+        self.tamper_host = tamper_host
+        self.silence_s = LinkSpec().silence_s if silence_s is None else silence_s
+        self.resets = 0  # resyncs of the board: silences in the middle of an instruction
+        self._last_write = time.monotonic()
         self.is_open = True
         self.reads = 0  # read() calls that returned bytes
         self.timeouts = 0  # read() calls that found nothing waiting
@@ -70,7 +86,13 @@ class SimulatedSerial:
     def write(self, data: bytes) -> int:
         """Send host bytes; every instruction completed by them executes now."""
         self._check_open()
-        self._rx += data
+        now = time.monotonic()
+        if self._rx and now - self._last_write >= self.silence_s:
+            self.machine = GoldenMachine(self.config)
+            self._rx.clear()
+            self.resets += 1
+        self._last_write = now
+        self._rx += self.tamper_host(bytes(data)) if self.tamper_host else data
         answer = bytearray()
         pos = 0
         while len(self._rx) - pos >= INSTR_BYTES:

@@ -507,7 +507,8 @@ def experiment(base: CollabConfig, out_dir: str | Path, seeds=(0, 1, 2), codecs=
     and ``tradeoff.png`` (accuracy against uplink bytes per sample) into ``out_dir``.
 
     ``jobs`` > 1 trains that many runs at once in worker processes (each single-threaded and
-    replayable, so the results do not depend on ``jobs``); the RTL backend runs one at a time.
+    replayable, so the results do not depend on ``jobs``); the RTL and board backends run one
+    at a time.
     ``progress``: a tqdm-like callable, over runs (and, with ``jobs=1``, over steps).
     """
     out = Path(out_dir)
@@ -529,7 +530,7 @@ def experiment(base: CollabConfig, out_dir: str | Path, seeds=(0, 1, 2), codecs=
         (out / "metrics.json").write_text(json.dumps(
             {"runs": [r for r in results if r is not None]}, indent=2) + "\n")
 
-    if jobs > 1 and base.backend != "rtl" and len(configs) > 1:
+    if jobs > 1 and base.backend not in ("rtl", "board") and len(configs) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
         with ProcessPoolExecutor(max_workers=jobs,
