@@ -10,6 +10,7 @@ from amaranth.lib.wiring import In, Out
 
 from .config import AccelConfig, Implementation, get_config
 from .counters import PerfCounters
+from .crc import StreamCrc
 from .decoder import DecoderParallel
 from .decoder_serial import DecoderSerial
 from .dilate import DilateUnit
@@ -30,12 +31,13 @@ __all__ = ["Accelerator", "generate_verilog", "host_signature"]
 
 def host_signature(config: AccelConfig) -> wiring.Signature:
     """The accelerator's ports, which a board top drives: ``i_stream`` and ``o_stream`` of
-    ``host_width``-bit beats, ``busy`` and ``error``."""
+    ``host_width``-bit beats, ``busy``, ``error`` and ``in_boundary``."""
     return wiring.Signature({
         "i_stream": In(stream.Signature(unsigned(config.host_width))),
         "o_stream": Out(stream.Signature(unsigned(config.host_width))),
         "busy": Out(1),
         "error": Out(1),
+        "in_boundary": Out(1),
     })
 
 
@@ -50,7 +52,10 @@ class Accelerator(wiring.Component):
         name. Vary the profile with ``dataclasses.replace(config, impl=...)``.
 
     Ports: ``i_stream`` (host -> accelerator beats, byte 0 in bits 7..0), ``o_stream``
-    (responses), ``busy`` (a unit executing or a response pending), ``error`` (sticky until SYNC).
+    (responses), ``busy`` (a unit executing or a response pending), ``error`` (sticky until SYNC),
+    ``in_boundary`` (the input is at an instruction boundary: no part of an instruction word taken
+    and no LOAD data due, discarded data included; 1 after reset). A board's bridge may reset the
+    accelerator when the host falls silent while ``in_boundary`` is 0.
     """
 
     def __init__(self, config: AccelConfig | str):
@@ -103,6 +108,21 @@ class Accelerator(wiring.Component):
         ]
         wiring.connect(m, decoder.o_instr, disp.i_instr)
         wiring.connect(m, counters.o_record, disp.i_counters)
+
+        # -- the link trailer's CRCs (section 9): every beat taken, every beat sent but the
+        # trailer's; both restart when a SYNC's trailer is out
+        m.submodules.rx_crc = rx_crc = StreamCrc(cfg.host_width)
+        m.submodules.tx_crc = tx_crc = StreamCrc(cfg.host_width)
+        m.d.comb += [
+            rx_crc.start.eq(disp.link_restart),
+            rx_crc.valid.eq(self.i_stream.valid & self.i_stream.ready),
+            rx_crc.data.eq(self.i_stream.payload),
+            tx_crc.start.eq(disp.link_restart),
+            tx_crc.valid.eq(self.o_stream.valid & self.o_stream.ready & ~disp.sending_trailer),
+            tx_crc.data.eq(self.o_stream.payload),
+            disp.rx_crc.eq(rx_crc.crc),
+            disp.tx_crc.eq(tx_crc.crc),
+        ]
         wiring.connect(m, decoder.o_data, load.i_stream)
         for name, unit in units.items():
             wiring.connect(m, getattr(disp, name), unit.ctrl)
@@ -144,6 +164,7 @@ class Accelerator(wiring.Component):
         m.d.comb += [
             self.busy.eq(busy),
             self.error.eq(disp.error),
+            self.in_boundary.eq(decoder.in_boundary),
             counters.clear.eq(disp.clear_counters),
             counters.dump.eq(freeze),
             add[Counter.CYCLES.value].eq(~freeze),
