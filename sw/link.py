@@ -16,32 +16,30 @@ last point the board is known to have consumed (``docs/architecture.md`` section
   100 KB LOAD run at line rate through a 1 KB FIFO).
 
 Every SYNC's answer ends with the link trailer (CRC-32 of the bytes the board received and sent
-since the previous SYNC) and carries the gateware's ``config_id``: :class:`LinkChecker` checks
-both, so a dropped or corrupted byte in either direction is an :class:`IntegrityError` at the
-next SYNC, never silently wrong data, and gateware for another configuration is a
-:class:`GatewareMismatch` at the first.
+since the previous SYNC, checked by :func:`tinyaccel.protocol.check_link`) and carries the
+gateware's ``config_id`` (:func:`check_identity`): a dropped or corrupted byte in either
+direction is an :class:`IntegrityError`, never silently wrong data, and gateware for another
+configuration is a :class:`GatewareMismatch` at the first SYNC.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import GatewareMismatch, IntegrityError, ProtocolError
+from ..errors import GatewareMismatch, ProtocolError
 from ..hw.config import AccelConfig
-from ..hw.isa import INSTR_BYTES, LINK_TRAILER_BYTES, STATUS_BYTES, Instruction, Opcode
+from ..hw.isa import INSTR_BYTES, Instruction, Opcode
 from ..protocol import (
     SGQ_LENGTH_BYTES,
     StatusReport,
     decode_fields,
     iter_stream,
-    link_crc,
     response_length,
     sgq_max_payload,
     sgq_response_length,
 )
 
-__all__ = ["Span", "pace", "probe_word", "ResponseWalker", "LinkChecker", "check_identity",
-           "check_link"]
+__all__ = ["Span", "pace", "probe_word", "ResponseWalker", "check_identity"]
 
 
 def probe_word() -> bytes:
@@ -178,57 +176,6 @@ class ResponseWalker:
         return None if self.done else self._need
 
 
-class LinkChecker:
-    """Checks each SYNC's answer against the bytes that crossed the link since the previous
-    SYNC: its ``config_id``, and the trailer's CRCs of both directions.
-
-    Feed it, in stream order, :meth:`sent` (host bytes), :meth:`received` (response bytes of
-    instructions other than SYNC) and :meth:`sync` (a whole SYNC answer, after its own
-    instruction word was :meth:`sent`).
-    """
-
-    def __init__(self, config: AccelConfig, where: str = "the accelerator"):
-        self.config = config
-        self.where = where
-        self._rx = bytearray()  # host bytes since the previous SYNC answer
-        self._tx = bytearray()  # response bytes since the previous trailer
-        self.syncs = 0
-
-    def sent(self, data: bytes) -> None:
-        self._rx += data
-
-    def received(self, data: bytes) -> None:
-        self._tx += data
-
-    def sync(self, answer: bytes, what: str) -> StatusReport:
-        """Check one SYNC answer (status record, counter record, trailer); return its report.
-
-        Raises
-        ------
-        GatewareMismatch
-            The status record's ``config_id`` is not the driver's configuration's.
-        IntegrityError
-            A CRC differs: bytes were lost or corrupted on the way to the board (host -> board)
-            or from it (board -> host). Names the direction, both CRCs and the bytes covered.
-        """
-        report = StatusReport.from_bytes(
-            answer, counters=len(answer) > STATUS_BYTES + LINK_TRAILER_BYTES)
-        check_identity(self.config, report, self.where)
-        self._tx += answer[:-LINK_TRAILER_BYTES]
-        for direction, got, seen in (("host -> board", report.rx_crc, self._rx),
-                                     ("board -> host", report.tx_crc, self._tx)):
-            want = link_crc(bytes(seen))
-            if got != want:
-                raise IntegrityError(
-                    f"{self.where}: link CRC mismatch at {what}, {direction}: the board "
-                    f"reports 0x{got:08x}, the host computes 0x{want:08x} over the {len(seen)} "
-                    f"bytes since the previous SYNC: bytes were lost or corrupted on the line")
-        self._rx.clear()
-        self._tx.clear()
-        self.syncs += 1
-        return report
-
-
 def check_identity(config: AccelConfig, report: StatusReport, where: str) -> None:
     """Raise :class:`GatewareMismatch` unless ``report`` comes from gateware of ``config``."""
     if report.config_id != config.config_id:
@@ -237,25 +184,3 @@ def check_identity(config: AccelConfig, report: StatusReport, where: str) -> Non
             f"config {config.name!r} has 0x{config.config_id:06x}: build and program the "
             f"bitstream of {config.name!r} (`tinyaccel build`, `tinyaccel program`), or pass "
             f"the board's --config")
-
-
-def check_link(config: AccelConfig, stream: bytes, out: bytes, where: str) -> None:
-    """Check every SYNC answer of a whole exchange (``stream`` sent, ``out`` received)."""
-    checker = LinkChecker(config, where)
-    words, datas = [], []
-    for word, payload in iter_stream(config, stream):
-        words.append(word)
-        datas.append(word.to_bytes(INSTR_BYTES, "little") + payload)
-    walker = ResponseWalker(config, words)
-    sent_upto = 0
-    for pos, resp in walker.feed(out):
-        for k in range(sent_upto, pos + 1):
-            checker.sent(datas[k])
-        sent_upto = pos + 1
-        if words[pos] & 0xF == Opcode.SYNC.value:
-            checker.sync(resp, f"instruction {pos} (SYNC)")
-        else:
-            checker.received(resp)
-    if not walker.done:
-        raise ProtocolError(f"the response ends inside instruction {walker.pos}'s: "
-                            f"{walker.missing} bytes missing")

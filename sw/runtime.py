@@ -22,6 +22,7 @@ from ..errors import (
     ConfigError,
     DeviceError,
     FieldError,
+    IntegrityError,
     LinkTimeout,
     ProtocolError,
 )
@@ -228,19 +229,22 @@ class BoardBackend(Backend):
 
     def _paced_exchange(self, stream: bytes) -> bytes:
         from ..hw.isa import Opcode
-        from .link import LinkChecker, ResponseWalker, pace
+        from ..protocol import StatusReport, check_link, decode_fields
+        from .link import ResponseWalker, check_identity, pace
         paced, spans = pace(self.config, stream, self.spec.window)
         self._spans = spans
         self.probes += sum(span.probe for span in spans)
         walker = ResponseWalker(self.config, [span.word for span in spans])
-        checker = LinkChecker(self.config, f"board on {self.port_name!r}")
-        port, window = self._port, self.spec.window
+        port, window, where = self._port, self.spec.window, f"board on {self.port_name!r}"
         waiting = port.in_waiting
         if waiting:
-            raise ProtocolError(f"board on {self.port_name!r} sent {waiting} bytes before the "
-                                f"program: the response stream is out of sync")
-        out = bytearray()
-        sent = base = checked = 0  # bytes written; acknowledged up to; spans given to checker
+            raise ProtocolError(f"{where} sent {waiting} bytes before the program: the response "
+                                f"stream is out of sync")
+        received, out = bytearray(), bytearray()
+        sent = 0  # bytes written
+        # bytes the board has certainly taken: an exchange starts after an answered SYNC, so a
+        # LOAD at its start streams into an idle accelerator
+        base = spans[0].end if spans[0].opcode == Opcode.LOAD.value else 0
         while not walker.done:
             limit = min(len(paced), base + window)
             if sent < limit:
@@ -253,23 +257,24 @@ class BoardBackend(Backend):
                 data = port.read(max(1, port.in_waiting))
                 if not data:
                     raise self._timeout(walker, spans, sent, len(paced))
+            received += data
             for pos, resp in walker.feed(data):
                 span = spans[pos]
-                for k in range(checked, pos + 1):
-                    checker.sent(paced[spans[k].start:spans[k].end])
-                checked = pos + 1
                 if span.opcode == Opcode.SYNC.value:
-                    checker.sync(resp, self._describe_span(spans, pos))
+                    counters = bool(decode_fields(span.word)[1]["counters"])
+                    check_identity(self.config, StatusReport.from_bytes(resp, counters), where)
                     nxt = pos + 1
                     if nxt < len(spans) and spans[nxt].opcode == Opcode.LOAD.value:
                         # an idle accelerator takes a LOAD's data as fast as the line brings it
                         base = max(base, spans[nxt].end)
-                else:
-                    checker.received(resp)
                 if not span.probe:
                     out += resp
             if walker.started >= 0:
                 base = max(base, spans[walker.started].end)
+        try:
+            check_link(self.config, paced, bytes(received))
+        except IntegrityError as error:
+            raise IntegrityError(f"{where}: {error}") from None
         return bytes(out)
 
     def _timeout(self, walker, spans, sent: int, total: int) -> LinkTimeout:
@@ -290,7 +295,8 @@ class BoardBackend(Backend):
 
     @property
     def generation(self) -> int:
-        return self.resyncs
+        # a fault leaves a resync due: the state counts as lost from then on
+        return self.resyncs + (0 if self._clean else 1)
 
     def program_pc(self, sync_index: int, pc: int) -> int:
         """``error_pc`` reported by the program's instruction ``sync_index`` (a SYNC), counted
@@ -332,10 +338,10 @@ class BoardBackend(Backend):
             The board's gateware is built for another configuration or ISA.
         """
         from ..hw.isa import LINK_TRAILER_BYTES, STATUS_BYTES, Instruction, Opcode
-        from ..protocol import StatusReport
-        from .link import LinkChecker, check_identity
+        from ..protocol import StatusReport, check_link
+        from .link import check_identity
         self._clean = False
-        spec, port = self.spec, self._port
+        spec, port, where = self.spec, self._port, f"board on {self.port_name!r}"
         quiet = max(0.02, 64 * spec.byte_s)
         self._drain(spec.silence_s * 1.25 + quiet, quiet)
         word = Instruction(Opcode.SYNC).to_bytes()
@@ -343,19 +349,21 @@ class BoardBackend(Backend):
         port.write(word)
         port.flush()
         first = StatusReport.from_bytes(self._read_exact(answer_bytes, "the first resync SYNC"))
-        check_identity(self.config, first, f"board on {self.port_name!r}")
-        checker = LinkChecker(self.config, f"board on {self.port_name!r}")
+        check_identity(self.config, first, where)
         port.write(word)
         port.flush()
-        checker.sent(word)
-        report = checker.sync(self._read_exact(answer_bytes, "the second resync SYNC"),
-                              "the second resync SYNC")
+        answer = self._read_exact(answer_bytes, "the second resync SYNC")
+        try:
+            check_link(self.config, word, answer)
+        except IntegrityError as error:
+            raise IntegrityError(f"{where}: resync: {error}") from None
+        report = StatusReport.from_bytes(answer)
         if not report.ok or report.instructions != 1:
-            raise ProtocolError(f"board on {self.port_name!r}: a SYNC right after a SYNC "
-                                f"reported {report.status.name} after {report.instructions} "
+            raise ProtocolError(f"{where}: a SYNC right after a SYNC reported "
+                                f"{report.status.name} after {report.instructions} "
                                 f"instructions, expected OK after 1")
         if port.in_waiting:
-            raise ProtocolError(f"board on {self.port_name!r} keeps sending after the resync")
+            raise ProtocolError(f"{where} keeps sending after the resync")
         self.resyncs += 1
         self._clean = True
         return report
@@ -487,7 +495,7 @@ class Device:
             When a SYNC reports a status other than OK; the message names the status, the
             index of the faulting instruction and its opcode.
         """
-        from ..protocol import parse_responses, response_length
+        from ..protocol import check_link, parse_responses, response_length
         program = program.with_final_sync()
         start = time.perf_counter()
         stream = program.to_bytes()
@@ -495,8 +503,7 @@ class Device:
         self.stats.wall_s += time.perf_counter() - start
         self.stats.programs += 1
         if not self.backend.checks_link:
-            from .link import check_link
-            check_link(self.config, stream, out, f"the {self.backend.name} backend")
+            check_link(self.config, stream, out)
         responses = parse_responses(self.config, program, out)
         for index, (instr, resp) in enumerate(zip(program.instructions, responses, strict=True)):
             if instr.opcode != Opcode.SYNC:  # raw words carry a plain int opcode
