@@ -39,7 +39,7 @@ from ..protocol import (
     sgq_response_length,
 )
 
-__all__ = ["Span", "pace", "probe_word", "ResponseWalker", "check_identity"]
+__all__ = ["Span", "pace", "probe_word", "ResponseWalker", "check_identity", "RecordingPort"]
 
 
 def probe_word() -> bytes:
@@ -121,6 +121,7 @@ class ResponseWalker:
         self._buf = bytearray()
         self._resp = bytearray()  # bytes of the current instruction's response so far
         self._need: int | None = None  # bytes still due for the current instruction
+        self.sgq_length: int | None = None  # the current SGQ's length header, once read
         self._skip_silent()
 
     @property
@@ -155,12 +156,14 @@ class ResponseWalker:
                 limit = sgq_max_payload(self.config, fields["count"], fields["stripe_len"])
                 if length > limit:
                     raise ProtocolError(
-                        f"instruction {self.pos} (SGQ) sent length header {length}, more than "
-                        f"its largest payload {limit}: the response stream is out of sync")
+                        f"SGQ length header {length}, more than its largest payload {limit}: "
+                        f"the response stream is out of sync")
+                self.sgq_length = length
                 self._need = sgq_response_length(self.config, length) - SGQ_LENGTH_BYTES
                 if self._need:
                     continue
             done.append((self.pos, bytes(self._resp)))
+            self.sgq_length = None
             self._resp.clear()
             self._need = None
             self.pos += 1
@@ -169,6 +172,13 @@ class ResponseWalker:
             raise ProtocolError(f"{len(self._buf)} bytes arrived after the last response: the "
                                 f"response stream is out of sync")
         return done
+
+    @property
+    def waiting_for(self) -> str:
+        """What the bytes still due are (for messages)."""
+        if self.sgq_length is not None:
+            return f"the SGQ frame after a length header of {self.sgq_length}"
+        return "its response"
 
     @property
     def missing(self) -> int | None:
@@ -184,3 +194,27 @@ def check_identity(config: AccelConfig, report: StatusReport, where: str) -> Non
             f"config {config.name!r} has 0x{config.config_id:06x}: build and program the "
             f"bitstream of {config.name!r} (`tinyaccel build`, `tinyaccel program`), or pass "
             f"the board's --config")
+
+
+class RecordingPort:
+    """A pyserial-like port that records every byte written to it and read from it: a board
+    session to replay on the golden model (section 9: the same bytes in give the same bytes
+    out), ``GoldenMachine(config).run(bytes(port.sent)) == bytes(port.received)``."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.sent = bytearray()
+        self.received = bytearray()
+
+    def write(self, data: bytes) -> int:
+        n = self.inner.write(data)
+        self.sent += data
+        return n
+
+    def read(self, size: int = 1) -> bytes:
+        data = self.inner.read(size)
+        self.received += data
+        return data
+
+    def __getattr__(self, name):  # in_waiting, flush, reset_input_buffer, close, port, timeout
+        return getattr(self.inner, name)

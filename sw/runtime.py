@@ -258,7 +258,12 @@ class BoardBackend(Backend):
                 if not data:
                     raise self._timeout(walker, spans, sent, len(paced))
             received += data
-            for pos, resp in walker.feed(data):
+            try:
+                answered = walker.feed(data)
+            except ProtocolError as error:
+                raise ProtocolError(f"{where}, {self._describe_span(spans, walker.pos)}: "
+                                    f"{error}") from None
+            for pos, resp in answered:
                 span = spans[pos]
                 if span.opcode == Opcode.SYNC.value:
                     counters = bool(decode_fields(span.word)[1]["counters"])
@@ -280,12 +285,14 @@ class BoardBackend(Backend):
     def _timeout(self, walker, spans, sent: int, total: int) -> LinkTimeout:
         return LinkTimeout(
             f"board on {self.port_name!r} did not answer {self._describe_span(spans, walker.pos)}"
-            f": {walker.missing} bytes of its response still due after {self.timeout} s "
+            f": {walker.missing} bytes of {walker.waiting_for} still due after {self.timeout} s "
             f"without a byte ({sent} of {total} stream bytes sent); is the bitstream loaded "
             f"and the baud rate {self.spec.baud} right? (`tinyaccel board check`)")
 
     @staticmethod
     def _describe_span(spans, pos: int) -> str:
+        if pos >= len(spans):
+            return "after the last instruction"
         span = spans[pos]
         if span.probe:
             before = next((s.index for s in reversed(spans[:pos]) if not s.probe), None)

@@ -11,36 +11,68 @@ import pytest
 
 from tinyaccel.errors import BackendUnavailable, ProtocolError
 from tinyaccel.hw.config import PRESETS
-from tinyaccel.hw.isa import COUNTER_RECORD_BYTES, STATUS_BYTES, Buffer, Instruction, Opcode
+from tinyaccel.hw.isa import (
+    COUNTER_RECORD_BYTES,
+    LINK_TRAILER_BYTES,
+    STATUS_BYTES,
+    Buffer,
+    Instruction,
+    Opcode,
+)
 from tinyaccel.hw.isa import SgqMode as Mode
 from tinyaccel.protocol import (
     SGQ_LENGTH_BYTES,
     Program,
+    StatusReport,
     response_length,
     sgq_response_length,
 )
 from tinyaccel.sim.numerics import sgq_stripe_modes
+from tinyaccel.boards.link import LinkSpec
+from tinyaccel.sim.golden import GoldenMachine
 from tinyaccel.sim.serial_link import SimulatedSerial
+from tinyaccel.sw.link import RecordingPort
 from tinyaccel.sw.runtime import BoardBackend, Device
 
 CONFIGS = ["sim", "ecp5", "ice40"]
 #: Fixed seeds of the data and of the link's chunk sizes, one per case.
 SEEDS = [1401, 1402]
-SYNC_BYTES = STATUS_BYTES + COUNTER_RECORD_BYTES  # the answer to SYNC counters=1
+#: the answer to SYNC counters=1
+SYNC_BYTES = STATUS_BYTES + COUNTER_RECORD_BYTES + LINK_TRAILER_BYTES
+
+
+#: A fast link: the resync silence is 10 ms.
+SPEC = LinkSpec(silence_bytes=1_000)
 
 
 def board(config, seed, **link_options):
-    link = SimulatedSerial(config, seed=seed, **link_options)
-    return Device(BoardBackend(PRESETS[config], link=link), config), link
+    """A board on the golden link; ``tamper`` options apply after the opening resync."""
+    tamper = link_options.pop("tamper", None)
+    link = SimulatedSerial(config, seed=seed, silence_s=SPEC.silence_s, **link_options)
+    recorder = RecordingPort(link)
+    dev = Device(BoardBackend(PRESETS[config], link=recorder, spec=SPEC), config)
+    link.tamper = tamper
+    return dev, link
+
+
+def replays(dev):
+    """The whole session (resyncs, probes and all) replayed on a fresh golden machine gives
+    the same bytes, byte for byte."""
+    port = dev.backend._port
+    return GoldenMachine(dev.config).run(bytes(port.sent)) == bytes(port.received)
 
 
 def same(got, want):
-    """Responses equal entry by entry (arrays element-wise, SGQ bytes, status reports)."""
+    """Responses equal entry by entry (arrays element-wise, SGQ bytes, status reports). A
+    SYNC's counts differ by the board link's probes: status and fault are compared."""
     assert len(got) == len(want)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         if isinstance(w, np.ndarray):
             assert isinstance(g, np.ndarray) and g.dtype == w.dtype, i
             assert np.array_equal(g, w), i
+        elif isinstance(w, StatusReport):
+            assert (g.status, g.error_pc, g.error_opcode, g.acc_saturated, g.config_id) == \
+                (w.status, w.error_pc, w.error_opcode, w.acc_saturated, w.config_id), i
         else:
             assert type(g) is type(w) and g == w, i
 
@@ -107,6 +139,7 @@ def test_sgq_program_answers_as_the_golden_backend(config, seed):
     repeat = dev.run(again)
     same(repeat, golden.run(again))
     assert repeat[0] == sgq[3]
+    assert replays(dev)
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -128,6 +161,7 @@ def test_store_and_sync_only(config):
     got = dev.run(prog)
     same(got, Device("golden", config).run(prog))
     assert got[2][:len(fake)].tobytes() == fake.tobytes()
+    assert replays(dev)
 
 
 def test_a_truncated_answer_names_the_instruction():
@@ -141,8 +175,8 @@ def test_a_truncated_answer_names_the_instruction():
         dev.run(prog)
     msg = str(err.value)
     assert f"instruction {last} (SYNC(" in msg
-    assert f"got {SYNC_BYTES - 3} of {SYNC_BYTES} bytes" in msg
-    assert link.port in msg and f"within {link.timeout} s" in msg
+    assert "3 bytes of its response still due" in msg
+    assert link.port in msg and f"after {link.timeout} s" in msg
     # Cut inside the frame of the last SGQ instead.
     dev, link = board(config, seed, tamper=lambda b: b[:-(SYNC_BYTES + 2)])
     with pytest.raises(BackendUnavailable, match=rf"instruction {last - 1} \(SGQ\(") as err:
@@ -184,7 +218,7 @@ def test_a_corrupted_sgq_length_header_is_a_protocol_error(config):
 
     # Longer than what follows it but possible (small codes): the reader waits for bytes that
     # never come and says for what.
-    longer = true_length + STATUS_BYTES + cfg.beat_bytes
+    longer = true_length + STATUS_BYTES + LINK_TRAILER_BYTES + cfg.beat_bytes
     dev, link = board(config, seed)
     dev.run(setup)
     link.tamper = _with_first_header(longer)
