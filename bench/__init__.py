@@ -19,6 +19,7 @@ SUITES: dict[str, str] = {
     "rtl": "tinyaccel.bench.rtl",  # Verilator / Amaranth-sim speed and MAC utilization
     "mlperf-tiny": "tinyaccel.bench.mlperf_tiny",  # the four MLPerf Tiny models, golden and RTL
     "pass-video": "tinyaccel.bench.pass_video",  # PASS patch skipping on the default scene
+    "board": "tinyaccel.bench.board",  # the driver against the simulated board (UART, FIFO)
 }
 
 

@@ -62,9 +62,13 @@ def link_rates(device: Device, nbytes: int = 16384, seed: int = 0) -> dict:
 
 
 def check_board(port: str | None = None, config: str | AccelConfig = "ice40", *,
-                baud: int | None = None, timeout: float = 5.0, link=None, nbytes: int = 16384,
+                baud: int | None = None, timeout: float = 5.0, link=None,
+                backend: BoardBackend | None = None, nbytes: int = 16384,
                 divisor: int | None = None) -> dict:
     """Open a board, check its identity, run the known program and measure the link.
+
+    ``port`` (or ``link``, a pyserial-like object) is opened as :class:`BoardBackend` does; or
+    ``backend`` is an open one.
 
     ``divisor`` (cycles per UART bit) turns the board's cycle counts into line time; default:
     the board's clock over the baud rate, from the clock the board's CYCLES counter shows.
@@ -80,34 +84,39 @@ def check_board(port: str | None = None, config: str | AccelConfig = "ice40", *,
     """
     cfg = get_config(config)
     start = time.perf_counter()
-    backend = BoardBackend(cfg, port, baud, timeout, link=link)
+    own = backend is None
+    if own:
+        backend = BoardBackend(cfg, port, baud, timeout, link=link)
     connect_s = time.perf_counter() - start
-    with Device(backend, cfg) as device:
-        rates = link_rates(device, nbytes)
-        spec = backend.spec
-        total_s = rates["down_s"] + rates["up_s"]
-        total_cycles = rates["down_cycles"] + rates["up_cycles"]
-        clock_hz = total_cycles / total_s if total_s else 0.0
-        if divisor is None:
-            divisor = max(1, round(clock_hz / spec.baud)) if clock_hz else None
-        result = {
-            "port": backend.port_name, "config": cfg.name,
-            "config_id": f"0x{cfg.config_id:06x}",
-            "status": backend.identity.status.name,
-            "baud": spec.baud, "rx_fifo_bytes": spec.rx_fifo_bytes,
-            "connect_s": round(connect_s, 3),
-            "payload_bytes": rates["payload_bytes"], "buffer": rates["buffer"],
-            "clock_mhz_measured": round(clock_hz / 1e6, 3),
-            "down_bytes_per_s": round(rates["payload_bytes"] / rates["down_s"], 1),
-            "up_bytes_per_s": round(rates["payload_bytes"] / rates["up_s"], 1),
-            "line_bytes_per_s": spec.bytes_per_s,
-            "probes": backend.probes, "resyncs": backend.resyncs,
-        }
-        if divisor:
-            line_cycles = rates["payload_bytes"] * BITS_PER_BYTE * divisor
-            result["divisor"] = divisor
-            result["link_efficiency_down"] = round(line_cycles / rates["down_cycles"], 4)
-            result["link_efficiency_up"] = round(line_cycles / rates["up_cycles"], 4)
-            result["link_efficiency"] = min(result["link_efficiency_down"],
-                                            result["link_efficiency_up"])
+    try:
+        rates = link_rates(Device(backend, cfg), nbytes)
+    finally:
+        if own:
+            backend.close()
+    spec = backend.spec
+    total_s = rates["down_s"] + rates["up_s"]
+    total_cycles = rates["down_cycles"] + rates["up_cycles"]
+    clock_hz = total_cycles / total_s if total_s else 0.0
+    if divisor is None:
+        divisor = max(1, round(clock_hz / spec.baud)) if clock_hz else None
+    result = {
+        "port": backend.port_name, "config": cfg.name,
+        "config_id": f"0x{cfg.config_id:06x}",
+        "status": backend.identity.status.name,
+        "baud": spec.baud, "rx_fifo_bytes": spec.rx_fifo_bytes,
+        "connect_s": round(connect_s, 3),
+        "payload_bytes": rates["payload_bytes"], "buffer": rates["buffer"],
+        "clock_mhz_measured": round(clock_hz / 1e6, 3),
+        "down_bytes_per_s": round(rates["payload_bytes"] / rates["down_s"], 1),
+        "up_bytes_per_s": round(rates["payload_bytes"] / rates["up_s"], 1),
+        "line_bytes_per_s": spec.bytes_per_s,
+        "probes": backend.probes, "resyncs": backend.resyncs,
+    }
+    if divisor:
+        line_cycles = rates["payload_bytes"] * BITS_PER_BYTE * divisor
+        result["divisor"] = divisor
+        result["link_efficiency_down"] = round(line_cycles / rates["down_cycles"], 4)
+        result["link_efficiency_up"] = round(line_cycles / rates["up_cycles"], 4)
+        result["link_efficiency"] = min(result["link_efficiency_down"],
+                                        result["link_efficiency_up"])
     return result

@@ -76,8 +76,8 @@ def evaluate(model: str = "digits-cnn", backend: str = "golden", config: str = "
         A name in :data:`tinyaccel.sw.runtime.BACKENDS` and a preset of
         :data:`tinyaccel.hw.config.PRESETS`.
     port, baud:
-        Serial port of the ``board`` backend and its rate (default: the rate a bitstream of
-        ``tinyaccel build`` listens at, :data:`tinyaccel.boards.board.DEFAULT_BAUD`).
+        Serial port of the ``board`` backend and its rate (default: ``TINYACCEL_PORT`` and
+        ``TINYACCEL_BAUD``, else the board's link, :data:`tinyaccel.boards.link.LINKS`).
     batch_size:
         Images per accelerator program.
     progress:
@@ -105,10 +105,7 @@ def evaluate(model: str = "digits-cnn", backend: str = "golden", config: str = "
     net, _ = zoo.load_or_train(model)
     acc_fp32 = accuracy(net, split.x_test, split.y_test)
     qmodel = quantize(net, calibration_batch())
-    options = {}
-    if backend == "board":
-        from ..boards.board import DEFAULT_BAUD
-        options = {"port": port, "baud": DEFAULT_BAUD if baud is None else baud}
+    options = {"port": port, "baud": baud} if backend == "board" else {}
     from .runtime import LinkCounter
     with Device(backend, config, **options) as device:
         link = device.backend = LinkCounter(device.backend)

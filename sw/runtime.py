@@ -161,7 +161,8 @@ class BoardBackend(Backend):
     port:
         pyserial port name (default: the ``TINYACCEL_PORT`` environment variable).
     baud:
-        UART rate (default: the board's link, :data:`tinyaccel.boards.link.LINKS`).
+        UART rate (default: ``TINYACCEL_BAUD``, else the board's link,
+        :data:`tinyaccel.boards.link.LINKS`).
     timeout:
         Seconds without a byte, while one is due, before :class:`LinkTimeout`.
     link:
@@ -192,7 +193,8 @@ class BoardBackend(Backend):
                 spec = link_for(board_for_config(config.name))
             except ConfigError:
                 spec = LinkSpec()
-        self.spec = spec.with_baud(baud)
+        env_baud = os.environ.get(BAUD_ENV)
+        self.spec = spec.with_baud(baud if baud is not None or not env_baud else int(env_baud))
         self.resyncs = 0
         self.probes = 0  # probes inserted over all exchanges
         self._spans: list = []
@@ -411,8 +413,8 @@ class BoardBackend(Backend):
         self._port.close()
 
 
-#: Environment variable naming the board's serial port when none is given.
-PORT_ENV = "TINYACCEL_PORT"
+#: Environment variables naming the board's serial port and baud rate when none is given.
+PORT_ENV, BAUD_ENV = "TINYACCEL_PORT", "TINYACCEL_BAUD"
 
 
 def _open_serial(port: str | None, baud: int, timeout: float):
