@@ -341,7 +341,8 @@ class _Generator:
         if op == Opcode.NOP:
             prog.nop()
         elif op == Opcode.SYNC:
-            prog.sync(counters=rng.random() < 0.5, clear=rng.random() < 0.1)
+            prog.sync(counters=rng.random() < 0.5, clear=rng.random() < 0.1,
+                      keep=rng.random() < 0.3)
         elif op in (Opcode.LOAD, Opcode.STORE):
             buf = Buffer(int(rng.integers(len(Buffer))))
             n = self._size(min(self.max_count, win[buf]))
@@ -534,7 +535,9 @@ def random_program(config: AccelConfig | str, rng, n_instr: int = 64,
     windows, so that they touch written data and overlap each other. With ``illegal_rate`` each
     instruction is, with that probability, replaced by a faulting one (undefined opcode or
     buffer code, out-of-range address, ``k = 0``, PATCH overlap, SGQ ``stripe_len = 0``...).
-    A ``SYNC counters=1`` always ends the program (even when SYNC is not in ``opcodes``).
+    A random SYNC has ``keep`` one time in three (the driver's flow-control probe: with
+    ``illegal_rate`` an error then outlives it). A ``SYNC counters=1`` (not ``keep``) always
+    ends the program (even when SYNC is not in ``opcodes``).
     """
     config, rng = get_config(config), _rng(rng)
     ops = _opcodes(opcodes, config)
@@ -598,8 +601,11 @@ def corner_programs(config: AccelConfig | str,
 
     Extreme GEMM products at the largest ``k`` the buffers allow, requantization saturating
     both ways, a 1x1 tile, zero-size operations, accumulate saturation, gating, PATCH, SGQ modes,
-    and one program per error status (each followed by instructions that must not execute and a
-    second SYNC that shows the machine recovered).
+    SYNCs back to back, SYNC ``keep`` (the error state and the saturation flag outliving it),
+    a discarded LOAD right before a SYNC, and one program per error status (each followed by
+    instructions that must not execute and a second SYNC that shows the machine recovered).
+    The status of the first SYNC is :attr:`Corner.status`; every SYNC after the first one
+    without ``keep`` reports OK.
     """
     config = get_config(config)
     ops = set(_opcodes(opcodes, config))
@@ -859,5 +865,34 @@ def corner_programs(config: AccelConfig | str,
     error("error_addr_range_im2col_src", s.ADDR_RANGE, lambda p: p.im2col(
         depth(Buffer.OUT) - 1, 0, channels=1, pitch=2, in_h=1, in_w=1, kh=1, kw=1, out_w=1,
         m_blocks=1))
+
+    # The link trailer and SYNC keep (section 9): SYNCs back to back (each trailer covers only
+    # the SYNC word it answers and the records before it), every flag combination.
+    p = new().load(Buffer.INP, 0, word).store(Buffer.INP, 0, 1)
+    for counters, clear, keep in ((0, 0, 0), (1, 0, 0), (0, 0, 1), (1, 1, 1), (1, 0, 1),
+                                  (0, 1, 0), (1, 0, 0)):
+        p.sync(counters=counters, clear=clear, keep=keep)
+    add("syncs_back_to_back", p)
+    # keep after an error: the fault, its error_pc, the instruction window and the discarding
+    # outlive SYNC keep; a SYNC without keep clears them, and execution resumes.
+    p = new().load(Buffer.INP, 0, word).raw(UNDEFINED_OPCODES[0])
+    p.sync(keep=True).load(Buffer.INP, 0, np.full((1, rows), 5, np.int8)).store(Buffer.INP, 0, 1)
+    p.sync(counters=True, keep=True).nop().sync()
+    p.store(Buffer.INP, 0, 1).sync(keep=True).sync(counters=True)
+    add("sync_keep_after_error", p, s.ILLEGAL_OPCODE)
+    # keep and the saturation flag: it stays set through SYNC keep, until a SYNC without it.
+    big = np.full((1, max(rows, cols)), _INT8.min, np.int8)
+    p = new().load(Buffer.INP, 0, big[:, :rows]).load(Buffer.WGT, 0, big[:, :cols])
+    p.load(Buffer.ACC, 0, np.full((rows, cols), INT32_MAX, np.int32))
+    p.gemm(0, 0, 0, 1, accumulate=True).sync(keep=True).nop().sync(counters=True, keep=True)
+    add("sync_keep_saturation", p.sync().sync())
+    # A LOAD discarded right before a SYNC: after an error, and out of range (its data is
+    # still taken, and counted by rx_crc and BYTES_IN).
+    p = new().raw(UNDEFINED_OPCODES[0]).load(Buffer.WGT, 0, np.ones((2, cols), np.int8))
+    add("discarded_load_before_sync", p.sync(counters=True).store(Buffer.WGT, 0, 2).sync(),
+        s.ILLEGAL_OPCODE)
+    p = new().load(Buffer.OUT, depth(Buffer.OUT) - 1, np.ones((2, cols), np.int8))
+    add("out_of_range_load_before_sync", p.sync(counters=True).store(Buffer.OUT, 0, 1).sync(),
+        s.ADDR_RANGE)
     return corners
 

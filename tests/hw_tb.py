@@ -103,7 +103,8 @@ def check_against_golden(config: AccelConfig, program: Program, *, seed: int = 0
 
     Timing counters are checked for ``COMPUTE_CYCLES <= BUSY_CYCLES <= CYCLES`` and then
     ignored; so is the ``tx_crc`` of a SYNC with counters (it covers them), after every link
-    trailer of the RTL's answer was checked against the bytes it covers (``check_link``). ``impl`` replaces the config's :class:`Implementation` profile (default: keep it).
+    trailer of the RTL's answer was checked against the bytes it covers (``check_link``).
+    ``impl`` replaces the config's :class:`Implementation` profile (default: keep it).
     Returns (parsed RTL responses, cycles).
     """
     if impl is not None:

@@ -11,9 +11,9 @@ from amaranth.lib.memory import Memory
 from amaranth.sim import Simulator
 from hw_tb import seed_from_env, small_config
 
+from tinyaccel.hw.crc import StreamCrc
 from tinyaccel.hw.isa import SGQ_MODE_BITS, Buffer, SgqMode
 from tinyaccel.hw.scratchpads import geometry
-from tinyaccel.hw.crc import StreamCrc
 from tinyaccel.hw.sgq_encoder import StripeEncoderPipeline
 from tinyaccel.hw.sgq_serial import StripeEncoderSerial
 from tinyaccel.protocol import sgq_frame
