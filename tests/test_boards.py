@@ -8,13 +8,17 @@ import json
 import random
 
 import pytest
-from amaranth.hdl import Module
+from amaranth.hdl import Module, Signal
 from amaranth.lib import wiring
+from amaranth.lib.wiring import Out
 from amaranth.sim import Simulator
 
+from tinyaccel.boards import board as board_mod
 from tinyaccel.boards import build as board_build
+from tinyaccel.boards import link as link_mod
 from tinyaccel.boards.clocking import ecp5_pll_params, ice40_pll_params
 from tinyaccel.boards.icebreaker import ICEBreakerTop
+from tinyaccel.boards.link import LinkSpec, link_for
 from tinyaccel.boards.uart import (
     ByteNarrower,
     ByteWidener,
@@ -342,12 +346,14 @@ def test_ice40_pll_params():
 
 
 def test_ecp5_pll_params():
-    # Reference values from ecppll -i 25 -o 100 / -o 75.
+    # Reference values from ecppll -i 25 -o 100 / -o 75 / -o 40 (the ULX3S default clock).
     p = ecp5_pll_params(25e6, 100e6)
     assert (p.clki_div, p.clkfb_div, p.clkop_div) == (1, 4, 6)
     assert p.out_hz == 100e6
     p = ecp5_pll_params(25e6, 75e6)
     assert (p.clki_div, p.clkfb_div, p.clkop_div) == (1, 3, 8)
+    p = ecp5_pll_params(25e6, 40e6)
+    assert (p.clki_div, p.clkfb_div, p.clkop_div) == (5, 8, 15) and p.out_hz == 40e6
     with pytest.raises(ConfigError):
         ecp5_pll_params(25e6, 1e9)
 
@@ -356,15 +362,24 @@ def test_ecp5_pll_params():
 
 
 class StubAccelerator(wiring.Component):
-    """Same ports as ``tinyaccel.hw.top.Accelerator``: echoes beats, so the tops elaborate fast."""
+    """The ports of ``tinyaccel.hw.top.Accelerator``: echoes beats, so the tops elaborate fast.
+
+    ``in_boundary`` is left undriven: a testbench sets it (1 after reset, as the real one).
+    ``beats`` counts the beats taken, to show that a resync reset the accelerator.
+    """
 
     def __init__(self, config):
         self.config = config
-        super().__init__(host_signature(config))
+        members = dict(host_signature(config).members)
+        members["in_boundary"] = Out(1, init=1)
+        super().__init__(wiring.Signature(members))
+        self.beats = Signal(16)
 
     def elaborate(self, platform):
         m = Module()
         wiring.connect(m, wiring.flipped(self.i_stream), wiring.flipped(self.o_stream))
+        with m.If(self.i_stream.valid & self.i_stream.ready):
+            m.d.sync += self.beats.eq(self.beats + 1)
         return m
 
 
@@ -385,9 +400,37 @@ def test_board_top_elaborates(board, pll):
 def test_board_top_parameters():
     assert ICEBreakerTop().config == get_config("ice40")
     assert ULX3STop().config == get_config("ecp5")
-    assert ULX3STop().clock_hz == 100e6
+    # the default clocks: what the routed designs meet, dividing 1 Mbaud exactly
+    assert ICEBreakerTop().frequency == 30e6 and ICEBreakerTop().divisor == 30
+    assert ULX3STop().frequency == 40e6 and ULX3STop().divisor == 40
     with pytest.raises(ConfigError, match="baud"):
         ICEBreakerTop(baud=10_000_000, clock_hz=None).divisor  # noqa: B018
+
+
+def test_board_top_link():
+    """Each top runs its board's link; ``baud=`` overrides the rate, ``link=`` the whole link."""
+    for top, board in ((ICEBreakerTop(), "icebreaker"), (ULX3STop(), "ulx3s-85f")):
+        assert top.name == board and board_build.BOARDS[board].top is type(top)
+        assert top.link == link_for(board)
+        assert top.silence_cycles == link_for(board).silence_bytes * 10 * top.divisor
+    assert link_for("icebreaker").rx_fifo_bytes == 1024
+    assert link_for("ulx3s-85f").rx_fifo_bytes == 4096
+    top = ICEBreakerTop(baud=115_200)
+    assert top.baud == 115_200 and top.link.rx_fifo_bytes == 1024 and top.divisor == 260
+    own = LinkSpec(baud=500_000, rx_fifo_bytes=256, silence_bytes=100)
+    top = ULX3STop(link=own)
+    assert top.link == own and top.divisor == 80 and top.silence_cycles == 100 * 10 * 80
+    assert board_mod.DEFAULT_BAUD is link_mod.DEFAULT_BAUD  # one definition
+
+
+def test_board_top_fifo_from_link():
+    """The elaborated top's receive FIFO has the link's depth."""
+    plan = board_build.prepare("icebreaker", accelerator=StubAccelerator,
+                               link=LinkSpec(rx_fifo_bytes=256))
+    rtlil = plan.files["top.il"]
+    assert "memory width 8 size 256 " in rtlil and "size 1024" not in rtlil
+    plan = board_build.prepare("icebreaker", accelerator=StubAccelerator)
+    assert "memory width 8 size 1024 " in plan.files["top.il"]
 
 
 def test_uart_accelerator_end_to_end():
