@@ -4,7 +4,8 @@ For each instruction the decoder assembles the 128-bit word (``128 / host_width`
 the section-5 checks and, for builds with hazard tracking, computes the instruction's access set
 (:mod:`.hazards`), then offers the result on ``o_instr``. When a LOAD is taken it forwards the
 LOAD's data beats on ``o_data`` before it reads the next instruction, so the input
-stream never loses its place.
+stream never loses its place. ``in_boundary`` says the input is between instructions: no part of
+a word taken and no LOAD data due (a LOAD whose data will be discarded included).
 
 The checks are those of :data:`.decode_rules.RULES`. They need the products ``m_blocks*k``,
 ``n_blocks*k``, ``m_blocks*n_blocks`` (GEMM), ``blocks*k`` (PATCH), ``(count - 1)*(out_gap + 1)``
@@ -170,6 +171,7 @@ class Decoder(wiring.Component):
             "i_stream": In(stream.Signature(unsigned(hw))),
             "o_instr": Out(stream.Signature(DecodedLayout(config, access=access))),
             "o_data": Out(stream.Signature(unsigned(hw))),
+            "in_boundary": Out(1),
         })
 
     def elaborate(self, platform):
@@ -198,9 +200,14 @@ class Decoder(wiring.Component):
                 with m.Case(buf):
                     m.d.comb += last_beat.eq(data_beat == g.word_beats - 1)
 
+        # At an instruction boundary: no part of a word fetched and no LOAD data due. A fetched
+        # word is whole while it is checked and offered; only a LOAD that will take data (its
+        # buffer defined and count > 0, whether it executes or is discarded) keeps it 0.
+        data_due = ((word.opcode == Opcode.LOAD) & (ops.ldst.count != 0)
+                    & (ops.ldst.buf.as_value() < len(Buffer)))
         with m.FSM():
             with m.State("FETCH"):
-                m.d.comb += self.i_stream.ready.eq(1)
+                m.d.comb += [self.i_stream.ready.eq(1), self.in_boundary.eq(beat == 0)]
                 with m.If(self.i_stream.valid):
                     # (written in place, not shifted in: the reserved bits need no flip-flops)
                     m.d.sync += [
@@ -211,11 +218,12 @@ class Decoder(wiring.Component):
                         m.d.sync += beat.eq(0)
                         m.next = "CHECK"
             with m.State("CHECK"):  # (statements of the checks only act in this state)
+                m.d.comb += self.in_boundary.eq(~data_due)
                 done = self._checks(m, word, status, buf_ok)
                 with m.If(done):
                     m.next = "OFFER"
             with m.State("OFFER"):
-                m.d.comb += self.o_instr.valid.eq(1)
+                m.d.comb += [self.o_instr.valid.eq(1), self.in_boundary.eq(~data_due)]
                 # (loaded while offered, not when taken: `ready` comes late in the cycle)
                 m.d.sync += [words_left.eq(ops.ldst.count), data_beat.eq(0)]
                 with m.If(self.o_instr.ready):

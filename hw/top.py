@@ -30,12 +30,13 @@ __all__ = ["Accelerator", "generate_verilog", "host_signature"]
 
 def host_signature(config: AccelConfig) -> wiring.Signature:
     """The accelerator's ports, which a board top drives: ``i_stream`` and ``o_stream`` of
-    ``host_width``-bit beats, ``busy`` and ``error``."""
+    ``host_width``-bit beats, ``busy``, ``error`` and ``in_boundary``."""
     return wiring.Signature({
         "i_stream": In(stream.Signature(unsigned(config.host_width))),
         "o_stream": Out(stream.Signature(unsigned(config.host_width))),
         "busy": Out(1),
         "error": Out(1),
+        "in_boundary": Out(1),
     })
 
 
@@ -50,7 +51,10 @@ class Accelerator(wiring.Component):
         name. Vary the profile with ``dataclasses.replace(config, impl=...)``.
 
     Ports: ``i_stream`` (host -> accelerator beats, byte 0 in bits 7..0), ``o_stream``
-    (responses), ``busy`` (a unit executing or a response pending), ``error`` (sticky until SYNC).
+    (responses), ``busy`` (a unit executing or a response pending), ``error`` (sticky until SYNC),
+    ``in_boundary`` (the input is at an instruction boundary: no part of an instruction word taken
+    and no LOAD data due, discarded data included; 1 after reset). A board's bridge may reset the
+    accelerator when the host falls silent while ``in_boundary`` is 0.
     """
 
     def __init__(self, config: AccelConfig | str):
@@ -144,6 +148,7 @@ class Accelerator(wiring.Component):
         m.d.comb += [
             self.busy.eq(busy),
             self.error.eq(disp.error),
+            self.in_boundary.eq(decoder.in_boundary),
             counters.clear.eq(disp.clear_counters),
             counters.dump.eq(freeze),
             add[Counter.CYCLES.value].eq(~freeze),

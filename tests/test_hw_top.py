@@ -13,7 +13,7 @@ import pytest
 from hw_tb import COMPACT, FULL, check_against_golden, seed_from_env, small_config
 
 from tinyaccel.hw.config import PRESETS
-from tinyaccel.hw.isa import Buffer, Counter, Opcode, Status
+from tinyaccel.hw.isa import INSTR_BYTES, Buffer, Counter, Opcode, Status
 from tinyaccel.protocol import Program, channel_params
 from tinyaccel.sim.randprog import corner_programs, random_program
 
@@ -233,6 +233,72 @@ def test_reset_clears_scratchpads():
     assert responses == [words.tobytes(), bytes(words.size)]
 
 
+def boundary_program(cfg) -> Program:
+    """LOADs that take data (executed, out of range, discarded after an error), LOADs that take
+    none (count 0, an undefined buffer), and instructions without data, SYNCs among them."""
+    from tinyaccel.protocol import encode_fields
+    words = np.arange(3 * cfg.rows, dtype=np.int8).reshape(3, cfg.rows)
+    p = Program(cfg).load(Buffer.INP, 0, words).nop().sync()
+    p.append(encode_fields(Opcode.LOAD, buf=Buffer.INP, addr=cfg.inp_depth - 1, count=2),
+             bytes(2 * cfg.word_bytes(Buffer.INP)))  # ADDR_RANGE: the data is still taken
+    p.append(encode_fields(Opcode.LOAD, buf=Buffer.WGT, addr=0, count=0))
+    p.raw(encode_fields(Opcode.LOAD, buf=7, addr=0, count=3))  # BAD_BUFFER: no data follows
+    p.load(Buffer.WGT, 1, np.ones((2, cfg.cols), np.int8))  # discarded (error state)
+    return p.store(Buffer.INP, 0, 3).sync(counters=True).load(Buffer.OUT, 2, words[:1, :1]
+                                                              .repeat(cfg.cols, 1)).sync()
+
+
+@pytest.mark.parametrize("impl", [FULL, COMPACT], ids=["parallel", "serial"])
+def test_in_boundary(impl):
+    """``in_boundary`` is 1 exactly when the bytes taken so far end at an instruction boundary
+    (after each whole instruction and its LOAD data): 0 inside a word and while LOAD data is
+    due, discarded data included; 1 after reset. Checked every cycle, with input gaps."""
+    import random
+
+    from amaranth.sim import Simulator
+
+    from tinyaccel.hw.top import Accelerator
+    from tinyaccel.protocol import iter_stream
+
+    cfg = small_config(impl=impl)
+    assert cfg.impl.serial_decode == (impl is COMPACT)  # both decoder designs
+    program = boundary_program(cfg)
+    stream = program.to_bytes()
+    boundaries, pos = {0}, 0
+    for _word, payload in iter_stream(cfg, stream):
+        pos += INSTR_BYTES + len(payload)
+        boundaries.add(pos)
+    bb = cfg.beat_bytes
+    beats = [int.from_bytes(stream[i:i + bb], "little") for i in range(0, len(stream), bb)]
+    dut = Accelerator(cfg)
+    rng = random.Random(3)
+    seen = {0: 0, 1: 0}
+
+    async def tb(ctx):
+        ctx.set(dut.o_stream.ready, 1)
+        i = 0
+        for _ in range(20_000):
+            at = i * bb
+            assert ctx.get(dut.in_boundary) == (at in boundaries), (
+                f"in_boundary={ctx.get(dut.in_boundary)} after {at} bytes taken")
+            seen[at in boundaries] += 1
+            ctx.set(dut.i_stream.valid, i < len(beats) and rng.random() < 0.7)
+            ctx.set(dut.i_stream.payload, beats[i] if i < len(beats) else 0)
+            took = ctx.get(dut.i_stream.valid) and ctx.get(dut.i_stream.ready)
+            await ctx.tick()
+            i += took
+            if i == len(beats) and not ctx.get(dut.busy) and not ctx.get(dut.o_stream.valid):
+                break
+        assert i == len(beats), f"{i} of {len(beats)} beats taken"
+        assert ctx.get(dut.in_boundary) == 1
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(tb)
+    sim.run()
+    assert seen[0] > 0 and seen[1] > 0
+
+
 def test_generate_verilog_ports():
     """The port contract the harness and the boards build on (ice40: the fastest to convert)."""
     import re
@@ -244,7 +310,8 @@ def test_generate_verilog_ports():
     assert header, "top module tinyaccel_top"
     ports = {p.strip() for p in header.group(1).split(",")}
     assert ports == {"clk", "rst", "i_stream__payload", "i_stream__valid", "i_stream__ready",
-                     "o_stream__payload", "o_stream__valid", "o_stream__ready", "busy", "error"}
+                     "o_stream__payload", "o_stream__valid", "o_stream__ready", "busy", "error",
+                     "in_boundary"}
     assert "input [15:0] i_stream__payload" in text
     assert "output [15:0] o_stream__payload" in text
 
