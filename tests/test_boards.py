@@ -6,20 +6,22 @@ Everything here is fast. The bitstream builds are slow and run under ``-m slow``
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 from amaranth.hdl import Module, Signal
 from amaranth.lib import wiring
-from amaranth.lib.wiring import Out
 from amaranth.sim import Simulator
 
 from tinyaccel.boards import board as board_mod
 from tinyaccel.boards import build as board_build
 from tinyaccel.boards import link as link_mod
+from tinyaccel.boards.board import UARTAccelerator
 from tinyaccel.boards.clocking import ecp5_pll_params, ice40_pll_params
 from tinyaccel.boards.icebreaker import ICEBreakerTop
 from tinyaccel.boards.link import LinkSpec, link_for
 from tinyaccel.boards.uart import (
+    RESYNC_RESET_CYCLES,
     ByteNarrower,
     ByteWidener,
     UARTBridge,
@@ -332,6 +334,196 @@ def test_bridge_rejects_bad_parameters():
         UARTBridge(12, 8)
 
 
+# -- silence resync ----------------------------------------------------------------------------
+
+
+def _stub_core(silence, config="ecp5", divisor=4, fifo_depth=64):
+    """``UARTAccelerator`` around a :class:`StubAccelerator`; the stub is in the list returned
+    once the design is elaborated."""
+    stubs = []
+
+    def make(cfg):
+        stubs.append(StubAccelerator(cfg))
+        return stubs[-1]
+
+    dut = UARTAccelerator(get_config(config), divisor, fifo_depth=fifo_depth,
+                          silence_cycles=silence, accelerator=make)
+    return dut, stubs
+
+
+def _watch(ctx, dut, cycles, log):
+    """Sample (armed, resync) in each of ``cycles`` cycles."""
+    async def run():
+        for _ in range(cycles):
+            log.append((ctx.get(dut.armed), ctx.get(dut.resync)))
+            await ctx.tick()
+    return run()
+
+
+def test_resync_fires_after_exact_silence():
+    """In the middle of an instruction with nothing queued: ``resync`` after exactly
+    ``silence_cycles`` armed cycles, not one earlier; the accelerator is then reset."""
+    silence, divisor = 57, 4
+    dut, stubs = _stub_core(silence, divisor=divisor)
+
+    async def tb(ctx):
+        stub = stubs[0]
+        await _drive_line(ctx, dut.rx, list(range(8)), divisor)  # one whole 64-bit beat
+        await _ticks(ctx, 8)
+        assert ctx.get(stub.beats) == 1 and not ctx.get(dut.armed)
+        ctx.set(stub.boundary, 0)  # the accelerator now waits for the rest of an instruction
+        for cycle in range(silence):
+            assert ctx.get(dut.armed), cycle
+            assert not ctx.get(dut.resync), f"resync {silence - cycle} cycles early"
+            await ctx.tick()
+        assert ctx.get(dut.resync)
+        ctx.set(stub.boundary, 1)  # as the real accelerator after its reset
+        await ctx.tick()
+        assert not ctx.get(dut.resync)  # a one-cycle pulse
+        await _ticks(ctx, RESYNC_RESET_CYCLES)
+        assert ctx.get(stub.beats) == 0  # reset
+        log = []
+        await _watch(ctx, dut, 4 * silence, log)
+        assert not any(armed or resync for armed, resync in log)
+
+    _run(dut, tb)
+
+
+def _last_stretch(log):
+    """(start, end) of the last run of armed cycles before the first resync."""
+    armed = [a for a, _ in log]
+    fired = [i for i, (_, r) in enumerate(log) if r]
+    assert fired, "never fired"
+    start = max(i for i in range(fired[0]) if armed[i] and (i == 0 or not armed[i - 1]))
+    assert all(armed[start:fired[0]])
+    return start, fired[0]
+
+
+def test_resync_drops_partial_beat():
+    """At a boundary, a partial beat in the widener arms the count; the resync empties it, so
+    the next byte starts a beat (the echo returns exactly the bytes sent after it)."""
+    silence, divisor = 80, 4
+    dut, stubs = _stub_core(silence, divisor=divisor)
+    after = [0xA0 + i for i in range(8)]
+    log = []
+
+    async def line(ctx):
+        await _drive_line(ctx, dut.rx, [0x11, 0x22, 0x33], divisor)  # 3 of 8 bytes
+        await _ticks(ctx, silence + 20)
+        assert ctx.get(stubs[0].beats) == 0
+        await _drive_line(ctx, dut.rx, after, divisor)
+
+    async def host(ctx):
+        await _watch(ctx, dut, 3 * 10 * divisor + silence + 40, log)
+        assert await _read_line(ctx, dut.tx, len(after), divisor) == after
+
+    _run(dut, host, background=[line])
+    start, fired = _last_stretch(log)
+    assert fired - start == silence
+    assert sum(r for _, r in log) == 1
+
+
+def test_resync_never_at_boundary():
+    """At an instruction boundary with an empty widener nothing resets, however long the host
+    is silent; in the middle of an instruction nothing resets while bytes wait for a stalled
+    accelerator (a whole beat in the widener, more in the FIFO)."""
+    silence, divisor = 40, 4
+    dut, stubs = _stub_core(silence, divisor=divisor)
+
+    async def tb(ctx):
+        stub = stubs[0]
+        log = []
+        await _watch(ctx, dut, 20 * silence, log)
+        assert not any(a or r for a, r in log)
+        ctx.set(stub.boundary, 0)
+        ctx.set(stub.stall, 1)
+        assert ctx.get(dut.armed)  # waiting mid-instruction, nothing queued
+        await _drive_line(ctx, dut.rx, list(range(12)), divisor)  # a beat and a half
+        log = []
+        await _watch(ctx, dut, 20 * silence, log)
+        assert not any(a or r for a, r in log)
+        assert ctx.get(stub.beats) == 0
+        ctx.set(stub.stall, 0)  # takes the whole beat: half a beat left, nothing queued
+        log = []
+        await _watch(ctx, dut, 2 * silence, log)
+        start, fired = _last_stretch(log)
+        assert fired - start == silence and start < 10  # once the FIFO has drained
+
+    _run(dut, tb)
+
+
+def test_resync_byte_restarts_count():
+    """A byte that completes inside the silence starts the count again: the resync comes
+    ``silence_cycles`` after the last armed stretch began, not after the first."""
+    silence, divisor = 200, 4
+    dut, stubs = _stub_core(silence, divisor=divisor)
+    log = []
+
+    async def tb(ctx):
+        ctx.set(stubs[0].boundary, 0)
+        await _watch(ctx, dut, 3 * silence, log)
+
+    async def line(ctx):
+        await _ticks(ctx, silence - 60)  # the frame ends ~20 cycles before the deadline
+        await _drive_line(ctx, dut.rx, [0x5A], divisor)
+
+    _run(dut, tb, background=[line])
+    start, fired = _last_stretch(log)
+    assert fired - start == silence
+    assert log[0][0] and start > 0  # armed from the start, and the byte broke that stretch
+
+
+def test_resync_then_program_against_golden():
+    """The real accelerator (ice40) behind the bridge with the iCEBreaker's receive FIFO: a host
+    interrupted in an instruction word and again in a LOAD's data, two resyncs, then a whole
+    program whose response equals the golden model's byte for byte."""
+    import numpy as np
+
+    from tinyaccel.hw.isa import Buffer
+    from tinyaccel.protocol import Program
+    from tinyaccel.sim.golden import GoldenMachine
+
+    config = get_config("ice40")
+    divisor = 4
+    link = replace(link_for("icebreaker"), silence_bytes=16)
+    silence = link.silence_cycles(divisor)
+    rng = np.random.default_rng(15)
+    k = 6
+    a = rng.integers(-128, 128, (k, config.rows), dtype=np.int8)
+    b = rng.integers(-128, 128, (k, config.cols), dtype=np.int8)
+    program = (Program(config).load(Buffer.INP, 0, a).load(Buffer.WGT, 0, b).gemm(0, 0, 0, k)
+               .store(Buffer.ACC, 0, config.rows).sync())
+    expect = GoldenMachine(config).run(program.to_bytes())
+    load_b = Program(config).load(Buffer.WGT, 0, b).to_bytes()
+    faults = [program.to_bytes()[:3],  # 3 bytes of an instruction word
+              load_b[:len(load_b) - 5]]  # a LOAD whose data stops 5 bytes short
+    dut = UARTAccelerator(config, divisor, fifo_depth=link.rx_fifo_bytes,
+                          silence_cycles=silence)
+    resyncs = []
+
+    async def host_line(ctx):
+        for fault in faults:
+            await _drive_line(ctx, dut.rx, fault, divisor)
+            # (the accelerator clears its state for a few hundred cycles after a reset and
+            # takes no input meanwhile: the count starts when it waits for the missing bytes)
+            for cycle in range(silence + 1000):
+                if ctx.get(dut.resync):
+                    assert cycle >= silence
+                    resyncs.append(fault)
+                    break
+                await ctx.tick()
+            await _ticks(ctx, 2 * RESYNC_RESET_CYCLES)
+        await _drive_line(ctx, dut.rx, program.to_bytes(), divisor)
+
+    async def host(ctx):
+        got = bytes(await _read_line(ctx, dut.tx, len(expect), divisor))
+        assert got == expect
+        assert ctx.get(dut.link_error) == 0 and ctx.get(dut.error) == 0
+
+    _run(dut, host, background=[host_line])
+    assert resyncs == faults
+
+
 # -- PLL settings ----------------------------------------------------------------------------
 
 
@@ -364,20 +556,26 @@ def test_ecp5_pll_params():
 class StubAccelerator(wiring.Component):
     """The ports of ``tinyaccel.hw.top.Accelerator``: echoes beats, so the tops elaborate fast.
 
-    ``in_boundary`` is left undriven: a testbench sets it (1 after reset, as the real one).
-    ``beats`` counts the beats taken, to show that a resync reset the accelerator.
+    ``in_boundary`` follows ``boundary`` and the input stalls while ``stall``: a testbench sets
+    both (``in_boundary`` is 1 after reset, as the real one's). ``beats`` counts the beats
+    taken, to show that a resync reset the accelerator.
     """
 
     def __init__(self, config):
         self.config = config
-        members = dict(host_signature(config).members)
-        members["in_boundary"] = Out(1, init=1)
-        super().__init__(wiring.Signature(members))
+        super().__init__(host_signature(config))
+        self.boundary = Signal(init=1)
+        self.stall = Signal()
         self.beats = Signal(16)
 
     def elaborate(self, platform):
         m = Module()
-        wiring.connect(m, wiring.flipped(self.i_stream), wiring.flipped(self.o_stream))
+        m.d.comb += [
+            self.o_stream.payload.eq(self.i_stream.payload),
+            self.o_stream.valid.eq(self.i_stream.valid & ~self.stall),
+            self.i_stream.ready.eq(self.o_stream.ready & ~self.stall),
+            self.in_boundary.eq(self.boundary),
+        ]
         with m.If(self.i_stream.valid & self.i_stream.ready):
             m.d.sync += self.beats.eq(self.beats + 1)
         return m
@@ -438,7 +636,6 @@ def test_uart_accelerator_end_to_end():
     LOAD, STORE, SYNC round-trip exactly, as a board would answer the driver."""
     import numpy as np
 
-    from tinyaccel.boards.board import UARTAccelerator
     from tinyaccel.hw.isa import Buffer
     from tinyaccel.protocol import Program, StatusReport, pack_words
 
