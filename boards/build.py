@@ -70,6 +70,8 @@ class BoardSpec:
     bram_cell: str
     uart_pins: tuple[str, ...]
     tools: tuple[str, ...]
+    #: the board's name for openFPGALoader (``openFPGALoader --list-boards``)
+    loader_board: str
     extra_cells: tuple[str, ...] = ()
     #: Yosys commands that replace the ``map_luts`` step (abc9) when abc9 crashes
     classic_lut_map: tuple[str, ...] = ()
@@ -83,6 +85,9 @@ _SPECS = (
         overrides={"synth_opts": "-dsp"}, bitstream="top.bin",
         lut_cell="ICESTORM_LC", dsp_cell="ICESTORM_DSP", bram_cell="ICESTORM_RAM",
         uart_pins=("6", "9"), tools=("yosys", "nextpnr-ice40", "icepack"),
+        # openFPGALoader 1.1.1 has no "icebreaker" board: its FT2232H-to-SPI wiring is the one
+        # of "ice40_generic" ("icebreaker-bitsy" is another board, programmed over DFU)
+        loader_board="ice40_generic",
         extra_cells=("ICESTORM_SPRAM", "ICESTORM_PLL"),
     ),
     BoardSpec(
@@ -90,6 +95,7 @@ _SPECS = (
         overrides={}, bitstream="top.bit",
         lut_cell="TRELLIS_COMB", dsp_cell="MULT18X18D", bram_cell="DP16KD",
         uart_pins=("M1", "L4"), tools=("yosys", "nextpnr-ecp5", "ecppack"),
+        loader_board="ulx3s",
         extra_cells=("TRELLIS_FF", "TRELLIS_RAMW", "EHXPLLL"),
         # synth_ecp5's map_luts without abc9: what `synth_ecp5 -noabc9` did before Yosys 0.6x
         classic_lut_map=("techmap -map +/lattice/latches_map.v", "abc -lut 4:7 -dress",
