@@ -80,6 +80,7 @@ class UARTAccelerator(wiring.Component):
 
     @property
     def silence_cycles(self) -> int:
+        """Cycles of mid-instruction input silence before the resync."""
         return self._silence_cycles
 
     def elaborate(self, platform):
