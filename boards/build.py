@@ -8,7 +8,11 @@ JSON) Fmax, utilization and the peak INT8 rate.
 Command line::
 
     tinyaccel build --board icebreaker --json build/boards/icebreaker.json
-    tinyaccel build --board ulx3s-85f --json build/boards/ulx3s-85f.json --clock-mhz 90
+    tinyaccel build --board ulx3s-85f --json build/boards/ulx3s-85f.json --clock-mhz 45
+
+A bitstream that misses timing at its clock is out of spec: ``build`` raises
+:class:`~tinyaccel.errors.TimingError` for it (the report is still written) unless
+``allow_timing_failure=True``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 
 from amaranth._toolchain import tool_env_var
 
-from tinyaccel.errors import BackendUnavailable, BuildError, ConfigError
+from tinyaccel.errors import BackendUnavailable, BuildError, ConfigError, TimingError
 from tinyaccel.hw.config import AccelConfig
 
 from .board import BoardTop
@@ -66,6 +70,8 @@ class BoardSpec:
     bram_cell: str
     uart_pins: tuple[str, ...]
     tools: tuple[str, ...]
+    #: the board's name for openFPGALoader (``openFPGALoader --list-boards``)
+    loader_board: str
     extra_cells: tuple[str, ...] = ()
     #: Yosys commands that replace the ``map_luts`` step (abc9) when abc9 crashes
     classic_lut_map: tuple[str, ...] = ()
@@ -73,19 +79,23 @@ class BoardSpec:
     nextpnr_opts: str = ""
 
 
-BOARDS: dict[str, BoardSpec] = {
-    "icebreaker": BoardSpec(
-        name="icebreaker", top=ICEBreakerTop, platform=ICEBreakerPlatform,
+_SPECS = (
+    BoardSpec(
+        name=ICEBreakerTop.name, top=ICEBreakerTop, platform=ICEBreakerPlatform,
         overrides={"synth_opts": "-dsp"}, bitstream="top.bin",
         lut_cell="ICESTORM_LC", dsp_cell="ICESTORM_DSP", bram_cell="ICESTORM_RAM",
         uart_pins=("6", "9"), tools=("yosys", "nextpnr-ice40", "icepack"),
+        # openFPGALoader 1.1.1 has no "icebreaker" board: its FT2232H-to-SPI wiring is the one
+        # of "ice40_generic" ("icebreaker-bitsy" is another board, programmed over DFU)
+        loader_board="ice40_generic",
         extra_cells=("ICESTORM_SPRAM", "ICESTORM_PLL"),
     ),
-    "ulx3s-85f": BoardSpec(
-        name="ulx3s-85f", top=ULX3STop, platform=ULX3SBuildPlatform,
+    BoardSpec(
+        name=ULX3STop.name, top=ULX3STop, platform=ULX3SBuildPlatform,
         overrides={}, bitstream="top.bit",
         lut_cell="TRELLIS_COMB", dsp_cell="MULT18X18D", bram_cell="DP16KD",
         uart_pins=("M1", "L4"), tools=("yosys", "nextpnr-ecp5", "ecppack"),
+        loader_board="ulx3s",
         extra_cells=("TRELLIS_FF", "TRELLIS_RAMW", "EHXPLLL"),
         # synth_ecp5's map_luts without abc9: what `synth_ecp5 -noabc9` did before Yosys 0.6x
         classic_lut_map=("techmap -map +/lattice/latches_map.v", "abc -lut 4:7 -dress",
@@ -93,7 +103,9 @@ BOARDS: dict[str, BoardSpec] = {
         # nextpnr's default router1: it routed the full ecp5 preset in 1644 s, where router2 was
         # still at ~3,200 overused wires after 17 iterations (35 min, machine loaded)
     ),
-}
+)
+#: The boards by name (the names of ``tinyaccel.boards.link.LINKS``).
+BOARDS: dict[str, BoardSpec] = {spec.name: spec for spec in _SPECS}
 
 
 def _spec(board: str) -> BoardSpec:
@@ -115,7 +127,7 @@ def prepare(board: str, *, config: str | AccelConfig | None = None,
     """Elaborate the board top into an Amaranth build plan without running any tool.
 
     ``clock_mhz`` overrides the board's PLL frequency (``0``: no PLL, the board clock).
-    Other keyword arguments go to the board top (``baud``, ``fifo_depth``, ``accelerator``,
+    Other keyword arguments go to the board top (``link``, ``baud``, ``accelerator``,
     ``clock_hz``). This is the amaranth-boards ``do_build=False`` smoke test.
     """
     spec = _spec(board)
@@ -409,7 +421,8 @@ def _tqdm_progress():
 def build(board: str, json_path: str | os.PathLike | None = None,
           progress: Progress | None = None, *, config: str | AccelConfig | None = None,
           clock_mhz: float | None = None, seed: int = 1, synth_opts: str | None = None,
-          build_root: str | os.PathLike = "build/boards", **top_kwargs) -> dict:
+          build_root: str | os.PathLike = "build/boards", allow_timing_failure: bool = False,
+          **top_kwargs) -> dict:
     """Build the bitstream for ``board`` and report Fmax, utilization and peak throughput.
 
     Parameters
@@ -424,22 +437,26 @@ def build(board: str, json_path: str | os.PathLike | None = None,
     config:
         Accelerator configuration; default: the board's preset (``ice40`` / ``ecp5``).
     clock_mhz:
-        PLL frequency (default: the board top's, 30 MHz / 100 MHz); ``0``: no PLL.
+        PLL frequency (default: the board top's, 30 MHz / 40 MHz); ``0``: no PLL.
     seed:
         nextpnr placement seed.
     synth_opts:
         Extra options for ``synth_ice40`` / ``synth_ecp5`` (e.g. ``-noabc9``).
     build_root:
         The build goes into ``<build_root>/<board>/``.
+    allow_timing_failure:
+        Return a bitstream that misses timing at its clock instead of raising.
     **top_kwargs:
-        Passed to the board top (``baud``, ``fifo_depth``, ``accelerator``).
+        Passed to the board top (``link``, ``baud``, ``accelerator``).
 
     Returns
     -------
     dict
-        ``board, config, macs, fmax_mhz, clock_mhz, timing_met, peak_gops, dsp_used, dsp_total,
-        lut_used, lut_total, bram_used, bram_total, bitstream, wall_s`` and details
-        (``critical_path``, ``step_s``, ``cells``, ``toolchain``).
+        ``board, config, macs, fmax_mhz, clock_mhz, timing_met, peak_gops`` (at ``clock_mhz``,
+        the clock the bitstream runs at), ``peak_gops_at_fmax``, ``dsp_used, dsp_total,
+        lut_used, lut_total, bram_used, bram_total, bitstream, wall_s``, the host link (``baud,
+        rx_fifo_bytes, silence_bytes, divisor``) and details (``critical_path``, ``step_s``,
+        ``cells``, ``toolchain``).
 
     Raises
     ------
@@ -447,6 +464,9 @@ def build(board: str, json_path: str | os.PathLike | None = None,
         A tool is missing (names the PyPI package).
     BuildError
         A tool failed; the message quotes its log.
+    TimingError
+        Fmax is below the clock (unless ``allow_timing_failure``); ``result`` is the report,
+        also written.
     """
     spec = _spec(board)
     start = time.monotonic()
@@ -478,7 +498,10 @@ def build(board: str, json_path: str | os.PathLike | None = None,
         result.update({
             "wall_s": round(time.monotonic() - start, 1),
             "step_s": step_s,
-            "baud": top.baud,
+            "baud": top.link.baud,
+            "rx_fifo_bytes": top.link.rx_fifo_bytes,
+            "silence_bytes": top.link.silence_bytes,
+            "divisor": top.divisor,
             "seed": seed,
             "synth_opts": plan_opts,
             "lut_mapper": lut_mapper,
@@ -520,7 +543,7 @@ def build(board: str, json_path: str | os.PathLike | None = None,
                 raise
             # The design does not fit the device: report what it needs, then fail.
             finish({**over, "fits": False, "fmax_mhz": None, "peak_gops": None,
-                    "timing_met": False, "bitstream": None})
+                    "peak_gops_at_fmax": None, "timing_met": False, "bitstream": None})
             unfit = BuildError(f"the design does not fit the {spec.name} FPGA: "
                                + ", ".join(over["over"]) + f" (details in {build_dir})")
             unfit.result = result
@@ -535,10 +558,10 @@ def build(board: str, json_path: str | os.PathLike | None = None,
         "fmax_mhz": summary["fmax_mhz"],
         "clock_mhz": summary["clock_mhz"],
         "timing_met": summary["timing_met"],
-        "peak_gops": round(2 * cfg.macs * summary["fmax_mhz"] / 1000, 3),
-        # what this bitstream delivers: it runs at the PLL clock, not at Fmax
-        "peak_gops_at_clock": round(
-            2 * cfg.macs * min(summary["fmax_mhz"], summary["clock_mhz"]) / 1000, 3),
+        # what this bitstream delivers: it runs at its clock, not at Fmax (and only when the
+        # timing is met at that clock)
+        "peak_gops": round(2 * cfg.macs * summary["clock_mhz"] / 1000, 3),
+        "peak_gops_at_fmax": round(2 * cfg.macs * summary["fmax_mhz"] / 1000, 3),
         "dsp_used": summary["dsp_used"], "dsp_total": summary["dsp_total"],
         "lut_used": summary["lut_used"], "lut_total": summary["lut_total"],
         "bram_used": summary["bram_used"], "bram_total": summary["bram_total"],
@@ -548,4 +571,10 @@ def build(board: str, json_path: str | os.PathLike | None = None,
         "cells": summary["cells"],
     })
     progress("done", total, total, "")
+    if not result["timing_met"] and not allow_timing_failure:
+        raise TimingError(
+            f"{spec.name}: Fmax {result['fmax_mhz']} MHz is below the {result['clock_mhz']} MHz "
+            f"clock (nextpnr seed {seed}): the bitstream is out of spec. Rebuild with a lower "
+            f"clock (clock_mhz={int(result['fmax_mhz'])}) or another seed, or accept it with "
+            f"allow_timing_failure=True (report: {build_dir / 'result.json'})", result)
     return result

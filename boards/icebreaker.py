@@ -1,7 +1,8 @@
 """iCEBreaker (iCE40 UP5K): the ``ice40`` preset, the array on the 8 SB_MAC16 DSPs.
 
 Host link: the FT2232H's second channel (pins 6 = rx, 9 = tx). LEDs: green = busy (stretched),
-red = accelerator error or UART receive error (FIFO overflow / framing).
+red = accelerator error, UART receive error (FIFO overflow / framing) or a silence resync
+(stretched).
 """
 
 from amaranth.hdl import Signal
@@ -19,6 +20,7 @@ class ICEBreakerTop(BoardTop):
     See :class:`~tinyaccel.boards.board.BoardTop` for the parameters.
     """
 
+    name = "icebreaker"
     default_config = "ice40"
     board_clock_hz = 12e6
     default_clock_hz = 30e6

