@@ -3,8 +3,8 @@
 The layers, lowest first (a module may import its own package and lower layers only; packages on
 the same level do not import each other)::
 
-    tinyaccel.errors < tinyaccel.hw < tinyaccel.protocol
-        < {tinyaccel.sim, tinyaccel.models, tinyaccel.boards} < tinyaccel.sw
+    tinyaccel.errors < tinyaccel.hw < tinyaccel.protocol < tinyaccel.boards
+        < {tinyaccel.sim, tinyaccel.models} < tinyaccel.sw
         < {tinyaccel.bench, tinyaccel.spec} < tinyaccel.cli < tinyaccel (the package __init__)
 
 and ``tinyaccel.hw`` imports nothing but Amaranth, the standard library and ``tinyaccel.errors``.
@@ -31,11 +31,12 @@ LAYERS: dict[str, int] = {
     "tinyaccel.errors": 0,
     "tinyaccel.hw": 1,
     "tinyaccel.protocol": 2,
-    "tinyaccel.sim": 3, "tinyaccel.models": 3, "tinyaccel.boards": 3,
-    "tinyaccel.sw": 4,
-    "tinyaccel.bench": 5, "tinyaccel.spec": 5,
-    "tinyaccel.cli": 6,
-    "tinyaccel": 7,
+    "tinyaccel.boards": 3,  # board gateware: below its simulation (sim/board_sim.py)
+    "tinyaccel.sim": 4, "tinyaccel.models": 4,
+    "tinyaccel.sw": 5,
+    "tinyaccel.bench": 6, "tinyaccel.spec": 6,
+    "tinyaccel.cli": 7,
+    "tinyaccel": 8,
 }
 #: Third-party distributions hw/ may use besides the standard library.
 HW_THIRD_PARTY = {"amaranth"}
@@ -183,7 +184,7 @@ def _check(module: str, source: str) -> list[str]:
     # absolute form of the same
     ("tinyaccel.sim.golden", "import tinyaccel.sw.gemm\n",
      "synthetic.py:1: tinyaccel.sim.golden -> tinyaccel.sw.gemm"),
-    # peers: boards -> models
+    # upwards: boards -> models
     ("tinyaccel.boards.build", "from ..models import zoo\n",
      "tinyaccel.boards.build -> tinyaccel.models.zoo"),
     # hw -> protocol (a higher layer), and hw -> numpy (not amaranth/stdlib)
