@@ -35,7 +35,7 @@ from ..boards.link import board_for_config, link_for
 from ..errors import DeviceError, IntegrityError, LinkTimeout, ProtocolError
 from ..hw.config import get_config
 from ..hw.isa import Buffer
-from ..protocol import Program
+from ..protocol import Program, response_length
 
 __all__ = ["run", "session", "DEFAULT_CONFIGS"]
 
@@ -66,13 +66,14 @@ def session(config: str, divisor: int = 4, seed: int = 0, timeout: float = SIM_T
     link = replace(link_for(board_for_config(cfg.name)), silence_bytes=SIM_SILENCE_BYTES)
     with SimulatedBoard(cfg, link=link, divisor=divisor, seed=seed) as board:
         port = RecordingPort(serial.Serial(board.port, baudrate=board.baud, timeout=timeout))
-        # warm-up: how fast the simulated line runs in wall time
-        start, before = time.monotonic(), board.stats()["cycles"]
-        port.write(bytes(16))  # a NOP
-        time.sleep(0.2)
-        stats = board.stats()
-        cycles_per_s = max(1.0, (stats["cycles"] - before) / (time.monotonic() - start))
-        slow = max(1.0, link.baud * divisor / cycles_per_s)  # wall seconds per real second
+        # warm-up: how fast the simulated line runs in wall time, on a LOAD and its SYNC
+        words = min(cfg.depth(Buffer.WGT), 512 // cfg.word_bytes(Buffer.WGT))
+        warm = Program(cfg).load(Buffer.WGT, 0, np.zeros((words, cfg.cols), np.int8)).sync()
+        before, start = board.stats()["cycles"], time.monotonic()
+        port.write(warm.to_bytes())
+        port.read(response_length(cfg, warm))
+        cycles_per_s = (board.stats()["cycles"] - before) / (time.monotonic() - start)
+        slow = max(1.0, link.baud * divisor / max(cycles_per_s, 1.0))  # wall s per line s
         host = replace(link, silence_bytes=int(SIM_SILENCE_BYTES * 2 * slow) + 1)
         backend = BoardBackend(cfg, link=port, spec=host, timeout=timeout)
         device = Device(backend, cfg)
