@@ -44,7 +44,7 @@ DEFAULT_CONFIGS = ("ice40", "ecp5")
 BOARD_CLOCKS = {"icebreaker": ("ice40", 30e6), "ulx3s-85f": ("ecp5", 40e6)}
 #: Byte times of silence before the simulated board resyncs (the boards' 20,000 would cost
 #: ~1 s of simulation per resync; the mechanism is the same).
-SIM_SILENCE_BYTES = 2_000
+SIM_SILENCE_BYTES = 10_000
 #: Seconds without a byte before the driver gives up, in simulation.
 SIM_TIMEOUT = 20.0
 
@@ -52,7 +52,7 @@ SIM_TIMEOUT = 20.0
 @contextlib.contextmanager
 def session(config: str, divisor: int = 4, seed: int = 0, timeout: float = SIM_TIMEOUT):
     """A simulated board of ``config`` and a :class:`Device` on it through pyserial, the port
-    recording every byte (``device.backend._port``: a :class:`RecordingPort`).
+    recording every byte (``device.link._port``: a :class:`RecordingPort`).
 
     The driver's resync silence is stretched by how much slower the simulated line is than
     the real one (measured on a warm-up), so the driver waits long enough in wall time.
@@ -77,7 +77,7 @@ def session(config: str, divisor: int = 4, seed: int = 0, timeout: float = SIM_T
         host = replace(link, silence_bytes=int(SIM_SILENCE_BYTES * 2 * slow) + 1)
         backend = BoardBackend(cfg, link=port, spec=host, timeout=timeout)
         device = Device(backend, cfg)
-        device.board = board
+        device.board, device.link = board, backend  # bind() may wrap device.backend
         try:
             yield device
         finally:
@@ -90,7 +90,7 @@ class _Replay:
 
     def __init__(self, device):
         from ..sim.golden import GoldenMachine
-        self.device, self.port = device, device.backend._port
+        self.device, self.port = device, device.link._port
         self.golden = GoldenMachine(device.config)
         self.sent = self.received = 0
         self.mismatches: list = []
@@ -114,24 +114,23 @@ def _programs(cfg, seed: int, count: int):
         yield random_program(cfg, rng)
 
 
-def _training_gemms(cfg, batch: int = 8):
-    """The forward, dX and dW GEMM shapes of one digits-cnn training step (im2col shapes)."""
+def _training_gemms(batch: int = 1) -> list[tuple[int, int, int]]:
+    """(M, K, N) of the forward, dX and dW GEMMs of one digits-cnn training step at ``batch``
+    (convolutions as im2col GEMMs)."""
     from ..models import zoo
     net = zoo.build("digits-cnn")
     shapes, h = [], 8
     for module in net.modules():
         name = type(module).__name__
         if name == "Conv2d":
-            k = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
-            m = batch * h * h
-            shapes += [(m, k, module.out_channels), (m, module.out_channels, k),
-                       (k, m, module.out_channels)]
-        elif name == "MaxPool2d":
-            h //= 2
+            (kh, kw), (s, _), (p, _) = module.kernel_size, module.stride, module.padding
+            h = (h + 2 * p - kh) // s + 1
+            m, k, n = batch * h * h, module.in_channels * kh * kw, module.out_channels
         elif name == "Linear":
-            shapes += [(batch, module.in_features, module.out_features),
-                       (batch, module.out_features, module.in_features),
-                       (module.in_features, batch, module.out_features)]
+            m, k, n = batch, module.in_features, module.out_features
+        else:
+            continue
+        shapes += [(m, k, n), (m, n, k), (k, m, n)]  # forward, dX, dW
     return shapes
 
 
@@ -163,7 +162,7 @@ def _compare_workloads(config: str, divisor: int, seed: int, n_random: int, imag
         rng = np.random.default_rng(seed)
         run_gemms(device, [Gemm(rng.integers(-128, 128, (m, k), dtype=np.int8),
                                 rng.integers(-128, 128, (k, n), dtype=np.int8))
-                           for m, k, n in _training_gemms(cfg)])
+                           for m, k, n in _training_gemms()])
         replay.settle("training-step GEMMs")
         for i, prog in enumerate(_programs(cfg, seed, n_random)):
             with contextlib.suppress(DeviceError):
@@ -172,7 +171,7 @@ def _compare_workloads(config: str, divisor: int, seed: int, n_random: int, imag
         stats = device.board.stats()
         return {"programs": device.stats.programs, "mismatches": replay.mismatches,
                 "overruns": stats["rx_overflow"] + stats["host_overruns"],
-                "probes": device.backend.probes,
+                "probes": device.link.probes,
                 "cycles_per_s": stats["cycles"] / max(stats["seconds"], 1e-9)}
 
 
@@ -197,7 +196,7 @@ def _faults(config: str, divisor: int, seed: int) -> dict:
             stats = board.stats()
             error = None
             if kind == "interrupt":
-                port = device.backend._port
+                port = device.link._port
                 write = port.write
 
                 def interrupted(data, write=write, port=port, offset=offset):
@@ -234,7 +233,7 @@ def _e2e(images: int) -> dict:
             from ..sw.runtime import Device
             try:
                 with session(config) as device:
-                    port = device.backend._port
+                    port = device.link._port
                     s0, r0 = len(port.sent), len(port.received)
                     _digits(device, images, placement)
                     link_bytes = (len(port.sent) - s0 + len(port.received) - r0) / images
@@ -277,7 +276,7 @@ def run(progress=None, configs=DEFAULT_CONFIGS, divisor: int = 4, seed: int = 0,
     efficiency = []
     for config in configs:
         with session(config, divisor, seed) as device:
-            r = check_board(config=config, backend=device.backend, divisor=divisor)
+            r = check_board(config=config, backend=device.link, divisor=divisor)
         for key in ("link_efficiency_down", "link_efficiency_up"):
             metrics[f"{key}_{config}"] = r[key]
         efficiency.append(r["link_efficiency"])
