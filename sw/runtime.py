@@ -22,6 +22,7 @@ from ..errors import (
     ConfigError,
     DeviceError,
     FieldError,
+    GatewareMismatch,
     IntegrityError,
     LinkTimeout,
     ProtocolError,
@@ -173,10 +174,10 @@ class BoardBackend(Backend):
         The link's :class:`~tinyaccel.boards.link.LinkSpec` (default: the board that runs
         ``config``).
 
-    Opening resynchronizes the link (:meth:`resync`) and checks the gateware's identity. After a
-    fault (a timeout, an integrity error, an interrupted exchange) the next exchange starts with
-    a resync; :attr:`resyncs` counts them, since the board may have reset its accelerator (what
-    was resident on it is gone).
+    Opening checks the link and the gateware's identity (:meth:`resync`, quick when the board is
+    at an instruction boundary). After a fault (a timeout, an integrity error, an interrupted
+    exchange) the next exchange starts with a full resync; :attr:`resyncs` counts them, since the
+    board may have reset its accelerator (:attr:`generation`: what was resident is gone).
     """
 
     name = "board"
@@ -211,7 +212,7 @@ class BoardBackend(Backend):
             self.port_name = self._port.port
             self.timeout = timeout
         try:
-            self.identity = self.resync()
+            self.identity = self.resync(full=False)
         except BaseException:
             self._port.close()
             raise
@@ -328,7 +329,7 @@ class BoardBackend(Backend):
 
     # -- resync ----------------------------------------------------------------------------------
 
-    def resync(self):
+    def resync(self, full: bool = True):
         """Bring the link to a known state; return the board's status report.
 
         1. Send nothing for the board's resync silence (``LinkSpec.silence_s``) and a little
@@ -339,6 +340,10 @@ class BoardBackend(Backend):
         3. ``SYNC`` again: the answer must match exactly (status OK, one instruction, both link
            CRCs over exactly this exchange) — both directions are aligned and clean.
 
+        With ``full=False`` (opening a port) steps 2 and 3 are tried first without the silence,
+        with a short timeout: a board left at an instruction boundary passes at once, any other
+        fails the exact check (a misaligned stream cannot answer it) and gets the full resync.
+
         Raises
         ------
         LinkTimeout
@@ -346,22 +351,46 @@ class BoardBackend(Backend):
         GatewareMismatch
             The board's gateware is built for another configuration or ISA.
         """
+        self._clean = False
+        quiet = max(0.02, 64 * self.spec.byte_s)
+        if not full:
+            try:
+                report = self._handshake(quiet, timeout=max(0.25, 4 * quiet))
+            except (LinkTimeout, ProtocolError, IntegrityError, GatewareMismatch):
+                pass  # the full resync decides (a mismatch too: it could be misaligned bytes)
+            else:
+                self._clean = True
+                return report
+        self._drain(self.spec.silence_s * 1.25 + quiet, quiet)
+        report = self._handshake(quiet, timeout=None)
+        self.resyncs += 1
+        self._clean = True
+        return report
+
+    def _handshake(self, quiet: float, timeout: float | None):
+        """Steps 2 and 3 of :meth:`resync` (``timeout``: the port's read timeout meanwhile)."""
         from ..hw.isa import LINK_TRAILER_BYTES, STATUS_BYTES, Instruction, Opcode
         from ..protocol import StatusReport, check_link
         from .link import check_identity
-        self._clean = False
-        spec, port, where = self.spec, self._port, f"board on {self.port_name!r}"
-        quiet = max(0.02, 64 * spec.byte_s)
-        self._drain(spec.silence_s * 1.25 + quiet, quiet)
-        word = Instruction(Opcode.SYNC).to_bytes()
-        answer_bytes = STATUS_BYTES + LINK_TRAILER_BYTES
-        port.write(word)
-        port.flush()
-        first = StatusReport.from_bytes(self._read_exact(answer_bytes, "the first resync SYNC"))
-        check_identity(self.config, first, where)
-        port.write(word)
-        port.flush()
-        answer = self._read_exact(answer_bytes, "the second resync SYNC")
+        port, where = self._port, f"board on {self.port_name!r}"
+        self._drain(0.0, quiet)
+        saved = getattr(port, "timeout", None)
+        if timeout is not None and saved is not None:
+            port.timeout = timeout
+        try:
+            word = Instruction(Opcode.SYNC).to_bytes()
+            answer_bytes = STATUS_BYTES + LINK_TRAILER_BYTES
+            port.write(word)
+            port.flush()
+            first = StatusReport.from_bytes(self._read_exact(answer_bytes,
+                                                             "the first resync SYNC"))
+            check_identity(self.config, first, where)
+            port.write(word)
+            port.flush()
+            answer = self._read_exact(answer_bytes, "the second resync SYNC")
+        finally:
+            if timeout is not None and saved is not None:
+                port.timeout = saved
         try:
             check_link(self.config, word, answer)
         except IntegrityError as error:
@@ -373,8 +402,6 @@ class BoardBackend(Backend):
                                 f"instructions, expected OK after 1")
         if port.in_waiting:
             raise ProtocolError(f"{where} keeps sending after the resync")
-        self.resyncs += 1
-        self._clean = True
         return report
 
     def _drain(self, hold_s: float, quiet_s: float, limit_s: float = 60.0) -> int:

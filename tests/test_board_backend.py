@@ -41,8 +41,8 @@ SEEDS = [1401, 1402]
 SYNC_BYTES = STATUS_BYTES + COUNTER_RECORD_BYTES + LINK_TRAILER_BYTES
 
 
-#: A fast link: the resync silence is 10 ms.
-SPEC = LinkSpec(silence_bytes=1_000)
+#: A fast link: the resync silence is 50 ms.
+SPEC = LinkSpec(silence_bytes=5_000)
 
 
 def board(config, seed, **link_options):

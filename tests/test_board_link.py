@@ -33,8 +33,8 @@ from tinyaccel.sw.link import ResponseWalker, pace
 from tinyaccel.sw.runtime import BoardBackend, Device
 
 SEED = 1501
-#: A fast link for tests: the resync silence is 10 ms.
-SPEC = LinkSpec(rx_fifo_bytes=256, silence_bytes=1_000)
+#: A fast link for tests: the resync silence is 50 ms.
+SPEC = LinkSpec(rx_fifo_bytes=256, silence_bytes=5_000)
 
 
 def board(config, seed=SEED, spec=SPEC, **options):
