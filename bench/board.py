@@ -26,62 +26,21 @@ a board). Metrics:
 from __future__ import annotations
 
 import contextlib
-import time
-from dataclasses import replace
 
 import numpy as np
 
-from ..boards.link import board_for_config, link_for
+from ..boards.link import link_for
 from ..errors import DeviceError, IntegrityError, LinkTimeout, ProtocolError
 from ..hw.config import get_config
 from ..hw.isa import Buffer
-from ..protocol import Program, response_length
+from ..protocol import Program
+from ..sw.board import simulated_board
 
-__all__ = ["run", "session", "DEFAULT_CONFIGS"]
+__all__ = ["run", "DEFAULT_CONFIGS"]
 
 DEFAULT_CONFIGS = ("ice40", "ecp5")
 #: The boards of the e2e table, with the clock their default bitstream runs at.
 BOARD_CLOCKS = {"icebreaker": ("ice40", 30e6), "ulx3s-85f": ("ecp5", 40e6)}
-#: Byte times of silence before the simulated board resyncs (the boards' 20,000 would cost
-#: ~1 s of simulation per resync; the mechanism is the same).
-SIM_SILENCE_BYTES = 10_000
-#: Seconds without a byte before the driver gives up, in simulation.
-SIM_TIMEOUT = 20.0
-
-
-@contextlib.contextmanager
-def session(config: str, divisor: int = 4, seed: int = 0, timeout: float = SIM_TIMEOUT):
-    """A simulated board of ``config`` and a :class:`Device` on it through pyserial, the port
-    recording every byte (``device.link._port``: a :class:`RecordingPort`).
-
-    The driver's resync silence is stretched by how much slower the simulated line is than
-    the real one (measured on a warm-up), so the driver waits long enough in wall time.
-    """
-    import serial
-
-    from ..sim.board_sim import SimulatedBoard
-    from ..sw.link import RecordingPort
-    from ..sw.runtime import BoardBackend, Device
-    cfg = get_config(config)
-    link = replace(link_for(board_for_config(cfg.name)), silence_bytes=SIM_SILENCE_BYTES)
-    with SimulatedBoard(cfg, link=link, divisor=divisor, seed=seed) as board:
-        port = RecordingPort(serial.Serial(board.port, baudrate=board.baud, timeout=timeout))
-        # warm-up: how fast the simulated line runs in wall time, on a LOAD and its SYNC
-        words = min(cfg.depth(Buffer.WGT), 512 // cfg.word_bytes(Buffer.WGT))
-        warm = Program(cfg).load(Buffer.WGT, 0, np.zeros((words, cfg.cols), np.int8)).sync()
-        before, start = board.stats()["cycles"], time.monotonic()
-        port.write(warm.to_bytes())
-        port.read(response_length(cfg, warm))
-        cycles_per_s = (board.stats()["cycles"] - before) / (time.monotonic() - start)
-        slow = max(1.0, link.baud * divisor / max(cycles_per_s, 1.0))  # wall s per line s
-        host = replace(link, silence_bytes=int(SIM_SILENCE_BYTES * 2 * slow) + 1)
-        backend = BoardBackend(cfg, link=port, spec=host, timeout=timeout)
-        device = Device(backend, cfg)
-        device.board, device.link = board, backend  # bind() may wrap device.backend
-        try:
-            yield device
-        finally:
-            port.close()
 
 
 class _Replay:
@@ -150,7 +109,7 @@ def _compare_workloads(config: str, divisor: int, seed: int, n_random: int, imag
                        ) -> dict:
     """Run the program set on one simulated board; count programs, mismatches, overruns."""
     from ..sw.gemm_run import Gemm, run_gemms
-    with session(config, divisor, seed) as device:
+    with simulated_board(config, divisor, seed) as device:
         cfg = device.config
         replay = _Replay(device)
         replay.settle("the opening resync")
@@ -188,7 +147,7 @@ def _faults(config: str, divisor: int, seed: int) -> dict:
     prog = _fault_program(cfg, seed)
     want = Device("golden", cfg).run(prog)[1]
     outcome = {}
-    with session(config, divisor, seed, timeout=3.0) as device:
+    with simulated_board(config, divisor, seed, timeout=3.0) as device:
         board = device.board
         kinds = [("drop_host", 40), ("corrupt_host", 40), ("drop_board", 5),
                  ("corrupt_board", 5), ("deaf", 0), ("interrupt", 40)]
@@ -232,7 +191,7 @@ def _e2e(images: int) -> dict:
         for placement in ("per-layer", "resident"):
             from ..sw.runtime import Device
             try:
-                with session(config) as device:
+                with simulated_board(config) as device:
                     port = device.link._port
                     s0, r0 = len(port.sent), len(port.received)
                     _digits(device, images, placement)
@@ -275,7 +234,7 @@ def run(progress=None, configs=DEFAULT_CONFIGS, divisor: int = 4, seed: int = 0,
         metrics["board_sim_first_mismatch"] = mismatches[0]
     efficiency = []
     for config in configs:
-        with session(config, divisor, seed) as device:
+        with simulated_board(config, divisor, seed) as device:
             r = check_board(config=config, backend=device.link, divisor=divisor)
         for key in ("link_efficiency_down", "link_efficiency_up"):
             metrics[f"{key}_{config}"] = r[key]

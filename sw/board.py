@@ -9,22 +9,34 @@ status, the clock it runs at (cycles counted by the board over the wall time), t
 rate each way and the *link efficiency* — payload bytes over the bytes the line could have
 carried in the board's own time (its cycle counter), so the figure holds in simulation (a
 small UART divisor) and on a board alike.
+
+:func:`simulated_board` opens the same driver on the simulated board — the Verilated board
+gateware behind a pseudo-terminal — for a user without a board, for the tests and for
+``tinyaccel bench board``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from dataclasses import replace
 
 import numpy as np
 
-from ..boards.link import BITS_PER_BYTE
+from ..boards.link import BITS_PER_BYTE, board_for_config, link_for
 from ..errors import IntegrityError
 from ..hw.config import AccelConfig, get_config
 from ..hw.isa import Buffer, Counter
-from ..protocol import Program
+from ..protocol import Program, response_length
 from .runtime import BoardBackend, Device
 
-__all__ = ["check_board", "link_rates"]
+__all__ = ["check_board", "link_rates", "simulated_board", "SIM_SILENCE_BYTES"]
+
+#: Byte times of silence before a simulated board resyncs (a board's 20,000 would cost ~1 s of
+#: simulation per resync; the mechanism is the same).
+SIM_SILENCE_BYTES = 10_000
+#: Seconds without a byte before the driver gives up, in simulation.
+SIM_TIMEOUT = 20.0
 
 #: The buffer the check's pattern goes through: the one every preset has most bytes of.
 _CHECK_BUFFERS = (Buffer.INP, Buffer.WGT, Buffer.OUT)
@@ -120,3 +132,37 @@ def check_board(port: str | None = None, config: str | AccelConfig = "ice40", *,
         result["link_efficiency"] = min(result["link_efficiency_down"],
                                         result["link_efficiency_up"])
     return result
+
+
+@contextlib.contextmanager
+def simulated_board(config: str, divisor: int = 4, seed: int = 0, timeout: float = SIM_TIMEOUT):
+    """A simulated board of ``config`` and a :class:`Device` on it through pyserial, the port
+    recording every byte (``device.link._port``: a :class:`RecordingPort`).
+
+    The driver's resync silence is stretched by how much slower the simulated line is than
+    the real one (measured on a warm-up), so the driver waits long enough in wall time.
+    """
+    import serial
+
+    from ..sim.board_sim import SimulatedBoard
+    from .link import RecordingPort
+    cfg = get_config(config)
+    link = replace(link_for(board_for_config(cfg.name)), silence_bytes=SIM_SILENCE_BYTES)
+    with SimulatedBoard(cfg, link=link, divisor=divisor, seed=seed) as board:
+        port = RecordingPort(serial.Serial(board.port, baudrate=board.baud, timeout=timeout))
+        # warm-up: how fast the simulated line runs in wall time, on a LOAD and its SYNC
+        words = min(cfg.depth(Buffer.WGT), 512 // cfg.word_bytes(Buffer.WGT))
+        warm = Program(cfg).load(Buffer.WGT, 0, np.zeros((words, cfg.cols), np.int8)).sync()
+        before, start = board.stats()["cycles"], time.monotonic()
+        port.write(warm.to_bytes())
+        port.read(response_length(cfg, warm))
+        cycles_per_s = (board.stats()["cycles"] - before) / (time.monotonic() - start)
+        slow = max(1.0, link.baud * divisor / max(cycles_per_s, 1.0))  # wall s per line s
+        host = replace(link, silence_bytes=int(SIM_SILENCE_BYTES * 2 * slow) + 1)
+        backend = BoardBackend(cfg, link=port, spec=host, timeout=timeout)
+        device = Device(backend, cfg)
+        device.board, device.link = board, backend  # bind() may wrap device.backend
+        try:
+            yield device
+        finally:
+            port.close()

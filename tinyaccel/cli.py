@@ -522,15 +522,23 @@ def board_group():
 @board_link_options
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0.01),
               help="Seconds without an answer before giving up.")
+@click.option("--simulated", is_flag=True,
+              help="Check the simulated board instead (the Verilated board gateware behind a "
+                   "pseudo-terminal, UART at 4 cycles per bit): the whole path without a board.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
-def board_check(config_name, timeout, json_path):
+def board_check(config_name, timeout, simulated, json_path):
     """Resync the link, check the gateware's identity, run a known program, measure the link."""
-    from .sw.board import check_board
-    r = check_board(None, config_name, timeout=timeout)
+    from .sw.board import check_board, simulated_board
+    if simulated:
+        with simulated_board(config_name) as device:
+            r = check_board(config=config_name, backend=device.link, divisor=4)
+    else:
+        r = check_board(None, config_name, timeout=timeout)
     click.echo(f"board on {r['port']}: {r['config']} gateware, config_id {r['config_id']} "
                f"(matches the driver), status {r['status']}")
-    click.echo(f"  clock {r['clock_mhz_measured']:.2f} MHz (the board's cycle counter over "
-               f"the wall time), {r['baud']:,} baud, receive FIFO {r['rx_fifo_bytes']} bytes")
+    click.echo(f"  clock {r['clock_mhz_measured']:.3f} MHz (the board's cycle counter over "
+               f"the wall time{': simulation speed' if simulated else ''}), {r['baud']:,} baud, "
+               f"receive FIFO {r['rx_fifo_bytes']} bytes")
     click.echo(f"  {r['payload_bytes']:,} bytes through {r['buffer']}: down "
                f"{r['down_bytes_per_s']:,.0f} B/s, up {r['up_bytes_per_s']:,.0f} B/s (line "
                f"{r['line_bytes_per_s']:,.0f} B/s)"
