@@ -25,6 +25,17 @@ def _invoke(*args, **kwargs):
     return CliRunner().invoke(main, list(args), **kwargs)
 
 
+@pytest.fixture(autouse=True)
+def _no_board_env(monkeypatch):
+    """--port/--baud export TINYACCEL_PORT/BAUD for the process: each test starts without."""
+    import os
+    for name in ("TINYACCEL_PORT", "TINYACCEL_BAUD"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    for name in ("TINYACCEL_PORT", "TINYACCEL_BAUD"):
+        os.environ.pop(name, None)
+
+
 def _commands(group: click.Group, path=()):
     """Every command path below ``group``, groups included."""
     for name, command in group.commands.items():
@@ -193,11 +204,11 @@ def test_regress_checks_a_saved_stream(tmp_path):
 
 
 @pytest.mark.parametrize("baud", [None, 115200])
-def test_board_backend_opens_the_port_at_the_bitstreams_rate(monkeypatch, baud):
-    """Without --baud the board backend listens at the rate `tinyaccel build` builds in."""
+def test_board_backend_opens_the_port_at_the_links_rate(monkeypatch, baud):
+    """Without --baud the board backend opens the port at the board's link rate."""
     import serial
 
-    from tinyaccel.boards.board import DEFAULT_BAUD
+    from tinyaccel.boards.link import DEFAULT_BAUD
     opened = []
 
     def fake_serial(port, baudrate, timeout):
@@ -208,7 +219,65 @@ def test_board_backend_opens_the_port_at_the_bitstreams_rate(monkeypatch, baud):
     args = ["infer", "--backend", "board", "--config", "ice40", "--port", "/dev/ttyTEST"]
     result = _invoke(*args, *(["--baud", str(baud)] if baud else []))
     assert result.exit_code == 1 and "cannot open serial port '/dev/ttyTEST'" in result.output
+    assert "BoardNotFound" in result.output
     assert opened == [("/dev/ttyTEST", DEFAULT_BAUD if baud is None else baud)]
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "--max-steps", "1", "--epochs", "1"],
+    ["collab", "--model", "digits-cnn", "--epochs", "1", "--max-steps", "1", "--seeds", "0",
+     "--codec", "fp32"],
+    ["video", "--frames", "3"],
+])
+def test_every_board_command_takes_port_and_baud(monkeypatch, tmp_path, command):
+    """train, collab and video with --backend board open the port given, at the rate given."""
+    import serial
+    opened = []
+
+    def fake_serial(port, baudrate, timeout):
+        opened.append((port, baudrate))
+        raise serial.SerialException("no such device (test)")
+
+    monkeypatch.setattr(serial, "Serial", fake_serial)
+    monkeypatch.chdir(tmp_path)
+    result = _invoke(*command, "--backend", "board", "--config", "ecp5", "--port", "/dev/ttyX",
+                     "--baud", "230400")
+    assert result.exit_code == 1, result.output
+    assert "cannot open serial port '/dev/ttyX'" in result.output
+    assert opened and set(opened) == {("/dev/ttyX", 230400)}
+
+
+def test_program_prints_what_was_programmed(monkeypatch):
+    import tinyaccel.boards.program as prog
+    calls = []
+
+    def fake(board, bitstream=None, *, flash=False, cable=None, progress=None):
+        calls.append((board, bitstream, flash, cable))
+        return {"board": board, "bitstream": "build/boards/icebreaker/top.bin",
+                "bitstream_bytes": 104090, "seconds": 2.5, "tool_version": "v1.1.1"}
+
+    monkeypatch.setattr(prog, "program", fake)
+    result = _invoke("program", "--board", "icebreaker", "--flash")
+    assert result.exit_code == 0, result.output
+    assert calls == [("icebreaker", None, True, None)]
+    assert "programmed icebreaker (flash)" in result.output and "104,090 bytes" in result.output
+
+
+def test_board_check_on_the_golden_link(monkeypatch, tmp_path):
+    """board check through the real driver, the port replaced by the golden-model link."""
+    import serial
+
+    from tinyaccel.sim.serial_link import SimulatedSerial
+    monkeypatch.setattr(serial, "Serial", lambda port, baudrate, timeout:
+                        SimulatedSerial("ice40", timeout=timeout))
+    out = tmp_path / "check.json"
+    result = _invoke("board", "check", "--config", "ice40", "--port", "/dev/ttyTEST",
+                     "--json", str(out))
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert record["config"] == "ice40" and record["status"] == "OK"
+    assert record["config_id"] == f"0x{get_config('ice40').config_id:06x}"
+    assert f"config_id {record['config_id']} (matches the driver)" in result.output
 
 
 def test_bench_prints_and_writes_the_suites_metrics(tmp_path):
