@@ -36,7 +36,7 @@ from ..hw.isa import Buffer
 from ..protocol import Program
 from ..sw.board import simulated_board
 
-__all__ = ["run", "DEFAULT_CONFIGS"]
+__all__ = ["run", "compare_workloads", "DEFAULT_CONFIGS"]
 
 DEFAULT_CONFIGS = ("ice40", "ecp5")
 #: The boards of the e2e table, with the clock their default bitstream runs at.
@@ -105,7 +105,7 @@ def _digits(device, images: int, placement: str):
     return compiled, compiled(x)
 
 
-def _compare_workloads(config: str, divisor: int, seed: int, n_random: int, images: int
+def compare_workloads(config: str, divisor: int, seed: int, n_random: int, images: int
                        ) -> dict:
     """Run the program set on one simulated board; count programs, mismatches, overruns."""
     from ..sw.gemm_run import Gemm, run_gemms
@@ -222,7 +222,7 @@ def run(progress=None, configs=DEFAULT_CONFIGS, divisor: int = 4, seed: int = 0,
     programs = overruns = 0
     mismatches: list = []
     for config in configs:
-        r = _compare_workloads(config, divisor, seed, random_programs, images)
+        r = compare_workloads(config, divisor, seed, random_programs, images)
         programs += r["programs"]
         overruns += r["overruns"]
         mismatches += r["mismatches"]

@@ -9,6 +9,7 @@ reader; the expected responses come from the golden backend, run on the same pro
 import numpy as np
 import pytest
 
+from tinyaccel.boards.link import LinkSpec
 from tinyaccel.errors import BackendUnavailable, ProtocolError
 from tinyaccel.hw.config import PRESETS
 from tinyaccel.hw.isa import (
@@ -27,9 +28,8 @@ from tinyaccel.protocol import (
     response_length,
     sgq_response_length,
 )
-from tinyaccel.sim.numerics import sgq_stripe_modes
-from tinyaccel.boards.link import LinkSpec
 from tinyaccel.sim.golden import GoldenMachine
+from tinyaccel.sim.numerics import sgq_stripe_modes
 from tinyaccel.sim.serial_link import SimulatedSerial
 from tinyaccel.sw.link import RecordingPort
 from tinyaccel.sw.runtime import BoardBackend, Device

@@ -119,3 +119,17 @@ def test_a_corrupted_byte_is_caught_and_the_next_program_runs(device, replay):
     assert np.array_equal(got[1].reshape(data.shape), data)
     assert device.link.generation == generation and device.link.resyncs >= 1
     replay.sent, replay.received = len(replay.port.sent), len(replay.port.received)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["ice40", "ecp5"])
+def test_the_long_program_set(config):
+    """``make regress``: digits-cnn per layer and resident, a training step's GEMMs and random
+    programs (SGQ, illegal fields) through the driver on each preset's board; every session
+    replayed on the golden model; nothing dropped either way."""
+    from tinyaccel.bench.board import compare_workloads
+    from tinyaccel.sim.randprog import seed_from_env
+    seed = seed_from_env()  # printed: TINYACCEL_SEED=<seed> replays it
+    r = compare_workloads(config, 4, seed, n_random=24, images=8)
+    assert r["mismatches"] == [] and r["overruns"] == 0
+    assert r["programs"] > 24
