@@ -10,10 +10,24 @@ model and the hardware read the same choice.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
+
+from amaranth.lib import data
 
 from ..errors import ConfigError
-from .isa import ADDR_BITS, CHANNEL_PARAMS_BITS, INSTR_BITS, MASK_IDX_BITS, MASK_WORD_BITS, Buffer
+from .isa import (
+    ADDR_BITS,
+    CHANNEL_PARAMS_BITS,
+    CRC,
+    INSTR_BITS,
+    MASK_IDX_BITS,
+    MASK_WORD_BITS,
+    Buffer,
+    StatusRecord,
+    isa_description,
+)
 
 __all__ = ["Implementation", "AccelConfig", "PRESETS", "get_config", "MASK_WORD_BITS"]
 
@@ -258,6 +272,22 @@ class AccelConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def identity_text(self) -> str:
+        """The canonical UTF-8 text :attr:`config_id` hashes: the parameters (:meth:`as_dict`,
+        sorted keys, the profile's flags included) and the ISA (:func:`~.isa.isa_description`)."""
+        return ("config " + json.dumps(self.as_dict(), sort_keys=True) + "\n"
+                + isa_description())
+
+    @cached_property
+    def config_id(self) -> int:
+        """The low 24 bits (``StatusRecord.config_id``) of :data:`~.isa.CRC` over
+        :meth:`identity_text`: the gateware sends it in every status record, so the driver
+        knows the board runs the configuration and the ISA it expects. Any change of a
+        parameter, of the profile or of the ISA changes it."""
+        width = data.Layout.cast(StatusRecord)["config_id"].width
+        text = self.identity_text().encode("utf-8")
+        return CRC(8).compute(text) & ((1 << width) - 1)
 
 
 PRESETS: dict[str, AccelConfig] = {

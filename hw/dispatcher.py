@@ -28,15 +28,18 @@ index and opcode; from then on nothing executes until SYNC, but a LOAD still has
 
 SYNC waits until every unit is idle, sends the status record and, when asked, the counter record
 (the counters hold still while it is sent; BYTES_OUT grows by the records' size after them, so a
-record never counts itself), then clears as section 5 says. The SYNC instruction is taken from
-the decoder only at the end, so no byte after it is read before its records are out.
+record never counts itself), then the link trailer (``rx_crc``, ``tx_crc`` from the top's CRC
+engines, which ``link_restart`` restarts at its end; BYTES_OUT counts its beats as they leave),
+then clears as section 5 says (with ``keep``: only the counters, if ``clear``). The SYNC
+instruction is taken from the decoder only at the end, so no byte after it is read before its
+response is out, and ``rx_crc`` holds still while the trailer is sent.
 """
 
 from functools import reduce
 from operator import or_
 from types import SimpleNamespace
 
-from amaranth.hdl import Const, Module, Mux, Signal, Value, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value, unsigned
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -46,7 +49,9 @@ from .decoder import DecodedLayout
 from .hazards import UNIT_ACCESSES, AccessLayout, conflict
 from .isa import (
     COUNTER_RECORD_BYTES,
+    CRC,
     INSTR_BITS,
+    LINK_TRAILER_BYTES,
     STATUS_BYTES,
     STATUS_MAGIC,
     DilateOperands,
@@ -102,6 +107,10 @@ class Dispatcher(wiring.Component):
             "freeze_counters": Out(1),  # the counter record is being sent (.counters `dump`)
             "record_bytes": Out(range(STATUS_BYTES + COUNTER_RECORD_BYTES + 1)),  # add to BYTES_OUT
             "clear_counters": Out(1),
+            "rx_crc": In(CRC.crc_width),  # the link trailer's CRCs (section 9)
+            "tx_crc": In(CRC.crc_width),
+            "sending_trailer": Out(1),  # the link trailer is being sent (not in tx_crc)
+            "link_restart": Out(1),  # the trailer is out: restart both CRCs
             "error": Out(1),
             "busy": Out(1),
         })
@@ -176,10 +185,14 @@ class Dispatcher(wiring.Component):
             status_rec.error_pc.eq(err_pc),
             status_rec.instructions.eq(window),
             status_rec.error_opcode.eq(err_opcode),
+            status_rec.config_id.eq(cfg.config_id),
         ]
+        trailer = Cat(self.rx_crc, self.tx_crc)  # (the LinkTrailer layout)
+        assert len(trailer) == LINK_TRAILER_BYTES * 8
         status_beats = INSTR_BITS // hw
         counter_beats = COUNTER_RECORD_BYTES * 8 // hw
-        rec_beat = Signal(range(max(status_beats, counter_beats)))
+        trailer_beats = LINK_TRAILER_BYTES * 8 // hw
+        rec_beat = Signal(range(max(status_beats, counter_beats, trailer_beats)))
         sent = self.o_stream.valid & self.o_stream.ready
 
         # The exclusive design's launch state (:meth:`ExclusiveDispatcher.launch`). It is made for
@@ -250,7 +263,7 @@ class Dispatcher(wiring.Component):
                         with m.If(ops.sync.counters):
                             m.next = "SYNC_COUNTERS"
                         with m.Else():
-                            m.next = "SYNC_END"
+                            m.next = "SYNC_TRAILER"
             with m.State("SYNC_COUNTERS"):
                 m.d.comb += [
                     self.sending_record.eq(1),
@@ -262,6 +275,18 @@ class Dispatcher(wiring.Component):
                 with m.If(sent):
                     m.d.sync += rec_beat.eq(rec_beat + 1)
                     with m.If(rec_beat == counter_beats - 1):
+                        m.d.sync += rec_beat.eq(0)
+                        m.next = "SYNC_TRAILER"
+            with m.State("SYNC_TRAILER"):  # (tx_crc took the records' last beat a cycle ago)
+                m.d.comb += [
+                    self.sending_trailer.eq(1),
+                    self.o_stream.valid.eq(1),
+                    self.o_stream.payload.eq(trailer.word_select(rec_beat, hw)),
+                ]
+                with m.If(sent):
+                    m.d.sync += rec_beat.eq(rec_beat + 1)
+                    with m.If(rec_beat == trailer_beats - 1):
+                        m.d.sync += rec_beat.eq(0)
                         m.next = "SYNC_END"
             with m.State("SYNC_END"):
                 m.d.comb += [
@@ -269,11 +294,13 @@ class Dispatcher(wiring.Component):
                     self.clear_counters.eq(ops.sync.clear),
                     self.record_bytes.eq(STATUS_BYTES + Mux(ops.sync.counters,
                                                             COUNTER_RECORD_BYTES, 0)),
+                    self.link_restart.eq(1),
                 ]
-                m.d.sync += [
-                    err.eq(0), err_status.eq(Status.OK), err_pc.eq(0), err_opcode.eq(0),
-                    acc_saturated.eq(0), window.eq(0),
-                ]
+                with m.If(~ops.sync.keep):
+                    m.d.sync += [
+                        err.eq(0), err_status.eq(Status.OK), err_pc.eq(0), err_opcode.eq(0),
+                        acc_saturated.eq(0), window.eq(0),
+                    ]
                 m.next = "ISSUE"
 
         m.d.comb += self.busy.eq(self.i_instr.valid)

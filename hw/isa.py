@@ -31,7 +31,7 @@ __all__ = [
     "ChannelParams", "StatusRecord", "SgqStripeHeader", "SgqMode",
     "InstructionLayout", "OPERANDS", "Instruction", "field_table", "operand_fields",
     "STATUS_MAGIC", "STATUS_BYTES", "COUNTER_BITS", "COUNTER_RECORD_BYTES", "SGQ_MODE_BITS",
-    "SGQ_CRC", "SGQ_CRC_BYTES",
+    "CRC", "CRC_BYTES", "LinkTrailer", "LINK_TRAILER_BYTES", "isa_description",
 ]
 
 INSTR_BITS = 128
@@ -56,7 +56,8 @@ class Opcode(enum.Enum, shape=OPCODE_BITS):
     REQUANT = 4  #: ACC INT32 rows -> OUT INT8 rows, per-channel fixed-point requantization
     PATCH = 5  #: PASS patch-skip: compare tiles with their reference, set mask bits, update ref
     SGQ = 6  #: SGQ stripe encoder: OUT rows -> packed wire format on the host stream
-    SYNC = 7  #: wait for all units idle, send the status record (and counters), clear errors
+    SYNC = 7  #: wait for all units idle, send the status record (and counters) and the link
+    #: trailer, clear errors (unless ``keep``)
     IM2COL = 8  #: window address generator: an OUT activation tensor -> GEMM input words in INP
     DILATE = 9  #: PASS mask dilation: OR of a window of MASK bits (a change mask -> block mask)
 
@@ -88,7 +89,7 @@ class Counter(enum.Enum, shape=3):
     MACS_ISSUED = 2  #: multiply-accumulates performed by the array
     MACS_SKIPPED = 3  #: multiply-accumulates of GEMM blocks skipped by the PASS gate
     BYTES_IN = 4  #: bytes received on the host stream (instructions and data)
-    BYTES_OUT = 5  #: bytes sent on the host stream (data, encodings, status)
+    BYTES_OUT = 5  #: bytes sent on the host stream (data, encodings, records, link trailers)
     INSTRUCTIONS = 6  #: instructions decoded
     COMPUTE_CYCLES = 7  #: cycles in which the MAC array was computing
 
@@ -238,9 +239,13 @@ class DilateOperands(data.Struct):
 
 
 class SyncOperands(data.Struct):
-    """SYNC: ``counters`` appends the counter record; ``clear`` zeroes the counters after."""
+    """SYNC: ``counters`` appends the counter record; ``clear`` zeroes the counters after;
+    ``keep`` clears nothing of the error state (status, error_pc, error_opcode, acc_saturated,
+    the instruction window): the driver's flow-control probe, which changes no program's
+    meaning."""
     counters: unsigned(1)
     clear: unsigned(1)
+    keep: unsigned(1)
 
 
 OPERANDS: dict[Opcode, data.StructLayout | None] = {
@@ -298,7 +303,9 @@ STATUS_MAGIC = 0x5A
 
 
 class StatusRecord(data.Struct):
-    """Sent by SYNC (128 bits). ``error_pc`` is the index of the first faulting instruction."""
+    """Sent by SYNC (128 bits). ``error_pc`` is the index of the first faulting instruction;
+    ``config_id`` identifies the configuration and the ISA the gateware was built for
+    (``AccelConfig.config_id``)."""
     magic: unsigned(8)
     status: Status
     acc_saturated: unsigned(1)
@@ -306,11 +313,31 @@ class StatusRecord(data.Struct):
     error_pc: unsigned(32)
     instructions: unsigned(32)
     error_opcode: unsigned(8)
-    reserved1: unsigned(24)
+    config_id: unsigned(24)
 
 
 STATUS_BYTES = data.Layout.cast(StatusRecord).size // 8
 COUNTER_RECORD_BYTES = len(Counter) * COUNTER_BITS // 8
+
+#: The checksum of the host link (section 9: the trailer of every SYNC) and of every SGQ
+#: response (section 8): CRC-32/ISO-HDLC, as zlib and Ethernet. It is reflected, so the CRC
+#: over little-endian host beats of any width equals the CRC over the bytes in stream order.
+CRC = crc.catalog.CRC32_ISO_HDLC
+CRC_BYTES = CRC.crc_width // 8  #: bytes of a CRC, little-endian on the wire
+
+
+class LinkTrailer(data.Struct):
+    """Ends every SYNC response, after the status record and the counter record (section 9).
+
+    ``rx_crc``: :data:`CRC` of every byte received after the previous SYNC instruction word
+    (or reset) through this SYNC's word, LOAD data included (discarded data too). ``tx_crc``:
+    of every byte sent after the previous SYNC's trailer (or reset) through this SYNC's records.
+    """
+    rx_crc: unsigned(CRC.crc_width)
+    tx_crc: unsigned(CRC.crc_width)
+
+
+LINK_TRAILER_BYTES = data.Layout.cast(LinkTrailer).size // 8
 
 
 class SgqMode(enum.Enum, shape=3):
@@ -324,12 +351,6 @@ class SgqMode(enum.Enum, shape=3):
 
 
 SGQ_MODE_BITS = {SgqMode.BITS1: 1, SgqMode.BITS2: 2, SgqMode.BITS4: 4, SgqMode.BITS8: 8}
-
-#: The checksum that ends every SGQ response (section 8): CRC-32 (ISO-HDLC, as zlib and
-#: Ethernet), over every byte of the response before it. It is reflected, so the CRC over
-#: little-endian host beats of any width equals the CRC over the bytes in stream order.
-SGQ_CRC = crc.catalog.CRC32_ISO_HDLC
-SGQ_CRC_BYTES = SGQ_CRC.crc_width // 8  #: bytes of the CRC, little-endian on the wire
 
 
 class SgqStripeHeader(data.Struct):
@@ -473,3 +494,33 @@ class Instruction:
 def operand_fields(opcode: Opcode) -> list[FieldInfo]:
     """The operand fields of ``opcode`` with their bit offsets in the instruction word."""
     return list(_OPERAND_FIELDS[Opcode(opcode)])
+
+
+def isa_description() -> str:
+    """The ISA as a canonical text, one line per item in name order: every integer constant of
+    this module (``INSTR_BITS`` among them), the CRC, every enum (member names and values) and
+    every layout (field names, offsets and widths, flattened).
+
+    ``AccelConfig.config_id`` hashes it with the configuration: a change of the ISA changes it.
+    """
+    lines = [f"CRC crc_width={CRC.crc_width} polynomial={CRC.polynomial:#x} "
+             f"initial_crc={CRC.initial_crc:#x} reflect_input={CRC.reflect_input} "
+             f"reflect_output={CRC.reflect_output} xor_output={CRC.xor_output:#x}"]
+    for name, obj in sorted(globals().items()):
+        if name.startswith("_"):
+            continue
+        if name.isupper() and isinstance(obj, int) and not isinstance(obj, bool):
+            lines.append(f"{name} = {obj}")
+        elif name.isupper() and isinstance(obj, dict) and all(
+                isinstance(v, int) for v in obj.values()):
+            lines.append(f"{name} = " + ", ".join(f"{k.name}:{v}" for k, v in obj.items()))
+        elif (isinstance(obj, type) and issubclass(obj, enum.Enum)
+              and obj.__module__ == __name__):
+            members = ", ".join(f"{member.name}={member.value}" for member in obj)
+            lines.append(f"enum {name} {obj.as_shape()!r}: {members}")
+        elif isinstance(obj, data.Layout) or (
+                isinstance(obj, type) and issubclass(obj, data.Struct)
+                and obj.__module__ == __name__):
+            fields = ", ".join(f"{row.name}@{row.offset}:{row.width}" for row in field_table(obj))
+            lines.append(f"layout {name}: {fields}")
+    return "\n".join(lines) + "\n"

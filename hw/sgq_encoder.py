@@ -8,7 +8,6 @@ holds what both share: the wire-format widths, the command and the signature.
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
-from amaranth.lib.crc import Algorithm
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
@@ -17,9 +16,9 @@ from ..errors import ConfigError
 from .arith import mul_const
 from .config import AccelConfig
 from .control import UnitControl
+from .crc import StreamCrc
 from .isa import (
-    SGQ_CRC,
-    SGQ_CRC_BYTES,
+    CRC_BYTES,
     SGQ_MODE_BITS,
     Buffer,
     SgqMode,
@@ -28,10 +27,10 @@ from .isa import (
 )
 from .scratchpads import ReadClient, geometry
 
-__all__ = ["SgqCommand", "StripeEncoder", "SgqCrc", "BitPacker", "StripeEncoderPipeline"]
+__all__ = ["SgqCommand", "StripeEncoder", "BitPacker", "StripeEncoderPipeline"]
 
 LENGTH_BITS = 32  # the little-endian payload length that precedes the payload
-CRC_BITS = 8 * SGQ_CRC_BYTES  # the trailer: CRC-32 of every byte before it, little-endian
+CRC_BITS = 8 * CRC_BYTES  # the trailer: CRC-32 of every byte before it, little-endian
 SHIFT_BITS = data.Layout.cast(SgqStripeHeader)["shift"].shape.width
 OFFSET_BITS = data.Layout.cast(SgqStripeHeader)["offset"].shape.width
 MODE_BITS = SgqMode.as_shape().width
@@ -58,7 +57,7 @@ class StripeEncoder(wiring.Component):
     min/max again for the header and (4) its codes. Mode choice per stripe: the narrowest width
     b in {1, 2, 4, 8} for which some shift s <= ``max_shift`` has ``(hi - lo + h(s)) >> s <=
     2^b - 1``, with the smallest such s. The response ends with a CRC-32 trailer
-    (:data:`~.isa.SGQ_CRC`) over every beat sent before it, padded to a whole beat.
+    (:data:`~.isa.CRC`) over every beat sent before it, padded to a whole beat.
     """
 
     def __init__(self, config: AccelConfig):
@@ -111,45 +110,6 @@ def _stripe_costs(stripe_len, cols):
     """Payload bits of a coded stripe per width (mode, offset, shift and ``L * b`` code bits)."""
     return {mode: HEADER_BITS + mul_const(stripe_len, cols * bits)
             for mode, bits in SGQ_MODE_BITS.items()}
-
-
-class SgqCrc(wiring.Component):
-    """:data:`~.isa.SGQ_CRC` over ``width``-bit words, a word per cycle (``valid``); ``start``
-    restarts it; ``crc`` is the CRC of the words taken since (the register, reflected and XORed).
-
-    The same generator as ``amaranth.lib.crc.Processor``, with each next-state bit written as
-    one XOR reduction of the state and data bits that feed it (the update's matrices come from
-    ``amaranth.lib.crc``): Yosys 0.70's abc9 crashes on the Processor's XOR chains in the full
-    ECP5 design, and the build's fallback to classic ABC costs some 6,000 LUTs.
-    """
-
-    def __init__(self, width: int):
-        self._width = width
-        super().__init__({"start": In(1), "valid": In(1), "data": In(width),
-                          "crc": Out(SGQ_CRC.crc_width)})
-
-    def elaborate(self, platform):
-        m = Module()
-        algo, n, w = SGQ_CRC, SGQ_CRC.crc_width, self._width
-
-        def update(state, word):  # the linear update alone: no reflection, no output XOR
-            plain = Algorithm(crc_width=n, polynomial=algo.polynomial, initial_crc=state,
-                              reflect_input=False, reflect_output=False, xor_output=0)
-            return plain(w).compute([word])
-
-        from_state = [update(1 << i, 0) for i in range(n)]  # bit k: state bit i feeds bit k
-        from_data = [update(0, 1 << j) for j in range(w)]
-        reg = Signal(n, init=algo.initial_crc)
-        data = self.data[::-1] if algo.reflect_input else self.data
-        with m.If(self.start):
-            m.d.sync += reg.eq(algo.initial_crc)
-        with m.Elif(self.valid):
-            for k in range(n):
-                taps = [reg[i] for i in range(n) if from_state[i] >> k & 1]
-                taps += [data[j] for j in range(w) if from_data[j] >> k & 1]
-                m.d.sync += reg[k].eq(Cat(*taps).xor())
-        m.d.comb += self.crc.eq((reg[::-1] if algo.reflect_output else reg) ^ algo.xor_output)
-        return m
 
 
 class BitPacker(wiring.Component):
@@ -408,7 +368,7 @@ class StripeEncoderPipeline(StripeEncoder):
 
         # -- the CRC trailer: a beat-wide CRC over every beat sent before it (``trailer`` is
         # set once they have all left)
-        m.submodules.crc = crc = SgqCrc(hw)
+        m.submodules.crc = crc = StreamCrc(hw)
         trailer = Signal()
         m.d.comb += [crc.data.eq(self.o_stream.payload),
                      crc.valid.eq(self.o_stream.valid & self.o_stream.ready & ~trailer)]

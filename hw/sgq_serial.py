@@ -12,7 +12,8 @@ from amaranth.lib.wiring import In, Out
 from ..errors import ConfigError
 from .arith import mul_const
 from .config import AccelConfig
-from .isa import SGQ_CRC, SGQ_MODE_BITS, SgqMode
+from .crc import StreamCrc
+from .isa import CRC, SGQ_MODE_BITS, SgqMode
 from .sgq_encoder import (
     BASE_BITS,
     CODED,
@@ -23,7 +24,6 @@ from .sgq_encoder import (
     NARROW,
     OFFSET_BITS,
     SHIFT_BITS,
-    SgqCrc,
     StripeEncoder,
 )
 
@@ -234,12 +234,12 @@ class StripeEncoderSerial(StripeEncoder):
         # CRC takes each bit it sends complemented by the output XOR: its feedback is then 0
         # and its register only shifts, so crc[0] is always the next bit to send (no
         # multiplexer over the 32 bits).
-        if not SGQ_CRC.reflect_output or SGQ_CRC.xor_output not in (0, (1 << CRC_BITS) - 1):
-            raise ConfigError(f"{SGQ_CRC!r}: the serial trailer needs a reflected output and a "
+        if not CRC.reflect_output or CRC.xor_output not in (0, (1 << CRC_BITS) - 1):
+            raise ConfigError(f"{CRC!r}: the serial trailer needs a reflected output and a "
                               f"uniform output XOR")
-        m.submodules.crc = crc = SgqCrc(1)
+        m.submodules.crc = crc = StreamCrc(1)
         trailer = Signal()  # the trailer (and the padding after it) is being sent
-        m.d.comb += [crc.data.eq(emit_bit ^ (trailer & SGQ_CRC.xor_output & 1)),
+        m.d.comb += [crc.data.eq(emit_bit ^ (trailer & CRC.xor_output & 1)),
                      crc.valid.eq(took)]
 
         with m.FSM():

@@ -10,6 +10,7 @@ from amaranth.lib.wiring import In, Out
 
 from .config import AccelConfig, Implementation, get_config
 from .counters import PerfCounters
+from .crc import StreamCrc
 from .decoder import DecoderParallel
 from .decoder_serial import DecoderSerial
 from .dilate import DilateUnit
@@ -107,6 +108,21 @@ class Accelerator(wiring.Component):
         ]
         wiring.connect(m, decoder.o_instr, disp.i_instr)
         wiring.connect(m, counters.o_record, disp.i_counters)
+
+        # -- the link trailer's CRCs (section 9): every beat taken, every beat sent but the
+        # trailer's; both restart when a SYNC's trailer is out
+        m.submodules.rx_crc = rx_crc = StreamCrc(cfg.host_width)
+        m.submodules.tx_crc = tx_crc = StreamCrc(cfg.host_width)
+        m.d.comb += [
+            rx_crc.start.eq(disp.link_restart),
+            rx_crc.valid.eq(self.i_stream.valid & self.i_stream.ready),
+            rx_crc.data.eq(self.i_stream.payload),
+            tx_crc.start.eq(disp.link_restart),
+            tx_crc.valid.eq(self.o_stream.valid & self.o_stream.ready & ~disp.sending_trailer),
+            tx_crc.data.eq(self.o_stream.payload),
+            disp.rx_crc.eq(rx_crc.crc),
+            disp.tx_crc.eq(tx_crc.crc),
+        ]
         wiring.connect(m, decoder.o_data, load.i_stream)
         for name, unit in units.items():
             wiring.connect(m, getattr(disp, name), unit.ctrl)

@@ -63,6 +63,8 @@ from ..protocol import (
     iter_stream,
     lane_dtype,
     lanes,
+    link_crc,
+    pack_link_trailer,
     pack_words,
     response_length,
     sgq_frame,
@@ -227,6 +229,8 @@ class GoldenMachine:
                 self.buffers[buf] = np.zeros((cfg.depth(buf), lanes(cfg, buf)),
                                              lane_dtype(cfg, buf))
         self.counters: dict[Counter, int] = {c: 0 for c in Counter}
+        self._received: list[bytes] = []  # since the previous SYNC's word (rx_crc)
+        self._sent: list[bytes] = []  # since the previous SYNC's trailer (tx_crc)
         self._clear_status()
 
     def _clear_status(self) -> None:
@@ -269,11 +273,12 @@ class GoldenMachine:
         return self._words(buf)[addr:addr + count].copy()
 
     def status_report(self, counters: bool = False) -> StatusReport:
-        """The status record a SYNC would send now (without clearing anything)."""
+        """The records a SYNC would send now (without clearing anything; no link trailer)."""
         return StatusReport(status=self.status, error_pc=self.error_pc,
                             error_opcode=self.error_opcode, instructions=self.pc,
                             acc_saturated=self.acc_saturated,
-                            counters=dict(self.counters) if counters else None)
+                            counters=dict(self.counters) if counters else None,
+                            config_id=self.config.config_id)
 
     # -- execution
     def run(self, stream: bytes, strict: bool = False) -> bytes:
@@ -326,6 +331,7 @@ class GoldenMachine:
         self.pc += 1
         self.counters[Counter.INSTRUCTIONS] += 1
         self.counters[Counter.BYTES_IN] += INSTR_BYTES + len(payload)
+        self._received += [word.to_bytes(INSTR_BYTES, "little"), payload]
         if fault is not None:
             self.status, self.error_pc, self.error_opcode = fault.status, pc, code
         if code == Opcode.SYNC.value:
@@ -337,15 +343,23 @@ class GoldenMachine:
         else:  # not executed: a STORE still sends its words, as zeros
             response = bytes(response_length(self.config, word) or 0)
         self.counters[Counter.BYTES_OUT] += len(response)
+        self._sent.append(response)
         return response
 
     def _sync(self, f: dict) -> bytes:
-        report = self.status_report(counters=bool(f["counters"]))
-        response = report.to_bytes()
+        """The records, then the link trailer over the bytes received since the previous SYNC's
+        word (this one's included) and sent since the previous trailer (these records
+        included); BYTES_OUT counts both after the counter record's snapshot."""
+        records = self.status_report(counters=bool(f["counters"])).records()
+        self._sent.append(records)
+        response = records + pack_link_trailer(link_crc(b"".join(self._received)),
+                                               link_crc(b"".join(self._sent)))
+        self._received, self._sent = [], []
         self.counters[Counter.BYTES_OUT] += len(response)
         if f["clear"]:
             self.counters = {c: 0 for c in Counter}
-        self._clear_status()
+        if not f["keep"]:
+            self._clear_status()
         return response
 
     def _exec_nop(self, f: dict, payload: bytes) -> bytes:

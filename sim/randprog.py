@@ -49,6 +49,7 @@ _GAP_MAX = _field(Opcode.REQUANT, "out_gap").mask
 _KH_MAX = _field(Opcode.IM2COL, "kh").mask
 _PAD_MAX = _field(Opcode.IM2COL, "pad_top").mask
 _MASK_IDX_MAX = _field(Opcode.GEMM, "mask_idx").mask
+_MASK_WORD_MAX = _field(Opcode.IM2COL, "mask_word").mask
 _INT8 = np.iinfo(np.int8)
 
 
@@ -233,7 +234,7 @@ def random_im2col(config: AccelConfig | str, rng, *, out_window: int | None = No
             pass_fields = dict(tiled=True)
             first = oy0 * out_w // config.rows
             if rng.random() < 0.5 and first + m_blocks <= mask_bits:
-                words = (mask_bits - first - m_blocks) // 64
+                words = min((mask_bits - first - m_blocks) // 64, _MASK_WORD_MAX)
                 pass_fields.update(gate=True, mask_word=int(rng.integers(0, words + 1)))
         pad_value = int(rng.integers(_INT8.min, _INT8.max + 1))
         if pool and rng.random() < 0.7:
@@ -341,7 +342,8 @@ class _Generator:
         if op == Opcode.NOP:
             prog.nop()
         elif op == Opcode.SYNC:
-            prog.sync(counters=rng.random() < 0.5, clear=rng.random() < 0.1)
+            prog.sync(counters=rng.random() < 0.5, clear=rng.random() < 0.1,
+                      keep=rng.random() < 0.3)
         elif op in (Opcode.LOAD, Opcode.STORE):
             buf = Buffer(int(rng.integers(len(Buffer))))
             n = self._size(min(self.max_count, win[buf]))
@@ -408,12 +410,14 @@ class _Generator:
 
     def random_dilate(self) -> dict:
         """Legal DILATE operands: grids up to 12x12 (sometimes empty), windows up to the field
-        maxima, disjoint source and destination inside the MASK window."""
+        maxima, disjoint source and destination inside the MASK window (below the largest
+        ``src``/``dst`` the fields hold: an empty grid may start where the window ends)."""
         rng = self.rng
+        bits = min(self.mask_bits, _MASK_IDX_MAX)
         for _ in range(1000):
             in_h, in_w, out_h, out_w = (self._size(12) for _ in range(4))
             n_in, n_out = in_h * in_w, out_h * out_w
-            if n_in + n_out > self.mask_bits:
+            if n_in + n_out > bits:
                 continue
             f = dict(in_h=in_h, in_w=in_w, out_h=out_h, out_w=out_w,
                      kh=self._int(1, 3) if rng.random() < 0.8 else self._int(1, 7),
@@ -421,11 +425,11 @@ class _Generator:
                      stride_y=self._int(1, 3), stride_x=self._int(1, 3),
                      pad_top=self._int(0, 3), pad_left=self._int(0, 3),
                      merge=rng.random() < 0.3)
-            a = self._int(0, self.mask_bits - n_in - n_out)
-            b = self._int(a + n_in, self.mask_bits - n_out)
+            a = self._int(0, bits - n_in - n_out)
+            b = self._int(a + n_in, bits - n_out)
             if rng.random() < 0.5:  # destination first
-                b = self._int(0, self.mask_bits - n_in - n_out)
-                a = self._int(b + n_out, self.mask_bits - n_in)
+                b = self._int(0, bits - n_in - n_out)
+                a = self._int(b + n_out, bits - n_in)
             return dict(src=a, dst=b, **f)
         raise ConfigError(f"config {self.cfg.name!r}: no DILATE fits {self.mask_bits} bits")
 
@@ -508,7 +512,10 @@ class _Generator:
                 f["dst"] = min(f["dst"], _MASK_IDX_MAX)
             else:
                 side = str(rng.choice(["src", "dst"]))
-                n = f["in_h"] * f["in_w"] if side == "src" else f["out_h"] * f["out_w"]
+                h, w = ("in_h", "in_w") if side == "src" else ("out_h", "out_w")
+                if cfg.mask_bits - f[h] * f[w] + 1 > _MASK_IDX_MAX:  # (no base can reach)
+                    f[h] = 2
+                n = f[h] * f[w]
                 f[side] = self._int(max(0, cfg.mask_bits - n + 1), _MASK_IDX_MAX)
             prog.dilate(**f)
         else:  # SGQ
@@ -534,7 +541,9 @@ def random_program(config: AccelConfig | str, rng, n_instr: int = 64,
     windows, so that they touch written data and overlap each other. With ``illegal_rate`` each
     instruction is, with that probability, replaced by a faulting one (undefined opcode or
     buffer code, out-of-range address, ``k = 0``, PATCH overlap, SGQ ``stripe_len = 0``...).
-    A ``SYNC counters=1`` always ends the program (even when SYNC is not in ``opcodes``).
+    A random SYNC has ``keep`` one time in three (the driver's flow-control probe: with
+    ``illegal_rate`` an error then outlives it). A ``SYNC counters=1`` (not ``keep``) always
+    ends the program (even when SYNC is not in ``opcodes``).
     """
     config, rng = get_config(config), _rng(rng)
     ops = _opcodes(opcodes, config)
@@ -598,8 +607,11 @@ def corner_programs(config: AccelConfig | str,
 
     Extreme GEMM products at the largest ``k`` the buffers allow, requantization saturating
     both ways, a 1x1 tile, zero-size operations, accumulate saturation, gating, PATCH, SGQ modes,
-    and one program per error status (each followed by instructions that must not execute and a
-    second SYNC that shows the machine recovered).
+    SYNCs back to back, SYNC ``keep`` (the error state and the saturation flag outliving it),
+    a discarded LOAD right before a SYNC, and one program per error status (each followed by
+    instructions that must not execute and a second SYNC that shows the machine recovered).
+    The status of the first SYNC is :attr:`Corner.status`; every SYNC after the first one
+    without ``keep`` reports OK.
     """
     config = get_config(config)
     ops = set(_opcodes(opcodes, config))
@@ -859,5 +871,34 @@ def corner_programs(config: AccelConfig | str,
     error("error_addr_range_im2col_src", s.ADDR_RANGE, lambda p: p.im2col(
         depth(Buffer.OUT) - 1, 0, channels=1, pitch=2, in_h=1, in_w=1, kh=1, kw=1, out_w=1,
         m_blocks=1))
+
+    # The link trailer and SYNC keep (section 9): SYNCs back to back (each trailer covers only
+    # the SYNC word it answers and the records before it), every flag combination.
+    p = new().load(Buffer.INP, 0, word).store(Buffer.INP, 0, 1)
+    for counters, clear, keep in ((0, 0, 0), (1, 0, 0), (0, 0, 1), (1, 1, 1), (1, 0, 1),
+                                  (0, 1, 0), (1, 0, 0)):
+        p.sync(counters=counters, clear=clear, keep=keep)
+    add("syncs_back_to_back", p)
+    # keep after an error: the fault, its error_pc, the instruction window and the discarding
+    # outlive SYNC keep; a SYNC without keep clears them, and execution resumes.
+    p = new().load(Buffer.INP, 0, word).raw(UNDEFINED_OPCODES[0])
+    p.sync(keep=True).load(Buffer.INP, 0, np.full((1, rows), 5, np.int8)).store(Buffer.INP, 0, 1)
+    p.sync(counters=True, keep=True).nop().sync()
+    p.store(Buffer.INP, 0, 1).sync(keep=True).sync(counters=True)
+    add("sync_keep_after_error", p, s.ILLEGAL_OPCODE)
+    # keep and the saturation flag: it stays set through SYNC keep, until a SYNC without it.
+    big = np.full((1, max(rows, cols)), _INT8.min, np.int8)
+    p = new().load(Buffer.INP, 0, big[:, :rows]).load(Buffer.WGT, 0, big[:, :cols])
+    p.load(Buffer.ACC, 0, np.full((rows, cols), INT32_MAX, np.int32))
+    p.gemm(0, 0, 0, 1, accumulate=True).sync(keep=True).nop().sync(counters=True, keep=True)
+    add("sync_keep_saturation", p.sync().sync())
+    # A LOAD discarded right before a SYNC: after an error, and out of range (its data is
+    # still taken, and counted by rx_crc and BYTES_IN).
+    p = new().raw(UNDEFINED_OPCODES[0]).load(Buffer.WGT, 0, np.ones((2, cols), np.int8))
+    add("discarded_load_before_sync", p.sync(counters=True).store(Buffer.WGT, 0, 2).sync(),
+        s.ILLEGAL_OPCODE)
+    p = new().load(Buffer.OUT, depth(Buffer.OUT) - 1, np.ones((2, cols), np.int8))
+    add("out_of_range_load_before_sync", p.sync(counters=True).store(Buffer.OUT, 0, 1).sync(),
+        s.ADDR_RANGE)
     return corners
 

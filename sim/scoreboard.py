@@ -2,9 +2,11 @@
 
 Every byte must be equal except the timing counters ``CYCLES``, ``BUSY_CYCLES`` and
 ``COMPUTE_CYCLES`` of a counter record, which the golden model reports as 0 and which are only
-checked for plausibility (``COMPUTE_CYCLES <= BUSY_CYCLES <= CYCLES``). A mismatch names the
-first differing byte offset, the instruction whose response holds it (index and operands) and
-the field or word inside that response.
+checked for plausibility (``COMPUTE_CYCLES <= BUSY_CYCLES <= CYCLES``): the expected bytes take
+the RTL's values there, and the ``tx_crc`` of that SYNC's link trailer, which covers them, is
+corrected to match (the CRC is affine: the correction is the CRC of the difference). A mismatch
+names the first differing byte offset, the instruction whose response holds it (index and
+operands) and the field or word inside that response.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ from ..errors import FieldError, ProtocolError, SimulatorError, SimulatorHang
 from ..hw.config import AccelConfig, get_config
 from ..hw.isa import (
     COUNTER_BITS,
-    SGQ_CRC_BYTES,
+    COUNTER_RECORD_BYTES,
+    CRC_BYTES,
+    LINK_TRAILER_BYTES,
     STATUS_BYTES,
     Buffer,
     Counter,
     Instruction,
+    LinkTrailer,
     Opcode,
     StatusRecord,
     field_table,
@@ -29,6 +34,7 @@ from ..protocol import (
     RawInstruction,
     decode_fields,
     iter_stream,
+    link_crc,
     response_length,
     sgq_response_length,
 )
@@ -40,6 +46,7 @@ __all__ = ["TIMING_COUNTERS", "Segment", "Mismatch", "response_segments", "compa
 TIMING_COUNTERS = (Counter.CYCLES, Counter.BUSY_CYCLES, Counter.COMPUTE_CYCLES)
 _CTR_BYTES = COUNTER_BITS // 8
 _STATUS_FIELDS = field_table(StatusRecord)
+_TRAILER_FIELDS = field_table(LinkTrailer)
 
 
 def describe_instruction(word: int) -> str:
@@ -123,6 +130,11 @@ def _where(config: AccelConfig, seg: Segment, rel: int, expected: bytes = b""
                     lo, hi = info.offset // 8, (info.offset + info.width + 7) // 8
                     return f"status record field {info.name}", lo, hi - lo
             return "status record", 0, STATUS_BYTES
+        records = seg.length - LINK_TRAILER_BYTES
+        if rel >= records:  # (the fields are whole bytes)
+            info = next(i for i in _TRAILER_FIELDS
+                        if i.offset <= 8 * (rel - records) < i.offset + i.width)
+            return f"link trailer {info.name}", records + info.offset // 8, info.width // 8
         i = (rel - STATUS_BYTES) // _CTR_BYTES
         return (f"counter {Counter(i).name}", STATUS_BYTES + i * _CTR_BYTES, _CTR_BYTES)
     if code == Opcode.STORE.value:
@@ -141,14 +153,15 @@ def _where(config: AccelConfig, seg: Segment, rel: int, expected: bytes = b""
             return f"SGQ payload byte {rel - SGQ_LENGTH_BYTES}", rel, 1
         if rel < body:
             return "SGQ padding after the payload", rel, 1
-        if rel < body + SGQ_CRC_BYTES:
-            return "SGQ CRC-32 trailer", body, SGQ_CRC_BYTES
+        if rel < body + CRC_BYTES:
+            return "SGQ CRC-32 trailer", body, CRC_BYTES
         return "SGQ padding after the CRC trailer", rel, 1
     return "response", rel, 1
 
 
-def _mask_timing(config: AccelConfig, seg: Segment, expected: bytes, got: bytearray) -> str | None:
-    """Check and blank the timing counters of a SYNC counter record in ``got``.
+def _take_timing(seg: Segment, expected: bytearray, got: bytes) -> str | None:
+    """Check the timing counters of a SYNC counter record in ``got`` and put them into
+    ``expected``, correcting the ``tx_crc`` of its link trailer (which covers them).
 
     Returns a complaint when they are implausible.
     """
@@ -164,9 +177,19 @@ def _mask_timing(config: AccelConfig, seg: Segment, expected: bytes, got: bytear
         return int.from_bytes(got[lo:lo + _CTR_BYTES], "little")
 
     cycles, busy, compute = (value(c) for c in TIMING_COUNTERS)
+    golden = bytes(expected[base:base + COUNTER_RECORD_BYTES])
     for c in TIMING_COUNTERS:
         lo = base + c.value * _CTR_BYTES
-        got[lo:lo + _CTR_BYTES] = expected[lo:lo + _CTR_BYTES]
+        expected[lo:lo + _CTR_BYTES] = got[lo:lo + _CTR_BYTES]
+    # The counter record ends the bytes tx_crc covers, so the CRC of the corrected bytes is the
+    # golden one XOR the CRC of their difference XOR the CRC of as many zeros (CRC is affine).
+    diff = bytes(a ^ b for a, b in zip(golden, expected[base:base + COUNTER_RECORD_BYTES],
+                                       strict=True))
+    tx = next(i for i in _TRAILER_FIELDS if i.name == "tx_crc")
+    lo = base + COUNTER_RECORD_BYTES + tx.offset // 8
+    crc = int.from_bytes(expected[lo:lo + tx.width // 8], "little")
+    crc ^= link_crc(diff) ^ link_crc(bytes(len(diff)))
+    expected[lo:lo + tx.width // 8] = crc.to_bytes(tx.width // 8, "little")
     if not compute <= busy <= cycles:
         return (f"implausible timing counters COMPUTE_CYCLES={compute} BUSY_CYCLES={busy} "
                 f"CYCLES={cycles} (need COMPUTE <= BUSY <= CYCLES)")
@@ -181,16 +204,16 @@ def compare_responses(config: AccelConfig | str, stream: bytes, expected: bytes,
     """
     config = get_config(config)
     segs = response_segments(config, stream, expected)
-    g = bytearray(got)
+    want = bytearray(expected)
     for seg in segs:
-        complaint = _mask_timing(config, seg, expected, g)
+        complaint = _take_timing(seg, want, got)
         instr = describe_instruction(seg.word)
         if complaint:
             lo = seg.start + STATUS_BYTES
             return Mismatch(lo, seg.index, instr, complaint, b"", bytes(got[lo:lo + 64]),
                             len(expected), len(got))
-        e = expected[seg.start:seg.start + seg.length]
-        r = bytes(g[seg.start:seg.start + seg.length])
+        e = bytes(want[seg.start:seg.start + seg.length])
+        r = bytes(got[seg.start:seg.start + seg.length])
         if e == r:
             continue
         rel = next((i for i in range(min(len(e), len(r))) if e[i] != r[i]), len(r))
@@ -275,7 +298,8 @@ class Checker:
         faulted = None
         for seg in response_segments(self.config, stream, expected):
             if seg.opcode == Opcode.SYNC.value:
-                report = StatusReport.from_bytes(expected[seg.start:seg.start + STATUS_BYTES])
+                report = StatusReport.from_bytes(expected[seg.start:seg.start + STATUS_BYTES],
+                                                 trailer=False)
                 if not report.ok:
                     faulted = (seg.index, report)
                     break

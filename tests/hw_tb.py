@@ -8,7 +8,7 @@ from amaranth.sim import Simulator
 from tinyaccel.hw.config import AccelConfig, Implementation
 from tinyaccel.hw.isa import Counter
 from tinyaccel.hw.top import Accelerator
-from tinyaccel.protocol import Program, StatusReport, parse_responses
+from tinyaccel.protocol import Program, StatusReport, check_link, parse_responses
 from tinyaccel.sim.golden import GoldenMachine
 
 __all__ = ["seed_from_env", "run_accelerator", "small_config", "check_against_golden", "FULL",
@@ -102,7 +102,9 @@ def check_against_golden(config: AccelConfig, program: Program, *, seed: int = 0
     """Run ``program`` on the RTL and on the golden model; assert identical responses.
 
     Timing counters are checked for ``COMPUTE_CYCLES <= BUSY_CYCLES <= CYCLES`` and then
-    ignored. ``impl`` replaces the config's :class:`Implementation` profile (default: keep it).
+    ignored; so is the ``tx_crc`` of a SYNC with counters (it covers them), after every link
+    trailer of the RTL's answer was checked against the bytes it covers (``check_link``).
+    ``impl`` replaces the config's :class:`Implementation` profile (default: keep it).
     Returns (parsed RTL responses, cycles).
     """
     if impl is not None:
@@ -111,6 +113,7 @@ def check_against_golden(config: AccelConfig, program: Program, *, seed: int = 0
     want = GoldenMachine(config).run(stream)
     got, cycles = run_accelerator(config, stream, seed=seed, dut=Accelerator(config), **kwargs)
     assert len(got) == len(want), f"seed {seed}: {len(got)} response bytes, expected {len(want)}"
+    check_link(config, stream, got)
     got_items = parse_responses(config, program, got)
     want_items = parse_responses(config, program, want)
     for index, (g, w) in enumerate(zip(got_items, want_items, strict=True)):
@@ -120,7 +123,7 @@ def check_against_golden(config: AccelConfig, program: Program, *, seed: int = 0
                 c = g.counters
                 assert (c[Counter.COMPUTE_CYCLES] <= c[Counter.BUSY_CYCLES]
                         <= c[Counter.CYCLES]), f"{where}: implausible timing counters {c}"
-                g = StatusReport(**{**g.__dict__, "counters": {
+                g = StatusReport(**{**g.__dict__, "tx_crc": w.tx_crc, "counters": {
                     k: (0 if k in TIMING else v) for k, v in c.items()}})
             assert g == w, f"{where}: status {g} != golden {w}"
         elif hasattr(w, "shape"):

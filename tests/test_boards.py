@@ -672,7 +672,7 @@ def test_uart_accelerator_end_to_end():
     import numpy as np
 
     from tinyaccel.hw.isa import Buffer
-    from tinyaccel.protocol import Program, StatusReport, pack_words
+    from tinyaccel.protocol import Program, StatusReport, pack_words, response_length
 
     config = get_config("ice40")
     divisor = 4
@@ -680,7 +680,7 @@ def test_uart_accelerator_end_to_end():
     program = Program(config).load(Buffer.WGT, 5, weights).store(Buffer.WGT, 5, 3).sync()
     host_in = list(program.to_bytes())
     expect = pack_words(config, Buffer.WGT, weights)
-    n_out = len(expect) + 16
+    n_out = len(expect) + response_length(config, program[-1][0])
     dut = UARTAccelerator(config, divisor, fifo_depth=64)
 
     async def line(ctx):

@@ -8,13 +8,14 @@ import pytest
 
 from tinyaccel.errors import AddressError, FieldError, OpcodeError, ProtocolError, ShapeError
 from tinyaccel.hw.config import PRESETS
-from tinyaccel.hw.isa import Buffer, Counter, Instruction, Opcode, Status
+from tinyaccel.hw.isa import LINK_TRAILER_BYTES, Buffer, Counter, Instruction, Opcode, Status
 from tinyaccel.protocol import (
     PARAM_DTYPE,
     Program,
     StatusReport,
     encode_fields,
     parse_responses,
+    response_length,
     sgq_response_length,
 )
 from tinyaccel.sim.golden import GoldenMachine, check_instruction
@@ -349,7 +350,8 @@ def test_sgq_response_bytes(cfg, rng):
     # error_pc counts from the last SYNC: the faulting SGQ is the first instruction after it
     assert (status.status, status.error_pc, status.error_opcode) == (Status.BAD_SHAPE, 0, 6)
     assert r[4] == b"" == r[5]  # the faulting SGQ and the skipped one: empty frames
-    assert raw[len(frame) + len(empty) + 16:] == empty + empty + status.to_bytes()
+    sync_bytes = response_length(cfg, Instruction(Opcode.SYNC))
+    assert raw[len(frame) + len(empty) + sync_bytes:] == empty + empty + status.to_bytes()
 
 
 # -- counters (section 10) ---------------------------------------------------------------------
@@ -381,7 +383,8 @@ def test_counters_match_formulas(rng):
     for timing in (Counter.CYCLES, Counter.BUSY_CYCLES, Counter.COMPUTE_CYCLES):
         assert c[timing] == 0
     c = second.counters  # reported, then cleared
-    assert c[Counter.BYTES_OUT] == out_bytes + 16 + 64
+    # ... and the first SYNC's response: records and link trailer
+    assert c[Counter.BYTES_OUT] == out_bytes + 16 + 64 + LINK_TRAILER_BYTES
     assert c[Counter.INSTRUCTIONS] == 12 and second.instructions == 1
     assert c[Counter.BYTES_IN] == 16 * 12 + data_in
     c = third.counters
@@ -649,7 +652,10 @@ def test_corner_programs(cfg):
         r, _ = run(cfg, c.program)
         reports = syncs(r)
         assert reports[0].status == c.status, c.name
-        assert all(rep.ok for rep in reports[1:]), c.name
+        kept = [i.fields["keep"] for i, _ in c.program if i.opcode == Opcode.SYNC]
+        cleared = kept.index(0)  # the first SYNC that clears the error state
+        assert all(rep.status == c.status for rep in reports[:cleared + 1]), c.name
+        assert all(rep.ok for rep in reports[cleared + 1:]), c.name
     rows, cols = cfg.rows, cfg.cols
     # Extreme products summed over the largest k the buffers allow.
     r, _ = run(cfg, corners["gemm_extreme_max_k"].program)

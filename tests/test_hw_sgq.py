@@ -11,9 +11,10 @@ from amaranth.lib.memory import Memory
 from amaranth.sim import Simulator
 from hw_tb import seed_from_env, small_config
 
+from tinyaccel.hw.crc import StreamCrc
 from tinyaccel.hw.isa import SGQ_MODE_BITS, Buffer, SgqMode
 from tinyaccel.hw.scratchpads import geometry
-from tinyaccel.hw.sgq_encoder import SgqCrc, StripeEncoderPipeline
+from tinyaccel.hw.sgq_encoder import StripeEncoderPipeline
 from tinyaccel.hw.sgq_serial import StripeEncoderSerial
 from tinyaccel.protocol import sgq_frame
 from tinyaccel.sim.numerics import sgq_encode, sgq_stripe_modes
@@ -154,14 +155,14 @@ def test_stripe_encoder(name, serial, held):
 
 
 @pytest.mark.parametrize("width", [1, 16, 64])
-def test_sgq_crc_is_zlibs_crc32(width):
-    """SgqCrc over little-endian words of any width (bits LSB first for width 1) is zlib's
+def test_stream_crc_is_zlibs_crc32(width):
+    """StreamCrc over little-endian words of any width (bits LSB first for width 1) is zlib's
     CRC-32 of the bytes; ``start`` restarts it between two messages."""
     seed = seed_from_env()
     print(f"seed={seed}")
     rng = np.random.default_rng(seed)
     messages = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in (0, 8, 40)]
-    dut = SgqCrc(width)
+    dut = StreamCrc(width)
     got = []
 
     async def tb(ctx):

@@ -10,7 +10,7 @@ from torch.nn import functional
 
 from tinyaccel.errors import DTypeError, FieldError, IntegrityError, ProtocolError, ShapeError
 from tinyaccel.hw.config import PRESETS
-from tinyaccel.hw.isa import SGQ_CRC, SGQ_MODE_BITS, Buffer, SgqMode
+from tinyaccel.hw.isa import CRC, SGQ_MODE_BITS, Buffer, SgqMode
 from tinyaccel.protocol import sgq_frame, sgq_response_length, sgq_unframe
 from tinyaccel.sim.numerics import (
     GemmWorkspace,
@@ -542,7 +542,7 @@ def test_sgq_crc_detection_claims(rng):
         flips = sorted({start, start + length - 1, *inner})
         assert _crc_detects(frame, body, flips), flips
     # 2-bit errors: x^i + x^j = x^i (x^(j-i) + 1) is a multiple of G iff x^(j-i) = 1 mod G
-    poly = SGQ_CRC.polynomial  # G without its x^32 term, MSB first
+    poly = CRC.polynomial  # G without its x^32 term, MSB first
     largest = max(sgq_response_length(c, _largest_payload(c)) for c in PRESETS.values())
     r = 1  # x^d mod G
     for d in range(1, 8 * largest):

@@ -10,12 +10,14 @@ from tinyaccel.errors import DTypeError, FieldError, IntegrityError, ProtocolErr
 from tinyaccel.hw.config import PRESETS
 from tinyaccel.hw.isa import (
     COUNTER_RECORD_BYTES,
+    LINK_TRAILER_BYTES,
     STATUS_BYTES,
     STATUS_MAGIC,
     Buffer,
     ChannelParams,
     Counter,
     Instruction,
+    LinkTrailer,
     Opcode,
     Status,
     StatusRecord,
@@ -28,10 +30,12 @@ from tinyaccel.protocol import (
     StatusReport,
     channel_params,
     channel_params_words,
+    check_link,
     data_length,
     decode_fields,
     encode_fields,
     iter_stream,
+    link_crc,
     pack_words,
     parse_responses,
     response_length,
@@ -134,34 +138,49 @@ def test_wrong_dtype_and_shape_name_the_buffer():
 
 def test_status_record_matches_amaranth_layout():
     report = StatusReport(Status.ADDR_RANGE, error_pc=70000, error_opcode=13,
-                          instructions=123456, acc_saturated=True)
+                          instructions=123456, acc_saturated=True, config_id=0xABCDEF,
+                          rx_crc=0x89ABCDEF, tx_crc=0x01234567)
     const = data.Layout.cast(StatusRecord).const({
         "magic": STATUS_MAGIC, "status": Status.ADDR_RANGE, "acc_saturated": 1,
-        "error_pc": 70000, "instructions": 123456, "error_opcode": 13})
-    assert report.to_bytes() == const.as_bits().to_bytes(STATUS_BYTES, "little")
+        "error_pc": 70000, "instructions": 123456, "error_opcode": 13, "config_id": 0xABCDEF})
+    trailer = data.Layout.cast(LinkTrailer).const({"rx_crc": 0x89ABCDEF, "tx_crc": 0x01234567})
+    assert report.to_bytes() == (const.as_bits().to_bytes(STATUS_BYTES, "little")
+                                 + trailer.as_bits().to_bytes(LINK_TRAILER_BYTES, "little"))
+    assert report.records() == report.to_bytes()[:STATUS_BYTES]
     assert StatusReport.from_bytes(report.to_bytes()) == report
+    bare = StatusReport(Status.OK, config_id=7)  # no trailer known: the records alone
+    assert bare.to_bytes() == bare.records()
+    assert StatusReport.from_bytes(bare.to_bytes(), trailer=False) == bare
+    with pytest.raises(FieldError, match="both CRCs"):
+        StatusReport(Status.OK, rx_crc=1).to_bytes()
+    with pytest.raises(FieldError, match="config_id"):
+        StatusReport(Status.OK, config_id=1 << 24).to_bytes()
     assert report.error_opcode_name == "opcode 13"
     assert StatusReport(Status.OK, error_opcode=Opcode.GEMM.value).error_opcode_name == "GEMM"
 
 
 def test_counter_record_in_counter_order():
     counters = {c: (i + 1) * 1000 + (1 << 40) for i, c in enumerate(Counter)}
-    raw = StatusReport(Status.OK, counters=counters).to_bytes()
-    assert len(raw) == STATUS_BYTES + COUNTER_RECORD_BYTES
+    raw = StatusReport(Status.OK, counters=counters, rx_crc=5, tx_crc=6).to_bytes()
+    assert len(raw) == STATUS_BYTES + COUNTER_RECORD_BYTES + LINK_TRAILER_BYTES
     for i, c in enumerate(Counter):
         at = STATUS_BYTES + 8 * i
         assert int.from_bytes(raw[at:at + 8], "little") == counters[c]
-    assert StatusReport.from_bytes(raw, counters=True).counters == counters
+    assert raw[-8:] == (5).to_bytes(4, "little") + (6).to_bytes(4, "little")  # after them
+    report = StatusReport.from_bytes(raw, counters=True)
+    assert report.counters == counters and (report.rx_crc, report.tx_crc) == (5, 6)
 
 
 def test_status_record_errors():
-    good = StatusReport(Status.OK).to_bytes()
+    good = StatusReport(Status.OK, rx_crc=0, tx_crc=0).to_bytes()
     with pytest.raises(ProtocolError, match="magic"):
         StatusReport.from_bytes(b"\x00" + good[1:])
     with pytest.raises(ProtocolError, match="undefined status"):
         StatusReport.from_bytes(good[:1] + b"\x77" + good[2:])
-    with pytest.raises(ProtocolError, match="16 bytes"):
+    with pytest.raises(ProtocolError, match="24 bytes"):
         StatusReport.from_bytes(good[:-1])
+    with pytest.raises(ProtocolError, match="16 bytes"):
+        StatusReport.from_bytes(good, trailer=False)
     with pytest.raises(FieldError, match="error_pc"):
         StatusReport(Status.OK, error_pc=1 << 32).to_bytes()
 
@@ -174,8 +193,9 @@ def test_data_and_response_lengths(cfg):
         assert data_length(cfg, load) == 7 * cfg.word_bits(buf) // 8
         assert response_length(cfg, store) == 7 * cfg.word_bits(buf) // 8
         assert response_length(cfg, load) == 0 and data_length(cfg, store) == 0
-    assert response_length(cfg, Instruction(Opcode.SYNC)) == 16
-    assert response_length(cfg, Instruction(Opcode.SYNC, counters=1, clear=1)) == 16 + 64
+    assert response_length(cfg, Instruction(Opcode.SYNC)) == 16 + 8  # records, link trailer
+    assert response_length(cfg, Instruction(Opcode.SYNC, keep=1)) == 16 + 8
+    assert response_length(cfg, Instruction(Opcode.SYNC, counters=1, clear=1)) == 16 + 64 + 8
     assert response_length(cfg, Instruction(Opcode.SGQ, count=4, stripe_len=1)) is None
     for op in (Opcode.NOP, Opcode.GEMM, Opcode.REQUANT, Opcode.PATCH):
         assert response_length(cfg, Instruction(op)) == 0
@@ -229,7 +249,7 @@ def test_program_stream_layout(rng):
     back = Program.from_bytes(cfg, stream)
     assert back.instructions == prog.instructions and back.to_bytes() == stream
     assert [w for w, _ in iter_stream(cfg, stream)] == [i.encode() for i in prog.instructions]
-    assert response_length(cfg, Program(cfg).store(Buffer.ACC, 0, 2).sync()) == 2 * 16 + 16
+    assert response_length(cfg, Program(cfg).store(Buffer.ACC, 0, 2).sync()) == 2 * 16 + 24
     assert response_length(cfg, prog) is None  # SGQ: variable
     assert prog.with_final_sync() is prog
     assert len(Program(cfg).nop().with_final_sync()) == 2
@@ -257,8 +277,8 @@ def make_responses(cfg, rng):
     counters = {c: 10 * c.value for c in Counter}
     stream = (pack_words(cfg, Buffer.ACC, acc) + sgq_frame(cfg, payload)
               + pack_words(cfg, Buffer.MASK, mask)
-              + StatusReport(Status.BAD_FIELD, 1, 6, 5, False, counters).to_bytes()
-              + StatusReport(Status.OK, instructions=1).to_bytes())
+              + StatusReport(Status.BAD_FIELD, 1, 6, 5, False, counters, 9, 11, 12).to_bytes()
+              + StatusReport(Status.OK, instructions=1, rx_crc=13, tx_crc=14).to_bytes())
     return prog, stream, acc, mask, payload, counters
 
 
@@ -269,14 +289,15 @@ def test_parse_responses(cfg, rng):
     assert len(r) == len(prog)
     assert np.array_equal(r[0], acc) and r[1] == payload and np.array_equal(r[2], mask)
     assert r[3] is None
-    assert r[4] == StatusReport(Status.BAD_FIELD, 1, 6, 5, False, counters)
+    assert r[4] == StatusReport(Status.BAD_FIELD, 1, 6, 5, False, counters, 9, 11, 12)
+    assert (r[5].rx_crc, r[5].tx_crc) == (13, 14)
     assert r[5].ok and r[5].counters is None and r[5].instructions == 1
     with pytest.raises(ProtocolError, match="missing"):
         parse_responses(cfg, prog, stream[:-1])
     with pytest.raises(ProtocolError, match="2 extra"):
         parse_responses(cfg, prog, stream + b"\x5a\x00")
     corrupt = bytearray(stream)
-    corrupt[len(stream) - 16] = 0x00  # magic of the last status record
+    corrupt[len(stream) - 24] = 0x00  # magic of the last status record
     with pytest.raises(ProtocolError, match="magic"):
         parse_responses(cfg, prog, bytes(corrupt))
     at = 2 * cfg.word_bytes(Buffer.ACC)  # the SGQ length header
@@ -305,3 +326,44 @@ def test_parse_responses(cfg, rng):
     assert type(err.value) is ProtocolError
     undefined = Program(cfg).raw(encode_fields(Opcode.STORE, buf=UNDEFINED_BUFFERS[0], count=4))
     assert parse_responses(cfg, undefined, b"") == [b""]
+
+
+def test_link_crc_is_crc32_iso_hdlc():
+    """The one CRC of the link and SGQ: CRC-32/ISO-HDLC's check value, and zlib's CRC-32."""
+    assert link_crc(b"123456789") == 0xCBF43926
+    data = bytes(range(256)) * 5
+    assert link_crc(data) == zlib.crc32(data) and link_crc(b"") == 0
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.name)
+def test_check_link(cfg, rng):
+    """check_link recomputes both CRCs of every trailer from the bytes each covers (a stream
+    and an answer built by hand here, each trailer from zlib), and names a wrong one."""
+    words = random_words(cfg, Buffer.WGT, 2, rng)
+    prog = Program(cfg).load(Buffer.WGT, 0, words).store(Buffer.WGT, 0, 2).sync(counters=True)
+    prog.sgq(0, 0, 1, 0).sync(keep=True).sync()
+    stream = prog.to_bytes()
+    ends = [sum(len(i.to_bytes()) + len(d) for i, d in prog[:n + 1]) for n in (2, 4, 5)]
+    rx = [zlib.crc32(stream[a:b]) for a, b in zip([0] + ends[:-1], ends, strict=True)]
+    counters = {c: c.value for c in Counter}
+    out = pack_words(cfg, Buffer.WGT, words) + StatusReport(Status.OK, counters=counters).records()
+    out += (rx[0] | zlib.crc32(out) << 32).to_bytes(8, "little")
+    start = len(out)
+    out += sgq_frame(cfg, b"") + StatusReport(Status.OK).records()
+    out += (rx[1] | zlib.crc32(out[start:]) << 32).to_bytes(8, "little")
+    start = len(out)
+    out += StatusReport(Status.OK).records()
+    out += (rx[2] | zlib.crc32(out[start:]) << 32).to_bytes(8, "little")
+    assert check_link(cfg, stream, out) == 3
+    for at, name in ((len(out) - 8, "rx_crc"), (len(out) - 1, "tx_crc"), (0, "tx_crc")):
+        bad = bytearray(out)
+        bad[at] ^= 4
+        with pytest.raises(IntegrityError, match=f"SYNC [0-9]: link trailer {name}="):
+            check_link(cfg, stream, bytes(bad))
+    sent = bytearray(stream)
+    sent[20] ^= 1  # a LOAD data byte the accelerator did not receive as sent
+    with pytest.raises(IntegrityError, match="SYNC 2: link trailer rx_crc=.* accelerator "
+                                             "received"):
+        check_link(cfg, bytes(sent), out)
+    with pytest.raises(ProtocolError, match="before the link trailer of SYNC 5"):
+        check_link(cfg, stream, out[:-3])

@@ -1,11 +1,20 @@
 """The RTL scoreboard itself, on golden responses with planted faults (no simulator needed)."""
 
+import zlib
+
 import numpy as np
 import pytest
 
 from tinyaccel.hw.config import get_config
-from tinyaccel.hw.isa import STATUS_BYTES, Buffer, Counter
-from tinyaccel.protocol import Program
+from tinyaccel.hw.isa import (
+    COUNTER_RECORD_BYTES,
+    STATUS_BYTES,
+    Buffer,
+    Counter,
+    Instruction,
+    Opcode,
+)
+from tinyaccel.protocol import Program, response_length
 from tinyaccel.sim.golden import GoldenMachine
 from tinyaccel.sim.scoreboard import compare_responses, isolated, response_segments
 
@@ -21,8 +30,15 @@ def case():
     return stream, GoldenMachine(CFG).run(stream)
 
 
+def _counter_sync(stream, expected):
+    """The response segment of the SYNC with counters."""
+    n = response_length(CFG, Instruction(Opcode.SYNC, counters=1))
+    return [s for s in response_segments(CFG, stream, expected)
+            if s.opcode == Opcode.SYNC.value and s.length == n][0]
+
+
 def _counter_offset(stream, expected, counter):
-    seg = [s for s in response_segments(CFG, stream, expected) if s.length > STATUS_BYTES][0]
+    seg = _counter_sync(stream, expected)
     return seg.start + STATUS_BYTES + 8 * counter.value
 
 
@@ -34,12 +50,22 @@ def test_equal_is_none(case):
 def test_store_byte_names_instruction_and_word(case):
     stream, expected = case
     got = bytearray(expected)
-    first_store = STATUS_BYTES  # after the preamble SYNC's status record
+    first_store = response_length(CFG, Instruction(Opcode.SYNC))  # after the preamble SYNC
     got[first_store + CFG.cols + 1] ^= 0x40
     m = compare_responses(CFG, stream, expected, bytes(got))
     assert m is not None and m.offset == first_store + CFG.cols + 1
     assert m.index == 2 and "STORE" in m.instruction and "WGT word 5" in m.where
     assert "expected" in str(m) and "instruction 2" in str(m)
+
+
+def _seal(stream, got):
+    """Set the tx_crc of the counter SYNC in ``got`` as an RTL would: zlib's CRC-32 of the
+    bytes it sent since the previous (preamble) SYNC's trailer through its counter record."""
+    seg = _counter_sync(stream, got)
+    records_end = seg.start + STATUS_BYTES + COUNTER_RECORD_BYTES
+    first = response_length(CFG, Instruction(Opcode.SYNC))
+    got[records_end + 4:records_end + 8] = zlib.crc32(got[first:records_end]).to_bytes(4, "little")
+    return bytes(got)
 
 
 def test_timing_counters_only_plausible(case):
@@ -49,11 +75,23 @@ def test_timing_counters_only_plausible(case):
                            (Counter.COMPUTE_CYCLES, 7)):
         off = _counter_offset(stream, expected, counter)
         got[off:off + 8] = value.to_bytes(8, "little")
-    assert compare_responses(CFG, stream, expected, bytes(got)) is None
+    m = compare_responses(CFG, stream, expected, bytes(got))  # tx_crc not updated: caught
+    assert m is not None and m.index == 3 and "link trailer tx_crc" in m.where
+    assert compare_responses(CFG, stream, expected, _seal(stream, got)) is None
     off = _counter_offset(stream, expected, Counter.COMPUTE_CYCLES)
     got[off:off + 8] = (501).to_bytes(8, "little")
-    m = compare_responses(CFG, stream, expected, bytes(got))
+    m = compare_responses(CFG, stream, expected, _seal(stream, got))
     assert m is not None and "implausible" in m.where
+
+
+@pytest.mark.parametrize("field, at", [("rx_crc", 0), ("tx_crc", 4)])
+def test_link_trailer_field_named(case, field, at):
+    stream, expected = case
+    got = bytearray(expected)
+    trailer = len(expected) - 8  # the last SYNC's
+    got[trailer + at + 2] ^= 0x10
+    m = compare_responses(CFG, stream, expected, bytes(got))
+    assert m is not None and m.index == 5 and f"link trailer {field}" in m.where
 
 
 def test_architectural_counter_is_exact(case):

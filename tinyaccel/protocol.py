@@ -7,7 +7,8 @@ The golden model, the RTL testbenches and the driver all speak through this modu
 * :class:`Program` builds a host stream (instruction words, each LOAD followed by its data);
 * :func:`data_length` / :func:`response_length` say how many bytes follow an instruction in each
   direction, and :func:`parse_responses` splits the accelerator's answer per instruction;
-* :class:`StatusReport` is the SYNC answer (status record and counter record).
+* :class:`StatusReport` is the SYNC answer (status record, counter record, link trailer), and
+  :func:`link_crc` the checksum of the link trailer and of SGQ responses.
 
 Every offset and width comes from the layouts in :mod:`tinyaccel.hw.isa` (through
 :func:`~tinyaccel.hw.isa.field_table`) and from :class:`~tinyaccel.hw.config.AccelConfig`.
@@ -40,10 +41,11 @@ from .hw.config import MASK_WORD_BITS, AccelConfig, get_config
 from .hw.isa import (
     COUNTER_BITS,
     COUNTER_RECORD_BYTES,
+    CRC,
+    CRC_BYTES,
     INSTR_BITS,
     INSTR_BYTES,
-    SGQ_CRC,
-    SGQ_CRC_BYTES,
+    LINK_TRAILER_BYTES,
     SGQ_MODE_BITS,
     STATUS_BYTES,
     STATUS_MAGIC,
@@ -52,6 +54,7 @@ from .hw.isa import (
     Counter,
     Instruction,
     InstructionLayout,
+    LinkTrailer,
     Opcode,
     SgqMode,
     SgqStripeHeader,
@@ -67,9 +70,9 @@ __all__ = [
     "RawInstruction", "decode_fields", "encode_fields", "as_word",
     "data_length", "response_length", "sgq_response_length", "sgq_max_payload", "sgq_frame",
     "sgq_unframe",
-    "sgq_crc",
-    "StatusReport", "pack_counters", "unpack_counters",
-    "Program", "iter_stream", "parse_responses",
+    "link_crc",
+    "StatusReport", "pack_counters", "unpack_counters", "pack_link_trailer",
+    "Program", "iter_stream", "parse_responses", "check_link",
 ]
 
 #: Bytes of the little-endian payload length that starts an SGQ response (section 8).
@@ -354,22 +357,24 @@ def sgq_response_length(config: AccelConfig, payload_bytes: int) -> int:
     """Bytes of an SGQ response (section 8): the length header and the payload, zero-padded to
     whole host beats, then the CRC trailer, zero-padded to whole host beats."""
     return (_whole_beats(config, SGQ_LENGTH_BYTES + payload_bytes)
-            + _whole_beats(config, SGQ_CRC_BYTES))
+            + _whole_beats(config, CRC_BYTES))
 
 
-def sgq_crc(data: bytes) -> int:
-    """The SGQ checksum (:data:`~tinyaccel.hw.isa.SGQ_CRC`) of ``data``."""
+def link_crc(data: bytes) -> int:
+    """The link's checksum (:data:`~tinyaccel.hw.isa.CRC`, CRC-32/ISO-HDLC) of ``data``: the
+    ``rx_crc`` and ``tx_crc`` of a SYNC's link trailer (section 9) and the SGQ trailer (section
+    8) are this function of the bytes they cover."""
     return _crc(bytes(data))
 
 
-def _sgq_crc_slow(data: bytes) -> int:
-    return SGQ_CRC(8).compute(data)
+def _crc_slow(data: bytes) -> int:
+    return CRC(8).compute(data)
 
 
-# zlib computes CRC32_ISO_HDLC in C; use it when SGQ_CRC is that algorithm (checked on the
+# zlib computes CRC32_ISO_HDLC in C; use it when CRC is that algorithm (checked on the
 # catalogue's check input and on a longer one), the definition itself otherwise.
 _CHECK = [b"123456789", bytes(range(256)) * 3]
-_crc = zlib.crc32 if all(zlib.crc32(d) == _sgq_crc_slow(d) for d in _CHECK) else _sgq_crc_slow
+_crc = zlib.crc32 if all(zlib.crc32(d) == _crc_slow(d) for d in _CHECK) else _crc_slow
 
 
 def sgq_frame(config: AccelConfig, payload: bytes) -> bytes:
@@ -378,8 +383,8 @@ def sgq_frame(config: AccelConfig, payload: bytes) -> bytes:
     config = get_config(config)
     body = len(payload).to_bytes(SGQ_LENGTH_BYTES, "little") + bytes(payload)
     body += bytes(_whole_beats(config, len(body)) - len(body))
-    trailer = sgq_crc(body).to_bytes(SGQ_CRC_BYTES, "little")
-    return body + trailer + bytes(_whole_beats(config, SGQ_CRC_BYTES) - SGQ_CRC_BYTES)
+    trailer = link_crc(body).to_bytes(CRC_BYTES, "little")
+    return body + trailer + bytes(_whole_beats(config, CRC_BYTES) - CRC_BYTES)
 
 
 def sgq_unframe(config: AccelConfig, frame: bytes, index: int | None = None) -> bytes:
@@ -404,13 +409,13 @@ def sgq_unframe(config: AccelConfig, frame: bytes, index: int | None = None) -> 
         raise ProtocolError(f"{who} has {len(frame)} bytes, its length header {length} says "
                             f"{want}")
     body = _whole_beats(config, SGQ_LENGTH_BYTES + length)
-    expected = sgq_crc(frame[:body])
-    received = int.from_bytes(frame[body:body + SGQ_CRC_BYTES], "little")
+    expected = link_crc(frame[:body])
+    received = int.from_bytes(frame[body:body + CRC_BYTES], "little")
     if received != expected:
         raise IntegrityError(f"{who}: CRC-32 mismatch, expected 0x{expected:08x} (over its "
                              f"{body} bytes), received 0x{received:08x}: corrupted payload")
     for start, stop, what in ((SGQ_LENGTH_BYTES + length, body, "payload"),
-                              (body + SGQ_CRC_BYTES, len(frame), "CRC trailer")):
+                              (body + CRC_BYTES, len(frame), "CRC trailer")):
         pad = frame[start:stop]
         if any(pad):
             at = start + next(i for i, b in enumerate(pad) if b)
@@ -422,10 +427,10 @@ def sgq_unframe(config: AccelConfig, frame: bytes, index: int | None = None) -> 
 def response_length(config: AccelConfig, instr) -> int | None:
     """Bytes the accelerator sends for ``instr`` (or a whole :class:`Program`).
 
-    STORE: ``count * word_bytes`` (0 for an undefined buffer code); SYNC: the status record and,
-    with ``counters``, the counter record; SGQ: ``None`` (variable — the host reads the length
-    header, see :func:`sgq_response_length`); everything else 0. For a Program, the sum, or
-    ``None`` when it contains an SGQ.
+    STORE: ``count * word_bytes`` (0 for an undefined buffer code); SYNC: the status record,
+    with ``counters`` the counter record, and the link trailer; SGQ: ``None`` (variable — the
+    host reads the length header, see :func:`sgq_response_length`); everything else 0. For a
+    Program, the sum, or ``None`` when it contains an SGQ.
     """
     config = get_config(config)
     if isinstance(instr, Program):
@@ -441,7 +446,8 @@ def response_length(config: AccelConfig, instr) -> int | None:
         buf = _defined_buffer(fields["buf"])
         return 0 if buf is None else fields["count"] * config.word_bytes(buf)
     if code == Opcode.SYNC.value:
-        return STATUS_BYTES + (COUNTER_RECORD_BYTES if fields["counters"] else 0)
+        return (STATUS_BYTES + (COUNTER_RECORD_BYTES if fields["counters"] else 0)
+                + LINK_TRAILER_BYTES)
     if code == Opcode.SGQ.value:
         return None
     return 0
@@ -450,6 +456,7 @@ def response_length(config: AccelConfig, instr) -> int | None:
 # -- status and counter records ----------------------------------------------------------------
 
 _STATUS_FIELDS = field_table(StatusRecord)
+_TRAILER_FIELDS = field_table(LinkTrailer)
 _COUNTER_BYTES = COUNTER_BITS // 8
 
 
@@ -474,11 +481,13 @@ def unpack_counters(data: bytes) -> dict[Counter, int]:
 
 @dataclass(frozen=True)
 class StatusReport:
-    """The answer to a SYNC: the status record and, when asked, the counters.
+    """The answer to a SYNC: the status record, when asked the counters, and the link trailer.
 
-    ``error_pc`` is the index (since the previous SYNC) of the first faulting instruction and
-    ``error_opcode`` its 4-bit opcode code (both 0 when ``status`` is OK); ``instructions`` the
-    number of instructions since the previous SYNC, this SYNC included.
+    ``error_pc`` is the index (since the SYNC that last cleared the error state) of the first
+    faulting instruction and ``error_opcode`` its 4-bit opcode code (both 0 when ``status`` is
+    OK); ``instructions`` the number of instructions in that window, this SYNC included;
+    ``config_id`` the gateware's ``AccelConfig.config_id``. ``rx_crc`` and ``tx_crc`` are the
+    link trailer (section 9; ``None``: a report without one, e.g. before it is known).
     """
 
     status: Status
@@ -487,6 +496,9 @@ class StatusReport:
     instructions: int = 0
     acc_saturated: bool = False
     counters: dict[Counter, int] | None = None
+    config_id: int = 0
+    rx_crc: int | None = None
+    tx_crc: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -500,31 +512,39 @@ class StatusReport:
         except ValueError:
             return f"opcode {self.error_opcode}"
 
-    def to_bytes(self) -> bytes:
-        """The status record, followed by the counter record when ``counters`` is set."""
+    def records(self) -> bytes:
+        """The status record, followed by the counter record when ``counters`` is set: the
+        bytes of the SYNC response that ``tx_crc`` covers last."""
         values = {"magic": STATUS_MAGIC, "status": Status(self.status).value,
                   "acc_saturated": int(self.acc_saturated), "error_pc": self.error_pc,
-                  "instructions": self.instructions, "error_opcode": self.error_opcode}
-        word = 0
-        for info in _STATUS_FIELDS:
-            value = int(values.get(info.name, 0))
-            if not 0 <= value <= info.mask:
-                raise FieldError(f"StatusRecord.{info.name}={value} does not fit in "
-                                 f"{info.width} bits")
-            word |= value << info.offset
-        record = word.to_bytes(STATUS_BYTES, "little")
+                  "instructions": self.instructions, "error_opcode": self.error_opcode,
+                  "config_id": self.config_id}
+        record = _pack_fields("StatusRecord", _STATUS_FIELDS, values, STATUS_BYTES)
         return record + (pack_counters(self.counters) if self.counters is not None else b"")
 
+    def to_bytes(self) -> bytes:
+        """The SYNC response: :meth:`records`, then the link trailer unless ``rx_crc`` and
+        ``tx_crc`` are ``None``."""
+        if (self.rx_crc is None) != (self.tx_crc is None):
+            raise FieldError(f"link trailer needs both CRCs: rx_crc={self.rx_crc}, "
+                             f"tx_crc={self.tx_crc}")
+        if self.rx_crc is None:
+            return self.records()
+        return self.records() + pack_link_trailer(self.rx_crc, self.tx_crc)
+
     @classmethod
-    def from_bytes(cls, data: bytes, counters: bool = False) -> StatusReport:
-        """Parse a status record (and the counter record after it when ``counters``).
+    def from_bytes(cls, data: bytes, counters: bool = False, trailer: bool = True
+                   ) -> StatusReport:
+        """Parse a SYNC response: the status record, the counter record after it when
+        ``counters``, and the link trailer when ``trailer`` (as every SYNC sends it).
 
         Raises
         ------
         ProtocolError
             On a wrong length, a bad magic byte or an undefined status code.
         """
-        want = STATUS_BYTES + (COUNTER_RECORD_BYTES if counters else 0)
+        want = (STATUS_BYTES + (COUNTER_RECORD_BYTES if counters else 0)
+                + (LINK_TRAILER_BYTES if trailer else 0))
         if len(data) != want:
             raise ProtocolError(f"SYNC response needs {want} bytes, got {len(data)}")
         word = int.from_bytes(data[:STATUS_BYTES], "little")
@@ -537,10 +557,34 @@ class StatusReport:
         except ValueError:
             raise ProtocolError(f"status record carries undefined status {values['status']}") \
                 from None
+        end = STATUS_BYTES + (COUNTER_RECORD_BYTES if counters else 0)
+        link = {"rx_crc": None, "tx_crc": None}
+        if trailer:
+            bits = int.from_bytes(data[end:], "little")
+            link = {info.name: (bits >> info.offset) & info.mask for info in _TRAILER_FIELDS}
         return cls(status=status, error_pc=values["error_pc"],
                    error_opcode=values["error_opcode"], instructions=values["instructions"],
                    acc_saturated=bool(values["acc_saturated"]),
-                   counters=unpack_counters(data[STATUS_BYTES:]) if counters else None)
+                   counters=unpack_counters(data[STATUS_BYTES:end]) if counters else None,
+                   config_id=values["config_id"], **link)
+
+
+def pack_link_trailer(rx_crc: int, tx_crc: int) -> bytes:
+    """The link trailer (:class:`~tinyaccel.hw.isa.LinkTrailer`) that ends a SYNC response."""
+    return _pack_fields("LinkTrailer", _TRAILER_FIELDS, {"rx_crc": rx_crc, "tx_crc": tx_crc},
+                        LINK_TRAILER_BYTES)
+
+
+def _pack_fields(record: str, table, values: Mapping[str, int], size: int) -> bytes:
+    """The little-endian bytes of a record: ``values`` by name into the fields of ``table``
+    (fields not named are 0), each checked against its width."""
+    word = 0
+    for info in table:
+        value = int(values.get(info.name, 0))
+        if not 0 <= value <= info.mask:
+            raise FieldError(f"{record}.{info.name}={value} does not fit in {info.width} bits")
+        word |= value << info.offset
+    return word.to_bytes(size, "little")
 
 
 # -- programs ----------------------------------------------------------------------------------
@@ -681,9 +725,11 @@ class Program:
         return self.append(Instruction(Opcode.SGQ, out_addr=out_addr, count=count,
                                        stripe_len=stripe_len, max_shift=max_shift))
 
-    def sync(self, counters: bool = False, clear: bool = False) -> Program:
-        """SYNC: status record (and counter record with ``counters``; zero them with ``clear``)."""
-        return self.append(Instruction(Opcode.SYNC, counters=int(counters), clear=int(clear)))
+    def sync(self, counters: bool = False, clear: bool = False, keep: bool = False) -> Program:
+        """SYNC: status record (and counter record with ``counters``; zero them with ``clear``),
+        then the link trailer; ``keep``: leave the error state as it is (section 5)."""
+        return self.append(Instruction(Opcode.SYNC, counters=int(counters), clear=int(clear),
+                                       keep=int(keep)))
 
     def with_final_sync(self, counters: bool = True) -> Program:
         """This program if it ends with a SYNC, else a copy with ``SYNC counters=...`` appended."""
@@ -741,7 +787,8 @@ def parse_responses(config: AccelConfig | str, program: Iterable, data: bytes) -
     """Split the accelerator's answer to ``program`` into one entry per instruction.
 
     STORE -> the words as arrays (:func:`unpack_words`); SGQ -> the payload ``bytes``;
-    SYNC -> :class:`StatusReport`; every other instruction -> ``None``.
+    SYNC -> :class:`StatusReport` (with its link trailer; :func:`check_link` checks the CRCs);
+    every other instruction -> ``None``.
 
     Raises
     ------
@@ -803,3 +850,48 @@ def sgq_max_payload(config: AccelConfig, count: int, stripe_len: int) -> int:
     stripe_bits = (SgqMode.as_shape().width + data.Layout.cast(SgqStripeHeader).size
                    + max(stripe_len, 1) * config.cols * max(SGQ_MODE_BITS.values()))
     return -(-(value_bits + stripes * stripe_bits) // 8)
+
+
+def check_link(config: AccelConfig | str, stream: bytes, data: bytes) -> int:
+    """Check the link trailer of every SYNC in the answer ``data`` to the host ``stream``:
+    ``rx_crc`` against :func:`link_crc` of the bytes sent since the previous SYNC's word,
+    ``tx_crc`` against that of the bytes received since the previous trailer (section 9).
+    ``stream`` starts just after a SYNC (or a reset). Returns the number of trailers checked.
+
+    Raises
+    ------
+    IntegrityError
+        When a CRC differs, naming the SYNC, the direction and both values.
+    ProtocolError
+        When ``data`` ends before a SYNC's trailer.
+    """
+    config = get_config(config)
+    stream, data = bytes(stream), bytes(data)
+    rx_start = tx_start = pos_in = pos_out = checked = 0
+    for index, (word, payload) in enumerate(iter_stream(config, stream)):
+        pos_in += INSTR_BYTES + len(payload)
+        n = response_length(config, word)
+        if n is None:  # SGQ: its length header says
+            n = sgq_response_length(config, int.from_bytes(
+                data[pos_out:pos_out + SGQ_LENGTH_BYTES], "little"))
+        pos_out += n
+        if decode_fields(word)[0] != Opcode.SYNC.value:
+            continue
+        if pos_out > len(data):
+            raise ProtocolError(f"response ends before the link trailer of SYNC {index}: "
+                                f"{len(data)} of {pos_out} bytes")
+        records_end = pos_out - LINK_TRAILER_BYTES
+        bits = int.from_bytes(data[records_end:pos_out], "little")
+        got = {info.name: (bits >> info.offset) & info.mask for info in _TRAILER_FIELDS}
+        for name, covered, what in (
+                ("rx_crc", stream[rx_start:pos_in], "the accelerator received"),
+                ("tx_crc", data[tx_start:records_end], "the accelerator sent")):
+            want = link_crc(covered)
+            if got[name] != want:
+                raise IntegrityError(
+                    f"SYNC {index}: link trailer {name}=0x{got[name]:08x}, expected "
+                    f"0x{want:08x} over the {len(covered)} bytes {what}: a byte was lost or "
+                    f"corrupted on the link")
+        rx_start, tx_start = pos_in, pos_out
+        checked += 1
+    return checked

@@ -18,7 +18,7 @@ from .hw.isa import Buffer, Opcode
 __all__ = ["sections", "render_markdown", "render_text", "update_document", "stale_sections"]
 
 _ENUMS = [isa.Opcode, isa.Buffer, isa.Status, isa.Counter, isa.SgqMode]
-_RECORDS = [isa.ChannelParams, isa.StatusRecord, isa.SgqStripeHeader]
+_RECORDS = [isa.ChannelParams, isa.StatusRecord, isa.LinkTrailer, isa.SgqStripeHeader]
 
 
 def _shape_name(shape) -> str:
@@ -91,6 +91,7 @@ def config_table(configs: list[AccelConfig] | None = None) -> list[list[str]]:
         ["host stream"] + [f"{c.host_width} bits" for c in configs],
         ["requant lanes"] + [str(c.requant_lanes) for c in configs],
         ["implementation profile"] + [c.impl.name for c in configs],
+        ["config_id (status record)"] + [f"0x{c.config_id:06x}" for c in configs],
     ]
     for buf in Buffer:
         rows.append([f"{buf.name} words x bits"] + [
