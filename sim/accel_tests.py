@@ -18,7 +18,7 @@ from multiprocessing.connection import Client
 import cocotb
 from cocotb.triggers import RisingEdge
 
-from ..hw.isa import STATUS_BYTES, Buffer, Instruction, Opcode
+from ..hw.isa import LINK_TRAILER_BYTES, STATUS_BYTES, Buffer, Instruction, Opcode
 
 _SERVER = os.environ.get("TINYACCEL_RTL_SERVER")
 
@@ -140,5 +140,6 @@ async def hang_is_reported(dut):
     beats = _write_beats(Instruction(Opcode.SYNC).to_bytes())
     st = await run_program(dut, in_beats=beats, expect_beats=None)
     assert not st["timed_out"] and st["in_ptr"] == beats, f"no recovery after reset: {st}"
-    assert st["out_total"] * int(os.environ["TINYACCEL_HOST_WIDTH"]) // 8 == STATUS_BYTES, (
+    assert st["out_total"] * int(os.environ["TINYACCEL_HOST_WIDTH"]) // 8 == (
+        STATUS_BYTES + LINK_TRAILER_BYTES), (
         f"SYNC after reset sent {st['out_total']} beats")

@@ -49,6 +49,7 @@ _GAP_MAX = _field(Opcode.REQUANT, "out_gap").mask
 _KH_MAX = _field(Opcode.IM2COL, "kh").mask
 _PAD_MAX = _field(Opcode.IM2COL, "pad_top").mask
 _MASK_IDX_MAX = _field(Opcode.GEMM, "mask_idx").mask
+_MASK_WORD_MAX = _field(Opcode.IM2COL, "mask_word").mask
 _INT8 = np.iinfo(np.int8)
 
 
@@ -233,7 +234,7 @@ def random_im2col(config: AccelConfig | str, rng, *, out_window: int | None = No
             pass_fields = dict(tiled=True)
             first = oy0 * out_w // config.rows
             if rng.random() < 0.5 and first + m_blocks <= mask_bits:
-                words = (mask_bits - first - m_blocks) // 64
+                words = min((mask_bits - first - m_blocks) // 64, _MASK_WORD_MAX)
                 pass_fields.update(gate=True, mask_word=int(rng.integers(0, words + 1)))
         pad_value = int(rng.integers(_INT8.min, _INT8.max + 1))
         if pool and rng.random() < 0.7:
@@ -409,12 +410,14 @@ class _Generator:
 
     def random_dilate(self) -> dict:
         """Legal DILATE operands: grids up to 12x12 (sometimes empty), windows up to the field
-        maxima, disjoint source and destination inside the MASK window."""
+        maxima, disjoint source and destination inside the MASK window (below the largest
+        ``src``/``dst`` the fields hold: an empty grid may start where the window ends)."""
         rng = self.rng
+        bits = min(self.mask_bits, _MASK_IDX_MAX)
         for _ in range(1000):
             in_h, in_w, out_h, out_w = (self._size(12) for _ in range(4))
             n_in, n_out = in_h * in_w, out_h * out_w
-            if n_in + n_out > self.mask_bits:
+            if n_in + n_out > bits:
                 continue
             f = dict(in_h=in_h, in_w=in_w, out_h=out_h, out_w=out_w,
                      kh=self._int(1, 3) if rng.random() < 0.8 else self._int(1, 7),
@@ -422,11 +425,11 @@ class _Generator:
                      stride_y=self._int(1, 3), stride_x=self._int(1, 3),
                      pad_top=self._int(0, 3), pad_left=self._int(0, 3),
                      merge=rng.random() < 0.3)
-            a = self._int(0, self.mask_bits - n_in - n_out)
-            b = self._int(a + n_in, self.mask_bits - n_out)
+            a = self._int(0, bits - n_in - n_out)
+            b = self._int(a + n_in, bits - n_out)
             if rng.random() < 0.5:  # destination first
-                b = self._int(0, self.mask_bits - n_in - n_out)
-                a = self._int(b + n_out, self.mask_bits - n_in)
+                b = self._int(0, bits - n_in - n_out)
+                a = self._int(b + n_out, bits - n_in)
             return dict(src=a, dst=b, **f)
         raise ConfigError(f"config {self.cfg.name!r}: no DILATE fits {self.mask_bits} bits")
 
@@ -509,7 +512,10 @@ class _Generator:
                 f["dst"] = min(f["dst"], _MASK_IDX_MAX)
             else:
                 side = str(rng.choice(["src", "dst"]))
-                n = f["in_h"] * f["in_w"] if side == "src" else f["out_h"] * f["out_w"]
+                h, w = ("in_h", "in_w") if side == "src" else ("out_h", "out_w")
+                if cfg.mask_bits - f[h] * f[w] + 1 > _MASK_IDX_MAX:  # (no base can reach)
+                    f[h] = 2
+                n = f[h] * f[w]
                 f[side] = self._int(max(0, cfg.mask_bits - n + 1), _MASK_IDX_MAX)
             prog.dilate(**f)
         else:  # SGQ

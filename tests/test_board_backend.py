@@ -12,14 +12,7 @@ import pytest
 from tinyaccel.boards.link import LinkSpec
 from tinyaccel.errors import BackendUnavailable, ProtocolError
 from tinyaccel.hw.config import PRESETS
-from tinyaccel.hw.isa import (
-    COUNTER_RECORD_BYTES,
-    LINK_TRAILER_BYTES,
-    STATUS_BYTES,
-    Buffer,
-    Instruction,
-    Opcode,
-)
+from tinyaccel.hw.isa import Buffer, Instruction, Opcode
 from tinyaccel.hw.isa import SgqMode as Mode
 from tinyaccel.protocol import (
     SGQ_LENGTH_BYTES,
@@ -37,8 +30,7 @@ from tinyaccel.sw.runtime import BoardBackend, Device
 CONFIGS = ["sim", "ecp5", "ice40"]
 #: Fixed seeds of the data and of the link's chunk sizes, one per case.
 SEEDS = [1401, 1402]
-#: the answer to SYNC counters=1
-SYNC_BYTES = STATUS_BYTES + COUNTER_RECORD_BYTES + LINK_TRAILER_BYTES
+SYNC_BYTES = response_length(PRESETS["sim"], Instruction(Opcode.SYNC, counters=1))  # its answer
 
 
 #: A fast link: the resync silence is 50 ms.
@@ -218,7 +210,7 @@ def test_a_corrupted_sgq_length_header_is_a_protocol_error(config):
 
     # Longer than what follows it but possible (small codes): the reader waits for bytes that
     # never come and says for what.
-    longer = true_length + STATUS_BYTES + LINK_TRAILER_BYTES + cfg.beat_bytes
+    longer = true_length + response_length(cfg, Instruction(Opcode.SYNC)) + cfg.beat_bytes
     dev, link = board(config, seed)
     dev.run(setup)
     link.tamper = _with_first_header(longer)
