@@ -468,11 +468,12 @@ def build_cmd(board, config_name, clock_mhz, baud, seed, synth_opts, allow_timin
     from .errors import BuildError
 
     def show(result):
-        for key in ("board", "config", "macs", "fmax_mhz", "clock_mhz", "peak_gops", "dsp_used",
-                    "dsp_total", "lut_used", "lut_total", "bram_used", "bram_total", "fits",
-                    "timing_met", "bitstream", "wall_s"):
+        for key in ("board", "config", "macs", "fmax_mhz", "clock_mhz", "timing_met",
+                    "peak_gops", "peak_gops_at_fmax", "dsp_used", "dsp_total", "lut_used",
+                    "lut_total", "bram_used", "bram_total", "fits", "baud", "rx_fifo_bytes",
+                    "bitstream", "wall_s"):
             if key in result:
-                click.echo(f"{key:<11} {result[key]}")
+                click.echo(f"{key:<17} {result[key]}")
 
     top = {} if baud is None else {"baud": baud}
     try:
