@@ -37,7 +37,7 @@ from .toolchain import have_lz4, native_flags, setup_environment
 
 __all__ = [
     "TB_TOPLEVEL", "WRAPPER_FILE", "DUT_NAME", "STREAM_MEM_BYTES", "KEEP_BUILDS", "RtlBuild",
-    "build_root", "verilog_for", "build",
+    "build_root", "verilog_for", "build", "source_hash",
 ]
 
 TB_TOPLEVEL = "tinyaccel_tb"
@@ -128,6 +128,20 @@ def _hw_source_hash() -> str:
     for path in sorted(Path(hw.__file__).resolve().parent.rglob("*.py")):
         h.update(path.name.encode())
         h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def source_hash(*packages) -> str:
+    """Hash of every source file of the given packages (modules with ``__file__``) and of the
+    Amaranth version: what Verilog generated from them depends on."""
+    h = hashlib.sha256()
+    h.update(importlib.metadata.version("amaranth").encode())
+    for package in packages:
+        folder = Path(package.__file__).resolve().parent
+        h.update(package.__name__.encode())
+        for path in sorted(folder.rglob("*.py")):
+            h.update(str(path.relative_to(folder)).encode())
+            h.update(path.read_bytes())
     return h.hexdigest()
 
 
