@@ -210,7 +210,9 @@ class Board {
         idle_left_ = opt_.idle_cycles;  // settle after reset (the scratchpads are cleared)
         while (!quit_) {
             if (idle_left_ > 0) {
+                double t0 = now_s();
                 for (int i = 0; i < SLICE_CYCLES && idle_left_ > 0; ++i) step();
+                clock_seconds_ += now_s() - t0;
                 service(0);
             } else {
                 // Asleep: nothing moves on the board. Wake up for the host, the control channel,
@@ -244,7 +246,9 @@ class Board {
         sample_tx(top_->tx);
         if (top_->link_error && !link_error_) ++rx_overflow_;
         link_error_ = top_->link_error;
-        bool active = rx_frame_ || !rx_queue_.empty() || tx_frame_ || !top_->tx || top_->busy;
+        // Busy but starved is waiting for the host, not working (see sim/board_sim.py).
+        bool working = top_->busy && !top_->starved;
+        bool active = rx_frame_ || !rx_queue_.empty() || tx_frame_ || !top_->tx || working;
 #ifdef HAS_RESYNC
         if (top_->resync) ++resyncs_;
 #endif
@@ -433,7 +437,8 @@ class Board {
     std::string stats() const {
         char buf[1024];
         snprintf(buf, sizeof buf,
-                 "{\"cycles\": %" PRIu64 ", \"seconds\": %.6f, \"host_bytes\": %" PRIu64
+                 "{\"cycles\": %" PRIu64 ", \"seconds\": %.6f, \"clock_seconds\": %.6f"
+                 ", \"host_bytes\": %" PRIu64
                  ", \"line_bytes\": %" PRIu64 ", \"board_bytes\": %" PRIu64
                  ", \"host_delivered\": %" PRIu64 ", \"rx_overflow\": %" PRIu64
                  ", \"link_error\": %d, \"host_overruns\": %" PRIu64 ", \"deaf_dropped\": %" PRIu64
@@ -446,7 +451,7 @@ class Board {
                  ", \"armed\": %d"
 #endif
                  "}",
-                 cycles_, now_s() - started_, host_bytes_, line_bytes_, board_bytes_,
+                 cycles_, now_s() - started_, clock_seconds_, host_bytes_, line_bytes_, board_bytes_,
                  host_delivered_, rx_overflow_, static_cast<int>(link_error_), host_overruns_,
                  deaf_dropped_, faults_applied_, tx_framing_errors_, rx_queue_.size(),
                  tx_queue_.size(), static_cast<int>(top_->busy), static_cast<int>(top_->error)
@@ -493,7 +498,7 @@ class Board {
     std::string port_;
     std::string control_;
     bool quit_ = false;
-    double started_ = 0;
+    double started_ = 0, clock_seconds_ = 0;
 
     uint64_t cycles_ = 0, idle_left_ = 0;
     // host -> board

@@ -70,8 +70,12 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from amaranth.hdl import Module
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
 from .. import boards, hw
-from ..boards.board import UARTAccelerator
+from ..boards.board import UARTAccelerator, default_accelerator
 from ..boards.link import BITS_PER_BYTE, LinkSpec, board_for_config, link_for
 from ..boards.uart import MIN_DIVISOR
 from ..errors import ConfigError, SimulatorError
@@ -79,7 +83,8 @@ from ..hw.config import AccelConfig, get_config
 from .build_cache import KEEP_BUILDS, MAKE_VARS, _locked, build_root, source_hash
 from .toolchain import have_lz4, native_flags, setup_environment
 
-__all__ = ["FAULT_KINDS", "BoardSimBuild", "build_board_sim", "SimulatedBoard"]
+__all__ = ["FAULT_KINDS", "ObservedBoardCore", "BoardSimBuild", "build_board_sim",
+           "SimulatedBoard"]
 
 #: What :meth:`SimulatedBoard.inject` can do to a byte.
 FAULT_KINDS = ("drop_host", "corrupt_host", "drop_board", "corrupt_board", "deaf")
@@ -88,7 +93,7 @@ TOP_MODULE = "board_top"
 HARNESS_FILE = "board_sim.cpp"
 #: Ports the harness drives or reads; ``resync`` and ``armed`` are used when the gateware has
 #: them.
-REQUIRED_PORTS = frozenset({"clk", "rst", "rx", "tx", "busy", "error", "link_error"})
+REQUIRED_PORTS = frozenset({"clk", "rst", "rx", "tx", "busy", "error", "link_error", "starved"})
 OPTIONAL_PORTS = ("resync", "armed")
 
 #: Verilator flags: those of the RTL backend's build (sim/build_cache.py) without the cocotb
@@ -141,13 +146,38 @@ def _board_root() -> Path:
     return build_root() / "board"
 
 
-def _board_core(config: AccelConfig, link: LinkSpec, divisor: int) -> UARTAccelerator:
-    """``UARTAccelerator`` at the board's FIFO depth, with the link's resync silence when the
-    class takes one."""
-    kwargs = {"fifo_depth": link.rx_fifo_bytes}
-    if "silence_cycles" in inspect.signature(UARTAccelerator).parameters:
-        kwargs["silence_cycles"] = link.silence_cycles(divisor)
-    return UARTAccelerator(config, divisor, **kwargs)
+class ObservedBoardCore(wiring.Component):
+    """``UARTAccelerator`` at the board's FIFO depth (with the link's resync silence when the
+    class takes one), its ports unchanged, and one output more for the harness's clock policy.
+
+    Members
+    -------
+    starved : Out(1)
+        The accelerator would take a host beat and none is offered: when it is ``busy`` like
+        this, it waits for the host (the rest of a LOAD, the next instruction) and clocking it
+        changes nothing until the host sends more.
+    """
+
+    def __init__(self, config: AccelConfig, link: LinkSpec, divisor: int):
+        self._accelerator = default_accelerator(config)
+        kwargs = {"fifo_depth": link.rx_fifo_bytes,
+                  "accelerator": lambda _config: self._accelerator}
+        if "silence_cycles" in inspect.signature(UARTAccelerator).parameters:
+            kwargs["silence_cycles"] = link.silence_cycles(divisor)
+        self._core = UARTAccelerator(config, divisor, **kwargs)
+        super().__init__({**self._core.signature.members, "starved": Out(1)})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.core = core = self._core
+        for name, member in self._core.signature.members.items():
+            if member.flow == In:
+                m.d.comb += getattr(core, name).eq(getattr(self, name))
+            else:
+                m.d.comb += getattr(self, name).eq(getattr(core, name))
+        beats = self._accelerator.i_stream
+        m.d.comb += self.starved.eq(beats.ready & ~beats.valid)
+        return m
 
 
 def _ports(verilog: str) -> frozenset[str]:
@@ -226,7 +256,8 @@ def _build(config, link, divisor, args, makeflags, harness, wave_format, build_d
         shutil.rmtree(build_dir)
     src = build_dir / "src"
     src.mkdir(parents=True)
-    text = verilog.convert(_board_core(config, link, divisor), name=TOP_MODULE, emit_src=False)
+    text = verilog.convert(ObservedBoardCore(config, link, divisor), name=TOP_MODULE,
+                           emit_src=False)
     ports = _ports(text)
     missing = REQUIRED_PORTS - ports
     if missing:
@@ -315,7 +346,7 @@ class SimulatedBoard:
     def __init__(self, config: str | AccelConfig = "ice40", *, link: LinkSpec | None = None,
                  divisor: int = 4, seed: int = 0, host_buffer: int = 4096, waves: bool = False):
         self.config = get_config(config)
-        self.link = link_for(board_for_config(self.config.name)) if link is None else link
+        self.link = self.default_link(self.config) if link is None else link
         if not isinstance(divisor, int) or divisor < MIN_DIVISOR:
             raise ConfigError(f"simulated board: divisor={divisor!r} must be an int >= "
                               f"{MIN_DIVISOR}")
@@ -351,6 +382,11 @@ class SimulatedBoard:
         self._finalizer = weakref.finalize(self, _stop, self._proc)
         hello = self._receive("start")
         self.port: str = hello["port"]
+
+    @staticmethod
+    def default_link(config: str | AccelConfig) -> LinkSpec:
+        """The link of the board that runs ``config`` by default."""
+        return link_for(board_for_config(get_config(config).name))
 
     # -- the control channel ----------------------------------------------------------------------
 
