@@ -302,14 +302,16 @@ def _prune(name: str) -> None:
         (_board_root() / f"{d.name}.lock").unlink(missing_ok=True)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """End the harness process (the finalizer of :class:`SimulatedBoard`)."""
+def _stop(proc: subprocess.Popen, log) -> None:
+    """End the harness process and close its files (the finalizer of :class:`SimulatedBoard`)."""
     if proc.poll() is None:
         proc.kill()
     proc.wait()
-    for f in (proc.stdin, proc.stdout):
-        if f is not None:
+    for f in (proc.stdin, proc.stdout, log):
+        try:
             f.close()
+        except OSError:  # a command still buffered for a process that is gone
+            pass
 
 
 class SimulatedBoard:
@@ -378,8 +380,9 @@ class SimulatedBoard:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                           stderr=self._log)
         except OSError as exc:
+            self._log.close()
             raise SimulatorError(f"cannot start the simulated board {cmd[0]}: {exc}") from None
-        self._finalizer = weakref.finalize(self, _stop, self._proc)
+        self._finalizer = weakref.finalize(self, _stop, self._proc, self._log)
         hello = self._receive("start")
         self.port: str = hello["port"]
 
@@ -390,15 +393,17 @@ class SimulatedBoard:
 
     # -- the control channel ----------------------------------------------------------------------
 
-    def _log_tail(self) -> str:
-        self._log.seek(0)
-        return self._log.read()[-4000:].decode(errors="replace")
-
     def _fail(self, what: str) -> SimulatorError:
+        """Stop the process; the error quotes its exit code and the end of its log."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        code = self._proc.wait()
+        self._log.seek(0)
+        tail = self._log.read()[-4000:].decode(errors="replace")
+        self._closed = True
         self._finalizer()
-        code = self._proc.returncode
         return SimulatorError(f"simulated board ({self.config.name}, {self.build.binary}) {what}"
-                              f" (exit code {code}); its log:\n{self._log_tail()}")
+                              f" (exit code {code}); its log:\n{tail}")
 
     def _receive(self, what: str) -> dict:
         """The next line of the control channel, as a dict."""
@@ -488,7 +493,6 @@ class SimulatedBoard:
         except (BrokenPipeError, ValueError, subprocess.TimeoutExpired):
             pass
         self._finalizer()
-        self._log.close()
 
     def __enter__(self) -> SimulatedBoard:
         return self

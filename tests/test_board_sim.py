@@ -91,8 +91,7 @@ def test_programs_answer_as_the_golden_model(config, board_available):
                                max_k=8, max_count=8)]
     golden = GoldenMachine(config)
     sent = answered = 0
-    with SimulatedBoard(config) as board:
-        port = open_port(board)
+    with SimulatedBoard(config) as board, open_port(board) as port:
         for prog in programs:
             stream = prog.to_bytes()
             want = golden.run(stream)
@@ -126,15 +125,13 @@ def test_a_host_that_outruns_the_fifo_during_long_gemms_overflows_it(board_avail
     prog.load(Buffer.WGT, 0, np.zeros((512, cfg.cols), np.int8)).sync()
     stream = prog.to_bytes()
     assert len(stream) > 2 * SimulatedBoard.default_link("ice40").rx_fifo_bytes
-    with SimulatedBoard("ice40") as board:
-        port = open_port(board, timeout=0.5)
+    with SimulatedBoard("ice40") as board, open_port(board, timeout=0.5) as port:
         port.write(stream)
         stats = settle(board)
         assert stats["rx_overflow"] > 0 and stats["link_error"] == 1
         assert port.read(STATUS_BYTES) == b""  # the SYNC was lost with the overflow
     # The same GEMMs with the host waiting for each SYNC's answer: nothing overflows.
-    with SimulatedBoard("ice40") as board:
-        port = open_port(board)
+    with SimulatedBoard("ice40") as board, open_port(board) as port:
         for chunk in [long_gemms(cfg, 12).sync(), long_gemms(cfg, 12).sync()]:
             assert len(exchange(port, chunk.to_bytes(), STATUS_BYTES)) == STATUS_BYTES
         assert settle(board)["rx_overflow"] == 0
@@ -150,8 +147,8 @@ def test_a_host_that_does_not_read_a_large_store_loses_bytes(board_available):
     stream = prog.sync().to_bytes()
     want = GoldenMachine(cfg).run(stream)
     assert len(want) > host_buffer + 1024
-    with SimulatedBoard("ice40", host_buffer=host_buffer) as board:
-        port = open_port(board, timeout=0.5)
+    with (SimulatedBoard("ice40", host_buffer=host_buffer) as board,
+          open_port(board, timeout=0.5) as port):
         port.write(stream)
         stats = settle(board)
         assert stats["board_bytes"] == len(want) and stats["host_overruns"] > 0
@@ -184,7 +181,8 @@ def test_a_corrupted_host_byte_is_what_the_board_computes_on(board_available):
     assert want != GoldenMachine(cfg).run(stream)
     with SimulatedBoard("ice40") as board:
         board.inject("corrupt_host", at, mask=mask)
-        got = exchange(open_port(board), stream, len(want))
+        with open_port(board) as port:
+            got = exchange(port, stream, len(want))
         assert settle(board)["faults_applied"] == 1
     assert got == want
 
@@ -194,9 +192,8 @@ def test_a_dropped_host_byte_changes_the_answer(board_available):
     rng = np.random.default_rng(SEEDS[0])
     stream = store_program(cfg, rng).to_bytes()
     want = GoldenMachine(cfg).run(stream)
-    with SimulatedBoard("ice40") as board:
+    with SimulatedBoard("ice40") as board, open_port(board, timeout=1.0) as port:
         board.inject("drop_host", 20)
-        port = open_port(board, timeout=1.0)
         got = exchange(port, stream, len(want))
         stats = settle(board)
         assert stats["faults_applied"] == 1
@@ -219,8 +216,7 @@ def test_board_bytes_dropped_corrupted_or_unheard(board_available):
     progs = [store_program(cfg, rng) for _ in range(4)]
     golden = GoldenMachine(cfg)
     wants = [golden.run(p.to_bytes()) for p in progs]
-    with SimulatedBoard("ice40") as board:
-        port = open_port(board, timeout=1.0)
+    with SimulatedBoard("ice40") as board, open_port(board, timeout=1.0) as port:
         sent = 0  # board bytes so far
         # corrupt: the byte arrives XORed
         board.inject("corrupt_board", sent + 7, mask=0x81)
