@@ -39,12 +39,14 @@ is the ``N``-th byte the host wrote (``stats()["host_bytes"]`` is the next numbe
 from number ``N`` on until :meth:`~SimulatedBoard.recover`.
 
 Clocking policy. The simulator clocks freely while anything is in flight -- host bytes waiting
-for the line, a frame on either line, the accelerator ``busy`` -- and then for ``idle_cycles``
-more; if the gateware has the bridge's ``armed`` output (its silence-resync count is running), it
-also clocks as long as that is high, so a pending resync fires; without ``armed`` but with
-``resync``, ``idle_cycles`` covers the whole resync silence. Then it sleeps in ``poll()`` on the
-pty and the control channel until one of them speaks: an idle board burns no CPU. Bytes waiting
-for the host to read are passed on every millisecond while asleep.
+for the line, a frame on either line, the accelerator working (``busy`` and not ``starved``:
+:class:`ObservedBoardCore`; a LOAD waiting for the rest of its data is busy but starved, and
+clocking it changes nothing) -- and then for ``idle_cycles`` more. If the gateware has the
+bridge's ``armed`` output (its silence-resync count is running) it also clocks as long as that is
+high, so that a pending resync fires; with ``resync`` but no ``armed``, ``idle_cycles`` covers the
+whole resync silence. Then it sleeps in ``poll()`` on the pty and the control channel until one
+of them speaks: an idle board, or one that waits for the host, burns no CPU. Bytes waiting for
+the host to read are passed on every millisecond while asleep.
 
 The process is built once per change of the gateware (cached like the RTL backend's simulator,
 :mod:`tinyaccel.sim.build_cache`) and never outlives its Python object: :meth:`close`, garbage
@@ -107,8 +109,8 @@ VERILATOR_ARGS = [
 #: byte leaves the narrower a cycle after the accelerator drops ``busy``: this is margin).
 IDLE_MARGIN_BYTES = 64
 
-#: Wall time of a first build beside other jobs on the 2-core machine (ice40; the ecp5 design
-#: takes longer). Quoted by the notice until the cache holds a build of the configuration.
+#: Wall time of a first build on the 2-core machine beside other jobs (measured: ice40 16-54 s,
+#: ecp5 57-204 s). Quoted by the notice until the cache holds a build of the configuration.
 TYPICAL_BUILD_S = 120
 
 #: Seconds to wait for the harness to start or to answer a control command.
@@ -191,12 +193,13 @@ def _ports(verilog: str) -> frozenset[str]:
 def _announce(config: AccelConfig, link: LinkSpec, divisor: int, where: Path) -> None:
     from tqdm import tqdm  # writes between the lines of any progress bar on the screen
 
-    seconds = None
+    records = []
     for record in _board_root().glob(f"{config.name}-*/build.json"):
         try:
-            seconds = json.loads(record.read_text())["seconds"]
+            records.append((record.stat().st_mtime, json.loads(record.read_text())["seconds"]))
         except (OSError, ValueError, KeyError):
             continue
+    seconds = max(records)[1] if records else None
     took = (f"about {TYPICAL_BUILD_S} s on a busy 2-core machine" if seconds is None
             else f"the previous build of {config.name} here took {seconds:.0f} s")
     tqdm.write(f"tinyaccel: building the simulated board ({config.name!r} accelerator behind the "
@@ -243,7 +246,7 @@ def build_board_sim(config: str | AccelConfig, *, link: LinkSpec, divisor: int,
         if not done.exists():
             _build(config, link, divisor, args, makeflags, harness, wave_format, build_dir)
     info = json.loads((build_dir / "build.json").read_text())
-    _prune(config.name)
+    _prune(config.name, waves)
     return BoardSimBuild(config, link, divisor, build_dir, frozenset(info["ports"]), wave_format)
 
 
@@ -293,10 +296,12 @@ def _build(config, link, divisor, args, makeflags, harness, wave_format, build_d
     (build_dir / "build.ok").write_text("ok\n")
 
 
-def _prune(name: str) -> None:
-    """Keep the ``KEEP_BUILDS`` newest completed board builds of configuration ``name``."""
+def _prune(name: str, waves: bool) -> None:
+    """Keep the ``KEEP_BUILDS`` newest completed board builds of configuration ``name`` (with
+    or without waveform tracing)."""
     builds = sorted(((d / "build.ok").stat().st_mtime, d) for d in _board_root().glob(f"{name}-*")
-                    if d.is_dir() and (d / "build.ok").exists())
+                    if d.is_dir() and (d / "build.ok").exists()
+                    and d.name.endswith("-waves") == waves)
     for _, d in builds[:-KEEP_BUILDS]:
         shutil.rmtree(d, ignore_errors=True)
         (_board_root() / f"{d.name}.lock").unlink(missing_ok=True)
