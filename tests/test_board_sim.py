@@ -22,7 +22,7 @@ from tinyaccel.hw.isa import Buffer, Instruction, Opcode
 from tinyaccel.protocol import Program, RawInstruction
 from tinyaccel.sim.board_sim import FAULT_KINDS, SimulatedBoard, build_board_sim
 from tinyaccel.sim.golden import GoldenMachine
-from tinyaccel.sim.randprog import random_program, random_words
+from tinyaccel.sim.randprog import random_program, random_words, seed_from_env
 from tinyaccel.sim.scoreboard import compare_responses
 
 pytestmark = pytest.mark.rtl
@@ -83,12 +83,33 @@ def hand_program(config, rng):
     return prog
 
 
+def small_random_program(config, seed):
+    """Every opcode the configuration implements, some faulting; small enough that the board's
+    RX FIFO absorbs whatever the accelerator is not ready for."""
+    return random_program(config, seed, n_instr=24, illegal_rate=0.15, window=16, max_k=8,
+                          max_count=8)
+
+
 @pytest.mark.parametrize("config", ["ice40", "ecp5"])
 def test_programs_answer_as_the_golden_model(config, board_available):
     rng = np.random.default_rng(SEEDS[0])
-    programs = [hand_program(config, rng),
-                random_program(config, SEEDS[1], n_instr=24, illegal_rate=0.15, window=16,
-                               max_k=8, max_count=8)]
+    programs = [hand_program(config, rng), small_random_program(config, SEEDS[1])]
+    check_programs(config, programs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["ice40", "ecp5"])
+def test_many_random_programs_answer_as_the_golden_model(config, board_available):
+    seed = seed_from_env()
+    print(f"seed={seed}")
+    rng = np.random.default_rng(seed)
+    check_programs(config, [small_random_program(config, int(rng.integers(1 << 32)))
+                            for _ in range(20)])
+
+
+def check_programs(config, programs):
+    """Runs ``programs`` one after another on one board; each answer equals the golden model's
+    (one machine across them all, as the board keeps its state), and the counters add up."""
     golden = GoldenMachine(config)
     sent = answered = 0
     with SimulatedBoard(config) as board, open_port(board) as port:
@@ -264,6 +285,27 @@ def test_fault_arguments_are_checked(board_available):
         SimulatedBoard("ice40", divisor=2)
     with pytest.raises(ConfigError, match="no board runs config 'sim'"):
         SimulatedBoard("sim")
+
+
+def test_a_board_waiting_for_the_host_is_not_clocked(board_available):
+    """A LOAD without its data: the accelerator is busy but waits for the host; the simulator
+    stops clocking (after the resync, if the gateware has one) instead of burning CPU."""
+    cfg = PRESETS["ice40"]
+    header = Instruction(Opcode.LOAD, buf=Buffer.WGT, addr=0, count=4).to_bytes()
+    with SimulatedBoard("ice40") as board, open_port(board) as port:
+        port.write(header)
+        stats = settle(board)
+        time.sleep(0.3)
+        assert board.stats()["cycles"] == stats["cycles"]
+        if "resync" in board.ports:
+            assert stats["resyncs"] == 1 and stats["busy"] == 0
+        else:
+            assert stats["busy"] == 1 and stats["cycles"] < 100_000
+            # The rest of the LOAD wakes it up, and the board answers as the golden model.
+            rest = Program(cfg).sync().to_bytes()
+            port.write(bytes(4 * cfg.word_bytes(Buffer.WGT)))
+            want = GoldenMachine(cfg).run(header + bytes(4 * cfg.word_bytes(Buffer.WGT)) + rest)
+            assert exchange(port, rest, len(want)) == want
 
 
 # -- the process -----------------------------------------------------------------------------------
