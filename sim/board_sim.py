@@ -86,7 +86,7 @@ from .build_cache import KEEP_BUILDS, MAKE_VARS, _locked, build_root, source_has
 from .toolchain import have_lz4, native_flags, setup_environment
 
 __all__ = ["FAULT_KINDS", "ObservedBoardCore", "BoardSimBuild", "build_board_sim",
-           "SimulatedBoard"]
+           "SimulatedBoard", "measure_speed"]
 
 #: What :meth:`SimulatedBoard.inject` can do to a byte.
 FAULT_KINDS = ("drop_host", "corrupt_host", "drop_board", "corrupt_board", "deaf")
@@ -509,3 +509,72 @@ class SimulatedBoard:
         state = "closed" if self._closed else self.port
         return (f"SimulatedBoard({self.config.name!r}, divisor={self.divisor}, "
                 f"rx_fifo_bytes={self.link.rx_fifo_bytes}, {state})")
+
+
+def measure_speed(config: str | AccelConfig = "ice40", *, divisor: int = 4,
+                  payload_bytes: int = 64 * 1024) -> dict:
+    """Speed of the simulated board of ``config`` at ``divisor``, through pyserial.
+
+    ``cycles_per_s``: the clock rate while GEMMs run and nothing is on the line;
+    ``in_bytes_per_s`` / ``out_bytes_per_s``: host bytes per wall second through the pty for a
+    stream of LOADs (host -> board) and of STOREs (board -> host) of ``payload_bytes``, each
+    answered by a SYNC; ``*_cycles_per_s`` the clock rate meanwhile (the line then is the work:
+    ``BITS_PER_BYTE * divisor`` cycles a byte).
+    """
+    import threading
+
+    import numpy as np
+    import serial
+
+    from ..hw.isa import Buffer
+    from ..protocol import Program, lanes
+    from .golden import GoldenMachine
+
+    config = get_config(config)
+    golden = GoldenMachine(config)
+    result = {"config": config.name, "divisor": divisor}
+    with SimulatedBoard(config, divisor=divisor) as board, serial.Serial(
+            board.port, baudrate=board.baud, timeout=600) as port:
+
+        def timed(prog: Program) -> tuple[int, float, int]:
+            """(bytes written, wall seconds, cycles) of one program, read while written."""
+            stream = prog.to_bytes()
+            want = golden.run(stream)
+            before = board.stats()["cycles"]
+            t0 = time.monotonic()
+            writer = threading.Thread(target=port.write, args=(stream,))
+            writer.start()
+            got = port.read(len(want))
+            writer.join()
+            wall = time.monotonic() - t0
+            if got != want[:len(got)] or len(got) != len(want):
+                raise SimulatorError(f"simulated board {config.name}: the speed program's "
+                                     f"answer differs from the golden model's")
+            return len(stream), wall, board.stats()["cycles"] - before
+
+        rng = np.random.default_rng(0)
+        words = config.depth(Buffer.WGT)
+        data = rng.integers(-128, 128, (words, lanes(config, Buffer.WGT))).astype(np.int8)
+        k, m = 64, min(8, config.inp_depth // 64)
+        n = min(config.wgt_depth // k, config.acc_depth // (m * config.rows))
+        gemms = Program(config).load(Buffer.WGT, 0, data)
+        timed(gemms.sync())
+        gemms = Program(config)
+        for _ in range(board.link.rx_fifo_bytes // 64):  # their words fit the RX FIFO
+            gemms.gemm(0, 0, 0, k, m, n)
+        _, wall, cycles = timed(gemms.sync())
+        result.update(gemm_cycles=cycles, cycles_per_s=cycles / wall)
+        loads, stores = Program(config), Program(config)
+        reps = max(1, payload_bytes // (words * config.word_bytes(Buffer.WGT)))
+        for _ in range(reps):
+            loads.load(Buffer.WGT, 0, data)
+            stores.store(Buffer.WGT, 0, words)
+        sent, wall, cycles = timed(loads.sync())
+        result.update(in_bytes=sent, in_bytes_per_s=sent / wall, in_cycles_per_s=cycles / wall)
+        out = reps * words * config.word_bytes(Buffer.WGT)
+        _, wall, cycles = timed(stores.sync())
+        result.update(out_bytes=out, out_bytes_per_s=out / wall,
+                      out_cycles_per_s=cycles / wall)
+        stats = board.stats()
+        result.update(rx_overflow=stats["rx_overflow"], host_overruns=stats["host_overruns"])
+    return result
