@@ -416,6 +416,11 @@ class Board {
             if (at.empty()) return error("inject needs \"at\"");
             uint64_t index = strtoull(at.c_str(), nullptr, 0);
             uint8_t m = static_cast<uint8_t>(mask.empty() ? 0 : strtoul(mask.c_str(), nullptr, 0));
+            bool host = kind == "drop_host" || kind == "corrupt_host";
+            uint64_t next = host ? host_taken_ : board_bytes_;
+            if (kind != "deaf" && index < next)
+                return error(std::string(host ? "host" : "board") + " byte " + at +
+                             " has passed already (the next is " + std::to_string(next) + ")");
             if (kind == "drop_host") host_faults_[index] = {true, 0};
             else if (kind == "corrupt_host") host_faults_[index] = {false, m};
             else if (kind == "drop_board") board_faults_[index] = {true, 0};
@@ -451,8 +456,8 @@ class Board {
                  ", \"armed\": %d"
 #endif
                  "}",
-                 cycles_, now_s() - started_, clock_seconds_, host_bytes_, line_bytes_, board_bytes_,
-                 host_delivered_, rx_overflow_, static_cast<int>(link_error_), host_overruns_,
+                 cycles_, now_s() - started_, clock_seconds_, host_bytes_, line_bytes_,
+                 board_bytes_, host_delivered_, rx_overflow_, static_cast<int>(link_error_), host_overruns_,
                  deaf_dropped_, faults_applied_, tx_framing_errors_, rx_queue_.size(),
                  tx_queue_.size(), static_cast<int>(top_->busy), static_cast<int>(top_->error)
 #ifdef HAS_RESYNC

@@ -426,12 +426,10 @@ class SimulatedBoard:
                     raise self._fail(f"exited before answering {what!r}")
                 self._pending += chunk
         line, self._pending = self._pending.split(b"\n", 1)
-        answer = json.loads(line)
-        if "refused" in answer:
-            raise SimulatorError(f"simulated board refused {what!r}: {answer['refused']}")
-        return answer
+        return json.loads(line)
 
-    def _command(self, **fields) -> dict:
+    def _command(self, refusal: type[Exception] = SimulatorError, **fields) -> dict:
+        """Send one command; its answer, or ``refusal`` raised with the harness's reason."""
         if self._closed:
             raise SimulatorError(f"simulated board on {self.port} is closed")
         try:
@@ -440,7 +438,10 @@ class SimulatedBoard:
         except (BrokenPipeError, ValueError):
             self._proc.wait()
             raise self._fail(f"is gone (command {fields['cmd']!r})") from None
-        return self._receive(fields["cmd"])
+        answer = self._receive(fields["cmd"])
+        if "refused" in answer:
+            raise refusal(f"simulated board on {self.port} refused {fields}: {answer['refused']}")
+        return answer
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -467,7 +468,8 @@ class SimulatedBoard:
         Raises
         ------
         ConfigError
-            An unknown kind, a negative ``at``, a mask out of range or given where none applies.
+            An unknown kind, a negative ``at``, a byte that has passed already, a mask out of
+            range or given where none applies.
         """
         if kind not in FAULT_KINDS:
             raise ConfigError(f"fault kind {kind!r} is not one of {', '.join(FAULT_KINDS)}")
@@ -480,7 +482,7 @@ class SimulatedBoard:
             mask = 0xFF if mask is None else mask
             if not isinstance(mask, int) or not 1 <= mask <= 0xFF:
                 raise ConfigError(f"fault {kind}: mask={mask!r} must be an int in 1..255")
-        self._command(cmd="inject", kind=kind, at=at, mask=mask or 0)
+        self._command(ConfigError, cmd="inject", kind=kind, at=at, mask=mask or 0)
 
     def recover(self) -> None:
         """End a ``deaf`` fault: board bytes reach the host again."""

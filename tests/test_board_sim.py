@@ -18,7 +18,7 @@ import serial
 
 from tinyaccel.errors import BackendUnavailable, ConfigError, SimulatorError
 from tinyaccel.hw.config import PRESETS
-from tinyaccel.hw.isa import Buffer, Instruction, Opcode
+from tinyaccel.hw.isa import STATUS_BYTES, Buffer, Instruction, Opcode
 from tinyaccel.protocol import Program, RawInstruction
 from tinyaccel.sim.board_sim import FAULT_KINDS, SimulatedBoard, build_board_sim
 from tinyaccel.sim.golden import GoldenMachine
@@ -279,6 +279,13 @@ def test_fault_arguments_are_checked(board_available):
             board.inject("corrupt_board", 3, mask=256)
         with pytest.raises(ConfigError, match="at=-1"):
             board.inject("deaf", -1)
+        with open_port(board) as port:
+            port.write(Program("ice40").sync().to_bytes())
+            assert len(port.read(STATUS_BYTES)) == STATUS_BYTES
+        with pytest.raises(ConfigError, match="host byte 3 has passed already"):
+            board.inject("drop_host", 3)
+        with pytest.raises(ConfigError, match="board byte 0 has passed already"):
+            board.inject("corrupt_board", 0, mask=1)
     assert set(FAULT_KINDS) == {"drop_host", "corrupt_host", "drop_board", "corrupt_board",
                                 "deaf"}
     with pytest.raises(ConfigError, match="divisor=2"):
