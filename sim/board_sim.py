@@ -66,6 +66,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -379,6 +380,7 @@ class SimulatedBoard:
             self.wave_path = Path(name)
             cmd += ["--waves", name]
         self._log = tempfile.TemporaryFile()
+        self._lock = threading.Lock()  # one command at a time on the control channel
         self._pending = b""
         self._closed = False
         try:
@@ -430,15 +432,15 @@ class SimulatedBoard:
 
     def _command(self, refusal: type[Exception] = SimulatorError, **fields) -> dict:
         """Send one command; its answer, or ``refusal`` raised with the harness's reason."""
-        if self._closed:
-            raise SimulatorError(f"simulated board on {self.port} is closed")
-        try:
-            self._proc.stdin.write((json.dumps(fields) + "\n").encode())
-            self._proc.stdin.flush()
-        except (BrokenPipeError, ValueError):
-            self._proc.wait()
-            raise self._fail(f"is gone (command {fields['cmd']!r})") from None
-        answer = self._receive(fields["cmd"])
+        with self._lock:
+            if self._closed:
+                raise SimulatorError(f"simulated board on {self.port} is closed")
+            try:
+                self._proc.stdin.write((json.dumps(fields) + "\n").encode())
+                self._proc.stdin.flush()
+            except (BrokenPipeError, ValueError):
+                raise self._fail(f"is gone (command {fields['cmd']!r})") from None
+            answer = self._receive(fields["cmd"])
         if "refused" in answer:
             raise refusal(f"simulated board on {self.port} refused {fields}: {answer['refused']}")
         return answer
@@ -490,16 +492,17 @@ class SimulatedBoard:
 
     def close(self) -> None:
         """Stop the simulator (the pty disappears with it). Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._proc.stdin.write(b'{"cmd": "quit"}\n')
-            self._proc.stdin.flush()
-            self._proc.wait(timeout=5)
-        except (BrokenPipeError, ValueError, subprocess.TimeoutExpired):
-            pass
-        self._finalizer()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._proc.stdin.write(b'{"cmd": "quit"}\n')
+                self._proc.stdin.flush()
+                self._proc.wait(timeout=5)
+            except (BrokenPipeError, ValueError, subprocess.TimeoutExpired):
+                pass
+            self._finalizer()
 
     def __enter__(self) -> SimulatedBoard:
         return self
@@ -523,8 +526,6 @@ def measure_speed(config: str | AccelConfig = "ice40", *, divisor: int = 4,
     answered by a SYNC; ``*_cycles_per_s`` the clock rate meanwhile (the line then is the work:
     ``BITS_PER_BYTE * divisor`` cycles a byte).
     """
-    import threading
-
     import numpy as np
     import serial
 
