@@ -360,8 +360,8 @@ class Board {
         pollfd fds[2] = {{STDIN_FILENO, POLLIN, 0}, {master_, 0, 0}};
         if (rx_queue_.size() < RX_QUEUE_LOW) fds[1].events = POLLIN;
         if (poll(fds, 2, timeout_ms) < 0 && errno != EINTR) die("poll");
+        if (fds[1].revents & POLLIN) read_host();  // first: a command sees what the host sent
         if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) read_control();
-        if (fds[1].revents & POLLIN) read_host();
         write_host();
     }
 
@@ -448,7 +448,8 @@ class Board {
                  ", \"host_delivered\": %" PRIu64 ", \"rx_overflow\": %" PRIu64
                  ", \"link_error\": %d, \"host_overruns\": %" PRIu64 ", \"deaf_dropped\": %" PRIu64
                  ", \"faults_applied\": %" PRIu64 ", \"tx_framing_errors\": %" PRIu64
-                 ", \"rx_pending\": %zu, \"tx_pending\": %zu, \"busy\": %d, \"error\": %d"
+                 ", \"rx_pending\": %zu, \"tx_pending\": %zu, \"clocking\": %d"
+                 ", \"busy\": %d, \"error\": %d"
 #ifdef HAS_RESYNC
                  ", \"resyncs\": %" PRIu64
 #endif
@@ -459,7 +460,8 @@ class Board {
                  cycles_, now_s() - started_, clock_seconds_, host_bytes_, line_bytes_,
                  board_bytes_, host_delivered_, rx_overflow_, static_cast<int>(link_error_), host_overruns_,
                  deaf_dropped_, faults_applied_, tx_framing_errors_, rx_queue_.size(),
-                 tx_queue_.size(), static_cast<int>(top_->busy), static_cast<int>(top_->error)
+                 tx_queue_.size(), static_cast<int>(idle_left_ > 0), static_cast<int>(top_->busy),
+                 static_cast<int>(top_->error)
 #ifdef HAS_RESYNC
                  , resyncs_
 #endif

@@ -28,8 +28,10 @@ Counters (:meth:`~SimulatedBoard.stats`): ``cycles``; ``host_bytes`` (taken from
 ``host_delivered`` (written to the pty); ``rx_overflow``, the times the board's sticky
 ``link_error`` rose (its RX FIFO overflowed or a frame had no stop bit); ``host_overruns``;
 ``resyncs`` (pulses of the bridge's ``resync``, when the gateware has that port); fault
-bookkeeping (``faults_applied``, ``deaf_dropped``) and the levels of ``busy``, ``error``,
-``link_error`` (and ``armed``).
+bookkeeping (``faults_applied``, ``deaf_dropped``); ``rx_pending`` / ``tx_pending``, bytes
+waiting here for the line / for the host; ``clocking`` (0 while asleep, see below); the levels of
+``busy``, ``error``, ``link_error`` (and ``armed``); ``seconds`` since the start and
+``clock_seconds`` spent clocking.
 
 Faults (:meth:`~SimulatedBoard.inject`), numbered from 0 since the board started: host byte ``N``
 is the ``N``-th byte the host wrote (``stats()["host_bytes"]`` is the next number), board byte
