@@ -210,7 +210,9 @@ class Board {
         idle_left_ = opt_.idle_cycles;  // settle after reset (the scratchpads are cleared)
         while (!quit_) {
             if (idle_left_ > 0) {
+                double t0 = now_s();
                 for (int i = 0; i < SLICE_CYCLES && idle_left_ > 0; ++i) step();
+                clock_seconds_ += now_s() - t0;
                 service(0);
             } else {
                 // Asleep: nothing moves on the board. Wake up for the host, the control channel,
@@ -244,7 +246,9 @@ class Board {
         sample_tx(top_->tx);
         if (top_->link_error && !link_error_) ++rx_overflow_;
         link_error_ = top_->link_error;
-        bool active = rx_frame_ || !rx_queue_.empty() || tx_frame_ || !top_->tx || top_->busy;
+        // Busy but starved is waiting for the host, not working (see sim/board_sim.py).
+        bool working = top_->busy && !top_->starved;
+        bool active = rx_frame_ || !rx_queue_.empty() || tx_frame_ || !top_->tx || working;
 #ifdef HAS_RESYNC
         if (top_->resync) ++resyncs_;
 #endif
@@ -356,8 +360,8 @@ class Board {
         pollfd fds[2] = {{STDIN_FILENO, POLLIN, 0}, {master_, 0, 0}};
         if (rx_queue_.size() < RX_QUEUE_LOW) fds[1].events = POLLIN;
         if (poll(fds, 2, timeout_ms) < 0 && errno != EINTR) die("poll");
+        if (fds[1].revents & POLLIN) read_host();  // first: a command sees what the host sent
         if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) read_control();
-        if (fds[1].revents & POLLIN) read_host();
         write_host();
     }
 
@@ -412,6 +416,11 @@ class Board {
             if (at.empty()) return error("inject needs \"at\"");
             uint64_t index = strtoull(at.c_str(), nullptr, 0);
             uint8_t m = static_cast<uint8_t>(mask.empty() ? 0 : strtoul(mask.c_str(), nullptr, 0));
+            bool host = kind == "drop_host" || kind == "corrupt_host";
+            uint64_t next = host ? host_taken_ : board_bytes_;
+            if (kind != "deaf" && index < next)
+                return error(std::string(host ? "host" : "board") + " byte " + at +
+                             " has passed already (the next is " + std::to_string(next) + ")");
             if (kind == "drop_host") host_faults_[index] = {true, 0};
             else if (kind == "corrupt_host") host_faults_[index] = {false, m};
             else if (kind == "drop_board") board_faults_[index] = {true, 0};
@@ -433,12 +442,14 @@ class Board {
     std::string stats() const {
         char buf[1024];
         snprintf(buf, sizeof buf,
-                 "{\"cycles\": %" PRIu64 ", \"seconds\": %.6f, \"host_bytes\": %" PRIu64
+                 "{\"cycles\": %" PRIu64 ", \"seconds\": %.6f, \"clock_seconds\": %.6f"
+                 ", \"host_bytes\": %" PRIu64
                  ", \"line_bytes\": %" PRIu64 ", \"board_bytes\": %" PRIu64
                  ", \"host_delivered\": %" PRIu64 ", \"rx_overflow\": %" PRIu64
                  ", \"link_error\": %d, \"host_overruns\": %" PRIu64 ", \"deaf_dropped\": %" PRIu64
                  ", \"faults_applied\": %" PRIu64 ", \"tx_framing_errors\": %" PRIu64
-                 ", \"rx_pending\": %zu, \"tx_pending\": %zu, \"busy\": %d, \"error\": %d"
+                 ", \"rx_pending\": %zu, \"tx_pending\": %zu, \"clocking\": %d"
+                 ", \"busy\": %d, \"error\": %d"
 #ifdef HAS_RESYNC
                  ", \"resyncs\": %" PRIu64
 #endif
@@ -446,10 +457,11 @@ class Board {
                  ", \"armed\": %d"
 #endif
                  "}",
-                 cycles_, now_s() - started_, host_bytes_, line_bytes_, board_bytes_,
-                 host_delivered_, rx_overflow_, static_cast<int>(link_error_), host_overruns_,
+                 cycles_, now_s() - started_, clock_seconds_, host_bytes_, line_bytes_,
+                 board_bytes_, host_delivered_, rx_overflow_, static_cast<int>(link_error_), host_overruns_,
                  deaf_dropped_, faults_applied_, tx_framing_errors_, rx_queue_.size(),
-                 tx_queue_.size(), static_cast<int>(top_->busy), static_cast<int>(top_->error)
+                 tx_queue_.size(), static_cast<int>(idle_left_ > 0), static_cast<int>(top_->busy),
+                 static_cast<int>(top_->error)
 #ifdef HAS_RESYNC
                  , resyncs_
 #endif
@@ -493,7 +505,7 @@ class Board {
     std::string port_;
     std::string control_;
     bool quit_ = false;
-    double started_ = 0;
+    double started_ = 0, clock_seconds_ = 0;
 
     uint64_t cycles_ = 0, idle_left_ = 0;
     // host -> board

@@ -28,8 +28,10 @@ Counters (:meth:`~SimulatedBoard.stats`): ``cycles``; ``host_bytes`` (taken from
 ``host_delivered`` (written to the pty); ``rx_overflow``, the times the board's sticky
 ``link_error`` rose (its RX FIFO overflowed or a frame had no stop bit); ``host_overruns``;
 ``resyncs`` (pulses of the bridge's ``resync``, when the gateware has that port); fault
-bookkeeping (``faults_applied``, ``deaf_dropped``) and the levels of ``busy``, ``error``,
-``link_error`` (and ``armed``).
+bookkeeping (``faults_applied``, ``deaf_dropped``); ``rx_pending`` / ``tx_pending``, bytes
+waiting here for the line / for the host; ``clocking`` (0 while asleep, see below); the levels of
+``busy``, ``error``, ``link_error`` (and ``armed``); ``seconds`` since the start and
+``clock_seconds`` spent clocking.
 
 Faults (:meth:`~SimulatedBoard.inject`), numbered from 0 since the board started: host byte ``N``
 is the ``N``-th byte the host wrote (``stats()["host_bytes"]`` is the next number), board byte
@@ -39,12 +41,14 @@ is the ``N``-th byte the host wrote (``stats()["host_bytes"]`` is the next numbe
 from number ``N`` on until :meth:`~SimulatedBoard.recover`.
 
 Clocking policy. The simulator clocks freely while anything is in flight -- host bytes waiting
-for the line, a frame on either line, the accelerator ``busy`` -- and then for ``idle_cycles``
-more; if the gateware has the bridge's ``armed`` output (its silence-resync count is running), it
-also clocks as long as that is high, so a pending resync fires; without ``armed`` but with
-``resync``, ``idle_cycles`` covers the whole resync silence. Then it sleeps in ``poll()`` on the
-pty and the control channel until one of them speaks: an idle board burns no CPU. Bytes waiting
-for the host to read are passed on every millisecond while asleep.
+for the line, a frame on either line, the accelerator working (``busy`` and not ``starved``:
+:class:`ObservedBoardCore`; a LOAD waiting for the rest of its data is busy but starved, and
+clocking it changes nothing) -- and then for ``idle_cycles`` more. If the gateware has the
+bridge's ``armed`` output (its silence-resync count is running) it also clocks as long as that is
+high, so that a pending resync fires; with ``resync`` but no ``armed``, ``idle_cycles`` covers the
+whole resync silence. Then it sleeps in ``poll()`` on the pty and the control channel until one
+of them speaks: an idle board, or one that waits for the host, burns no CPU. Bytes waiting for
+the host to read are passed on every millisecond while asleep.
 
 The process is built once per change of the gateware (cached like the RTL backend's simulator,
 :mod:`tinyaccel.sim.build_cache`) and never outlives its Python object: :meth:`close`, garbage
@@ -64,14 +68,19 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from amaranth.hdl import Module
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
 from .. import boards, hw
-from ..boards.board import UARTAccelerator
+from ..boards.board import UARTAccelerator, default_accelerator
 from ..boards.link import BITS_PER_BYTE, LinkSpec, board_for_config, link_for
 from ..boards.uart import MIN_DIVISOR
 from ..errors import ConfigError, SimulatorError
@@ -79,7 +88,8 @@ from ..hw.config import AccelConfig, get_config
 from .build_cache import KEEP_BUILDS, MAKE_VARS, _locked, build_root, source_hash
 from .toolchain import have_lz4, native_flags, setup_environment
 
-__all__ = ["FAULT_KINDS", "BoardSimBuild", "build_board_sim", "SimulatedBoard"]
+__all__ = ["FAULT_KINDS", "ObservedBoardCore", "BoardSimBuild", "build_board_sim",
+           "SimulatedBoard", "measure_speed"]
 
 #: What :meth:`SimulatedBoard.inject` can do to a byte.
 FAULT_KINDS = ("drop_host", "corrupt_host", "drop_board", "corrupt_board", "deaf")
@@ -88,7 +98,7 @@ TOP_MODULE = "board_top"
 HARNESS_FILE = "board_sim.cpp"
 #: Ports the harness drives or reads; ``resync`` and ``armed`` are used when the gateware has
 #: them.
-REQUIRED_PORTS = frozenset({"clk", "rst", "rx", "tx", "busy", "error", "link_error"})
+REQUIRED_PORTS = frozenset({"clk", "rst", "rx", "tx", "busy", "error", "link_error", "starved"})
 OPTIONAL_PORTS = ("resync", "armed")
 
 #: Verilator flags: those of the RTL backend's build (sim/build_cache.py) without the cocotb
@@ -102,8 +112,8 @@ VERILATOR_ARGS = [
 #: byte leaves the narrower a cycle after the accelerator drops ``busy``: this is margin).
 IDLE_MARGIN_BYTES = 64
 
-#: Wall time of a first build beside other jobs on the 2-core machine (ice40; the ecp5 design
-#: takes longer). Quoted by the notice until the cache holds a build of the configuration.
+#: Wall time of a first build on the 2-core machine beside other jobs (measured: ice40 16-54 s,
+#: ecp5 57-204 s). Quoted by the notice until the cache holds a build of the configuration.
 TYPICAL_BUILD_S = 120
 
 #: Seconds to wait for the harness to start or to answer a control command.
@@ -141,13 +151,38 @@ def _board_root() -> Path:
     return build_root() / "board"
 
 
-def _board_core(config: AccelConfig, link: LinkSpec, divisor: int) -> UARTAccelerator:
-    """``UARTAccelerator`` at the board's FIFO depth, with the link's resync silence when the
-    class takes one."""
-    kwargs = {"fifo_depth": link.rx_fifo_bytes}
-    if "silence_cycles" in inspect.signature(UARTAccelerator).parameters:
-        kwargs["silence_cycles"] = link.silence_cycles(divisor)
-    return UARTAccelerator(config, divisor, **kwargs)
+class ObservedBoardCore(wiring.Component):
+    """``UARTAccelerator`` at the board's FIFO depth (with the link's resync silence when the
+    class takes one), its ports unchanged, and one output more for the harness's clock policy.
+
+    Members
+    -------
+    starved : Out(1)
+        The accelerator would take a host beat and none is offered: when it is ``busy`` like
+        this, it waits for the host (the rest of a LOAD, the next instruction) and clocking it
+        changes nothing until the host sends more.
+    """
+
+    def __init__(self, config: AccelConfig, link: LinkSpec, divisor: int):
+        self._accelerator = default_accelerator(config)
+        kwargs = {"fifo_depth": link.rx_fifo_bytes,
+                  "accelerator": lambda _config: self._accelerator}
+        if "silence_cycles" in inspect.signature(UARTAccelerator).parameters:
+            kwargs["silence_cycles"] = link.silence_cycles(divisor)
+        self._core = UARTAccelerator(config, divisor, **kwargs)
+        super().__init__({**self._core.signature.members, "starved": Out(1)})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.core = core = self._core
+        for name, member in self._core.signature.members.items():
+            if member.flow == In:
+                m.d.comb += getattr(core, name).eq(getattr(self, name))
+            else:
+                m.d.comb += getattr(self, name).eq(getattr(core, name))
+        beats = self._accelerator.i_stream
+        m.d.comb += self.starved.eq(beats.ready & ~beats.valid)
+        return m
 
 
 def _ports(verilog: str) -> frozenset[str]:
@@ -161,12 +196,13 @@ def _ports(verilog: str) -> frozenset[str]:
 def _announce(config: AccelConfig, link: LinkSpec, divisor: int, where: Path) -> None:
     from tqdm import tqdm  # writes between the lines of any progress bar on the screen
 
-    seconds = None
+    records = []
     for record in _board_root().glob(f"{config.name}-*/build.json"):
         try:
-            seconds = json.loads(record.read_text())["seconds"]
+            records.append((record.stat().st_mtime, json.loads(record.read_text())["seconds"]))
         except (OSError, ValueError, KeyError):
             continue
+    seconds = max(records)[1] if records else None
     took = (f"about {TYPICAL_BUILD_S} s on a busy 2-core machine" if seconds is None
             else f"the previous build of {config.name} here took {seconds:.0f} s")
     tqdm.write(f"tinyaccel: building the simulated board ({config.name!r} accelerator behind the "
@@ -213,7 +249,7 @@ def build_board_sim(config: str | AccelConfig, *, link: LinkSpec, divisor: int,
         if not done.exists():
             _build(config, link, divisor, args, makeflags, harness, wave_format, build_dir)
     info = json.loads((build_dir / "build.json").read_text())
-    _prune(config.name)
+    _prune(config.name, waves)
     return BoardSimBuild(config, link, divisor, build_dir, frozenset(info["ports"]), wave_format)
 
 
@@ -226,7 +262,8 @@ def _build(config, link, divisor, args, makeflags, harness, wave_format, build_d
         shutil.rmtree(build_dir)
     src = build_dir / "src"
     src.mkdir(parents=True)
-    text = verilog.convert(_board_core(config, link, divisor), name=TOP_MODULE, emit_src=False)
+    text = verilog.convert(ObservedBoardCore(config, link, divisor), name=TOP_MODULE,
+                           emit_src=False)
     ports = _ports(text)
     missing = REQUIRED_PORTS - ports
     if missing:
@@ -262,23 +299,27 @@ def _build(config, link, divisor, args, makeflags, harness, wave_format, build_d
     (build_dir / "build.ok").write_text("ok\n")
 
 
-def _prune(name: str) -> None:
-    """Keep the ``KEEP_BUILDS`` newest completed board builds of configuration ``name``."""
+def _prune(name: str, waves: bool) -> None:
+    """Keep the ``KEEP_BUILDS`` newest completed board builds of configuration ``name`` (with
+    or without waveform tracing)."""
     builds = sorted(((d / "build.ok").stat().st_mtime, d) for d in _board_root().glob(f"{name}-*")
-                    if d.is_dir() and (d / "build.ok").exists())
+                    if d.is_dir() and (d / "build.ok").exists()
+                    and d.name.endswith("-waves") == waves)
     for _, d in builds[:-KEEP_BUILDS]:
         shutil.rmtree(d, ignore_errors=True)
         (_board_root() / f"{d.name}.lock").unlink(missing_ok=True)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """End the harness process (the finalizer of :class:`SimulatedBoard`)."""
+def _stop(proc: subprocess.Popen, log) -> None:
+    """End the harness process and close its files (the finalizer of :class:`SimulatedBoard`)."""
     if proc.poll() is None:
         proc.kill()
     proc.wait()
-    for f in (proc.stdin, proc.stdout):
-        if f is not None:
+    for f in (proc.stdin, proc.stdout, log):
+        try:
             f.close()
+        except OSError:  # a command still buffered for a process that is gone
+            pass
 
 
 class SimulatedBoard:
@@ -315,7 +356,7 @@ class SimulatedBoard:
     def __init__(self, config: str | AccelConfig = "ice40", *, link: LinkSpec | None = None,
                  divisor: int = 4, seed: int = 0, host_buffer: int = 4096, waves: bool = False):
         self.config = get_config(config)
-        self.link = link_for(board_for_config(self.config.name)) if link is None else link
+        self.link = self.default_link(self.config) if link is None else link
         if not isinstance(divisor, int) or divisor < MIN_DIVISOR:
             raise ConfigError(f"simulated board: divisor={divisor!r} must be an int >= "
                               f"{MIN_DIVISOR}")
@@ -341,28 +382,37 @@ class SimulatedBoard:
             self.wave_path = Path(name)
             cmd += ["--waves", name]
         self._log = tempfile.TemporaryFile()
+        self._lock = threading.Lock()  # one command at a time on the control channel
         self._pending = b""
         self._closed = False
         try:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                           stderr=self._log)
         except OSError as exc:
+            self._log.close()
             raise SimulatorError(f"cannot start the simulated board {cmd[0]}: {exc}") from None
-        self._finalizer = weakref.finalize(self, _stop, self._proc)
+        self._finalizer = weakref.finalize(self, _stop, self._proc, self._log)
         hello = self._receive("start")
         self.port: str = hello["port"]
 
+    @staticmethod
+    def default_link(config: str | AccelConfig) -> LinkSpec:
+        """The link of the board that runs ``config`` by default."""
+        return link_for(board_for_config(get_config(config).name))
+
     # -- the control channel ----------------------------------------------------------------------
 
-    def _log_tail(self) -> str:
-        self._log.seek(0)
-        return self._log.read()[-4000:].decode(errors="replace")
-
     def _fail(self, what: str) -> SimulatorError:
+        """Stop the process; the error quotes its exit code and the end of its log."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        code = self._proc.wait()
+        self._log.seek(0)
+        tail = self._log.read()[-4000:].decode(errors="replace")
+        self._closed = True
         self._finalizer()
-        code = self._proc.returncode
         return SimulatorError(f"simulated board ({self.config.name}, {self.build.binary}) {what}"
-                              f" (exit code {code}); its log:\n{self._log_tail()}")
+                              f" (exit code {code}); its log:\n{tail}")
 
     def _receive(self, what: str) -> dict:
         """The next line of the control channel, as a dict."""
@@ -380,21 +430,22 @@ class SimulatedBoard:
                     raise self._fail(f"exited before answering {what!r}")
                 self._pending += chunk
         line, self._pending = self._pending.split(b"\n", 1)
-        answer = json.loads(line)
-        if "refused" in answer:
-            raise SimulatorError(f"simulated board refused {what!r}: {answer['refused']}")
-        return answer
+        return json.loads(line)
 
-    def _command(self, **fields) -> dict:
-        if self._closed:
-            raise SimulatorError(f"simulated board on {self.port} is closed")
-        try:
-            self._proc.stdin.write((json.dumps(fields) + "\n").encode())
-            self._proc.stdin.flush()
-        except (BrokenPipeError, ValueError):
-            self._proc.wait()
-            raise self._fail(f"is gone (command {fields['cmd']!r})") from None
-        return self._receive(fields["cmd"])
+    def _command(self, refusal: type[Exception] = SimulatorError, **fields) -> dict:
+        """Send one command; its answer, or ``refusal`` raised with the harness's reason."""
+        with self._lock:
+            if self._closed:
+                raise SimulatorError(f"simulated board on {self.port} is closed")
+            try:
+                self._proc.stdin.write((json.dumps(fields) + "\n").encode())
+                self._proc.stdin.flush()
+            except (BrokenPipeError, ValueError):
+                raise self._fail(f"is gone (command {fields['cmd']!r})") from None
+            answer = self._receive(fields["cmd"])
+        if "refused" in answer:
+            raise refusal(f"simulated board on {self.port} refused {fields}: {answer['refused']}")
+        return answer
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -421,7 +472,8 @@ class SimulatedBoard:
         Raises
         ------
         ConfigError
-            An unknown kind, a negative ``at``, a mask out of range or given where none applies.
+            An unknown kind, a negative ``at``, a byte that has passed already, a mask out of
+            range or given where none applies.
         """
         if kind not in FAULT_KINDS:
             raise ConfigError(f"fault kind {kind!r} is not one of {', '.join(FAULT_KINDS)}")
@@ -434,7 +486,7 @@ class SimulatedBoard:
             mask = 0xFF if mask is None else mask
             if not isinstance(mask, int) or not 1 <= mask <= 0xFF:
                 raise ConfigError(f"fault {kind}: mask={mask!r} must be an int in 1..255")
-        self._command(cmd="inject", kind=kind, at=at, mask=mask or 0)
+        self._command(ConfigError, cmd="inject", kind=kind, at=at, mask=mask or 0)
 
     def recover(self) -> None:
         """End a ``deaf`` fault: board bytes reach the host again."""
@@ -442,17 +494,17 @@ class SimulatedBoard:
 
     def close(self) -> None:
         """Stop the simulator (the pty disappears with it). Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._proc.stdin.write(b'{"cmd": "quit"}\n')
-            self._proc.stdin.flush()
-            self._proc.wait(timeout=5)
-        except (BrokenPipeError, ValueError, subprocess.TimeoutExpired):
-            pass
-        self._finalizer()
-        self._log.close()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._proc.stdin.write(b'{"cmd": "quit"}\n')
+                self._proc.stdin.flush()
+                self._proc.wait(timeout=5)
+            except (BrokenPipeError, ValueError, subprocess.TimeoutExpired):
+                pass
+            self._finalizer()
 
     def __enter__(self) -> SimulatedBoard:
         return self
@@ -464,3 +516,70 @@ class SimulatedBoard:
         state = "closed" if self._closed else self.port
         return (f"SimulatedBoard({self.config.name!r}, divisor={self.divisor}, "
                 f"rx_fifo_bytes={self.link.rx_fifo_bytes}, {state})")
+
+
+def measure_speed(config: str | AccelConfig = "ice40", *, divisor: int = 4,
+                  payload_bytes: int = 64 * 1024) -> dict:
+    """Speed of the simulated board of ``config`` at ``divisor``, through pyserial.
+
+    ``cycles_per_s``: the clock rate while GEMMs run and nothing is on the line;
+    ``in_bytes_per_s`` / ``out_bytes_per_s``: host bytes per wall second through the pty for a
+    stream of LOADs (host -> board) and of STOREs (board -> host) of ``payload_bytes``, each
+    answered by a SYNC; ``*_cycles_per_s`` the clock rate meanwhile (the line then is the work:
+    ``BITS_PER_BYTE * divisor`` cycles a byte).
+    """
+    import numpy as np
+    import serial
+
+    from ..hw.isa import Buffer
+    from ..protocol import Program, lanes
+    from .golden import GoldenMachine
+
+    config = get_config(config)
+    golden = GoldenMachine(config)
+    result = {"config": config.name, "divisor": divisor}
+    with SimulatedBoard(config, divisor=divisor) as board, serial.Serial(
+            board.port, baudrate=board.baud, timeout=600) as port:
+
+        def timed(prog: Program) -> tuple[int, float, int]:
+            """(bytes written, wall seconds, cycles) of one program, read while written."""
+            stream = prog.to_bytes()
+            want = golden.run(stream)
+            before = board.stats()["cycles"]
+            t0 = time.monotonic()
+            writer = threading.Thread(target=port.write, args=(stream,))
+            writer.start()
+            got = port.read(len(want))
+            writer.join()
+            wall = time.monotonic() - t0
+            if got != want[:len(got)] or len(got) != len(want):
+                raise SimulatorError(f"simulated board {config.name}: the speed program's "
+                                     f"answer differs from the golden model's")
+            return len(stream), wall, board.stats()["cycles"] - before
+
+        rng = np.random.default_rng(0)
+        words = config.depth(Buffer.WGT)
+        data = rng.integers(-128, 128, (words, lanes(config, Buffer.WGT))).astype(np.int8)
+        k, m = 64, min(8, config.inp_depth // 64)
+        n = min(config.wgt_depth // k, config.acc_depth // (m * config.rows))
+        gemms = Program(config).load(Buffer.WGT, 0, data)
+        timed(gemms.sync())
+        gemms = Program(config)
+        for _ in range(board.link.rx_fifo_bytes // 64):  # their words fit the RX FIFO
+            gemms.gemm(0, 0, 0, k, m, n)
+        _, wall, cycles = timed(gemms.sync())
+        result.update(gemm_cycles=cycles, cycles_per_s=cycles / wall)
+        loads, stores = Program(config), Program(config)
+        reps = max(1, payload_bytes // (words * config.word_bytes(Buffer.WGT)))
+        for _ in range(reps):
+            loads.load(Buffer.WGT, 0, data)
+            stores.store(Buffer.WGT, 0, words)
+        sent, wall, cycles = timed(loads.sync())
+        result.update(in_bytes=sent, in_bytes_per_s=sent / wall, in_cycles_per_s=cycles / wall)
+        out = reps * words * config.word_bytes(Buffer.WGT)
+        _, wall, cycles = timed(stores.sync())
+        result.update(out_bytes=out, out_bytes_per_s=out / wall,
+                      out_cycles_per_s=cycles / wall)
+        stats = board.stats()
+        result.update(rx_overflow=stats["rx_overflow"], host_overruns=stats["host_overruns"])
+    return result
