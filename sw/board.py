@@ -23,18 +23,15 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..boards.link import BITS_PER_BYTE, board_for_config, link_for
+from ..boards.link import BITS_PER_BYTE
 from ..errors import IntegrityError
 from ..hw.config import AccelConfig, get_config
 from ..hw.isa import Buffer, Counter
 from ..protocol import Program, response_length
 from .runtime import BoardBackend, Device
 
-__all__ = ["check_board", "link_rates", "simulated_board", "SIM_SILENCE_BYTES"]
+__all__ = ["check_board", "link_rates", "simulated_board"]
 
-#: Byte times of silence before a simulated board resyncs (a board's 20,000 would cost ~1 s of
-#: simulation per resync; the mechanism is the same).
-SIM_SILENCE_BYTES = 10_000
 #: Seconds without a byte before the driver gives up, in simulation.
 SIM_TIMEOUT = 20.0
 
@@ -147,7 +144,7 @@ def simulated_board(config: str, divisor: int = 4, seed: int = 0, timeout: float
     from ..sim.board_sim import SimulatedBoard
     from .link import RecordingPort
     cfg = get_config(config)
-    link = replace(link_for(board_for_config(cfg.name)), silence_bytes=SIM_SILENCE_BYTES)
+    link = SimulatedBoard.default_link(cfg)
     with SimulatedBoard(cfg, link=link, divisor=divisor, seed=seed) as board:
         port = RecordingPort(serial.Serial(board.port, baudrate=board.baud, timeout=timeout))
         # warm-up: how fast the simulated line runs in wall time, on a LOAD and its SYNC
@@ -158,7 +155,7 @@ def simulated_board(config: str, divisor: int = 4, seed: int = 0, timeout: float
         port.read(response_length(cfg, warm))
         cycles_per_s = (board.stats()["cycles"] - before) / (time.monotonic() - start)
         slow = max(1.0, link.baud * divisor / max(cycles_per_s, 1.0))  # wall s per line s
-        host = replace(link, silence_bytes=int(SIM_SILENCE_BYTES * 2 * slow) + 1)
+        host = replace(link, silence_bytes=int(link.silence_bytes * 2 * slow) + 1)
         backend = BoardBackend(cfg, link=port, spec=host, timeout=timeout)
         device = Device(backend, cfg)
         device.board, device.link = board, backend  # bind() may wrap device.backend
