@@ -28,11 +28,12 @@ index and opcode; from then on nothing executes until SYNC, but a LOAD still has
 
 SYNC waits until every unit is idle, sends the status record and, when asked, the counter record
 (the counters hold still while it is sent; BYTES_OUT grows by the records' size after them, so a
-record never counts itself), then the link trailer (``rx_crc``, ``tx_crc`` from the top's CRC
-engines, which ``link_restart`` restarts at its end; BYTES_OUT counts its beats as they leave),
-then clears as section 5 says (with ``keep``: only the counters, if ``clear``). The SYNC
-instruction is taken from the decoder only at the end, so no byte after it is read before its
-response is out, and ``rx_crc`` holds still while the trailer is sent.
+record never counts itself), then, a cycle later (the top's CRC engines take each beat a cycle
+late), the link trailer (``rx_crc``, ``tx_crc`` from them, which ``link_restart`` restarts at its
+end; BYTES_OUT counts its beats as they leave), then clears as section 5 says (with ``keep``:
+only the counters, if ``clear``). The SYNC instruction is taken from the decoder only at the end,
+so no byte after it is read before its response is out, and ``rx_crc`` holds still while the
+trailer is sent.
 """
 
 from functools import reduce
@@ -263,7 +264,7 @@ class Dispatcher(wiring.Component):
                         with m.If(ops.sync.counters):
                             m.next = "SYNC_COUNTERS"
                         with m.Else():
-                            m.next = "SYNC_TRAILER"
+                            m.next = "SYNC_CRC"
             with m.State("SYNC_COUNTERS"):
                 m.d.comb += [
                     self.sending_record.eq(1),
@@ -276,8 +277,10 @@ class Dispatcher(wiring.Component):
                     m.d.sync += rec_beat.eq(rec_beat + 1)
                     with m.If(rec_beat == counter_beats - 1):
                         m.d.sync += rec_beat.eq(0)
-                        m.next = "SYNC_TRAILER"
-            with m.State("SYNC_TRAILER"):  # (tx_crc took the records' last beat a cycle ago)
+                        m.next = "SYNC_CRC"
+            with m.State("SYNC_CRC"):  # the top's CRC engines take each beat a cycle late
+                m.next = "SYNC_TRAILER"
+            with m.State("SYNC_TRAILER"):  # (tx_crc has taken the records' last beat)
                 m.d.comb += [
                     self.sending_trailer.eq(1),
                     self.o_stream.valid.eq(1),

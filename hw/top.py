@@ -110,19 +110,19 @@ class Accelerator(wiring.Component):
         wiring.connect(m, counters.o_record, disp.i_counters)
 
         # -- the link trailer's CRCs (section 9): every beat taken, every beat sent but the
-        # trailer's; both restart when a SYNC's trailer is out
+        # trailer's; both restart when a SYNC's trailer is out. Each engine takes its beat a
+        # cycle late, from a register, so that the response multiplexer (or the input) and
+        # the CRC's XOR trees are not one path (it was the iCE40's worst); the dispatcher
+        # waits a cycle before the trailer for it.
         m.submodules.rx_crc = rx_crc = StreamCrc(cfg.host_width)
         m.submodules.tx_crc = tx_crc = StreamCrc(cfg.host_width)
-        m.d.comb += [
-            rx_crc.start.eq(disp.link_restart),
-            rx_crc.valid.eq(self.i_stream.valid & self.i_stream.ready),
-            rx_crc.data.eq(self.i_stream.payload),
-            tx_crc.start.eq(disp.link_restart),
-            tx_crc.valid.eq(self.o_stream.valid & self.o_stream.ready & ~disp.sending_trailer),
-            tx_crc.data.eq(self.o_stream.payload),
-            disp.rx_crc.eq(rx_crc.crc),
-            disp.tx_crc.eq(tx_crc.crc),
-        ]
+        for crc, port, took in (
+                (rx_crc, self.i_stream, self.i_stream.valid & self.i_stream.ready),
+                (tx_crc, self.o_stream,
+                 self.o_stream.valid & self.o_stream.ready & ~disp.sending_trailer)):
+            m.d.sync += [crc.valid.eq(took), crc.data.eq(port.payload)]
+            m.d.comb += crc.start.eq(disp.link_restart)
+        m.d.comb += [disp.rx_crc.eq(rx_crc.crc), disp.tx_crc.eq(tx_crc.crc)]
         wiring.connect(m, decoder.o_data, load.i_stream)
         for name, unit in units.items():
             wiring.connect(m, getattr(disp, name), unit.ctrl)
