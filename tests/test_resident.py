@@ -13,7 +13,13 @@ from torch import nn
 import tinyaccel
 from tinyaccel.errors import CapacityError, ShapeError, UnsupportedLayerError
 from tinyaccel.hw.config import get_config
-from tinyaccel.hw.isa import COUNTER_RECORD_BYTES, INSTR_BYTES, STATUS_BYTES, Buffer
+from tinyaccel.hw.isa import (
+    COUNTER_RECORD_BYTES,
+    INSTR_BYTES,
+    LINK_TRAILER_BYTES,
+    STATUS_BYTES,
+    Buffer,
+)
 from tinyaccel.models import mlperf_tiny, zoo
 from tinyaccel.sw.compiler import CompiledModel, bind
 from tinyaccel.sw.quant import quantize
@@ -69,7 +75,7 @@ def _expected_link_bytes(plan, config, n_instructions: int) -> int:
     last = plan.tensors[plan.output_tensor]
     out_words = last.h * last.w * math.ceil(last.c / cols)
     return (n_instructions * INSTR_BYTES + (in_words + out_words) * wb
-            + plan.streamed_weight_bytes + STATUS_BYTES + COUNTER_RECORD_BYTES)
+            + plan.streamed_weight_bytes + STATUS_BYTES + COUNTER_RECORD_BYTES + LINK_TRAILER_BYTES)
 
 
 def test_zoo_model_link_bytes_and_arena(zoo_case):
