@@ -146,6 +146,26 @@ def _plan(spec: BoardSpec, top: BoardTop, seed: int, synth_opts: str | None = No
     return spec.platform().build(top, name="top", do_build=False, **overrides)
 
 
+def tool_override(tool: str, package: str) -> str | None:
+    """The executable that ``$TOOL`` (Amaranth's variable for ``tool``) names, ``None`` when the
+    variable is unset.
+
+    Raises
+    ------
+    BackendUnavailable
+        The variable names no executable (the message says to unset it or install ``package``).
+    """
+    env_var = tool_env_var(tool)
+    name = os.environ.get(env_var)
+    if not name:
+        return None
+    found = shutil.which(name)
+    if found is None:
+        raise BackendUnavailable(f"{tool}: ${env_var}={name!r} is not an executable; unset it "
+                                 f"or install {package} (pip install {package})")
+    return found
+
+
 def resolve_tool(tool: str) -> str:
     """Absolute path of ``tool``: ``$TOOL`` if set, else ``yowasp-<tool>`` on PATH or in this venv.
 
@@ -154,15 +174,11 @@ def resolve_tool(tool: str) -> str:
     BackendUnavailable
         Naming the tool and the PyPI package that provides it.
     """
-    env_var = tool_env_var(tool)
     package = TOOL_PACKAGES.get(tool, tool)
-    if os.environ.get(env_var):
-        name = os.environ[env_var]
-        found = shutil.which(name)
-        if found is None:
-            raise BackendUnavailable(f"{tool}: ${env_var}={name!r} is not an executable; "
-                                     f"unset it or install {package} (pip install {package})")
+    found = tool_override(tool, package)
+    if found is not None:
         return found
+    env_var = tool_env_var(tool)
     name = f"yowasp-{tool}"
     venv_bin = str(Path(sys.executable).parent)
     found = shutil.which(name) or shutil.which(name, path=venv_bin)

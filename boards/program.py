@@ -31,7 +31,7 @@ from amaranth._toolchain import tool_env_var
 
 from tinyaccel.errors import BackendUnavailable, BoardNotFound
 
-from .build import Progress, _spec, _tqdm_progress
+from .build import Progress, _spec, _tqdm_progress, tool_override
 
 __all__ = ["PACKAGE", "TOOL", "program", "resolve_programmer", "tool_version"]
 
@@ -59,14 +59,10 @@ def resolve_programmer() -> str:
     BackendUnavailable
         Naming the package (or the variable) when none is there.
     """
-    env_var = tool_env_var(TOOL)
-    if os.environ.get(env_var):
-        name = os.environ[env_var]
-        found = shutil.which(name)
-        if found is None:
-            raise BackendUnavailable(f"{TOOL}: ${env_var}={name!r} is not an executable; unset "
-                                     f"it or install {PACKAGE} (pip install {PACKAGE})")
+    found = tool_override(TOOL, PACKAGE)
+    if found is not None:
         return found
+    env_var = tool_env_var(TOOL)
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         found = shutil.which(TOOL)
