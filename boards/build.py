@@ -189,7 +189,16 @@ def resolve_tool(tool: str) -> str:
 
 
 #: Yosys 0.70's abc9 flow fails this assertion on some designs (seen with the MAC array alone).
-_ABC9_CRASH = "Assert `GetSize(conn.first) == GetSize(conn.second)' failed"
+#: Yosys 0.70's abc9 fails an internal assertion while it reintegrates the mapped netlist on
+#: some large ECP5 designs (seen: ``GetSize(conn.first) == GetSize(conn.second)``,
+#: ``count_id(wire->name) == 0``): any assertion in that step counts as this crash.
+_ABC9_STEP = "Executing ABC_OPS_REINTEGRATE pass"
+
+
+def _abc9_crashed(log_tail: str) -> bool:
+    """Whether a failed Yosys run ended in an assertion inside abc9's reintegration step."""
+    step = log_tail.rfind(_ABC9_STEP)
+    return step >= 0 and "ERROR: Assert" in log_tail[step:]
 
 
 def _classic_abc_script(script: Path, lut_map: tuple[str, ...]) -> Path:
@@ -543,7 +552,7 @@ def build(board: str, json_path: str | os.PathLike | None = None,
                                 progress(name, index, total, detail))
         except BuildError as error:
             step_s[tool] = round(time.monotonic() - step_start, 2)
-            if tool == "yosys" and _ABC9_CRASH in str(error) and spec.classic_lut_map:
+            if tool == "yosys" and _abc9_crashed(str(error)) and spec.classic_lut_map:
                 # Known Yosys 0.70 crash in abc9's reintegration: map LUTs with classic ABC.
                 progress(name + " [classic ABC]", index, total, "")
                 script = _classic_abc_script(build_dir / argv[-1], spec.classic_lut_map)

@@ -836,3 +836,15 @@ def test_build_ulx3s_bitstream(tmp_path):
     assert (tmp_path / "ulx3s.json").exists()
     assert json.loads((tmp_path / "ulx3s.json").read_text())["bitstream"].endswith(".bit")
 
+
+
+def test_abc9_crash_is_recognized_only_in_its_step():
+    """The classic-ABC fallback is taken for an assertion inside abc9's reintegration (both
+    assertions Yosys 0.70 was seen to fail there), and for nothing else."""
+    step = "2.46.17.7. Executing ABC_OPS_REINTEGRATE pass (reintegrate ABC mapped design).\n"
+    for message in ("ERROR: Assert `count_id(wire->name) == 0' failed in kernel/rtlil.cc:2872.",
+                    "ERROR: Assert `GetSize(conn.first) == GetSize(conn.second)' failed"):
+        assert board_build._abc9_crashed("...\n" + step + "<suppressed>\n" + message)
+    assert not board_build._abc9_crashed("ERROR: Assert `x' failed\n" + step)  # before the step
+    assert not board_build._abc9_crashed(step + "ERROR: Module `top' not found")
+    assert not board_build._abc9_crashed("ERROR: Assert `x' failed")
